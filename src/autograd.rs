@@ -1,0 +1,262 @@
+//! The tape: reverse-mode automatic differentiation.
+//!
+//! Every op applied to a `Var` that depends on a leaf appends one node: the
+//! ids of its inputs and a backward closure that maps the output gradient to
+//! input gradients. Ops on constants record nothing (teacher features, masks
+//! and attention never get a gradient). `backward` walks the nodes in reverse
+//! creation order and accumulates gradients in a `Vec` indexed by node id, so
+//! the summation order, and therefore every bit of the result, is fixed.
+//!
+//! Backward closures are `FnOnce`: running the backward pass consumes them,
+//! which frees the activations they captured as soon as they are used.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use crate::backend::{Backend, BackendRef, Binary};
+use crate::error::{Error, Result};
+use crate::tensor::{Float, Tensor};
+
+/// A backward function: `(backend, output gradient, which inputs need a
+/// gradient) -> one gradient per input (None where not needed)`.
+pub type BackwardFn<T> =
+    Box<dyn FnOnce(&dyn Backend<T>, &Tensor<T>, &[bool]) -> Result<Vec<Option<Tensor<T>>>>>;
+
+struct Node<T: Float> {
+    /// Node id of each input that requires a gradient (None for constants).
+    inputs: Vec<Option<usize>>,
+    /// None for leaves, and for interior nodes once their backward ran.
+    backward: Option<BackwardFn<T>>,
+    is_leaf: bool,
+    shape: Vec<usize>,
+}
+
+struct TapeInner<T: Float> {
+    backend: BackendRef<T>,
+    nodes: RefCell<Vec<Node<T>>>,
+}
+
+/// A recording of operations, bound to one backend. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct Tape<T: Float> {
+    inner: Rc<TapeInner<T>>,
+}
+
+/// A tensor on a tape: a value, plus a node id when it depends on a leaf.
+#[derive(Clone)]
+pub struct Var<T: Float> {
+    value: Tensor<T>,
+    node: Option<usize>,
+    tape: Tape<T>,
+}
+
+impl<T: Float> std::fmt::Debug for Var<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Var(node {:?}, {:?})", self.node, self.value)
+    }
+}
+
+impl<T: Float> Tape<T> {
+    pub fn new(backend: BackendRef<T>) -> Self {
+        Tape {
+            inner: Rc::new(TapeInner {
+                backend,
+                nodes: RefCell::new(Vec::new()),
+            }),
+        }
+    }
+
+    pub fn backend(&self) -> &dyn Backend<T> {
+        &*self.inner.backend
+    }
+
+    pub fn backend_ref(&self) -> BackendRef<T> {
+        self.inner.backend.clone()
+    }
+
+    /// A leaf that requires a gradient (a parameter or a student feature).
+    pub fn leaf(&self, value: Tensor<T>) -> Var<T> {
+        let id = self.push(Node {
+            inputs: Vec::new(),
+            backward: None,
+            is_leaf: true,
+            shape: value.shape().to_vec(),
+        });
+        Var {
+            value,
+            node: Some(id),
+            tape: self.clone(),
+        }
+    }
+
+    /// A constant: no gradient flows into it.
+    pub fn constant(&self, value: Tensor<T>) -> Var<T> {
+        Var {
+            value,
+            node: None,
+            tape: self.clone(),
+        }
+    }
+
+    /// Number of nodes recorded so far.
+    pub fn len(&self) -> usize {
+        self.inner.nodes.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push(&self, node: Node<T>) -> usize {
+        let mut nodes = self.inner.nodes.borrow_mut();
+        nodes.push(node);
+        nodes.len() - 1
+    }
+
+    /// Record an op with output `value`. `backward` is called only if some
+    /// input requires a gradient; it must return one entry per input, with
+    /// a gradient of the input's shape wherever `needs[i]` is true.
+    ///
+    /// This is the public extension point: every op in `crate::ops` is built
+    /// on it, and so can a user's own op.
+    pub fn record(
+        &self,
+        inputs: &[&Var<T>],
+        value: Tensor<T>,
+        backward: impl FnOnce(&dyn Backend<T>, &Tensor<T>, &[bool]) -> Result<Vec<Option<Tensor<T>>>>
+        + 'static,
+    ) -> Result<Var<T>> {
+        for v in inputs {
+            if !Rc::ptr_eq(&v.tape.inner, &self.inner) {
+                return Err(Error::Autograd(
+                    "an op mixes variables from different tapes".into(),
+                ));
+            }
+        }
+        let ids: Vec<Option<usize>> = inputs.iter().map(|v| v.node).collect();
+        if ids.iter().all(Option::is_none) {
+            return Ok(self.constant(value));
+        }
+        let id = self.push(Node {
+            inputs: ids,
+            backward: Some(Box::new(backward)),
+            is_leaf: false,
+            shape: value.shape().to_vec(),
+        });
+        Ok(Var {
+            value,
+            node: Some(id),
+            tape: self.clone(),
+        })
+    }
+}
+
+impl<T: Float> Var<T> {
+    pub fn value(&self) -> &Tensor<T> {
+        &self.value
+    }
+    pub fn shape(&self) -> &[usize] {
+        self.value.shape()
+    }
+    pub fn tape(&self) -> &Tape<T> {
+        &self.tape
+    }
+    pub fn backend(&self) -> &dyn Backend<T> {
+        self.tape.backend()
+    }
+    /// True when gradients flow into this variable.
+    pub fn requires_grad(&self) -> bool {
+        self.node.is_some()
+    }
+    /// The same value as a constant (gradient stops here).
+    pub fn detach(&self) -> Var<T> {
+        self.tape.constant(self.value.clone())
+    }
+    /// A constant on the same tape.
+    pub fn constant_like(&self, value: Tensor<T>) -> Var<T> {
+        self.tape.constant(value)
+    }
+
+    /// Run the backward pass from this scalar (one-element) variable.
+    /// Consumes the recorded backward closures: a tape is differentiated once.
+    pub fn backward(&self) -> Result<Gradients<T>> {
+        let Some(root) = self.node else {
+            return Err(Error::Autograd(
+                "backward from a value that depends on no leaf".into(),
+            ));
+        };
+        if self.value.numel() != 1 {
+            return Err(Error::Autograd(format!(
+                "backward needs a single-element output, got shape {:?}",
+                self.value.shape()
+            )));
+        }
+        let backend = self.tape.inner.backend.clone();
+        let nodes = &self.tape.inner.nodes;
+        let mut grads: Vec<Option<Tensor<T>>> = vec![None; root + 1];
+        grads[root] = Some(Tensor::ones(self.value.shape())?);
+        let mut leaf_grads: Vec<Option<Tensor<T>>> = vec![None; root + 1];
+        for i in (0..=root).rev() {
+            let Some(g) = grads[i].take() else { continue };
+            let (inputs, f) = {
+                let mut nodes = nodes.borrow_mut();
+                let node = &mut nodes[i];
+                if node.is_leaf {
+                    leaf_grads[i] = Some(g);
+                    continue;
+                }
+                let f = node.backward.take().ok_or_else(|| {
+                    Error::Autograd("backward already ran on this tape".into())
+                })?;
+                (node.inputs.clone(), f)
+            };
+            let needs: Vec<bool> = inputs.iter().map(Option::is_some).collect();
+            let input_grads = f(&*backend, &g, &needs)?;
+            if input_grads.len() != inputs.len() {
+                return Err(Error::Autograd(format!(
+                    "node {i}: backward returned {} gradients for {} inputs",
+                    input_grads.len(),
+                    inputs.len()
+                )));
+            }
+            for (input, ig) in inputs.into_iter().zip(input_grads) {
+                let (Some(j), Some(ig)) = (input, ig) else {
+                    continue;
+                };
+                let want = &nodes.borrow()[j].shape;
+                if ig.shape() != want.as_slice() {
+                    return Err(Error::Autograd(format!(
+                        "node {i}: gradient of shape {:?} for an input of shape {want:?}",
+                        ig.shape()
+                    )));
+                }
+                grads[j] = Some(match grads[j].take() {
+                    None => ig,
+                    Some(acc) => backend.binary(Binary::Add, &acc, &ig, want)?,
+                });
+            }
+        }
+        Ok(Gradients { grads: leaf_grads })
+    }
+}
+
+/// Gradients of the leaves, from one backward pass.
+pub struct Gradients<T: Float> {
+    grads: Vec<Option<Tensor<T>>>,
+}
+
+impl<T: Float> Gradients<T> {
+    /// The gradient of a leaf; None if it is not a leaf of this pass or the
+    /// output does not depend on it.
+    pub fn get(&self, v: &Var<T>) -> Option<&Tensor<T>> {
+        v.node.and_then(|i| self.grads.get(i)).and_then(Option::as_ref)
+    }
+
+    /// The gradient of a leaf, or zeros of its shape if the output does not depend on it.
+    pub fn get_or_zeros(&self, v: &Var<T>) -> Result<Tensor<T>> {
+        match self.get(v) {
+            Some(g) => Ok(g.clone()),
+            None => Tensor::zeros(v.shape()),
+        }
+    }
+}

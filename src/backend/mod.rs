@@ -1,0 +1,360 @@
+//! The seam between math and kernels.
+//!
+//! Ops (`crate::ops`) validate shapes, build the autodiff graph and state
+//! each derivative; a `Backend` only computes arrays. A new backend
+//! implements this trait and touches nothing above `backend/`.
+//!
+//! Inputs reaching a backend are already validated by the op layer (shapes
+//! fit, axes in range), so kernels may assume them.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::tensor::{Float, Tensor};
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod reference;
+
+pub use cpu::{ConvAlgo, CpuBackend};
+pub use reference::ReferenceBackend;
+
+/// Element-wise functions of one tensor.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Unary {
+    Relu,
+    Abs,
+    Neg,
+    Exp,
+    Ln,
+    Sqrt,
+    Recip,
+    Square,
+    /// `c * x`
+    Scale(f64),
+    /// `x + c`
+    AddScalar(f64),
+}
+
+/// Element-wise functions of two tensors, with NumPy broadcasting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binary {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+/// A constant 0/1 (or any real) multiplier applied to a conv input before
+/// the convolution: `x * m` broadcast over channels (spatial) or over
+/// positions (channel). Backends may exploit exact zeros to skip work.
+#[derive(Clone, Debug)]
+pub enum InputMask<T: Float> {
+    /// `m[n, h, w]`, shape `[N, H, W]`.
+    Spatial(Tensor<T>),
+    /// `m[n, c]`, shape `[N, C]`.
+    Channel(Tensor<T>),
+}
+
+impl<T: Float> InputMask<T> {
+    pub fn tensor(&self) -> &Tensor<T> {
+        match self {
+            InputMask::Spatial(t) | InputMask::Channel(t) => t,
+        }
+    }
+
+    /// The multiplier of element `[n, c, h, w]` of an `[N, C, H, W]` input.
+    #[inline]
+    pub fn value(&self, n: usize, c: usize, hw: usize, dims: [usize; 4]) -> T {
+        let [_, cc, h, w] = dims;
+        match self {
+            InputMask::Spatial(m) => m.as_slice()[n * h * w + hw],
+            InputMask::Channel(m) => m.as_slice()[n * cc + c],
+        }
+    }
+
+    /// Check the mask's shape against an `[N, C, H, W]` input.
+    pub fn check(&self, op: &'static str, x_dims: [usize; 4]) -> Result<()> {
+        let [n, c, h, w] = x_dims;
+        let (want, got) = match self {
+            InputMask::Spatial(m) => (vec![n, h, w], m.shape()),
+            InputMask::Channel(m) => (vec![n, c], m.shape()),
+        };
+        if got != want.as_slice() {
+            return Err(Error::shape(
+                op,
+                format!("mask of shape {got:?} does not fit input {x_dims:?} (expected {want:?})"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Validated geometry of a 2-d convolution (NCHW input, OIHW weight).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub n: usize,
+    pub c_in: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c_out: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl ConvGeometry {
+    /// Check an input shape and a weight shape and compute the output size.
+    pub fn new(
+        x: &[usize],
+        weight: &[usize],
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> Result<Self> {
+        let [n, c_in, h, w] = <[usize; 4]>::try_from(x).map_err(|_| {
+            Error::shape("conv2d", format!("input must be NCHW (4-d), got {x:?}"))
+        })?;
+        let [c_out, wc_in, kh, kw] = <[usize; 4]>::try_from(weight).map_err(|_| {
+            Error::shape(
+                "conv2d",
+                format!("weight must be [Cout, Cin, kh, kw], got {weight:?}"),
+            )
+        })?;
+        if wc_in != c_in {
+            return Err(Error::shape(
+                "conv2d",
+                format!("input has {c_in} channels but weight {weight:?} expects {wc_in}"),
+            ));
+        }
+        if x.contains(&0) || weight.contains(&0) {
+            return Err(Error::ZeroSized {
+                what: format!("conv2d operand (input {x:?}, weight {weight:?})"),
+                shape: if x.contains(&0) { x.to_vec() } else { weight.to_vec() },
+            });
+        }
+        if stride.contains(&0) {
+            return Err(Error::arg("conv2d", "stride must be at least 1"));
+        }
+        let span = |size: usize, pad: usize, k: usize, s: usize| -> Result<usize> {
+            let padded = size + 2 * pad;
+            if padded < k {
+                return Err(Error::shape(
+                    "conv2d",
+                    format!("kernel {k} larger than padded input {padded}"),
+                ));
+            }
+            Ok((padded - k) / s + 1)
+        };
+        let oh = span(h, padding[0], kh, stride[0])?;
+        let ow = span(w, padding[1], kw, stride[1])?;
+        Ok(ConvGeometry {
+            n,
+            c_in,
+            h,
+            w,
+            c_out,
+            kh,
+            kw,
+            stride,
+            padding,
+            oh,
+            ow,
+        })
+    }
+
+    pub fn input_shape(&self) -> [usize; 4] {
+        [self.n, self.c_in, self.h, self.w]
+    }
+    pub fn weight_shape(&self) -> [usize; 4] {
+        [self.c_out, self.c_in, self.kh, self.kw]
+    }
+    pub fn output_shape(&self) -> [usize; 4] {
+        [self.n, self.c_out, self.oh, self.ow]
+    }
+
+    /// Multiply-adds of one pass (forward, input grad or weight grad).
+    pub fn macs(&self) -> u64 {
+        (self.n * self.c_out * self.oh * self.ow) as u64 * (self.c_in * self.kh * self.kw) as u64
+    }
+
+    /// True for the 3x3, stride 1, pad 1 "same" convolution.
+    pub fn is_3x3_same(&self) -> bool {
+        self.kh == 3 && self.kw == 3 && self.stride == [1, 1] && self.padding == [1, 1]
+    }
+}
+
+/// Everything a conv kernel needs besides its operands.
+#[derive(Clone, Debug)]
+pub struct ConvArgs<T: Float> {
+    pub geom: ConvGeometry,
+    /// Multiplier applied to the input before the convolution.
+    pub mask: Option<InputMask<T>>,
+    /// Apply ReLU to the output (forward only; the op layer handles its derivative).
+    pub relu: bool,
+}
+
+/// The kernels behind the ops. One implementation per device / strategy.
+pub trait Backend<T: Float>: Send + Sync {
+    /// A short name: `reference`, `cpu`, `cuda`.
+    fn name(&self) -> String;
+
+    // ---- convolution ---------------------------------------------------
+    /// `y = act(conv(x * mask, w) + b)`.
+    fn conv2d(
+        &self,
+        x: &Tensor<T>,
+        w: &Tensor<T>,
+        b: Option<&Tensor<T>>,
+        args: &ConvArgs<T>,
+    ) -> Result<Tensor<T>>;
+    /// Gradient with respect to `x` (not `x * mask`): `mask * conv_transpose(dy, w)`.
+    fn conv2d_backward_input(
+        &self,
+        dy: &Tensor<T>,
+        w: &Tensor<T>,
+        args: &ConvArgs<T>,
+    ) -> Result<Tensor<T>>;
+    /// Gradient with respect to `w`: correlation of `dy` with `x * mask`.
+    fn conv2d_backward_weight(
+        &self,
+        dy: &Tensor<T>,
+        x: &Tensor<T>,
+        args: &ConvArgs<T>,
+    ) -> Result<Tensor<T>>;
+    /// Gradient with respect to the bias: `dy` summed over N, H, W.
+    fn conv2d_backward_bias(&self, dy: &Tensor<T>) -> Result<Tensor<T>>;
+
+    // ---- element-wise ----------------------------------------------------
+    fn unary(&self, op: Unary, x: &Tensor<T>) -> Result<Tensor<T>>;
+    /// `dy * f'(x)`; `y = f(x)` is passed too since some derivatives read it.
+    fn unary_backward(
+        &self,
+        op: Unary,
+        x: &Tensor<T>,
+        y: &Tensor<T>,
+        dy: &Tensor<T>,
+    ) -> Result<Tensor<T>>;
+    /// `a op b` with broadcasting to `out_shape` (already validated).
+    fn binary(
+        &self,
+        op: Binary,
+        a: &Tensor<T>,
+        b: &Tensor<T>,
+        out_shape: &[usize],
+    ) -> Result<Tensor<T>>;
+    /// `x * mask` broadcast as `InputMask` describes.
+    fn mask_mul(&self, x: &Tensor<T>, mask: &InputMask<T>) -> Result<Tensor<T>>;
+
+    // ---- reductions and layout -------------------------------------------
+    /// Sum over `axes`, keeping them as size-1 dims.
+    fn sum_axes(&self, x: &Tensor<T>, axes: &[usize]) -> Result<Tensor<T>>;
+    /// Repeat `x` along its size-1 (or missing leading) dims up to `shape`.
+    fn broadcast_to(&self, x: &Tensor<T>, shape: &[usize]) -> Result<Tensor<T>>;
+    /// Numerically stable softmax along `axis` (max subtracted).
+    fn softmax(&self, x: &Tensor<T>, axis: usize) -> Result<Tensor<T>>;
+    /// `y * (dy - sum(dy * y, axis))`.
+    fn softmax_backward(&self, y: &Tensor<T>, dy: &Tensor<T>, axis: usize) -> Result<Tensor<T>>;
+    /// Copy of the slice `start..start+len` along `axis`.
+    fn narrow(&self, x: &Tensor<T>, axis: usize, start: usize, len: usize) -> Result<Tensor<T>>;
+    /// Zeros of `shape` with `x` written at `start` along `axis` (the adjoint of `narrow`).
+    fn narrow_backward(
+        &self,
+        dy: &Tensor<T>,
+        shape: &[usize],
+        axis: usize,
+        start: usize,
+    ) -> Result<Tensor<T>>;
+
+    // ---- losses ------------------------------------------------------------
+    /// `sum((a - b)^2)` as a rank-0 tensor.
+    fn sq_err_sum(&self, a: &Tensor<T>, b: &Tensor<T>) -> Result<Tensor<T>>;
+    /// `2 * g * (a - b)`, the gradient of `g * sum((a - b)^2)` with respect to `a`.
+    fn sq_err_backward(&self, a: &Tensor<T>, b: &Tensor<T>, g: T) -> Result<Tensor<T>>;
+}
+
+/// A shared handle to a backend.
+pub type BackendRef<T> = Arc<dyn Backend<T>>;
+
+/// Which backend to build (the CLI's `--backend`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Reference,
+    Cpu,
+    Cuda,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "reference" | "ref" => Ok(BackendKind::Reference),
+            "cpu" => Ok(BackendKind::Cpu),
+            "cuda" => Ok(BackendKind::Cuda),
+            other => Err(Error::arg(
+                "backend",
+                format!("unknown backend `{other}` (reference, cpu or cuda)"),
+            )),
+        }
+    }
+}
+
+/// Options for building a backend.
+#[derive(Clone, Copy, Debug)]
+pub struct BackendOptions {
+    pub kind: BackendKind,
+    pub conv_algo: ConvAlgo,
+}
+
+impl Default for BackendOptions {
+    fn default() -> Self {
+        BackendOptions {
+            kind: BackendKind::Cpu,
+            conv_algo: ConvAlgo::Auto,
+        }
+    }
+}
+
+/// Element types every backend supports; lets `make_backend` stay generic.
+pub trait BackendFloat: Float {
+    fn make_backend(opts: BackendOptions) -> Result<BackendRef<Self>>;
+}
+
+fn make_host_backend<T: Float>(opts: BackendOptions) -> Option<BackendRef<T>> {
+    match opts.kind {
+        BackendKind::Reference => Some(Arc::new(ReferenceBackend)),
+        BackendKind::Cpu => Some(Arc::new(CpuBackend::new(opts.conv_algo))),
+        BackendKind::Cuda => None,
+    }
+}
+
+macro_rules! impl_backend_float {
+    ($t:ty) => {
+        impl BackendFloat for $t {
+            fn make_backend(opts: BackendOptions) -> Result<BackendRef<Self>> {
+                if let Some(b) = make_host_backend::<$t>(opts) {
+                    return Ok(b);
+                }
+                #[cfg(feature = "cuda")]
+                {
+                    return Ok(Arc::new(cuda::CudaBackend::new()?));
+                }
+                #[cfg(not(feature = "cuda"))]
+                Err(Error::BackendUnavailable(
+                    "this build has no CUDA support (rebuild with --features cuda)".into(),
+                ))
+            }
+        }
+    };
+}
+impl_backend_float!(f32);
+impl_backend_float!(f64);
+
+/// Build a backend for element type `T`.
+pub fn make_backend<T: BackendFloat>(opts: BackendOptions) -> Result<BackendRef<T>> {
+    T::make_backend(opts)
+}

@@ -1,0 +1,447 @@
+//! The reference backend: plain loops, one thread, a fixed summation order.
+//!
+//! This is the oracle the fast paths are checked against, so it favours the
+//! obviously correct over the fast: every reduction runs in index order in
+//! the tensor's own precision, masks are applied by materialising `x * m`,
+//! and the convolution is the textbook seven-deep loop (its innermost loop
+//! runs along the output row so the compiler can still vectorise it).
+
+use crate::backend::{Backend, Binary, ConvArgs, InputMask, Unary};
+use crate::error::Result;
+use crate::shape::{broadcast_strides, strides};
+use crate::tensor::{Float, Tensor};
+
+/// The plain-loop backend.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReferenceBackend;
+
+/// `x * mask`, materialised.
+pub(crate) fn apply_mask<T: Float>(x: &Tensor<T>, mask: &InputMask<T>) -> Tensor<T> {
+    let dims = [x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]];
+    let [n, c, h, w] = dims;
+    let xs = x.as_slice();
+    let mut out = Vec::with_capacity(xs.len());
+    for ni in 0..n {
+        for ci in 0..c {
+            for p in 0..h * w {
+                out.push(xs[((ni * c + ci) * h * w) + p] * mask.value(ni, ci, p, dims));
+            }
+        }
+    }
+    Tensor::from_parts(x.shape(), out)
+}
+
+pub(crate) fn unary_fn<T: Float>(op: Unary, x: T) -> T {
+    match op {
+        Unary::Relu => {
+            if x > T::zero() {
+                x
+            } else {
+                T::zero()
+            }
+        }
+        Unary::Abs => x.abs(),
+        Unary::Neg => -x,
+        Unary::Exp => x.exp(),
+        Unary::Ln => x.ln(),
+        Unary::Sqrt => x.sqrt(),
+        Unary::Recip => T::one() / x,
+        Unary::Square => x * x,
+        Unary::Scale(c) => T::from_f64(c) * x,
+        Unary::AddScalar(c) => x + T::from_f64(c),
+    }
+}
+
+/// `f'(x)`, given `x` and `y = f(x)`. At the kinks of relu and abs the
+/// derivative is taken as 0 (PyTorch's convention: relu'(0) = 0, sign(0) = 0).
+pub(crate) fn unary_derivative<T: Float>(op: Unary, x: T, y: T) -> T {
+    let zero = T::zero();
+    let one = T::one();
+    match op {
+        Unary::Relu => {
+            if x > zero {
+                one
+            } else {
+                zero
+            }
+        }
+        Unary::Abs => {
+            if x > zero {
+                one
+            } else if x < zero {
+                -one
+            } else {
+                zero
+            }
+        }
+        Unary::Neg => -one,
+        Unary::Exp => y,
+        Unary::Ln => one / x,
+        Unary::Sqrt => T::from_f64(0.5) / y,
+        Unary::Recip => -(y * y),
+        Unary::Square => T::from_f64(2.0) * x,
+        Unary::Scale(c) => T::from_f64(c),
+        Unary::AddScalar(_) => one,
+    }
+}
+
+pub(crate) fn binary_fn<T: Float>(op: Binary, a: T, b: T) -> T {
+    match op {
+        Binary::Add => a + b,
+        Binary::Sub => a - b,
+        Binary::Mul => a * b,
+        Binary::Div => a / b,
+    }
+}
+
+/// Split a shape around `axis` into (outer, len, inner) extents.
+pub(crate) fn split_axis(shape: &[usize], axis: usize) -> (usize, usize, usize) {
+    let outer = shape[..axis].iter().product();
+    let inner = shape[axis + 1..].iter().product();
+    (outer, shape[axis], inner)
+}
+
+impl<T: Float> Backend<T> for ReferenceBackend {
+    fn name(&self) -> String {
+        "reference".into()
+    }
+
+    fn conv2d(
+        &self,
+        x: &Tensor<T>,
+        w: &Tensor<T>,
+        b: Option<&Tensor<T>>,
+        args: &ConvArgs<T>,
+    ) -> Result<Tensor<T>> {
+        let g = &args.geom;
+        let masked;
+        let x = match &args.mask {
+            Some(m) => {
+                masked = apply_mask(x, m);
+                &masked
+            }
+            None => x,
+        };
+        let (xs, ws) = (x.as_slice(), w.as_slice());
+        let [sh, sw] = g.stride;
+        let [ph, pw] = g.padding;
+        let mut y = vec![T::zero(); g.n * g.c_out * g.oh * g.ow];
+        for n in 0..g.n {
+            for co in 0..g.c_out {
+                let yplane = &mut y[(n * g.c_out + co) * g.oh * g.ow..][..g.oh * g.ow];
+                for ci in 0..g.c_in {
+                    let xplane = &xs[(n * g.c_in + ci) * g.h * g.w..][..g.h * g.w];
+                    for ky in 0..g.kh {
+                        for kx in 0..g.kw {
+                            let wv = ws[((co * g.c_in + ci) * g.kh + ky) * g.kw + kx];
+                            for oy in 0..g.oh {
+                                let iy = (oy * sh + ky) as isize - ph as isize;
+                                if iy < 0 || iy >= g.h as isize {
+                                    continue;
+                                }
+                                for ox in 0..g.ow {
+                                    let ix = (ox * sw + kx) as isize - pw as isize;
+                                    if ix < 0 || ix >= g.w as isize {
+                                        continue;
+                                    }
+                                    yplane[oy * g.ow + ox] +=
+                                        wv * xplane[iy as usize * g.w + ix as usize];
+                                }
+                            }
+                        }
+                    }
+                }
+                if let Some(b) = b {
+                    let bv = b.as_slice()[co];
+                    yplane.iter_mut().for_each(|v| *v += bv);
+                }
+                if args.relu {
+                    yplane.iter_mut().for_each(|v| *v = unary_fn(Unary::Relu, *v));
+                }
+            }
+        }
+        Ok(Tensor::from_parts(&g.output_shape(), y))
+    }
+
+    fn conv2d_backward_input(
+        &self,
+        dy: &Tensor<T>,
+        w: &Tensor<T>,
+        args: &ConvArgs<T>,
+    ) -> Result<Tensor<T>> {
+        let g = &args.geom;
+        let (dys, ws) = (dy.as_slice(), w.as_slice());
+        let [sh, sw] = g.stride;
+        let [ph, pw] = g.padding;
+        // Scatter form of the adjoint: every product of the forward pass sends
+        // `w * dy` back to the input element it read.
+        let mut dx = vec![T::zero(); g.n * g.c_in * g.h * g.w];
+        for n in 0..g.n {
+            for co in 0..g.c_out {
+                let dyplane = &dys[(n * g.c_out + co) * g.oh * g.ow..][..g.oh * g.ow];
+                for ci in 0..g.c_in {
+                    let dxplane = &mut dx[(n * g.c_in + ci) * g.h * g.w..][..g.h * g.w];
+                    for ky in 0..g.kh {
+                        for kx in 0..g.kw {
+                            let wv = ws[((co * g.c_in + ci) * g.kh + ky) * g.kw + kx];
+                            for oy in 0..g.oh {
+                                let iy = (oy * sh + ky) as isize - ph as isize;
+                                if iy < 0 || iy >= g.h as isize {
+                                    continue;
+                                }
+                                for ox in 0..g.ow {
+                                    let ix = (ox * sw + kx) as isize - pw as isize;
+                                    if ix < 0 || ix >= g.w as isize {
+                                        continue;
+                                    }
+                                    dxplane[iy as usize * g.w + ix as usize] +=
+                                        wv * dyplane[oy * g.ow + ox];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let dx = Tensor::from_parts(&g.input_shape(), dx);
+        Ok(match &args.mask {
+            Some(m) => apply_mask(&dx, m),
+            None => dx,
+        })
+    }
+
+    fn conv2d_backward_weight(
+        &self,
+        dy: &Tensor<T>,
+        x: &Tensor<T>,
+        args: &ConvArgs<T>,
+    ) -> Result<Tensor<T>> {
+        let g = &args.geom;
+        let masked;
+        let x = match &args.mask {
+            Some(m) => {
+                masked = apply_mask(x, m);
+                &masked
+            }
+            None => x,
+        };
+        let (dys, xs) = (dy.as_slice(), x.as_slice());
+        let [sh, sw] = g.stride;
+        let [ph, pw] = g.padding;
+        let mut dw = vec![T::zero(); g.c_out * g.c_in * g.kh * g.kw];
+        for co in 0..g.c_out {
+            for ci in 0..g.c_in {
+                for ky in 0..g.kh {
+                    for kx in 0..g.kw {
+                        let mut acc = T::zero();
+                        for n in 0..g.n {
+                            let dyplane = &dys[(n * g.c_out + co) * g.oh * g.ow..][..g.oh * g.ow];
+                            let xplane = &xs[(n * g.c_in + ci) * g.h * g.w..][..g.h * g.w];
+                            for oy in 0..g.oh {
+                                let iy = (oy * sh + ky) as isize - ph as isize;
+                                if iy < 0 || iy >= g.h as isize {
+                                    continue;
+                                }
+                                for ox in 0..g.ow {
+                                    let ix = (ox * sw + kx) as isize - pw as isize;
+                                    if ix < 0 || ix >= g.w as isize {
+                                        continue;
+                                    }
+                                    acc += dyplane[oy * g.ow + ox]
+                                        * xplane[iy as usize * g.w + ix as usize];
+                                }
+                            }
+                        }
+                        dw[((co * g.c_in + ci) * g.kh + ky) * g.kw + kx] = acc;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_parts(&g.weight_shape(), dw))
+    }
+
+    fn conv2d_backward_bias(&self, dy: &Tensor<T>) -> Result<Tensor<T>> {
+        let [n, c, h, w] = dy.dims4("conv2d_backward_bias")?;
+        let d = dy.as_slice();
+        let mut db = vec![T::zero(); c];
+        for (co, acc) in db.iter_mut().enumerate() {
+            for ni in 0..n {
+                for &v in &d[(ni * c + co) * h * w..][..h * w] {
+                    *acc += v;
+                }
+            }
+        }
+        Ok(Tensor::from_parts(&[c], db))
+    }
+
+    fn unary(&self, op: Unary, x: &Tensor<T>) -> Result<Tensor<T>> {
+        let out = x.as_slice().iter().map(|&v| unary_fn(op, v)).collect();
+        Ok(Tensor::from_parts(x.shape(), out))
+    }
+
+    fn unary_backward(
+        &self,
+        op: Unary,
+        x: &Tensor<T>,
+        y: &Tensor<T>,
+        dy: &Tensor<T>,
+    ) -> Result<Tensor<T>> {
+        let out = x
+            .as_slice()
+            .iter()
+            .zip(y.as_slice())
+            .zip(dy.as_slice())
+            .map(|((&xv, &yv), &g)| g * unary_derivative(op, xv, yv))
+            .collect();
+        Ok(Tensor::from_parts(x.shape(), out))
+    }
+
+    fn binary(
+        &self,
+        op: Binary,
+        a: &Tensor<T>,
+        b: &Tensor<T>,
+        out_shape: &[usize],
+    ) -> Result<Tensor<T>> {
+        let sa = broadcast_strides(a.shape(), out_shape);
+        let sb = broadcast_strides(b.shape(), out_shape);
+        let so = strides(out_shape);
+        let n: usize = out_shape.iter().product();
+        let (av, bv) = (a.as_slice(), b.as_slice());
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let (mut ia, mut ib, mut rem) = (0, 0, i);
+            for k in 0..out_shape.len() {
+                let q = rem / so[k];
+                rem %= so[k];
+                ia += q * sa[k];
+                ib += q * sb[k];
+            }
+            out.push(binary_fn(op, av[ia], bv[ib]));
+        }
+        Ok(Tensor::from_parts(out_shape, out))
+    }
+
+    fn mask_mul(&self, x: &Tensor<T>, mask: &InputMask<T>) -> Result<Tensor<T>> {
+        Ok(apply_mask(x, mask))
+    }
+
+    fn sum_axes(&self, x: &Tensor<T>, axes: &[usize]) -> Result<Tensor<T>> {
+        let shape = x.shape();
+        let out_shape = crate::shape::reduced_shape(shape, axes);
+        let so = broadcast_strides(&out_shape, shape);
+        let si = strides(shape);
+        let mut out = vec![T::zero(); out_shape.iter().product()];
+        // Walk the input in row-major order, adding each element into its
+        // output slot: a fixed order for every slot.
+        for (i, &v) in x.as_slice().iter().enumerate() {
+            let (mut o, mut rem) = (0, i);
+            for k in 0..shape.len() {
+                let q = rem / si[k];
+                rem %= si[k];
+                o += q * so[k];
+            }
+            out[o] += v;
+        }
+        Ok(Tensor::from_parts(&out_shape, out))
+    }
+
+    fn broadcast_to(&self, x: &Tensor<T>, shape: &[usize]) -> Result<Tensor<T>> {
+        let zeros = Tensor::from_parts(&[], vec![T::zero()]);
+        self.binary(Binary::Add, x, &zeros, shape)
+    }
+
+    fn softmax(&self, x: &Tensor<T>, axis: usize) -> Result<Tensor<T>> {
+        let (outer, len, inner) = split_axis(x.shape(), axis);
+        let xs = x.as_slice();
+        let mut y = vec![T::zero(); xs.len()];
+        for o in 0..outer {
+            for i in 0..inner {
+                let at = |k: usize| (o * len + k) * inner + i;
+                let mut max = T::neg_infinity();
+                for k in 0..len {
+                    max = max.max(xs[at(k)]);
+                }
+                let mut sum = T::zero();
+                for k in 0..len {
+                    let e = (xs[at(k)] - max).exp();
+                    y[at(k)] = e;
+                    sum += e;
+                }
+                for k in 0..len {
+                    y[at(k)] = y[at(k)] / sum;
+                }
+            }
+        }
+        Ok(Tensor::from_parts(x.shape(), y))
+    }
+
+    fn softmax_backward(&self, y: &Tensor<T>, dy: &Tensor<T>, axis: usize) -> Result<Tensor<T>> {
+        let (outer, len, inner) = split_axis(y.shape(), axis);
+        let (ys, gs) = (y.as_slice(), dy.as_slice());
+        let mut dx = vec![T::zero(); ys.len()];
+        for o in 0..outer {
+            for i in 0..inner {
+                let at = |k: usize| (o * len + k) * inner + i;
+                let mut dot = T::zero();
+                for k in 0..len {
+                    dot += gs[at(k)] * ys[at(k)];
+                }
+                for k in 0..len {
+                    dx[at(k)] = ys[at(k)] * (gs[at(k)] - dot);
+                }
+            }
+        }
+        Ok(Tensor::from_parts(y.shape(), dx))
+    }
+
+    fn narrow(&self, x: &Tensor<T>, axis: usize, start: usize, len: usize) -> Result<Tensor<T>> {
+        let (outer, full, inner) = split_axis(x.shape(), axis);
+        let xs = x.as_slice();
+        let mut out = Vec::with_capacity(outer * len * inner);
+        for o in 0..outer {
+            out.extend_from_slice(&xs[(o * full + start) * inner..][..len * inner]);
+        }
+        let mut shape = x.shape().to_vec();
+        shape[axis] = len;
+        Ok(Tensor::from_parts(&shape, out))
+    }
+
+    fn narrow_backward(
+        &self,
+        dy: &Tensor<T>,
+        shape: &[usize],
+        axis: usize,
+        start: usize,
+    ) -> Result<Tensor<T>> {
+        let (outer, full, inner) = split_axis(shape, axis);
+        let len = dy.shape()[axis];
+        let gs = dy.as_slice();
+        let mut out = vec![T::zero(); outer * full * inner];
+        for o in 0..outer {
+            out[(o * full + start) * inner..][..len * inner]
+                .copy_from_slice(&gs[o * len * inner..][..len * inner]);
+        }
+        Ok(Tensor::from_parts(shape, out))
+    }
+
+    fn sq_err_sum(&self, a: &Tensor<T>, b: &Tensor<T>) -> Result<Tensor<T>> {
+        let mut acc = T::zero();
+        for (&x, &y) in a.as_slice().iter().zip(b.as_slice()) {
+            let d = x - y;
+            acc += d * d;
+        }
+        Ok(Tensor::scalar(acc))
+    }
+
+    fn sq_err_backward(&self, a: &Tensor<T>, b: &Tensor<T>, g: T) -> Result<Tensor<T>> {
+        let two_g = g + g;
+        let out = a
+            .as_slice()
+            .iter()
+            .zip(b.as_slice())
+            .map(|(&x, &y)| two_g * (x - y))
+            .collect();
+        Ok(Tensor::from_parts(a.shape(), out))
+    }
+}

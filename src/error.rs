@@ -1,0 +1,127 @@
+//! One error type for the whole crate.
+//!
+//! Every failure a user can provoke with their own inputs (shapes, files,
+//! configs, values) is a variant here, so the library never panics on bad
+//! input and the CLI can print one readable line and exit non-zero.
+
+use thiserror::Error;
+
+/// Result alias used throughout the crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Every error dmkd reports.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// An op received operands whose shapes do not fit together.
+    #[error("shape mismatch in {op}: {detail}")]
+    ShapeMismatch { op: &'static str, detail: String },
+
+    /// A tensor has a dimension of size zero where a non-empty one is needed.
+    #[error("{what} has a zero-sized dimension (shape {shape:?})")]
+    ZeroSized { what: String, shape: Vec<usize> },
+
+    /// A tensor holds NaN or infinity where finite values are required.
+    #[error("{tensor} holds a non-finite value ({value}) at index {index:?}")]
+    NonFinite {
+        tensor: String,
+        index: Vec<usize>,
+        value: f64,
+    },
+
+    /// An argument is outside its valid range (axis, stride, ratio, ...).
+    #[error("invalid argument to {op}: {detail}")]
+    InvalidArgument { op: &'static str, detail: String },
+
+    /// The configuration (JSON or programmatic) is invalid.
+    #[error("invalid config: {0}")]
+    Config(String),
+
+    /// A tensor a file or map was expected to hold is absent.
+    #[error("missing tensor `{0}`")]
+    MissingTensor(String),
+
+    /// A tensor is present but not expected (a misspelt name, usually).
+    #[error("unexpected tensor `{0}`")]
+    UnexpectedTensor(String),
+
+    /// A tensor has the wrong element type.
+    #[error("tensor `{name}` has dtype {got}, expected {expected}")]
+    DType {
+        name: String,
+        expected: String,
+        got: String,
+    },
+
+    /// A named tensor has the wrong shape.
+    #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]
+    TensorShape {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+
+    /// A request would allocate more than the configured bound; refused before allocating.
+    #[error("{what} needs {bytes} bytes, over the limit of {limit} bytes")]
+    TooLarge { what: String, bytes: u128, limit: u128 },
+
+    /// A file is malformed: truncated, corrupt header, lying sizes.
+    #[error("malformed file {path}: {detail}")]
+    Format { path: String, detail: String },
+
+    /// An I/O error while reading or writing a file.
+    #[error("i/o error on {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The autodiff tape was used in a way it does not support.
+    #[error("autograd: {0}")]
+    Autograd(String),
+
+    /// The requested backend cannot run here (no CUDA device, feature not built).
+    #[error("backend unavailable: {0}")]
+    BackendUnavailable(String),
+
+    /// A failure inside a device backend (driver, compiler, launch).
+    #[error("device error: {0}")]
+    Device(String),
+}
+
+impl Error {
+    pub(crate) fn shape(op: &'static str, detail: impl Into<String>) -> Self {
+        Error::ShapeMismatch {
+            op,
+            detail: detail.into(),
+        }
+    }
+
+    pub(crate) fn arg(op: &'static str, detail: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            op,
+            detail: detail.into(),
+        }
+    }
+
+    /// A short, stable name of the variant, used by tests and the CLI's JSON output.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::ShapeMismatch { .. } => "shape_mismatch",
+            Error::ZeroSized { .. } => "zero_sized",
+            Error::NonFinite { .. } => "non_finite",
+            Error::InvalidArgument { .. } => "invalid_argument",
+            Error::Config(_) => "config",
+            Error::MissingTensor(_) => "missing_tensor",
+            Error::UnexpectedTensor(_) => "unexpected_tensor",
+            Error::DType { .. } => "dtype",
+            Error::TensorShape { .. } => "tensor_shape",
+            Error::TooLarge { .. } => "too_large",
+            Error::Format { .. } => "format",
+            Error::Io { .. } => "io",
+            Error::Autograd(_) => "autograd",
+            Error::BackendUnavailable(_) => "backend_unavailable",
+            Error::Device(_) => "device",
+        }
+    }
+}

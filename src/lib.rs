@@ -1,0 +1,24 @@
+//! dmkd: the Dual Masked Knowledge Distillation loss (and its MGD and FGD
+//! baselines) on a from-scratch reverse-mode autodiff engine.
+//!
+//! Layers, each looking only down:
+//! - [`tensor`]: shapes and f32/f64 storage, no math;
+//! - [`backend`]: the kernels (reference loops, fast CPU, CUDA) behind one trait;
+//! - [`autograd`] and [`ops`]: the tape and the differentiable ops;
+//! - `distill`: the losses, built only from ops.
+
+pub mod autograd;
+pub mod backend;
+pub mod error;
+pub mod gradcheck;
+pub mod ops;
+pub mod pool;
+pub mod rng;
+pub mod shape;
+pub mod tensor;
+
+pub use autograd::{Gradients, Tape, Var};
+pub use backend::{Backend, BackendKind, BackendOptions, BackendRef, ConvAlgo, InputMask};
+pub use error::{Error, Result};
+pub use ops::Conv2dOptions;
+pub use tensor::{DType, Float, Tensor};

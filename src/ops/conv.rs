@@ -1,0 +1,128 @@
+//! 2-d convolution (NCHW, OIHW weights), with an optional constant input
+//! mask and a fused ReLU.
+//!
+//! Forward: `y = act(conv(x * m, w) + b)`.
+//! Backward, with `dz = dy * act'(y)` (for ReLU, `act'(y) = [y > 0]`, the same
+//! as `[z > 0]`):
+//! - `dx = m * conv_transpose(dz, w)` (the mask is a constant multiplier),
+//! - `dw[o, i, ky, kx] = sum_{n, oy, ox} dz[n, o, oy, ox] * (x * m)[n, i, oy*s + ky - p, ox*s + kx - p]`,
+//! - `db[o] = sum_{n, oy, ox} dz[n, o, oy, ox]`.
+
+use crate::autograd::Var;
+use crate::backend::{ConvArgs, ConvGeometry, InputMask, Unary};
+use crate::error::{Error, Result};
+use crate::tensor::{Float, Tensor};
+
+/// Options of [`Var::conv2d`].
+#[derive(Clone, Debug)]
+pub struct Conv2dOptions<T: Float> {
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+    /// A constant multiplier of the input (spatial `[N,H,W]` or channel `[N,C]`).
+    pub mask: Option<InputMask<T>>,
+    /// Apply ReLU to the output.
+    pub relu: bool,
+}
+
+impl<T: Float> Default for Conv2dOptions<T> {
+    fn default() -> Self {
+        Conv2dOptions {
+            stride: [1, 1],
+            padding: [0, 0],
+            mask: None,
+            relu: false,
+        }
+    }
+}
+
+impl<T: Float> Conv2dOptions<T> {
+    /// Stride 1, zero padding `p` on every side.
+    pub fn same(p: usize) -> Self {
+        Conv2dOptions {
+            padding: [p, p],
+            ..Default::default()
+        }
+    }
+    pub fn with_stride(mut self, s: [usize; 2]) -> Self {
+        self.stride = s;
+        self
+    }
+    pub fn with_mask(mut self, m: InputMask<T>) -> Self {
+        self.mask = Some(m);
+        self
+    }
+    pub fn with_relu(mut self, relu: bool) -> Self {
+        self.relu = relu;
+        self
+    }
+}
+
+/// Validate the operands of a convolution and collect its kernel arguments.
+pub fn conv_args<T: Float>(
+    x: &Tensor<T>,
+    w: &Tensor<T>,
+    b: Option<&Tensor<T>>,
+    opts: &Conv2dOptions<T>,
+) -> Result<ConvArgs<T>> {
+    let geom = ConvGeometry::new(x.shape(), w.shape(), opts.stride, opts.padding)?;
+    if let Some(b) = b
+        && b.shape() != [geom.c_out]
+    {
+        return Err(Error::shape(
+            "conv2d",
+            format!("bias of shape {:?}, expected [{}]", b.shape(), geom.c_out),
+        ));
+    }
+    if let Some(m) = &opts.mask {
+        m.check("conv2d", geom.input_shape())?;
+    }
+    Ok(ConvArgs {
+        geom,
+        mask: opts.mask.clone(),
+        relu: opts.relu,
+    })
+}
+
+impl<T: Float> Var<T> {
+    /// `act(conv2d(self * mask, w) + b)`; see the module docs for the derivative.
+    pub fn conv2d(
+        &self,
+        w: &Var<T>,
+        b: Option<&Var<T>>,
+        opts: &Conv2dOptions<T>,
+    ) -> Result<Var<T>> {
+        let args = conv_args(self.value(), w.value(), b.map(Var::value), opts)?;
+        let y = self
+            .backend()
+            .conv2d(self.value(), w.value(), b.map(Var::value), &args)?;
+        let (x_val, w_val) = (self.value().clone(), w.value().clone());
+        let y_val = args.relu.then(|| y.clone());
+        let mut inputs = vec![self, w];
+        inputs.extend(b);
+        self.tape().record(&inputs, y, move |be, dy, needs| {
+            let dz = match &y_val {
+                Some(y) => be.unary_backward(Unary::Relu, y, y, dy)?,
+                None => dy.clone(),
+            };
+            let dx = if needs[0] {
+                Some(be.conv2d_backward_input(&dz, &w_val, &args)?)
+            } else {
+                None
+            };
+            let dw = if needs[1] {
+                Some(be.conv2d_backward_weight(&dz, &x_val, &args)?)
+            } else {
+                None
+            };
+            let mut grads = vec![dx, dw];
+            if needs.len() == 3 {
+                grads.push(if needs[2] {
+                    Some(be.conv2d_backward_bias(&dz)?)
+                } else {
+                    None
+                });
+            }
+            Ok(grads)
+        })
+    }
+}

@@ -1,0 +1,413 @@
+//! Tensors: a shape and row-major (NCHW) storage of f32 or f64. No math here.
+//!
+//! A `Tensor` is an immutable value, cheap to clone (the storage is shared
+//! behind an `Arc`). Ops never write into their inputs; they return new
+//! tensors. Views for the plain-loop reference code come from `ndarray`.
+
+use std::fmt;
+use std::sync::Arc;
+
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+
+use crate::error::{Error, Result};
+use crate::pool;
+
+/// The element types the engine computes in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    F64,
+}
+
+impl DType {
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F64 => "f64",
+        }
+    }
+    pub fn size_of(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F64 => 8,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(DType::F32),
+            "f64" => Ok(DType::F64),
+            other => Err(Error::arg("dtype", format!("unknown dtype `{other}` (f32 or f64)"))),
+        }
+    }
+}
+
+/// A floating-point element type: f32 or f64.
+pub trait Float:
+    num_traits::Float
+    + ndarray::ScalarOperand
+    + std::iter::Sum
+    + std::ops::AddAssign
+    + std::ops::SubAssign
+    + std::ops::MulAssign
+    + Default
+    + fmt::Debug
+    + fmt::Display
+    + fmt::LowerExp
+    + Send
+    + Sync
+    + 'static
+{
+    const DTYPE: DType;
+    /// Machine epsilon, as f64.
+    const EPSILON_F64: f64;
+    fn from_f64(x: f64) -> Self;
+    fn as_f64(self) -> f64;
+    fn from_usize(x: usize) -> Self {
+        <Self as Float>::from_f64(x as f64)
+    }
+    /// Little-endian bytes of a slice (the safetensors / npy byte order).
+    fn to_le_bytes_vec(data: &[Self]) -> Vec<u8>;
+    /// Parse little-endian bytes; `bytes.len()` must be a multiple of the size.
+    fn from_le_bytes_vec(bytes: &[u8]) -> Vec<Self>;
+    /// The buffer pool for this element type.
+    fn pool() -> &'static pool::Pool<Self>;
+}
+
+impl Float for f32 {
+    const DTYPE: DType = DType::F32;
+    const EPSILON_F64: f64 = f32::EPSILON as f64;
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    fn as_f64(self) -> f64 {
+        self as f64
+    }
+    fn to_le_bytes_vec(data: &[Self]) -> Vec<u8> {
+        data.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+    fn from_le_bytes_vec(bytes: &[u8]) -> Vec<Self> {
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+    fn pool() -> &'static pool::Pool<Self> {
+        static POOL: pool::Pool<f32> = pool::Pool::new();
+        &POOL
+    }
+}
+
+impl Float for f64 {
+    const DTYPE: DType = DType::F64;
+    const EPSILON_F64: f64 = f64::EPSILON;
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    fn as_f64(self) -> f64 {
+        self
+    }
+    fn to_le_bytes_vec(data: &[Self]) -> Vec<u8> {
+        data.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+    fn from_le_bytes_vec(bytes: &[u8]) -> Vec<Self> {
+        bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect()
+    }
+    fn pool() -> &'static pool::Pool<Self> {
+        static POOL: pool::Pool<f64> = pool::Pool::new();
+        &POOL
+    }
+}
+
+/// Upper bound on the number of elements of one tensor the engine will
+/// allocate (2^34 elements, 64 GiB of f32). Sizes come from files and
+/// configs; a lying header must be refused before any allocation.
+pub const MAX_ELEMENTS: usize = 1 << 34;
+
+/// Number of elements of a shape, refusing overflow and absurd sizes.
+pub fn checked_numel(shape: &[usize]) -> Result<usize> {
+    let mut n: u128 = 1;
+    for &d in shape {
+        n = n.saturating_mul(d as u128);
+    }
+    if n > MAX_ELEMENTS as u128 {
+        return Err(Error::TooLarge {
+            what: format!("a tensor of shape {shape:?}"),
+            bytes: n.saturating_mul(4),
+            limit: (MAX_ELEMENTS as u128) * 4,
+        });
+    }
+    Ok(n as usize)
+}
+
+/// An immutable n-dimensional array in row-major order.
+#[derive(Clone)]
+pub struct Tensor<T: Float> {
+    shape: Arc<[usize]>,
+    data: Arc<pool::Buffer<T>>,
+}
+
+impl<T: Float> fmt::Debug for Tensor<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = self.as_slice();
+        write!(f, "Tensor<{}>{:?}", T::DTYPE, self.shape)?;
+        if d.len() <= 16 {
+            write!(f, " {d:?}")
+        } else {
+            write!(f, " [{}, {}, ..., {}]", d[0], d[1], d[d.len() - 1])
+        }
+    }
+}
+
+impl<T: Float> Tensor<T> {
+    /// A tensor from a shape and row-major data.
+    pub fn from_vec(shape: &[usize], data: Vec<T>) -> Result<Self> {
+        let n = checked_numel(shape)?;
+        if n != data.len() {
+            return Err(Error::shape(
+                "Tensor::from_vec",
+                format!("shape {shape:?} holds {n} elements, data has {}", data.len()),
+            ));
+        }
+        Ok(Self::from_parts(shape, data))
+    }
+
+    /// Internal constructor; the caller guarantees `data.len() == numel(shape)`.
+    pub(crate) fn from_parts(shape: &[usize], data: Vec<T>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        Tensor {
+            shape: shape.into(),
+            data: Arc::new(pool::Buffer::new(data)),
+        }
+    }
+
+    /// A tensor filled with `value`.
+    pub fn full(shape: &[usize], value: T) -> Result<Self> {
+        let n = checked_numel(shape)?;
+        let mut v = pool::take::<T>(n);
+        v.fill(value);
+        Ok(Self::from_parts(shape, v))
+    }
+
+    pub fn zeros(shape: &[usize]) -> Result<Self> {
+        Self::full(shape, T::zero())
+    }
+
+    pub fn ones(shape: &[usize]) -> Result<Self> {
+        Self::full(shape, T::one())
+    }
+
+    /// A rank-0 tensor.
+    pub fn scalar(value: T) -> Self {
+        Self::from_parts(&[], vec![value])
+    }
+
+    /// A tensor whose element at flat index `i` is `f(i)`.
+    pub fn from_fn(shape: &[usize], f: impl FnMut(usize) -> T) -> Result<Self> {
+        let n = checked_numel(shape)?;
+        Ok(Self::from_parts(shape, (0..n).map(f).collect()))
+    }
+
+    /// A tensor from an ndarray array (any memory layout).
+    pub fn from_array(a: ArrayD<T>) -> Self {
+        let shape = a.shape().to_vec();
+        let data = if a.is_standard_layout() {
+            a.into_raw_vec_and_offset().0
+        } else {
+            a.iter().copied().collect()
+        };
+        Self::from_parts(&shape, data)
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn dtype(&self) -> DType {
+        T::DTYPE
+    }
+
+    /// Row-major elements.
+    pub fn as_slice(&self) -> &[T] {
+        self.data.as_slice()
+    }
+
+    pub fn to_vec(&self) -> Vec<T> {
+        self.as_slice().to_vec()
+    }
+
+    /// An ndarray view, for readable reference code.
+    pub fn view(&self) -> ArrayViewD<'_, T> {
+        ArrayViewD::from_shape(IxDyn(&self.shape), self.as_slice())
+            .expect("tensor invariant: data length equals the shape's element count")
+    }
+
+    pub fn to_array(&self) -> ArrayD<T> {
+        self.view().to_owned()
+    }
+
+    /// The only element of a one-element tensor.
+    pub fn item(&self) -> Result<T> {
+        if self.numel() != 1 {
+            return Err(Error::shape(
+                "Tensor::item",
+                format!("tensor of shape {:?} is not a single value", self.shape),
+            ));
+        }
+        Ok(self.as_slice()[0])
+    }
+
+    /// The same data under another shape with the same element count (no copy).
+    pub fn reshape(&self, shape: &[usize]) -> Result<Self> {
+        let n = checked_numel(shape)?;
+        if n != self.numel() {
+            return Err(Error::shape(
+                "reshape",
+                format!("cannot view {:?} as {shape:?}", self.shape),
+            ));
+        }
+        Ok(Tensor {
+            shape: shape.into(),
+            data: self.data.clone(),
+        })
+    }
+
+    /// Element-wise conversion to another float type.
+    pub fn cast<U: Float>(&self) -> Tensor<U> {
+        Tensor::from_parts(
+            &self.shape,
+            self.as_slice()
+                .iter()
+                .map(|&x| U::from_f64(x.as_f64()))
+                .collect(),
+        )
+    }
+
+    /// The four dimensions of an NCHW tensor, or a shape error naming `what`.
+    pub fn dims4(&self, what: &'static str) -> Result<[usize; 4]> {
+        match *self.shape {
+            [n, c, h, w] => Ok([n, c, h, w]),
+            _ => Err(Error::shape(
+                what,
+                format!("expected a 4-d NCHW tensor, got shape {:?}", self.shape),
+            )),
+        }
+    }
+
+    /// The first non-finite element, as (flat index, value).
+    pub fn first_non_finite(&self) -> Option<(usize, f64)> {
+        self.as_slice()
+            .iter()
+            .position(|x| !x.is_finite())
+            .map(|i| (i, self.as_slice()[i].as_f64()))
+    }
+
+    /// Error unless every element is finite; the error names the tensor and
+    /// the multi-index of the first bad element.
+    pub fn check_finite(&self, name: &str) -> Result<()> {
+        match self.first_non_finite() {
+            None => Ok(()),
+            Some((i, value)) => Err(Error::NonFinite {
+                tensor: name.to_string(),
+                index: unravel(i, &self.shape),
+                value,
+            }),
+        }
+    }
+
+    /// Error if any dimension is zero.
+    pub fn check_nonempty(&self, name: &str) -> Result<()> {
+        if self.shape.contains(&0) {
+            return Err(Error::ZeroSized {
+                what: name.to_string(),
+                shape: self.shape.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    /// True when both tensors share the same storage (no copy was made).
+    pub fn shares_storage(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.data, &other.data)
+    }
+}
+
+/// Multi-index of flat index `i` in a row-major `shape`.
+pub fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
+    let mut idx = vec![0; shape.len()];
+    for (k, &d) in shape.iter().enumerate().rev() {
+        if d > 0 {
+            idx[k] = i % d;
+            i /= d;
+        }
+    }
+    idx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_vec_checks_length() {
+        assert!(Tensor::<f32>::from_vec(&[2, 3], vec![0.0; 5]).is_err());
+        let t = Tensor::<f32>::from_vec(&[2, 3], (0..6).map(|x| x as f32).collect()).unwrap();
+        assert_eq!(t.shape(), &[2, 3]);
+        assert_eq!(t.view()[[1, 2]], 5.0);
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_before_allocating() {
+        let e = Tensor::<f32>::zeros(&[1 << 20, 1 << 20, 1 << 20]).unwrap_err();
+        assert_eq!(e.kind(), "too_large");
+        let e = checked_numel(&[usize::MAX, usize::MAX]).unwrap_err();
+        assert_eq!(e.kind(), "too_large");
+    }
+
+    #[test]
+    fn check_finite_names_the_first_bad_index() {
+        let t = Tensor::<f64>::from_vec(&[2, 2], vec![1.0, 2.0, f64::NAN, f64::INFINITY]).unwrap();
+        match t.check_finite("x").unwrap_err() {
+            Error::NonFinite { tensor, index, .. } => {
+                assert_eq!(tensor, "x");
+                assert_eq!(index, vec![1, 0]);
+            }
+            e => panic!("wrong error {e}"),
+        }
+    }
+
+    #[test]
+    fn reshape_shares_storage_and_checks_count() {
+        let t = Tensor::<f32>::zeros(&[2, 3]).unwrap();
+        let r = t.reshape(&[3, 2]).unwrap();
+        assert!(r.shares_storage(&t));
+        assert!(t.reshape(&[4, 2]).is_err());
+    }
+
+    #[test]
+    fn unravel_row_major() {
+        assert_eq!(unravel(23, &[2, 3, 4]), vec![1, 2, 3]);
+        assert_eq!(unravel(5, &[2, 3, 4]), vec![0, 1, 1]);
+    }
+}
