@@ -205,9 +205,10 @@ impl<T: Float> Var<T> {
                     leaf_grads[i] = Some(g);
                     continue;
                 }
-                let f = node.backward.take().ok_or_else(|| {
-                    Error::Autograd("backward already ran on this tape".into())
-                })?;
+                let f = node
+                    .backward
+                    .take()
+                    .ok_or_else(|| Error::Autograd("backward already ran on this tape".into()))?;
                 (node.inputs.clone(), f)
             };
             let needs: Vec<bool> = inputs.iter().map(Option::is_some).collect();
@@ -249,7 +250,9 @@ impl<T: Float> Gradients<T> {
     /// The gradient of a leaf; None if it is not a leaf of this pass or the
     /// output does not depend on it.
     pub fn get(&self, v: &Var<T>) -> Option<&Tensor<T>> {
-        v.node.and_then(|i| self.grads.get(i)).and_then(Option::as_ref)
+        v.node
+            .and_then(|i| self.grads.get(i))
+            .and_then(Option::as_ref)
     }
 
     /// The gradient of a leaf, or zeros of its shape if the output does not depend on it.

@@ -62,7 +62,11 @@ pub enum Error {
 
     /// A request would allocate more than the configured bound; refused before allocating.
     #[error("{what} needs {bytes} bytes, over the limit of {limit} bytes")]
-    TooLarge { what: String, bytes: u128, limit: u128 },
+    TooLarge {
+        what: String,
+        bytes: u128,
+        limit: u128,
+    },
 
     /// A file is malformed: truncated, corrupt header, lying sizes.
     #[error("malformed file {path}: {detail}")]

@@ -147,7 +147,11 @@ mod tests {
         let ptr = v.as_ptr();
         drop(Buffer::new(v));
         let again = take::<f64>(len);
-        assert_eq!(again.as_ptr(), ptr, "the freed buffer should be handed out again");
+        assert_eq!(
+            again.as_ptr(),
+            ptr,
+            "the freed buffer should be handed out again"
+        );
         let small = take::<f64>(10);
         assert!(small.iter().all(|&x| x == 0.0));
         let z = take_zeroed::<f64>(len);

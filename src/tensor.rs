@@ -47,7 +47,10 @@ impl std::str::FromStr for DType {
         match s {
             "f32" => Ok(DType::F32),
             "f64" => Ok(DType::F64),
-            other => Err(Error::arg("dtype", format!("unknown dtype `{other}` (f32 or f64)"))),
+            other => Err(Error::arg(
+                "dtype",
+                format!("unknown dtype `{other}` (f32 or f64)"),
+            )),
         }
     }
 }
@@ -179,7 +182,10 @@ impl<T: Float> Tensor<T> {
         if n != data.len() {
             return Err(Error::shape(
                 "Tensor::from_vec",
-                format!("shape {shape:?} holds {n} elements, data has {}", data.len()),
+                format!(
+                    "shape {shape:?} holds {n} elements, data has {}",
+                    data.len()
+                ),
             ));
         }
         Ok(Self::from_parts(shape, data))

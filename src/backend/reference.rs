@@ -156,7 +156,9 @@ impl<T: Float> Backend<T> for ReferenceBackend {
                     yplane.iter_mut().for_each(|v| *v += bv);
                 }
                 if args.relu {
-                    yplane.iter_mut().for_each(|v| *v = unary_fn(Unary::Relu, *v));
+                    yplane
+                        .iter_mut()
+                        .for_each(|v| *v = unary_fn(Unary::Relu, *v));
                 }
             }
         }

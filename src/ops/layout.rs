@@ -11,8 +11,9 @@ impl<T: Float> Var<T> {
     pub fn reshape(&self, shape: &[usize]) -> Result<Var<T>> {
         let y = self.value().reshape(shape)?;
         let x_shape = self.shape().to_vec();
-        self.tape()
-            .record(&[self], y, move |_, g, _| Ok(vec![Some(g.reshape(&x_shape)?)]))
+        self.tape().record(&[self], y, move |_, g, _| {
+            Ok(vec![Some(g.reshape(&x_shape)?)])
+        })
     }
 
     /// Elements `start..start + len` along `axis`.
