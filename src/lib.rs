@@ -9,8 +9,11 @@
 
 pub mod autograd;
 pub mod backend;
+pub mod distill;
 pub mod error;
 pub mod gradcheck;
+pub mod io;
+pub mod npy;
 pub mod ops;
 pub mod pool;
 pub mod rng;

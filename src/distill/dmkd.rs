@@ -1,0 +1,73 @@
+//! DMKD, one level (SPEC.md "Forward, one level").
+//!
+//! `S' = align(S)`; teacher attention `A_s`, `A_c` and masks `M_s`, `M_c`
+//! (constants); `F_s = G_s(S' * M_s)`, `F_c = G_c(S' * M_c)`;
+//! `w = softmax(theta)`, `F = w_s F_s + w_c F_c`; `L = alpha * sum((F - T)^2) / N`.
+
+use crate::autograd::Var;
+use crate::backend::InputMask;
+use crate::distill::attention::{channel_attention, spatial_attention};
+use crate::distill::config::LevelConfig;
+use crate::distill::generator::{align, align_specs, generation_block, generator_specs};
+use crate::distill::mask::{Branch, attention_mask};
+use crate::distill::params::{Init, LevelVars, ParamSpec};
+use crate::distill::{LevelOutput, LevelShape};
+use crate::error::Result;
+use crate::tensor::Float;
+
+/// Parameters of a DMKD level, in the exchange format's names.
+pub fn param_specs(level: usize, shape: &LevelShape) -> Vec<ParamSpec> {
+    let mut v = align_specs(level, shape.cs, shape.c);
+    v.extend(generator_specs(level, "gen_s", shape.c));
+    v.extend(generator_specs(level, "gen_c", shape.c));
+    v.push(ParamSpec::new(
+        format!("p{level}.fusion"),
+        &[2],
+        Init::Zeros,
+    ));
+    v
+}
+
+/// The DMKD loss of one level; `teacher` must be a constant.
+pub fn level_loss<T: Float>(
+    student: &Var<T>,
+    teacher: &Var<T>,
+    vars: &LevelVars<T>,
+    cfg: &LevelConfig,
+) -> Result<LevelOutput<T>> {
+    let l = vars.level;
+    let n = teacher.shape()[0];
+    let s = align(student, vars)?;
+    let attn_s = spatial_attention(teacher, cfg.tau)?.value().clone();
+    let attn_c = channel_attention(teacher, cfg.tau)?.value().clone();
+    let mask_s = attention_mask(
+        &attn_s,
+        cfg.mask_mode,
+        cfg.lambda_s,
+        cfg.seed,
+        l,
+        Branch::Spatial,
+    )?;
+    let mask_c = attention_mask(
+        &attn_c,
+        cfg.mask_mode,
+        cfg.lambda_c,
+        cfg.seed,
+        l,
+        Branch::Channel,
+    )?;
+    let f_s = generation_block(&s, vars, "gen_s", Some(InputMask::Spatial(mask_s.clone())))?;
+    let f_c = generation_block(&s, vars, "gen_c", Some(InputMask::Channel(mask_c.clone())))?;
+    let w = vars.get("fusion")?.softmax(0)?;
+    let fused = f_s.mul(&w.index1(0)?)?.add(&f_c.mul(&w.index1(1)?)?)?;
+    let loss = fused.sq_err_sum(teacher)?.scale(cfg.alpha / n as f64)?;
+    Ok(LevelOutput {
+        loss,
+        debug: vec![
+            (format!("p{l}.attn_s"), attn_s),
+            (format!("p{l}.attn_c"), attn_c),
+            (format!("p{l}.mask_s"), mask_s),
+            (format!("p{l}.mask_c"), mask_c),
+        ],
+    })
+}
