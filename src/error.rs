@@ -94,14 +94,14 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn shape(op: &'static str, detail: impl Into<String>) -> Self {
+    pub fn shape(op: &'static str, detail: impl Into<String>) -> Self {
         Error::ShapeMismatch {
             op,
             detail: detail.into(),
         }
     }
 
-    pub(crate) fn arg(op: &'static str, detail: impl Into<String>) -> Self {
+    pub fn arg(op: &'static str, detail: impl Into<String>) -> Self {
         Error::InvalidArgument {
             op,
             detail: detail.into(),

@@ -9,16 +9,21 @@
 
 pub mod autograd;
 pub mod backend;
+pub mod demo;
 pub mod distill;
 pub mod error;
 pub mod gradcheck;
 pub mod io;
 pub mod npy;
 pub mod ops;
+pub mod optim;
+pub mod plot;
 pub mod pool;
 pub mod rng;
 pub mod shape;
+pub mod synthetic;
 pub mod tensor;
+pub mod verify;
 
 pub use autograd::{Gradients, Tape, Var};
 pub use backend::{Backend, BackendKind, BackendOptions, BackendRef, ConvAlgo, InputMask};

@@ -13,3 +13,19 @@ pub fn read_npy_or_npz(path: &Path) -> Result<TensorFile> {
         detail: "npy/npz input is not supported yet".into(),
     })
 }
+
+/// Write every tensor as `<dir>/<name>.npy` and the metadata as `<dir>/metadata.json`.
+pub fn write_npy_dir<T: crate::tensor::Float>(
+    dir: &Path,
+    tensors: &crate::distill::TensorMap<T>,
+    metadata: &std::collections::HashMap<String, String>,
+) -> Result<()> {
+    Err(Error::Format {
+        path: dir.display().to_string(),
+        detail: format!(
+            "npy output is not supported yet ({} tensors, {} metadata keys)",
+            tensors.len(),
+            metadata.len()
+        ),
+    })
+}

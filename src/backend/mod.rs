@@ -364,3 +364,14 @@ impl_backend_float!(f64);
 pub fn make_backend<T: BackendFloat>(opts: BackendOptions) -> Result<BackendRef<T>> {
     T::make_backend(opts)
 }
+
+impl BackendOptions {
+    /// A short label, e.g. `cpu/auto` or `reference`.
+    pub fn kind_name(&self) -> String {
+        match self.kind {
+            BackendKind::Cpu => format!("cpu/{:?}", self.conv_algo).to_lowercase(),
+            BackendKind::Reference => "reference".into(),
+            BackendKind::Cuda => "cuda".into(),
+        }
+    }
+}

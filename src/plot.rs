@@ -1,0 +1,107 @@
+//! Loss curves as PNG (plotters, with a bundled DejaVu Sans Mono font so no
+//! system font library is needed) and as CSV.
+
+use std::io::Write;
+use std::path::Path;
+
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use crate::error::{Error, Result};
+
+/// The bundled font (Bitstream Vera license, see `assets/DejaVu-LICENSE.txt`).
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
+
+fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Format {
+        path: path.display().to_string(),
+        detail: format!("cannot draw plot: {e}"),
+    }
+}
+
+/// A named series of (step, value) points.
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(usize, f64)>,
+}
+
+/// Write series as CSV: `step,<name1>,<name2>,...` (series share their steps).
+pub fn write_csv(path: &Path, series: &[Series]) -> Result<()> {
+    let io = |e| Error::Io {
+        path: path.display().to_string(),
+        source: e,
+    };
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
+    let header: Vec<&str> = series.iter().map(|s| s.name.as_str()).collect();
+    writeln!(f, "step,{}", header.join(",")).map_err(io)?;
+    let rows = series.first().map_or(0, |s| s.points.len());
+    for i in 0..rows {
+        let step = series[0].points[i].0;
+        let vals: Vec<String> = series
+            .iter()
+            .map(|s| format!("{:e}", s.points[i].1))
+            .collect();
+        writeln!(f, "{step},{}", vals.join(",")).map_err(io)?;
+    }
+    f.flush().map_err(io)
+}
+
+/// Draw series on a log-scale y axis into a PNG.
+pub fn write_png(path: &Path, title: &str, series: &[Series]) -> Result<()> {
+    // Registering twice is harmless; it replaces the same entry.
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| plot_err(path, "bundled font"))?;
+    let positive = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .filter(|v| v.is_finite() && *v > 0.0);
+    let (lo, hi) = positive.fold((f64::INFINITY, 0.0f64), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    });
+    if !(lo.is_finite() && hi > 0.0) {
+        return Err(plot_err(path, "no positive values to plot"));
+    }
+    let max_step = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let root = BitMapBackend::new(path, (960, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0..max_step, (lo * 0.8..hi * 1.25).log_scale())
+        .map_err(|e| plot_err(path, e))?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("loss (log scale)")
+        .y_label_formatter(&|v| format!("{v:.1e}"))
+        .draw()
+        .map_err(|e| plot_err(path, e))?;
+    for (i, s) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let width = if i == 0 { 3 } else { 1 };
+        chart
+            .draw_series(LineSeries::new(
+                s.points.iter().filter(|p| p.1 > 0.0).copied(),
+                color.stroke_width(width),
+            ))
+            .map_err(|e| plot_err(path, e))?
+            .label(s.name.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| plot_err(path, e))?;
+    root.present().map_err(|e| plot_err(path, e))
+}

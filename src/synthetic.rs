@@ -1,0 +1,238 @@
+//! Built-in problems: the FPN presets of SPEC.md and synthetic features.
+//!
+//! Teacher features have structure, so attention means something: each
+//! sample holds a few Gaussian "objects" whose responses differ per channel,
+//! plus a little noise. The student starts as unrelated noise, far from the
+//! teacher.
+
+use crate::distill::{Config, LevelConfig, TensorMap};
+use crate::error::{Error, Result};
+use crate::rng::PhiloxStream;
+use crate::tensor::{Float, Tensor};
+
+/// A problem size: batch, channels, and the (H, W) of each level.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Preset {
+    pub name: &'static str,
+    pub n: usize,
+    /// Teacher channels.
+    pub c: usize,
+    /// Student channels (an align conv is used when they differ).
+    pub cs: usize,
+    pub levels: Vec<(usize, usize)>,
+    /// Names of the levels (P3.. for RetinaNet).
+    pub level_names: Vec<String>,
+    pub alpha: f64,
+    pub lambda_s: f64,
+    pub lambda_c: f64,
+}
+
+fn names(first: usize, count: usize) -> Vec<String> {
+    (first..first + count).map(|k| format!("P{k}")).collect()
+}
+
+impl Preset {
+    /// `retinanet` (default), `two-stage`, `non-square`, `demo` or `tiny`.
+    pub fn named(name: &str) -> Result<Preset> {
+        let p = match name {
+            // Images 1333x800 padded to 800x1344: P3..P7.
+            "retinanet" => Preset {
+                name: "retinanet",
+                n: 2,
+                c: 256,
+                cs: 256,
+                levels: vec![(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)],
+                level_names: names(3, 5),
+                alpha: 2e-5,
+                lambda_s: 0.65,
+                lambda_c: 0.65,
+            },
+            // Faster / Mask R-CNN students: P2..P5.
+            "two-stage" => Preset {
+                name: "two-stage",
+                n: 2,
+                c: 256,
+                cs: 256,
+                levels: vec![(200, 336), (100, 168), (50, 84), (25, 42)],
+                level_names: names(2, 4),
+                alpha: 5e-7,
+                lambda_s: 0.45,
+                lambda_c: 0.45,
+            },
+            // A 640x480 image padded to 800x1088: P2..P7.
+            "non-square" => Preset {
+                name: "non-square",
+                n: 2,
+                c: 256,
+                cs: 256,
+                levels: vec![(200, 272), (100, 136), (50, 68), (25, 34), (13, 17), (7, 9)],
+                level_names: names(2, 6),
+                alpha: 2e-5,
+                lambda_s: 0.65,
+                lambda_c: 0.65,
+            },
+            // The demo: RetinaNet's level ratios at a size that trains in seconds.
+            "demo" => Preset {
+                name: "demo",
+                n: 2,
+                c: 32,
+                cs: 24,
+                levels: vec![(32, 48), (16, 24), (8, 12), (4, 6), (2, 3)],
+                level_names: names(3, 5),
+                alpha: 2e-5,
+                lambda_s: 0.65,
+                lambda_c: 0.65,
+            },
+            // Small enough for the reference backend and golden files.
+            "tiny" => Preset {
+                name: "tiny",
+                n: 2,
+                c: 8,
+                cs: 6,
+                levels: vec![(7, 9), (4, 5), (2, 3)],
+                level_names: names(3, 3),
+                alpha: 2e-5,
+                lambda_s: 0.65,
+                lambda_c: 0.65,
+            },
+            other => {
+                return Err(Error::arg(
+                    "preset",
+                    format!(
+                        "unknown preset `{other}` (retinanet, two-stage, non-square, demo or tiny)"
+                    ),
+                ));
+            }
+        };
+        Ok(p)
+    }
+
+    /// The default DMKD config of this preset, one level per FPN level.
+    pub fn config(&self) -> Config {
+        Config {
+            levels: (0..self.levels.len())
+                .map(|l| LevelConfig {
+                    alpha: self.alpha,
+                    lambda_s: self.lambda_s,
+                    lambda_c: self.lambda_c,
+                    seed: l as u64,
+                    ..LevelConfig::default()
+                })
+                .collect(),
+        }
+    }
+
+    /// The same preset with other channel counts.
+    pub fn with_channels(mut self, c: usize, cs: usize) -> Self {
+        self.c = c;
+        self.cs = cs;
+        self
+    }
+
+    /// Multiply-adds of one conv3x3 C->C pass over every level.
+    pub fn conv3x3_macs(&self) -> u64 {
+        self.levels
+            .iter()
+            .map(|&(h, w)| (self.n * h * w * self.c * self.c * 9) as u64)
+            .sum()
+    }
+}
+
+/// Structured teacher features `[N, C, H, W]`.
+pub fn teacher_feature<T: Float>(
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    seed: u64,
+    level: usize,
+) -> Result<Tensor<T>> {
+    let mut rng = PhiloxStream::new(seed, 0x7465_0000 + level as u32);
+    let objects = 4;
+    let mut data = crate::pool::take_zeroed::<T>(crate::tensor::checked_numel(&[n, c, h, w])?);
+    for s in 0..n {
+        let mut maps = Vec::with_capacity(objects);
+        for _ in 0..objects {
+            let (cy, cx) = (rng.uniform(0.0, h as f64), rng.uniform(0.0, w as f64));
+            let sigma = rng.uniform(0.08, 0.25) * (h.max(w) as f64).max(2.0);
+            let map: Vec<f64> = (0..h * w)
+                .map(|p| {
+                    let (y, x) = ((p / w) as f64, (p % w) as f64);
+                    (-((y - cy).powi(2) + (x - cx).powi(2)) / (2.0 * sigma * sigma)).exp()
+                })
+                .collect();
+            maps.push(map);
+        }
+        for ch in 0..c {
+            let weights: Vec<f64> = (0..objects).map(|_| rng.uniform(-2.0, 3.0)).collect();
+            let plane = &mut data[(s * c + ch) * h * w..][..h * w];
+            for (p, v) in plane.iter_mut().enumerate() {
+                let signal: f64 = weights.iter().zip(&maps).map(|(a, m)| a * m[p]).sum();
+                *v = T::from_f64(signal + 0.1 * rng.normal());
+            }
+        }
+    }
+    Tensor::from_vec(&[n, c, h, w], data)
+}
+
+/// Unstructured student features `[N, Cs, H, W]` (normal noise).
+pub fn student_feature<T: Float>(
+    n: usize,
+    cs: usize,
+    h: usize,
+    w: usize,
+    seed: u64,
+    level: usize,
+) -> Result<Tensor<T>> {
+    let mut rng = PhiloxStream::new(seed, 0x7374_0000 + level as u32);
+    let len = crate::tensor::checked_numel(&[n, cs, h, w])?;
+    let mut data = crate::pool::take::<T>(len);
+    data.iter_mut().for_each(|v| *v = T::from_f64(rng.normal()));
+    Tensor::from_vec(&[n, cs, h, w], data)
+}
+
+/// Students and teachers of every level of a preset, by exchange-format name.
+pub fn inputs<T: Float>(p: &Preset, seed: u64) -> Result<TensorMap<T>> {
+    let mut m = TensorMap::new();
+    for (l, &(h, w)) in p.levels.iter().enumerate() {
+        m.insert(
+            format!("p{l}.student"),
+            student_feature(p.n, p.cs, h, w, seed, l)?,
+        );
+        m.insert(
+            format!("p{l}.teacher"),
+            teacher_feature(p.n, p.c, h, w, seed, l)?,
+        );
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_match_the_spec() {
+        let r = Preset::named("retinanet").unwrap();
+        // SPEC.md: one conv3x3 256->256 pass over all five levels is 52.8 GFLOP.
+        let gflop = 2.0 * r.conv3x3_macs() as f64 / 1e9;
+        assert!((gflop - 52.8).abs() < 0.1, "{gflop}");
+        let t = Preset::named("two-stage").unwrap();
+        assert_eq!(t.levels[0], (200, 336));
+        assert_eq!(t.config().levels[0].lambda_c, 0.45);
+        assert!(Preset::named("huge").is_err());
+    }
+
+    #[test]
+    fn synthetic_inputs_are_deterministic_and_finite() {
+        let p = Preset::named("tiny").unwrap();
+        let a = inputs::<f32>(&p, 3).unwrap();
+        let b = inputs::<f32>(&p, 3).unwrap();
+        for (k, v) in &a {
+            assert_eq!(v.as_slice(), b[k].as_slice());
+            assert!(v.first_non_finite().is_none());
+        }
+        assert_eq!(a["p0.student"].shape(), &[2, 6, 7, 9]);
+        assert_eq!(a["p2.teacher"].shape(), &[2, 8, 2, 3]);
+    }
+}

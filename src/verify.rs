@@ -1,0 +1,350 @@
+//! Validating another implementation: compare its output file with an
+//! expected (golden) file, tensor by tensor.
+//!
+//! An element passes when `|a - e| <= atol + rtol * |e|` (NumPy's
+//! `allclose`); NaN matches only NaN. Per tensor the report gives the max
+//! absolute and relative errors, the worst element (the one furthest
+//! outside its tolerance, by multi-index, with both values), the ULP
+//! distance in the actual tensor's precision, and pass/fail.
+//!
+//! Which names must be present: the outputs (`loss`, `p{l}.loss`,
+//! `grad.*`) must be in the actual file; inputs, parameters and debug
+//! tensors are compared when both files have them. A tensor only the
+//! actual file has is reported as extra and fails unless allowed.
+
+use serde::Serialize;
+
+use crate::io::{AnyTensor, TensorFile};
+use crate::tensor::{DType, unravel};
+
+/// Tolerances of a comparison.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Tolerance {
+    pub rtol: f64,
+    pub atol: f64,
+}
+
+/// Outcome of one tensor's comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Pass,
+    Fail,
+    Missing,
+    Extra,
+    ShapeMismatch,
+}
+
+/// One row of the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct TensorReport {
+    pub name: String,
+    pub status: Status,
+    pub shape: Vec<usize>,
+    pub expected_dtype: Option<DType>,
+    pub actual_dtype: Option<DType>,
+    pub max_abs_error: f64,
+    pub max_rel_error: f64,
+    /// `||a - e||_2 / ||e||_2`: robust where elements are near zero.
+    pub norm_rel_error: f64,
+    /// Multi-index of the element furthest outside its tolerance.
+    pub worst_index: Vec<usize>,
+    pub worst_expected: f64,
+    pub worst_actual: f64,
+    /// Largest distance in units in the last place of the actual tensor's
+    /// precision (f32 ULPs for an f32 implementation).
+    pub max_ulp: u64,
+    /// Elements outside tolerance.
+    pub failures: usize,
+    pub detail: String,
+}
+
+/// The whole report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub tolerance: Tolerance,
+    pub passed: bool,
+    pub tensors: Vec<TensorReport>,
+}
+
+/// True for names an implementation must produce.
+pub fn is_required_output(name: &str) -> bool {
+    name == "loss"
+        || name.starts_with("grad.")
+        || (name.starts_with('p') && name.ends_with(".loss") && name.matches('.').count() == 1)
+}
+
+/// Map f32 bits to integers ordered like the floats, so that ULP distance is a difference.
+fn ordered32(x: f32) -> i64 {
+    let b = x.to_bits() as i32;
+    (if b < 0 { i32::MIN.wrapping_sub(b) } else { b }) as i64
+}
+
+fn ordered64(x: f64) -> i128 {
+    let b = x.to_bits() as i64;
+    (if b < 0 { i64::MIN.wrapping_sub(b) } else { b }) as i128
+}
+
+/// ULP distance between `a` and `e` measured in `dtype`.
+pub fn ulp_distance(a: f64, e: f64, dtype: DType) -> u64 {
+    if a.is_nan() || e.is_nan() {
+        return if a.is_nan() && e.is_nan() {
+            0
+        } else {
+            u64::MAX
+        };
+    }
+    match dtype {
+        DType::F32 => (ordered32(a as f32) - ordered32(e as f32)).unsigned_abs(),
+        DType::F64 => (ordered64(a) - ordered64(e))
+            .unsigned_abs()
+            .min(u64::MAX as u128) as u64,
+    }
+}
+
+fn empty_row(name: &str, status: Status, detail: String) -> TensorReport {
+    TensorReport {
+        name: name.to_string(),
+        status,
+        shape: Vec::new(),
+        expected_dtype: None,
+        actual_dtype: None,
+        max_abs_error: f64::NAN,
+        max_rel_error: f64::NAN,
+        norm_rel_error: f64::NAN,
+        worst_index: Vec::new(),
+        worst_expected: f64::NAN,
+        worst_actual: f64::NAN,
+        max_ulp: 0,
+        failures: 0,
+        detail,
+    }
+}
+
+/// Compare one tensor.
+pub fn compare_tensor(
+    name: &str,
+    expected: &AnyTensor,
+    actual: &AnyTensor,
+    tol: Tolerance,
+) -> TensorReport {
+    let mut row = empty_row(name, Status::Pass, String::new());
+    row.expected_dtype = Some(expected.dtype());
+    row.actual_dtype = Some(actual.dtype());
+    row.shape = expected.shape().to_vec();
+    if expected.shape() != actual.shape() {
+        row.status = Status::ShapeMismatch;
+        row.detail = format!(
+            "expected shape {:?}, got {:?}",
+            expected.shape(),
+            actual.shape()
+        );
+        return row;
+    }
+    let (e, a) = (expected.to_f64(), actual.to_f64());
+    let (mut max_abs, mut max_rel, mut worst_ratio) = (0.0f64, 0.0f64, -1.0f64);
+    let mut worst = 0usize;
+    for (i, (&ev, &av)) in e.as_slice().iter().zip(a.as_slice()).enumerate() {
+        let ulp = ulp_distance(av, ev, actual.dtype());
+        row.max_ulp = row.max_ulp.max(ulp);
+        let ratio = if ev.is_nan() && av.is_nan() {
+            0.0
+        } else if ev.is_nan() || av.is_nan() {
+            f64::INFINITY
+        } else if ev == av {
+            // Equal infinities (and exact equality) pass.
+            0.0
+        } else {
+            let diff = (av - ev).abs();
+            max_abs = max_abs.max(diff);
+            max_rel = max_rel.max(if ev == 0.0 {
+                f64::INFINITY
+            } else {
+                diff / ev.abs()
+            });
+            diff / (tol.atol + tol.rtol * ev.abs())
+        };
+        if ratio > 1.0 || ratio.is_nan() {
+            row.failures += 1;
+        }
+        if ratio > worst_ratio || (ratio.is_nan() && worst_ratio.is_finite()) {
+            worst_ratio = ratio;
+            worst = i;
+        }
+    }
+    row.max_abs_error = max_abs;
+    row.max_rel_error = max_rel;
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&ev, &av) in e.as_slice().iter().zip(a.as_slice()) {
+        num += (av - ev) * (av - ev);
+        den += ev * ev;
+    }
+    row.norm_rel_error = if den > 0.0 {
+        (num / den).sqrt()
+    } else if num == 0.0 {
+        0.0
+    } else {
+        f64::INFINITY
+    };
+    if e.numel() > 0 {
+        row.worst_index = unravel(worst, e.shape());
+        row.worst_expected = e.as_slice()[worst];
+        row.worst_actual = a.as_slice()[worst];
+    }
+    if row.failures > 0 {
+        row.status = Status::Fail;
+        row.detail = format!(
+            "{} of {} elements outside tolerance",
+            row.failures,
+            e.numel()
+        );
+    }
+    row
+}
+
+/// Compare an implementation's file with the expected file.
+pub fn compare(
+    expected: &TensorFile,
+    actual: &TensorFile,
+    tol: Tolerance,
+    allow_extra: bool,
+) -> Report {
+    let mut rows = Vec::new();
+    for (name, e) in &expected.tensors {
+        match actual.tensors.get(name) {
+            Some(a) => rows.push(compare_tensor(name, e, a, tol)),
+            None if is_required_output(name) => rows.push(empty_row(
+                name,
+                Status::Missing,
+                "absent from the actual file".into(),
+            )),
+            None => {}
+        }
+    }
+    for name in actual.tensors.keys() {
+        if !expected.tensors.contains_key(name) {
+            let status = if allow_extra {
+                Status::Pass
+            } else {
+                Status::Extra
+            };
+            rows.push(empty_row(name, status, "not in the expected file".into()));
+        }
+    }
+    let passed = !rows.is_empty() && rows.iter().all(|r| r.status == Status::Pass);
+    Report {
+        tolerance: tol,
+        passed,
+        tensors: rows,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Tensor;
+
+    fn file(items: Vec<(&str, AnyTensor)>) -> TensorFile {
+        TensorFile {
+            tensors: items.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            metadata: Default::default(),
+        }
+    }
+    fn f64t(shape: &[usize], v: Vec<f64>) -> AnyTensor {
+        AnyTensor::F64(Tensor::from_vec(shape, v).unwrap())
+    }
+    const TOL: Tolerance = Tolerance {
+        rtol: 1e-6,
+        atol: 0.0,
+    };
+
+    #[test]
+    fn finds_the_worst_element_and_its_index() {
+        let e = f64t(&[2, 2], vec![1.0, 2.0, 3.0, 4.0]);
+        let a = f64t(&[2, 2], vec![1.0, 2.0 + 1e-3, 3.0, 4.0 + 1e-4]);
+        let r = compare_tensor("x", &e, &a, TOL);
+        assert_eq!(r.status, Status::Fail);
+        assert_eq!(r.worst_index, vec![0, 1]);
+        assert_eq!(r.failures, 2);
+        assert!((r.max_abs_error - 1e-3).abs() < 1e-12);
+        assert!((r.max_rel_error - 5e-4).abs() < 1e-12);
+        assert_eq!(r.worst_expected, 2.0);
+    }
+
+    #[test]
+    fn ulps_are_counted_in_f32_for_f32_outputs() {
+        let x = 1.0f32;
+        let next = f32::from_bits(x.to_bits() + 3);
+        assert_eq!(ulp_distance(next as f64, 1.0, DType::F32), 3);
+        assert_eq!(ulp_distance(-0.0, 0.0, DType::F32), 0);
+        assert_eq!(
+            ulp_distance(
+                f32::from_bits(1) as f64,
+                -(f32::from_bits(1) as f64),
+                DType::F32
+            ),
+            2
+        );
+        let e = f64t(&[1], vec![1.0]);
+        let a = AnyTensor::F32(Tensor::from_vec(&[1], vec![next]).unwrap());
+        let r = compare_tensor(
+            "x",
+            &e,
+            &a,
+            Tolerance {
+                rtol: 1e-5,
+                atol: 0.0,
+            },
+        );
+        assert_eq!(r.max_ulp, 3);
+        assert_eq!(r.status, Status::Pass);
+    }
+
+    #[test]
+    fn nan_only_matches_nan() {
+        let e = f64t(&[2], vec![f64::NAN, 1.0]);
+        let a = f64t(&[2], vec![f64::NAN, f64::NAN]);
+        let r = compare_tensor("x", &e, &a, TOL);
+        assert_eq!(r.status, Status::Fail);
+        assert_eq!(r.worst_index, vec![1]);
+    }
+
+    #[test]
+    fn missing_outputs_extra_tensors_and_shape_mismatches_fail() {
+        let expected = file(vec![
+            ("loss", f64t(&[], vec![1.0])),
+            ("grad.p0.student", f64t(&[2], vec![1.0, 2.0])),
+            ("p0.student", f64t(&[2], vec![0.0, 0.0])),
+        ]);
+        let actual = file(vec![
+            ("loss", f64t(&[], vec![1.0])),
+            ("grad.p0.studnet", f64t(&[2], vec![1.0, 2.0])),
+        ]);
+        let r = compare(&expected, &actual, TOL, false);
+        assert!(!r.passed);
+        let status = |n: &str| r.tensors.iter().find(|t| t.name == n).unwrap().status;
+        assert_eq!(status("loss"), Status::Pass);
+        assert_eq!(status("grad.p0.student"), Status::Missing);
+        assert_eq!(status("grad.p0.studnet"), Status::Extra);
+        // The input tensor is not required of an implementation.
+        assert!(r.tensors.iter().all(|t| t.name != "p0.student"));
+        let wrong = file(vec![("loss", f64t(&[1], vec![1.0]))]);
+        let r2 = compare(
+            &file(vec![("loss", f64t(&[], vec![1.0]))]),
+            &wrong,
+            TOL,
+            false,
+        );
+        assert_eq!(r2.tensors[0].status, Status::ShapeMismatch);
+        assert!(!r2.passed);
+    }
+
+    #[test]
+    fn required_names() {
+        assert!(is_required_output("loss"));
+        assert!(is_required_output("p3.loss"));
+        assert!(is_required_output("grad.p0.gen_s.0.weight"));
+        assert!(!is_required_output("p0.attn_s"));
+        assert!(!is_required_output("p0.student"));
+    }
+}
