@@ -1,8 +1,11 @@
 //! Validating another implementation: compare its output file with an
 //! expected (golden) file, tensor by tensor.
 //!
-//! An element passes when `|a - e| <= atol + rtol * |e|` (NumPy's
-//! `allclose`); NaN matches only NaN. Per tensor the report gives the max
+//! An element passes when `|a - e| <= atol + rtol * |e| + stol * max|e|`:
+//! NumPy's `allclose` plus a floor scaled by the tensor's largest expected
+//! magnitude, because an implementation in another summation order or
+//! precision is accurate relative to the tensor, not to an element that
+//! happens to be near zero. NaN matches only NaN. Per tensor the report gives the max
 //! absolute and relative errors, the worst element (the one furthest
 //! outside its tolerance, by multi-index, with both values), the ULP
 //! distance in the actual tensor's precision, and pass/fail.
@@ -22,6 +25,8 @@ use crate::tensor::{DType, unravel};
 pub struct Tolerance {
     pub rtol: f64,
     pub atol: f64,
+    /// Absolute tolerance in units of the tensor's largest |expected|.
+    pub stol: f64,
 }
 
 /// Outcome of one tensor's comparison.
@@ -142,6 +147,12 @@ pub fn compare_tensor(
         return row;
     }
     let (e, a) = (expected.to_f64(), actual.to_f64());
+    let max_e = e
+        .as_slice()
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, |m, v| m.max(v.abs()));
+    let floor = tol.atol + tol.stol * max_e;
     let (mut max_abs, mut max_rel, mut worst_ratio) = (0.0f64, 0.0f64, -1.0f64);
     let mut worst = 0usize;
     for (i, (&ev, &av)) in e.as_slice().iter().zip(a.as_slice()).enumerate() {
@@ -162,7 +173,7 @@ pub fn compare_tensor(
             } else {
                 diff / ev.abs()
             });
-            diff / (tol.atol + tol.rtol * ev.abs())
+            diff / (floor + tol.rtol * ev.abs())
         };
         if ratio > 1.0 || ratio.is_nan() {
             row.failures += 1;
@@ -298,6 +309,22 @@ mod tests {
         );
         assert_eq!(r.max_ulp, 3);
         assert_eq!(r.status, Status::Pass);
+    }
+
+    #[test]
+    fn the_scaled_floor_forgives_near_zero_elements_only() {
+        let e = f64t(&[3], vec![100.0, 1e-9, -50.0]);
+        let a = f64t(&[3], vec![100.0, 2e-9, -50.0]);
+        let strict = compare_tensor("x", &e, &a, TOL);
+        assert_eq!(strict.status, Status::Fail);
+        let scaled = Tolerance {
+            rtol: 1e-6,
+            atol: 0.0,
+            stol: 1e-10,
+        };
+        assert_eq!(compare_tensor("x", &e, &a, scaled).status, Status::Pass);
+        let far = f64t(&[3], vec![100.0, 1e-7, -50.0]);
+        assert_eq!(compare_tensor("x", &e, &far, scaled).status, Status::Fail);
     }
 
     #[test]

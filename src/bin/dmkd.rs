@@ -103,8 +103,11 @@ enum Command {
         #[arg(long, default_value_t = 1e-5)]
         rtol: f64,
         /// Absolute tolerance per element.
-        #[arg(long, default_value_t = 1e-12)]
+        #[arg(long, default_value_t = 0.0)]
         atol: f64,
+        /// Absolute tolerance per element in units of the tensor's largest |expected|.
+        #[arg(long, default_value_t = 1e-5)]
+        stol: f64,
         /// Tensors only the actual file holds do not fail the check.
         #[arg(long)]
         allow_extra: bool,
@@ -316,11 +319,12 @@ fn verify(
         return Ok(report.passed);
     }
     println!(
-        "verify {} against {} (pass: |a - e| <= {:e} + {:e} |e|)",
+        "verify {} against {} (pass: |a - e| <= {:e} + {:e} |e| + {:e} max|e|)",
         actual.display(),
         expected.display(),
         tol.atol,
-        tol.rtol
+        tol.rtol,
+        tol.stol
     );
     println!(
         "{:<34} {:>5} {:>11} {:>11} {:>11} {:>14} {:>10}  status",
@@ -488,10 +492,11 @@ fn run(cli: Cli) -> Result<bool> {
             actual,
             rtol,
             atol,
+            stol,
             allow_extra,
             json,
         } => {
-            for (name, v) in [("rtol", rtol), ("atol", atol)] {
+            for (name, v) in [("rtol", rtol), ("atol", atol), ("stol", stol)] {
                 if !(v.is_finite() && v >= 0.0) {
                     return Err(Error::arg(
                         "verify",
@@ -502,7 +507,7 @@ fn run(cli: Cli) -> Result<bool> {
             verify(
                 expected,
                 actual,
-                Tolerance { rtol, atol },
+                Tolerance { rtol, atol, stol },
                 allow_extra,
                 json,
             )

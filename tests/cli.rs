@@ -1,0 +1,239 @@
+//! The command line end to end: `eval` on a fixture reproduces the PyTorch
+//! outputs (checked by `verify`), `verify` fails on a perturbed file,
+//! `golden` writes a file `eval` reproduces, `gradcheck` and a short `demo` run.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use dmkd::Tensor;
+use dmkd::io::{read_safetensors, write_safetensors};
+
+fn dmkd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dmkd"))
+        .args(args)
+        .output()
+        .expect("the dmkd binary runs")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dmkd-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("reference/fixtures")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn eval_on_a_fixture_reproduces_its_outputs() {
+    let dir = tmp("eval");
+    // f64: 1e-10 relative per element with a floor of 1e-10 of the tensor's
+    // largest entry; f32: 1e-5 of the largest entry (see tests/golden.rs).
+    // FGD's context-conv bias has an exactly-zero gradient that both sides
+    // compute as ~1e-20 rounding noise: an absolute floor of 1e-15 covers it.
+    for (name, rtol, stol) in [
+        ("dmkd_f64_align_multilevel.safetensors", "1e-10", "1e-10"),
+        ("fgd_f64.safetensors", "1e-10", "1e-10"),
+        ("dmkd_f32_align.safetensors", "1e-5", "1e-5"),
+    ] {
+        let out = dir.join(name).display().to_string();
+        let fx = fixture(name);
+        // The config comes from the fixture's metadata; its outputs are extra tensors.
+        let o = dmkd(&[
+            "eval",
+            "--inputs",
+            &fx,
+            "--out",
+            &out,
+            "--no-init",
+            "--allow-extra",
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        let o = dmkd(&[
+            "verify",
+            "--expected",
+            &fx,
+            "--actual",
+            &out,
+            "--rtol",
+            rtol,
+            "--stol",
+            stol,
+        ]);
+        let t = text(&o);
+        assert!(o.status.success(), "{t}");
+        assert!(t.contains("PASS") && t.contains("grad.p0.student"), "{t}");
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn verify_reports_and_fails_on_a_wrong_gradient() {
+    let dir = tmp("verify");
+    let fx = fixture("dmkd_f64_basic.safetensors");
+    let file = read_safetensors(Path::new(&fx)).unwrap();
+    let mut m = file.to_map::<f64>();
+    let g = m["grad.p0.gen_c.2.bias"].clone();
+    let mut v = g.to_vec();
+    v[3] *= 1.001;
+    m.insert(
+        "grad.p0.gen_c.2.bias".into(),
+        Tensor::from_vec(g.shape(), v).unwrap(),
+    );
+    let bad = dir.join("bad.safetensors");
+    write_safetensors(&bad, &m, &HashMap::new()).unwrap();
+    let bad = bad.display().to_string();
+    let o = dmkd(&["verify", "--expected", &fx, "--actual", &bad, "--stol", "0"]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    let line = t
+        .lines()
+        .find(|l| l.starts_with("grad.p0.gen_c.2.bias"))
+        .unwrap();
+    assert!(line.contains("FAIL") && line.contains("[3]"), "{line}");
+    // --json for machines, with the worst index.
+    let o = dmkd(&[
+        "verify",
+        "--expected",
+        &fx,
+        "--actual",
+        &bad,
+        "--json",
+        "--stol",
+        "0",
+    ]);
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["passed"], false);
+    let row = j["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "grad.p0.gen_c.2.bias")
+        .unwrap();
+    assert_eq!(row["status"], "fail");
+    assert_eq!(row["worst_index"][0], 3);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn golden_then_eval_round_trips() {
+    let dir = tmp("golden");
+    let g = dir.join("golden.safetensors").display().to_string();
+    let o = dmkd(&["golden", "--preset", "tiny", "--out", &g, "--seed", "3"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let file = read_safetensors(Path::new(&g)).unwrap();
+    assert!(file.tensors.contains_key("grad.p2.gen_s.0.weight"));
+    assert!(file.tensors.contains_key("p0.align.weight"));
+    let out = dir.join("eval.safetensors").display().to_string();
+    let o = dmkd(&[
+        "eval",
+        "--inputs",
+        &g,
+        "--out",
+        &out,
+        "--no-init",
+        "--allow-extra",
+        "--backend",
+        "cpu",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = dmkd(&[
+        "verify",
+        "--expected",
+        &g,
+        "--actual",
+        &out,
+        "--rtol",
+        "1e-12",
+        "--stol",
+        "1e-12",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn eval_initialises_and_writes_missing_parameters() {
+    let dir = tmp("init");
+    let fx = fixture("mgd_f64.safetensors");
+    let file = read_safetensors(Path::new(&fx)).unwrap();
+    let inputs: dmkd::distill::TensorMap<f64> = file
+        .to_map::<f64>()
+        .into_iter()
+        .filter(|(k, _)| {
+            k.ends_with(".student") && !k.starts_with("grad.") || k.ends_with(".teacher")
+        })
+        .collect();
+    let meta = HashMap::from([("config".to_string(), file.metadata["config"].clone())]);
+    let inp = dir.join("in.safetensors");
+    write_safetensors(&inp, &inputs, &meta).unwrap();
+    let out = dir.join("out.safetensors");
+    let o = dmkd(&[
+        "eval",
+        "--inputs",
+        &inp.display().to_string(),
+        "--out",
+        &out.display().to_string(),
+        "--init-seed",
+        "9",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let written = read_safetensors(&out).unwrap();
+    for k in [
+        "p0.gen.0.weight",
+        "p1.align.weight",
+        "grad.p1.align.weight",
+        "loss",
+    ] {
+        assert!(written.tensors.contains_key(k), "{k} missing");
+    }
+    // Without initialisation the same call is an error naming a parameter.
+    let o = dmkd(&[
+        "eval",
+        "--inputs",
+        &inp.display().to_string(),
+        "--out",
+        &out.display().to_string(),
+        "--no-init",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.starts_with("error: missing tensor `p0.gen"), "{err}");
+    assert_eq!(err.lines().count(), 1);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn gradcheck_and_demo_run() {
+    let o = dmkd(&["gradcheck", "--cases", "2"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("conv2d+spatial_mask") && t.contains("loss:fgd"),
+        "{t}"
+    );
+    let dir = tmp("demo");
+    let out = dir.display().to_string();
+    let o = dmkd(&["demo", "--preset", "tiny", "--steps", "30", "--out", &out]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("total"), "{t}");
+    assert!(dir.join("loss.png").metadata().unwrap().len() > 1000);
+    let csv = std::fs::read_to_string(dir.join("loss.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 32, "header + steps 0..=30");
+    std::fs::remove_dir_all(dir).ok();
+}
