@@ -267,6 +267,7 @@ mod tests {
     const TOL: Tolerance = Tolerance {
         rtol: 1e-6,
         atol: 0.0,
+        stol: 0.0,
     };
 
     #[test]
@@ -305,6 +306,7 @@ mod tests {
             Tolerance {
                 rtol: 1e-5,
                 atol: 0.0,
+                stol: 0.0,
             },
         );
         assert_eq!(r.max_ulp, 3);

@@ -73,6 +73,8 @@ fn eval_on_a_fixture_reproduces_its_outputs() {
             rtol,
             "--stol",
             stol,
+            "--atol",
+            "1e-15",
         ]);
         let t = text(&o);
         assert!(o.status.success(), "{t}");
