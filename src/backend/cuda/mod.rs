@@ -25,3 +25,24 @@ impl CudaBackend {
         ))
     }
 }
+
+/// Elements of a tensor on a CUDA device, with the stream that owns them.
+pub struct DeviceBuffer<T> {
+    pub(crate) slice: cudarc::driver::CudaSlice<T>,
+    pub(crate) stream: std::sync::Arc<cudarc::driver::CudaStream>,
+}
+
+impl<T: crate::tensor::Float> DeviceBuffer<T> {
+    pub fn len(&self) -> usize {
+        self.slice.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.slice.len() == 0
+    }
+    /// Copy to the host (synchronising the stream).
+    pub fn download(&self) -> Result<Vec<T>> {
+        self.stream
+            .clone_dtoh(&self.slice)
+            .map_err(|e| Error::Device(format!("device-to-host copy: {e}")))
+    }
+}
