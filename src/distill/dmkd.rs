@@ -6,7 +6,7 @@
 
 use crate::autograd::Var;
 use crate::backend::InputMask;
-use crate::distill::attention::{channel_attention, spatial_attention};
+use crate::distill::attention::attention_maps;
 use crate::distill::config::LevelConfig;
 use crate::distill::generator::{align, align_specs, generation_block, generator_specs};
 use crate::distill::mask::{Branch, attention_mask};
@@ -38,8 +38,8 @@ pub fn level_loss<T: Float>(
     let l = vars.level;
     let n = teacher.shape()[0];
     let s = align(student, vars)?;
-    let attn_s = spatial_attention(teacher, cfg.tau)?.value().clone();
-    let attn_c = channel_attention(teacher, cfg.tau)?.value().clone();
+    let (attn_s, attn_c) = attention_maps(teacher, cfg.tau)?;
+    let (attn_s, attn_c) = (attn_s.value().clone(), attn_c.value().clone());
     let mask_s = attention_mask(
         &attn_s,
         cfg.mask_mode,

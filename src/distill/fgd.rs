@@ -21,7 +21,7 @@
 //! normalised by its pixel count when that is nonzero.
 
 use crate::autograd::Var;
-use crate::distill::attention::{channel_attention, spatial_attention};
+use crate::distill::attention::attention_maps;
 use crate::distill::config::LevelConfig;
 use crate::distill::generator::{align, align_specs};
 use crate::distill::params::{Init, LevelVars, ParamSpec, conv_specs};
@@ -239,10 +239,8 @@ pub fn level_loss<T: Float>(
     let inv_n = 1.0 / n as f64;
     let s = align(student, vars)?;
 
-    let attn_ts = spatial_attention(teacher, cfg.tau)?;
-    let attn_tc = channel_attention(teacher, cfg.tau)?;
-    let attn_ss = spatial_attention(&s, cfg.tau)?;
-    let attn_sc = channel_attention(&s, cfg.tau)?;
+    let (attn_ts, attn_tc) = attention_maps(teacher, cfg.tau)?;
+    let (attn_ss, attn_sc) = attention_maps(&s, cfg.tau)?;
     let (mask_fg, mask_bg) = box_masks::<T>(boxes, n, h, w)?;
 
     // Focal: weights A_s^t * A_c^t * M per element (constants).
