@@ -196,8 +196,9 @@ def dmkd_level(s, t, p, cfg, level):
         a_s, a_c = attention(t, cfg["tau"])
         m_s = make_mask(cfg["mask_mode"], a_s.reshape(n, h * w), cfg["lambda_s"], cfg["seed"], level, 0)
         m_c = make_mask(cfg["mask_mode"], a_c, cfg["lambda_c"], cfg["seed"], level, 1)
-    m_s = torch.from_numpy(m_s).to(t.dtype).reshape(n, h, w)
-    m_c = torch.from_numpy(m_c).to(t.dtype)
+    # Masks are built on the CPU in f64; move them to the feature's device and dtype (exact: 0/1).
+    m_s = torch.from_numpy(m_s).to(device=t.device, dtype=t.dtype).reshape(n, h, w)
+    m_c = torch.from_numpy(m_c).to(device=t.device, dtype=t.dtype)
 
     s_al = align(s, p, c)
     f_s = generation_block(s_al * m_s[:, None, :, :], p, "gen_s")  # mask broadcast over channels
@@ -213,14 +214,14 @@ def mgd_level(s, t, p, cfg, level):
     n, c, h, w = t.shape
     # MGD: random spatial mask with lambda_s and the branch-0 uniforms, whatever mask_mode says.
     m = random_mask(uniforms(cfg["seed"], level, n, h * w, 0), cfg["lambda_s"])
-    m = torch.from_numpy(m).to(t.dtype).reshape(n, h, w)
+    m = torch.from_numpy(m).to(device=t.device, dtype=t.dtype).reshape(n, h, w)
     s_al = align(s, p, c)
     g = generation_block(s_al * m[:, None, :, :], p, "gen")
     loss = cfg["alpha"] * ((g - t) ** 2).sum() / n
     return loss, {"mask_s": m}
 
 
-def fgd_masks(boxes, img_shape, n, h, w, dtype):
+def fgd_masks(boxes, img_shape, n, h, w, dtype, device="cpu"):
     """FGD's foreground / background masks [N, H, W] (constants).
 
     Boxes (x1, y1, x2, y2) in image pixels are scaled by the image shape (h_img, w_img), not the
@@ -233,17 +234,18 @@ def fgd_masks(boxes, img_shape, n, h, w, dtype):
     non-square maps); here rows are h and columns w.
     Background = (fg == 0), divided by its pixel count when that is nonzero.
     """
-    fg = torch.zeros(n, h, w, dtype=dtype)
+    fg = torch.zeros(n, h, w, dtype=dtype, device=device)
     for i in range(n):
-        b = boxes[i].detach().to(dtype)
-        img_h, img_w = img_shape[i, 0].to(dtype), img_shape[i, 1].to(dtype)
+        b = boxes[i].detach().to(device=device, dtype=dtype)
+        img_h = img_shape[i, 0].to(device=device, dtype=dtype)
+        img_w = img_shape[i, 1].to(device=device, dtype=dtype)
         wmin = torch.floor(b[:, 0] / img_w * w).long()
         wmax = torch.ceil(b[:, 2] / img_w * w).long()
         hmin = torch.floor(b[:, 1] / img_h * h).long()
         hmax = torch.ceil(b[:, 3] / img_h * h).long()
         for j in range(b.shape[0]):
             size = int(hmax[j] + 1 - hmin[j]) * int(wmax[j] + 1 - wmin[j])  # exact integer
-            area = torch.tensor(1.0, dtype=dtype) / size
+            area = torch.tensor(1.0, dtype=dtype, device=device) / size
             r0, c0 = max(int(hmin[j]), 0), max(int(wmin[j]), 0)
             r1, c1 = int(hmax[j]) + 1, int(wmax[j]) + 1  # slicing clips the end to H / W
             fg[i, r0:r1, c0:c1] = torch.maximum(fg[i, r0:r1, c0:c1], area)
@@ -279,7 +281,7 @@ def fgd_level(s, t, p, cfg, level, boxes, img_shape):
 
     with torch.no_grad():
         a_s_t, a_c_t = attention(t, tau)  # teacher attention: constant
-        fg, bg = fgd_masks(boxes, img_shape, n, h, w, t.dtype)
+        fg, bg = fgd_masks(boxes, img_shape, n, h, w, t.dtype, t.device)
     a_s_s, a_c_s = attention(s_al, tau)  # student attention: gradient flows through it
 
     # Attention-weighted feature loss; both sides are weighted by the TEACHER's attention.
