@@ -335,6 +335,13 @@ def parse_config(config):
         cfg = dict(DEFAULTS[method])
         cfg.update({k: v for k, v in raw.items() if k != "method" and k in DEFAULTS[method]})
         cfg["method"] = method
+        if "tau" in cfg and not float(cfg["tau"]) > 0:
+            raise ValueError(f"level {i}: tau must be positive, got {cfg['tau']!r}")
+        for key in ("lambda_s", "lambda_c"):
+            if key in cfg and not 0.0 <= float(cfg[key]) <= 1.0:
+                raise ValueError(f"level {i}: {key} must lie in [0, 1], got {cfg[key]!r}")
+        if cfg.get("mask_mode", "topk") not in ("topk", "sampled", "random"):
+            raise ValueError(f"level {i}: unknown mask_mode {cfg['mask_mode']!r}")
         if "seed" in cfg:
             seed = cfg["seed"]
             if isinstance(seed, bool) or not isinstance(seed, int):

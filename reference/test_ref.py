@@ -260,7 +260,8 @@ class Forward(unittest.TestCase):
         self.assertEqual(cfg[2], dict(method="fgd", tau=0.5, alpha_fgd=0.001, beta_fgd=0.0005, gamma_fgd=0.0005, lambda_fgd=0.000005))
         self.assertEqual(ref.parse_config('{"levels":[{"seed":18446744073709551615}]}')[0]["seed"], 2**64 - 1)
         for bad in ('{"levels":[{"lamda_s":0.5}]}', '{"levels":[{"method":"kd"}]}', '{"levels":[{"seed":-1}]}',
-                    '{"levels":[{"seed":18446744073709551616}]}', '{"levels":[{"seed":1.0}]}'):
+                    '{"levels":[{"seed":18446744073709551616}]}', '{"levels":[{"seed":1.0}]}',
+                    '{"levels":[{"tau":0}]}', '{"levels":[{"lambda_c":1.5}]}', '{"levels":[{"mask_mode":"gumbel"}]}'):
             with self.assertRaises(ValueError, msg=bad):
                 ref.parse_config(bad)
 
