@@ -16,6 +16,7 @@ use cudarc::cublas::{GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{CudaView, CudaViewMut};
 
 use crate::error::{Error, Result};
+use crate::tensor::Float;
 
 use super::device::{CudaFloat, Device, check_len};
 
@@ -54,6 +55,32 @@ fn op(trans: bool) -> cublasOperation_t {
     }
 }
 
+/// The cuBLAS (column-major) configuration of the row-major product `g`.
+/// Its operand A is the row-major B and its operand B the row-major A.
+pub(crate) fn cublas_config<T: Float>(g: &RowGemm) -> Result<StridedBatchedConfig<T>> {
+    // Row lengths of the stored matrices.
+    let lda = if g.trans_a { g.m } else { g.k };
+    let ldb = if g.trans_b { g.k } else { g.n };
+    Ok(StridedBatchedConfig {
+        gemm: GemmConfig {
+            transa: op(g.trans_b),
+            transb: op(g.trans_a),
+            m: as_int("n", g.n)?,
+            n: as_int("m", g.m)?,
+            k: as_int("k", g.k)?,
+            alpha: T::one(),
+            lda: as_int("ldb", ldb)?,
+            ldb: as_int("lda", lda)?,
+            beta: T::zero(),
+            ldc: as_int("ldc", g.n)?,
+        },
+        batch_size: as_int("batch", g.batch)?,
+        stride_a: g.stride_b as i64,
+        stride_b: g.stride_a as i64,
+        stride_c: g.stride_c as i64,
+    })
+}
+
 /// Run `g` on the device's stream, writing every element of each `C[b]`
 /// (beta = 0: C is not read, so it may be uninitialised).
 pub(crate) fn gemm<T: CudaFloat>(
@@ -85,27 +112,7 @@ pub(crate) fn gemm<T: CudaFloat>(
         c.len(),
         span(g.batch, g.stride_c, g.m * g.n),
     )?;
-    // Row lengths of the stored matrices.
-    let lda = if g.trans_a { g.m } else { g.k };
-    let ldb = if g.trans_b { g.k } else { g.n };
-    let cfg = StridedBatchedConfig {
-        gemm: GemmConfig {
-            transa: op(g.trans_b),
-            transb: op(g.trans_a),
-            m: as_int("n", g.n)?,
-            n: as_int("m", g.m)?,
-            k: as_int("k", g.k)?,
-            alpha: T::one(),
-            lda: as_int("ldb", ldb)?,
-            ldb: as_int("lda", lda)?,
-            beta: T::zero(),
-            ldc: as_int("ldc", g.n)?,
-        },
-        batch_size: as_int("batch", g.batch)?,
-        stride_a: g.stride_b as i64,
-        stride_b: g.stride_a as i64,
-        stride_c: g.stride_c as i64,
-    };
+    let cfg = cublas_config::<T>(g)?;
     let blas = dev.blas()?;
     // SAFETY: the three operands were checked above to hold every element
     // the configuration addresses (batch - 1 strides plus one matrix each,
@@ -113,4 +120,115 @@ pub(crate) fn gemm<T: CudaFloat>(
     // the stream that owns the buffers, and beta = 0 means C is only written.
     unsafe { T::gemm_strided_batched(&blas, cfg, b, a, c) }
         .map_err(|e| Error::Device(format!("cuBLAS GEMM: {e:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// cuBLAS's `gemmStridedBatched` by its definition (column-major,
+    /// alpha = 1, beta = 0), on the host.
+    fn cublas_emulated(cfg: &StridedBatchedConfig<f64>, a: &[f64], b: &[f64], c: &mut [f64]) {
+        let g = &cfg.gemm;
+        let (m, n, k) = (g.m as usize, g.n as usize, g.k as usize);
+        let (lda, ldb, ldc) = (g.lda as usize, g.ldb as usize, g.ldc as usize);
+        let t = |o: cublasOperation_t| o == cublasOperation_t::CUBLAS_OP_T;
+        for bi in 0..cfg.batch_size as usize {
+            let (ao, bo, co) = (
+                bi * cfg.stride_a as usize,
+                bi * cfg.stride_b as usize,
+                bi * cfg.stride_c as usize,
+            );
+            for j in 0..n {
+                for i in 0..m {
+                    let mut acc = 0.0;
+                    for l in 0..k {
+                        let av = if t(g.transa) {
+                            a[ao + l + i * lda]
+                        } else {
+                            a[ao + i + l * lda]
+                        };
+                        let bv = if t(g.transb) {
+                            b[bo + j + l * ldb]
+                        } else {
+                            b[bo + l + j * ldb]
+                        };
+                        acc += av * bv;
+                    }
+                    c[co + i + j * ldc] = acc;
+                }
+            }
+        }
+    }
+
+    /// The row-major product `op(A) op(B)`, batched, by its definition.
+    fn row_major(g: &RowGemm, a: &[f64], b: &[f64]) -> Vec<f64> {
+        let mut c = vec![f64::NAN; span(g.batch, g.stride_c, g.m * g.n)];
+        for bi in 0..g.batch {
+            let (a, b) = (&a[bi * g.stride_a..], &b[bi * g.stride_b..]);
+            for i in 0..g.m {
+                for j in 0..g.n {
+                    let mut acc = 0.0;
+                    for l in 0..g.k {
+                        let av = if g.trans_a {
+                            a[l * g.m + i]
+                        } else {
+                            a[i * g.k + l]
+                        };
+                        let bv = if g.trans_b {
+                            b[j * g.k + l]
+                        } else {
+                            b[l * g.n + j]
+                        };
+                        acc += av * bv;
+                    }
+                    c[bi * g.stride_c + i * g.n + j] = acc;
+                }
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn the_column_major_call_computes_the_row_major_product() {
+        let shapes = |m: usize, n: usize, k: usize, ta: bool, tb: bool, shared_a: bool| RowGemm {
+            m,
+            n,
+            k,
+            trans_a: ta,
+            trans_b: tb,
+            batch: 3,
+            stride_a: if shared_a { 0 } else { m * k + 2 },
+            stride_b: k * n + 1,
+            stride_c: m * n + 3,
+        };
+        let mut cases = Vec::new();
+        for ta in [false, true] {
+            for tb in [false, true] {
+                for shared in [false, true] {
+                    cases.push(shapes(4, 7, 5, ta, tb, shared));
+                    cases.push(shapes(1, 3, 2, ta, tb, shared));
+                }
+            }
+        }
+        for g in cases {
+            let a: Vec<f64> = (0..span(g.batch, g.stride_a, g.m * g.k))
+                .map(|i| ((i * 37 % 11) as f64) - 5.0)
+                .collect();
+            let b: Vec<f64> = (0..span(g.batch, g.stride_b, g.k * g.n))
+                .map(|i| ((i * 53 % 13) as f64) - 6.0)
+                .collect();
+            let want = row_major(&g, &a, &b);
+            let cfg = cublas_config::<f64>(&g).unwrap();
+            let mut got = vec![f64::NAN; want.len()];
+            // The backend passes the row-major B as cuBLAS's A.
+            cublas_emulated(&cfg, &b, &a, &mut got);
+            for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    x == y || (x.is_nan() && y.is_nan()),
+                    "{g:?} at {i}: {x} vs {y}"
+                );
+            }
+        }
+    }
 }

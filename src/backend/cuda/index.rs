@@ -305,7 +305,9 @@ mod tests {
         for _ in 0..300 {
             let rank = 1 + lcg(&mut st) % 5;
             let shape: Vec<usize> = (0..rank).map(|_| 1 + lcg(&mut st) % 4).collect();
-            let axes: Vec<usize> = (0..rank).filter(|_| lcg(&mut st).is_multiple_of(2)).collect();
+            let axes: Vec<usize> = (0..rank)
+                .filter(|_| lcg(&mut st).is_multiple_of(2))
+                .collect();
             let plan = SumPlan::new(&shape, &axes).unwrap();
             let out_shape = crate::shape::reduced_shape(&shape, &axes);
             assert_eq!(plan.segments, out_shape.iter().product::<usize>());
