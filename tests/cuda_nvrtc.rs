@@ -8,6 +8,12 @@
 //! ```
 //!
 //! Without `libnvrtc` (CI) each test prints why and passes.
+//!
+//! The last test runs the same kernel sources, unchanged, on the CPU
+//! (`src/backend/cuda/sim/`: one OS thread per CUDA thread, a barrier for
+//! `__syncthreads`) and checks each kernel against its definition in double
+//! precision: the kernels' index math, masking and reduction partitioning,
+//! tested without a GPU. It needs a C++20 compiler (`c++`), else it skips.
 #![cfg(feature = "cuda")]
 
 use dmkd::DType;
@@ -110,4 +116,62 @@ fn the_program_compiles_for_the_default_target() {
     for dtype in [DType::F32, DType::F64] {
         compile_program_ptx(dtype, None).unwrap_or_else(|e| panic!("{dtype}: {e}"));
     }
+}
+
+const SIM_H: &str = include_str!("../src/backend/cuda/sim/sim.h");
+const SIM_HARNESS: &str = include_str!("../src/backend/cuda/sim/harness.cpp");
+
+#[test]
+fn kernels_match_their_definitions_in_the_cpu_simulator() {
+    use std::process::Command;
+    let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    if Command::new(&compiler).arg("--version").output().is_err() {
+        eprintln!("skipping kernels_match_their_definitions_in_the_cpu_simulator: no `{compiler}`");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("dmkd-kernel-sim-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("sim.h"), SIM_H).unwrap();
+    std::fs::write(dir.join("harness.cpp"), SIM_HARNESS).unwrap();
+    for dtype in [DType::F32, DType::F64] {
+        std::fs::write(
+            dir.join("program.cu"),
+            dmkd::backend::cuda::kernels::program_source(dtype),
+        )
+        .unwrap();
+        let exe = dir.join(format!("sim_{}", dtype.name()));
+        // -ffp-contract=off: no FMA contraction, as NVRTC's --fmad=false.
+        let build = Command::new(&compiler)
+            .args(["-std=c++20", "-O1", "-pthread", "-ffp-contract=off"])
+            .args(["-Wno-unknown-pragmas", "-I"])
+            .arg(&dir)
+            .arg(dir.join("harness.cpp"))
+            .arg("-o")
+            .arg(&exe)
+            .output()
+            .unwrap();
+        if !build.status.success() {
+            let err = String::from_utf8_lossy(&build.stderr);
+            if err.contains("barrier") && err.contains("No such file") {
+                eprintln!(
+                    "skipping kernels_match_their_definitions_in_the_cpu_simulator: \
+                     `{compiler}` lacks C++20 <barrier>"
+                );
+                return;
+            }
+            panic!("building the kernel simulator ({dtype}) failed:\n{err}");
+        }
+        let run = Command::new(&exe).output().unwrap();
+        let out = String::from_utf8_lossy(&run.stdout);
+        assert!(
+            run.status.success(),
+            "kernel simulator ({dtype}) reported failures:\n{}",
+            out.lines()
+                .filter(|l| !l.starts_with("ok "))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        assert!(out.contains("0 failures"), "{out}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
