@@ -143,6 +143,11 @@ impl Device {
             .map_err(Error::BackendUnavailable)
     }
 
+    /// The shared device if it was opened successfully (never opens it).
+    pub(crate) fn opened() -> Option<Arc<Device>> {
+        DEVICE.get().and_then(|d| d.as_ref().ok()).cloned()
+    }
+
     fn open() -> std::result::Result<Device, String> {
         // Probe the libraries before any driver call: cudarc panics when a
         // dynamically loaded library is missing.

@@ -19,6 +19,17 @@
 //! sizes, per-block partials, a fixed-order final pass, no atomics; dW sums
 //! per-sample GEMM partials in sample order. GEMMs (cuBLAS) accumulate in
 //! their own order, so convolutions differ from the CPU by rounding only.
+//!
+//! Validation. Without a GPU: `tests/cuda_nvrtc.rs` compiles every kernel
+//! with NVRTC (when `libnvrtc` is on the loader path) and runs the kernel
+//! sources unchanged in a CPU simulator (`sim/`) against their definitions;
+//! unit tests here check the index coalescing, the reduction order and the
+//! row-major to cuBLAS mapping. With a GPU: `tests/cuda_parity.rs` compares
+//! every op and the whole loss with the reference backend (it skips, with a
+//! printed reason, where no device is usable), and `benches/cuda.rs` times
+//! the convolutions and the DMKD loss. Host-side timing must call
+//! [`synchronize`] (or `CudaBackend::synchronize`) after the timed calls:
+//! backend methods only queue work.
 
 mod backend;
 mod conv;
@@ -41,6 +52,17 @@ use crate::error::{Error, Result};
 /// device may still be absent: `CudaBackend::new` is the real test).
 pub fn cuda_available() -> bool {
     device::libraries_present().is_ok()
+}
+
+/// Wait until every kernel, copy and GEMM queued by any `CudaBackend` of
+/// this process has finished (they all share one stream); Ok at once when
+/// no device was ever opened. For host-side timing through a `BackendRef`
+/// (`Arc<dyn Backend<T>>`), where `CudaBackend::synchronize` is out of reach.
+pub fn synchronize() -> Result<()> {
+    match device::Device::opened() {
+        Some(dev) => dev.synchronize(),
+        None => Ok(()),
+    }
 }
 
 /// Why no CUDA backend can be built here, or None when one can.
