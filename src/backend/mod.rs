@@ -400,10 +400,7 @@ macro_rules! impl_backend_float {
                 }
                 #[cfg(feature = "cuda")]
                 {
-                    let _backend = cuda::CudaBackend::new()?;
-                    Err(Error::BackendUnavailable(
-                        "the CUDA backend is not implemented yet".into(),
-                    ))
+                    Ok(Arc::new(cuda::CudaBackend::new()?))
                 }
                 #[cfg(not(feature = "cuda"))]
                 Err(Error::BackendUnavailable(
