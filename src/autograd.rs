@@ -270,3 +270,51 @@ impl<T: Float> Gradients<T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::ReferenceBackend;
+    use std::sync::Arc;
+
+    fn tape() -> Tape<f64> {
+        Tape::new(Arc::new(ReferenceBackend))
+    }
+
+    #[test]
+    fn constants_record_nothing_and_get_no_gradient() {
+        let t = tape();
+        assert!(t.is_empty());
+        let c = t.constant(Tensor::from_vec(&[2], vec![1.0, 2.0]).unwrap());
+        let k = c.square().unwrap().scale(3.0).unwrap();
+        assert!(!c.requires_grad() && !k.requires_grad());
+        assert_eq!(t.len(), 0, "ops on constants must not be recorded");
+        let x = t.leaf(Tensor::from_vec(&[2], vec![0.5, -1.0]).unwrap());
+        assert!(x.requires_grad());
+        assert_eq!(t.len(), 1);
+        let y = x.mul(&k).unwrap();
+        assert!(y.requires_grad());
+        assert_eq!(t.len(), 2);
+        assert!(!y.detach().requires_grad());
+        let g = y.sum_all().unwrap().backward().unwrap();
+        // d/dx sum(x * k) = k = 3 c^2; the constant has no gradient.
+        assert_eq!(g.get(&x).unwrap().as_slice(), &[3.0, 12.0]);
+        assert!(g.get(&c).is_none());
+        assert_eq!(format!("{g:?}"), "Gradients(1 leaves)");
+        assert!(format!("{x:?}").starts_with("Var(node Some(0)"));
+    }
+
+    #[test]
+    fn gradients_of_a_reused_value_accumulate() {
+        let t = tape();
+        let x = t.leaf(Tensor::from_vec(&[3], vec![1.0, 2.0, 3.0]).unwrap());
+        // y = x * x + x: dy/dx = 2x + 1, from three uses of x.
+        let y = x.mul(&x).unwrap().add(&x).unwrap().sum_all().unwrap();
+        let g = y.backward().unwrap();
+        assert_eq!(g.get(&x).unwrap().as_slice(), &[3.0, 5.0, 7.0]);
+        // A leaf the output does not depend on gets zeros from get_or_zeros.
+        let unused = t.leaf(Tensor::from_vec(&[2], vec![1.0, 1.0]).unwrap());
+        assert!(g.get(&unused).is_none());
+        assert_eq!(g.get_or_zeros(&unused).unwrap().as_slice(), &[0.0, 0.0]);
+    }
+}
