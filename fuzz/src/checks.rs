@@ -245,7 +245,7 @@ fn decode(data: &[u8]) -> Decoded {
             let (cs, c, h, w) = shapes[l];
             let shape = dmkd::distill::LevelShape { n, cs, c, h, w };
             for spec in dmkd::distill::level_param_specs(l, lc, &shape) {
-                if src.byte() % 2 == 0 {
+                if src.byte().is_multiple_of(2) {
                     let t = Tensor::from_fn(&spec.shape, |_| note(src.value(), &mut moderate))
                         .expect("small shape");
                     tensors.insert(spec.name, t);
