@@ -1301,3 +1301,32 @@ fn files_numpy_wrote() {
         assert_eq!(read(f).unwrap_err().kind(), kind, "{f}");
     }
 }
+
+/// A config survives `to_json` bit for bit (golden files carry their config
+/// as JSON metadata). Found by the `config_parser` fuzzer: without serde_json's
+/// `float_roundtrip`, `191e99` parsed to 1.91e101 but its printed form
+/// `1.91e101` parsed back one ulp lower.
+#[test]
+fn configs_round_trip_exactly() {
+    for v in [
+        "191e99",
+        "0.65",
+        "0.45000000000000001",
+        "2e-5",
+        "5e-324",
+        "1.7976931348623157e308",
+    ] {
+        let c = cfg(&format!(r#"{{"levels":[{{"alpha":{v}}}]}}"#));
+        let back = cfg(&c.to_json());
+        assert_eq!(
+            back.levels[0].alpha.to_bits(),
+            c.levels[0].alpha.to_bits(),
+            "{v}"
+        );
+        assert_eq!(
+            c.levels[0].alpha,
+            v.parse::<f64>().unwrap(),
+            "{v} is not correctly rounded"
+        );
+    }
+}
