@@ -458,6 +458,21 @@ pub fn op_cases() -> Vec<Box<dyn Checkable>> {
             }),
             graph: Box::new(|t, v, c| v[0].sq_err_sum(&t.constant(c[0].clone()))),
         },
+        SuiteCase {
+            name: "weighted_pair_sq_err",
+            inputs: Box::new(|rng| {
+                let s = rand_shape(rng, 4, 4);
+                let v = vec![
+                    rand_tensor(rng, &s, -2.0, 2.0),
+                    rand_tensor(rng, &s, -2.0, 2.0),
+                    Tensor::scalar(rng.uniform(-1.5, 1.5)),
+                    Tensor::scalar(rng.uniform(-1.5, 1.5)),
+                    rand_tensor(rng, &s, -2.0, 2.0),
+                ];
+                (v, vec![])
+            }),
+            graph: Box::new(|_, v, _| v[0].weighted_pair_sq_err(&v[1], &v[2], &v[3], &v[4])),
+        },
     ];
     cases
         .into_iter()

@@ -5,7 +5,7 @@
 //! tensors. Views for the plain-loop reference code come from `ndarray`.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
@@ -55,9 +55,21 @@ impl std::str::FromStr for DType {
     }
 }
 
+/// What a device backend needs of an element type (nothing without CUDA).
+#[cfg(not(feature = "cuda"))]
+pub trait DeviceElem {}
+#[cfg(not(feature = "cuda"))]
+impl<T> DeviceElem for T {}
+/// What a device backend needs of an element type.
+#[cfg(feature = "cuda")]
+pub trait DeviceElem: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits {}
+#[cfg(feature = "cuda")]
+impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits> DeviceElem for T {}
+
 /// A floating-point element type: f32 or f64.
 pub trait Float:
     num_traits::Float
+    + DeviceElem
     + ndarray::ScalarOperand
     + std::iter::Sum
     + std::ops::AddAssign
@@ -156,11 +168,35 @@ pub fn checked_numel(shape: &[usize]) -> Result<usize> {
     Ok(n as usize)
 }
 
+/// Where a tensor's elements live: in host memory, on a device, or both.
+/// Each side is filled at most once and never changes (tensors are
+/// immutable), so a copy made for one backend is cached for the next:
+/// a device tensor read on the host is downloaded once, and a host tensor
+/// read by the CUDA backend is uploaded once.
+pub(crate) struct Storage<T: Float> {
+    host: OnceLock<pool::Buffer<T>>,
+    #[cfg(feature = "cuda")]
+    device: OnceLock<crate::backend::cuda::DeviceBuffer<T>>,
+}
+
+impl<T: Float> Storage<T> {
+    fn host(data: Vec<T>) -> Self {
+        let host = OnceLock::new();
+        let _ = host.set(pool::Buffer::new(data));
+        Storage {
+            host,
+            #[cfg(feature = "cuda")]
+            device: OnceLock::new(),
+        }
+    }
+}
+
 /// An immutable n-dimensional array in row-major order.
 #[derive(Clone)]
 pub struct Tensor<T: Float> {
     shape: Arc<[usize]>,
-    data: Arc<pool::Buffer<T>>,
+    numel: usize,
+    data: Arc<Storage<T>>,
 }
 
 impl<T: Float> fmt::Debug for Tensor<T> {
@@ -196,7 +232,8 @@ impl<T: Float> Tensor<T> {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
         Tensor {
             shape: shape.into(),
-            data: Arc::new(pool::Buffer::new(data)),
+            numel: data.len(),
+            data: Arc::new(Storage::host(data)),
         }
     }
 
@@ -247,16 +284,68 @@ impl<T: Float> Tensor<T> {
     }
 
     pub fn numel(&self) -> usize {
-        self.data.len()
+        self.numel
     }
 
     pub fn dtype(&self) -> DType {
         T::DTYPE
     }
 
-    /// Row-major elements.
+    /// Row-major elements (a device tensor is downloaded once, then cached).
     pub fn as_slice(&self) -> &[T] {
-        self.data.as_slice()
+        #[cfg(feature = "cuda")]
+        if self.data.host.get().is_none() {
+            let d = self
+                .data
+                .device
+                .get()
+                .expect("tensor invariant: host or device storage is set");
+            // A failing device-to-host copy after a successful launch means the
+            // device itself failed (not bad input); there is no value to return.
+            let v = d.download().expect("device-to-host copy failed");
+            let _ = self.data.host.set(pool::Buffer::new(v));
+        }
+        self.data
+            .host
+            .get()
+            .expect("tensor invariant: host storage is set")
+            .as_slice()
+    }
+
+    /// A tensor whose elements live on a CUDA device.
+    #[cfg(feature = "cuda")]
+    pub fn from_device(shape: &[usize], buf: crate::backend::cuda::DeviceBuffer<T>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), buf.len());
+        let device = OnceLock::new();
+        let numel = buf.len();
+        let _ = device.set(buf);
+        Tensor {
+            shape: shape.into(),
+            numel,
+            data: Arc::new(Storage {
+                host: OnceLock::new(),
+                device,
+            }),
+        }
+    }
+
+    /// The device copy, made with `upload` from the host elements if absent.
+    #[cfg(feature = "cuda")]
+    pub fn device_or_upload(
+        &self,
+        upload: impl FnOnce(&[T]) -> Result<crate::backend::cuda::DeviceBuffer<T>>,
+    ) -> Result<&crate::backend::cuda::DeviceBuffer<T>> {
+        if let Some(d) = self.data.device.get() {
+            return Ok(d);
+        }
+        let d = upload(self.as_slice())?;
+        let _ = self.data.device.set(d);
+        Ok(self.data.device.get().expect("just set"))
+    }
+
+    /// True when the elements are on the host already (no download needed).
+    pub fn is_on_host(&self) -> bool {
+        self.data.host.get().is_some()
     }
 
     pub fn to_vec(&self) -> Vec<T> {
@@ -295,6 +384,7 @@ impl<T: Float> Tensor<T> {
         }
         Ok(Tensor {
             shape: shape.into(),
+            numel: self.numel,
             data: self.data.clone(),
         })
     }

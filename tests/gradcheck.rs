@@ -301,6 +301,20 @@ proptest! {
         assert_grads(&[a, b], 21, |_, v| v[0].sq_err_sum(&v[1]))?;
     }
 
+    #[test]
+    fn weighted_pair_sq_err(
+        (a, b, t) in shape(4, 4).prop_flat_map(|s| (
+            tensor(s.clone(), -2.0, 2.0), tensor(s.clone(), -2.0, 2.0), tensor(s, -2.0, 2.0),
+        )),
+        wa in -1.5f64..1.5,
+        wb in -1.5f64..1.5,
+    ) {
+        let (wa, wb) = (Tensor::scalar(wa), Tensor::scalar(wb));
+        assert_grads(&[a, b, wa, wb, t], 23, |_, v| {
+            v[0].weighted_pair_sq_err(&v[1], &v[2], &v[3], &v[4])
+        })?;
+    }
+
     /// The shape of a generation block: conv -> relu -> conv -> squared error.
     #[test]
     fn composite_conv_relu_conv_mse(

@@ -14,7 +14,7 @@
 use std::sync::Arc;
 
 use dmkd::backend::{CpuBackend, ReferenceBackend};
-use dmkd::distill::{MaskMode, Method, evaluate};
+use dmkd::distill::{MaskMode, Method, evaluate, forward};
 use dmkd::gradcheck::{KINK_MARGIN, LossLevel, check_problem, kink_distance, random_problem};
 use dmkd::{BackendRef, ConvAlgo};
 use proptest::prelude::*;
@@ -107,6 +107,10 @@ proptest! {
         let eval = evaluate(Arc::new(ReferenceBackend), &problem).unwrap();
         let total: f64 = eval.level_losses.iter().sum();
         prop_assert!((eval.loss - total).abs() <= 1e-12 * eval.loss.abs());
+        // The gradient-free forward computes the same values, bit for bit.
+        let (loss, levels_fwd) = forward(Arc::new(ReferenceBackend), &problem).unwrap();
+        prop_assert_eq!(loss.to_bits(), eval.loss.to_bits());
+        prop_assert_eq!(levels_fwd, eval.level_losses.clone());
         for name in problem.param_names() {
             prop_assert_eq!(eval.outputs[&format!("grad.{name}")].shape(), problem.params[&name].shape());
         }

@@ -277,6 +277,62 @@ pub trait Backend<T: Float>: Send + Sync {
     fn sq_err_sum(&self, a: &Tensor<T>, b: &Tensor<T>) -> Result<Tensor<T>>;
     /// `2 * g * (a - b)`, the gradient of `g * sum((a - b)^2)` with respect to `a`.
     fn sq_err_backward(&self, a: &Tensor<T>, b: &Tensor<T>, g: T) -> Result<Tensor<T>>;
+
+    /// `sum((wa * a + wb * b - t)^2)`: DMKD's fusion and loss in one pass.
+    /// The default composes other kernels; a backend may fuse it.
+    fn weighted_pair_sq_err(
+        &self,
+        a: &Tensor<T>,
+        b: &Tensor<T>,
+        wa: T,
+        wb: T,
+        t: &Tensor<T>,
+    ) -> Result<Tensor<T>> {
+        let fused = self.binary(
+            Binary::Add,
+            &self.unary(Unary::Scale(wa.as_f64()), a)?,
+            &self.unary(Unary::Scale(wb.as_f64()), b)?,
+            a.shape(),
+        )?;
+        self.sq_err_sum(&fused, t)
+    }
+
+    /// Gradients of `g * sum(r^2)`, `r = wa * a + wb * b - t`:
+    /// `(2 g wa r, 2 g wb r, 2 g <r, a>, 2 g <r, b>)`; `r` is recomputed,
+    /// never stored. The default composes other kernels.
+    #[allow(clippy::type_complexity)]
+    fn weighted_pair_sq_err_backward(
+        &self,
+        a: &Tensor<T>,
+        b: &Tensor<T>,
+        wa: T,
+        wb: T,
+        t: &Tensor<T>,
+        g: T,
+    ) -> Result<(Tensor<T>, Tensor<T>, T, T)> {
+        let shape = a.shape();
+        let fused = self.binary(
+            Binary::Add,
+            &self.unary(Unary::Scale(wa.as_f64()), a)?,
+            &self.unary(Unary::Scale(wb.as_f64()), b)?,
+            shape,
+        )?;
+        let r = self.binary(Binary::Sub, &fused, t, shape)?;
+        let two_g = (g + g).as_f64();
+        let da = self.unary(Unary::Scale(two_g * wa.as_f64()), &r)?;
+        let db = self.unary(Unary::Scale(two_g * wb.as_f64()), &r)?;
+        let all: Vec<usize> = (0..shape.len()).collect();
+        let dot = |x: &Tensor<T>| -> Result<T> {
+            let p = self.binary(Binary::Mul, &r, x, shape)?;
+            let s = if all.is_empty() {
+                p
+            } else {
+                self.sum_axes(&p, &all)?
+            };
+            Ok(T::from_f64(two_g) * s.item()?)
+        };
+        Ok((da, db, dot(a)?, dot(b)?))
+    }
 }
 
 /// A shared handle to a backend.
@@ -344,10 +400,7 @@ macro_rules! impl_backend_float {
                 }
                 #[cfg(feature = "cuda")]
                 {
-                    let _backend = cuda::CudaBackend::new()?;
-                    Err(Error::BackendUnavailable(
-                        "the CUDA backend is not implemented yet".into(),
-                    ))
+                    Ok(Arc::new(cuda::CudaBackend::new()?))
                 }
                 #[cfg(not(feature = "cuda"))]
                 Err(Error::BackendUnavailable(

@@ -18,10 +18,22 @@ fn check_tau(tau: f64) -> Result<()> {
 
 /// Spatial attention `[N, H, W]` of an `[N, C, H, W]` feature.
 pub fn spatial_attention<T: Float>(x: &Var<T>, tau: f64) -> Result<Var<T>> {
+    spatial_attention_of_abs(&x.abs()?, tau)
+}
+
+/// Both attention maps, sharing one `|x|` pass (the teacher's in DMKD).
+pub fn attention_maps<T: Float>(x: &Var<T>, tau: f64) -> Result<(Var<T>, Var<T>)> {
+    let a = x.abs()?;
+    Ok((
+        spatial_attention_of_abs(&a, tau)?,
+        channel_attention_of_abs(&a, tau)?,
+    ))
+}
+
+fn spatial_attention_of_abs<T: Float>(abs: &Var<T>, tau: f64) -> Result<Var<T>> {
     check_tau(tau)?;
-    let [n, _, h, w] = x.value().dims4("spatial_attention")?;
-    x.abs()?
-        .mean(&[1], false)?
+    let [n, _, h, w] = abs.value().dims4("spatial_attention")?;
+    abs.mean(&[1], false)?
         .scale(1.0 / tau)?
         .reshape(&[n, h * w])?
         .softmax(1)?
@@ -31,10 +43,13 @@ pub fn spatial_attention<T: Float>(x: &Var<T>, tau: f64) -> Result<Var<T>> {
 
 /// Channel attention `[N, C]` of an `[N, C, H, W]` feature.
 pub fn channel_attention<T: Float>(x: &Var<T>, tau: f64) -> Result<Var<T>> {
+    channel_attention_of_abs(&x.abs()?, tau)
+}
+
+fn channel_attention_of_abs<T: Float>(abs: &Var<T>, tau: f64) -> Result<Var<T>> {
     check_tau(tau)?;
-    let [_, c, _, _] = x.value().dims4("channel_attention")?;
-    x.abs()?
-        .mean(&[2, 3], false)?
+    let [_, c, _, _] = abs.value().dims4("channel_attention")?;
+    abs.mean(&[2, 3], false)?
         .scale(1.0 / tau)?
         .softmax(1)?
         .scale(c as f64)
@@ -86,6 +101,21 @@ mod tests {
             let sc: f64 = c.value().as_slice()[..3].iter().sum();
             assert!((sa - 20.0).abs() < 1e-10 && (sc - 3.0).abs() < 1e-10);
         }
+    }
+
+    #[test]
+    fn shared_abs_gives_the_same_maps() {
+        let t = tape();
+        let x = t.constant(Tensor::from_fn(&[2, 3, 4, 5], |i| (i as f64 * 0.37).sin()).unwrap());
+        let (s, c) = attention_maps(&x, 0.7).unwrap();
+        assert_eq!(
+            s.value().as_slice(),
+            spatial_attention(&x, 0.7).unwrap().value().as_slice()
+        );
+        assert_eq!(
+            c.value().as_slice(),
+            channel_attention(&x, 0.7).unwrap().value().as_slice()
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use crate::autograd::Var;
 use crate::backend::InputMask;
-use crate::distill::attention::{channel_attention, spatial_attention};
+use crate::distill::attention::attention_maps;
 use crate::distill::config::LevelConfig;
 use crate::distill::generator::{align, align_specs, generation_block, generator_specs};
 use crate::distill::mask::{Branch, attention_mask};
@@ -38,8 +38,8 @@ pub fn level_loss<T: Float>(
     let l = vars.level;
     let n = teacher.shape()[0];
     let s = align(student, vars)?;
-    let attn_s = spatial_attention(teacher, cfg.tau)?.value().clone();
-    let attn_c = channel_attention(teacher, cfg.tau)?.value().clone();
+    let (attn_s, attn_c) = attention_maps(teacher, cfg.tau)?;
+    let (attn_s, attn_c) = (attn_s.value().clone(), attn_c.value().clone());
     let mask_s = attention_mask(
         &attn_s,
         cfg.mask_mode,
@@ -59,8 +59,10 @@ pub fn level_loss<T: Float>(
     let f_s = generation_block(&s, vars, "gen_s", Some(InputMask::Spatial(mask_s.clone())))?;
     let f_c = generation_block(&s, vars, "gen_c", Some(InputMask::Channel(mask_c.clone())))?;
     let w = vars.get("fusion")?.softmax(0)?;
-    let fused = f_s.mul(&w.index1(0)?)?.add(&f_c.mul(&w.index1(1)?)?)?;
-    let loss = fused.sq_err_sum(teacher)?.scale(cfg.alpha / n as f64)?;
+    // F = w_s F_s + w_c F_c and sum((F - T)^2) in one op: F is never stored.
+    let loss = f_s
+        .weighted_pair_sq_err(&f_c, &w.index1(0)?, &w.index1(1)?, teacher)?
+        .scale(cfg.alpha / n as f64)?;
     Ok(LevelOutput {
         loss,
         debug: vec![

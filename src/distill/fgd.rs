@@ -16,12 +16,12 @@
 //! shape (not the padded shape) to the feature size: `wmin = floor(x1/img_w*W)`,
 //! `wmax = ceil(x2/img_w*W)`, `hmin = floor(y1/img_h*H)`, `hmax = ceil(y2/img_h*H)`;
 //! the box covers rows `hmin..=hmax` and columns `wmin..=wmax` (clipped to
-//! the map) with value `1/(hmax+1-hmin)/(wmax+1-wmin)` (sizes counted
+//! the map) with value `1/((hmax+1-hmin)(wmax+1-wmin))` (sizes counted
 //! inclusively), overlapping boxes keep the maximum; `M_bg = [M_fg == 0]`,
 //! normalised by its pixel count when that is nonzero.
 
 use crate::autograd::Var;
-use crate::distill::attention::{channel_attention, spatial_attention};
+use crate::distill::attention::attention_maps;
 use crate::distill::config::LevelConfig;
 use crate::distill::generator::{align, align_specs};
 use crate::distill::params::{Init, LevelVars, ParamSpec, conv_specs};
@@ -94,7 +94,8 @@ pub fn box_masks<T: Float>(
             let wmax = (x2 / img_w * T::from_usize(w)).ceil().as_f64();
             let hmin = (y1 / img_h * T::from_usize(h)).floor().as_f64();
             let hmax = (y2 / img_h * T::from_usize(h)).ceil().as_f64();
-            let area = T::from_f64(1.0 / (hmax + 1.0 - hmin) / (wmax + 1.0 - wmin));
+            // The inclusive sizes multiply to an exact integer: one division.
+            let area = T::from_f64(1.0 / ((hmax + 1.0 - hmin) * (wmax + 1.0 - wmin)));
             let rows = clip_range(hmin, hmax, h);
             let cols = clip_range(wmin, wmax, w);
             for r in rows {
@@ -239,10 +240,8 @@ pub fn level_loss<T: Float>(
     let inv_n = 1.0 / n as f64;
     let s = align(student, vars)?;
 
-    let attn_ts = spatial_attention(teacher, cfg.tau)?;
-    let attn_tc = channel_attention(teacher, cfg.tau)?;
-    let attn_ss = spatial_attention(&s, cfg.tau)?;
-    let attn_sc = channel_attention(&s, cfg.tau)?;
+    let (attn_ts, attn_tc) = attention_maps(teacher, cfg.tau)?;
+    let (attn_ss, attn_sc) = attention_maps(&s, cfg.tau)?;
     let (mask_fg, mask_bg) = box_masks::<T>(boxes, n, h, w)?;
 
     // Focal: weights A_s^t * A_c^t * M per element (constants).

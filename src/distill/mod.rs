@@ -377,6 +377,28 @@ impl<T: Float> Problem<T> {
     }
 }
 
+/// The total loss and the per-level losses, without gradients: every input
+/// is a constant, so the tape records nothing (PyTorch's `no_grad`).
+pub fn forward<T: Float>(backend: BackendRef<T>, problem: &Problem<T>) -> Result<(T, Vec<T>)> {
+    let tape = Tape::new(backend);
+    let students: Vec<Var<T>> = problem
+        .students
+        .iter()
+        .map(|s| tape.constant(s.clone()))
+        .collect();
+    let params: Vec<Var<T>> = problem
+        .param_names()
+        .iter()
+        .map(|n| tape.constant(problem.params[n].clone()))
+        .collect();
+    let (total, outs) = problem.loss_graph(&tape, &students, &params)?;
+    let levels = outs
+        .iter()
+        .map(|o| o.loss.value().item())
+        .collect::<Result<_>>()?;
+    Ok((total.value().item()?, levels))
+}
+
 /// Compute the loss over every level and the gradient of every student
 /// feature and parameter, on `backend`.
 pub fn evaluate<T: Float>(backend: BackendRef<T>, problem: &Problem<T>) -> Result<Evaluation<T>> {
