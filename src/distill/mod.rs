@@ -396,6 +396,10 @@ pub fn forward<T: Float>(backend: BackendRef<T>, problem: &Problem<T>) -> Result
         .iter()
         .map(|o| o.loss.value().item())
         .collect::<Result<_>>()?;
+    // As in `evaluate`: an overflowed loss is an error, not a result.
+    total
+        .value()
+        .check_finite("loss (overflow: inputs too large for this precision)")?;
     Ok((total.value().item()?, levels))
 }
 
