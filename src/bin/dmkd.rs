@@ -70,7 +70,7 @@ enum Command {
         /// Level config (JSON); defaults to the `config` metadata of --inputs.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Students, teachers (and FGD boxes): .safetensors, .npz or .npy.
+        /// Students, teachers (and FGD boxes): .safetensors, .npz, .npy, or a directory of .npy files.
         #[arg(long)]
         inputs: PathBuf,
         /// Parameters; absent ones are initialised from --init-seed and written out.
