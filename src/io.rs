@@ -105,17 +105,37 @@ fn io_err(path: &Path, source: std::io::Error) -> Error {
 }
 
 /// Read a whole file after checking its size against the bound.
+///
+/// The size in the metadata is checked first (a cheap refusal), and the read
+/// itself stops one byte past the bound: a device or pipe (`/dev/zero`, a
+/// FIFO) reports size 0 and would otherwise be read forever.
 pub fn read_bounded(path: &Path) -> Result<Vec<u8>> {
-    let meta = std::fs::metadata(path).map_err(|e| io_err(path, e))?;
+    use std::io::Read;
     let limit = max_file_bytes();
-    if meta.len() > limit {
-        return Err(Error::TooLarge {
-            what: format!("file {}", path.display()),
-            bytes: meta.len() as u128,
-            limit: limit as u128,
-        });
+    let too_large = |bytes: u64| Error::TooLarge {
+        what: format!("file {}", path.display()),
+        bytes: bytes as u128,
+        limit: limit as u128,
+    };
+    let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+    let meta = file.metadata().map_err(|e| io_err(path, e))?;
+    if meta.is_dir() {
+        return Err(io_err(
+            path,
+            std::io::Error::other("is a directory, not a file"),
+        ));
     }
-    std::fs::read(path).map_err(|e| io_err(path, e))
+    if meta.len() > limit {
+        return Err(too_large(meta.len()));
+    }
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| io_err(path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
 }
 
 /// Parse safetensors bytes.
@@ -162,8 +182,12 @@ pub fn read_safetensors(path: &Path) -> Result<TensorFile> {
     parse_safetensors(&bytes, &path.display().to_string())
 }
 
-/// Read a tensor file by extension: `.safetensors` (npy support lives in `npy`).
+/// Read a tensor file: a directory of `.npy` files, a `.npy` or `.npz` (by
+/// extension; see `npy`), or else a `.safetensors` file.
 pub fn read_tensor_file(path: &Path) -> Result<TensorFile> {
+    if path.is_dir() {
+        return crate::npy::read_npy_dir(path);
+    }
     match path.extension().and_then(|e| e.to_str()) {
         Some("npy") | Some("npz") => crate::npy::read_npy_or_npz(path),
         _ => read_safetensors(path),

@@ -1,31 +1,800 @@
-//! `.npy` / `.npz` input (work in progress).
+//! `.npy` / `.npz` files and directories of `.npy` files.
+//!
+//! - A `.npy` file holds one tensor, named after the file stem
+//!   (`p0.student.npy` -> `p0.student`).
+//! - An `.npz` archive (what `numpy.savez` / `savez_compressed` write) holds
+//!   one `.npy` member per tensor, named after the member without `.npy`; a
+//!   `metadata.json` member, if present, is the string metadata.
+//! - A directory holds one `<name>.npy` per tensor plus an optional
+//!   `metadata.json` (what [`write_npy_dir`] and `dmkd golden --format npy`
+//!   write).
+//!
+//! Only little-endian C-order f32 (`<f4`) and f64 (`<f8`) are accepted;
+//! big-endian or other element types are [`Error::DType`], Fortran order of
+//! a rank >= 2 array is [`Error::Format`].
+//!
+//! The header is parsed here rather than by `ndarray-npy` so that nothing is
+//! allocated from a size a file merely claims: the shape's element count is
+//! checked against [`MAX_ELEMENTS`](crate::tensor::MAX_ELEMENTS) with
+//! overflow-free arithmetic, and its byte count against the bytes actually
+//! present (a `.npy`) or the remaining decompression budget (an `.npz`
+//! member, whose size only the inflater knows), before any data is read.
 
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Cursor, Read};
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::io::TensorFile;
+use crate::io::{AnyTensor, TensorFile, max_file_bytes, read_bounded};
+use crate::tensor::{DType, Float, Tensor, checked_numel};
+
+/// The first six bytes of every `.npy` file.
+pub const NPY_MAGIC: &[u8; 6] = b"\x93NUMPY";
+/// The first four bytes of a zip archive (a local file header).
+pub const ZIP_MAGIC: &[u8; 4] = b"PK\x03\x04";
+/// Longest header accepted. NumPy itself refuses headers over 10,000 bytes
+/// by default; real headers are under 200. The bound keeps a lying header
+/// length (a u32 in versions 2 and 3) from allocating gigabytes.
+pub const MAX_HEADER_BYTES: usize = 1 << 16;
+/// Most dimensions accepted (NumPy's own limit is 64).
+pub const MAX_RANK: usize = 64;
+/// Most members read from one `.npz` (a model's features and parameters are
+/// a few hundred tensors); bounds the work a crafted central directory causes.
+pub const MAX_NPZ_MEMBERS: usize = 1 << 16;
+
+fn format_err(path: &str, detail: impl Into<String>) -> Error {
+    Error::Format {
+        path: path.to_string(),
+        detail: detail.into(),
+    }
+}
+
+/// What a `.npy` header says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NpyHeader {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+/// A value of the header's Python-literal dict (only what headers use).
+#[derive(Debug)]
+enum Lit {
+    Str(String),
+    Bool(bool),
+    Tuple(Vec<u64>),
+    /// A list: the descr of a structured dtype; never an accepted value.
+    List,
+}
+
+/// A strict parser of the header dict, e.g.
+/// `{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }`.
+struct LitParser<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl LitParser<'_> {
+    fn ws(&mut self) {
+        while self.i < self.s.len() && matches!(self.s[self.i], b' ' | b'\t' | b'\n' | b'\r') {
+            self.i += 1;
+        }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.s.get(self.i).copied()
+    }
+
+    fn eat(&mut self, c: u8) -> bool {
+        self.ws();
+        if self.peek() == Some(c) {
+            self.i += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn expect(&mut self, c: u8) -> std::result::Result<(), String> {
+        if self.eat(c) {
+            Ok(())
+        } else {
+            Err(format!("expected `{}` at byte {}", c as char, self.i))
+        }
+    }
+
+    fn string(&mut self) -> std::result::Result<String, String> {
+        self.ws();
+        let q = match self.peek() {
+            Some(q @ (b'\'' | b'"')) => q,
+            _ => return Err(format!("expected a string at byte {}", self.i)),
+        };
+        self.i += 1;
+        let start = self.i;
+        while let Some(c) = self.peek() {
+            if c == q {
+                let v = String::from_utf8_lossy(&self.s[start..self.i]).into_owned();
+                self.i += 1;
+                return Ok(v);
+            }
+            // Header strings are dtype codes and key names: no escapes.
+            if c == b'\\' || c == b'\n' {
+                return Err(format!(
+                    "unsupported character in a string at byte {}",
+                    self.i
+                ));
+            }
+            self.i += 1;
+        }
+        Err("unterminated string".into())
+    }
+
+    fn int(&mut self) -> std::result::Result<u64, String> {
+        self.ws();
+        let start = self.i;
+        let mut v: u64 = 0;
+        while let Some(c @ b'0'..=b'9') = self.peek() {
+            v = v
+                .checked_mul(10)
+                .and_then(|v| v.checked_add(u64::from(c - b'0')))
+                .ok_or_else(|| "a dimension does not fit in 64 bits".to_string())?;
+            self.i += 1;
+        }
+        if self.i == start {
+            return Err(format!(
+                "expected a non-negative integer at byte {}",
+                self.i
+            ));
+        }
+        // Python 2 wrote long integers as `3L`.
+        if self.peek() == Some(b'L') {
+            self.i += 1;
+        }
+        Ok(v)
+    }
+
+    fn value(&mut self) -> std::result::Result<Lit, String> {
+        self.ws();
+        let rest = &self.s[self.i..];
+        if rest.starts_with(b"True") {
+            self.i += 4;
+            return Ok(Lit::Bool(true));
+        }
+        if rest.starts_with(b"False") {
+            self.i += 5;
+            return Ok(Lit::Bool(false));
+        }
+        match self.peek() {
+            Some(b'\'' | b'"') => self.string().map(Lit::Str),
+            Some(b'(') => {
+                self.i += 1;
+                let mut dims = Vec::new();
+                loop {
+                    if self.eat(b')') {
+                        return Ok(Lit::Tuple(dims));
+                    }
+                    if dims.len() >= MAX_RANK {
+                        return Err(format!("more than {MAX_RANK} dimensions"));
+                    }
+                    dims.push(self.int()?);
+                    if !self.eat(b',') {
+                        self.expect(b')')?;
+                        return Ok(Lit::Tuple(dims));
+                    }
+                }
+            }
+            Some(b'[') => Ok(Lit::List),
+            _ => Err(format!("unsupported value at byte {}", self.i)),
+        }
+    }
+
+    /// The dict's entries, in order; a list value ends the parse early
+    /// (its contents are never needed: a list descr is refused as a dtype).
+    fn dict(&mut self) -> std::result::Result<Vec<(String, Lit)>, String> {
+        self.expect(b'{')?;
+        let mut out = Vec::new();
+        loop {
+            if self.eat(b'}') {
+                break;
+            }
+            let key = self.string()?;
+            self.expect(b':')?;
+            let v = self.value()?;
+            let list = matches!(v, Lit::List);
+            out.push((key, v));
+            if list {
+                return Ok(out);
+            }
+            if !self.eat(b',') {
+                self.expect(b'}')?;
+                break;
+            }
+        }
+        self.ws();
+        if self.i != self.s.len() {
+            return Err(format!(
+                "unexpected bytes after the dict at byte {}",
+                self.i
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// Interpret the header dict text (the bytes after the length field).
+pub fn parse_header_dict(text: &[u8], path: &str) -> Result<NpyHeader> {
+    let entries = LitParser { s: text, i: 0 }
+        .dict()
+        .map_err(|e| format_err(path, format!("bad .npy header: {e}")))?;
+    let (mut descr, mut fortran, mut shape) = (None, None, None);
+    for (key, v) in entries {
+        match (key.as_str(), v) {
+            ("descr", Lit::Str(s)) => descr = Some(s),
+            ("descr", Lit::List) => {
+                return Err(Error::DType {
+                    name: path.to_string(),
+                    expected: "<f4 or <f8".into(),
+                    got: "a structured dtype".into(),
+                });
+            }
+            ("fortran_order", Lit::Bool(b)) => fortran = Some(b),
+            ("shape", Lit::Tuple(t)) => shape = Some(t),
+            (k, v) => {
+                return Err(format_err(
+                    path,
+                    format!("bad .npy header: unexpected entry `{k}`: {v:?}"),
+                ));
+            }
+        }
+    }
+    let (Some(descr), Some(fortran), Some(shape)) = (descr, fortran, shape) else {
+        return Err(format_err(
+            path,
+            "bad .npy header: it needs `descr`, `fortran_order` and `shape`",
+        ));
+    };
+    let dtype = match descr.as_str() {
+        "<f4" => DType::F32,
+        "<f8" => DType::F64,
+        other => {
+            let why = if other.starts_with('>') {
+                " (big-endian; convert with arr.astype('<f4'))"
+            } else {
+                ""
+            };
+            return Err(Error::DType {
+                name: path.to_string(),
+                expected: "<f4 or <f8 (little-endian f32 or f64)".into(),
+                got: format!("{other}{why}"),
+            });
+        }
+    };
+    let shape = shape
+        .into_iter()
+        .map(|d| usize::try_from(d).map_err(|_| format_err(path, "a dimension exceeds usize")))
+        .collect::<Result<Vec<usize>>>()?;
+    // In Fortran order only arrays with at most one non-trivial axis have
+    // the C layout; anything else would be silently transposed.
+    if fortran && shape.iter().filter(|&&d| d > 1).count() > 1 {
+        return Err(format_err(
+            path,
+            "Fortran-order arrays are not supported (save with np.ascontiguousarray)",
+        ));
+    }
+    Ok(NpyHeader { dtype, shape })
+}
+
+/// Read `buf.len()` bytes or report truncation.
+fn read_exact_or(r: &mut impl Read, buf: &mut [u8], path: &str, what: &str) -> Result<()> {
+    r.read_exact(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => format_err(path, format!("truncated {what}")),
+        _ => format_err(path, format!("cannot read {what}: {e}")),
+    })
+}
+
+/// What bounds the data bytes of a `.npy` stream.
+#[derive(Clone, Copy, Debug)]
+pub enum DataBound {
+    /// The file's size: data beyond what follows the header is a lying header.
+    Present(u64),
+    /// What is left of a decompression budget: more is too large.
+    Budget(u64),
+}
+
+/// Read one `.npy` stream: magic, version, header, then exactly the data
+/// the header describes and nothing more. A header claiming more data than
+/// `bound` allows is refused before any data is read or allocated. Returns
+/// the tensor and the number of data bytes read.
+pub fn read_npy_stream(
+    r: &mut impl Read,
+    path: &str,
+    bound: DataBound,
+) -> Result<(AnyTensor, u64)> {
+    let mut pre = [0u8; 8];
+    read_exact_or(r, &mut pre, path, ".npy preamble")?;
+    if &pre[..6] != NPY_MAGIC {
+        return Err(format_err(path, "not a .npy file (bad magic)"));
+    }
+    let (major, minor) = (pre[6], pre[7]);
+    let len_field = if major == 1 { 2 } else { 4 };
+    let header_len = match major {
+        1 => {
+            let mut b = [0u8; 2];
+            read_exact_or(r, &mut b, path, ".npy header length")?;
+            u16::from_le_bytes(b) as usize
+        }
+        2 | 3 => {
+            let mut b = [0u8; 4];
+            read_exact_or(r, &mut b, path, ".npy header length")?;
+            // Compared in u64 so a 32-bit usize cannot wrap.
+            let n = u32::from_le_bytes(b);
+            if u64::from(n) > MAX_HEADER_BYTES as u64 {
+                return Err(format_err(
+                    path,
+                    format!(".npy header of {n} bytes, over the limit of {MAX_HEADER_BYTES}"),
+                ));
+            }
+            n as usize
+        }
+        _ => {
+            return Err(format_err(
+                path,
+                format!("unsupported .npy version {major}.{minor}"),
+            ));
+        }
+    };
+    if header_len > MAX_HEADER_BYTES {
+        return Err(format_err(
+            path,
+            format!(".npy header of {header_len} bytes, over the limit of {MAX_HEADER_BYTES}"),
+        ));
+    }
+    let mut header = vec![0u8; header_len];
+    read_exact_or(r, &mut header, path, ".npy header")?;
+    let h = parse_header_dict(&header, path)?;
+    let numel = checked_numel(&h.shape)?;
+    // numel <= MAX_ELEMENTS (2^34) and the item size is 8 at most: no overflow in u64.
+    let data_bytes = numel as u64 * h.dtype.size_of() as u64;
+    match bound {
+        DataBound::Present(n)
+            if data_bytes > n.saturating_sub((8 + len_field + header_len) as u64) =>
+        {
+            return Err(format_err(
+                path,
+                format!(
+                    "header claims {data_bytes} bytes of data (shape {:?}, {}), the file holds {} after its header",
+                    h.shape,
+                    h.dtype,
+                    n.saturating_sub((8 + len_field + header_len) as u64)
+                ),
+            ));
+        }
+        DataBound::Budget(n) if data_bytes > n => {
+            return Err(Error::TooLarge {
+                what: format!("{path} (shape {:?}, {})", h.shape, h.dtype),
+                bytes: data_bytes as u128,
+                limit: n as u128,
+            });
+        }
+        _ => {}
+    }
+    let mut data = Vec::new();
+    // `take` bounds what is read by what the header claims; the vector only
+    // grows as bytes actually arrive.
+    r.take(data_bytes)
+        .read_to_end(&mut data)
+        .map_err(|e| format_err(path, format!("cannot read .npy data: {e}")))?;
+    if data.len() as u64 != data_bytes {
+        return Err(format_err(
+            path,
+            format!(
+                "truncated .npy data: {} of {data_bytes} bytes for shape {:?}",
+                data.len(),
+                h.shape
+            ),
+        ));
+    }
+    let mut extra = [0u8; 1];
+    match r.read(&mut extra) {
+        Ok(0) => {}
+        Ok(_) => {
+            return Err(format_err(
+                path,
+                format!(
+                    "trailing bytes after the {data_bytes} data bytes of shape {:?}",
+                    h.shape
+                ),
+            ));
+        }
+        Err(e) => return Err(format_err(path, format!("cannot read .npy data: {e}"))),
+    }
+    let t = match h.dtype {
+        DType::F32 => AnyTensor::F32(Tensor::from_vec(&h.shape, f32::from_le_bytes_vec(&data))?),
+        DType::F64 => AnyTensor::F64(Tensor::from_vec(&h.shape, f64::from_le_bytes_vec(&data))?),
+    };
+    Ok((t, data_bytes))
+}
+
+/// Parse the bytes of one `.npy` file.
+pub fn parse_npy(bytes: &[u8], path: &str) -> Result<AnyTensor> {
+    let mut r = Cursor::new(bytes);
+    // The data must fit what follows the header (trailing bytes are an error too).
+    read_npy_stream(&mut r, path, DataBound::Present(bytes.len() as u64)).map(|(t, _)| t)
+}
+
+fn parse_metadata(bytes: &[u8], path: &str) -> Result<HashMap<String, String>> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        format_err(
+            path,
+            format!("metadata.json must be a JSON object of strings: {e}"),
+        )
+    })
+}
+
+fn insert_unique(out: &mut TensorFile, name: String, t: AnyTensor, path: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(format_err(path, "a tensor has an empty name"));
+    }
+    if out.tensors.insert(name.clone(), t).is_some() {
+        return Err(format_err(path, format!("tensor `{name}` appears twice")));
+    }
+    Ok(())
+}
+
+/// Parse the bytes of an `.npz` archive. `max_total` bounds the sum of the
+/// members' decompressed sizes (a deflated member can expand about 1000-fold,
+/// so the archive's own size bounds nothing).
+pub fn parse_npz(bytes: &[u8], path: &str, max_total: u64) -> Result<TensorFile> {
+    let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
+        .map_err(|e| format_err(path, format!("not a valid .npz (zip) archive: {e}")))?;
+    if zip.len() > MAX_NPZ_MEMBERS {
+        return Err(format_err(
+            path,
+            format!("{} members, over the limit of {MAX_NPZ_MEMBERS}", zip.len()),
+        ));
+    }
+    let mut out = TensorFile::default();
+    let mut budget = max_total;
+    for i in 0..zip.len() {
+        let mut member = zip
+            .by_index(i)
+            .map_err(|e| format_err(path, format!("member {i}: {e}")))?;
+        if member.is_dir() {
+            continue;
+        }
+        let member_name = member.name().to_string();
+        let where_ = format!("{path}[{member_name}]");
+        if member_name == "metadata.json" {
+            let mut text = Vec::new();
+            // Configs are small; cap what a crafted member can make us inflate.
+            (&mut member)
+                .take(crate::distill::config::MAX_CONFIG_BYTES as u64 * 4 + 1)
+                .read_to_end(&mut text)
+                .map_err(|e| format_err(&where_, e.to_string()))?;
+            out.metadata = parse_metadata(&text, &where_)?;
+            continue;
+        }
+        let Some(name) = member_name.strip_suffix(".npy") else {
+            return Err(format_err(
+                path,
+                format!("member `{member_name}` is not a .npy array"),
+            ));
+        };
+        let (t, used) = read_npy_stream(&mut member, &where_, DataBound::Budget(budget))?;
+        budget -= used;
+        insert_unique(&mut out, name.to_string(), t, path)?;
+    }
+    Ok(out)
+}
+
+/// Parse `.npy` or `.npz` bytes, told apart by their magic. A `.npy` tensor
+/// is named `name`. This is the entry point of the `npy_reader` fuzz target.
+pub fn parse_npy_or_npz(
+    bytes: &[u8],
+    path: &str,
+    name: &str,
+    max_total: u64,
+) -> Result<TensorFile> {
+    if bytes.starts_with(ZIP_MAGIC) || bytes.starts_with(b"PK\x05\x06") {
+        return parse_npz(bytes, path, max_total);
+    }
+    let t = parse_npy(bytes, path)?;
+    let mut out = TensorFile::default();
+    insert_unique(&mut out, name.to_string(), t, path)?;
+    Ok(out)
+}
+
+fn stem(path: &Path) -> Result<String> {
+    path.file_stem()
+        .and_then(|s| s.to_str())
+        .map(str::to_string)
+        .ok_or_else(|| {
+            format_err(
+                &path.display().to_string(),
+                "the file name is not valid UTF-8",
+            )
+        })
+}
 
 /// Read a `.npy` file (one tensor, named after the file stem) or an `.npz`
 /// archive (one tensor per member).
 pub fn read_npy_or_npz(path: &Path) -> Result<TensorFile> {
-    Err(Error::Format {
-        path: path.display().to_string(),
-        detail: "npy/npz input is not supported yet".into(),
-    })
+    let bytes = read_bounded(path)?;
+    parse_npy_or_npz(
+        &bytes,
+        &path.display().to_string(),
+        &stem(path)?,
+        max_file_bytes(),
+    )
+}
+
+/// Read a directory: every `*.npy` in it (not recursing) plus an optional
+/// `metadata.json`. Other files are ignored; a directory without any `.npy`
+/// is an error (it is almost certainly the wrong directory).
+pub fn read_npy_dir(dir: &Path) -> Result<TensorFile> {
+    let shown = dir.display().to_string();
+    let io = |e: std::io::Error| Error::Io {
+        path: shown.clone(),
+        source: e,
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let p = entry.map_err(io)?.path();
+        if p.extension().is_some_and(|e| e == "npy") && p.is_file() {
+            files.push(p);
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        return Err(format_err(&shown, "the directory holds no .npy files"));
+    }
+    let mut out = TensorFile::default();
+    let mut total = 0u64;
+    let limit = max_file_bytes();
+    for p in files {
+        let bytes = read_bounded(&p)?;
+        total += bytes.len() as u64;
+        if total > limit {
+            return Err(Error::TooLarge {
+                what: format!("the .npy files of {shown}"),
+                bytes: total as u128,
+                limit: limit as u128,
+            });
+        }
+        let t = parse_npy(&bytes, &p.display().to_string())?;
+        insert_unique(&mut out, stem(&p)?, t, &shown)?;
+    }
+    let meta = dir.join("metadata.json");
+    if meta.is_file() {
+        let bytes = read_bounded(&meta)?;
+        out.metadata = parse_metadata(&bytes, &meta.display().to_string())?;
+    }
+    Ok(out)
+}
+
+/// The bytes of a `.npy` file (version 1.0, or 2.0 for a header over 64 KiB)
+/// holding `t`: little-endian, C order, header padded to 64 bytes as NumPy
+/// writes it.
+pub fn npy_bytes<T: Float>(t: &Tensor<T>) -> Vec<u8> {
+    let descr = match T::DTYPE {
+        DType::F32 => "<f4",
+        DType::F64 => "<f8",
+    };
+    let shape = match t.shape() {
+        [] => "()".to_string(),
+        [d] => format!("({d},)"),
+        s => format!(
+            "({})",
+            s.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let mut dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    let (version, len_bytes) = if dict.len() + 11 + 10 <= u16::MAX as usize {
+        (1u8, 2usize)
+    } else {
+        (2u8, 4usize)
+    };
+    let pre = 8 + len_bytes;
+    // Pad with spaces so the data starts on a 64-byte boundary; end with '\n'.
+    let pad = (64 - (pre + dict.len() + 1) % 64) % 64;
+    dict.push_str(&" ".repeat(pad));
+    dict.push('\n');
+    let mut out = Vec::with_capacity(pre + dict.len() + t.numel() * T::DTYPE.size_of());
+    out.extend_from_slice(NPY_MAGIC);
+    out.extend_from_slice(&[version, 0]);
+    if version == 1 {
+        out.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+    } else {
+        out.extend_from_slice(&(dict.len() as u32).to_le_bytes());
+    }
+    out.extend_from_slice(dict.as_bytes());
+    out.extend_from_slice(&T::to_le_bytes_vec(t.as_slice()));
+    out
+}
+
+/// A tensor name usable as a file name: no path separators, not `.`/`..`.
+fn check_file_name(name: &str, dir: &str) -> Result<()> {
+    if name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.contains(['/', '\\', '\0'])
+        || name == "metadata.json"
+    {
+        return Err(Error::Format {
+            path: dir.to_string(),
+            detail: format!("tensor name `{name}` cannot be a file name"),
+        });
+    }
+    Ok(())
 }
 
 /// Write every tensor as `<dir>/<name>.npy` and the metadata as `<dir>/metadata.json`.
-pub fn write_npy_dir<T: crate::tensor::Float>(
+pub fn write_npy_dir<T: Float>(
     dir: &Path,
     tensors: &crate::distill::TensorMap<T>,
-    metadata: &std::collections::HashMap<String, String>,
+    metadata: &HashMap<String, String>,
 ) -> Result<()> {
-    Err(Error::Format {
-        path: dir.display().to_string(),
-        detail: format!(
-            "npy output is not supported yet ({} tensors, {} metadata keys)",
-            tensors.len(),
-            metadata.len()
-        ),
-    })
+    let shown = dir.display().to_string();
+    let io = |p: &Path, e: std::io::Error| Error::Io {
+        path: p.display().to_string(),
+        source: e,
+    };
+    for name in tensors.keys() {
+        check_file_name(name, &shown)?;
+    }
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    for (name, t) in tensors {
+        let p = dir.join(format!("{name}.npy"));
+        std::fs::write(&p, npy_bytes(t)).map_err(|e| io(&p, e))?;
+    }
+    // Sorted keys, so the file is reproducible.
+    let sorted: BTreeMap<_, _> = metadata.iter().collect();
+    let text = serde_json::to_string_pretty(&sorted).map_err(|e| Error::Format {
+        path: shown.clone(),
+        detail: format!("cannot encode metadata: {e}"),
+    })?;
+    let p = dir.join("metadata.json");
+    std::fs::write(&p, text).map_err(|e| io(&p, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(dict: &str) -> Vec<u8> {
+        let mut v = NPY_MAGIC.to_vec();
+        v.extend_from_slice(&[1, 0]);
+        v.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+        v.extend_from_slice(dict.as_bytes());
+        v
+    }
+
+    #[test]
+    fn round_trip_keeps_shape_and_bits() {
+        for shape in [vec![], vec![3], vec![2, 3], vec![1, 2, 1, 3], vec![0, 4]] {
+            let n: usize = shape.iter().product();
+            let t =
+                Tensor::<f64>::from_vec(&shape, (0..n).map(|i| i as f64 - 0.5).collect()).unwrap();
+            let b = npy_bytes(&t);
+            // NumPy's alignment: the data starts on a 64-byte boundary.
+            assert_eq!((b.len() - n * 8) % 64, 0);
+            let AnyTensor::F64(back) = parse_npy(&b, "x").unwrap() else {
+                panic!("dtype changed")
+            };
+            assert_eq!(back.shape(), shape.as_slice());
+            assert_eq!(back.as_slice(), t.as_slice());
+            let t32: Tensor<f32> = t.cast();
+            assert_eq!(
+                parse_npy(&npy_bytes(&t32), "x").unwrap().dtype(),
+                DType::F32
+            );
+        }
+    }
+
+    #[test]
+    fn header_variants_numpy_writes_are_accepted() {
+        for (dict, shape) in [
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }",
+                vec![2],
+            ),
+            (
+                "{\"descr\":\"<f4\",\"shape\":(1,2),\"fortran_order\":False}",
+                vec![1, 2],
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': True, 'shape': (2L,), }   \n",
+                vec![2],
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2, 1), }",
+                vec![1, 2, 1],
+            ),
+        ] {
+            let mut b = header(dict);
+            b.extend_from_slice(&[0u8; 8]);
+            let t = parse_npy(&b, "x").unwrap_or_else(|e| panic!("{dict}: {e}"));
+            assert_eq!(t.shape(), shape.as_slice());
+        }
+    }
+
+    #[test]
+    fn bad_headers_have_typed_errors() {
+        for (dict, kind) in [
+            (
+                "{'descr': '>f4', 'fortran_order': False, 'shape': (1,), }",
+                "dtype",
+            ),
+            (
+                "{'descr': '<i4', 'fortran_order': False, 'shape': (1,), }",
+                "dtype",
+            ),
+            (
+                "{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (1,), }",
+                "dtype",
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': True, 'shape': (2, 2), }",
+                "format",
+            ),
+            ("{'descr': '<f4', 'shape': (1,), }", "format"),
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (1,), 'x': 1}",
+                "format",
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (-1,), }",
+                "format",
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999,), }",
+                "format",
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296), }",
+                "too_large",
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000, 1000000), }",
+                "too_large",
+            ),
+            // Plausible size, but the file holds 4 bytes: refused before reading.
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000,), }",
+                "format",
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (1,) } junk",
+                "format",
+            ),
+        ] {
+            let mut b = header(dict);
+            b.extend_from_slice(&[0u8; 4]);
+            let e = parse_npy(&b, "x").unwrap_err();
+            assert_eq!(e.kind(), kind, "{dict}: {e}");
+        }
+    }
+
+    #[test]
+    fn npz_members_are_named_and_bounded() {
+        use std::io::Write;
+        let t = Tensor::<f32>::from_vec(&[2], vec![1.0, 2.0]).unwrap();
+        let mut buf = Cursor::new(Vec::new());
+        {
+            let mut z = zip::ZipWriter::new(&mut buf);
+            let opts = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Deflated);
+            z.start_file("p0.student.npy", opts).unwrap();
+            z.write_all(&npy_bytes(&t)).unwrap();
+            z.finish().unwrap();
+        }
+        let bytes = buf.into_inner();
+        let f = parse_npy_or_npz(&bytes, "a.npz", "a", 1 << 20).unwrap();
+        assert_eq!(f.tensors["p0.student"].shape(), &[2]);
+        // A budget smaller than the member's data: refused, typed.
+        let e = parse_npz(&bytes, "a.npz", 4).unwrap_err();
+        assert_eq!(e.kind(), "too_large");
+    }
 }

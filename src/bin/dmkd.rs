@@ -70,7 +70,7 @@ enum Command {
         /// Level config (JSON); defaults to the `config` metadata of --inputs.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Students, teachers (and FGD boxes): .safetensors, .npz or .npy.
+        /// Students, teachers (and FGD boxes): .safetensors, .npz, .npy, or a directory of .npy files.
         #[arg(long)]
         inputs: PathBuf,
         /// Parameters; absent ones are initialised from --init-seed and written out.
@@ -164,10 +164,21 @@ fn json_string<S: serde::Serialize>(v: &S) -> Result<String> {
 }
 
 fn read_config(path: &Path) -> Result<Config> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+    use std::io::Read;
+    let io = |e| Error::Io {
         path: path.display().to_string(),
         source: e,
-    })?;
+    };
+    // Read at most one byte past the limit, so `--config /dev/zero` or a
+    // huge file is refused by `from_json` instead of read forever.
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(dmkd::distill::config::MAX_CONFIG_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| Error::Config(format!("{} is not UTF-8 text", path.display())))?;
     Config::from_json(&text)
 }
 
@@ -544,12 +555,34 @@ fn run(cli: Cli) -> Result<bool> {
     }
 }
 
+/// The message on one line: names and paths from files may hold newlines
+/// or terminal escapes, shown escaped.
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn main() -> ExitCode {
+    // A panic is a bug in dmkd, never the user's input; even so the user
+    // gets one line (and exit status 101), not a multi-line report.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!(
+            "error: internal error, please report it: {}",
+            one_line(&info.to_string())
+        );
+    }));
     match run(Cli::parse()) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", one_line(&e.to_string()));
             ExitCode::FAILURE
         }
     }

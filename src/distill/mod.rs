@@ -132,6 +132,65 @@ pub fn read_boxes<T: Float>(tensors: &TensorMap<T>, n: usize) -> Result<Boxes> {
     Ok(boxes)
 }
 
+/// Default bound on a problem's memory when `/proc/meminfo` cannot be read:
+/// `MAX_ELEMENTS` f32 values (64 GiB).
+pub const DEFAULT_MAX_PROBLEM_BYTES: u64 = (crate::tensor::MAX_ELEMENTS as u64) * 4;
+
+/// The memory a problem may need: `DMKD_MAX_PROBLEM_BYTES` if set, else the
+/// machine's physical memory (MemTotal), capped at
+/// [`DEFAULT_MAX_PROBLEM_BYTES`].
+pub fn max_problem_bytes() -> u64 {
+    if let Some(v) = std::env::var("DMKD_MAX_PROBLEM_BYTES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        return v;
+    }
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        kib.checked_mul(1024)
+    });
+    total.map_or(DEFAULT_MAX_PROBLEM_BYTES, |t| {
+        t.min(DEFAULT_MAX_PROBLEM_BYTES)
+    })
+}
+
+/// Refuse a problem whose memory surely exceeds [`max_problem_bytes`],
+/// before any parameter is initialised. Each tensor fits `MAX_ELEMENTS`, but
+/// a 80 KB teacher of shape `[1, 40000, 1, 1]` asks for four 40000x40000x3x3
+/// generator weights (230 GB in f32): without this check it would abort on a
+/// failed allocation. The estimate is a lower bound (each parameter and its
+/// gradient, the inputs, and the four generator outputs each level keeps for
+/// the backward pass), so a refusal is never wrong.
+fn check_footprint<T: Float>(shapes: &[LevelShape], specs: &[Vec<ParamSpec>]) -> Result<()> {
+    let mut elements: u128 = 0;
+    for (shape, level_specs) in shapes.iter().zip(specs) {
+        for spec in level_specs {
+            let n = spec
+                .shape
+                .iter()
+                .fold(1u128, |a, &d| a.saturating_mul(d as u128));
+            elements = elements.saturating_add(n.saturating_mul(2));
+        }
+        let plane = (shape.n as u128) * (shape.h as u128) * (shape.w as u128);
+        let inputs = plane.saturating_mul(shape.cs as u128 + shape.c as u128);
+        let activations = plane.saturating_mul(shape.c as u128).saturating_mul(4);
+        elements = elements.saturating_add(inputs).saturating_add(activations);
+    }
+    let bytes = elements.saturating_mul(T::DTYPE.size_of() as u128);
+    let limit = max_problem_bytes();
+    if bytes > limit as u128 {
+        return Err(Error::TooLarge {
+            what: "the problem (parameters, gradients, inputs and activations; a lower bound)"
+                .into(),
+            bytes,
+            limit: limit as u128,
+        });
+    }
+    Ok(())
+}
+
 /// Options of [`evaluate`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EvalOptions {
@@ -190,6 +249,7 @@ impl<T: Float> Problem<T> {
             specs.push(level_param_specs(l, lc, &shape));
             shapes.push(shape);
         }
+        check_footprint::<T>(&shapes, &specs)?;
         let needs_boxes = config.levels.iter().any(|l| l.method == Method::Fgd);
         let boxes = if needs_boxes {
             Some(read_boxes(tensors, shapes[0].n)?)
@@ -252,6 +312,16 @@ impl<T: Float> Problem<T> {
         params: &[Var<T>],
     ) -> Result<(Var<T>, Vec<LevelOutput<T>>)> {
         let names = self.param_names();
+        let levels = self.config.levels.len();
+        if self.students.len() != levels
+            || self.teachers.len() != levels
+            || self.specs.len() != levels
+        {
+            return Err(Error::arg(
+                "loss_graph",
+                "the problem's levels, inputs and specs disagree",
+            ));
+        }
         if students.len() != self.students.len() || params.len() != names.len() {
             return Err(Error::arg(
                 "loss_graph",
@@ -269,15 +339,17 @@ impl<T: Float> Problem<T> {
         let mut outs = Vec::with_capacity(students.len());
         for (l, lc) in self.config.levels.iter().enumerate() {
             let teacher = tape.constant(self.teachers[l].clone());
+            // `Problem`'s fields are public: a hand-built one can disagree
+            // with itself, so lookups fail with errors, not panics.
             let own = self.specs[l]
                 .iter()
                 .map(|s| {
-                    (
-                        s.name.clone(),
-                        by_name.remove(&s.name).expect("names come from specs"),
-                    )
+                    by_name
+                        .remove(&s.name)
+                        .map(|v| (s.name.clone(), v))
+                        .ok_or_else(|| Error::MissingTensor(s.name.clone()))
                 })
-                .collect();
+                .collect::<Result<_>>()?;
             let vars = params::LevelVars::from_vars(l, own);
             let student = &students[l];
             outs.push(match lc.method {
@@ -288,14 +360,17 @@ impl<T: Float> Problem<T> {
                     &teacher,
                     &vars,
                     lc,
-                    self.boxes
-                        .as_ref()
-                        .expect("boxes are read when a level is fgd"),
+                    self.boxes.as_ref().ok_or_else(|| {
+                        Error::MissingTensor("gt_boxes (an fgd level needs boxes)".into())
+                    })?,
                 )?,
             });
         }
-        let mut total = outs[0].loss.clone();
-        for o in &outs[1..] {
+        let Some((first, rest)) = outs.split_first() else {
+            return Err(Error::Config("no levels".into()));
+        };
+        let mut total = first.loss.clone();
+        for o in rest {
             total = total.add(&o.loss)?;
         }
         Ok((total, outs))
@@ -321,6 +396,10 @@ pub fn forward<T: Float>(backend: BackendRef<T>, problem: &Problem<T>) -> Result
         .iter()
         .map(|o| o.loss.value().item())
         .collect::<Result<_>>()?;
+    // As in `evaluate`: an overflowed loss is an error, not a result.
+    total
+        .value()
+        .check_finite("loss (overflow: inputs too large for this precision)")?;
     Ok((total.value().item()?, levels))
 }
 
@@ -356,6 +435,16 @@ pub fn evaluate<T: Float>(backend: BackendRef<T>, problem: &Problem<T>) -> Resul
     }
     for (name, v) in names.iter().zip(&params) {
         outputs.insert(format!("grad.{name}"), grads.get_or_zeros(v)?);
+    }
+    // Finite inputs can still overflow (features near the float's maximum
+    // square to infinity); an infinite or NaN loss or gradient is reported as
+    // an error naming the first such output rather than written out as if
+    // it were a result. `loss` first, so the message names the loss itself.
+    outputs["loss"].check_finite("loss (overflow: inputs too large for this precision)")?;
+    for (name, t) in &outputs {
+        t.check_finite(&format!(
+            "output {name} (overflow: inputs too large for this precision)"
+        ))?;
     }
     Ok(Evaluation {
         loss,
