@@ -39,6 +39,20 @@ fn gumbel(u: f64) -> f64 {
     -(-u.ln()).ln()
 }
 
+/// Sample, index and level must each fit a 32-bit Philox counter word.
+fn check_counter_range(n: usize, count: usize, level: usize) -> Result<()> {
+    let max = u32::MAX as usize;
+    if n > max || count > max || level > max {
+        return Err(Error::arg(
+            "attention_mask",
+            format!(
+                "index space (N {n}, count {count}, level {level}) exceeds the 32-bit Philox counter words"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The mask of one branch from its attention `[N, K]` (channel) or
 /// `[N, H, W]` (spatial, flattened to `K = H*W` with index `h*W + w`).
 pub fn attention_mask<T: Float>(
@@ -57,12 +71,7 @@ pub fn attention_mask<T: Float>(
     }
     let n = attn.shape()[0];
     let count: usize = attn.shape()[1..].iter().product();
-    if count > u32::MAX as usize || n > u32::MAX as usize || level > u32::MAX as usize {
-        return Err(Error::arg(
-            "attention_mask",
-            "index space exceeds the 32-bit Philox counter words",
-        ));
-    }
+    check_counter_range(n, count, level)?;
     let k = mask_count(lambda, count);
     let a = attn.as_slice();
     let mut mask = vec![T::one(); a.len()];
@@ -186,6 +195,31 @@ mod tests {
         // Different branches draw different numbers.
         let ms = attention_mask(&a, MaskMode::Random, 0.65, 9, 1, Branch::Spatial).unwrap();
         assert_ne!(m.as_slice(), ms.as_slice());
+    }
+
+    #[test]
+    fn random_mode_keeps_u_equal_to_one_minus_lambda() {
+        // Philox of counter 0 and key 0 gives x0 = 0x6627e8d5 (a known answer),
+        // so u = (x0 + 0.5) / 2^32 exactly; with lambda = 1 - u the threshold
+        // equals u, and `u > 1 - lambda` keeps the entry.
+        let u = (0x6627e8d5u32 as f64 + 0.5) / 4_294_967_296.0;
+        let lambda = 1.0 - u;
+        assert_eq!(1.0 - lambda, u);
+        let a = t(&[1, 1], vec![1.0]);
+        let m = attention_mask(&a, MaskMode::Random, lambda, 0, 0, Branch::Spatial).unwrap();
+        assert_eq!(m.as_slice(), &[1.0]);
+        let nudged = lambda + 1e-12;
+        let m = attention_mask(&a, MaskMode::Random, nudged, 0, 0, Branch::Spatial).unwrap();
+        assert_eq!(m.as_slice(), &[0.0]);
+    }
+
+    #[test]
+    fn counter_words_must_fit_32_bits() {
+        let max = u32::MAX as usize;
+        assert!(check_counter_range(max, max, max).is_ok());
+        assert!(check_counter_range(max + 1, 1, 0).is_err());
+        assert!(check_counter_range(1, max + 1, 0).is_err());
+        assert!(check_counter_range(1, 1, max + 1).is_err());
     }
 
     #[test]

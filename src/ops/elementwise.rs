@@ -101,48 +101,36 @@ impl<T: Float> Var<T> {
         let (a, b) = (self.value().clone(), other.value().clone());
         let y_val = (op == Binary::Div).then(|| y.clone());
         self.tape().record(&[self, other], y, move |be, g, needs| {
-            let (ga, gb): (Option<Tensor<T>>, Option<Tensor<T>>) = match op {
-                Binary::Add => (Some(g.clone()), needs[1].then(|| g.clone())),
-                Binary::Sub => (
-                    Some(g.clone()),
-                    if needs[1] {
-                        Some(be.unary(Unary::Neg, g)?)
-                    } else {
-                        None
-                    },
-                ),
-                Binary::Mul => (
-                    if needs[0] {
-                        Some(be.binary(Binary::Mul, g, &b, g.shape())?)
-                    } else {
-                        None
-                    },
-                    if needs[1] {
-                        Some(be.binary(Binary::Mul, g, &a, g.shape())?)
-                    } else {
-                        None
-                    },
-                ),
-                Binary::Div => {
-                    let g_over_b = be.binary(Binary::Div, g, &b, g.shape())?;
-                    let gb = if needs[1] {
+            // Each operand's gradient at the output's shape, computed only
+            // when that operand needs one.
+            let ga = if needs[0] {
+                Some(match op {
+                    Binary::Add | Binary::Sub => g.clone(),
+                    Binary::Mul => be.binary(Binary::Mul, g, &b, g.shape())?,
+                    Binary::Div => be.binary(Binary::Div, g, &b, g.shape())?,
+                })
+            } else {
+                None
+            };
+            let gb = if needs[1] {
+                Some(match op {
+                    Binary::Add => g.clone(),
+                    Binary::Sub => be.unary(Unary::Neg, g)?,
+                    Binary::Mul => be.binary(Binary::Mul, g, &a, g.shape())?,
+                    Binary::Div => {
+                        // -(g / b) * y with y = a / b.
+                        let g_over_b = be.binary(Binary::Div, g, &b, g.shape())?;
                         let y = y_val.as_ref().expect("div keeps its output");
                         let t = be.binary(Binary::Mul, &g_over_b, y, g.shape())?;
-                        Some(be.unary(Unary::Neg, &t)?)
-                    } else {
-                        None
-                    };
-                    (Some(g_over_b), gb)
-                }
+                        be.unary(Unary::Neg, &t)?
+                    }
+                })
+            } else {
+                None
             };
-            let ga = match ga {
-                Some(t) if needs[0] => Some(sum_to_shape(be, &t, a.shape())?),
-                _ => None,
-            };
-            let gb = match gb {
-                Some(t) if needs[1] => Some(sum_to_shape(be, &t, b.shape())?),
-                _ => None,
-            };
+            // Sum back over the broadcast dims to each operand's shape.
+            let ga = ga.map(|t| sum_to_shape(be, &t, a.shape())).transpose()?;
+            let gb = gb.map(|t| sum_to_shape(be, &t, b.shape())).transpose()?;
             Ok(vec![ga, gb])
         })
     }
