@@ -227,6 +227,38 @@ mod tests {
     }
 
     #[test]
+    fn fgd_defaults_are_its_retinanet_config() {
+        let c = Config::from_json(r#"{"levels":[{"method":"fgd"}]}"#).unwrap();
+        let l = &c.levels[0];
+        assert_eq!(
+            (l.alpha_fgd, l.beta_fgd, l.gamma_fgd, l.lambda_fgd),
+            (0.001, 0.0005, 0.0005, 0.000005)
+        );
+        assert_eq!(l.tau, 0.5);
+    }
+
+    #[test]
+    fn size_limits_are_inclusive() {
+        let level = r#"{"seed":1}"#;
+        let at_limit = format!(r#"{{"levels":[{}]}}"#, vec![level; MAX_LEVELS].join(","));
+        assert_eq!(
+            Config::from_json(&at_limit).unwrap().levels.len(),
+            MAX_LEVELS
+        );
+        let over = format!(
+            r#"{{"levels":[{}]}}"#,
+            vec![level; MAX_LEVELS + 1].join(",")
+        );
+        assert_eq!(Config::from_json(&over).unwrap_err().kind(), "config");
+        // Exactly MAX_CONFIG_BYTES of valid JSON (padded with spaces) is accepted.
+        let base = r#"{"levels":[{}]}"#;
+        let padded = format!("{base}{}", " ".repeat(MAX_CONFIG_BYTES - base.len()));
+        assert!(Config::from_json(&padded).is_ok());
+        let too_long = format!("{padded} ");
+        assert_eq!(Config::from_json(&too_long).unwrap_err().kind(), "config");
+    }
+
+    #[test]
     fn a_u64_seed_round_trips() {
         let c = Config::from_json(r#"{"levels":[{"seed":18446744073709551615}]}"#).unwrap();
         assert_eq!(c.levels[0].seed, u64::MAX);

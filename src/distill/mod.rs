@@ -35,6 +35,7 @@ pub struct LevelShape {
 }
 
 /// What a level's loss returns: the loss variable and named debug tensors.
+#[derive(Debug)]
 pub struct LevelOutput<T: Float> {
     pub loss: Var<T>,
     pub debug: Vec<(String, Tensor<T>)>,
@@ -163,7 +164,8 @@ pub fn max_problem_bytes() -> u64 {
 /// failed allocation. The estimate is a lower bound (each parameter and its
 /// gradient, the inputs, and the four generator outputs each level keeps for
 /// the backward pass), so a refusal is never wrong.
-fn check_footprint<T: Float>(shapes: &[LevelShape], specs: &[Vec<ParamSpec>]) -> Result<()> {
+/// The lower-bound memory estimate of [`check_footprint`], in bytes.
+pub fn footprint_bytes(shapes: &[LevelShape], specs: &[Vec<ParamSpec>], elem_size: usize) -> u128 {
     let mut elements: u128 = 0;
     for (shape, level_specs) in shapes.iter().zip(specs) {
         for spec in level_specs {
@@ -178,14 +180,22 @@ fn check_footprint<T: Float>(shapes: &[LevelShape], specs: &[Vec<ParamSpec>]) ->
         let activations = plane.saturating_mul(shape.c as u128).saturating_mul(4);
         elements = elements.saturating_add(inputs).saturating_add(activations);
     }
-    let bytes = elements.saturating_mul(T::DTYPE.size_of() as u128);
-    let limit = max_problem_bytes();
-    if bytes > limit as u128 {
+    elements.saturating_mul(elem_size as u128)
+}
+
+fn check_footprint<T: Float>(shapes: &[LevelShape], specs: &[Vec<ParamSpec>]) -> Result<()> {
+    let bytes = footprint_bytes(shapes, specs, T::DTYPE.size_of());
+    within_limit(bytes, max_problem_bytes() as u128)
+}
+
+/// `bytes` may use up to `limit` bytes, inclusive.
+fn within_limit(bytes: u128, limit: u128) -> Result<()> {
+    if bytes > limit {
         return Err(Error::TooLarge {
             what: "the problem (parameters, gradients, inputs and activations; a lower bound)"
                 .into(),
             bytes,
-            limit: limit as u128,
+            limit,
         });
     }
     Ok(())
@@ -452,4 +462,103 @@ pub fn evaluate<T: Float>(backend: BackendRef<T>, problem: &Problem<T>) -> Resul
         params: problem.params.clone(),
         outputs,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::ReferenceBackend;
+    use std::sync::Arc;
+
+    #[test]
+    fn footprint_counts_params_twice_inputs_and_four_activations() {
+        let shape = LevelShape {
+            n: 2,
+            cs: 3,
+            c: 4,
+            h: 5,
+            w: 6,
+        };
+        let specs = vec![vec![ParamSpec::new(
+            "a".into(),
+            &[4, 3, 1, 1],
+            params::Init::Zeros,
+        )]];
+        // params 12 * 2, inputs 60 * (3 + 4), activations 60 * 4 * 4, in f32.
+        let want = (12 * 2 + 60 * 7 + 60 * 16) * 4;
+        assert_eq!(footprint_bytes(&[shape], &specs, 4), want as u128);
+        assert_eq!(
+            footprint_bytes(&[shape, shape], &[specs[0].clone(), vec![]], 8),
+            (want * 2 - 24 * 4) as u128 * 2
+        );
+    }
+
+    #[test]
+    fn the_memory_limit_is_inclusive() {
+        assert!(within_limit(100, 100).is_ok());
+        assert_eq!(within_limit(101, 100).unwrap_err().kind(), "too_large");
+    }
+
+    #[test]
+    fn loss_graph_refuses_inconsistent_arguments() {
+        let p = crate::gradcheck::random_problem(
+            &[crate::gradcheck::LossLevel {
+                method: Method::Dmkd,
+                cs: 3,
+                c: 3,
+                h: 2,
+                w: 2,
+                mode: MaskMode::Topk,
+                lambda_s: 0.5,
+                lambda_c: 0.5,
+                tau: 0.5,
+                seed: 0,
+            }],
+            1,
+            0,
+        )
+        .unwrap();
+        let tape = Tape::new(Arc::new(ReferenceBackend) as BackendRef<f64>);
+        let students: Vec<Var<f64>> = p.students.iter().map(|s| tape.leaf(s.clone())).collect();
+        let params: Vec<Var<f64>> = p
+            .param_names()
+            .iter()
+            .map(|n| tape.leaf(p.params[n].clone()))
+            .collect();
+        assert!(p.loss_graph(&tape, &students, &params).is_ok());
+        assert_eq!(
+            p.loss_graph(&tape, &[], &params).unwrap_err().kind(),
+            "invalid_argument"
+        );
+        assert_eq!(
+            p.loss_graph(&tape, &students, &params[1..])
+                .unwrap_err()
+                .kind(),
+            "invalid_argument"
+        );
+        for broken in 0..3 {
+            let mut q = clone_problem(&p);
+            match broken {
+                0 => drop(q.students.pop()),
+                1 => drop(q.teachers.pop()),
+                _ => drop(q.specs.pop()),
+            }
+            assert_eq!(
+                q.loss_graph(&tape, &students, &params).unwrap_err().kind(),
+                "invalid_argument"
+            );
+        }
+    }
+
+    fn clone_problem(p: &Problem<f64>) -> Problem<f64> {
+        Problem {
+            config: p.config.clone(),
+            shapes: p.shapes.clone(),
+            specs: p.specs.clone(),
+            students: p.students.clone(),
+            teachers: p.teachers.clone(),
+            params: p.params.clone(),
+            boxes: p.boxes.clone(),
+        }
+    }
 }

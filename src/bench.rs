@@ -1,0 +1,193 @@
+//! `dmkd bench`: timings of the conv kernels and the whole loss at the
+//! FPN presets, with an FMA peak probe in the same process.
+//!
+//! Every row is the median of `reps` timed runs after one warm-up. GFLOP/s
+//! use the direct-conv FLOP model, `2 * 9 * N * H * W * Cin * Cout` per
+//! conv3x3 pass, whatever the algorithm (so Winograd or mask-aware
+//! kernels may show more than the FMA peak: "effective" GFLOP/s). The
+//! whole DMKD forward counts 4 conv3x3 passes per level, forward and
+//! backward 12 (each of the 4 convs has forward, input grad, weight grad).
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::backend::{Backend, BackendKind, BackendOptions, BackendRef, ConvArgs, ConvGeometry, make_backend};
+use crate::distill::{EvalOptions, Problem, evaluate, forward};
+use crate::error::{Error, Result};
+use crate::synthetic::{Preset, inputs};
+use crate::tensor::Tensor;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub preset: Preset,
+    pub threads: usize,
+    pub reps: usize,
+    pub backend: BackendOptions,
+    /// Time the per-level conv kernels.
+    pub convs: bool,
+    /// Time the whole loss.
+    pub loss: bool,
+}
+
+/// One timed row.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRow {
+    pub name: String,
+    pub ms_median: f64,
+    pub gflops: f64,
+}
+
+/// The `--json` object.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub preset: String,
+    pub threads: usize,
+    pub backend: String,
+    pub conv_algo: String,
+    pub fma_peak_gflops: Option<f64>,
+    pub peak_rss_mib: f64,
+    pub rows: Vec<BenchRow>,
+}
+
+/// Peak resident set size of this process in MiB (Linux `VmHWM`).
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
+}
+
+/// Milliseconds of `f`, median of `reps` after one warm-up. `sync` waits
+/// for a device backend to finish before the clock is read.
+fn time_ms(reps: usize, sync: &dyn Fn() -> Result<()>, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    sync()?;
+    let mut v = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        sync()?;
+        v.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(v))
+}
+
+fn device_sync(kind: BackendKind) -> Box<dyn Fn() -> Result<()>> {
+    match kind {
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => Box::new(crate::backend::cuda::synchronize),
+        _ => Box::new(|| Ok(())),
+    }
+}
+
+fn conv_rows(opts: &BenchOptions, be: &BackendRef<f32>, sync: &dyn Fn() -> Result<()>) -> Result<Vec<BenchRow>> {
+    let p = &opts.preset;
+    let mut rows = Vec::new();
+    let mut rng = crate::rng::PhiloxStream::new(1, 0);
+    for (&(h, w), name) in p.levels.iter().zip(&p.level_names) {
+        let (n, c) = (p.n, p.c);
+        let x = Tensor::<f32>::from_fn(&[n, c, h, w], |_| rng.uniform(-1.0, 1.0) as f32)?;
+        let wt = Tensor::<f32>::from_fn(&[c, c, 3, 3], |_| rng.uniform(-0.05, 0.05) as f32)?;
+        let b = Tensor::<f32>::from_fn(&[c], |_| rng.uniform(-0.1, 0.1) as f32)?;
+        let dy = Tensor::<f32>::from_fn(&[n, c, h, w], |_| rng.uniform(-1.0, 1.0) as f32)?;
+        let args = ConvArgs {
+            geom: ConvGeometry::new(x.shape(), wt.shape(), [1, 1], [1, 1])?,
+            mask: None,
+            relu: false,
+        };
+        let gflop = 2.0 * args.geom.macs() as f64 / 1e9;
+        let be: &dyn Backend<f32> = &**be;
+        let fwd = time_ms(opts.reps, sync, || be.conv2d(&x, &wt, Some(&b), &args).map(drop))?;
+        let dx = time_ms(opts.reps, sync, || be.conv2d_backward_input(&dy, &wt, &args).map(drop))?;
+        let dw = time_ms(opts.reps, sync, || be.conv2d_backward_weight(&dy, &x, &args).map(drop))?;
+        for (kind, ms) in [("forward", fwd), ("input_grad", dx), ("weight_grad", dw)] {
+            rows.push(BenchRow {
+                name: format!("conv3x3.{name}.{kind}"),
+                ms_median: ms,
+                gflops: gflop / (ms / 1e3),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+fn loss_rows(opts: &BenchOptions, be: &BackendRef<f32>, sync: &dyn Fn() -> Result<()>) -> Result<Vec<BenchRow>> {
+    let p = &opts.preset;
+    let config = p.config();
+    let tensors = inputs::<f32>(p, 0)?;
+    let problem = Problem::new(
+        &config,
+        &tensors,
+        EvalOptions {
+            init_seed: Some(0),
+            allow_extra: false,
+        },
+    )?;
+    drop(tensors);
+    let pass_gflop = 2.0 * p.conv3x3_macs() as f64 / 1e9;
+    let fwd = time_ms(opts.reps, sync, || forward(be.clone(), &problem).map(drop))?;
+    let both = time_ms(opts.reps, sync, || evaluate(be.clone(), &problem).map(drop))?;
+    Ok(vec![
+        BenchRow {
+            name: "dmkd.forward".into(),
+            ms_median: fwd,
+            gflops: 4.0 * pass_gflop / (fwd / 1e3),
+        },
+        BenchRow {
+            name: "dmkd.forward_backward".into(),
+            ms_median: both,
+            gflops: 12.0 * pass_gflop / (both / 1e3),
+        },
+    ])
+}
+
+/// Run the benchmark in a pool of `opts.threads` threads.
+pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
+    if opts.reps == 0 || opts.threads == 0 {
+        return Err(Error::arg("bench", "--reps and --threads must be at least 1"));
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads)
+        .build()
+        .map_err(|e| Error::arg("bench", format!("cannot start {} threads: {e}", opts.threads)))?;
+    pool.install(|| {
+        let peak = match opts.backend.kind {
+            BackendKind::Cuda => None,
+            _ => Some(crate::backend::cpu::fma_peak_gflops(opts.threads)),
+        };
+        let be = make_backend::<f32>(opts.backend)?;
+        let sync = device_sync(opts.backend.kind);
+        let mut rows = Vec::new();
+        if opts.convs {
+            rows.extend(conv_rows(opts, &be, &*sync)?);
+        }
+        if opts.loss {
+            rows.extend(loss_rows(opts, &be, &*sync)?);
+        }
+        Ok(BenchReport {
+            preset: opts.preset.name.to_string(),
+            threads: opts.threads,
+            backend: be.name(),
+            conv_algo: match opts.backend.kind {
+                BackendKind::Cpu => format!("{:?}", opts.backend.conv_algo).to_lowercase(),
+                _ => "-".into(),
+            },
+            fma_peak_gflops: peak,
+            peak_rss_mib: peak_rss_mib(),
+            rows,
+        })
+    })
+}
