@@ -328,6 +328,26 @@ mod tests {
     }
 
     #[test]
+    fn box_validation_edges() {
+        let ok = |b: [f64; 4]| Boxes {
+            per_image: vec![vec![b]],
+            img_shape: vec![[10.0, 10.0]],
+        };
+        // Degenerate (zero-width or zero-height) boxes are valid: a point object.
+        assert!(ok([2.0, 3.0, 2.0, 5.0]).validate(1).is_ok());
+        assert!(ok([2.0, 3.0, 4.0, 3.0]).validate(1).is_ok());
+        assert!(ok([2.0, 3.0, 4.0, 2.9]).validate(1).is_err());
+        assert!(ok([2.0, 3.0, 1.9, 5.0]).validate(1).is_err());
+        // The box lists and the image shapes must each match the batch.
+        let mut b = ok([0.0, 0.0, 1.0, 1.0]);
+        b.per_image.push(vec![]);
+        assert!(b.validate(1).is_err());
+        let mut b = ok([0.0, 0.0, 1.0, 1.0]);
+        b.img_shape.push([5.0, 5.0]);
+        assert!(b.validate(1).is_err());
+    }
+
+    #[test]
     fn bad_boxes_are_refused() {
         let mut b = Boxes {
             per_image: vec![vec![[5.0, 0.0, 1.0, 1.0]]],
