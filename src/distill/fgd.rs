@@ -348,6 +348,33 @@ mod tests {
     }
 
     #[test]
+    fn the_gcblock_needs_two_channels() {
+        use crate::gradcheck::{LossLevel, random_problem};
+        let level = |c: usize| LossLevel {
+            method: crate::distill::Method::Fgd,
+            cs: c,
+            c,
+            h: 2,
+            w: 2,
+            mode: crate::distill::MaskMode::Topk,
+            lambda_s: 0.5,
+            lambda_c: 0.5,
+            tau: 0.5,
+            seed: 0,
+        };
+        let be: crate::BackendRef<f64> = std::sync::Arc::new(crate::backend::ReferenceBackend);
+        assert!(
+            crate::distill::evaluate(be.clone(), &random_problem(&[level(2)], 1, 0).unwrap())
+                .is_ok()
+        );
+        let one = random_problem(&[level(1)], 1, 0).unwrap();
+        assert_eq!(
+            crate::distill::evaluate(be, &one).unwrap_err().kind(),
+            "shape_mismatch"
+        );
+    }
+
+    #[test]
     fn bad_boxes_are_refused() {
         let mut b = Boxes {
             per_image: vec![vec![[5.0, 0.0, 1.0, 1.0]]],

@@ -212,6 +212,7 @@ pub struct EvalOptions {
 }
 
 /// The result of one evaluation.
+#[derive(Debug)]
 pub struct Evaluation<T: Float> {
     pub loss: T,
     pub level_losses: Vec<T>,

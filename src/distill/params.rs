@@ -123,10 +123,6 @@ impl<T: Float> LevelVars<T> {
     pub fn has(&self, suffix: &str) -> bool {
         self.vars.contains_key(&format!("p{}.{suffix}", self.level))
     }
-
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &Var<T>)> {
-        self.vars.iter()
-    }
 }
 
 #[cfg(test)]
@@ -148,6 +144,37 @@ mod tests {
         // Spread: a uniform on [-b, b] has standard deviation b / sqrt(3).
         let var = a.as_slice().iter().map(|v| v * v).sum::<f64>() / a.numel() as f64;
         assert!((var.sqrt() - bound / 3f64.sqrt()).abs() < 0.25 * bound);
+    }
+
+    #[test]
+    fn each_name_draws_its_own_values() {
+        // FNV-1a of the empty string and of "a" (published test vectors).
+        assert_eq!(stream_id(""), 0x811c9dc5);
+        assert_eq!(stream_id("a"), 0xe40c292c);
+        let spec =
+            |name: &str| ParamSpec::new(name.into(), &[64], Init::KaimingUniform { fan_in: 9 });
+        let a: Tensor<f64> = init_tensor(&spec("p0.gen_s.0.weight"), 1).unwrap();
+        let b: Tensor<f64> = init_tensor(&spec("p0.gen_c.0.weight"), 1).unwrap();
+        assert_ne!(a.as_slice(), b.as_slice());
+    }
+
+    #[test]
+    fn kaiming_normal_has_the_fan_in_spread() {
+        let spec = ParamSpec::new(
+            "p0.conv_mask_s.weight".into(),
+            &[20000],
+            Init::KaimingNormal { fan_in: 8 },
+        );
+        let t: Tensor<f64> = init_tensor(&spec, 3).unwrap();
+        let n = t.numel() as f64;
+        let mean = t.as_slice().iter().sum::<f64>() / n;
+        let std = (t.as_slice().iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+        // std sqrt(2 / 8) = 0.5; the standard error of the estimate is 0.0025.
+        assert!((std - 0.5).abs() < 0.015, "{std}");
+        assert!(mean.abs() < 0.02, "{mean}");
+        let ones: Tensor<f32> =
+            init_tensor(&ParamSpec::new("x".into(), &[3], Init::Ones), 0).unwrap();
+        assert_eq!(ones.as_slice(), &[1.0, 1.0, 1.0]);
     }
 
     #[test]
