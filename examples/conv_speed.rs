@@ -1,0 +1,117 @@
+//! GFLOP/s of the CPU backend's conv3x3 256->256 kernels (N = 2) at the
+//! retinanet FPN levels, against the FMA peak probed in the same process.
+//!
+//! `cargo run --release --example conv_speed [-- REPS [LEVELS] [f64]]`,
+//! e.g. `-- 7 P3,P4`. FLOP model: the direct conv, 2*9*N*H*W*Cin*Cout per
+//! pass (forward, input grad, weight grad alike). Times are medians of REPS
+//! (default 5) after one warm-up; use the thread count of
+//! `RAYON_NUM_THREADS` (default: all cores).
+
+use std::time::Instant;
+
+use dmkd::backend::cpu::fma_peak_gflops;
+use dmkd::backend::{Backend, ConvArgs, ConvGeometry, CpuBackend};
+use dmkd::{ConvAlgo, Float, Tensor};
+
+const LEVELS: [(&str, usize, usize); 5] = [
+    ("P3", 100, 168),
+    ("P4", 50, 84),
+    ("P5", 25, 42),
+    ("P6", 13, 21),
+    ("P7", 7, 11),
+];
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn time(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    median(
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+fn run<T: Float>(reps: usize, levels: &[&str], peak: f64) {
+    let be = CpuBackend::new(ConvAlgo::Direct);
+    let (n, c) = (2, 256);
+    println!(
+        "{:<4} {:>10} {:>9} {:>7}   {:>10} {:>9} {:>7}   {:>10} {:>9} {:>7}",
+        "lvl",
+        "fwd ms",
+        "GFLOP/s",
+        "%peak",
+        "dX ms",
+        "GFLOP/s",
+        "%peak",
+        "dW ms",
+        "GFLOP/s",
+        "%peak"
+    );
+    for &(name, h, w) in LEVELS.iter().filter(|l| levels.contains(&l.0)) {
+        let geom = ConvGeometry::new(&[n, c, h, w], &[c, c, 3, 3], [1, 1], [1, 1]).unwrap();
+        let values = |len: usize, seed: usize| -> Vec<T> {
+            (0..len)
+                .map(|i| {
+                    T::from_f64((((i * 7919 + seed * 104729) % 2001) as f64 - 1000.0) / 1000.0)
+                })
+                .collect()
+        };
+        let x = Tensor::from_vec(&geom.input_shape(), values(n * c * h * w, 1)).unwrap();
+        let wt = Tensor::from_vec(&geom.weight_shape(), values(c * c * 9, 2)).unwrap();
+        let b = Tensor::from_vec(&[c], values(c, 3)).unwrap();
+        let dy = Tensor::from_vec(&geom.output_shape(), values(n * c * h * w, 4)).unwrap();
+        let args = ConvArgs {
+            geom,
+            mask: None,
+            relu: true,
+        };
+        let flops = 2.0 * geom.macs() as f64;
+        let row: Vec<f64> = [
+            time(reps, || drop(be.conv2d(&x, &wt, Some(&b), &args).unwrap())),
+            time(reps, || {
+                drop(be.conv2d_backward_input(&dy, &wt, &args).unwrap())
+            }),
+            time(reps, || {
+                drop(be.conv2d_backward_weight(&dy, &x, &args).unwrap())
+            }),
+        ]
+        .to_vec();
+        print!("{name:<4}");
+        for t in row {
+            let g = flops / t / 1e9;
+            print!(" {:>10.2} {:>9.1} {:>6.1}%  ", t * 1e3, g, 100.0 * g / peak);
+        }
+        println!();
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let reps = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5);
+    let levels: Vec<&str> = args
+        .get(2)
+        .map(|s| s.split(',').collect())
+        .unwrap_or_else(|| LEVELS.iter().map(|l| l.0).collect());
+    let f64_too = args.iter().any(|a| a == "f64");
+    let threads = rayon::current_num_threads();
+    let peak_before = fma_peak_gflops(threads);
+    println!("threads {threads}, FMA peak (f32) {peak_before:.1} GFLOP/s");
+    run::<f32>(reps, &levels, peak_before);
+    if f64_too {
+        println!(
+            "f64 (peak is half the f32 figure: {:.1})",
+            peak_before / 2.0
+        );
+        run::<f64>(reps, &levels, peak_before / 2.0);
+    }
+    let peak_after = fma_peak_gflops(threads);
+    println!("FMA peak after: {peak_after:.1} GFLOP/s (percentages use the first probe)");
+}

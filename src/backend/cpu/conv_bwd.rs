@@ -1,0 +1,316 @@
+//! Convolution gradients: input (dX), weight (dW) and bias.
+//!
+//! dX is the forward engine again ([`ImplicitConv`]): the full correlation
+//! of the output gradient, zero-dilated by the stride and padded by
+//! `k - 1 - pad`, with the weights transposed and flipped
+//! (`W'[ci][co][ky][kx] = W[co][ci][kh-1-ky][kw-1-kx]`), then times the
+//! mask. For stride 1 (every conv of the loss) that is exactly the forward
+//! cost; for larger strides it multiplies the inserted zeros too (a slower
+//! but correct generic path).
+//!
+//! dW is a GEMM with the long reduction over positions,
+//! `dW^T[j][co] = sum_{n,oy,ox} Xpad[n][j: ci, oy*sh+ky, ox*sw+kx] * dY[n][co][oy][ox]`.
+//! Orientation: rows are the taps `j = (ci, ky, kx)` and the kernel reads
+//! them straight from the padded image (a row of the im2col matrix is a
+//! shifted window of it: no im2col copy at all), columns are output
+//! channels, packed from dY transposed (`[k][NR]`, a cheap 256-wide
+//! transpose per k-block). The other orientation (rows = output channels)
+//! would need im2col transposed, a gather of 9 taps per value.
+//!
+//! Determinism: the reduction over positions (33600 at P3) is cut into
+//! fixed k-blocks (image, output rows) that depend only on the shape; each
+//! output is one fused chain through those blocks in (n, oy, ox) order,
+//! resumed from C, so the grouping is the same for every thread count.
+//! Threads split the rows j (outputs), never the reduction.
+
+use pulp::{Arch, Simd, WithSimd};
+use rayon::prelude::*;
+
+use super::conv_fwd::{Epilogue, ImplicitConv, kc_for};
+use super::kernel::{AWalk, ColBlock, MR, nr, run_tile};
+use super::pack::{PackedA, PadSpec, pack_dy_t, pad_input};
+use super::simd::Elem;
+use crate::backend::{ConvArgs, ConvGeometry};
+use crate::pool;
+
+/// `y = act(conv(x * mask, w) + b)`, `[N, Cout, OH, OW]`.
+pub(crate) fn conv2d<E: Elem>(x: &[E], w: &[E], b: Option<&[E]>, args: &ConvArgs<E>) -> Vec<E> {
+    let g = &args.geom;
+    let [ph, pw] = g.padding;
+    let spec = PadSpec {
+        top: ph as isize,
+        left: pw as isize,
+        hp: g.h + 2 * ph,
+        wp: g.w + 2 * pw,
+        dil: [1, 1],
+    };
+    let src = pad_input(x, g.input_shape(), spec, args.mask.as_ref());
+    let k = g.c_in * g.kh * g.kw;
+    let a = PackedA::new(g.c_out, k, kc_for::<E>(), |m, kk| w[m * k + kk]);
+    ImplicitConv {
+        src: src.as_slice(),
+        n: g.n,
+        c: g.c_in,
+        hp: spec.hp,
+        wp: spec.wp,
+        kh: g.kh,
+        kw: g.kw,
+        stride: g.stride,
+        oh: g.oh,
+        ow: g.ow,
+        a: &a,
+        m: g.c_out,
+        epilogue: Epilogue::Bias {
+            bias: b,
+            relu: args.relu,
+        },
+    }
+    .run()
+}
+
+/// `dx = mask * conv_transpose(dy, w)`, `[N, Cin, H, W]`.
+pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<E>) -> Vec<E> {
+    let g = &args.geom;
+    let [ph, pw] = g.padding;
+    let spec = PadSpec {
+        top: g.kh as isize - 1 - ph as isize,
+        left: g.kw as isize - 1 - pw as isize,
+        hp: g.h + g.kh - 1,
+        wp: g.w + g.kw - 1,
+        dil: g.stride,
+    };
+    let src = pad_input(dy, g.output_shape(), spec, None);
+    let (kh, kw, cin) = (g.kh, g.kw, g.c_in);
+    let k = g.c_out * kh * kw;
+    // A[ci][(co, ky, kx)] = W[co][ci][kh-1-ky][kw-1-kx].
+    let a = PackedA::new(cin, k, kc_for::<E>(), |ci, kk| {
+        let (co, t) = (kk / (kh * kw), kk % (kh * kw));
+        let (ky, kx) = (t / kw, t % kw);
+        w[((co * cin + ci) * kh + (kh - 1 - ky)) * kw + (kw - 1 - kx)]
+    });
+    let epilogue = match &args.mask {
+        Some(m) => Epilogue::Mask(m),
+        None => Epilogue::Bias {
+            bias: None,
+            relu: false,
+        },
+    };
+    ImplicitConv {
+        src: src.as_slice(),
+        n: g.n,
+        c: g.c_out,
+        hp: spec.hp,
+        wp: spec.wp,
+        kh,
+        kw,
+        stride: [1, 1],
+        oh: g.h,
+        ow: g.w,
+        a: &a,
+        m: cin,
+        epilogue,
+    }
+    .run()
+}
+
+/// Positions per weight-gradient k-block (about; whole output rows).
+fn kc_dw<E>() -> usize {
+    1024 / std::mem::size_of::<E>()
+}
+
+/// A k-block of the weight gradient: image, output rows `oy0 .. oy0 +
+/// nrows`, columns `ox0 .. ox0 + ncols` of each.
+#[derive(Clone, Copy, Debug)]
+struct Rect {
+    img: usize,
+    oy0: usize,
+    nrows: usize,
+    ox0: usize,
+    ncols: usize,
+}
+
+/// The fixed k-blocks of an `n x oh x ow` position space, in (n, oy, ox)
+/// order. They depend on the shape only.
+fn dw_blocks(n: usize, oh: usize, ow: usize, kc: usize) -> Vec<Rect> {
+    let mut out = Vec::new();
+    for img in 0..n {
+        if ow >= kc {
+            for oy in 0..oh {
+                for (ox0, ncols) in super::pack::even_blocks(ow, kc) {
+                    out.push(Rect {
+                        img,
+                        oy0: oy,
+                        nrows: 1,
+                        ox0,
+                        ncols,
+                    });
+                }
+            }
+        } else {
+            for (oy0, nrows) in super::pack::even_blocks(oh, (kc / ow).max(1)) {
+                out.push(Rect {
+                    img,
+                    oy0,
+                    nrows,
+                    ox0: 0,
+                    ncols: ow,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// `dw[co][ci][ky][kx] = sum dy[n][co][oy][ox] * (x * mask)[n][ci][oy*sh+ky-ph][ox*sw+kx-pw]`.
+pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs<E>) -> Vec<E> {
+    let g = &args.geom;
+    let [ph, pw] = g.padding;
+    let spec = PadSpec {
+        top: ph as isize,
+        left: pw as isize,
+        hp: g.h + 2 * ph,
+        wp: g.w + 2 * pw,
+        dil: [1, 1],
+    };
+    let src = pad_input(x, g.input_shape(), spec, args.mask.as_ref());
+    let arch = Arch::new();
+    let j_len = g.c_in * g.kh * g.kw;
+    let m = g.c_out;
+    let blocks = dw_blocks(g.n, g.oh, g.ow, kc_dw::<E>());
+    // C' = dW^T, [j][co].
+    let mut ct = pool::take::<E>(j_len * m);
+    let panels = j_len.div_ceil(MR);
+    // Row tasks: a multiple of MR rows each, a few per thread for balance.
+    let tasks = (2 * rayon::current_num_threads()).min(panels).max(1);
+    let rows_per = panels.div_ceil(tasks) * MR;
+    let job = DwJob {
+        src: src.as_slice(),
+        dy,
+        g: *g,
+        hp: spec.hp,
+        wp: spec.wp,
+        blocks: &blocks,
+    };
+    ct.par_chunks_mut(rows_per * m)
+        .enumerate()
+        .for_each(|(t, chunk)| {
+            let rows = chunk.len() / m;
+            arch.dispatch(DwTask {
+                job: &job,
+                j0: t * rows_per,
+                block: ColBlock::whole(chunk, rows, m),
+            })
+        });
+    // dW[co][j] = C'[j][co].
+    let mut dw = pool::take::<E>(m * j_len);
+    dw.par_chunks_mut(j_len.max(1))
+        .enumerate()
+        .for_each(|(co, row)| {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = ct[j * m + co];
+            }
+        });
+    drop(pool::Buffer::new(ct));
+    dw
+}
+
+struct DwJob<'a, E> {
+    src: &'a [E],
+    dy: &'a [E],
+    g: ConvGeometry,
+    hp: usize,
+    wp: usize,
+    blocks: &'a [Rect],
+}
+
+struct DwTask<'a, 'b, E: Elem> {
+    job: &'a DwJob<'a, E>,
+    j0: usize,
+    block: ColBlock<'b, E>,
+}
+
+impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let DwTask { job, j0, mut block } = self;
+        let g = &job.g;
+        let nr = nr::<E, S>();
+        let m = g.c_out;
+        let tiles = m.div_ceil(nr);
+        let [sh, sw] = g.stride;
+        let (hp, wp) = (job.hp, job.wp);
+        let plane = hp * wp;
+        let img_len = g.c_in * plane;
+        let j_len = g.c_in * g.kh * g.kw;
+        let taps = g.kh * g.kw;
+        let kmax = job
+            .blocks
+            .iter()
+            .map(|r| r.nrows * r.ncols)
+            .max()
+            .unwrap_or(0);
+        let mut bt = vec![E::zero(); kmax * tiles * nr];
+        let rows = block.rows();
+        let panels = rows.div_ceil(MR);
+        let p_img = g.oh * g.ow;
+        for (kb, r) in job.blocks.iter().enumerate() {
+            let kc = r.nrows * r.ncols;
+            let bt = &mut bt[..kc * tiles * nr];
+            let dy_img = &job.dy[r.img * m * p_img..][..m * p_img];
+            pack_dy_t(dy_img, m, g.ow, (r.oy0, r.nrows, r.ox0, r.ncols), nr, bt);
+            let src = &job.src[r.img * img_len..][..img_len];
+            let walk = AWalk {
+                off: r.oy0 * sh * wp + r.ox0 * sw,
+                step: sw,
+                seg_len: r.ncols,
+                nseg: r.nrows,
+                seg_jump: sh * wp,
+            };
+            for p in 0..panels {
+                // Row j = (ci, ky, kx) reads the image shifted by (ky, kx);
+                // rows past the end repeat the last valid one (dropped).
+                let a: [&[E]; MR] = std::array::from_fn(|i| {
+                    let j = (j0 + p * MR + i).min(j0 + rows - 1).min(j_len - 1);
+                    let (ci, t) = (j / taps, j % taps);
+                    &src[ci * plane + (t / g.kw) * wp + t % g.kw..]
+                });
+                for t in 0..tiles {
+                    let next = if t + 1 < tiles {
+                        block.hint(p * MR, (t + 1) * nr)
+                    } else {
+                        block.hint((p + 1) * MR, 0)
+                    };
+                    run_tile(
+                        simd,
+                        a,
+                        walk,
+                        &bt[t * kc * nr..][..kc * nr],
+                        &mut block,
+                        p * MR,
+                        t * nr,
+                        kb > 0,
+                        next,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `db[co] = sum over n, oy, ox of dy`, each channel a fixed-order sum.
+pub(crate) fn conv2d_backward_bias<E: Elem>(dy: &[E], dims: [usize; 4]) -> Vec<E> {
+    let [n, c, h, w] = dims;
+    let p = h * w;
+    (0..c)
+        .into_par_iter()
+        .map(|co| {
+            let mut acc = E::zero();
+            for ni in 0..n {
+                acc += super::reduce::fixed_sum(&dy[(ni * c + co) * p..][..p]);
+            }
+            acc
+        })
+        .collect()
+}

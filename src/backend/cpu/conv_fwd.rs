@@ -1,0 +1,234 @@
+//! Convolution as an implicit GEMM over a padded input: the forward pass,
+//! and (with flipped, transposed weights over the padded output gradient)
+//! the input gradient.
+//!
+//! `Y[n][m][p] = sum_k A[m][k] * B_n[k][p]` with `k = (c, ky, kx)`,
+//! `p = (oy, ox)` and `B_n[k][p] = Xpad[n][c][oy*sh + ky][ox*sw + kx]`.
+//! Why implicit GEMM rather than im2col + GEMM or a direct loop: B is never
+//! materialised (at P3 im2col would be 2304 x 33600, 310 MB), each B tile is
+//! packed from the padded image right before use with two vector copies per
+//! k row (stride 1), and then serves all M/6 row panels of A from L1, so
+//! packing costs about 1% of the FMA time. The 6 x 16 kernel then runs the
+//! shape the GEMM experiment of ENGINEERING.md measured at 80-90% of peak.
+//!
+//! Loop nest of one task (an image and a range of output positions):
+//! for each k-block (~256 k, the A block then fits L2): for each NR-position
+//! tile: pack the B tile (L1), for each MR-row panel: kernel. The C tiles
+//! are prefetched one kernel ahead.
+//!
+//! Parallelism and determinism: tasks split the output positions only.
+//! Each output is one fused chain over k in a fixed order whatever the
+//! task, block or thread it lands in, so results are bit-identical for any
+//! thread count.
+
+use pulp::{Arch, Simd, WithSimd};
+use rayon::prelude::*;
+
+use super::kernel::{AWalk, ColBlock, MR, nr, run_tile, split_columns};
+use super::pack::{PackedA, pack_b_tile};
+use super::simd::Elem;
+use crate::backend::InputMask;
+use crate::pool;
+
+/// k elements per block: 1 KiB of each A row, so the A block (M = 256
+/// rows) is 256 KiB and stays in the 512 KiB L2 while B tiles stream past.
+pub(crate) fn kc_for<E>() -> usize {
+    1024 / std::mem::size_of::<E>()
+}
+
+/// Output positions per task at most.
+const NC_MAX: usize = 2048;
+
+/// What to do to each output once its sum is complete.
+pub(crate) enum Epilogue<'a, E: Elem> {
+    /// `act(y + b[m])`, the forward pass.
+    Bias { bias: Option<&'a [E]>, relu: bool },
+    /// `y * mask`, the input gradient (outputs are input positions).
+    Mask(&'a InputMask<E>),
+}
+
+/// An implicit-GEMM convolution over a padded input.
+pub(crate) struct ImplicitConv<'a, E: Elem> {
+    /// `n` padded images of `c x hp x wp`.
+    pub src: &'a [E],
+    pub n: usize,
+    pub c: usize,
+    pub hp: usize,
+    pub wp: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: [usize; 2],
+    pub oh: usize,
+    pub ow: usize,
+    /// `m x (c * kh * kw)` weights, packed.
+    pub a: &'a PackedA<E>,
+    /// Output channels.
+    pub m: usize,
+    pub epilogue: Epilogue<'a, E>,
+}
+
+impl<E: Elem> ImplicitConv<'_, E> {
+    /// `[n, m, oh, ow]`, row-major.
+    pub fn run(&self) -> Vec<E> {
+        let arch = Arch::new();
+        let p = self.oh * self.ow;
+        let nr = arch.dispatch(NrProbe::<E>(std::marker::PhantomData));
+        // Tap offsets in the padded image, k = (c, ky, kx).
+        let plane = self.hp * self.wp;
+        let mut kbase = Vec::with_capacity(self.c * self.kh * self.kw);
+        for ci in 0..self.c {
+            for ky in 0..self.kh {
+                for kx in 0..self.kw {
+                    kbase.push(ci * plane + ky * self.wp + kx);
+                }
+            }
+        }
+        // Position chunks: at most NC_MAX, a multiple of NR, and enough of
+        // them to feed every thread twice (the split never changes a bit).
+        let want = (2 * rayon::current_num_threads()).div_ceil(self.n);
+        let chunks = p.div_ceil(NC_MAX).max(want).min(p.div_ceil(nr)).max(1);
+        let chunk = p.div_ceil(chunks).div_ceil(nr) * nr;
+        let bounds: Vec<usize> = (0..=p.div_ceil(chunk))
+            .map(|i| (i * chunk).min(p))
+            .collect();
+
+        let mut y = pool::take::<E>(self.n * self.m * p);
+        let mut tasks = Vec::new();
+        for (img, yimg) in y.chunks_mut(self.m * p).enumerate() {
+            for (ci, block) in split_columns(yimg, self.m, p, &bounds)
+                .into_iter()
+                .enumerate()
+            {
+                tasks.push((img, bounds[ci], block));
+            }
+        }
+        tasks.into_par_iter().for_each(|(img, p0, block)| {
+            arch.dispatch(FwdTask {
+                conv: self,
+                kbase: &kbase,
+                img,
+                p0,
+                block,
+            })
+        });
+        y
+    }
+}
+
+struct NrProbe<E>(std::marker::PhantomData<E>);
+impl<E: Elem> WithSimd for NrProbe<E> {
+    type Output = usize;
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) -> usize {
+        nr::<E, S>()
+    }
+}
+
+struct FwdTask<'a, 'b, E: Elem> {
+    conv: &'a ImplicitConv<'a, E>,
+    kbase: &'a [usize],
+    img: usize,
+    p0: usize,
+    block: ColBlock<'b, E>,
+}
+
+impl<E: Elem> WithSimd for FwdTask<'_, '_, E> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let FwdTask {
+            conv,
+            kbase,
+            img,
+            p0,
+            mut block,
+        } = self;
+        let nr = nr::<E, S>();
+        let cols = block.cols();
+        let tiles = cols.div_ceil(nr);
+        let [sh, sw] = conv.stride;
+        let offs: Vec<usize> = (p0..p0 + cols)
+            .map(|p| (p / conv.ow) * sh * conv.wp + (p % conv.ow) * sw)
+            .collect();
+        let img_len = conv.c * conv.hp * conv.wp;
+        let src = &conv.src[conv.img_offset(img)..][..img_len];
+        let kmax = conv.a.kblocks().iter().map(|b| b.1).max().unwrap_or(0);
+        let mut bt = vec![E::zero(); kmax * nr];
+        let panels = conv.a.panels();
+        for (kb, &(k0, klen)) in conv.a.kblocks().iter().enumerate() {
+            let bt = &mut bt[..klen * nr];
+            for t in 0..tiles {
+                let j0 = t * nr;
+                let j1 = (j0 + nr).min(cols);
+                pack_b_tile(simd, src, &kbase[k0..k0 + klen], &offs[j0..j1], nr, bt);
+                for p in 0..panels {
+                    let ap = conv.a.panel(kb, p);
+                    let rows: [&[E]; MR] = std::array::from_fn(|r| &ap[r..]);
+                    let next = if p + 1 < panels {
+                        block.hint((p + 1) * MR, j0)
+                    } else {
+                        block.hint(0, j0 + nr)
+                    };
+                    run_tile(
+                        simd,
+                        rows,
+                        AWalk::run(0, MR, klen),
+                        bt,
+                        &mut block,
+                        p * MR,
+                        j0,
+                        kb > 0,
+                        next,
+                    );
+                }
+            }
+        }
+        epilogue(&conv.epilogue, &mut block, img, p0, conv.oh * conv.ow);
+    }
+}
+
+impl<E: Elem> ImplicitConv<'_, E> {
+    fn img_offset(&self, img: usize) -> usize {
+        img * self.c * self.hp * self.wp
+    }
+}
+
+/// Bias and ReLU, or the mask, on a finished block of outputs.
+fn epilogue<E: Elem>(
+    epi: &Epilogue<'_, E>,
+    block: &mut ColBlock<'_, E>,
+    img: usize,
+    p0: usize,
+    plane: usize,
+) {
+    let (rows, cols) = (block.rows(), block.cols());
+    for r in 0..rows {
+        let row = block.row_mut(r);
+        match epi {
+            Epilogue::Bias { bias, relu } => {
+                let b = bias.map(|b| b[r]);
+                match (b, relu) {
+                    (Some(b), true) => row.iter_mut().for_each(|v| *v = relu_of(*v + b)),
+                    (Some(b), false) => row.iter_mut().for_each(|v| *v += b),
+                    (None, true) => row.iter_mut().for_each(|v| *v = relu_of(*v)),
+                    (None, false) => {}
+                }
+            }
+            Epilogue::Mask(InputMask::Channel(m)) => {
+                let s = m.as_slice()[img * rows + r];
+                row.iter_mut().for_each(|v| *v *= s);
+            }
+            Epilogue::Mask(InputMask::Spatial(m)) => {
+                let ms = &m.as_slice()[img * plane + p0..][..cols];
+                row.iter_mut().zip(ms).for_each(|(v, &s)| *v *= s);
+            }
+        }
+    }
+}
+
+/// The reference's ReLU: `x > 0 ? x : 0` (NaN maps to 0).
+#[inline(always)]
+fn relu_of<E: Elem>(x: E) -> E {
+    if x > E::zero() { x } else { E::zero() }
+}

@@ -1,0 +1,300 @@
+//! Packing: rearranging operands into the layouts the microkernel streams.
+//!
+//! Three stages, each a plain copy (no arithmetic but the mask multiply):
+//! - [`pad_input`]: an image into a zero-padded (and optionally dilated)
+//!   buffer, multiplied by the input mask on the way: there is never a
+//!   separate `x * mask` tensor. With padding in place, every input value a
+//!   convolution tap reads is at `tap_base + position_offset`, with no
+//!   bounds test in any later loop.
+//! - [`PackedA`]: a row-major `M x K` operand (the weights) cut into
+//!   k-blocks and MR-row panels, `[k][MR]` inside a panel.
+//! - [`pack_b_tile`] / [`pack_dy_t`]: NR columns of B for one k-block,
+//!   `[k][NR]`, right before the kernels that use them (the tile stays in L1
+//!   while all M panels stream past it).
+
+use pulp::Simd;
+use rayon::prelude::*;
+
+use super::kernel::MR;
+use super::simd::Elem;
+use crate::backend::InputMask;
+use crate::pool;
+use crate::tensor::Float;
+
+/// Where an input image lands in its padded buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PadSpec {
+    /// Padded row and column of input element (0, 0); negative crops.
+    pub top: isize,
+    pub left: isize,
+    /// Padded plane size.
+    pub hp: usize,
+    pub wp: usize,
+    /// Spacing of consecutive input rows / columns in the padded plane
+    /// (1, or the stride when the input gradient of a strided conv is
+    /// computed as a stride-1 conv of the zero-dilated output gradient).
+    pub dil: [usize; 2],
+}
+
+impl PadSpec {
+    /// True when the padded plane is the input itself.
+    fn is_identity(&self, h: usize, w: usize) -> bool {
+        self.top == 0 && self.left == 0 && self.hp == h && self.wp == w && self.dil == [1, 1]
+    }
+}
+
+/// The padded copy of `x` (`[N, C, H, W]`), or `x` itself when the spec is
+/// the identity and there is no mask.
+pub(crate) enum Padded<'a, E: Float> {
+    Borrowed(&'a [E]),
+    Owned(Vec<E>),
+}
+
+impl<E: Float> Padded<'_, E> {
+    pub fn as_slice(&self) -> &[E] {
+        match self {
+            Padded::Borrowed(s) => s,
+            Padded::Owned(v) => v,
+        }
+    }
+}
+
+impl<E: Float> Drop for Padded<'_, E> {
+    fn drop(&mut self) {
+        if let Padded::Owned(v) = self {
+            // Back to the pool: the next conv of this shape reuses it.
+            drop(pool::Buffer::new(std::mem::take(v)));
+        }
+    }
+}
+
+/// Copy `x * mask` into zero-padded planes (see [`PadSpec`]); parallel over planes.
+pub(crate) fn pad_input<'a, E: Float>(
+    x: &'a [E],
+    dims: [usize; 4],
+    spec: PadSpec,
+    mask: Option<&InputMask<E>>,
+) -> Padded<'a, E> {
+    let [n, c, h, w] = dims;
+    if mask.is_none() && spec.is_identity(h, w) {
+        return Padded::Borrowed(x);
+    }
+    let plane = spec.hp * spec.wp;
+    let mut out = pool::take::<E>(n * c * plane);
+    // Destination columns of input columns: the valid input column range
+    // and, for dil = 1, one contiguous destination run.
+    let col_of = |ix: usize| spec.left + (ix * spec.dil[1]) as isize;
+    let ix_lo = (0..w).find(|&ix| col_of(ix) >= 0).unwrap_or(w);
+    let ix_hi = (0..w)
+        .rev()
+        .find(|&ix| col_of(ix) < spec.wp as isize)
+        .map_or(ix_lo, |i| (i + 1).max(ix_lo));
+    out.par_chunks_mut(plane.max(1))
+        .enumerate()
+        .for_each(|(pi, dst)| {
+            let (ni, ci) = (pi / c, pi % c);
+            dst.fill(E::zero());
+            let src = &x[pi * h * w..][..h * w];
+            let chan_scale = match mask {
+                Some(InputMask::Channel(m)) => Some(m.as_slice()[ni * c + ci]),
+                _ => None,
+            };
+            let spatial = match mask {
+                Some(InputMask::Spatial(m)) => Some(&m.as_slice()[ni * h * w..][..h * w]),
+                _ => None,
+            };
+            for iy in 0..h {
+                let y = spec.top + (iy * spec.dil[0]) as isize;
+                if y < 0 || y >= spec.hp as isize || ix_lo >= ix_hi {
+                    continue;
+                }
+                let srow = &src[iy * w + ix_lo..iy * w + ix_hi];
+                let drow = &mut dst[y as usize * spec.wp..][..spec.wp];
+                let d0 = col_of(ix_lo) as usize;
+                if spec.dil[1] == 1 {
+                    let d = &mut drow[d0..d0 + srow.len()];
+                    match (chan_scale, spatial) {
+                        (Some(s), _) => d.iter_mut().zip(srow).for_each(|(o, &v)| *o = v * s),
+                        (None, Some(m)) => {
+                            let mrow = &m[iy * w + ix_lo..iy * w + ix_hi];
+                            d.iter_mut()
+                                .zip(srow.iter().zip(mrow))
+                                .for_each(|(o, (&v, &mv))| *o = v * mv);
+                        }
+                        (None, None) => d.copy_from_slice(srow),
+                    }
+                } else {
+                    for (j, &v) in srow.iter().enumerate() {
+                        let ix = ix_lo + j;
+                        let s = chan_scale
+                            .or_else(|| spatial.map(|m| m[iy * w + ix]))
+                            .unwrap_or(E::one());
+                        let v = if mask.is_some() { v * s } else { v };
+                        drow[d0 + j * spec.dil[1]] = v;
+                    }
+                }
+            }
+        });
+    Padded::Owned(out)
+}
+
+/// A row-major `M x K` operand in kernel order: for each k-block, for each
+/// MR-row panel, `[k][MR]` (rows past M are zeros).
+pub(crate) struct PackedA<E: Float> {
+    data: Vec<E>,
+    panels: usize,
+    /// `(start, len)` of each k-block, in k order.
+    kblocks: Vec<(usize, usize)>,
+}
+
+impl<E: Float> PackedA<E> {
+    /// Pack `at(m, k)` for `m < rows`, `k < k_len`, cut into k-blocks of
+    /// about `kc` (equal sizes, so no block is a sliver).
+    pub fn new(
+        rows: usize,
+        k_len: usize,
+        kc: usize,
+        at: impl Fn(usize, usize) -> E + Sync,
+    ) -> Self {
+        let panels = rows.div_ceil(MR);
+        let kblocks = even_blocks(k_len, kc);
+        let mpad = panels * MR;
+        let mut data = pool::take::<E>(mpad * k_len);
+        // One chunk per (k-block, panel), in storage order.
+        let mut chunks: Vec<(usize, usize, &mut [E])> = Vec::with_capacity(kblocks.len() * panels);
+        let mut rest = data.as_mut_slice();
+        for &(start, len) in &kblocks {
+            for p in 0..panels {
+                let (head, tail) = rest.split_at_mut(len * MR);
+                chunks.push((start, p, head));
+                rest = tail;
+            }
+        }
+        chunks.into_par_iter().for_each(|(start, p, dst)| {
+            for (kk, d) in dst.chunks_exact_mut(MR).enumerate() {
+                for (r, v) in d.iter_mut().enumerate() {
+                    let m = p * MR + r;
+                    *v = if m < rows {
+                        at(m, start + kk)
+                    } else {
+                        E::zero()
+                    };
+                }
+            }
+        });
+        PackedA {
+            data,
+            panels,
+            kblocks,
+        }
+    }
+
+    pub fn panels(&self) -> usize {
+        self.panels
+    }
+
+    pub fn kblocks(&self) -> &[(usize, usize)] {
+        &self.kblocks
+    }
+
+    /// The `[k][MR]` panel `p` of k-block `kb`.
+    pub fn panel(&self, kb: usize, p: usize) -> &[E] {
+        let (start, len) = self.kblocks[kb];
+        &self.data[start * self.panels * MR + p * len * MR..][..len * MR]
+    }
+}
+
+impl<E: Float> Drop for PackedA<E> {
+    fn drop(&mut self) {
+        drop(pool::Buffer::new(std::mem::take(&mut self.data)));
+    }
+}
+
+/// Cut `0..len` into `ceil(len / target)` blocks of equal size (+-1).
+pub(crate) fn even_blocks(len: usize, target: usize) -> Vec<(usize, usize)> {
+    let n = len.div_ceil(target.max(1)).max(1);
+    let (q, r) = (len / n, len % n);
+    let mut out = Vec::with_capacity(n);
+    let mut start = 0;
+    for i in 0..n {
+        let l = q + usize::from(i < r);
+        out.push((start, l));
+        start += l;
+    }
+    out
+}
+
+/// One B tile of the implicit im2col matrix: `out[kk * NR + i] =
+/// src[kbase[kk] + offs[i]]` for `i < offs.len()`, zeros for the rest of the
+/// NR columns. `kbase` is a tap's offset (channel, ky, kx) and `offs` a
+/// position's offset (oy, ox) in the padded image.
+#[inline(always)]
+pub(crate) fn pack_b_tile<E: Elem, S: Simd>(
+    simd: S,
+    src: &[E],
+    kbase: &[usize],
+    offs: &[usize],
+    nr: usize,
+    out: &mut [E],
+) {
+    let l = E::lanes::<S>();
+    let out = &mut out[..kbase.len() * nr];
+    let contiguous = offs.len() == nr && offs.windows(2).all(|w| w[1] == w[0] + 1);
+    if contiguous {
+        // The common case (stride 1, the NR positions in one padded row):
+        // the tile row is a plain copy of NR consecutive values.
+        let o0 = offs[0];
+        for (d, &kb) in out.chunks_exact_mut(nr).zip(kbase) {
+            let s = &src[kb + o0..kb + o0 + nr];
+            for v in 0..nr / l {
+                E::store(simd, &mut d[v * l..], E::load(simd, &s[v * l..]));
+            }
+        }
+    } else {
+        for (d, &kb) in out.chunks_exact_mut(nr).zip(kbase) {
+            for (i, v) in d.iter_mut().enumerate() {
+                *v = match offs.get(i) {
+                    Some(&o) => src[kb + o],
+                    None => E::zero(),
+                };
+            }
+        }
+    }
+}
+
+/// Transposed output-gradient tiles for the weight gradient:
+/// `out[t][kk][i] = dy[co = t * NR + i][pos(kk)]` for every NR-column tile
+/// `t` of the `m` channels (zeros past `m`), where `pos` walks `nrows` rows
+/// of `ncols` positions from `(oy0, ox0)` of an `oh x ow` plane. `dy` is one
+/// image, `[m][oh * ow]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pack_dy_t<E: Float>(
+    dy: &[E],
+    m: usize,
+    ow: usize,
+    (oy0, nrows, ox0, ncols): (usize, usize, usize, usize),
+    nr: usize,
+    out: &mut [E],
+) {
+    let kc = nrows * ncols;
+    let plane = dy.len() / m.max(1);
+    for (t, tile) in out.chunks_exact_mut(kc * nr).enumerate() {
+        for i in 0..nr {
+            let co = t * nr + i;
+            if co >= m {
+                for kk in 0..kc {
+                    tile[kk * nr + i] = E::zero();
+                }
+                continue;
+            }
+            let row = &dy[co * plane..][..plane];
+            let mut kk = 0;
+            for oy in oy0..oy0 + nrows {
+                for &v in &row[oy * ow + ox0..oy * ow + ox0 + ncols] {
+                    tile[kk * nr + i] = v;
+                    kk += 1;
+                }
+            }
+        }
+    }
+}
