@@ -26,14 +26,39 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// CPU time of all threads of this process, in seconds (Linux).
+fn cpu_time() -> f64 {
+    let mut ns = 0u64;
+    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+        for e in dir.flatten() {
+            if let Ok(s) = std::fs::read_to_string(e.path().join("schedstat")) {
+                ns += s
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    ns as f64 * 1e-9
+}
+
+/// Median wall time, or with `DMKD_CPU_TIME=1` the median CPU time divided
+/// by the thread count (a noisy-machine proxy for development only).
 fn time(reps: usize, mut f: impl FnMut()) -> f64 {
+    let cpu = std::env::var("DMKD_CPU_TIME").is_ok_and(|v| v == "1");
+    let threads = rayon::current_num_threads() as f64;
     f();
     median(
         (0..reps)
             .map(|_| {
-                let t = Instant::now();
+                let (t, c) = (Instant::now(), cpu_time());
                 f();
-                t.elapsed().as_secs_f64()
+                if cpu {
+                    (cpu_time() - c) / threads
+                } else {
+                    t.elapsed().as_secs_f64()
+                }
             })
             .collect(),
     )

@@ -28,7 +28,7 @@ use rayon::prelude::*;
 
 use super::conv_fwd::{Epilogue, ImplicitConv, kc_for};
 use super::kernel::{AWalk, ColBlock, MR, nr, run_tile};
-use super::pack::{PackedA, PadSpec, pack_dy_t, pad_input};
+use super::pack::{Aligned, PackedA, PadSpec, pack_dy_t, pad_input};
 use super::simd::Elem;
 use crate::backend::{ConvArgs, ConvGeometry};
 use crate::pool;
@@ -251,13 +251,13 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
             .map(|r| r.nrows * r.ncols)
             .max()
             .unwrap_or(0);
-        let mut bt = vec![E::zero(); kmax * tiles * nr];
+        let mut bt = Aligned::<E>::zeroed(kmax * tiles * nr);
         let rows = block.rows();
         let panels = rows.div_ceil(MR);
         let p_img = g.oh * g.ow;
         for (kb, r) in job.blocks.iter().enumerate() {
             let kc = r.nrows * r.ncols;
-            let bt = &mut bt[..kc * tiles * nr];
+            let bt = &mut bt.as_mut_slice()[..kc * tiles * nr];
             let dy_img = &job.dy[r.img * m * p_img..][..m * p_img];
             pack_dy_t(dy_img, m, g.ow, (r.oy0, r.nrows, r.ox0, r.ncols), nr, bt);
             let src = &job.src[r.img * img_len..][..img_len];

@@ -25,7 +25,7 @@ use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
 use super::kernel::{AWalk, ColBlock, MR, nr, run_tile, split_columns};
-use super::pack::{PackedA, pack_b_tile};
+use super::pack::{Aligned, PackedA, pack_b_tile};
 use super::simd::Elem;
 use crate::backend::InputMask;
 use crate::pool;
@@ -154,14 +154,23 @@ impl<E: Elem> WithSimd for FwdTask<'_, '_, E> {
         let img_len = conv.c * conv.hp * conv.wp;
         let src = &conv.src[conv.img_offset(img)..][..img_len];
         let kmax = conv.a.kblocks().iter().map(|b| b.1).max().unwrap_or(0);
-        let mut bt = vec![E::zero(); kmax * nr];
+        let mut bt = Aligned::<E>::zeroed(kmax * nr);
         let panels = conv.a.panels();
         for (kb, &(k0, klen)) in conv.a.kblocks().iter().enumerate() {
-            let bt = &mut bt[..klen * nr];
+            let bt = &mut bt.as_mut_slice()[..klen * nr];
             for t in 0..tiles {
                 let j0 = t * nr;
                 let j1 = (j0 + nr).min(cols);
-                pack_b_tile(simd, src, &kbase[k0..k0 + klen], &offs[j0..j1], nr, bt);
+                let next = offs.get(j0 + nr).copied();
+                pack_b_tile(
+                    simd,
+                    src,
+                    &kbase[k0..k0 + klen],
+                    &offs[j0..j1],
+                    next,
+                    nr,
+                    bt,
+                );
                 for p in 0..panels {
                     let ap = conv.a.panel(kb, p);
                     let rows: [&[E]; MR] = std::array::from_fn(|r| &ap[r..]);

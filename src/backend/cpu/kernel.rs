@@ -24,7 +24,7 @@ use std::marker::PhantomData;
 
 use pulp::Simd;
 
-use super::simd::Elem;
+use super::simd::{self, Elem, Level};
 
 /// Rows of the register tile.
 pub(crate) const MR: usize = 6;
@@ -101,21 +101,14 @@ unsafe fn kernel_raw<E: Elem, S: Simd>(
     unsafe {
         // The next C tile is read right after this call; start fetching it
         // now so its latency hides behind this call's FMAs (76 -> 92
-        // GFLOP/s on one core in the experiment of ENGINEERING.md).
-        #[cfg(target_arch = "x86_64")]
-        {
-            use core::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-            let bytes = 2 * l * core::mem::size_of::<E>();
-            for r in 0..MR {
-                let p = prefetch.wrapping_add(r * ldc) as *const i8;
-                _mm_prefetch::<_MM_HINT_T0>(p);
-                if bytes > 64 {
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
-                }
-            }
+        // GFLOP/s on one core in the experiment of ENGINEERING.md). A row
+        // of the tile may straddle two cache lines: fetch both ends.
+        let last = 2 * l - 1;
+        for r in 0..MR {
+            let p = prefetch.wrapping_add(r * ldc);
+            simd::prefetch(p, Level::L1);
+            simd::prefetch(p.wrapping_add(last), Level::L1);
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = prefetch;
         if accumulate {
             for (r, row) in acc.iter_mut().enumerate() {
                 row[0] = E::load_ptr::<S>(c.add(r * ldc));

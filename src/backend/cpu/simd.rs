@@ -100,3 +100,30 @@ impl_elem!(
     as_simd_f64s,
     as_mut_simd_f64s
 );
+
+/// Cache hint levels for [`prefetch`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Level {
+    L1,
+    L2,
+}
+
+/// Ask the cache to fetch the line holding `p` (a hint: never faults, any
+/// address is fine, a no-op off x86-64).
+#[inline(always)]
+pub(crate) fn prefetch<T>(p: *const T, level: Level) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use core::arch::x86_64::{_MM_HINT_T0, _MM_HINT_T1, _mm_prefetch};
+        // SAFETY: a prefetch reads no memory architecturally and cannot
+        // fault, whatever the address; SSE is part of the x86-64 baseline.
+        unsafe {
+            match level {
+                Level::L1 => _mm_prefetch::<_MM_HINT_T0>(p as *const i8),
+                Level::L2 => _mm_prefetch::<_MM_HINT_T1>(p as *const i8),
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, level);
+}
