@@ -99,16 +99,23 @@ fn run<T: Float>(reps: usize, levels: &[&str], peak: f64) {
             relu: true,
         };
         let flops = 2.0 * geom.macs() as f64;
-        let row: Vec<f64> = [
-            time(reps, || drop(be.conv2d(&x, &wt, Some(&b), &args).unwrap())),
-            time(reps, || {
+        // DMKD_ONLY=fwd|dx|dw times one kernel (for profiling).
+        let only = std::env::var("DMKD_ONLY").unwrap_or_default();
+        let pick = |k: &str| only.is_empty() || only == k;
+        let mut row = vec![f64::INFINITY; 3];
+        if pick("fwd") {
+            row[0] = time(reps, || drop(be.conv2d(&x, &wt, Some(&b), &args).unwrap()));
+        }
+        if pick("dx") {
+            row[1] = time(reps, || {
                 drop(be.conv2d_backward_input(&dy, &wt, &args).unwrap())
-            }),
-            time(reps, || {
+            });
+        }
+        if pick("dw") {
+            row[2] = time(reps, || {
                 drop(be.conv2d_backward_weight(&dy, &x, &args).unwrap())
-            }),
-        ]
-        .to_vec();
+            });
+        }
         print!("{name:<4}");
         for t in row {
             let g = flops / t / 1e9;

@@ -115,7 +115,7 @@ pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<
 
 /// Positions per weight-gradient k-block (about; whole output rows).
 fn kc_dw<E>() -> usize {
-    1024 / std::mem::size_of::<E>()
+    super::conv_fwd::tune("DMKD_KC_DW", 1024) / std::mem::size_of::<E>()
 }
 
 /// A k-block of the weight gradient: image, output rows `oy0 .. oy0 +

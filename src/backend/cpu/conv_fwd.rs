@@ -33,7 +33,15 @@ use crate::pool;
 /// k elements per block: 1 KiB of each A row, so the A block (M = 256
 /// rows) is 256 KiB and stays in the 512 KiB L2 while B tiles stream past.
 pub(crate) fn kc_for<E>() -> usize {
-    1024 / std::mem::size_of::<E>()
+    tune("DMKD_KC", 1024) / std::mem::size_of::<E>()
+}
+
+/// TEMPORARY tuning knob (bytes), read from the environment.
+pub(crate) fn tune(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Output positions per task at most.
