@@ -28,7 +28,7 @@ use rayon::prelude::*;
 
 use super::conv_fwd::{Epilogue, ImplicitConv, kc_for};
 use super::kernel::{AWalk, ColBlock, MR, nr, run_tile};
-use super::pack::{Aligned, PackedA, PadSpec, pack_dy_t, pad_input};
+use super::pack::{PackedA, PadSpec, align_offset, pack_dy_t, pad_input};
 use super::simd::Elem;
 use crate::backend::{ConvArgs, ConvGeometry};
 use crate::pool;
@@ -174,33 +174,63 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs
     };
     let src = pad_input(x, g.input_shape(), spec, args.mask.as_ref());
     let arch = Arch::new();
+    let nr = super::conv_fwd::nr_for::<E>();
     let j_len = g.c_in * g.kh * g.kw;
     let m = g.c_out;
+    let tiles = m.div_ceil(nr);
+    let p_img = g.oh * g.ow;
     let blocks = dw_blocks(g.n, g.oh, g.ow, kc_dw::<E>());
     // C' = dW^T, [j][co].
     let mut ct = pool::take::<E>(j_len * m);
     let panels = j_len.div_ceil(MR);
-    // Row tasks: a multiple of MR rows each, a few per thread for balance.
+    // Row tasks: a multiple of MR rows each, a few per thread for balance
+    // (the split never changes a bit).
     let tasks = (2 * rayon::current_num_threads()).min(panels).max(1);
     let rows_per = panels.div_ceil(tasks) * MR;
     let job = DwJob {
         src: src.as_slice(),
-        dy,
         g: *g,
         hp: spec.hp,
         wp: spec.wp,
-        blocks: &blocks,
     };
-    ct.par_chunks_mut(rows_per * m)
-        .enumerate()
-        .for_each(|(t, chunk)| {
-            let rows = chunk.len() / m;
-            arch.dispatch(DwTask {
-                job: &job,
-                j0: t * rows_per,
-                block: ColBlock::whole(chunk, rows, m),
-            })
+    // dY^T is packed once per group of k-blocks, in parallel, and shared
+    // by all row tasks (packing it per task repeated the transpose for each
+    // task and cost 2-4% at 2 threads); a group is ~4 MiB of packed data.
+    let packed_len = |r: &Rect| r.nrows * r.ncols * tiles * nr;
+    let kb_bytes = packed_len(&blocks[0]) * std::mem::size_of::<E>();
+    let per_group = ((4 << 20) / kb_bytes.max(1)).max(1);
+    for (gi, group) in blocks.chunks(per_group).enumerate() {
+        // 64-byte aligned, like the forward's B tiles (no split loads).
+        let total: usize = group.iter().map(packed_len).sum();
+        let mut buf = pool::take::<E>(total + 64 / std::mem::size_of::<E>());
+        let off = align_offset(&buf);
+        let packed = &mut buf[off..off + total];
+        let mut parts = Vec::with_capacity(group.len());
+        let mut rest = &mut *packed;
+        for r in group {
+            let (head, tail) = rest.split_at_mut(packed_len(r));
+            parts.push((r, head));
+            rest = tail;
+        }
+        parts.into_par_iter().for_each(|(r, out)| {
+            let dy_img = &dy[r.img * m * p_img..][..m * p_img];
+            pack_dy_t(dy_img, m, g.ow, (r.oy0, r.nrows, r.ox0, r.ncols), nr, out);
         });
+        ct.par_chunks_mut(rows_per * m)
+            .enumerate()
+            .for_each(|(t, chunk)| {
+                let rows = chunk.len() / m;
+                arch.dispatch(DwTask {
+                    job: &job,
+                    blocks: group,
+                    packed,
+                    first: gi == 0,
+                    j0: t * rows_per,
+                    block: ColBlock::whole(chunk, rows, m),
+                })
+            });
+        drop(pool::Buffer::new(buf));
+    }
     // dW[co][j] = C'[j][co].
     let mut dw = pool::take::<E>(m * j_len);
     dw.par_chunks_mut(j_len.max(1))
@@ -216,15 +246,19 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs
 
 struct DwJob<'a, E> {
     src: &'a [E],
-    dy: &'a [E],
     g: ConvGeometry,
     hp: usize,
     wp: usize,
-    blocks: &'a [Rect],
 }
 
+/// Rows `j0 ..` of C' over one group of k-blocks.
 struct DwTask<'a, 'b, E: Elem> {
     job: &'a DwJob<'a, E>,
+    blocks: &'a [Rect],
+    /// The group's packed dY^T, k-block after k-block, `[tile][k][NR]` each.
+    packed: &'a [E],
+    /// True for the first group: its first k-block starts the sums.
+    first: bool,
     j0: usize,
     block: ColBlock<'b, E>,
 }
@@ -234,7 +268,14 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let DwTask { job, j0, mut block } = self;
+        let DwTask {
+            job,
+            blocks,
+            packed,
+            first,
+            j0,
+            mut block,
+        } = self;
         let g = &job.g;
         let nr = nr::<E, S>();
         let m = g.c_out;
@@ -245,21 +286,13 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
         let img_len = g.c_in * plane;
         let j_len = g.c_in * g.kh * g.kw;
         let taps = g.kh * g.kw;
-        let kmax = job
-            .blocks
-            .iter()
-            .map(|r| r.nrows * r.ncols)
-            .max()
-            .unwrap_or(0);
-        let mut bt = Aligned::<E>::zeroed(kmax * tiles * nr);
         let rows = block.rows();
         let panels = rows.div_ceil(MR);
-        let p_img = g.oh * g.ow;
-        for (kb, r) in job.blocks.iter().enumerate() {
+        let mut at = 0;
+        for (kb, r) in blocks.iter().enumerate() {
             let kc = r.nrows * r.ncols;
-            let bt = &mut bt.as_mut_slice()[..kc * tiles * nr];
-            let dy_img = &job.dy[r.img * m * p_img..][..m * p_img];
-            pack_dy_t(dy_img, m, g.ow, (r.oy0, r.nrows, r.ox0, r.ncols), nr, bt);
+            let bt = &packed[at..at + kc * tiles * nr];
+            at += kc * tiles * nr;
             let src = &job.src[r.img * img_len..][..img_len];
             let walk = AWalk {
                 off: r.oy0 * sh * wp + r.ox0 * sw,
@@ -290,7 +323,7 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                         &mut block,
                         p * MR,
                         t * nr,
-                        kb > 0,
+                        kb > 0 || !first,
                         next,
                     );
                 }

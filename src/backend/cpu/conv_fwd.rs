@@ -80,7 +80,7 @@ impl<E: Elem> ImplicitConv<'_, E> {
     pub fn run(&self) -> Vec<E> {
         let arch = Arch::new();
         let p = self.oh * self.ow;
-        let nr = arch.dispatch(NrProbe::<E>(std::marker::PhantomData));
+        let nr = nr_for::<E>();
         // Tap offsets in the padded image, k = (c, ky, kx).
         let plane = self.hp * self.wp;
         let mut kbase = Vec::with_capacity(self.c * self.kh * self.kw);
@@ -121,6 +121,11 @@ impl<E: Elem> ImplicitConv<'_, E> {
         });
         y
     }
+}
+
+/// NR of the instruction set this machine runs.
+pub(crate) fn nr_for<E: Elem>() -> usize {
+    Arch::new().dispatch(NrProbe::<E>(std::marker::PhantomData))
 }
 
 struct NrProbe<E>(std::marker::PhantomData<E>);

@@ -319,12 +319,17 @@ pub(crate) struct Aligned<E> {
     len: usize,
 }
 
+/// Elements to skip from the start of `v` to reach a 64-byte boundary.
+pub(crate) fn align_offset<E>(v: &[E]) -> usize {
+    let addr = v.as_ptr() as usize;
+    (addr.next_multiple_of(64) - addr) / std::mem::size_of::<E>()
+}
+
 impl<E: Float> Aligned<E> {
     pub fn zeroed(len: usize) -> Self {
         let pad = 64 / std::mem::size_of::<E>();
         let buf = vec![E::zero(); len + pad];
-        let addr = buf.as_ptr() as usize;
-        let off = (addr.next_multiple_of(64) - addr) / std::mem::size_of::<E>();
+        let off = align_offset(&buf);
         Aligned { buf, off, len }
     }
 
