@@ -26,7 +26,7 @@
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
-use super::conv_fwd::{Epilogue, ImplicitConv, kc_for};
+use super::conv_fwd::{ASource, Epilogue, ImplicitConv, kc_for};
 use super::kernel::{AWalk, ColBlock, MR, nr, run_tile};
 use super::pack::{PackedA, PadSpec, align_offset, pack_dy_t, pad_input};
 use super::simd::Elem;
@@ -46,7 +46,16 @@ pub(crate) fn conv2d<E: Elem>(x: &[E], w: &[E], b: Option<&[E]>, args: &ConvArgs
     };
     let src = pad_input(x, g.input_shape(), spec, args.mask.as_ref());
     let k = g.c_in * g.kh * g.kw;
-    let a = PackedA::new(g.c_out, k, kc_for::<E>(), |m, kk| w[m * k + kk]);
+    let a = if pack_weights(g.n * g.oh * g.ow) {
+        ASource::Packed(PackedA::new(g.c_out, k, kc_for::<E>(), |m, kk| w[m * k + kk]))
+    } else {
+        ASource::Rows {
+            data: w,
+            m: g.c_out,
+            k,
+            kblocks: super::pack::even_blocks(k, kc_for::<E>()),
+        }
+    };
     ImplicitConv {
         src: src.as_slice(),
         n: g.n,
@@ -68,6 +77,15 @@ pub(crate) fn conv2d<E: Elem>(x: &[E], w: &[E], b: Option<&[E]>, args: &ConvArgs
     .run()
 }
 
+/// Pack the weights into panels, or read them in place? Packed panels are
+/// one sequential stream per kernel call instead of six strided rows: at
+/// P3/P4 that is 86% of peak against 78-80%. Packing costs a pass over the
+/// weights, which the small levels cannot amortise (P7, 154 positions: 57%
+/// packed, 69% in place); the two were even at P6 (546 positions).
+fn pack_weights(positions: usize) -> bool {
+    positions > 600
+}
+
 /// `dx = mask * conv_transpose(dy, w)`, `[N, Cin, H, W]`.
 pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<E>) -> Vec<E> {
     let g = &args.geom;
@@ -82,12 +100,26 @@ pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<
     let src = pad_input(dy, g.output_shape(), spec, None);
     let (kh, kw, cin) = (g.kh, g.kw, g.c_in);
     let k = g.c_out * kh * kw;
-    // A[ci][(co, ky, kx)] = W[co][ci][kh-1-ky][kw-1-kx].
-    let a = PackedA::new(cin, k, kc_for::<E>(), |ci, kk| {
-        let (co, t) = (kk / (kh * kw), kk % (kh * kw));
-        let (ky, kx) = (t / kw, t % kw);
-        w[((co * cin + ci) * kh + (kh - 1 - ky)) * kw + (kw - 1 - kx)]
+    // A[ci][(co, t)] = W[co][ci][taps-1-t] (t = ky*kw + kx, so reversing
+    // t flips both ky and kx), built row by row without index division.
+    let taps = kh * kw;
+    let mut wt = pool::take::<E>(cin * k);
+    wt.par_chunks_mut(k).enumerate().for_each(|(ci, row)| {
+        for (co, dst) in row.chunks_exact_mut(taps).enumerate() {
+            let src = &w[(co * cin + ci) * taps..][..taps];
+            dst.iter_mut().zip(src.iter().rev()).for_each(|(d, &v)| *d = v);
+        }
     });
+    let a = if pack_weights(g.n * g.h * g.w) {
+        ASource::Packed(PackedA::new(cin, k, kc_for::<E>(), |ci, kk| wt[ci * k + kk]))
+    } else {
+        ASource::Rows {
+            data: &wt,
+            m: cin,
+            k,
+            kblocks: super::pack::even_blocks(k, kc_for::<E>()),
+        }
+    };
     let epilogue = match &args.mask {
         Some(m) => Epilogue::Mask(m),
         None => Epilogue::Bias {
@@ -95,7 +127,7 @@ pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<
             relu: false,
         },
     };
-    ImplicitConv {
+    let dx = ImplicitConv {
         src: src.as_slice(),
         n: g.n,
         c: g.c_out,
@@ -110,7 +142,10 @@ pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<
         m: cin,
         epilogue,
     }
-    .run()
+    .run();
+    drop(a);
+    drop(pool::Buffer::new(wt));
+    dx
 }
 
 /// Positions per weight-gradient k-block (about; whole output rows).

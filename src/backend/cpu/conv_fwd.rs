@@ -55,6 +55,60 @@ pub(crate) enum Epilogue<'a, E: Elem> {
     Mask(&'a InputMask<E>),
 }
 
+/// The weights of an [`ImplicitConv`]: `m x k`, row-major.
+pub(crate) enum ASource<'a, E: Elem> {
+    /// Packed into `[k][MR]` panels.
+    Packed(PackedA<E>),
+    /// Read in place, through one row pointer per output channel.
+    Rows {
+        data: &'a [E],
+        m: usize,
+        k: usize,
+        kblocks: Vec<(usize, usize)>,
+    },
+}
+
+impl<'a, E: Elem> ASource<'a, E> {
+    fn kblocks(&self) -> &[(usize, usize)] {
+        match self {
+            ASource::Packed(a) => a.kblocks(),
+            ASource::Rows { kblocks, .. } => kblocks,
+        }
+    }
+    fn panels(&self) -> usize {
+        match self {
+            ASource::Packed(a) => a.panels(),
+            ASource::Rows { m, .. } => m.div_ceil(MR),
+        }
+    }
+    /// Row slices and walk of panel `p` in k-block `kb`.
+    #[inline(always)]
+    fn rows(&self, kb: usize, p: usize) -> ([&[E]; MR], AWalk) {
+        match self {
+            ASource::Packed(a) => {
+                let ap = a.panel(kb, p);
+                (
+                    std::array::from_fn(|r| &ap[r..]),
+                    AWalk::run(0, MR, a.kblocks()[kb].1),
+                )
+            }
+            ASource::Rows {
+                data,
+                m,
+                k,
+                kblocks,
+            } => {
+                let (k0, klen) = kblocks[kb];
+                (
+                    // Rows past m repeat the last one (their results are dropped).
+                    std::array::from_fn(|r| &data[(p * MR + r).min(m - 1) * k..][..*k]),
+                    AWalk::run(k0, 1, klen),
+                )
+            }
+        }
+    }
+}
+
 /// An implicit-GEMM convolution over a padded input.
 pub(crate) struct ImplicitConv<'a, E: Elem> {
     /// `n` padded images of `c x hp x wp`.
@@ -69,7 +123,7 @@ pub(crate) struct ImplicitConv<'a, E: Elem> {
     pub oh: usize,
     pub ow: usize,
     /// `m x (c * kh * kw)` weights, packed.
-    pub a: &'a PackedA<E>,
+    pub a: &'a ASource<'a, E>,
     /// Output channels.
     pub m: usize,
     pub epilogue: Epilogue<'a, E>,
@@ -185,8 +239,7 @@ impl<E: Elem> WithSimd for FwdTask<'_, '_, E> {
                     bt,
                 );
                 for p in 0..panels {
-                    let ap = conv.a.panel(kb, p);
-                    let rows: [&[E]; MR] = std::array::from_fn(|r| &ap[r..]);
+                    let (rows, walk) = conv.a.rows(kb, p);
                     let next = if p + 1 < panels {
                         block.hint((p + 1) * MR, j0)
                     } else {
@@ -195,7 +248,7 @@ impl<E: Elem> WithSimd for FwdTask<'_, '_, E> {
                     run_tile(
                         simd,
                         rows,
-                        AWalk::run(0, MR, klen),
+                        walk,
                         bt,
                         &mut block,
                         p * MR,
