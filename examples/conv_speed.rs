@@ -135,6 +135,8 @@ fn main() {
     let f64_too = args.iter().any(|a| a == "f64");
     let threads = rayon::current_num_threads();
     let peak_before = fma_peak_gflops(threads);
+    // Let the probe's threads be reaped before CPU times are read.
+    std::thread::sleep(std::time::Duration::from_millis(100));
     println!("threads {threads}, FMA peak (f32) {peak_before:.1} GFLOP/s");
     run::<f32>(reps, &levels, peak_before);
     if f64_too {

@@ -47,7 +47,9 @@ pub(crate) fn conv2d<E: Elem>(x: &[E], w: &[E], b: Option<&[E]>, args: &ConvArgs
     let src = pad_input(x, g.input_shape(), spec, args.mask.as_ref());
     let k = g.c_in * g.kh * g.kw;
     let a = if pack_weights(g.n * g.oh * g.ow) {
-        ASource::Packed(PackedA::new(g.c_out, k, kc_for::<E>(), |m, kk| w[m * k + kk]))
+        ASource::Packed(PackedA::new(g.c_out, k, kc_for::<E>(), |m, kk| {
+            w[m * k + kk]
+        }))
     } else {
         ASource::Rows {
             data: w,
@@ -107,11 +109,15 @@ pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<
     wt.par_chunks_mut(k).enumerate().for_each(|(ci, row)| {
         for (co, dst) in row.chunks_exact_mut(taps).enumerate() {
             let src = &w[(co * cin + ci) * taps..][..taps];
-            dst.iter_mut().zip(src.iter().rev()).for_each(|(d, &v)| *d = v);
+            dst.iter_mut()
+                .zip(src.iter().rev())
+                .for_each(|(d, &v)| *d = v);
         }
     });
     let a = if pack_weights(g.n * g.h * g.w) {
-        ASource::Packed(PackedA::new(cin, k, kc_for::<E>(), |ci, kk| wt[ci * k + kk]))
+        ASource::Packed(PackedA::new(cin, k, kc_for::<E>(), |ci, kk| {
+            wt[ci * k + kk]
+        }))
     } else {
         ASource::Rows {
             data: &wt,
@@ -150,7 +156,7 @@ pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<
 
 /// Positions per weight-gradient k-block (about; whole output rows).
 fn kc_dw<E>() -> usize {
-    super::conv_fwd::tune("DMKD_KC_DW", 1024) / std::mem::size_of::<E>()
+    1024 / std::mem::size_of::<E>()
 }
 
 /// A k-block of the weight gradient: image, output rows `oy0 .. oy0 +

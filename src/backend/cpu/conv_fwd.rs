@@ -32,16 +32,9 @@ use crate::pool;
 
 /// k elements per block: 1 KiB of each A row, so the A block (M = 256
 /// rows) is 256 KiB and stays in the 512 KiB L2 while B tiles stream past.
+/// (128 and 512 f32 measured 1-2% worse and even at P3/P4.)
 pub(crate) fn kc_for<E>() -> usize {
-    tune("DMKD_KC", 1024) / std::mem::size_of::<E>()
-}
-
-/// TEMPORARY tuning knob (bytes), read from the environment.
-pub(crate) fn tune(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    1024 / std::mem::size_of::<E>()
 }
 
 /// Output positions per task at most.
@@ -245,17 +238,7 @@ impl<E: Elem> WithSimd for FwdTask<'_, '_, E> {
                     } else {
                         block.hint(0, j0 + nr)
                     };
-                    run_tile(
-                        simd,
-                        rows,
-                        walk,
-                        bt,
-                        &mut block,
-                        p * MR,
-                        j0,
-                        kb > 0,
-                        next,
-                    );
+                    run_tile(simd, rows, walk, bt, &mut block, p * MR, j0, kb > 0, next);
                 }
             }
         }
