@@ -214,10 +214,11 @@ impl<E: Elem> WithSimd for FwdTask<'_, '_, E> {
         let img_len = conv.c * conv.hp * conv.wp;
         let src = &conv.src[conv.img_offset(img)..][..img_len];
         let kmax = conv.a.kblocks().iter().map(|b| b.1).max().unwrap_or(0);
-        let mut bt = Aligned::<E>::zeroed(kmax * nr);
+        // One spare row: pack_b_tile may write past the tile's last row.
+        let mut bt = Aligned::<E>::zeroed((kmax + 1) * nr);
         let panels = conv.a.panels();
         for (kb, &(k0, klen)) in conv.a.kblocks().iter().enumerate() {
-            let bt = &mut bt.as_mut_slice()[..klen * nr];
+            let bt = &mut bt.as_mut_slice()[..(klen + 1) * nr];
             for t in 0..tiles {
                 let j0 = t * nr;
                 let j1 = (j0 + nr).min(cols);

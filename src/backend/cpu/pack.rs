@@ -227,7 +227,9 @@ pub(crate) fn even_blocks(len: usize, target: usize) -> Vec<(usize, usize)> {
 /// One B tile of the implicit im2col matrix: `out[kk * NR + i] =
 /// src[kbase[kk] + offs[i]]` for `i < offs.len()`, zeros for the rest of the
 /// NR columns. `kbase` is a tap's offset (channel, ky, kx) and `offs` a
-/// position's offset (oy, ox) in the padded image.
+/// position's offset (oy, ox) in the padded image. `out` must hold one row
+/// more than the tile (`(kbase.len() + 1) * NR`): the two-run copy below
+/// overshoots into the next row, which is written after it.
 ///
 /// `next`: the first offset of the tile packed after this one, whose
 /// source lines are prefetched into L2 meanwhile (the source is the padded
@@ -244,31 +246,62 @@ pub(crate) fn pack_b_tile<E: Elem, S: Simd>(
     out: &mut [E],
 ) {
     let l = E::lanes::<S>();
-    let out = &mut out[..kbase.len() * nr];
-    let contiguous = offs.len() == nr && offs.windows(2).all(|w| w[1] == w[0] + 1);
-    if contiguous {
-        // The common case (stride 1, the NR positions in one padded row):
-        // the tile row is a plain copy of NR consecutive values.
+    let rows = kbase.len();
+    assert!(out.len() >= (rows + 1) * nr);
+    let copy = |d: &mut [E], s: &[E]| {
+        for v in 0..nr / l {
+            E::store(simd, &mut d[v * l..], E::load(simd, &s[v * l..]));
+        }
+    };
+    let hint = |kb: usize| {
+        if let Some(nx) = next {
+            let p = src.as_ptr().wrapping_add(kb + nx);
+            prefetch(p, Level::L2);
+            prefetch(p.wrapping_add(nr - 1), Level::L2);
+        }
+    };
+    // Runs of consecutive offsets: one when the NR positions lie in one
+    // padded row (stride 1), two when the tile wraps to the next output row.
+    let breaks: Vec<usize> = (1..offs.len())
+        .filter(|&i| offs[i] != offs[i - 1] + 1)
+        .collect();
+    let full = offs.len() == nr;
+    if full && breaks.is_empty() {
         let o0 = offs[0];
-        for (d, &kb) in out.chunks_exact_mut(nr).zip(kbase) {
-            if let Some(nx) = next {
-                let p = src.as_ptr().wrapping_add(kb + nx);
-                prefetch(p, Level::L2);
-                prefetch(p.wrapping_add(nr - 1), Level::L2);
+        for (kk, &kb) in kbase.iter().enumerate() {
+            hint(kb);
+            copy(&mut out[kk * nr..], &src[kb + o0..kb + o0 + nr]);
+        }
+    } else if full && breaks.len() == 1 {
+        // Copy NR values from the first run's start, then NR from the
+        // second run's start over positions s.., overshooting into the next
+        // row (rewritten next). The reads run past a run's end into the
+        // padded image; the largest tap must still end inside it.
+        let (s, o0, o1) = (breaks[0], offs[0], offs[breaks[0]]);
+        let kmax = kbase.iter().copied().max().unwrap_or(0);
+        if kmax + o0.max(o1) + nr <= src.len() {
+            for (kk, &kb) in kbase.iter().enumerate() {
+                hint(kb);
+                copy(&mut out[kk * nr..], &src[kb + o0..kb + o0 + nr]);
+                copy(&mut out[kk * nr + s..], &src[kb + o1..kb + o1 + nr]);
             }
-            let s = &src[kb + o0..kb + o0 + nr];
-            for v in 0..nr / l {
-                E::store(simd, &mut d[v * l..], E::load(simd, &s[v * l..]));
-            }
+        } else {
+            gather(src, kbase, offs, nr, out);
         }
     } else {
-        for (d, &kb) in out.chunks_exact_mut(nr).zip(kbase) {
-            for (i, v) in d.iter_mut().enumerate() {
-                *v = match offs.get(i) {
-                    Some(&o) => src[kb + o],
-                    None => E::zero(),
-                };
-            }
+        gather(src, kbase, offs, nr, out);
+    }
+}
+
+/// The general tile copy, one value at a time (strides > 1, rows narrower
+/// than a tile, the last partial tile).
+fn gather<E: Float>(src: &[E], kbase: &[usize], offs: &[usize], nr: usize, out: &mut [E]) {
+    for (d, &kb) in out.chunks_exact_mut(nr).zip(kbase) {
+        for (i, v) in d.iter_mut().enumerate() {
+            *v = match offs.get(i) {
+                Some(&o) => src[kb + o],
+                None => E::zero(),
+            };
         }
     }
 }
