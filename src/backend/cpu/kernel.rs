@@ -88,7 +88,7 @@ const PF_A: usize = 16;
 /// `prefetch` is only a hint and may point anywhere.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel_raw<E: Elem, S: Simd>(
+unsafe fn kernel_raw<E: Elem, S: Simd, const UNIT: bool>(
     simd: S,
     a: [*const E; MR],
     w: AWalk,
@@ -99,6 +99,9 @@ unsafe fn kernel_raw<E: Elem, S: Simd>(
     prefetch: *const E,
 ) {
     let l = E::lanes::<S>();
+    // A compile-time unit step lets the six A rows share one index
+    // register; a run-time step became six pointer increments per k step.
+    let step = if UNIT { 1 } else { w.step };
     let zero = E::splat(simd, E::zero());
     let mut acc = [[zero; 2]; MR];
     // SAFETY: all pointer arithmetic below stays in the ranges the caller
@@ -126,7 +129,7 @@ unsafe fn kernel_raw<E: Elem, S: Simd>(
             let mut i = base;
             for _ in 0..w.seg_len {
                 if PF_A > 0 {
-                    simd::prefetch(a[0].wrapping_add(i + PF_A * w.step), Level::L1);
+                    simd::prefetch(a[0].wrapping_add(i + PF_A * step), Level::L1);
                 }
                 let b0 = E::load_ptr::<S>(bp);
                 let b1 = E::load_ptr::<S>(bp.add(l));
@@ -136,7 +139,7 @@ unsafe fn kernel_raw<E: Elem, S: Simd>(
                     acc[r][1] = E::fma(simd, ar, b1, acc[r][1]);
                 }
                 bp = bp.add(2 * l);
-                i += w.step;
+                i += step;
             }
             base += w.seg_jump;
         }
@@ -252,7 +255,11 @@ pub(crate) fn run_tile<E: Elem, S: Simd>(
         // the block (rows and cols checked), which this `&mut` owns.
         unsafe {
             let cp = c.ptr.add(r0 * c.ld + c0);
-            kernel_raw::<E, S>(simd, ap, w, b.as_ptr(), cp, c.ld, accumulate, prefetch);
+            if w.step == 1 {
+                kernel_raw::<E, S, true>(simd, ap, w, b.as_ptr(), cp, c.ld, accumulate, prefetch);
+            } else {
+                kernel_raw::<E, S, false>(simd, ap, w, b.as_ptr(), cp, c.ld, accumulate, prefetch);
+            }
         }
     } else {
         // Edge tile: run on a local full tile, copy the valid part.
@@ -264,7 +271,7 @@ pub(crate) fn run_tile<E: Elem, S: Simd>(
         }
         // SAFETY: A and B checked above; `local` holds MR x nr elements.
         unsafe {
-            kernel_raw::<E, S>(
+            kernel_raw::<E, S, false>(
                 simd,
                 ap,
                 w,
