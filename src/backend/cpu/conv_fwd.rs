@@ -217,6 +217,18 @@ impl<E: Elem> WithSimd for FwdTask<'_, '_, E> {
         // One spare row: pack_b_tile may write past the tile's last row.
         let mut bt = Aligned::<E>::zeroed((kmax + 1) * nr);
         let panels = conv.a.panels();
+        // C accumulates in a task-local buffer of whole MR x NR tiles,
+        // `[tile][panel][MR][NR]`, in the order the kernels visit them: each
+        // kernel's C tile is 6 contiguous lines (in the output itself the
+        // 6 rows lie 67 KB apart at P3, 6 pages and TLB entries per call) and
+        // the whole sweep is one sequential stream. The epilogue then writes
+        // the finished tiles into the output, which it had to read and
+        // write anyway for the bias and ReLU.
+        let tile_len = MR * nr;
+        let len = tiles * panels * tile_len;
+        let mut cbuf = pool::take::<E>(len + 64 / std::mem::size_of::<E>());
+        let off = super::pack::align_offset(&cbuf);
+        let cp = &mut cbuf[off..off + len];
         for (kb, &(k0, klen)) in conv.a.kblocks().iter().enumerate() {
             let bt = &mut bt.as_mut_slice()[..(klen + 1) * nr];
             for t in 0..tiles {
@@ -234,16 +246,25 @@ impl<E: Elem> WithSimd for FwdTask<'_, '_, E> {
                 );
                 for p in 0..panels {
                     let (rows, walk) = conv.a.rows(kb, p);
-                    let next = if p + 1 < panels {
-                        block.hint((p + 1) * MR, j0)
-                    } else {
-                        block.hint(0, j0 + nr)
-                    };
-                    run_tile(simd, rows, walk, bt, &mut block, p * MR, j0, kb > 0, next);
+                    let at = (t * panels + p) * tile_len;
+                    let next = cp.as_ptr().wrapping_add(at + tile_len);
+                    let mut tile = ColBlock::whole(&mut cp[at..at + tile_len], MR, nr);
+                    run_tile(simd, rows, walk, bt, &mut tile, 0, 0, kb > 0, next);
                 }
             }
         }
-        epilogue(&conv.epilogue, &mut block, img, p0, conv.oh * conv.ow);
+        let plane = conv.oh * conv.ow;
+        for t in 0..tiles {
+            let j0 = t * nr;
+            let w = nr.min(cols - j0);
+            for m in 0..conv.m {
+                let (p, r) = (m / MR, m % MR);
+                let from = &cp[(t * panels + p) * tile_len + r * nr..][..w];
+                let to = &mut block.row_mut(m)[j0..j0 + w];
+                epilogue(&conv.epilogue, to, from, conv.m, m, img, p0 + j0, plane);
+            }
+        }
+        drop(pool::Buffer::new(cbuf));
     }
 }
 
@@ -253,35 +274,36 @@ impl<E: Elem> ImplicitConv<'_, E> {
     }
 }
 
-/// Bias and ReLU, or the mask, on a finished block of outputs.
+/// `to = f(from)` for the outputs of channel `m` at positions `pos..` of
+/// image `img`: bias and ReLU, or the mask.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn epilogue<E: Elem>(
     epi: &Epilogue<'_, E>,
-    block: &mut ColBlock<'_, E>,
+    to: &mut [E],
+    from: &[E],
+    channels: usize,
+    m: usize,
     img: usize,
-    p0: usize,
+    pos: usize,
     plane: usize,
 ) {
-    let (rows, cols) = (block.rows(), block.cols());
-    for r in 0..rows {
-        let row = block.row_mut(r);
-        match epi {
-            Epilogue::Bias { bias, relu } => {
-                let b = bias.map(|b| b[r]);
-                match (b, relu) {
-                    (Some(b), true) => row.iter_mut().for_each(|v| *v = relu_of(*v + b)),
-                    (Some(b), false) => row.iter_mut().for_each(|v| *v += b),
-                    (None, true) => row.iter_mut().for_each(|v| *v = relu_of(*v)),
-                    (None, false) => {}
-                }
-            }
-            Epilogue::Mask(InputMask::Channel(m)) => {
-                let s = m.as_slice()[img * rows + r];
-                row.iter_mut().for_each(|v| *v *= s);
-            }
-            Epilogue::Mask(InputMask::Spatial(m)) => {
-                let ms = &m.as_slice()[img * plane + p0..][..cols];
-                row.iter_mut().zip(ms).for_each(|(v, &s)| *v *= s);
-            }
+    let n = to.len();
+    let pairs = to.iter_mut().zip(from);
+    match epi {
+        Epilogue::Bias { bias, relu } => match (bias.map(|b| b[m]), relu) {
+            (Some(b), true) => pairs.for_each(|(o, &v)| *o = relu_of(v + b)),
+            (Some(b), false) => pairs.for_each(|(o, &v)| *o = v + b),
+            (None, true) => pairs.for_each(|(o, &v)| *o = relu_of(v)),
+            (None, false) => pairs.for_each(|(o, &v)| *o = v),
+        },
+        Epilogue::Mask(InputMask::Channel(mk)) => {
+            let s = mk.as_slice()[img * channels + m];
+            pairs.for_each(|(o, &v)| *o = v * s);
+        }
+        Epilogue::Mask(InputMask::Spatial(mk)) => {
+            let ms = &mk.as_slice()[img * plane + pos..][..n];
+            pairs.zip(ms).for_each(|((o, &v), &s)| *o = v * s);
         }
     }
 }
