@@ -221,13 +221,18 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs
     let tiles = m.div_ceil(nr);
     let p_img = g.oh * g.ow;
     let blocks = dw_blocks(g.n, g.oh, g.ow, kc_dw::<E>());
-    // C' = dW^T, [j][co].
-    let mut ct = pool::take::<E>(j_len * m);
+    // C' = dW^T in whole MR x NR tiles, `[row panel][co tile][MR][NR]`, the
+    // order the kernels visit them (contiguous C tiles, one sequential
+    // sweep per k-block, as in the forward pass).
     let panels = j_len.div_ceil(MR);
-    // Row tasks: a multiple of MR rows each, a few per thread for balance
-    // (the split never changes a bit).
+    let tile_len = MR * nr;
+    let mut cbuf = pool::take::<E>(panels * tiles * tile_len + 64 / std::mem::size_of::<E>());
+    let coff = align_offset(&cbuf);
+    let ct = &mut cbuf[coff..coff + panels * tiles * tile_len];
+    // Row tasks: runs of panels, a few per thread for balance (the split
+    // never changes a bit).
     let tasks = (2 * rayon::current_num_threads()).min(panels).max(1);
-    let rows_per = panels.div_ceil(tasks) * MR;
+    let panels_per = panels.div_ceil(tasks);
     let job = DwJob {
         src: src.as_slice(),
         g: *g,
@@ -257,17 +262,16 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs
             let dy_img = &dy[r.img * m * p_img..][..m * p_img];
             pack_dy_t(dy_img, m, g.ow, (r.oy0, r.nrows, r.ox0, r.ncols), nr, out);
         });
-        ct.par_chunks_mut(rows_per * m)
+        ct.par_chunks_mut(panels_per * tiles * tile_len)
             .enumerate()
-            .for_each(|(t, chunk)| {
-                let rows = chunk.len() / m;
+            .for_each(|(t, tiles_out)| {
                 arch.dispatch(DwTask {
                     job: &job,
                     blocks: group,
                     packed,
                     first: gi == 0,
-                    j0: t * rows_per,
-                    block: ColBlock::whole(chunk, rows, m),
+                    j0: t * panels_per * MR,
+                    c: tiles_out,
                 })
             });
         drop(pool::Buffer::new(buf));
@@ -277,11 +281,12 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs
     dw.par_chunks_mut(j_len.max(1))
         .enumerate()
         .for_each(|(co, row)| {
+            let (t, i) = (co / nr, co % nr);
             for (j, v) in row.iter_mut().enumerate() {
-                *v = ct[j * m + co];
+                *v = ct[((j / MR) * tiles + t) * tile_len + (j % MR) * nr + i];
             }
         });
-    drop(pool::Buffer::new(ct));
+    drop(pool::Buffer::new(cbuf));
     dw
 }
 
@@ -300,8 +305,10 @@ struct DwTask<'a, 'b, E: Elem> {
     packed: &'a [E],
     /// True for the first group: its first k-block starts the sums.
     first: bool,
+    /// First row (tap) of this task.
     j0: usize,
-    block: ColBlock<'b, E>,
+    /// The task's C' tiles, `[panel][co tile][MR][NR]`.
+    c: &'b mut [E],
 }
 
 impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
@@ -315,7 +322,7 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
             packed,
             first,
             j0,
-            mut block,
+            c,
         } = self;
         let g = &job.g;
         let nr = nr::<E, S>();
@@ -327,8 +334,8 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
         let img_len = g.c_in * plane;
         let j_len = g.c_in * g.kh * g.kw;
         let taps = g.kh * g.kw;
-        let rows = block.rows();
-        let panels = rows.div_ceil(MR);
+        let tile_len = MR * nr;
+        let panels = c.len() / (tiles * tile_len);
         let mut at = 0;
         for (kb, r) in blocks.iter().enumerate() {
             let kc = r.nrows * r.ncols;
@@ -346,24 +353,22 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                 // Row j = (ci, ky, kx) reads the image shifted by (ky, kx);
                 // rows past the end repeat the last valid one (dropped).
                 let a: [&[E]; MR] = std::array::from_fn(|i| {
-                    let j = (j0 + p * MR + i).min(j0 + rows - 1).min(j_len - 1);
+                    let j = (j0 + p * MR + i).min(j_len - 1);
                     let (ci, t) = (j / taps, j % taps);
                     &src[ci * plane + (t / g.kw) * wp + t % g.kw..]
                 });
                 for t in 0..tiles {
-                    let next = if t + 1 < tiles {
-                        block.hint(p * MR, (t + 1) * nr)
-                    } else {
-                        block.hint((p + 1) * MR, 0)
-                    };
+                    let at = (p * tiles + t) * tile_len;
+                    let next = c.as_ptr().wrapping_add(at + tile_len);
+                    let mut tile = ColBlock::whole(&mut c[at..at + tile_len], MR, nr);
                     run_tile(
                         simd,
                         a,
                         walk,
                         &bt[t * kc * nr..][..kc * nr],
-                        &mut block,
-                        p * MR,
-                        t * nr,
+                        &mut tile,
+                        0,
+                        0,
                         kb > 0 || !first,
                         next,
                     );

@@ -181,10 +181,6 @@ impl<'a, E> ColBlock<'a, E> {
         }
     }
 
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
     pub fn cols(&self) -> usize {
         self.cols
     }
@@ -285,13 +281,6 @@ pub(crate) fn run_tile<E: Elem, S: Simd>(
         for r in 0..rows {
             c.row_mut(r0 + r)[c0..c0 + cols].copy_from_slice(&local[r * nr..r * nr + cols]);
         }
-    }
-}
-
-impl<E> ColBlock<'_, E> {
-    /// Address of element `(r, col)` (for prefetch hints only; may be out of range).
-    pub fn hint(&self, r: usize, col: usize) -> *const E {
-        self.ptr.wrapping_add(r * self.ld + col)
     }
 }
 
