@@ -52,7 +52,7 @@ pub fn fma_peak_gflops(threads: usize) -> f64 {
     let arch = Arch::new();
     let iters = 2_000_000;
     let mut best = 0.0f64;
-    for _ in 0..5 {
+    for _ in 0..10 {
         let barrier = Barrier::new(threads);
         let results: Vec<(f64, usize)> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..threads)
