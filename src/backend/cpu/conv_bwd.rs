@@ -13,80 +13,30 @@
 //! Orientation: rows are the taps `j = (ci, ky, kx)` and the kernel reads
 //! them straight from the padded image (a row of the im2col matrix is a
 //! shifted window of it: no im2col copy at all), columns are output
-//! channels, packed from dY transposed (`[k][NR]`, a cheap 256-wide
-//! transpose per k-block). The other orientation (rows = output channels)
-//! would need im2col transposed, a gather of 9 taps per value.
+//! channels, packed from dY transposed (`[k][NR]`, a 256-wide transpose
+//! done once per group of k-blocks and shared by all threads). The other
+//! orientation (rows = output channels) would need im2col transposed, a
+//! gather of 9 taps per value. C' accumulates in MR x NR tiles stored in
+//! visiting order, transposed into OIHW at the end. Measured 86-90% of peak
+//! at P3/P4.
 //!
 //! Determinism: the reduction over positions (33600 at P3) is cut into
-//! fixed k-blocks (image, output rows) that depend only on the shape; each
-//! output is one fused chain through those blocks in (n, oy, ox) order,
-//! resumed from C, so the grouping is the same for every thread count.
-//! Threads split the rows j (outputs), never the reduction.
+//! fixed-size k-blocks (an image's output rows, ~256 positions) that depend
+//! only on the shape, and the blocks' partial sums are combined in a fixed
+//! order: block b's fused chain starts from the sum of blocks 0..b (the
+//! kernel resumes from C). That is one sequential chain per output in
+//! (n, oy, ox) order, whatever the thread count; threads split the rows j
+//! (outputs), never the reduction.
 
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
-use super::conv_fwd::{ASource, Epilogue, ImplicitConv, kc_for};
+use super::conv_fwd::{ASource, Epilogue, ImplicitConv, kc_for, pack_weights};
 use super::kernel::{AWalk, ColBlock, MR, nr, run_tile};
 use super::pack::{PackedA, PadSpec, align_offset, pack_dy_t, pad_input};
 use super::simd::Elem;
 use crate::backend::{ConvArgs, ConvGeometry};
 use crate::pool;
-
-/// `y = act(conv(x * mask, w) + b)`, `[N, Cout, OH, OW]`.
-pub(crate) fn conv2d<E: Elem>(x: &[E], w: &[E], b: Option<&[E]>, args: &ConvArgs<E>) -> Vec<E> {
-    let g = &args.geom;
-    let [ph, pw] = g.padding;
-    let spec = PadSpec {
-        top: ph as isize,
-        left: pw as isize,
-        hp: g.h + 2 * ph,
-        wp: g.w + 2 * pw,
-        dil: [1, 1],
-    };
-    let src = pad_input(x, g.input_shape(), spec, args.mask.as_ref());
-    let k = g.c_in * g.kh * g.kw;
-    let a = if pack_weights(g.n * g.oh * g.ow) {
-        ASource::Packed(PackedA::new(g.c_out, k, kc_for::<E>(), |m, kk| {
-            w[m * k + kk]
-        }))
-    } else {
-        ASource::Rows {
-            data: w,
-            m: g.c_out,
-            k,
-            kblocks: super::pack::even_blocks(k, kc_for::<E>()),
-        }
-    };
-    ImplicitConv {
-        src: src.as_slice(),
-        n: g.n,
-        c: g.c_in,
-        hp: spec.hp,
-        wp: spec.wp,
-        kh: g.kh,
-        kw: g.kw,
-        stride: g.stride,
-        oh: g.oh,
-        ow: g.ow,
-        a: &a,
-        m: g.c_out,
-        epilogue: Epilogue::Bias {
-            bias: b,
-            relu: args.relu,
-        },
-    }
-    .run()
-}
-
-/// Pack the weights into panels, or read them in place? Packed panels are
-/// one sequential stream per kernel call instead of six strided rows: at
-/// P3/P4 that is 86% of peak against 78-80%. Packing costs a pass over the
-/// weights, which the small levels cannot amortise (P7, 154 positions: 57%
-/// packed, 69% in place); the two were even at P6 (546 positions).
-fn pack_weights(positions: usize) -> bool {
-    positions > 600
-}
 
 /// `dx = mask * conv_transpose(dy, w)`, `[N, Cin, H, W]`.
 pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<E>) -> Vec<E> {

@@ -6,15 +6,18 @@
 //! `p = (oy, ox)` and `B_n[k][p] = Xpad[n][c][oy*sh + ky][ox*sw + kx]`.
 //! Why implicit GEMM rather than im2col + GEMM or a direct loop: B is never
 //! materialised (at P3 im2col would be 2304 x 33600, 310 MB), each B tile is
-//! packed from the padded image right before use with two vector copies per
-//! k row (stride 1), and then serves all M/6 row panels of A from L1, so
-//! packing costs about 1% of the FMA time. The 6 x 16 kernel then runs the
-//! shape the GEMM experiment of ENGINEERING.md measured at 80-90% of peak.
+//! packed from the padded image right before use with one or two vector
+//! copies per k row (stride 1), and then serves all M/6 row panels of A
+//! from L1, so packing costs about 2% of the FMA time. The 6 x 16 kernel
+//! runs the shape the GEMM experiment of ENGINEERING.md measured at 80-90%
+//! of peak; this conv measured 86-90% at P3/P4 (see examples/conv_speed.rs).
 //!
 //! Loop nest of one task (an image and a range of output positions):
 //! for each k-block (~256 k, the A block then fits L2): for each NR-position
-//! tile: pack the B tile (L1), for each MR-row panel: kernel. The C tiles
-//! are prefetched one kernel ahead.
+//! tile: pack the B tile (L1), for each MR-row panel: kernel. C accumulates
+//! in task-local MR x NR tiles stored in visiting order (each kernel's C is
+//! contiguous and prefetched one kernel ahead); the epilogue moves finished
+//! tiles into the output.
 //!
 //! Parallelism and determinism: tasks split the output positions only.
 //! Each output is one fused chain over k in a fixed order whatever the
@@ -25,9 +28,9 @@ use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
 use super::kernel::{AWalk, ColBlock, MR, nr, run_tile, split_columns};
-use super::pack::{Aligned, PackedA, pack_b_tile};
+use super::pack::{Aligned, PackedA, PadSpec, even_blocks, pack_b_tile, pad_input};
 use super::simd::Elem;
-use crate::backend::InputMask;
+use crate::backend::{ConvArgs, InputMask};
 use crate::pool;
 
 /// k elements per block: 1 KiB of each A row, so the A block (M = 256
@@ -35,6 +38,61 @@ use crate::pool;
 /// (128 and 512 f32 measured 1-2% worse and even at P3/P4.)
 pub(crate) fn kc_for<E>() -> usize {
     1024 / std::mem::size_of::<E>()
+}
+
+/// `y = act(conv(x * mask, w) + b)`, `[N, Cout, OH, OW]`.
+pub(crate) fn conv2d<E: Elem>(x: &[E], w: &[E], b: Option<&[E]>, args: &ConvArgs<E>) -> Vec<E> {
+    let g = &args.geom;
+    let [ph, pw] = g.padding;
+    let spec = PadSpec {
+        top: ph as isize,
+        left: pw as isize,
+        hp: g.h + 2 * ph,
+        wp: g.w + 2 * pw,
+        dil: [1, 1],
+    };
+    let src = pad_input(x, g.input_shape(), spec, args.mask.as_ref());
+    let k = g.c_in * g.kh * g.kw;
+    let a = if pack_weights(g.n * g.oh * g.ow) {
+        ASource::Packed(PackedA::new(g.c_out, k, kc_for::<E>(), |m, kk| {
+            w[m * k + kk]
+        }))
+    } else {
+        ASource::Rows {
+            data: w,
+            m: g.c_out,
+            k,
+            kblocks: even_blocks(k, kc_for::<E>()),
+        }
+    };
+    ImplicitConv {
+        src: src.as_slice(),
+        n: g.n,
+        c: g.c_in,
+        hp: spec.hp,
+        wp: spec.wp,
+        kh: g.kh,
+        kw: g.kw,
+        stride: g.stride,
+        oh: g.oh,
+        ow: g.ow,
+        a: &a,
+        m: g.c_out,
+        epilogue: Epilogue::Bias {
+            bias: b,
+            relu: args.relu,
+        },
+    }
+    .run()
+}
+
+/// Pack the weights into panels, or read them in place? Packed panels are
+/// one sequential stream per kernel call instead of six strided rows: at
+/// P3/P4 that is 86% of peak against 78-80%. Packing costs a pass over the
+/// weights, which the small levels cannot amortise (P7, 154 positions: 57%
+/// packed, 69% in place); the two were even at P6 (546 positions).
+pub(crate) fn pack_weights(positions: usize) -> bool {
+    positions > 600
 }
 
 /// Output positions per task at most.
@@ -115,7 +173,7 @@ pub(crate) struct ImplicitConv<'a, E: Elem> {
     pub stride: [usize; 2],
     pub oh: usize,
     pub ow: usize,
-    /// `m x (c * kh * kw)` weights, packed.
+    /// `m x (c * kh * kw)` weights.
     pub a: &'a ASource<'a, E>,
     /// Output channels.
     pub m: usize,

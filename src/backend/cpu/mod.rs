@@ -123,7 +123,7 @@ impl<T: Float> Backend<T> for CpuBackend {
             let x: &Tensor<E> = same(x);
             let w: &Tensor<E> = same(w);
             let b: Option<&Tensor<E>> = b.map(same);
-            let y = conv_bwd::conv2d(x.as_slice(), w.as_slice(), b.map(Tensor::as_slice), a);
+            let y = conv_fwd::conv2d(x.as_slice(), w.as_slice(), b.map(Tensor::as_slice), a);
             same_owned::<Tensor<E>, Tensor<T>>(Tensor::from_parts(&a.geom.output_shape(), y))
         });
         match y {
