@@ -192,6 +192,18 @@ pub(crate) fn softmax<T: Float>(x: &[T], shape: &[usize], axis: usize) -> Vec<T>
     y.par_chunks_mut(block)
         .zip(x.par_chunks(block))
         .for_each(|(yb, xb)| {
+            if inner == 1 {
+                // A contiguous row (the spatial attention's softmax over H*W).
+                let max = xb.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+                let mut sum = T::zero();
+                for (y, &v) in yb.iter_mut().zip(xb) {
+                    let e = (v - max).exp();
+                    *y = e;
+                    sum += e;
+                }
+                yb.iter_mut().for_each(|v| *v = *v / sum);
+                return;
+            }
             let mut max = vec![T::neg_infinity(); inner];
             for k in 0..len {
                 max.iter_mut()
