@@ -5,7 +5,8 @@
 //! e.g. `-- 7 P3,P4`. FLOP model: the direct conv, 2*9*N*H*W*Cin*Cout per
 //! pass (forward, input grad, weight grad alike). Times are medians of REPS
 //! (default 5) after one warm-up; use the thread count of
-//! `RAYON_NUM_THREADS` (default: all cores).
+//! `RAYON_NUM_THREADS` (default: all cores). `DMKD_CHMASK=0.65` times the
+//! convs under a channel mask (GFLOP/s then count the dense work).
 
 use std::time::Instant;
 
@@ -82,9 +83,22 @@ fn run<T: Float>(reps: usize, levels: &[&str]) -> Vec<(&'static str, f64, [f64; 
         let wt = Tensor::from_vec(&geom.weight_shape(), values(c * c * 9, 2)).unwrap();
         let b = Tensor::from_vec(&[c], values(c, 3)).unwrap();
         let dy = Tensor::from_vec(&geom.output_shape(), values(n * c * h * w, 4)).unwrap();
+        // DMKD_CHMASK=0.65: a channel mask zeroing that fraction of each
+        // image's channels (the DMKD channel branch's first conv).
+        let mask = std::env::var("DMKD_CHMASK")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|ratio| {
+                let m = Tensor::from_fn(&[n, c], |i| {
+                    let k = ((i % c) * 7919 + i / c * 31) % c;
+                    T::from_f64(if (k as f64) < ratio * c as f64 { 0.0 } else { 1.0 })
+                })
+                .unwrap();
+                dmkd::InputMask::Channel(m)
+            });
         let args = ConvArgs {
             geom,
-            mask: None,
+            mask,
             relu: true,
         };
         let flops = 2.0 * geom.macs() as f64;

@@ -361,6 +361,14 @@ fn fixed_case(
                 .collect(),
         ))),
         2 => Some(InputMask::Channel(t64(&[n, ci], fill(n * ci, 6)))),
+        // 0/1 channels: the channel-sparse paths (masked channels skipped).
+        3 => Some(InputMask::Channel(t64(
+            &[n, ci],
+            fill(n * ci, 7)
+                .iter()
+                .map(|v| f64::from(*v > 0.2))
+                .collect(),
+        ))),
         _ => None,
     };
     ConvCase {
@@ -376,7 +384,8 @@ fn fixed_case(
 
 /// Shapes the random cases rarely reach: many channels (several k-blocks
 /// and row panels), outputs wider than a weight-gradient k-block, the 1x1
-/// align conv, a padding larger than the kernel reach.
+/// align conv, a padding larger than the kernel reach, 0/1 channel masks
+/// on packed weights.
 #[test]
 fn conv_larger_shapes_match_reference() {
     for (x, wt, s, p, m) in [
@@ -386,6 +395,8 @@ fn conv_larger_shapes_match_reference() {
         ((2, 33, 12, 10), (17, 3, 3), [2, 2], [1, 1], 1),
         ((1, 6, 5, 6), (7, 1, 1), [1, 1], [2, 1], 2),
         ((1, 3, 1, 1), (4, 3, 3), [1, 1], [1, 1], 0),
+        ((2, 40, 13, 29), (70, 3, 3), [1, 1], [1, 1], 3),
+        ((2, 64, 10, 12), (32, 1, 1), [1, 1], [0, 0], 3),
     ] {
         check_conv(&fixed_case(x, wt, s, p, m));
     }

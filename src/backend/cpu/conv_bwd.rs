@@ -31,7 +31,10 @@
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
-use super::conv_fwd::{ASource, Epilogue, ImplicitConv, kc_for, pack_weights};
+use super::conv_fwd::{
+    ASource, Epilogue, ImplicitConv, forward_pad, kc_for, kept_channels, pack_weights,
+    sparse_channels,
+};
 use super::kernel::{AWalk, ColBlock, MR, nr, run_tile};
 use super::pack::{PackedA, PadSpec, align_offset, pack_dy_t, pad_input};
 use super::simd::Elem;
@@ -64,6 +67,47 @@ pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<
                 .for_each(|(d, &v)| *d = v);
         }
     });
+    if let Some(ms) = sparse_channels(args.mask.as_ref()) {
+        // Under a channel mask with exact zeros, only the kept channels'
+        // rows are computed (the others are `0 * ...`); per image, since
+        // the masks differ.
+        let hw = g.h * g.w;
+        let img_len = g.c_out * spec.hp * spec.wp;
+        let mut dx = pool::take::<E>(g.n * cin * hw);
+        for (img, dximg) in dx.chunks_mut(cin * hw).enumerate() {
+            let kept = kept_channels(ms, img, cin);
+            dximg.fill(E::zero());
+            if kept.is_empty() {
+                continue;
+            }
+            let scale: Vec<E> = kept.iter().map(|&ci| ms[img * cin + ci]).collect();
+            let a = ASource::Packed(PackedA::new(kept.len(), k, kc_for::<E>(), |r, kk| {
+                wt[kept[r] * k + kk]
+            }));
+            let rows = ImplicitConv {
+                src: &src.as_slice()[img * img_len..][..img_len],
+                n: 1,
+                c: g.c_out,
+                hp: spec.hp,
+                wp: spec.wp,
+                kh,
+                kw,
+                stride: [1, 1],
+                oh: g.h,
+                ow: g.w,
+                a: &a,
+                m: kept.len(),
+                epilogue: Epilogue::RowScale(&scale),
+            }
+            .run();
+            for (r, &ci) in kept.iter().enumerate() {
+                dximg[ci * hw..(ci + 1) * hw].copy_from_slice(&rows[r * hw..(r + 1) * hw]);
+            }
+            drop(pool::Buffer::new(rows));
+        }
+        drop(pool::Buffer::new(wt));
+        return dx;
+    }
     let a = if pack_weights(g.n * g.h * g.w) {
         ASource::Packed(PackedA::new(cin, k, kc_for::<E>(), |ci, kk| {
             wt[ci * k + kk]
@@ -155,14 +199,7 @@ fn dw_blocks(n: usize, oh: usize, ow: usize, kc: usize) -> Vec<Rect> {
 /// `dw[co][ci][ky][kx] = sum dy[n][co][oy][ox] * (x * mask)[n][ci][oy*sh+ky-ph][ox*sw+kx-pw]`.
 pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs<E>) -> Vec<E> {
     let g = &args.geom;
-    let [ph, pw] = g.padding;
-    let spec = PadSpec {
-        top: ph as isize,
-        left: pw as isize,
-        hp: g.h + 2 * ph,
-        wp: g.w + 2 * pw,
-        dil: [1, 1],
-    };
+    let spec = forward_pad(g);
     let src = pad_input(x, g.input_shape(), spec, args.mask.as_ref());
     let arch = Arch::new();
     let nr = super::conv_fwd::nr_for::<E>();
@@ -183,11 +220,20 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs
     // never changes a bit).
     let tasks = (2 * rayon::current_num_threads()).min(panels).max(1);
     let panels_per = panels.div_ceil(tasks);
+    // Under a channel mask with exact zeros, a row panel whose channels are
+    // all masked in an image adds only zeros over that image's k-blocks and
+    // is skipped there; the sums then start from zeroed tiles instead of
+    // from the first k-block's products (the same values).
+    let skip = sparse_channels(args.mask.as_ref());
+    if skip.is_some() {
+        ct.par_chunks_mut(tile_len).for_each(|t| t.fill(E::zero()));
+    }
     let job = DwJob {
         src: src.as_slice(),
         g: *g,
         hp: spec.hp,
         wp: spec.wp,
+        skip,
     };
     // dY^T is packed once per group of k-blocks, in parallel, and shared
     // by all row tasks (packing it per task repeated the transpose for each
@@ -219,7 +265,7 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs
                     job: &job,
                     blocks: group,
                     packed,
-                    first: gi == 0,
+                    first: gi == 0 && skip.is_none(),
                     j0: t * panels_per * MR,
                     c: tiles_out,
                 })
@@ -245,6 +291,8 @@ struct DwJob<'a, E> {
     g: ConvGeometry,
     hp: usize,
     wp: usize,
+    /// The channel mask, when masked channels are skipped.
+    skip: Option<&'a [E]>,
 }
 
 /// Rows `j0 ..` of C' over one group of k-blocks.
@@ -300,6 +348,17 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                 seg_jump: sh * wp,
             };
             for p in 0..panels {
+                if let Some(ms) = job.skip {
+                    let j_first = (j0 + p * MR).min(j_len - 1);
+                    let j_last = (j0 + p * MR + MR - 1).min(j_len - 1);
+                    let chans = j_first / taps..=j_last / taps;
+                    if chans
+                        .into_iter()
+                        .all(|ci| ms[r.img * g.c_in + ci] == E::zero())
+                    {
+                        continue;
+                    }
+                }
                 // Row j = (ci, ky, kx) reads the image shifted by (ky, kx);
                 // rows past the end repeat the last valid one (dropped).
                 let a: [&[E]; MR] = std::array::from_fn(|i| {

@@ -28,9 +28,9 @@ use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
 use super::kernel::{AWalk, ColBlock, MR, nr, run_tile, split_columns};
-use super::pack::{Aligned, PackedA, PadSpec, even_blocks, pack_b_tile, pad_input};
+use super::pack::{Aligned, PackedA, PadSpec, even_blocks, pack_b_tile, pad_input, pad_planes};
 use super::simd::Elem;
-use crate::backend::{ConvArgs, InputMask};
+use crate::backend::{ConvArgs, ConvGeometry, InputMask};
 use crate::pool;
 
 /// k elements per block: 1 KiB of each A row, so the A block (M = 256
@@ -40,17 +40,41 @@ pub(crate) fn kc_for<E>() -> usize {
     1024 / std::mem::size_of::<E>()
 }
 
-/// `y = act(conv(x * mask, w) + b)`, `[N, Cout, OH, OW]`.
-pub(crate) fn conv2d<E: Elem>(x: &[E], w: &[E], b: Option<&[E]>, args: &ConvArgs<E>) -> Vec<E> {
-    let g = &args.geom;
+/// The padding of a forward pass (and of the weight gradient's input).
+pub(crate) fn forward_pad(g: &ConvGeometry) -> PadSpec {
     let [ph, pw] = g.padding;
-    let spec = PadSpec {
+    PadSpec {
         top: ph as isize,
         left: pw as isize,
         hp: g.h + 2 * ph,
         wp: g.w + 2 * pw,
         dil: [1, 1],
-    };
+    }
+}
+
+/// The channels of image `img` whose channel-mask value is not exactly 0.
+pub(crate) fn kept_channels<E: Elem>(mask: &[E], img: usize, c: usize) -> Vec<usize> {
+    (0..c)
+        .filter(|&ci| mask[img * c + ci] != E::zero())
+        .collect()
+}
+
+/// The channel mask's values when at least one is an exact zero (the
+/// masked channels can then be left out of the work).
+pub(crate) fn sparse_channels<E: Elem>(mask: Option<&InputMask<E>>) -> Option<&[E]> {
+    match mask {
+        Some(InputMask::Channel(m)) if m.as_slice().contains(&E::zero()) => Some(m.as_slice()),
+        _ => None,
+    }
+}
+
+/// `y = act(conv(x * mask, w) + b)`, `[N, Cout, OH, OW]`.
+pub(crate) fn conv2d<E: Elem>(x: &[E], w: &[E], b: Option<&[E]>, args: &ConvArgs<E>) -> Vec<E> {
+    let g = &args.geom;
+    if let Some(ms) = sparse_channels(args.mask.as_ref()) {
+        return conv2d_channel_sparse(x, w, b, args, ms);
+    }
+    let spec = forward_pad(g);
     let src = pad_input(x, g.input_shape(), spec, args.mask.as_ref());
     let k = g.c_in * g.kh * g.kw;
     let a = if pack_weights(g.n * g.oh * g.ow) {
@@ -86,6 +110,69 @@ pub(crate) fn conv2d<E: Elem>(x: &[E], w: &[E], b: Option<&[E]>, args: &ConvArgs
     .run()
 }
 
+/// The forward pass under a channel mask with exact zeros: per image, the
+/// masked input channels are left out of K (SPEC: at lambda_c = 0.65 the
+/// channel branch's first conv needs 35% of the dense work). The result is
+/// the dense path's up to the sign of an exact zero: the dense chain adds
+/// `w * 0` terms, which leave a fused sum unchanged.
+fn conv2d_channel_sparse<E: Elem>(
+    x: &[E],
+    w: &[E],
+    b: Option<&[E]>,
+    args: &ConvArgs<E>,
+    ms: &[E],
+) -> Vec<E> {
+    let g = &args.geom;
+    let spec = forward_pad(g);
+    let taps = g.kh * g.kw;
+    let k_full = g.c_in * taps;
+    let p = g.oh * g.ow;
+    let mut y = pool::take::<E>(g.n * g.c_out * p);
+    for (img, yimg) in y.chunks_mut(g.c_out * p).enumerate() {
+        let kept = kept_channels(ms, img, g.c_in);
+        if kept.is_empty() {
+            // Every product is zero: act(0 + b), as the reference computes it.
+            for (co, row) in yimg.chunks_mut(p).enumerate() {
+                let v = E::zero() + b.map_or(E::zero(), |b| b[co]);
+                row.fill(if args.relu { relu_of(v) } else { v });
+            }
+            continue;
+        }
+        let planes: Vec<usize> = kept.iter().map(|&ci| img * g.c_in + ci).collect();
+        let src = pad_planes(x, g.input_shape(), spec, args.mask.as_ref(), &planes);
+        let cols: Vec<usize> = kept
+            .iter()
+            .flat_map(|&ci| (0..taps).map(move |t| ci * taps + t))
+            .collect();
+        let a = ASource::Packed(PackedA::new(g.c_out, cols.len(), kc_for::<E>(), |m, j| {
+            w[m * k_full + cols[j]]
+        }));
+        let yk = ImplicitConv {
+            src: &src,
+            n: 1,
+            c: kept.len(),
+            hp: spec.hp,
+            wp: spec.wp,
+            kh: g.kh,
+            kw: g.kw,
+            stride: g.stride,
+            oh: g.oh,
+            ow: g.ow,
+            a: &a,
+            m: g.c_out,
+            epilogue: Epilogue::Bias {
+                bias: b,
+                relu: args.relu,
+            },
+        }
+        .run();
+        yimg.copy_from_slice(&yk);
+        drop(pool::Buffer::new(yk));
+        drop(pool::Buffer::new(src));
+    }
+    y
+}
+
 /// Pack the weights into panels, or read them in place? Packed panels are
 /// one sequential stream per kernel call instead of six strided rows: at
 /// P3/P4 that is 86% of peak against 78-80%. Packing costs a pass over the
@@ -104,6 +191,9 @@ pub(crate) enum Epilogue<'a, E: Elem> {
     Bias { bias: Option<&'a [E]>, relu: bool },
     /// `y * mask`, the input gradient (outputs are input positions).
     Mask(&'a InputMask<E>),
+    /// `y * s[m]`, the input gradient of a channel-sparse conv (rows are
+    /// the kept channels).
+    RowScale(&'a [E]),
 }
 
 /// The weights of an [`ImplicitConv`]: `m x k`, row-major.
@@ -362,6 +452,10 @@ fn epilogue<E: Elem>(
         Epilogue::Mask(InputMask::Spatial(mk)) => {
             let ms = &mk.as_slice()[img * plane + pos..][..n];
             pairs.zip(ms).for_each(|((o, &v), &s)| *o = v * s);
+        }
+        Epilogue::RowScale(s) => {
+            let s = s[m];
+            pairs.for_each(|(o, &v)| *o = v * s);
         }
     }
 }

@@ -79,8 +79,22 @@ pub(crate) fn pad_input<'a, E: Float>(
     if mask.is_none() && spec.is_identity(h, w) {
         return Padded::Borrowed(x);
     }
+    let all: Vec<usize> = (0..n * c).collect();
+    Padded::Owned(pad_planes(x, dims, spec, mask, &all))
+}
+
+/// [`pad_input`] for a selection of planes: destination plane `i` is
+/// source plane `planes[i]` (`n * C + c`), padded and masked.
+pub(crate) fn pad_planes<E: Float>(
+    x: &[E],
+    dims: [usize; 4],
+    spec: PadSpec,
+    mask: Option<&InputMask<E>>,
+    planes: &[usize],
+) -> Vec<E> {
+    let [_, c, h, w] = dims;
     let plane = spec.hp * spec.wp;
-    let mut out = pool::take::<E>(n * c * plane);
+    let mut out = pool::take::<E>(planes.len() * plane);
     // Destination columns of input columns: the valid input column range
     // and, for dil = 1, one contiguous destination run.
     let col_of = |ix: usize| spec.left + (ix * spec.dil[1]) as isize;
@@ -91,7 +105,8 @@ pub(crate) fn pad_input<'a, E: Float>(
         .map_or(ix_lo, |i| (i + 1).max(ix_lo));
     out.par_chunks_mut(plane.max(1))
         .enumerate()
-        .for_each(|(pi, dst)| {
+        .for_each(|(i, dst)| {
+            let pi = planes[i];
             let (ni, ci) = (pi / c, pi % c);
             dst.fill(E::zero());
             let src = &x[pi * h * w..][..h * w];
@@ -135,7 +150,7 @@ pub(crate) fn pad_input<'a, E: Float>(
                 }
             }
         });
-    Padded::Owned(out)
+    out
 }
 
 /// A row-major `M x K` operand in kernel order: for each k-block, for each
