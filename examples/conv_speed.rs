@@ -6,7 +6,8 @@
 //! pass (forward, input grad, weight grad alike). Times are medians of REPS
 //! (default 5) after one warm-up; use the thread count of
 //! `RAYON_NUM_THREADS` (default: all cores). `DMKD_CHMASK=0.65` times the
-//! convs under a channel mask (GFLOP/s then count the dense work).
+//! convs under a channel mask, `DMKD_SPMASK=0.65` under a spatial one
+//! (GFLOP/s then count the dense work).
 
 use std::time::Instant;
 
@@ -85,17 +86,39 @@ fn run<T: Float>(reps: usize, levels: &[&str]) -> Vec<(&'static str, f64, [f64; 
         let dy = Tensor::from_vec(&geom.output_shape(), values(n * c * h * w, 4)).unwrap();
         // DMKD_CHMASK=0.65: a channel mask zeroing that fraction of each
         // image's channels (the DMKD channel branch's first conv).
+        // DMKD_SPMASK=0.65: a spatial mask zeroing that fraction of the rows
+        // (a blob, as attention masks are; a best case for tile skipping).
+        let spmask = std::env::var("DMKD_SPMASK")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|ratio| {
+                let m = Tensor::from_fn(&[n, h, w], |i| {
+                    let row = (i % (h * w)) / w;
+                    T::from_f64(if (row as f64) < ratio * h as f64 {
+                        0.0
+                    } else {
+                        1.0
+                    })
+                })
+                .unwrap();
+                dmkd::InputMask::Spatial(m)
+            });
         let mask = std::env::var("DMKD_CHMASK")
             .ok()
             .and_then(|v| v.parse::<f64>().ok())
             .map(|ratio| {
                 let m = Tensor::from_fn(&[n, c], |i| {
                     let k = ((i % c) * 7919 + i / c * 31) % c;
-                    T::from_f64(if (k as f64) < ratio * c as f64 { 0.0 } else { 1.0 })
+                    T::from_f64(if (k as f64) < ratio * c as f64 {
+                        0.0
+                    } else {
+                        1.0
+                    })
                 })
                 .unwrap();
                 dmkd::InputMask::Channel(m)
-            });
+            })
+            .or(spmask);
         let args = ConvArgs {
             geom,
             mask,

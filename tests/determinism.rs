@@ -33,6 +33,11 @@ fn all_outputs<T: Float>() -> Vec<Vec<u64>> {
     let mask_s =
         Tensor::from_fn(&[n, h, w], |i| T::from_f64(((i * 7) % 3 != 0) as u8 as f64)).unwrap();
     let mask_c = fill::<T>(&[n, c], 3);
+    // A masked blob of rows: the skipped output tiles.
+    let mask_blob = Tensor::from_fn(&[n, h, w], |i| {
+        T::from_f64(((i % (h * w)) / w >= 12) as u8 as f64)
+    })
+    .unwrap();
     // 0/1 channels: the channel-sparse paths.
     let mask_c01 =
         Tensor::from_fn(&[n, c], |i| T::from_f64(((i * 5) % 3 == 0) as u8 as f64)).unwrap();
@@ -40,6 +45,7 @@ fn all_outputs<T: Float>() -> Vec<Vec<u64>> {
         (3, 1, c, Some(InputMask::Spatial(mask_s.clone()))),
         (3, 1, c, Some(InputMask::Channel(mask_c.clone()))),
         (3, 1, c, Some(InputMask::Channel(mask_c01))),
+        (3, 1, c, Some(InputMask::Spatial(mask_blob))),
         (1, 0, 48, None),
     ] {
         let xin = if cin == c {

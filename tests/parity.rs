@@ -361,6 +361,14 @@ fn fixed_case(
                 .collect(),
         ))),
         2 => Some(InputMask::Channel(t64(&[n, ci], fill(n * ci, 6)))),
+        // A masked block of rows (attention masks come in blobs): whole
+        // output tiles are skipped.
+        4 => Some(InputMask::Spatial(t64(
+            &[n, h, w],
+            (0..n * h * w)
+                .map(|i| f64::from((i % (h * w)) / w >= h * 3 / 5))
+                .collect(),
+        ))),
         // 0/1 channels: the channel-sparse paths (masked channels skipped).
         3 => Some(InputMask::Channel(t64(
             &[n, ci],
@@ -397,6 +405,8 @@ fn conv_larger_shapes_match_reference() {
         ((1, 3, 1, 1), (4, 3, 3), [1, 1], [1, 1], 0),
         ((2, 40, 13, 29), (70, 3, 3), [1, 1], [1, 1], 3),
         ((2, 64, 10, 12), (32, 1, 1), [1, 1], [0, 0], 3),
+        ((2, 40, 13, 29), (70, 3, 3), [1, 1], [1, 1], 4),
+        ((1, 9, 20, 20), (5, 1, 1), [1, 1], [0, 0], 4),
     ] {
         check_conv(&fixed_case(x, wt, s, p, m));
     }

@@ -32,13 +32,13 @@ use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
 use super::conv_fwd::{
-    ASource, Epilogue, ImplicitConv, forward_pad, kc_for, kept_channels, pack_weights,
+    ASource, Epilogue, ImplicitConv, Skip, forward_pad, kc_for, kept_channels, pack_weights,
     sparse_channels,
 };
 use super::kernel::{AWalk, ColBlock, MR, nr, run_tile};
-use super::pack::{PackedA, PadSpec, align_offset, pack_dy_t, pad_input};
+use super::pack::{PackedA, PadSpec, align_offset, pack_dy_t, pad_input, pad_planes};
 use super::simd::Elem;
-use crate::backend::{ConvArgs, ConvGeometry};
+use crate::backend::{ConvArgs, ConvGeometry, InputMask};
 use crate::pool;
 
 /// `dx = mask * conv_transpose(dy, w)`, `[N, Cin, H, W]`.
@@ -98,6 +98,7 @@ pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<
                 a: &a,
                 m: kept.len(),
                 epilogue: Epilogue::RowScale(&scale),
+                skip: Skip::None,
             }
             .run();
             for (r, &ci) in kept.iter().enumerate() {
@@ -127,6 +128,11 @@ pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<
             relu: false,
         },
     };
+    // Under a spatial mask, the positions it zeroes need no sums.
+    let skip = match &args.mask {
+        Some(InputMask::Spatial(m)) => Skip::Output(m.as_slice()),
+        _ => Skip::None,
+    };
     let dx = ImplicitConv {
         src: src.as_slice(),
         n: g.n,
@@ -141,6 +147,7 @@ pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<
         a: &a,
         m: cin,
         epilogue,
+        skip,
     }
     .run();
     drop(a);
@@ -207,7 +214,40 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs
     let m = g.c_out;
     let tiles = m.div_ceil(nr);
     let p_img = g.oh * g.ow;
-    let blocks = dw_blocks(g.n, g.oh, g.ow, kc_dw::<E>());
+    let mut blocks = dw_blocks(g.n, g.oh, g.ow, kc_dw::<E>());
+    // Under a spatial mask with zeros, a k-block whose positions all have a
+    // fully masked receptive field reads only zeros from the masked input:
+    // it is dropped (the sums then start from zeroed tiles). The others keep
+    // their order, so the result stays one fixed-order chain per output.
+    let dropped = match &args.mask {
+        Some(InputMask::Spatial(m)) if m.as_slice().contains(&E::zero()) => {
+            let mpad = pad_planes(
+                m.as_slice(),
+                [g.n, 1, g.h, g.w],
+                spec,
+                None,
+                &(0..g.n).collect::<Vec<_>>(),
+            );
+            let plane = spec.hp * spec.wp;
+            let [sh, sw] = g.stride;
+            let masked = |r: &Rect| {
+                let mp = &mpad[r.img * plane..][..plane];
+                (r.oy0..r.oy0 + r.nrows).all(|oy| {
+                    (r.ox0..r.ox0 + r.ncols).all(|ox| {
+                        (0..g.kh).all(|ky| {
+                            (0..g.kw)
+                                .all(|kx| mp[(oy * sh + ky) * spec.wp + ox * sw + kx] == E::zero())
+                        })
+                    })
+                })
+            };
+            let before = blocks.len();
+            blocks.retain(|r| !masked(r));
+            drop(pool::Buffer::new(mpad));
+            before != blocks.len()
+        }
+        _ => false,
+    };
     // C' = dW^T in whole MR x NR tiles, `[row panel][co tile][MR][NR]`, the
     // order the kernels visit them (contiguous C tiles, one sequential
     // sweep per k-block, as in the forward pass).
@@ -225,7 +265,8 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs
     // is skipped there; the sums then start from zeroed tiles instead of
     // from the first k-block's products (the same values).
     let skip = sparse_channels(args.mask.as_ref());
-    if skip.is_some() {
+    let zero_start = skip.is_some() || dropped || blocks.is_empty();
+    if zero_start {
         ct.par_chunks_mut(tile_len).for_each(|t| t.fill(E::zero()));
     }
     let job = DwJob {
@@ -239,7 +280,7 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs
     // by all row tasks (packing it per task repeated the transpose for each
     // task and cost 2-4% at 2 threads); a group is ~4 MiB of packed data.
     let packed_len = |r: &Rect| r.nrows * r.ncols * tiles * nr;
-    let kb_bytes = packed_len(&blocks[0]) * std::mem::size_of::<E>();
+    let kb_bytes = blocks.first().map_or(1, packed_len) * std::mem::size_of::<E>();
     let per_group = ((4 << 20) / kb_bytes.max(1)).max(1);
     for (gi, group) in blocks.chunks(per_group).enumerate() {
         // 64-byte aligned, like the forward's B tiles (no split loads).
@@ -265,7 +306,7 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs
                     job: &job,
                     blocks: group,
                     packed,
-                    first: gi == 0 && skip.is_none(),
+                    first: gi == 0 && !zero_start,
                     j0: t * panels_per * MR,
                     c: tiles_out,
                 })

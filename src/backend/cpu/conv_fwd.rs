@@ -76,6 +76,17 @@ pub(crate) fn conv2d<E: Elem>(x: &[E], w: &[E], b: Option<&[E]>, args: &ConvArgs
     }
     let spec = forward_pad(g);
     let src = pad_input(x, g.input_shape(), spec, args.mask.as_ref());
+    // A spatial mask with zeros, padded like the input (one channel).
+    let mpad = match &args.mask {
+        Some(InputMask::Spatial(m)) if m.as_slice().contains(&E::zero()) => Some(pad_planes(
+            m.as_slice(),
+            [g.n, 1, g.h, g.w],
+            spec,
+            None,
+            &(0..g.n).collect::<Vec<_>>(),
+        )),
+        _ => None,
+    };
     let k = g.c_in * g.kh * g.kw;
     let a = if pack_weights(g.n * g.oh * g.ow) {
         ASource::Packed(PackedA::new(g.c_out, k, kc_for::<E>(), |m, kk| {
@@ -89,7 +100,7 @@ pub(crate) fn conv2d<E: Elem>(x: &[E], w: &[E], b: Option<&[E]>, args: &ConvArgs
             kblocks: even_blocks(k, kc_for::<E>()),
         }
     };
-    ImplicitConv {
+    let y = ImplicitConv {
         src: src.as_slice(),
         n: g.n,
         c: g.c_in,
@@ -106,8 +117,13 @@ pub(crate) fn conv2d<E: Elem>(x: &[E], w: &[E], b: Option<&[E]>, args: &ConvArgs
             bias: b,
             relu: args.relu,
         },
+        skip: mpad.as_deref().map_or(Skip::None, Skip::Receptive),
     }
-    .run()
+    .run();
+    if let Some(m) = mpad {
+        drop(pool::Buffer::new(m));
+    }
+    y
 }
 
 /// The forward pass under a channel mask with exact zeros: per image, the
@@ -164,6 +180,7 @@ fn conv2d_channel_sparse<E: Elem>(
                 bias: b,
                 relu: args.relu,
             },
+            skip: Skip::None,
         }
         .run();
         yimg.copy_from_slice(&yk);
@@ -268,6 +285,21 @@ pub(crate) struct ImplicitConv<'a, E: Elem> {
     /// Output channels.
     pub m: usize,
     pub epilogue: Epilogue<'a, E>,
+    /// Output tiles known to be all zeros before the epilogue.
+    pub skip: Skip<'a, E>,
+}
+
+/// Which output tiles a spatial mask's exact zeros make zero (their kernels
+/// are skipped and the tile is zero-filled; the dense path would only add
+/// exact zeros, which leave a fused sum unchanged but for a zero's sign).
+#[derive(Clone, Copy)]
+pub(crate) enum Skip<'a, E> {
+    None,
+    /// Forward: a position whose whole receptive field is masked. The mask
+    /// padded like the input, `n x hp x wp`, zeros in the padding.
+    Receptive(&'a [E]),
+    /// Input gradient: a position whose own mask value is 0 (`n x oh x ow`).
+    Output(&'a [E]),
 }
 
 impl<E: Elem> ImplicitConv<'_, E> {
@@ -377,9 +409,30 @@ impl<E: Elem> WithSimd for FwdTask<'_, '_, E> {
         let mut cbuf = pool::take::<E>(len + 64 / std::mem::size_of::<E>());
         let off = super::pack::align_offset(&cbuf);
         let cp = &mut cbuf[off..off + len];
+        let plane = conv.oh * conv.ow;
+        let skip: Vec<bool> = (0..tiles)
+            .map(|t| {
+                let pos = t * nr..(t * nr + nr).min(cols);
+                match conv.skip {
+                    Skip::None => false,
+                    Skip::Receptive(m) => {
+                        let m = &m[img * conv.hp * conv.wp..][..conv.hp * conv.wp];
+                        offs[pos].iter().all(|&o| {
+                            (0..conv.kh).all(|ky| {
+                                (0..conv.kw).all(|kx| m[o + ky * conv.wp + kx] == E::zero())
+                            })
+                        })
+                    }
+                    Skip::Output(m) => m[img * plane + p0..][pos].iter().all(|&v| v == E::zero()),
+                }
+            })
+            .collect();
+        for (t, _) in skip.iter().enumerate().filter(|s| *s.1) {
+            cp[t * panels * tile_len..(t + 1) * panels * tile_len].fill(E::zero());
+        }
         for (kb, &(k0, klen)) in conv.a.kblocks().iter().enumerate() {
             let bt = &mut bt.as_mut_slice()[..(klen + 1) * nr];
-            for t in 0..tiles {
+            for t in (0..tiles).filter(|&t| !skip[t]) {
                 let j0 = t * nr;
                 let j1 = (j0 + nr).min(cols);
                 let next = offs.get(j0 + nr).copied();
@@ -401,7 +454,6 @@ impl<E: Elem> WithSimd for FwdTask<'_, '_, E> {
                 }
             }
         }
-        let plane = conv.oh * conv.ow;
         for t in 0..tiles {
             let j0 = t * nr;
             let w = nr.min(cols - j0);
