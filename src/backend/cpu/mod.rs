@@ -13,6 +13,13 @@
 //! The `Backend<T>` trait is generic over any `Float`; the kernels exist for
 //! f32 and f64 (the only `Float` types). Each method looks up which one `T`
 //! is (a `TypeId` comparison, free at run time) and downcasts its operands.
+//!
+//! Input masks with exact zeros skip work (the `InputMask` contract allows
+//! it): masked channels leave the forward's reduction, the input
+//! gradient's rows and the weight gradient's row panels; spatially masked
+//! regions skip output tiles (forward, input gradient) and k-blocks (weight
+//! gradient). Skipped work would only have added exact zeros, so results
+//! equal the dense path's but for the sign of a zero.
 
 use std::any::{Any, TypeId};
 
