@@ -19,7 +19,8 @@
 //! gradient's rows and the weight gradient's row panels; spatially masked
 //! regions skip output tiles (forward, input gradient) and k-blocks (weight
 //! gradient). Skipped work would only have added exact zeros, so results
-//! equal the dense path's but for the sign of a zero.
+//! equal the dense path's but for the sign of a zero (or a NaN that a
+//! skipped `0 * inf` would have made).
 
 use std::any::{Any, TypeId};
 
