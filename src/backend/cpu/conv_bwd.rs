@@ -32,8 +32,8 @@ use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
 use super::conv_fwd::{
-    ASource, Epilogue, ImplicitConv, Skip, forward_pad, kc_for, kept_channels, pack_weights,
-    sparse_channels,
+    ASource, Epilogue, ImplicitConv, Skip, TASKS_PER_THREAD, forward_pad, kc_for, kept_channels,
+    pack_weights, sparse_channels,
 };
 use super::kernel::{AWalk, ColBlock, MR, nr, run_tile};
 use super::pack::{PackedA, PadSpec, align_offset, pack_dy_t, pad_input, pad_planes};
@@ -258,7 +258,9 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs
     let ct = &mut cbuf[coff..coff + panels * tiles * tile_len];
     // Row tasks: runs of panels, a few per thread for balance (the split
     // never changes a bit).
-    let tasks = (2 * rayon::current_num_threads()).min(panels).max(1);
+    let tasks = (TASKS_PER_THREAD * rayon::current_num_threads())
+        .min(panels)
+        .max(1);
     let panels_per = panels.div_ceil(tasks);
     // Under a channel mask with exact zeros, a row panel whose channels are
     // all masked in an image adds only zeros over that image's k-blocks and

@@ -199,6 +199,9 @@ pub(crate) fn pack_weights(positions: usize) -> bool {
     positions > 600
 }
 
+/// Parallel tasks per rayon thread (see `ImplicitConv::run`).
+pub(crate) const TASKS_PER_THREAD: usize = 4;
+
 /// Output positions per task at most.
 const NC_MAX: usize = 2048;
 
@@ -318,9 +321,12 @@ impl<E: Elem> ImplicitConv<'_, E> {
                 }
             }
         }
-        // Position chunks: at most NC_MAX, a multiple of NR, and enough of
-        // them to feed every thread twice (the split never changes a bit).
-        let want = (2 * rayon::current_num_threads()).div_ceil(self.n);
+        // Position chunks: at most NC_MAX, a multiple of NR, and about four
+        // per thread, so that a thread slowed by the rest of the machine
+        // leaves a short tail (a task costs no extra packing: B tiles are
+        // per tile, the A block is streamed per tile anyway). The split
+        // never changes a bit.
+        let want = (TASKS_PER_THREAD * rayon::current_num_threads()).div_ceil(self.n);
         let chunks = p.div_ceil(NC_MAX).max(want).min(p.div_ceil(nr)).max(1);
         let chunk = p.div_ceil(chunks).div_ceil(nr) * nr;
         let bounds: Vec<usize> = (0..=p.div_ceil(chunk))
