@@ -27,7 +27,7 @@
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
-use super::kernel::{AWalk, ColBlock, MR, nr, run_tile, split_columns};
+use super::kernel::{AWalk, ColBlock, MR, nr, run_packed_tile, run_tile, split_columns};
 use super::pack::{Aligned, PackedA, PadSpec, even_blocks, pack_b_tile, pad_input, pad_planes};
 use super::simd::Elem;
 use crate::backend::{ConvArgs, ConvGeometry, InputMask};
@@ -242,17 +242,12 @@ impl<'a, E: Elem> ASource<'a, E> {
             ASource::Rows { m, .. } => m.div_ceil(MR),
         }
     }
-    /// Row slices and walk of panel `p` in k-block `kb`.
+    /// Row slices and walk of panel `p` in k-block `kb` of in-place
+    /// weights (packed panels go through `run_packed_tile`).
     #[inline(always)]
     fn rows(&self, kb: usize, p: usize) -> ([&[E]; MR], AWalk) {
         match self {
-            ASource::Packed(a) => {
-                let ap = a.panel(kb, p);
-                (
-                    std::array::from_fn(|r| &ap[r..]),
-                    AWalk::run(0, MR, a.kblocks()[kb].1),
-                )
-            }
+            ASource::Packed(_) => unreachable!("packed panels have their own kernel entry"),
             ASource::Rows {
                 data,
                 m,
@@ -452,11 +447,19 @@ impl<E: Elem> WithSimd for FwdTask<'_, '_, E> {
                     bt,
                 );
                 for p in 0..panels {
-                    let (rows, walk) = conv.a.rows(kb, p);
                     let at = (t * panels + p) * tile_len;
                     let next = cp.as_ptr().wrapping_add(at + tile_len);
-                    let mut tile = ColBlock::whole(&mut cp[at..at + tile_len], MR, nr);
-                    run_tile(simd, rows, walk, bt, &mut tile, 0, 0, kb > 0, next);
+                    let c = &mut cp[at..at + tile_len];
+                    match conv.a {
+                        ASource::Packed(pa) => {
+                            run_packed_tile(simd, pa.panel(kb, p), klen, bt, c, kb > 0, next)
+                        }
+                        ASource::Rows { .. } => {
+                            let (rows, walk) = conv.a.rows(kb, p);
+                            let mut tile = ColBlock::whole(c, MR, nr);
+                            run_tile(simd, rows, walk, bt, &mut tile, 0, 0, kb > 0, next);
+                        }
+                    }
                 }
             }
         }

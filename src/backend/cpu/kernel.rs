@@ -88,7 +88,7 @@ const PF_A: usize = 16;
 /// `prefetch` is only a hint and may point anywhere.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel_raw<E: Elem, S: Simd, const UNIT: bool>(
+unsafe fn kernel_raw<E: Elem, S: Simd, const STEP: usize>(
     simd: S,
     a: [*const E; MR],
     w: AWalk,
@@ -99,9 +99,11 @@ unsafe fn kernel_raw<E: Elem, S: Simd, const UNIT: bool>(
     prefetch: *const E,
 ) {
     let l = E::lanes::<S>();
-    // A compile-time unit step lets the six A rows share one index
-    // register; a run-time step became six pointer increments per k step.
-    let step = if UNIT { 1 } else { w.step };
+    // A compile-time step (STEP > 0) lets the six A rows share one index
+    // register (or one pointer, for a packed panel whose rows are
+    // consecutive); a run-time step became six pointer increments per k
+    // step, 3% of peak.
+    let step = if STEP > 0 { STEP } else { w.step };
     let zero = E::splat(simd, E::zero());
     let mut acc = [[zero; 2]; MR];
     // SAFETY: all pointer arithmetic below stays in the ranges the caller
@@ -252,9 +254,9 @@ pub(crate) fn run_tile<E: Elem, S: Simd>(
         unsafe {
             let cp = c.ptr.add(r0 * c.ld + c0);
             if w.step == 1 {
-                kernel_raw::<E, S, true>(simd, ap, w, b.as_ptr(), cp, c.ld, accumulate, prefetch);
+                kernel_raw::<E, S, 1>(simd, ap, w, b.as_ptr(), cp, c.ld, accumulate, prefetch);
             } else {
-                kernel_raw::<E, S, false>(simd, ap, w, b.as_ptr(), cp, c.ld, accumulate, prefetch);
+                kernel_raw::<E, S, 0>(simd, ap, w, b.as_ptr(), cp, c.ld, accumulate, prefetch);
             }
         }
     } else {
@@ -267,7 +269,7 @@ pub(crate) fn run_tile<E: Elem, S: Simd>(
         }
         // SAFETY: A and B checked above; `local` holds MR x nr elements.
         unsafe {
-            kernel_raw::<E, S, false>(
+            kernel_raw::<E, S, 0>(
                 simd,
                 ap,
                 w,
@@ -281,6 +283,42 @@ pub(crate) fn run_tile<E: Elem, S: Simd>(
         for r in 0..rows {
             c.row_mut(r0 + r)[c0..c0 + cols].copy_from_slice(&local[r * nr..r * nr + cols]);
         }
+    }
+}
+
+/// [`run_tile`] for a full MR x NR tile `c` (row-major, `MR * NR`) and a
+/// packed A panel (`[k][MR]`, rows consecutive): the step is then known at
+/// compile time and the six rows are one pointer.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_packed_tile<E: Elem, S: Simd>(
+    simd: S,
+    panel: &[E],
+    k: usize,
+    b: &[E],
+    c: &mut [E],
+    accumulate: bool,
+    prefetch: *const E,
+) {
+    let nr = nr::<E, S>();
+    assert!(panel.len() >= k * MR, "A panel too short");
+    assert!(b.len() >= k * nr, "B panel too short");
+    assert!(c.len() >= MR * nr, "C tile too short");
+    let base = panel.as_ptr();
+    let ap: [*const E; MR] = std::array::from_fn(|r| base.wrapping_add(r));
+    // SAFETY: row r reads panel[r + i * MR] for i < k, inside the panel
+    // (checked); B and C checked above; `c` is borrowed mutably.
+    unsafe {
+        kernel_raw::<E, S, MR>(
+            simd,
+            ap,
+            AWalk::run(0, MR, k),
+            b.as_ptr(),
+            c.as_mut_ptr(),
+            nr,
+            accumulate,
+            prefetch,
+        );
     }
 }
 
@@ -367,6 +405,55 @@ mod tests {
                     };
                     assert_eq!(g.to_bits(), want.to_bits(), "r {r} j {j}");
                 }
+            }
+        }
+    }
+
+    struct Packed {
+        k: usize,
+        accumulate: bool,
+    }
+
+    impl WithSimd for Packed {
+        type Output = ();
+        fn with_simd<S: Simd>(self, simd: S) {
+            let nr = nr::<f32, S>();
+            let panel: Vec<f32> = (0..self.k * MR)
+                .map(|i| ((i * 5) % 11) as f32 * 0.5 - 2.0)
+                .collect();
+            let b: Vec<f32> = (0..self.k * nr)
+                .map(|i| ((i * 3) % 7) as f32 * 0.25 - 0.5)
+                .collect();
+            let init: Vec<f32> = (0..MR * nr).map(|i| i as f32 * 0.125).collect();
+            let mut got = init.clone();
+            run_packed_tile::<f32, S>(
+                simd,
+                &panel,
+                self.k,
+                &b,
+                &mut got,
+                self.accumulate,
+                std::ptr::null(),
+            );
+            // Row r of a packed panel is panel[r + i * MR].
+            let rows: Vec<Vec<f32>> = (0..MR).map(|r| panel[r..].to_vec()).collect();
+            let mut want = if self.accumulate {
+                init
+            } else {
+                vec![0.0; MR * nr]
+            };
+            oracle(&rows, AWalk::run(0, MR, self.k), &b, nr, &mut want, nr);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.to_bits(), w.to_bits(), "element {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn packed_kernel_matches_fused_loops_bit_for_bit() {
+        for arch in [Arch::new(), Arch::Scalar] {
+            for (k, accumulate) in [(1, false), (7, true), (256, false), (33, true)] {
+                arch.dispatch(Packed { k, accumulate });
             }
         }
     }
