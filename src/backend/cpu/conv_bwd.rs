@@ -1,0 +1,447 @@
+//! Convolution gradients: input (dX), weight (dW) and bias.
+//!
+//! dX is the forward engine again ([`ImplicitConv`]): the full correlation
+//! of the output gradient, zero-dilated by the stride and padded by
+//! `k - 1 - pad`, with the weights transposed and flipped
+//! (`W'[ci][co][ky][kx] = W[co][ci][kh-1-ky][kw-1-kx]`), then times the
+//! mask. For stride 1 (every conv of the loss) that is exactly the forward
+//! cost; for larger strides it multiplies the inserted zeros too (a slower
+//! but correct generic path).
+//!
+//! dW is a GEMM with the long reduction over positions,
+//! `dW^T[j][co] = sum_{n,oy,ox} Xpad[n][j: ci, oy*sh+ky, ox*sw+kx] * dY[n][co][oy][ox]`.
+//! Orientation: rows are the taps `j = (ci, ky, kx)` and the kernel reads
+//! them straight from the padded image (a row of the im2col matrix is a
+//! shifted window of it: no im2col copy at all), columns are output
+//! channels, packed from dY transposed (`[k][NR]`, a 256-wide transpose
+//! done once per group of k-blocks and shared by all threads). The other
+//! orientation (rows = output channels) would need im2col transposed, a
+//! gather of 9 taps per value. C' accumulates in MR x NR tiles stored in
+//! visiting order, transposed into OIHW at the end. Measured 86-90% of peak
+//! at P3/P4.
+//!
+//! Determinism: the reduction over positions (33600 at P3) is cut into
+//! fixed-size k-blocks (an image's output rows, ~256 positions) that depend
+//! only on the shape, and the blocks' partial sums are combined in a fixed
+//! order: block b's fused chain starts from the sum of blocks 0..b (the
+//! kernel resumes from C). That is one sequential chain per output in
+//! (n, oy, ox) order, whatever the thread count; threads split the rows j
+//! (outputs), never the reduction.
+
+use pulp::{Arch, Simd, WithSimd};
+use rayon::prelude::*;
+
+use super::conv_fwd::{
+    ASource, Epilogue, ImplicitConv, Skip, TASKS_PER_THREAD, forward_pad, kc_for, kept_channels,
+    pack_weights, sparse_channels,
+};
+use super::kernel::{AWalk, ColBlock, MR, nr, run_tile};
+use super::pack::{PackedA, PadSpec, align_offset, pack_dy_t, pad_input, pad_planes};
+use super::simd::Elem;
+use crate::backend::{ConvArgs, ConvGeometry, InputMask};
+use crate::pool;
+
+/// `dx = mask * conv_transpose(dy, w)`, `[N, Cin, H, W]`.
+pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<E>) -> Vec<E> {
+    let g = &args.geom;
+    let [ph, pw] = g.padding;
+    let spec = PadSpec {
+        top: g.kh as isize - 1 - ph as isize,
+        left: g.kw as isize - 1 - pw as isize,
+        hp: g.h + g.kh - 1,
+        wp: g.w + g.kw - 1,
+        dil: g.stride,
+    };
+    let src = pad_input(dy, g.output_shape(), spec, None);
+    let (kh, kw, cin) = (g.kh, g.kw, g.c_in);
+    let k = g.c_out * kh * kw;
+    // A[ci][(co, t)] = W[co][ci][taps-1-t] (t = ky*kw + kx, so reversing
+    // t flips both ky and kx), built row by row without index division.
+    let taps = kh * kw;
+    let mut wt = pool::take::<E>(cin * k);
+    wt.par_chunks_mut(k).enumerate().for_each(|(ci, row)| {
+        for (co, dst) in row.chunks_exact_mut(taps).enumerate() {
+            let src = &w[(co * cin + ci) * taps..][..taps];
+            dst.iter_mut()
+                .zip(src.iter().rev())
+                .for_each(|(d, &v)| *d = v);
+        }
+    });
+    if let Some(ms) = sparse_channels(args.mask.as_ref()) {
+        // Under a channel mask with exact zeros, only the kept channels'
+        // rows are computed (the others are `0 * ...`); per image, since
+        // the masks differ.
+        let hw = g.h * g.w;
+        let img_len = g.c_out * spec.hp * spec.wp;
+        let mut dx = pool::take::<E>(g.n * cin * hw);
+        for (img, dximg) in dx.chunks_mut(cin * hw).enumerate() {
+            let kept = kept_channels(ms, img, cin);
+            dximg.fill(E::zero());
+            if kept.is_empty() {
+                continue;
+            }
+            let scale: Vec<E> = kept.iter().map(|&ci| ms[img * cin + ci]).collect();
+            let a = ASource::Packed(PackedA::new(kept.len(), k, kc_for::<E>(), |r, kk| {
+                wt[kept[r] * k + kk]
+            }));
+            let rows = ImplicitConv {
+                src: &src.as_slice()[img * img_len..][..img_len],
+                n: 1,
+                c: g.c_out,
+                hp: spec.hp,
+                wp: spec.wp,
+                kh,
+                kw,
+                stride: [1, 1],
+                oh: g.h,
+                ow: g.w,
+                a: &a,
+                m: kept.len(),
+                epilogue: Epilogue::RowScale(&scale),
+                skip: Skip::None,
+            }
+            .run();
+            for (r, &ci) in kept.iter().enumerate() {
+                dximg[ci * hw..(ci + 1) * hw].copy_from_slice(&rows[r * hw..(r + 1) * hw]);
+            }
+            drop(pool::Buffer::new(rows));
+        }
+        drop(pool::Buffer::new(wt));
+        return dx;
+    }
+    let a = if pack_weights(g.n * g.h * g.w) {
+        ASource::Packed(PackedA::new(cin, k, kc_for::<E>(), |ci, kk| {
+            wt[ci * k + kk]
+        }))
+    } else {
+        ASource::Rows {
+            data: &wt,
+            m: cin,
+            k,
+            kblocks: super::pack::even_blocks(k, kc_for::<E>()),
+        }
+    };
+    let epilogue = match &args.mask {
+        Some(m) => Epilogue::Mask(m),
+        None => Epilogue::Bias {
+            bias: None,
+            relu: false,
+        },
+    };
+    // Under a spatial mask, the positions it zeroes need no sums.
+    let skip = match &args.mask {
+        Some(InputMask::Spatial(m)) => Skip::Output(m.as_slice()),
+        _ => Skip::None,
+    };
+    let dx = ImplicitConv {
+        src: src.as_slice(),
+        n: g.n,
+        c: g.c_out,
+        hp: spec.hp,
+        wp: spec.wp,
+        kh,
+        kw,
+        stride: [1, 1],
+        oh: g.h,
+        ow: g.w,
+        a: &a,
+        m: cin,
+        epilogue,
+        skip,
+    }
+    .run();
+    drop(a);
+    drop(pool::Buffer::new(wt));
+    dx
+}
+
+/// Positions per weight-gradient k-block (about; whole output rows).
+fn kc_dw<E>() -> usize {
+    1024 / std::mem::size_of::<E>()
+}
+
+/// A k-block of the weight gradient: image, output rows `oy0 .. oy0 +
+/// nrows`, columns `ox0 .. ox0 + ncols` of each.
+#[derive(Clone, Copy, Debug)]
+struct Rect {
+    img: usize,
+    oy0: usize,
+    nrows: usize,
+    ox0: usize,
+    ncols: usize,
+}
+
+/// The fixed k-blocks of an `n x oh x ow` position space, in (n, oy, ox)
+/// order. They depend on the shape only.
+fn dw_blocks(n: usize, oh: usize, ow: usize, kc: usize) -> Vec<Rect> {
+    let mut out = Vec::new();
+    for img in 0..n {
+        if ow >= kc {
+            for oy in 0..oh {
+                for (ox0, ncols) in super::pack::even_blocks(ow, kc) {
+                    out.push(Rect {
+                        img,
+                        oy0: oy,
+                        nrows: 1,
+                        ox0,
+                        ncols,
+                    });
+                }
+            }
+        } else {
+            for (oy0, nrows) in super::pack::even_blocks(oh, (kc / ow).max(1)) {
+                out.push(Rect {
+                    img,
+                    oy0,
+                    nrows,
+                    ox0: 0,
+                    ncols: ow,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// `dw[co][ci][ky][kx] = sum dy[n][co][oy][ox] * (x * mask)[n][ci][oy*sh+ky-ph][ox*sw+kx-pw]`.
+pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs<E>) -> Vec<E> {
+    let g = &args.geom;
+    let spec = forward_pad(g);
+    let src = pad_input(x, g.input_shape(), spec, args.mask.as_ref());
+    let arch = Arch::new();
+    let nr = super::conv_fwd::nr_for::<E>();
+    let j_len = g.c_in * g.kh * g.kw;
+    let m = g.c_out;
+    let tiles = m.div_ceil(nr);
+    let p_img = g.oh * g.ow;
+    let mut blocks = dw_blocks(g.n, g.oh, g.ow, kc_dw::<E>());
+    // Under a spatial mask with zeros, a k-block whose positions all have a
+    // fully masked receptive field reads only zeros from the masked input:
+    // it is dropped (the sums then start from zeroed tiles). The others keep
+    // their order, so the result stays one fixed-order chain per output.
+    let dropped = match &args.mask {
+        Some(InputMask::Spatial(m)) if m.as_slice().contains(&E::zero()) => {
+            let mpad = pad_planes(
+                m.as_slice(),
+                [g.n, 1, g.h, g.w],
+                spec,
+                None,
+                &(0..g.n).collect::<Vec<_>>(),
+            );
+            let plane = spec.hp * spec.wp;
+            let [sh, sw] = g.stride;
+            let masked = |r: &Rect| {
+                let mp = &mpad[r.img * plane..][..plane];
+                (r.oy0..r.oy0 + r.nrows).all(|oy| {
+                    (r.ox0..r.ox0 + r.ncols).all(|ox| {
+                        (0..g.kh).all(|ky| {
+                            (0..g.kw)
+                                .all(|kx| mp[(oy * sh + ky) * spec.wp + ox * sw + kx] == E::zero())
+                        })
+                    })
+                })
+            };
+            let before = blocks.len();
+            blocks.retain(|r| !masked(r));
+            drop(pool::Buffer::new(mpad));
+            before != blocks.len()
+        }
+        _ => false,
+    };
+    // C' = dW^T in whole MR x NR tiles, `[row panel][co tile][MR][NR]`, the
+    // order the kernels visit them (contiguous C tiles, one sequential
+    // sweep per k-block, as in the forward pass).
+    let panels = j_len.div_ceil(MR);
+    let tile_len = MR * nr;
+    let mut cbuf = pool::take::<E>(panels * tiles * tile_len + 64 / std::mem::size_of::<E>());
+    let coff = align_offset(&cbuf);
+    let ct = &mut cbuf[coff..coff + panels * tiles * tile_len];
+    // Row tasks: runs of panels, a few per thread for balance (the split
+    // never changes a bit).
+    let tasks = (TASKS_PER_THREAD * rayon::current_num_threads())
+        .min(panels)
+        .max(1);
+    let panels_per = panels.div_ceil(tasks);
+    // Under a channel mask with exact zeros, a row panel whose channels are
+    // all masked in an image adds only zeros over that image's k-blocks and
+    // is skipped there; the sums then start from zeroed tiles instead of
+    // from the first k-block's products (the same values).
+    let skip = sparse_channels(args.mask.as_ref());
+    let zero_start = skip.is_some() || dropped || blocks.is_empty();
+    if zero_start {
+        ct.par_chunks_mut(tile_len).for_each(|t| t.fill(E::zero()));
+    }
+    let job = DwJob {
+        src: src.as_slice(),
+        g: *g,
+        hp: spec.hp,
+        wp: spec.wp,
+        skip,
+    };
+    // dY^T is packed once per group of k-blocks, in parallel, and shared
+    // by all row tasks (packing it per task repeated the transpose for each
+    // task and cost 2-4% at 2 threads); a group is ~4 MiB of packed data.
+    let packed_len = |r: &Rect| r.nrows * r.ncols * tiles * nr;
+    let kb_bytes = blocks.first().map_or(1, packed_len) * std::mem::size_of::<E>();
+    let per_group = ((4 << 20) / kb_bytes.max(1)).max(1);
+    for (gi, group) in blocks.chunks(per_group).enumerate() {
+        // 64-byte aligned, like the forward's B tiles (no split loads).
+        let total: usize = group.iter().map(packed_len).sum();
+        let mut buf = pool::take::<E>(total + 64 / std::mem::size_of::<E>());
+        let off = align_offset(&buf);
+        let packed = &mut buf[off..off + total];
+        let mut parts = Vec::with_capacity(group.len());
+        let mut rest = &mut *packed;
+        for r in group {
+            let (head, tail) = rest.split_at_mut(packed_len(r));
+            parts.push((r, head));
+            rest = tail;
+        }
+        parts.into_par_iter().for_each(|(r, out)| {
+            let dy_img = &dy[r.img * m * p_img..][..m * p_img];
+            pack_dy_t(dy_img, m, g.ow, (r.oy0, r.nrows, r.ox0, r.ncols), nr, out);
+        });
+        ct.par_chunks_mut(panels_per * tiles * tile_len)
+            .enumerate()
+            .for_each(|(t, tiles_out)| {
+                arch.dispatch(DwTask {
+                    job: &job,
+                    blocks: group,
+                    packed,
+                    first: gi == 0 && !zero_start,
+                    j0: t * panels_per * MR,
+                    c: tiles_out,
+                })
+            });
+        drop(pool::Buffer::new(buf));
+    }
+    // dW[co][j] = C'[j][co].
+    let mut dw = pool::take::<E>(m * j_len);
+    dw.par_chunks_mut(j_len.max(1))
+        .enumerate()
+        .for_each(|(co, row)| {
+            let (t, i) = (co / nr, co % nr);
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = ct[((j / MR) * tiles + t) * tile_len + (j % MR) * nr + i];
+            }
+        });
+    drop(pool::Buffer::new(cbuf));
+    dw
+}
+
+struct DwJob<'a, E> {
+    src: &'a [E],
+    g: ConvGeometry,
+    hp: usize,
+    wp: usize,
+    /// The channel mask, when masked channels are skipped.
+    skip: Option<&'a [E]>,
+}
+
+/// Rows `j0 ..` of C' over one group of k-blocks.
+struct DwTask<'a, 'b, E: Elem> {
+    job: &'a DwJob<'a, E>,
+    blocks: &'a [Rect],
+    /// The group's packed dY^T, k-block after k-block, `[tile][k][NR]` each.
+    packed: &'a [E],
+    /// True for the first group: its first k-block starts the sums.
+    first: bool,
+    /// First row (tap) of this task.
+    j0: usize,
+    /// The task's C' tiles, `[panel][co tile][MR][NR]`.
+    c: &'b mut [E],
+}
+
+impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let DwTask {
+            job,
+            blocks,
+            packed,
+            first,
+            j0,
+            c,
+        } = self;
+        let g = &job.g;
+        let nr = nr::<E, S>();
+        let m = g.c_out;
+        let tiles = m.div_ceil(nr);
+        let [sh, sw] = g.stride;
+        let (hp, wp) = (job.hp, job.wp);
+        let plane = hp * wp;
+        let img_len = g.c_in * plane;
+        let j_len = g.c_in * g.kh * g.kw;
+        let taps = g.kh * g.kw;
+        let tile_len = MR * nr;
+        let panels = c.len() / (tiles * tile_len);
+        let mut at = 0;
+        for (kb, r) in blocks.iter().enumerate() {
+            let kc = r.nrows * r.ncols;
+            let bt = &packed[at..at + kc * tiles * nr];
+            at += kc * tiles * nr;
+            let src = &job.src[r.img * img_len..][..img_len];
+            let walk = AWalk {
+                off: r.oy0 * sh * wp + r.ox0 * sw,
+                step: sw,
+                seg_len: r.ncols,
+                nseg: r.nrows,
+                seg_jump: sh * wp,
+            };
+            for p in 0..panels {
+                if let Some(ms) = job.skip {
+                    let j_first = (j0 + p * MR).min(j_len - 1);
+                    let j_last = (j0 + p * MR + MR - 1).min(j_len - 1);
+                    let chans = j_first / taps..=j_last / taps;
+                    if chans
+                        .into_iter()
+                        .all(|ci| ms[r.img * g.c_in + ci] == E::zero())
+                    {
+                        continue;
+                    }
+                }
+                // Row j = (ci, ky, kx) reads the image shifted by (ky, kx);
+                // rows past the end repeat the last valid one (dropped).
+                let a: [&[E]; MR] = std::array::from_fn(|i| {
+                    let j = (j0 + p * MR + i).min(j_len - 1);
+                    let (ci, t) = (j / taps, j % taps);
+                    &src[ci * plane + (t / g.kw) * wp + t % g.kw..]
+                });
+                for t in 0..tiles {
+                    let at = (p * tiles + t) * tile_len;
+                    let next = c.as_ptr().wrapping_add(at + tile_len);
+                    let mut tile = ColBlock::whole(&mut c[at..at + tile_len], MR, nr);
+                    run_tile(
+                        simd,
+                        a,
+                        walk,
+                        &bt[t * kc * nr..][..kc * nr],
+                        &mut tile,
+                        0,
+                        0,
+                        kb > 0 || !first,
+                        next,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `db[co] = sum over n, oy, ox of dy`, each channel a fixed-order sum.
+pub(crate) fn conv2d_backward_bias<E: Elem>(dy: &[E], dims: [usize; 4]) -> Vec<E> {
+    let [n, c, h, w] = dims;
+    let p = h * w;
+    (0..c)
+        .into_par_iter()
+        .map(|co| {
+            let mut acc = E::zero();
+            for ni in 0..n {
+                acc += super::reduce::fixed_sum(&dy[(ni * c + co) * p..][..p]);
+            }
+            acc
+        })
+        .collect()
+}

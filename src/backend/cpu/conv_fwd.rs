@@ -1,0 +1,528 @@
+//! Convolution as an implicit GEMM over a padded input: the forward pass,
+//! and (with flipped, transposed weights over the padded output gradient)
+//! the input gradient.
+//!
+//! `Y[n][m][p] = sum_k A[m][k] * B_n[k][p]` with `k = (c, ky, kx)`,
+//! `p = (oy, ox)` and `B_n[k][p] = Xpad[n][c][oy*sh + ky][ox*sw + kx]`.
+//! Why implicit GEMM rather than im2col + GEMM or a direct loop: B is never
+//! materialised (at P3 im2col would be 2304 x 33600, 310 MB), each B tile is
+//! packed from the padded image right before use with one or two vector
+//! copies per k row (stride 1), and then serves all M/6 row panels of A
+//! from L1, so packing costs about 2% of the FMA time. The 6 x 16 kernel
+//! runs the shape the GEMM experiment of ENGINEERING.md measured at 80-90%
+//! of peak; this conv measured 86-90% at P3/P4 (see examples/conv_speed.rs).
+//!
+//! Loop nest of one task (an image and a range of output positions):
+//! for each k-block (~256 k, the A block then fits L2): for each NR-position
+//! tile: pack the B tile (L1), for each MR-row panel: kernel. C accumulates
+//! in task-local MR x NR tiles stored in visiting order (each kernel's C is
+//! contiguous and prefetched one kernel ahead); the epilogue moves finished
+//! tiles into the output.
+//!
+//! Parallelism and determinism: tasks split the output positions only.
+//! Each output is one fused chain over k in a fixed order whatever the
+//! task, block or thread it lands in, so results are bit-identical for any
+//! thread count.
+
+use pulp::{Arch, Simd, WithSimd};
+use rayon::prelude::*;
+
+use super::kernel::{AWalk, ColBlock, MR, nr, run_packed_tile, run_tile, split_columns};
+use super::pack::{Aligned, PackedA, PadSpec, even_blocks, pack_b_tile, pad_input, pad_planes};
+use super::simd::Elem;
+use crate::backend::{ConvArgs, ConvGeometry, InputMask};
+use crate::pool;
+
+/// k elements per block: 1 KiB of each A row, so the A block (M = 256
+/// rows) is 256 KiB and stays in the 512 KiB L2 while B tiles stream past.
+/// (128 and 512 f32 measured 1-2% worse and even at P3/P4.)
+pub(crate) fn kc_for<E>() -> usize {
+    1024 / std::mem::size_of::<E>()
+}
+
+/// The padding of a forward pass (and of the weight gradient's input).
+pub(crate) fn forward_pad(g: &ConvGeometry) -> PadSpec {
+    let [ph, pw] = g.padding;
+    PadSpec {
+        top: ph as isize,
+        left: pw as isize,
+        hp: g.h + 2 * ph,
+        wp: g.w + 2 * pw,
+        dil: [1, 1],
+    }
+}
+
+/// The channels of image `img` whose channel-mask value is not exactly 0.
+pub(crate) fn kept_channels<E: Elem>(mask: &[E], img: usize, c: usize) -> Vec<usize> {
+    (0..c)
+        .filter(|&ci| mask[img * c + ci] != E::zero())
+        .collect()
+}
+
+/// The channel mask's values when at least one is an exact zero (the
+/// masked channels can then be left out of the work).
+pub(crate) fn sparse_channels<E: Elem>(mask: Option<&InputMask<E>>) -> Option<&[E]> {
+    match mask {
+        Some(InputMask::Channel(m)) if m.as_slice().contains(&E::zero()) => Some(m.as_slice()),
+        _ => None,
+    }
+}
+
+/// `y = act(conv(x * mask, w) + b)`, `[N, Cout, OH, OW]`.
+pub(crate) fn conv2d<E: Elem>(x: &[E], w: &[E], b: Option<&[E]>, args: &ConvArgs<E>) -> Vec<E> {
+    let g = &args.geom;
+    if let Some(ms) = sparse_channels(args.mask.as_ref()) {
+        return conv2d_channel_sparse(x, w, b, args, ms);
+    }
+    let spec = forward_pad(g);
+    let src = pad_input(x, g.input_shape(), spec, args.mask.as_ref());
+    // A spatial mask with zeros, padded like the input (one channel).
+    let mpad = match &args.mask {
+        Some(InputMask::Spatial(m)) if m.as_slice().contains(&E::zero()) => Some(pad_planes(
+            m.as_slice(),
+            [g.n, 1, g.h, g.w],
+            spec,
+            None,
+            &(0..g.n).collect::<Vec<_>>(),
+        )),
+        _ => None,
+    };
+    let k = g.c_in * g.kh * g.kw;
+    let a = if pack_weights(g.n * g.oh * g.ow) {
+        ASource::Packed(PackedA::new(g.c_out, k, kc_for::<E>(), |m, kk| {
+            w[m * k + kk]
+        }))
+    } else {
+        ASource::Rows {
+            data: w,
+            m: g.c_out,
+            k,
+            kblocks: even_blocks(k, kc_for::<E>()),
+        }
+    };
+    let y = ImplicitConv {
+        src: src.as_slice(),
+        n: g.n,
+        c: g.c_in,
+        hp: spec.hp,
+        wp: spec.wp,
+        kh: g.kh,
+        kw: g.kw,
+        stride: g.stride,
+        oh: g.oh,
+        ow: g.ow,
+        a: &a,
+        m: g.c_out,
+        epilogue: Epilogue::Bias {
+            bias: b,
+            relu: args.relu,
+        },
+        skip: mpad.as_deref().map_or(Skip::None, Skip::Receptive),
+    }
+    .run();
+    if let Some(m) = mpad {
+        drop(pool::Buffer::new(m));
+    }
+    y
+}
+
+/// The forward pass under a channel mask with exact zeros: per image, the
+/// masked input channels are left out of K (SPEC: at lambda_c = 0.65 the
+/// channel branch's first conv needs 35% of the dense work). The result is
+/// the dense path's up to the sign of an exact zero: the dense chain adds
+/// `w * 0` terms, which leave a fused sum unchanged.
+fn conv2d_channel_sparse<E: Elem>(
+    x: &[E],
+    w: &[E],
+    b: Option<&[E]>,
+    args: &ConvArgs<E>,
+    ms: &[E],
+) -> Vec<E> {
+    let g = &args.geom;
+    let spec = forward_pad(g);
+    let taps = g.kh * g.kw;
+    let k_full = g.c_in * taps;
+    let p = g.oh * g.ow;
+    let mut y = pool::take::<E>(g.n * g.c_out * p);
+    for (img, yimg) in y.chunks_mut(g.c_out * p).enumerate() {
+        let kept = kept_channels(ms, img, g.c_in);
+        if kept.is_empty() {
+            // Every product is zero: act(0 + b), as the reference computes it.
+            for (co, row) in yimg.chunks_mut(p).enumerate() {
+                let v = E::zero() + b.map_or(E::zero(), |b| b[co]);
+                row.fill(if args.relu { relu_of(v) } else { v });
+            }
+            continue;
+        }
+        let planes: Vec<usize> = kept.iter().map(|&ci| img * g.c_in + ci).collect();
+        let src = pad_planes(x, g.input_shape(), spec, args.mask.as_ref(), &planes);
+        let cols: Vec<usize> = kept
+            .iter()
+            .flat_map(|&ci| (0..taps).map(move |t| ci * taps + t))
+            .collect();
+        let a = ASource::Packed(PackedA::new(g.c_out, cols.len(), kc_for::<E>(), |m, j| {
+            w[m * k_full + cols[j]]
+        }));
+        let yk = ImplicitConv {
+            src: &src,
+            n: 1,
+            c: kept.len(),
+            hp: spec.hp,
+            wp: spec.wp,
+            kh: g.kh,
+            kw: g.kw,
+            stride: g.stride,
+            oh: g.oh,
+            ow: g.ow,
+            a: &a,
+            m: g.c_out,
+            epilogue: Epilogue::Bias {
+                bias: b,
+                relu: args.relu,
+            },
+            skip: Skip::None,
+        }
+        .run();
+        yimg.copy_from_slice(&yk);
+        drop(pool::Buffer::new(yk));
+        drop(pool::Buffer::new(src));
+    }
+    y
+}
+
+/// Pack the weights into panels, or read them in place? Packed panels are
+/// one sequential stream per kernel call instead of six strided rows: at
+/// P3/P4 that is 86% of peak against 78-80%. Packing costs a pass over the
+/// weights, which the small levels cannot amortise (P7, 154 positions: 57%
+/// packed, 69% in place); the two were even at P6 (546 positions).
+pub(crate) fn pack_weights(positions: usize) -> bool {
+    positions > 600
+}
+
+/// Parallel tasks per rayon thread (see `ImplicitConv::run`).
+pub(crate) const TASKS_PER_THREAD: usize = 4;
+
+/// Output positions per task at most.
+const NC_MAX: usize = 2048;
+
+/// What to do to each output once its sum is complete.
+pub(crate) enum Epilogue<'a, E: Elem> {
+    /// `act(y + b[m])`, the forward pass.
+    Bias { bias: Option<&'a [E]>, relu: bool },
+    /// `y * mask`, the input gradient (outputs are input positions).
+    Mask(&'a InputMask<E>),
+    /// `y * s[m]`, the input gradient of a channel-sparse conv (rows are
+    /// the kept channels).
+    RowScale(&'a [E]),
+}
+
+/// The weights of an [`ImplicitConv`]: `m x k`, row-major.
+pub(crate) enum ASource<'a, E: Elem> {
+    /// Packed into `[k][MR]` panels.
+    Packed(PackedA<E>),
+    /// Read in place, through one row pointer per output channel.
+    Rows {
+        data: &'a [E],
+        m: usize,
+        k: usize,
+        kblocks: Vec<(usize, usize)>,
+    },
+}
+
+impl<'a, E: Elem> ASource<'a, E> {
+    fn kblocks(&self) -> &[(usize, usize)] {
+        match self {
+            ASource::Packed(a) => a.kblocks(),
+            ASource::Rows { kblocks, .. } => kblocks,
+        }
+    }
+    fn panels(&self) -> usize {
+        match self {
+            ASource::Packed(a) => a.panels(),
+            ASource::Rows { m, .. } => m.div_ceil(MR),
+        }
+    }
+    /// Row slices and walk of panel `p` in k-block `kb` of in-place
+    /// weights (packed panels go through `run_packed_tile`).
+    #[inline(always)]
+    fn rows(&self, kb: usize, p: usize) -> ([&[E]; MR], AWalk) {
+        match self {
+            ASource::Packed(_) => unreachable!("packed panels have their own kernel entry"),
+            ASource::Rows {
+                data,
+                m,
+                k,
+                kblocks,
+            } => {
+                let (k0, klen) = kblocks[kb];
+                (
+                    // Rows past m repeat the last one (their results are dropped).
+                    std::array::from_fn(|r| &data[(p * MR + r).min(m - 1) * k..][..*k]),
+                    AWalk::run(k0, 1, klen),
+                )
+            }
+        }
+    }
+}
+
+/// An implicit-GEMM convolution over a padded input.
+pub(crate) struct ImplicitConv<'a, E: Elem> {
+    /// `n` padded images of `c x hp x wp`.
+    pub src: &'a [E],
+    pub n: usize,
+    pub c: usize,
+    pub hp: usize,
+    pub wp: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: [usize; 2],
+    pub oh: usize,
+    pub ow: usize,
+    /// `m x (c * kh * kw)` weights.
+    pub a: &'a ASource<'a, E>,
+    /// Output channels.
+    pub m: usize,
+    pub epilogue: Epilogue<'a, E>,
+    /// Output tiles known to be all zeros before the epilogue.
+    pub skip: Skip<'a, E>,
+}
+
+/// Which output tiles a spatial mask's exact zeros make zero (their kernels
+/// are skipped and the tile is zero-filled; the dense path would only add
+/// exact zeros, which leave a fused sum unchanged but for a zero's sign).
+#[derive(Clone, Copy)]
+pub(crate) enum Skip<'a, E> {
+    None,
+    /// Forward: a position whose whole receptive field is masked. The mask
+    /// padded like the input, `n x hp x wp`, zeros in the padding.
+    Receptive(&'a [E]),
+    /// Input gradient: a position whose own mask value is 0 (`n x oh x ow`).
+    Output(&'a [E]),
+}
+
+impl<E: Elem> ImplicitConv<'_, E> {
+    /// `[n, m, oh, ow]`, row-major.
+    pub fn run(&self) -> Vec<E> {
+        let arch = Arch::new();
+        let p = self.oh * self.ow;
+        let nr = nr_for::<E>();
+        // Tap offsets in the padded image, k = (c, ky, kx).
+        let plane = self.hp * self.wp;
+        let mut kbase = Vec::with_capacity(self.c * self.kh * self.kw);
+        for ci in 0..self.c {
+            for ky in 0..self.kh {
+                for kx in 0..self.kw {
+                    kbase.push(ci * plane + ky * self.wp + kx);
+                }
+            }
+        }
+        // Position chunks: at most NC_MAX, a multiple of NR, and about four
+        // per thread, so that a thread slowed by the rest of the machine
+        // leaves a short tail (a task costs no extra packing: B tiles are
+        // per tile, the A block is streamed per tile anyway). The split
+        // never changes a bit.
+        let want = (TASKS_PER_THREAD * rayon::current_num_threads()).div_ceil(self.n);
+        let chunks = p.div_ceil(NC_MAX).max(want).min(p.div_ceil(nr)).max(1);
+        let chunk = p.div_ceil(chunks).div_ceil(nr) * nr;
+        let bounds: Vec<usize> = (0..=p.div_ceil(chunk))
+            .map(|i| (i * chunk).min(p))
+            .collect();
+
+        let mut y = pool::take::<E>(self.n * self.m * p);
+        let mut tasks = Vec::new();
+        for (img, yimg) in y.chunks_mut(self.m * p).enumerate() {
+            for (ci, block) in split_columns(yimg, self.m, p, &bounds)
+                .into_iter()
+                .enumerate()
+            {
+                tasks.push((img, bounds[ci], block));
+            }
+        }
+        tasks.into_par_iter().for_each(|(img, p0, block)| {
+            arch.dispatch(FwdTask {
+                conv: self,
+                kbase: &kbase,
+                img,
+                p0,
+                block,
+            })
+        });
+        y
+    }
+}
+
+/// NR of the instruction set this machine runs.
+pub(crate) fn nr_for<E: Elem>() -> usize {
+    Arch::new().dispatch(NrProbe::<E>(std::marker::PhantomData))
+}
+
+struct NrProbe<E>(std::marker::PhantomData<E>);
+impl<E: Elem> WithSimd for NrProbe<E> {
+    type Output = usize;
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) -> usize {
+        nr::<E, S>()
+    }
+}
+
+struct FwdTask<'a, 'b, E: Elem> {
+    conv: &'a ImplicitConv<'a, E>,
+    kbase: &'a [usize],
+    img: usize,
+    p0: usize,
+    block: ColBlock<'b, E>,
+}
+
+impl<E: Elem> WithSimd for FwdTask<'_, '_, E> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let FwdTask {
+            conv,
+            kbase,
+            img,
+            p0,
+            mut block,
+        } = self;
+        let nr = nr::<E, S>();
+        let cols = block.cols();
+        let tiles = cols.div_ceil(nr);
+        let [sh, sw] = conv.stride;
+        let offs: Vec<usize> = (p0..p0 + cols)
+            .map(|p| (p / conv.ow) * sh * conv.wp + (p % conv.ow) * sw)
+            .collect();
+        let img_len = conv.c * conv.hp * conv.wp;
+        let src = &conv.src[conv.img_offset(img)..][..img_len];
+        let kmax = conv.a.kblocks().iter().map(|b| b.1).max().unwrap_or(0);
+        // One spare row: pack_b_tile may write past the tile's last row.
+        let mut bt = Aligned::<E>::zeroed((kmax + 1) * nr);
+        let panels = conv.a.panels();
+        // C accumulates in a task-local buffer of whole MR x NR tiles,
+        // `[tile][panel][MR][NR]`, in the order the kernels visit them: each
+        // kernel's C tile is 6 contiguous lines (in the output itself the
+        // 6 rows lie 67 KB apart at P3, 6 pages and TLB entries per call) and
+        // the whole sweep is one sequential stream. The epilogue then writes
+        // the finished tiles into the output, which it had to read and
+        // write anyway for the bias and ReLU.
+        let tile_len = MR * nr;
+        let len = tiles * panels * tile_len;
+        let mut cbuf = pool::take::<E>(len + 64 / std::mem::size_of::<E>());
+        let off = super::pack::align_offset(&cbuf);
+        let cp = &mut cbuf[off..off + len];
+        let plane = conv.oh * conv.ow;
+        let skip: Vec<bool> = (0..tiles)
+            .map(|t| {
+                let pos = t * nr..(t * nr + nr).min(cols);
+                match conv.skip {
+                    Skip::None => false,
+                    Skip::Receptive(m) => {
+                        let m = &m[img * conv.hp * conv.wp..][..conv.hp * conv.wp];
+                        offs[pos].iter().all(|&o| {
+                            (0..conv.kh).all(|ky| {
+                                (0..conv.kw).all(|kx| m[o + ky * conv.wp + kx] == E::zero())
+                            })
+                        })
+                    }
+                    Skip::Output(m) => m[img * plane + p0..][pos].iter().all(|&v| v == E::zero()),
+                }
+            })
+            .collect();
+        for (t, _) in skip.iter().enumerate().filter(|s| *s.1) {
+            cp[t * panels * tile_len..(t + 1) * panels * tile_len].fill(E::zero());
+        }
+        for (kb, &(k0, klen)) in conv.a.kblocks().iter().enumerate() {
+            let bt = &mut bt.as_mut_slice()[..(klen + 1) * nr];
+            for t in (0..tiles).filter(|&t| !skip[t]) {
+                let j0 = t * nr;
+                let j1 = (j0 + nr).min(cols);
+                let next = offs.get(j0 + nr).copied();
+                pack_b_tile(
+                    simd,
+                    src,
+                    &kbase[k0..k0 + klen],
+                    &offs[j0..j1],
+                    next,
+                    nr,
+                    bt,
+                );
+                for p in 0..panels {
+                    let at = (t * panels + p) * tile_len;
+                    let next = cp.as_ptr().wrapping_add(at + tile_len);
+                    let c = &mut cp[at..at + tile_len];
+                    match conv.a {
+                        ASource::Packed(pa) => {
+                            run_packed_tile(simd, pa.panel(kb, p), klen, bt, c, kb > 0, next)
+                        }
+                        ASource::Rows { .. } => {
+                            let (rows, walk) = conv.a.rows(kb, p);
+                            let mut tile = ColBlock::whole(c, MR, nr);
+                            run_tile(simd, rows, walk, bt, &mut tile, 0, 0, kb > 0, next);
+                        }
+                    }
+                }
+            }
+        }
+        for t in 0..tiles {
+            let j0 = t * nr;
+            let w = nr.min(cols - j0);
+            for m in 0..conv.m {
+                let (p, r) = (m / MR, m % MR);
+                let from = &cp[(t * panels + p) * tile_len + r * nr..][..w];
+                let to = &mut block.row_mut(m)[j0..j0 + w];
+                epilogue(&conv.epilogue, to, from, conv.m, m, img, p0 + j0, plane);
+            }
+        }
+        drop(pool::Buffer::new(cbuf));
+    }
+}
+
+impl<E: Elem> ImplicitConv<'_, E> {
+    fn img_offset(&self, img: usize) -> usize {
+        img * self.c * self.hp * self.wp
+    }
+}
+
+/// `to = f(from)` for the outputs of channel `m` at positions `pos..` of
+/// image `img`: bias and ReLU, or the mask.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn epilogue<E: Elem>(
+    epi: &Epilogue<'_, E>,
+    to: &mut [E],
+    from: &[E],
+    channels: usize,
+    m: usize,
+    img: usize,
+    pos: usize,
+    plane: usize,
+) {
+    let n = to.len();
+    let pairs = to.iter_mut().zip(from);
+    match epi {
+        Epilogue::Bias { bias, relu } => match (bias.map(|b| b[m]), relu) {
+            (Some(b), true) => pairs.for_each(|(o, &v)| *o = relu_of(v + b)),
+            (Some(b), false) => pairs.for_each(|(o, &v)| *o = v + b),
+            (None, true) => pairs.for_each(|(o, &v)| *o = relu_of(v)),
+            (None, false) => pairs.for_each(|(o, &v)| *o = v),
+        },
+        Epilogue::Mask(InputMask::Channel(mk)) => {
+            let s = mk.as_slice()[img * channels + m];
+            pairs.for_each(|(o, &v)| *o = v * s);
+        }
+        Epilogue::Mask(InputMask::Spatial(mk)) => {
+            let ms = &mk.as_slice()[img * plane + pos..][..n];
+            pairs.zip(ms).for_each(|((o, &v), &s)| *o = v * s);
+        }
+        Epilogue::RowScale(s) => {
+            let s = s[m];
+            pairs.for_each(|(o, &v)| *o = v * s);
+        }
+    }
+}
+
+/// The reference's ReLU: `x > 0 ? x : 0` (NaN maps to 0).
+#[inline(always)]
+fn relu_of<E: Elem>(x: E) -> E {
+    if x > E::zero() { x } else { E::zero() }
+}

@@ -1,0 +1,423 @@
+//! Packing: rearranging operands into the layouts the microkernel streams.
+//!
+//! Three stages, each a plain copy (no arithmetic but the mask multiply):
+//! - [`pad_input`]: an image into a zero-padded (and optionally dilated)
+//!   buffer, multiplied by the input mask on the way: there is never a
+//!   separate `x * mask` tensor. With padding in place, every input value a
+//!   convolution tap reads is at `tap_base + position_offset`, with no
+//!   bounds test in any later loop.
+//! - [`PackedA`]: a row-major `M x K` operand (the weights) cut into
+//!   k-blocks and MR-row panels, `[k][MR]` inside a panel.
+//! - [`pack_b_tile`] / [`pack_dy_t`]: NR columns of B for one k-block,
+//!   `[k][NR]`, right before the kernels that use them (the tile stays in L1
+//!   while all M panels stream past it).
+
+use pulp::Simd;
+use rayon::prelude::*;
+
+use super::kernel::MR;
+use super::simd::{Elem, Level, prefetch};
+use crate::backend::InputMask;
+use crate::pool;
+use crate::tensor::Float;
+
+/// Where an input image lands in its padded buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PadSpec {
+    /// Padded row and column of input element (0, 0); negative crops.
+    pub top: isize,
+    pub left: isize,
+    /// Padded plane size.
+    pub hp: usize,
+    pub wp: usize,
+    /// Spacing of consecutive input rows / columns in the padded plane
+    /// (1, or the stride when the input gradient of a strided conv is
+    /// computed as a stride-1 conv of the zero-dilated output gradient).
+    pub dil: [usize; 2],
+}
+
+impl PadSpec {
+    /// True when the padded plane is the input itself.
+    fn is_identity(&self, h: usize, w: usize) -> bool {
+        self.top == 0 && self.left == 0 && self.hp == h && self.wp == w && self.dil == [1, 1]
+    }
+}
+
+/// The padded copy of `x` (`[N, C, H, W]`), or `x` itself when the spec is
+/// the identity and there is no mask.
+pub(crate) enum Padded<'a, E: Float> {
+    Borrowed(&'a [E]),
+    Owned(Vec<E>),
+}
+
+impl<E: Float> Padded<'_, E> {
+    pub fn as_slice(&self) -> &[E] {
+        match self {
+            Padded::Borrowed(s) => s,
+            Padded::Owned(v) => v,
+        }
+    }
+}
+
+impl<E: Float> Drop for Padded<'_, E> {
+    fn drop(&mut self) {
+        if let Padded::Owned(v) = self {
+            // Back to the pool: the next conv of this shape reuses it.
+            drop(pool::Buffer::new(std::mem::take(v)));
+        }
+    }
+}
+
+/// Copy `x * mask` into zero-padded planes (see [`PadSpec`]); parallel over planes.
+pub(crate) fn pad_input<'a, E: Float>(
+    x: &'a [E],
+    dims: [usize; 4],
+    spec: PadSpec,
+    mask: Option<&InputMask<E>>,
+) -> Padded<'a, E> {
+    let [n, c, h, w] = dims;
+    if mask.is_none() && spec.is_identity(h, w) {
+        return Padded::Borrowed(x);
+    }
+    let all: Vec<usize> = (0..n * c).collect();
+    Padded::Owned(pad_planes(x, dims, spec, mask, &all))
+}
+
+/// [`pad_input`] for a selection of planes: destination plane `i` is
+/// source plane `planes[i]` (`n * C + c`), padded and masked.
+pub(crate) fn pad_planes<E: Float>(
+    x: &[E],
+    dims: [usize; 4],
+    spec: PadSpec,
+    mask: Option<&InputMask<E>>,
+    planes: &[usize],
+) -> Vec<E> {
+    let [_, c, h, w] = dims;
+    let plane = spec.hp * spec.wp;
+    let mut out = pool::take::<E>(planes.len() * plane);
+    // The input lands as one solid block (no dilation, no cropping): only
+    // the border around it needs zeros.
+    let dense = spec.dil == [1, 1]
+        && spec.top >= 0
+        && spec.left >= 0
+        && spec.top as usize + h <= spec.hp
+        && spec.left as usize + w <= spec.wp;
+    // Destination columns of input columns: the valid input column range
+    // and, for dil = 1, one contiguous destination run.
+    let col_of = |ix: usize| spec.left + (ix * spec.dil[1]) as isize;
+    let ix_lo = (0..w).find(|&ix| col_of(ix) >= 0).unwrap_or(w);
+    let ix_hi = (0..w)
+        .rev()
+        .find(|&ix| col_of(ix) < spec.wp as isize)
+        .map_or(ix_lo, |i| (i + 1).max(ix_lo));
+    out.par_chunks_mut(plane.max(1))
+        .enumerate()
+        .for_each(|(i, dst)| {
+            let pi = planes[i];
+            let (ni, ci) = (pi / c, pi % c);
+            if dense {
+                // Zero only the border; the copy below writes the rest
+                // (halves the writes of this bandwidth-bound pass).
+                let (top, left) = (spec.top as usize, spec.left as usize);
+                dst[..top * spec.wp].fill(E::zero());
+                dst[(top + h) * spec.wp..].fill(E::zero());
+                for row in dst[top * spec.wp..(top + h) * spec.wp].chunks_exact_mut(spec.wp) {
+                    row[..left].fill(E::zero());
+                    row[left + w..].fill(E::zero());
+                }
+            } else {
+                dst.fill(E::zero());
+            }
+            let src = &x[pi * h * w..][..h * w];
+            let chan_scale = match mask {
+                Some(InputMask::Channel(m)) => Some(m.as_slice()[ni * c + ci]),
+                _ => None,
+            };
+            let spatial = match mask {
+                Some(InputMask::Spatial(m)) => Some(&m.as_slice()[ni * h * w..][..h * w]),
+                _ => None,
+            };
+            for iy in 0..h {
+                let y = spec.top + (iy * spec.dil[0]) as isize;
+                if y < 0 || y >= spec.hp as isize || ix_lo >= ix_hi {
+                    continue;
+                }
+                let srow = &src[iy * w + ix_lo..iy * w + ix_hi];
+                let drow = &mut dst[y as usize * spec.wp..][..spec.wp];
+                let d0 = col_of(ix_lo) as usize;
+                if spec.dil[1] == 1 {
+                    let d = &mut drow[d0..d0 + srow.len()];
+                    match (chan_scale, spatial) {
+                        (Some(s), _) => d.iter_mut().zip(srow).for_each(|(o, &v)| *o = v * s),
+                        (None, Some(m)) => {
+                            let mrow = &m[iy * w + ix_lo..iy * w + ix_hi];
+                            d.iter_mut()
+                                .zip(srow.iter().zip(mrow))
+                                .for_each(|(o, (&v, &mv))| *o = v * mv);
+                        }
+                        (None, None) => d.copy_from_slice(srow),
+                    }
+                } else {
+                    for (j, &v) in srow.iter().enumerate() {
+                        let ix = ix_lo + j;
+                        let s = chan_scale
+                            .or_else(|| spatial.map(|m| m[iy * w + ix]))
+                            .unwrap_or(E::one());
+                        let v = if mask.is_some() { v * s } else { v };
+                        drow[d0 + j * spec.dil[1]] = v;
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// A row-major `M x K` operand in kernel order: for each k-block, for each
+/// MR-row panel, `[k][MR]` (rows past M are zeros).
+pub(crate) struct PackedA<E: Float> {
+    data: Vec<E>,
+    panels: usize,
+    /// `(start, len)` of each k-block, in k order.
+    kblocks: Vec<(usize, usize)>,
+}
+
+impl<E: Float> PackedA<E> {
+    /// Pack `at(m, k)` for `m < rows`, `k < k_len`, cut into k-blocks of
+    /// about `kc` (equal sizes, so no block is a sliver).
+    pub fn new(
+        rows: usize,
+        k_len: usize,
+        kc: usize,
+        at: impl Fn(usize, usize) -> E + Sync,
+    ) -> Self {
+        let panels = rows.div_ceil(MR);
+        let kblocks = even_blocks(k_len, kc);
+        let mpad = panels * MR;
+        let mut data = pool::take::<E>(mpad * k_len);
+        // One chunk per (k-block, panel), in storage order.
+        let mut chunks: Vec<(usize, usize, &mut [E])> = Vec::with_capacity(kblocks.len() * panels);
+        let mut rest = data.as_mut_slice();
+        for &(start, len) in &kblocks {
+            for p in 0..panels {
+                let (head, tail) = rest.split_at_mut(len * MR);
+                chunks.push((start, p, head));
+                rest = tail;
+            }
+        }
+        chunks.into_par_iter().for_each(|(start, p, dst)| {
+            for (kk, d) in dst.chunks_exact_mut(MR).enumerate() {
+                for (r, v) in d.iter_mut().enumerate() {
+                    let m = p * MR + r;
+                    *v = if m < rows {
+                        at(m, start + kk)
+                    } else {
+                        E::zero()
+                    };
+                }
+            }
+        });
+        PackedA {
+            data,
+            panels,
+            kblocks,
+        }
+    }
+
+    pub fn panels(&self) -> usize {
+        self.panels
+    }
+
+    pub fn kblocks(&self) -> &[(usize, usize)] {
+        &self.kblocks
+    }
+
+    /// The `[k][MR]` panel `p` of k-block `kb`.
+    pub fn panel(&self, kb: usize, p: usize) -> &[E] {
+        let (start, len) = self.kblocks[kb];
+        &self.data[start * self.panels * MR + p * len * MR..][..len * MR]
+    }
+}
+
+impl<E: Float> Drop for PackedA<E> {
+    fn drop(&mut self) {
+        drop(pool::Buffer::new(std::mem::take(&mut self.data)));
+    }
+}
+
+/// Cut `0..len` into `ceil(len / target)` blocks of equal size (+-1).
+pub(crate) fn even_blocks(len: usize, target: usize) -> Vec<(usize, usize)> {
+    let n = len.div_ceil(target.max(1)).max(1);
+    let (q, r) = (len / n, len % n);
+    let mut out = Vec::with_capacity(n);
+    let mut start = 0;
+    for i in 0..n {
+        let l = q + usize::from(i < r);
+        out.push((start, l));
+        start += l;
+    }
+    out
+}
+
+/// L1 prefetch distance of [`pack_b_tile`], in tile rows (8, 16, 32 and
+/// none measured; 16 was best, +1% of peak on the forward pass).
+const PF_ROWS: usize = 16;
+
+/// One B tile of the implicit im2col matrix: `out[kk * NR + i] =
+/// src[kbase[kk] + offs[i]]` for `i < offs.len()`, zeros for the rest of the
+/// NR columns. `kbase` is a tap's offset (channel, ky, kx) and `offs` a
+/// position's offset (oy, ox) in the padded image. `out` must hold one row
+/// more than the tile (`(kbase.len() + 1) * NR`): the two-run copy below
+/// overshoots into the next row, which is written after it.
+///
+/// `next`: the first offset of the tile packed after this one, whose
+/// source lines are prefetched into L2 meanwhile (the source is the padded
+/// image, too big for L2; without the hint the copy stalled on its loads
+/// and cost 6% of the forward pass).
+#[inline(always)]
+pub(crate) fn pack_b_tile<E: Elem, S: Simd>(
+    simd: S,
+    src: &[E],
+    kbase: &[usize],
+    offs: &[usize],
+    next: Option<usize>,
+    nr: usize,
+    out: &mut [E],
+) {
+    let l = E::lanes::<S>();
+    let rows = kbase.len();
+    assert!(out.len() >= (rows + 1) * nr);
+    let copy = |d: &mut [E], s: &[E]| {
+        for v in 0..nr / l {
+            E::store(simd, &mut d[v * l..], E::load(simd, &s[v * l..]));
+        }
+    };
+    let hint = |kb: usize| {
+        if let Some(nx) = next {
+            let p = src.as_ptr().wrapping_add(kb + nx);
+            prefetch(p, Level::L2);
+            prefetch(p.wrapping_add(nr - 1), Level::L2);
+        }
+    };
+    // Runs of consecutive offsets: one when the NR positions lie in one
+    // padded row (stride 1), two when the tile wraps to the next output row.
+    let breaks: Vec<usize> = (1..offs.len())
+        .filter(|&i| offs[i] != offs[i - 1] + 1)
+        .collect();
+    let full = offs.len() == nr;
+    // The source rows were prefetched into L2 while the previous tile ran;
+    // bring them into L1 a few rows ahead of the copy, which otherwise
+    // waits on each L2 hit in turn.
+    let near = |kk: usize, o: usize| {
+        if let Some(&kb) = kbase.get(kk + PF_ROWS) {
+            let p = src.as_ptr().wrapping_add(kb + o);
+            prefetch(p, Level::L1);
+            prefetch(p.wrapping_add(nr - 1), Level::L1);
+        }
+    };
+    if full && breaks.is_empty() {
+        let o0 = offs[0];
+        for (kk, &kb) in kbase.iter().enumerate() {
+            hint(kb);
+            near(kk, o0);
+            copy(&mut out[kk * nr..], &src[kb + o0..kb + o0 + nr]);
+        }
+    } else if full && breaks.len() == 1 {
+        // Copy NR values from the first run's start, then NR from the
+        // second run's start over positions s.., overshooting into the next
+        // row (rewritten next). The reads run past a run's end into the
+        // padded image; the largest tap must still end inside it.
+        let (s, o0, o1) = (breaks[0], offs[0], offs[breaks[0]]);
+        let kmax = kbase.iter().copied().max().unwrap_or(0);
+        if kmax + o0.max(o1) + nr <= src.len() {
+            for (kk, &kb) in kbase.iter().enumerate() {
+                hint(kb);
+                near(kk, o0);
+                near(kk, o1);
+                copy(&mut out[kk * nr..], &src[kb + o0..kb + o0 + nr]);
+                copy(&mut out[kk * nr + s..], &src[kb + o1..kb + o1 + nr]);
+            }
+        } else {
+            gather(src, kbase, offs, nr, out);
+        }
+    } else {
+        gather(src, kbase, offs, nr, out);
+    }
+}
+
+/// The general tile copy, one value at a time (strides > 1, rows narrower
+/// than a tile, the last partial tile).
+fn gather<E: Float>(src: &[E], kbase: &[usize], offs: &[usize], nr: usize, out: &mut [E]) {
+    for (d, &kb) in out.chunks_exact_mut(nr).zip(kbase) {
+        for (i, v) in d.iter_mut().enumerate() {
+            *v = match offs.get(i) {
+                Some(&o) => src[kb + o],
+                None => E::zero(),
+            };
+        }
+    }
+}
+
+/// Transposed output-gradient tiles for the weight gradient:
+/// `out[t][kk][i] = dy[co = t * NR + i][pos(kk)]` for every NR-column tile
+/// `t` of the `m` channels (zeros past `m`), where `pos` walks `nrows` rows
+/// of `ncols` positions from `(oy0, ox0)` of an `oh x ow` plane. `dy` is one
+/// image, `[m][oh * ow]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pack_dy_t<E: Float>(
+    dy: &[E],
+    m: usize,
+    ow: usize,
+    (oy0, nrows, ox0, ncols): (usize, usize, usize, usize),
+    nr: usize,
+    out: &mut [E],
+) {
+    let kc = nrows * ncols;
+    let plane = dy.len() / m.max(1);
+    for (t, tile) in out.chunks_exact_mut(kc * nr).enumerate() {
+        for i in 0..nr {
+            let co = t * nr + i;
+            if co >= m {
+                for kk in 0..kc {
+                    tile[kk * nr + i] = E::zero();
+                }
+                continue;
+            }
+            let row = &dy[co * plane..][..plane];
+            let mut kk = 0;
+            for oy in oy0..oy0 + nrows {
+                for &v in &row[oy * ow + ox0..oy * ow + ox0 + ncols] {
+                    tile[kk * nr + i] = v;
+                    kk += 1;
+                }
+            }
+        }
+    }
+}
+
+/// A zeroed scratch buffer whose slice starts on a 64-byte boundary, so
+/// that a packed B row of 16 f32 is one cache line and no vector load of
+/// it straddles two.
+pub(crate) struct Aligned<E> {
+    buf: Vec<E>,
+    off: usize,
+    len: usize,
+}
+
+/// Elements to skip from the start of `v` to reach a 64-byte boundary.
+pub(crate) fn align_offset<E>(v: &[E]) -> usize {
+    let addr = v.as_ptr() as usize;
+    (addr.next_multiple_of(64) - addr) / std::mem::size_of::<E>()
+}
+
+impl<E: Float> Aligned<E> {
+    pub fn zeroed(len: usize) -> Self {
+        let pad = 64 / std::mem::size_of::<E>();
+        let buf = vec![E::zero(); len + pad];
+        let off = align_offset(&buf);
+        Aligned { buf, off, len }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [E] {
+        &mut self.buf[self.off..self.off + self.len]
+    }
+}

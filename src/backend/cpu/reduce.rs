@@ -1,0 +1,269 @@
+//! Reductions, softmax and the squared-error sum.
+//!
+//! Determinism: every sum has a grouping fixed by the data's shape alone.
+//! Long contiguous runs are cut into chunks of a fixed size (never "one per
+//! thread"), each summed by [`fixed_sum`], and the chunk partials are added
+//! sequentially in index order; sums across rows are vectorised across the
+//! independent outputs, each output a sequential chain (the order of the
+//! reference).
+
+use rayon::prelude::*;
+
+use super::elementwise::CHUNK;
+use crate::backend::reference::split_axis;
+use crate::pool;
+use crate::tensor::Float;
+
+/// Partial sums in [`fixed_sum`]: wide enough for two AVX2 registers of
+/// f32 (the loop vectorises), and a constant, so the result does not depend
+/// on the instruction set.
+const LANES: usize = 16;
+
+/// Elements per parallel chunk of a long sum.
+const SUM_CHUNK: usize = 1 << 15;
+
+/// `sum(xs)` in a fixed order: partial sum `i` takes elements `i, i + 16,
+/// ...`; the partials are then added in order `0..16`, then the tail.
+pub(crate) fn fixed_sum<T: Float>(xs: &[T]) -> T {
+    let mut acc = [T::zero(); LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    let mut s = T::zero();
+    for a in acc {
+        s += a;
+    }
+    for &t in tail {
+        s += t;
+    }
+    s
+}
+
+/// `sum(f(i))` for `i < len`, in fixed chunks summed in parallel and
+/// combined in index order.
+fn chunked_sum<T: Float>(len: usize, f: impl Fn(usize, usize) -> T + Sync) -> T {
+    if len <= SUM_CHUNK {
+        return f(0, len);
+    }
+    let parts: Vec<T> = (0..len.div_ceil(SUM_CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let s = c * SUM_CHUNK;
+            f(s, SUM_CHUNK.min(len - s))
+        })
+        .collect();
+    parts.into_iter().fold(T::zero(), |a, b| a + b)
+}
+
+/// `sum((a - b)^2)`.
+pub(crate) fn sq_err_sum<T: Float>(a: &[T], b: &[T]) -> T {
+    chunked_sum(a.len(), |s, n| {
+        let mut acc = [T::zero(); LANES];
+        let (xa, xb) = (&a[s..s + n], &b[s..s + n]);
+        let full = n / LANES * LANES;
+        for (ca, cb) in xa[..full]
+            .chunks_exact(LANES)
+            .zip(xb[..full].chunks_exact(LANES))
+        {
+            for i in 0..LANES {
+                let d = ca[i] - cb[i];
+                acc[i] += d * d;
+            }
+        }
+        let mut t = T::zero();
+        for v in acc {
+            t += v;
+        }
+        for (&x, &y) in xa[full..].iter().zip(&xb[full..]) {
+            let d = x - y;
+            t += d * d;
+        }
+        t
+    })
+}
+
+/// Mixed-radix offset of index `idx` in dims `(len, stride)`.
+fn offset(dims: &[(usize, usize)], mut idx: usize) -> usize {
+    let mut off = 0;
+    for &(len, stride) in dims.iter().rev() {
+        off += (idx % len) * stride;
+        idx /= len;
+    }
+    off
+}
+
+/// Sum over `axes`, keeping them as size-1 dims.
+pub(crate) fn sum_axes<T: Float>(x: &[T], shape: &[usize], axes: &[usize]) -> Vec<T> {
+    // Merge adjacent dims of the same kind (kept / reduced), dropping 1s.
+    let st = crate::shape::strides(shape);
+    let mut dims: Vec<(usize, usize, bool)> = Vec::new(); // (len, stride, reduced)
+    for k in 0..shape.len() {
+        if shape[k] == 1 {
+            continue;
+        }
+        let red = axes.contains(&k);
+        if let Some(last) = dims.last_mut()
+            && last.2 == red
+        {
+            *last = (last.0 * shape[k], st[k], red);
+            continue;
+        }
+        dims.push((shape[k], st[k], red));
+    }
+    let out_len: usize = shape
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| !axes.contains(k))
+        .map(|(_, &d)| d)
+        .product();
+    let Some(&(inner, _, inner_red)) = dims.last() else {
+        // Every dim is 1: a copy.
+        let mut out = pool::take::<T>(out_len);
+        out.copy_from_slice(x);
+        return out;
+    };
+    let outer = &dims[..dims.len() - 1];
+    let kept: Vec<(usize, usize)> = outer.iter().filter(|d| !d.2).map(|d| (d.0, d.1)).collect();
+    let red: Vec<(usize, usize)> = outer.iter().filter(|d| d.2).map(|d| (d.0, d.1)).collect();
+    let r_count: usize = red.iter().map(|d| d.0).product();
+    if inner_red {
+        // Each output sums contiguous runs of `inner`: one fixed-order sum
+        // per run, runs added in row-major order.
+        if out_len == 1 {
+            return vec![chunked_sum(inner, |s, n| fixed_sum(&x[s..s + n]))];
+        }
+        // Parallel over outputs, enough of them per task for ~CHUNK elements.
+        let per = (CHUNK / (inner * r_count).max(1)).max(1);
+        let mut out = pool::take::<T>(out_len);
+        out.par_chunks_mut(per).enumerate().for_each(|(c, os)| {
+            for (i, o) in os.iter_mut().enumerate() {
+                let base = offset(&kept, c * per + i);
+                let mut acc = T::zero();
+                for r in 0..r_count {
+                    let at = base + offset(&red, r);
+                    acc += fixed_sum(&x[at..at + inner]);
+                }
+                *o = acc;
+            }
+        });
+        out
+    } else {
+        // The inner dim is kept: add whole rows, vectorised across the
+        // independent outputs, each a sequential chain in row-major order.
+        let rows = out_len / inner;
+        let col_chunk = inner.min(4096);
+        let mut out = pool::take::<T>(out_len);
+        out.par_chunks_mut(inner)
+            .enumerate()
+            .flat_map(|(o, row)| {
+                row.par_chunks_mut(col_chunk)
+                    .enumerate()
+                    .map(move |(c, seg)| (o, c * col_chunk, seg))
+            })
+            .for_each(|(o, c0, seg)| {
+                let base = offset(&kept, o) + c0;
+                seg.fill(T::zero());
+                for r in 0..r_count {
+                    let at = base + offset(&red, r);
+                    let n = seg.len();
+                    seg.iter_mut()
+                        .zip(&x[at..at + n])
+                        .for_each(|(a, &v)| *a += v);
+                }
+            });
+        debug_assert_eq!(rows * inner, out_len);
+        out
+    }
+}
+
+/// Softmax along `axis`, max subtracted; sums are sequential along the
+/// axis (the reference's order, vectorised across independent columns).
+pub(crate) fn softmax<T: Float>(x: &[T], shape: &[usize], axis: usize) -> Vec<T> {
+    let (outer, len, inner) = split_axis(shape, axis);
+    let mut y = pool::take::<T>(x.len());
+    let block = len * inner;
+    if block == 0 {
+        return y;
+    }
+    y.par_chunks_mut(block)
+        .zip(x.par_chunks(block))
+        .for_each(|(yb, xb)| {
+            if inner == 1 {
+                // A contiguous row (the spatial attention's softmax over H*W).
+                let max = xb.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+                let mut sum = T::zero();
+                for (y, &v) in yb.iter_mut().zip(xb) {
+                    let e = (v - max).exp();
+                    *y = e;
+                    sum += e;
+                }
+                yb.iter_mut().for_each(|v| *v = *v / sum);
+                return;
+            }
+            let mut max = vec![T::neg_infinity(); inner];
+            for k in 0..len {
+                max.iter_mut()
+                    .zip(&xb[k * inner..(k + 1) * inner])
+                    .for_each(|(m, &v)| *m = m.max(v));
+            }
+            let mut sum = vec![T::zero(); inner];
+            for k in 0..len {
+                let (yr, xr) = (
+                    &mut yb[k * inner..(k + 1) * inner],
+                    &xb[k * inner..(k + 1) * inner],
+                );
+                for i in 0..inner {
+                    let e = (xr[i] - max[i]).exp();
+                    yr[i] = e;
+                    sum[i] += e;
+                }
+            }
+            for k in 0..len {
+                yb[k * inner..(k + 1) * inner]
+                    .iter_mut()
+                    .zip(&sum)
+                    .for_each(|(v, &s)| *v = *v / s);
+            }
+        });
+    let _ = outer;
+    y
+}
+
+/// `y * (dy - sum(dy * y, axis))`.
+pub(crate) fn softmax_backward<T: Float>(
+    y: &[T],
+    dy: &[T],
+    shape: &[usize],
+    axis: usize,
+) -> Vec<T> {
+    let (_, len, inner) = split_axis(shape, axis);
+    let mut dx = pool::take::<T>(y.len());
+    let block = len * inner;
+    if block == 0 {
+        return dx;
+    }
+    dx.par_chunks_mut(block)
+        .zip(y.par_chunks(block).zip(dy.par_chunks(block)))
+        .for_each(|(db, (yb, gb))| {
+            let mut dot = vec![T::zero(); inner];
+            for k in 0..len {
+                let r = k * inner..(k + 1) * inner;
+                dot.iter_mut()
+                    .zip(gb[r.clone()].iter().zip(&yb[r]))
+                    .for_each(|(d, (&g, &yv))| *d += g * yv);
+            }
+            for k in 0..len {
+                let r = k * inner..(k + 1) * inner;
+                db[r.clone()]
+                    .iter_mut()
+                    .zip(gb[r.clone()].iter().zip(&yb[r]))
+                    .zip(&dot)
+                    .for_each(|((o, (&g, &yv)), &d)| *o = yv * (g - d));
+            }
+        });
+    dx
+}

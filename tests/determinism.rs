@@ -1,0 +1,129 @@
+//! Bit-determinism of the CPU backend across thread counts and runs.
+//!
+//! Every kernel must give the same bits under 1, 2 and 8 rayon threads
+//! (8 is more threads than this machine has cores, so work lands on
+//! threads in a different pattern), and again on a second run. The shapes
+//! are medium-sized so that the parallel paths are taken: several position
+//! chunks and weight-gradient row tasks, reductions longer than one fixed
+//! chunk.
+
+use dmkd::backend::{Backend, Binary, ConvArgs, ConvGeometry, CpuBackend, Unary};
+use dmkd::{ConvAlgo, Float, InputMask, Tensor};
+
+fn fill<T: Float>(shape: &[usize], seed: u64) -> Tensor<T> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    Tensor::from_fn(shape, |_| {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        T::from_f64((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0)
+    })
+    .unwrap()
+}
+
+/// The bits of every output of every kernel, in a fixed order.
+fn all_outputs<T: Float>() -> Vec<Vec<u64>> {
+    let be = CpuBackend::new(ConvAlgo::Direct);
+    let bits = |t: Tensor<T>| t.as_slice().iter().map(|v| v.as_f64().to_bits()).collect();
+    let mut out: Vec<Vec<u64>> = Vec::new();
+
+    let (n, c, h, w) = (2, 64, 20, 24);
+    let x = fill::<T>(&[n, c, h, w], 1);
+    let dy = fill::<T>(&[n, c, h, w], 2);
+    let mask_s =
+        Tensor::from_fn(&[n, h, w], |i| T::from_f64(((i * 7) % 3 != 0) as u8 as f64)).unwrap();
+    let mask_c = fill::<T>(&[n, c], 3);
+    // A masked blob of rows: the skipped output tiles.
+    let mask_blob = Tensor::from_fn(&[n, h, w], |i| {
+        T::from_f64(((i % (h * w)) / w >= 12) as u8 as f64)
+    })
+    .unwrap();
+    // 0/1 channels: the channel-sparse paths.
+    let mask_c01 =
+        Tensor::from_fn(&[n, c], |i| T::from_f64(((i * 5) % 3 == 0) as u8 as f64)).unwrap();
+    for (kh, pad, cin, mask) in [
+        (3, 1, c, Some(InputMask::Spatial(mask_s.clone()))),
+        (3, 1, c, Some(InputMask::Channel(mask_c.clone()))),
+        (3, 1, c, Some(InputMask::Channel(mask_c01))),
+        (3, 1, c, Some(InputMask::Spatial(mask_blob))),
+        (1, 0, 48, None),
+    ] {
+        let xin = if cin == c {
+            x.clone()
+        } else {
+            fill::<T>(&[n, cin, h, w], 4)
+        };
+        let wt = fill::<T>(&[c, cin, kh, kh], 5);
+        let b = fill::<T>(&[c], 6);
+        let geom = ConvGeometry::new(xin.shape(), wt.shape(), [1, 1], [pad, pad]).unwrap();
+        let args = ConvArgs {
+            geom,
+            mask,
+            relu: true,
+        };
+        out.push(bits(be.conv2d(&xin, &wt, Some(&b), &args).unwrap()));
+        out.push(bits(be.conv2d_backward_input(&dy, &wt, &args).unwrap()));
+        out.push(bits(be.conv2d_backward_weight(&dy, &xin, &args).unwrap()));
+    }
+    out.push(bits(be.conv2d_backward_bias(&dy).unwrap()));
+
+    let y = be.unary(Unary::Exp, &x).unwrap();
+    out.push(bits(y.clone()));
+    out.push(bits(be.unary_backward(Unary::Exp, &x, &y, &dy).unwrap()));
+    let bc = fill::<T>(&[1, c, 1, w], 7);
+    out.push(bits(be.binary(Binary::Mul, &x, &bc, x.shape()).unwrap()));
+    out.push(bits(be.broadcast_to(&bc, x.shape()).unwrap()));
+    out.push(bits(be.mask_mul(&x, &InputMask::Spatial(mask_s)).unwrap()));
+    for axes in [
+        vec![0, 1, 2, 3],
+        vec![0, 2, 3],
+        vec![1],
+        vec![2, 3],
+        vec![0],
+    ] {
+        out.push(bits(be.sum_axes(&x, &axes).unwrap()));
+    }
+    let flat = x.reshape(&[n, c, h * w]).unwrap();
+    out.push(bits(be.softmax(&flat, 2).unwrap()));
+    out.push(bits(be.softmax(&flat, 1).unwrap()));
+    let s = be.softmax(&flat, 2).unwrap();
+    let g = dy.reshape(&[n, c, h * w]).unwrap();
+    out.push(bits(be.softmax_backward(&s, &g, 2).unwrap()));
+    out.push(bits(be.sq_err_sum(&x, &dy).unwrap()));
+    out.push(bits(be.sq_err_backward(&x, &dy, T::from_f64(0.3)).unwrap()));
+    out.push(bits(be.narrow(&x, 1, 5, 20).unwrap()));
+    out
+}
+
+fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(f)
+}
+
+fn check<T: Float>() {
+    let base = in_pool(1, all_outputs::<T>);
+    for threads in [2, 8, 1, 2] {
+        let got = in_pool(threads, all_outputs::<T>);
+        assert_eq!(got.len(), base.len());
+        for (i, (g, b)) in got.iter().zip(&base).enumerate() {
+            assert!(
+                g == b,
+                "{}: output {i} differs with {threads} threads",
+                T::DTYPE
+            );
+        }
+    }
+}
+
+#[test]
+fn same_bits_for_1_2_8_threads_f32() {
+    check::<f32>();
+}
+
+#[test]
+fn same_bits_for_1_2_8_threads_f64() {
+    check::<f64>();
+}
