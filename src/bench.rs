@@ -12,7 +12,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::backend::{Backend, BackendKind, BackendOptions, BackendRef, ConvArgs, ConvGeometry, make_backend};
+use crate::backend::{
+    Backend, BackendKind, BackendOptions, BackendRef, ConvArgs, ConvGeometry, make_backend,
+};
 use crate::distill::{EvalOptions, Problem, evaluate, forward};
 use crate::error::{Error, Result};
 use crate::synthetic::{Preset, inputs};
@@ -67,12 +69,20 @@ pub fn peak_rss_mib() -> f64 {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
 }
 
 /// Milliseconds of `f`, median of `reps` after one warm-up. `sync` waits
 /// for a device backend to finish before the clock is read.
-fn time_ms(reps: usize, sync: &dyn Fn() -> Result<()>, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+fn time_ms(
+    reps: usize,
+    sync: &dyn Fn() -> Result<()>,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     f()?;
     sync()?;
     let mut v = Vec::with_capacity(reps);
@@ -93,7 +103,11 @@ fn device_sync(kind: BackendKind) -> Box<dyn Fn() -> Result<()>> {
     }
 }
 
-fn conv_rows(opts: &BenchOptions, be: &BackendRef<f32>, sync: &dyn Fn() -> Result<()>) -> Result<Vec<BenchRow>> {
+fn conv_rows(
+    opts: &BenchOptions,
+    be: &BackendRef<f32>,
+    sync: &dyn Fn() -> Result<()>,
+) -> Result<Vec<BenchRow>> {
     let p = &opts.preset;
     let mut rows = Vec::new();
     let mut rng = crate::rng::PhiloxStream::new(1, 0);
@@ -110,9 +124,15 @@ fn conv_rows(opts: &BenchOptions, be: &BackendRef<f32>, sync: &dyn Fn() -> Resul
         };
         let gflop = 2.0 * args.geom.macs() as f64 / 1e9;
         let be: &dyn Backend<f32> = &**be;
-        let fwd = time_ms(opts.reps, sync, || be.conv2d(&x, &wt, Some(&b), &args).map(drop))?;
-        let dx = time_ms(opts.reps, sync, || be.conv2d_backward_input(&dy, &wt, &args).map(drop))?;
-        let dw = time_ms(opts.reps, sync, || be.conv2d_backward_weight(&dy, &x, &args).map(drop))?;
+        let fwd = time_ms(opts.reps, sync, || {
+            be.conv2d(&x, &wt, Some(&b), &args).map(drop)
+        })?;
+        let dx = time_ms(opts.reps, sync, || {
+            be.conv2d_backward_input(&dy, &wt, &args).map(drop)
+        })?;
+        let dw = time_ms(opts.reps, sync, || {
+            be.conv2d_backward_weight(&dy, &x, &args).map(drop)
+        })?;
         for (kind, ms) in [("forward", fwd), ("input_grad", dx), ("weight_grad", dw)] {
             rows.push(BenchRow {
                 name: format!("conv3x3.{name}.{kind}"),
@@ -124,7 +144,11 @@ fn conv_rows(opts: &BenchOptions, be: &BackendRef<f32>, sync: &dyn Fn() -> Resul
     Ok(rows)
 }
 
-fn loss_rows(opts: &BenchOptions, be: &BackendRef<f32>, sync: &dyn Fn() -> Result<()>) -> Result<Vec<BenchRow>> {
+fn loss_rows(
+    opts: &BenchOptions,
+    be: &BackendRef<f32>,
+    sync: &dyn Fn() -> Result<()>,
+) -> Result<Vec<BenchRow>> {
     let p = &opts.preset;
     let config = p.config();
     let tensors = inputs::<f32>(p, 0)?;
@@ -157,12 +181,20 @@ fn loss_rows(opts: &BenchOptions, be: &BackendRef<f32>, sync: &dyn Fn() -> Resul
 /// Run the benchmark in a pool of `opts.threads` threads.
 pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
     if opts.reps == 0 || opts.threads == 0 {
-        return Err(Error::arg("bench", "--reps and --threads must be at least 1"));
+        return Err(Error::arg(
+            "bench",
+            "--reps and --threads must be at least 1",
+        ));
     }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads)
         .build()
-        .map_err(|e| Error::arg("bench", format!("cannot start {} threads: {e}", opts.threads)))?;
+        .map_err(|e| {
+            Error::arg(
+                "bench",
+                format!("cannot start {} threads: {e}", opts.threads),
+            )
+        })?;
     pool.install(|| {
         let peak = match opts.backend.kind {
             BackendKind::Cuda => None,

@@ -9,6 +9,7 @@
 
 pub mod autograd;
 pub mod backend;
+pub mod bench;
 pub mod demo;
 pub mod distill;
 pub mod error;

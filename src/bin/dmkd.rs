@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use dmkd::backend::{BackendFloat, BackendKind, BackendOptions, make_backend};
+use dmkd::bench::{BenchOptions, run_bench};
 use dmkd::demo::{DemoOptions, run_demo};
 use dmkd::distill::{Config, EvalOptions, Problem, TensorMap, evaluate};
 use dmkd::gradcheck::{loss_cases, op_cases, run_suite};
@@ -135,6 +136,26 @@ enum Command {
         format: String,
         #[command(flatten)]
         backend: GoldenBackend,
+    },
+    /// Time the conv kernels and the whole loss at an FPN preset (f32).
+    Bench {
+        /// retinanet (default), two-stage or non-square.
+        #[arg(long, default_value = "retinanet")]
+        preset: String,
+        /// Worker threads (the FMA peak probe uses as many).
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Timed repetitions per row (median reported), after one warm-up.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Only the conv rows, or only the loss rows.
+        #[arg(long)]
+        only: Option<String>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        backend: BackendArgs,
     },
     /// Check every op's and loss's gradient against central finite differences (f64).
     Gradcheck {
@@ -422,6 +443,39 @@ fn golden_typed<T: BackendFloat>(
     Ok(true)
 }
 
+fn bench(opts: BenchOptions, json: bool) -> Result<bool> {
+    let report = run_bench(&opts)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).map_err(|e| Error::Config(e.to_string()))?
+        );
+        return Ok(true);
+    }
+    let peak = report.fma_peak_gflops;
+    println!(
+        "bench: preset {}, {} threads, backend {}, conv algo {}, f32",
+        report.preset, report.threads, report.backend, report.conv_algo
+    );
+    match peak {
+        Some(p) => println!("FMA peak probe: {p:.1} GFLOP/s (same process)"),
+        None => println!("FMA peak probe: n/a on this backend"),
+    }
+    println!(
+        "{:<28} {:>10} {:>10} {:>8}",
+        "row", "ms", "GFLOP/s", "% peak"
+    );
+    for r in &report.rows {
+        let pct = peak.map_or("-".to_string(), |p| format!("{:.0}%", 100.0 * r.gflops / p));
+        println!(
+            "{:<28} {:>10.2} {:>10.1} {:>8}",
+            r.name, r.ms_median, r.gflops, pct
+        );
+    }
+    println!("peak RSS: {:.0} MiB", report.peak_rss_mib);
+    Ok(true)
+}
+
 fn gradcheck(cases: usize, seed: u64, backend: BackendKind, json: bool) -> Result<bool> {
     let be = make_backend::<f64>(BackendOptions {
         kind: backend,
@@ -545,6 +599,35 @@ fn run(cli: Cli) -> Result<bool> {
                 DType::F32 => golden_typed::<f32>(&preset, &config, seed, &out, &format, opts),
                 DType::F64 => golden_typed::<f64>(&preset, &config, seed, &out, &format, opts),
             }
+        }
+        Command::Bench {
+            preset,
+            threads,
+            reps,
+            only,
+            json,
+            backend,
+        } => {
+            let (convs, loss) = match only.as_deref() {
+                None => (true, true),
+                Some("conv") => (true, false),
+                Some("loss") => (false, true),
+                Some(other) => {
+                    return Err(Error::arg(
+                        "bench",
+                        format!("--only {other}: expected conv or loss"),
+                    ));
+                }
+            };
+            let opts = BenchOptions {
+                preset: Preset::named(&preset)?,
+                threads,
+                reps,
+                backend: backend.options(),
+                convs,
+                loss,
+            };
+            bench(opts, json)
         }
         Command::Gradcheck {
             cases,
