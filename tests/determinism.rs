@@ -7,6 +7,8 @@
 //! chunks and weight-gradient row tasks, reductions longer than one fixed
 //! chunk.
 
+use std::sync::Arc;
+
 use dmkd::backend::{Backend, Binary, ConvArgs, ConvGeometry, CpuBackend, Unary};
 use dmkd::{ConvAlgo, Float, InputMask, Tensor};
 
@@ -126,4 +128,72 @@ fn same_bits_for_1_2_8_threads_f32() {
 #[test]
 fn same_bits_for_1_2_8_threads_f64() {
     check::<f64>();
+}
+
+/// The whole DMKD loss (and MGD, FGD) forward and backward: every output
+/// (loss, per-level losses, every gradient, masks) has the same bits under
+/// 1, 2 and 8 threads, at a size where the kernels split their work.
+#[test]
+fn whole_loss_same_bits_for_1_2_8_threads() {
+    use dmkd::distill::{Config, EvalOptions, LevelConfig, MaskMode, Method, Problem, evaluate};
+    use dmkd::synthetic::{Preset, inputs};
+    let preset = Preset::named("demo").unwrap().with_channels(48, 40);
+    let mut config = preset.config();
+    config.levels[1].mask_mode = MaskMode::Sampled;
+    config.levels[2].method = Method::Mgd;
+    config.levels[3] = LevelConfig {
+        mask_mode: MaskMode::Random,
+        lambda_c: 0.15,
+        ..config.levels[3].clone()
+    };
+    let config = Config {
+        levels: config.levels,
+    };
+    for dtype_f64 in [false, true] {
+        let run = |threads: usize| -> Vec<(String, Vec<u64>)> {
+            in_pool(threads, || {
+                let opts = EvalOptions {
+                    init_seed: Some(5),
+                    allow_extra: false,
+                };
+                let bits = |m: &dmkd::distill::TensorMap<f64>| {
+                    m.iter()
+                        .map(|(k, v)| {
+                            (
+                                k.clone(),
+                                v.as_slice().iter().map(|x| x.to_bits()).collect(),
+                            )
+                        })
+                        .collect()
+                };
+                if dtype_f64 {
+                    let p =
+                        Problem::new(&config, &inputs::<f64>(&preset, 1).unwrap(), opts).unwrap();
+                    let e = evaluate(Arc::new(CpuBackend::new(ConvAlgo::Auto)), &p).unwrap();
+                    bits(&e.outputs)
+                } else {
+                    let p =
+                        Problem::new(&config, &inputs::<f32>(&preset, 1).unwrap(), opts).unwrap();
+                    let e = evaluate(Arc::new(CpuBackend::new(ConvAlgo::Auto)), &p).unwrap();
+                    let as64: dmkd::distill::TensorMap<f64> = e
+                        .outputs
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.cast()))
+                        .collect();
+                    bits(&as64)
+                }
+            })
+        };
+        let one = run(1);
+        assert!(one.len() > 40, "every output is compared");
+        for threads in [2, 8, 1] {
+            let other = run(threads);
+            for ((k, a), (_, b)) in one.iter().zip(&other) {
+                assert!(
+                    a == b,
+                    "{k} differs between 1 and {threads} threads (f64: {dtype_f64})"
+                );
+            }
+        }
+    }
 }
