@@ -162,5 +162,12 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+// No plots: criterion's plotters backend needs system fonts this machine
+// (and CI) lack, and panics without them; the numbers go to the terminal
+// and target/criterion/*/estimates.json.
+criterion_group! {
+    name = benches;
+    config = Criterion::default().without_plots();
+    targets = bench
+}
 criterion_main!(benches);
