@@ -37,6 +37,7 @@ mod pack;
 pub mod peak;
 mod reduce;
 mod simd;
+mod winograd;
 
 pub use peak::fma_peak_gflops;
 
@@ -46,12 +47,21 @@ pub use peak::fma_peak_gflops;
 pub enum ConvAlgo {
     /// Direct (implicit-GEMM) convolution everywhere.
     Direct,
-    /// Winograd for every 3x3 stride-1 pad-1 convolution (not implemented
-    /// yet: runs the direct convolution).
+    /// Winograd F(4x4, 3x3) for every 3x3 stride-1 pad-1 convolution
+    /// (forward, input and weight gradients), direct for the rest.
     Winograd,
-    /// Pick per convolution by a measured rule (today: always direct).
+    /// Pick per convolution and pass by a measured rule (see
+    /// [`CpuBackend::winograd_for`]).
     #[default]
     Auto,
+}
+
+/// Which pass of a convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    Forward,
+    Input,
+    Weight,
 }
 
 impl std::str::FromStr for ConvAlgo {
@@ -78,6 +88,30 @@ pub struct CpuBackend {
 impl CpuBackend {
     pub fn new(algo: ConvAlgo) -> Self {
         CpuBackend { algo }
+    }
+}
+
+impl CpuBackend {
+    /// Run this pass of this convolution by Winograd?
+    ///
+    /// The `Auto` rule: TODO(measure).
+    fn winograd_for<E: simd::Elem>(&self, args: &ConvArgs<E>, pass: Pass) -> bool {
+        let g = &args.geom;
+        if !g.is_3x3_same() {
+            return false;
+        }
+        match self.algo {
+            ConvAlgo::Direct => false,
+            ConvAlgo::Winograd => true,
+            ConvAlgo::Auto => {
+                // f64 is the accuracy path: always direct.
+                if TypeId::of::<E>() != TypeId::of::<f32>() {
+                    return false;
+                }
+                let _ = pass;
+                g.h * g.w >= 64 && g.c_in.min(g.c_out) >= 16
+            }
+        }
     }
 }
 
@@ -131,7 +165,12 @@ impl<T: Float> Backend<T> for CpuBackend {
             let x: &Tensor<E> = same(x);
             let w: &Tensor<E> = same(w);
             let b: Option<&Tensor<E>> = b.map(same);
-            let y = conv_fwd::conv2d(x.as_slice(), w.as_slice(), b.map(Tensor::as_slice), a);
+            let (x, w, b) = (x.as_slice(), w.as_slice(), b.map(Tensor::as_slice));
+            let y = if self.winograd_for(a, Pass::Forward) {
+                winograd::conv2d(x, w, b, a)
+            } else {
+                conv_fwd::conv2d(x, w, b, a)
+            };
             same_owned::<Tensor<E>, Tensor<T>>(Tensor::from_parts(&a.geom.output_shape(), y))
         });
         match y {
@@ -150,7 +189,12 @@ impl<T: Float> Backend<T> for CpuBackend {
             let a: &ConvArgs<E> = same(args);
             let dy: &Tensor<E> = same(dy);
             let w: &Tensor<E> = same(w);
-            let dx = conv_bwd::conv2d_backward_input(dy.as_slice(), w.as_slice(), a);
+            let (dy, w) = (dy.as_slice(), w.as_slice());
+            let dx = if self.winograd_for(a, Pass::Input) {
+                winograd::conv2d_backward_input(dy, w, a)
+            } else {
+                conv_bwd::conv2d_backward_input(dy, w, a)
+            };
             same_owned::<Tensor<E>, Tensor<T>>(Tensor::from_parts(&a.geom.input_shape(), dx))
         });
         match dx {
@@ -169,7 +213,12 @@ impl<T: Float> Backend<T> for CpuBackend {
             let a: &ConvArgs<E> = same(args);
             let dy: &Tensor<E> = same(dy);
             let x: &Tensor<E> = same(x);
-            let dw = conv_bwd::conv2d_backward_weight(dy.as_slice(), x.as_slice(), a);
+            let (dy, x) = (dy.as_slice(), x.as_slice());
+            let dw = if self.winograd_for(a, Pass::Weight) {
+                winograd::conv2d_backward_weight(dy, x, a)
+            } else {
+                conv_bwd::conv2d_backward_weight(dy, x, a)
+            };
             same_owned::<Tensor<E>, Tensor<T>>(Tensor::from_parts(&a.geom.weight_shape(), dw))
         });
         match dw {

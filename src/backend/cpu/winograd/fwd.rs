@@ -1,0 +1,367 @@
+//! The Winograd convolution engine: forward pass and (with flipped,
+//! transposed weights over the output gradient) the input gradient.
+
+use pulp::{Arch, Simd, WithSimd};
+use rayon::prelude::*;
+
+use super::transform::{
+    POS, input_tile, output_tile, tile_is_zero, weight_tile, window, window_is_zero,
+};
+use crate::backend::cpu::conv_fwd::TASKS_PER_THREAD;
+use crate::backend::cpu::kernel::{ColBlock, MR, nr, run_packed_tile, split_columns};
+use crate::backend::cpu::pack::Aligned;
+use crate::backend::cpu::simd::Elem;
+use crate::pool;
+
+/// Register groups (NR tiles each) per block: the block's transformed
+/// input, `36 x K x G*NR`, and its products, `36 x M x G*NR`, are 2.4 MB
+/// each at K = M = 256 in f32 (L3), while the GEMM of one position reads
+/// its packed weights (256 KiB) from L2 G times and each B tile from L1
+/// once per 6-row panel.
+const GROUPS: usize = 4;
+
+/// A multiplier applied to the source while it is gathered.
+#[derive(Clone, Copy)]
+pub(crate) enum InMul<'a, E> {
+    None,
+    /// `[n, h, w]`
+    Spatial(&'a [E]),
+    /// `[n, k]`
+    Channel(&'a [E]),
+}
+
+/// What each output gets once its sum is complete.
+#[derive(Clone, Copy)]
+pub(crate) enum Epi<'a, E> {
+    /// `act(y + b[m])` (the forward pass).
+    Bias { bias: Option<&'a [E]>, relu: bool },
+    /// `y * mask[n, y, x]` (input gradient under a spatial mask).
+    Spatial(&'a [E]),
+    /// `y * s[n, m]` (input gradient under a channel mask).
+    Rows(&'a [E]),
+}
+
+/// A 3x3 / stride 1 / pad 1 convolution of `src` (`[n, k, h, w]`) into
+/// `[n, m, h, w]`.
+pub(crate) struct WinoConv<'a, E: Elem> {
+    pub src: &'a [E],
+    pub n: usize,
+    pub k: usize,
+    pub m: usize,
+    pub h: usize,
+    pub w: usize,
+    /// OIHW 3x3 weights. Forward: `[m, k, 3, 3]`. Transposed (input
+    /// gradient): `[k, m, 3, 3]`, used as `w'[r][c] = flip(w[c][r])`.
+    pub weights: &'a [E],
+    pub transposed: bool,
+    pub input: InMul<'a, E>,
+    pub epi: Epi<'a, E>,
+}
+
+/// Nonzero entries of row `img` of a `[n, c]` channel mask, or all.
+fn kept<E: Elem>(mask: Option<&[E]>, img: usize, c: usize) -> Vec<usize> {
+    match mask {
+        Some(m) => (0..c).filter(|&i| m[img * c + i] != E::zero()).collect(),
+        None => (0..c).collect(),
+    }
+}
+
+/// Transformed weights for output rows `rows` and input columns `cols`,
+/// packed `[panel][pos][col][MR]` (rows past the end are zeros): the GEMM
+/// of position `pos` reads panel `p` as one `[k][MR]` stream.
+fn pack_weights<E: Elem>(
+    w: &[E],
+    wk: usize,
+    transposed: bool,
+    rows: &[usize],
+    cols: &[usize],
+) -> Vec<E> {
+    let kk = cols.len();
+    let panels = rows.len().div_ceil(MR);
+    let mut out = pool::take::<E>(panels * POS * kk * MR);
+    out.par_chunks_mut((POS * kk * MR).max(1))
+        .enumerate()
+        .for_each(|(p, chunk)| {
+            for r in 0..MR {
+                let Some(&row) = rows.get(p * MR + r) else {
+                    for pos in 0..POS {
+                        for c in 0..kk {
+                            chunk[(pos * kk + c) * MR + r] = E::zero();
+                        }
+                    }
+                    continue;
+                };
+                for (c, &col) in cols.iter().enumerate() {
+                    let g: [E; 9] = if transposed {
+                        let s = &w[(col * wk + row) * 9..][..9];
+                        std::array::from_fn(|t| s[8 - t])
+                    } else {
+                        w[(row * wk + col) * 9..][..9].try_into().unwrap()
+                    };
+                    let u = weight_tile(&g);
+                    for (pos, &v) in u.iter().enumerate() {
+                        chunk[(pos * kk + c) * MR + r] = v;
+                    }
+                }
+            }
+        });
+    out
+}
+
+impl<E: Elem> WinoConv<'_, E> {
+    /// `[n, m, h, w]`, row-major.
+    pub fn run(&self) -> Vec<E> {
+        let (n, h, w, m) = (self.n, self.h, self.w, self.m);
+        let hw = h * w;
+        let mut y = pool::take::<E>(n * m * hw);
+        let sparse_k = match self.input {
+            InMul::Channel(c) if c.contains(&E::zero()) => Some(c),
+            _ => None,
+        };
+        let sparse_m = match self.epi {
+            Epi::Rows(c) if c.contains(&E::zero()) => Some(c),
+            _ => None,
+        };
+        let wk = if self.transposed { self.m } else { self.k };
+        if sparse_k.is_none() && sparse_m.is_none() {
+            let (rows, cols) = ((0..m).collect::<Vec<_>>(), (0..self.k).collect::<Vec<_>>());
+            let u = pack_weights(self.weights, wk, self.transposed, &rows, &cols);
+            let imgs: Vec<(usize, &mut [E])> = y.chunks_mut(m * hw).enumerate().collect();
+            self.run_images(imgs, &rows, &cols, &u);
+            drop(pool::Buffer::new(u));
+        } else {
+            // Per image: only the kept channels enter the GEMMs.
+            for (img, yimg) in y.chunks_mut(m * hw).enumerate() {
+                let rows = kept(sparse_m, img, m);
+                let cols = kept(sparse_k, img, self.k);
+                let u = pack_weights(self.weights, wk, self.transposed, &rows, &cols);
+                self.run_images(vec![(img, yimg)], &rows, &cols, &u);
+                drop(pool::Buffer::new(u));
+            }
+        }
+        y
+    }
+
+    fn run_images(&self, imgs: Vec<(usize, &mut [E])>, rows: &[usize], cols: &[usize], u: &[E]) {
+        let arch = Arch::new();
+        let (h, w, m) = (self.h, self.w, self.m);
+        let th = h.div_ceil(4);
+        // Tasks: runs of tile rows, about TASKS_PER_THREAD per thread
+        // (the split never changes a bit: each output is computed by one
+        // tile whatever task holds it).
+        let want = (TASKS_PER_THREAD * rayon::current_num_threads()).div_ceil(imgs.len().max(1));
+        let per = th.div_ceil(want.clamp(1, th));
+        let bounds: Vec<usize> = (0..=th.div_ceil(per))
+            .map(|i| (i * per * 4 * w).min(h * w))
+            .collect();
+        let mut tasks = Vec::new();
+        for (img, yimg) in imgs {
+            for (i, blk) in split_columns(yimg, m, h * w, &bounds)
+                .into_iter()
+                .enumerate()
+            {
+                tasks.push((img, i * per, ((i + 1) * per).min(th), blk));
+            }
+        }
+        tasks.into_par_iter().for_each(|(img, ty0, ty1, block)| {
+            arch.dispatch(WinoTask {
+                conv: self,
+                rows,
+                cols,
+                u,
+                img,
+                ty0,
+                ty1,
+                block,
+            })
+        });
+    }
+}
+
+struct WinoTask<'a, 'b, E: Elem> {
+    conv: &'a WinoConv<'a, E>,
+    rows: &'a [usize],
+    cols: &'a [usize],
+    u: &'a [E],
+    img: usize,
+    ty0: usize,
+    ty1: usize,
+    block: ColBlock<'b, E>,
+}
+
+/// The reference's ReLU: `x > 0 ? x : 0` (NaN maps to 0).
+#[inline(always)]
+fn relu_of<E: Elem>(x: E) -> E {
+    if x > E::zero() { x } else { E::zero() }
+}
+
+impl<E: Elem> WithSimd for WinoTask<'_, '_, E> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let WinoTask {
+            conv,
+            rows,
+            cols,
+            u,
+            img,
+            ty0,
+            ty1,
+            mut block,
+        } = self;
+        let (h, w, m) = (conv.h, conv.w, conv.m);
+        let hw = h * w;
+        let tw = w.div_ceil(4);
+        let p0 = ty0 * 4 * w;
+        let nr = nr::<E, S>();
+        let l = E::lanes::<S>();
+        let kk = cols.len();
+        let panels = rows.len().div_ceil(MR);
+        let tile_len = MR * nr;
+        // The tiles to compute: under a spatial mask with zeros, a tile
+        // that reads only zeros (forward) or whose outputs are all masked
+        // (input gradient) is left out and filled below.
+        let in_mask = match conv.input {
+            InMul::Spatial(ms) => Some(&ms[img * hw..][..hw]),
+            _ => None,
+        };
+        let out_mask = match conv.epi {
+            Epi::Spatial(ms) => Some(&ms[img * hw..][..hw]),
+            _ => None,
+        };
+        let mut tiles = Vec::with_capacity((ty1 - ty0) * tw);
+        for ty in ty0..ty1 {
+            for tx in 0..tw {
+                let skip = in_mask.is_some_and(|ms| window_is_zero(ms, h, w, ty, tx))
+                    || out_mask.is_some_and(|ms| tile_is_zero(ms, h, w, ty, tx));
+                if !skip {
+                    tiles.push((ty, tx));
+                }
+            }
+        }
+        if kk == 0 {
+            tiles.clear();
+        }
+        // Outputs no computed tile writes: what the dense sum of zeros
+        // would give (act(b) forward; 0 for a gradient, masked or not).
+        if tiles.len() < (ty1 - ty0) * tw || rows.len() < m {
+            for co in 0..m {
+                let v = match conv.epi {
+                    Epi::Bias { bias, relu } => {
+                        let v = E::zero() + bias.map_or(E::zero(), |b| b[co]);
+                        if relu { relu_of(v) } else { v }
+                    }
+                    _ => E::zero(),
+                };
+                block.row_mut(co).fill(v);
+            }
+        }
+        if tiles.is_empty() {
+            return;
+        }
+        let tb = GROUPS * nr;
+        let mut vbuf = Aligned::<E>::zeroed(POS * GROUPS * kk * nr);
+        let mut mbuf = Aligned::<E>::zeroed(POS * GROUPS * panels * tile_len);
+        let v = vbuf.as_mut_slice();
+        let mb = mbuf.as_mut_slice();
+        let src = &conv.src[img * conv.k * hw..][..conv.k * hw];
+        let zero = E::splat(simd, E::zero());
+        let mut d = [E::zero(); POS * 32];
+        for btiles in tiles.chunks(tb) {
+            let groups = btiles.len().div_ceil(nr);
+            // Input transform: lanes are tiles, one channel at a time.
+            for (g, gt) in btiles.chunks(nr).enumerate() {
+                for (c, &ci) in cols.iter().enumerate() {
+                    let plane = &src[ci * hw..][..hw];
+                    let scale = match conv.input {
+                        InMul::Channel(ms) => ms[img * conv.k + ci],
+                        _ => E::one(),
+                    };
+                    for (j, &(ty, tx)) in gt.iter().enumerate() {
+                        let win = window(plane, h, w, in_mask, scale, ty, tx);
+                        for (i, &x) in win.iter().enumerate() {
+                            d[i * nr + j] = x;
+                        }
+                    }
+                    for j in gt.len()..nr {
+                        for i in 0..POS {
+                            d[i * nr + j] = E::zero();
+                        }
+                    }
+                    for hv in (0..nr).step_by(l) {
+                        let mut dv = [zero; POS];
+                        for (i, r) in dv.iter_mut().enumerate() {
+                            *r = E::load(simd, &d[i * nr + hv..]);
+                        }
+                        let t = input_tile::<E, S>(simd, &dv);
+                        for (pos, &tv) in t.iter().enumerate() {
+                            let at = ((pos * GROUPS + g) * kk + c) * nr + hv;
+                            E::store(simd, &mut v[at..], tv);
+                        }
+                    }
+                }
+            }
+            // 36 GEMMs: products[pos] = U[pos] (rows x kk) * V[pos] (kk x tiles).
+            for pos in 0..POS {
+                for g in 0..groups {
+                    let b = &v[(pos * GROUPS + g) * kk * nr..][..kk * nr];
+                    for p in 0..panels {
+                        let a = &u[(p * POS + pos) * kk * MR..][..kk * MR];
+                        let at = ((pos * GROUPS + g) * panels + p) * tile_len;
+                        let next = mb.as_ptr().wrapping_add(at + tile_len);
+                        run_packed_tile(simd, a, kk, b, &mut mb[at..at + tile_len], false, next);
+                    }
+                }
+            }
+            // Output transform and epilogue, lanes are tiles again.
+            let mut out = [E::zero(); 16 * 32];
+            for (g, gt) in btiles.chunks(nr).enumerate() {
+                for (ri, &co) in rows.iter().enumerate() {
+                    let (p, r) = (ri / MR, ri % MR);
+                    for hv in (0..nr).step_by(l) {
+                        let mut mv = [zero; POS];
+                        for (pos, x) in mv.iter_mut().enumerate() {
+                            let at = ((pos * GROUPS + g) * panels + p) * tile_len + r * nr + hv;
+                            *x = E::load(simd, &mb[at..]);
+                        }
+                        let y = output_tile::<E, S>(simd, &mv);
+                        for (i, &yv) in y.iter().enumerate() {
+                            E::store(simd, &mut out[i * nr + hv..], yv);
+                        }
+                    }
+                    let row = block.row_mut(co);
+                    let (bias, relu) = match conv.epi {
+                        Epi::Bias { bias, relu } => (bias.map(|b| b[co]), relu),
+                        _ => (None, false),
+                    };
+                    let rs = match conv.epi {
+                        Epi::Rows(s) => s[img * m + co],
+                        _ => E::one(),
+                    };
+                    for (j, &(ty, tx)) in gt.iter().enumerate() {
+                        for i in 0..4.min(h - 4 * ty) {
+                            let yy = 4 * ty + i;
+                            for jj in 0..4.min(w - 4 * tx) {
+                                let x = 4 * tx + jj;
+                                let val = out[(i * 4 + jj) * nr + j];
+                                let val = match conv.epi {
+                                    Epi::Bias { .. } => {
+                                        let v = match bias {
+                                            Some(b) => val + b,
+                                            None => val,
+                                        };
+                                        if relu { relu_of(v) } else { v }
+                                    }
+                                    Epi::Spatial(_) => val * out_mask.unwrap()[yy * w + x],
+                                    Epi::Rows(_) => val * rs,
+                                };
+                                row[yy * w + x - p0] = val;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

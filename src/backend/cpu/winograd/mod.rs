@@ -1,0 +1,109 @@
+//! Winograd F(4x4, 3x3) convolution for the 3x3 / stride 1 / pad 1 convs
+//! of the loss: forward, input gradient and weight gradient.
+//!
+//! Transform choice: F(4x4, 3x3) over 6 x 6 input tiles cuts the
+//! multiplies per output from 9 to 36/16 = 2.25 (4x); F(2x2, 3x3) only to
+//! 4 (2.25x). The experiment of ENGINEERING.md measured F(4x4) at
+//! 2.7-2.9x the direct conv at P3/P4 against 1.6-1.9x for F(2x2), with a
+//! norm-wise f32 error of 3.2e-6 at C = 256 (direct 2.9e-7). Points 0,
+//! +-1, +-2, inf keep the data transforms to small integer coefficients
+//! ([`transform`]).
+//!
+//! Forward ([`fwd`]): per block of `GROUPS x NR` tiles (64 in f32 on
+//! AVX2), gather each tile's 6 x 6 window (the mask multiplied in, pad 1
+//! read as zeros) into registers whose lanes are tiles, transform
+//! (`B^T d B`, vector code), then 36 GEMMs `U[pos] (M x K) V[pos] (K x
+//! tiles)` with the packed 6 x 16 microkernel, then `A^T m A` and the
+//! epilogue (bias + ReLU, or the mask for the input gradient) with lanes
+//! over tiles again. The input gradient is the same engine over `dy` with
+//! the weights flipped and transposed. Masks: masked channels leave K
+//! (forward) or M (input gradient); under a spatial mask, tiles that read
+//! only zeros (forward) or whose outputs are all masked (input gradient)
+//! are not computed and get what the dense sums of zeros would give.
+//!
+//! Weight gradient ([`dw`]): `dW = G^T (sum_tiles (A dY A^T) (.) (B^T x
+//! B)) G`, 36 GEMMs `(Cout x tiles) (tiles x Cin)` over fixed blocks of
+//! 256 tiles (f32; 1 KiB of each A row), accumulated in C in block order.
+//! There the input transform's lanes are channels (B is `[tile][NR
+//! channels]`, the kernel's packed layout) and the output gradient's are
+//! tiles (A rows, read in place).
+//!
+//! Memory: nothing is materialised per level beyond the output; the
+//! forward holds two blocks of transformed data per task (2 x 2.4 MB at
+//! C = 256, f32) and the packed weights (36 x M x K, 9.4 MB); the weight
+//! gradient holds one block of transformed operands (2 x 9.4 MB) and the
+//! 36 x M x K accumulator.
+//!
+//! Determinism: every output of the forward is computed by exactly one
+//! tile in one task, from a fixed-order chain over K (the kernel never
+//! mixes lanes), so neither the task split nor the block a tile lands in
+//! changes a bit. The weight gradient's reduction over tiles runs in a
+//! fixed order: block b's chains resume from the sums of blocks 0..b in
+//! C, and threads split positions and row panels (outputs), never the
+//! reduction. Tile lists and blocks depend on the shape and mask only.
+//!
+//! Accuracy (tests/winograd.rs prints them): see the `Auto` rule in
+//! `super::ConvAlgo`.
+
+mod dw;
+mod fwd;
+mod transform;
+
+pub(crate) use dw::conv2d_backward_weight;
+
+use crate::backend::cpu::simd::Elem;
+use crate::backend::{ConvArgs, InputMask};
+use fwd::{Epi, InMul, WinoConv};
+
+/// `y = act(conv3x3(x * mask, w) + b)` for a 3x3 / stride 1 / pad 1 conv.
+pub(crate) fn conv2d<E: Elem>(x: &[E], w: &[E], b: Option<&[E]>, args: &ConvArgs<E>) -> Vec<E> {
+    let g = &args.geom;
+    debug_assert!(g.is_3x3_same());
+    WinoConv {
+        src: x,
+        n: g.n,
+        k: g.c_in,
+        m: g.c_out,
+        h: g.h,
+        w: g.w,
+        weights: w,
+        transposed: false,
+        input: match &args.mask {
+            None => InMul::None,
+            Some(InputMask::Spatial(m)) => InMul::Spatial(m.as_slice()),
+            Some(InputMask::Channel(m)) => InMul::Channel(m.as_slice()),
+        },
+        epi: Epi::Bias {
+            bias: b,
+            relu: args.relu,
+        },
+    }
+    .run()
+}
+
+/// `dx = mask * conv_transpose(dy, w)` for a 3x3 / stride 1 / pad 1 conv:
+/// the correlation of `dy` (pad 1) with the flipped, transposed weights.
+pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<E>) -> Vec<E> {
+    let g = &args.geom;
+    debug_assert!(g.is_3x3_same());
+    WinoConv {
+        src: dy,
+        n: g.n,
+        k: g.c_out,
+        m: g.c_in,
+        h: g.h,
+        w: g.w,
+        weights: w,
+        transposed: true,
+        input: InMul::None,
+        epi: match &args.mask {
+            None => Epi::Bias {
+                bias: None,
+                relu: false,
+            },
+            Some(InputMask::Spatial(m)) => Epi::Spatial(m.as_slice()),
+            Some(InputMask::Channel(m)) => Epi::Rows(m.as_slice()),
+        },
+    }
+    .run()
+}
