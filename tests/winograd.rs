@@ -58,15 +58,10 @@ enum MaskKind {
 
 fn mask(kind: MaskKind, n: usize, c: usize, h: usize, w: usize) -> Option<InputMask<f64>> {
     let sp = |f: &dyn Fn(usize) -> f64| {
-        Some(InputMask::Spatial(
-            Tensor::from_fn(&[n, h, w], |i| f(i)).unwrap(),
-        ))
+        Some(InputMask::Spatial(Tensor::from_fn(&[n, h, w], f).unwrap()))
     };
-    let ch = |f: &dyn Fn(usize) -> f64| {
-        Some(InputMask::Channel(
-            Tensor::from_fn(&[n, c], |i| f(i)).unwrap(),
-        ))
-    };
+    let ch =
+        |f: &dyn Fn(usize) -> f64| Some(InputMask::Channel(Tensor::from_fn(&[n, c], f).unwrap()));
     match kind {
         MaskKind::None => None,
         // A blob of masked rows plus scattered zeros.
@@ -93,6 +88,7 @@ fn cast_mask(m: &InputMask<f64>) -> InputMask<f32> {
 
 /// Forward, input and weight gradients of one case: Winograd f64 and f32
 /// against the f64 reference. Returns the worst f32 error.
+#[allow(clippy::too_many_arguments)]
 fn check_case(
     n: usize,
     cin: usize,

@@ -6,10 +6,10 @@
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
+use super::Scratch;
 use super::transform::{POS, grad_tile, input_tile, weight_grad_tile, window, window_is_zero};
 use crate::backend::cpu::conv_fwd::nr_for;
 use crate::backend::cpu::kernel::{AWalk, ColBlock, MR, nr, run_tile};
-use crate::backend::cpu::pack::Aligned;
 use crate::backend::cpu::simd::Elem;
 use crate::backend::{ConvArgs, InputMask};
 use crate::pool;
@@ -57,12 +57,15 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs
     let pstride = per * splits;
     // The accumulated products, `[pos][panel][ctile][MR][NR]`; zeros for
     // an empty tile list.
-    let mut cbuf = Aligned::<E>::zeroed(POS * pstride * ctiles * tile_len);
+    let mut cbuf = Scratch::<E>::new(POS * pstride * ctiles * tile_len);
     let ct = cbuf.as_mut_slice();
+    if tiles.is_empty() {
+        ct.fill(E::zero());
+    }
     // B: transformed inputs `[ctile][pos][tile][NR]` (lanes are channels);
     // A: transformed output gradients `[co][pos][tile]` (lanes are tiles).
-    let mut vbuf = Aligned::<E>::zeroed(ctiles * POS * tb * nr);
-    let mut wbuf = Aligned::<E>::zeroed(m * POS * tb);
+    let mut vbuf = Scratch::<E>::new(ctiles * POS * tb * nr);
+    let mut wbuf = Scratch::<E>::new(m * POS * tb);
     let arch = Arch::new();
     for (bi, bt) in tiles.chunks(tb).enumerate() {
         let vt = vbuf.as_mut_slice();

@@ -4,12 +4,12 @@
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
+use super::Scratch;
 use super::transform::{
     POS, input_tile, output_tile, tile_is_zero, weight_tile, window, window_is_zero,
 };
 use crate::backend::cpu::conv_fwd::TASKS_PER_THREAD;
 use crate::backend::cpu::kernel::{ColBlock, MR, nr, run_packed_tile, split_columns};
-use crate::backend::cpu::pack::Aligned;
 use crate::backend::cpu::simd::Elem;
 use crate::pool;
 
@@ -18,7 +18,7 @@ use crate::pool;
 /// each at K = M = 256 in f32 (L3), while the GEMM of one position reads
 /// its packed weights (256 KiB) from L2 G times and each B tile from L1
 /// once per 6-row panel.
-const GROUPS: usize = 4;
+const GROUPS: usize = 8;
 
 /// A multiplier applied to the source while it is gathered.
 #[derive(Clone, Copy)]
@@ -261,8 +261,8 @@ impl<E: Elem> WithSimd for WinoTask<'_, '_, E> {
             return;
         }
         let tb = GROUPS * nr;
-        let mut vbuf = Aligned::<E>::zeroed(POS * GROUPS * kk * nr);
-        let mut mbuf = Aligned::<E>::zeroed(POS * GROUPS * panels * tile_len);
+        let mut vbuf = Scratch::<E>::new(POS * GROUPS * kk * nr);
+        let mut mbuf = Scratch::<E>::new(POS * GROUPS * panels * tile_len);
         let v = vbuf.as_mut_slice();
         let mb = mbuf.as_mut_slice();
         let src = &conv.src[img * conv.k * hw..][..conv.k * hw];
@@ -272,27 +272,56 @@ impl<E: Elem> WithSimd for WinoTask<'_, '_, E> {
             let groups = btiles.len().div_ceil(nr);
             // Input transform: lanes are tiles, one channel at a time.
             for (g, gt) in btiles.chunks(nr).enumerate() {
+                // Window offsets when every tile of the group lies inside
+                // the plane and no spatial mask applies: a tight copy.
+                let interior = in_mask.is_none()
+                    && gt
+                        .iter()
+                        .all(|&(ty, tx)| ty > 0 && tx > 0 && 4 * ty + 5 <= h && 4 * tx + 5 <= w);
+                let mut bases = [0usize; 32];
+                if interior {
+                    for (b, &(ty, tx)) in bases.iter_mut().zip(gt) {
+                        *b = (4 * ty - 1) * w + 4 * tx - 1;
+                    }
+                }
+                if gt.len() < nr {
+                    for i in 0..POS {
+                        d[i * nr + gt.len()..(i + 1) * nr].fill(E::zero());
+                    }
+                }
                 for (c, &ci) in cols.iter().enumerate() {
                     let plane = &src[ci * hw..][..hw];
+                    if interior {
+                        for (j, &b0) in bases[..gt.len()].iter().enumerate() {
+                            let win = &plane[b0..b0 + 5 * w + 6];
+                            for r in 0..6 {
+                                let row = &win[r * w..r * w + 6];
+                                for (c6, &x) in row.iter().enumerate() {
+                                    d[(r * 6 + c6) * nr + j] = x;
+                                }
+                            }
+                        }
+                    } else {
+                        for (j, &(ty, tx)) in gt.iter().enumerate() {
+                            let win = window(plane, h, w, in_mask, E::one(), ty, tx);
+                            for (i, &x) in win.iter().enumerate() {
+                                d[i * nr + j] = x;
+                            }
+                        }
+                    }
+                    // The channel mask's factor, `x * m` as the reference
+                    // rounds it (the spatial one is applied in `window`).
                     let scale = match conv.input {
-                        InMul::Channel(ms) => ms[img * conv.k + ci],
-                        _ => E::one(),
+                        InMul::Channel(ms) => Some(E::splat(simd, ms[img * conv.k + ci])),
+                        _ => None,
                     };
-                    for (j, &(ty, tx)) in gt.iter().enumerate() {
-                        let win = window(plane, h, w, in_mask, scale, ty, tx);
-                        for (i, &x) in win.iter().enumerate() {
-                            d[i * nr + j] = x;
-                        }
-                    }
-                    for j in gt.len()..nr {
-                        for i in 0..POS {
-                            d[i * nr + j] = E::zero();
-                        }
-                    }
                     for hv in (0..nr).step_by(l) {
                         let mut dv = [zero; POS];
                         for (i, r) in dv.iter_mut().enumerate() {
                             *r = E::load(simd, &d[i * nr + hv..]);
+                            if let Some(sc) = scale {
+                                *r = E::vmul(simd, *r, sc);
+                            }
                         }
                         let t = input_tile::<E, S>(simd, &dv);
                         for (pos, &tv) in t.iter().enumerate() {
@@ -317,8 +346,25 @@ impl<E: Elem> WithSimd for WinoTask<'_, '_, E> {
             // Output transform and epilogue, lanes are tiles again.
             let mut out = [E::zero(); 16 * 32];
             for (g, gt) in btiles.chunks(nr).enumerate() {
+                // Output offsets (in the task's block) when every tile of
+                // the group is whole: a tight copy.
+                let whole = gt
+                    .iter()
+                    .all(|&(ty, tx)| 4 * ty + 4 <= h && 4 * tx + 4 <= w);
+                let mut bases = [0usize; 32];
+                for (b, &(ty, tx)) in bases.iter_mut().zip(gt) {
+                    *b = 4 * ty * w + 4 * tx - p0;
+                }
                 for (ri, &co) in rows.iter().enumerate() {
                     let (p, r) = (ri / MR, ri % MR);
+                    // Bias and row scale act on whole registers (the same
+                    // roundings as per element); ReLU and the spatial mask
+                    // per element below.
+                    let (add, mulv) = match conv.epi {
+                        Epi::Bias { bias, .. } => (bias.map(|b| E::splat(simd, b[co])), None),
+                        Epi::Rows(sc) => (None, Some(E::splat(simd, sc[img * m + co]))),
+                        Epi::Spatial(_) => (None, None),
+                    };
                     for hv in (0..nr).step_by(l) {
                         let mut mv = [zero; POS];
                         for (pos, x) in mv.iter_mut().enumerate() {
@@ -327,36 +373,42 @@ impl<E: Elem> WithSimd for WinoTask<'_, '_, E> {
                         }
                         let y = output_tile::<E, S>(simd, &mv);
                         for (i, &yv) in y.iter().enumerate() {
+                            let yv = match (add, mulv) {
+                                (Some(b), _) => E::vadd(simd, yv, b),
+                                (_, Some(sc)) => E::vmul(simd, yv, sc),
+                                _ => yv,
+                            };
                             E::store(simd, &mut out[i * nr + hv..], yv);
                         }
                     }
+                    let relu = matches!(conv.epi, Epi::Bias { relu: true, .. });
+                    if relu {
+                        for o in out[..16 * nr].iter_mut() {
+                            *o = relu_of(*o);
+                        }
+                    }
                     let row = block.row_mut(co);
-                    let (bias, relu) = match conv.epi {
-                        Epi::Bias { bias, relu } => (bias.map(|b| b[co]), relu),
-                        _ => (None, false),
-                    };
-                    let rs = match conv.epi {
-                        Epi::Rows(s) => s[img * m + co],
-                        _ => E::one(),
-                    };
+                    if whole && out_mask.is_none() {
+                        for (j, &b0) in bases[..gt.len()].iter().enumerate() {
+                            let dst = &mut row[b0..b0 + 3 * w + 4];
+                            for i in 0..4 {
+                                for jj in 0..4 {
+                                    dst[i * w + jj] = out[(i * 4 + jj) * nr + j];
+                                }
+                            }
+                        }
+                        continue;
+                    }
                     for (j, &(ty, tx)) in gt.iter().enumerate() {
                         for i in 0..4.min(h - 4 * ty) {
                             let yy = 4 * ty + i;
                             for jj in 0..4.min(w - 4 * tx) {
                                 let x = 4 * tx + jj;
                                 let val = out[(i * 4 + jj) * nr + j];
-                                let val = match conv.epi {
-                                    Epi::Bias { .. } => {
-                                        let v = match bias {
-                                            Some(b) => val + b,
-                                            None => val,
-                                        };
-                                        if relu { relu_of(v) } else { v }
-                                    }
-                                    Epi::Spatial(_) => val * out_mask.unwrap()[yy * w + x],
-                                    Epi::Rows(_) => val * rs,
+                                row[yy * w + x - p0] = match out_mask {
+                                    Some(ms) => val * ms[yy * w + x],
+                                    None => val,
                                 };
-                                row[yy * w + x - p0] = val;
                             }
                         }
                     }
