@@ -157,33 +157,55 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
         let l = E::lanes::<S>();
         let zero = E::splat(simd, E::zero());
         let mut d = [E::zero(); POS * 32];
+        let cmask = match &args.mask {
+            Some(InputMask::Channel(m)) => Some(m.as_slice()),
+            _ => None,
+        };
+        let lanes = nr.min(c.saturating_sub(c0));
+        if lanes < nr {
+            for i in 0..POS {
+                d[i * nr + lanes..(i + 1) * nr].fill(E::zero());
+            }
+        }
         for (t, &(img, ty, tx)) in tiles.iter().enumerate() {
             let ms = match &args.mask {
                 Some(InputMask::Spatial(m)) => Some(&m.as_slice()[img * hw..][..hw]),
                 _ => None,
             };
-            for j in 0..nr {
-                let ci = c0 + j;
-                if ci >= c {
-                    for i in 0..POS {
-                        d[i * nr + j] = E::zero();
+            let interior = ms.is_none() && ty > 0 && tx > 0 && 4 * ty + 5 <= h && 4 * tx + 5 <= w;
+            for j in 0..lanes {
+                let plane = &x[(img * c + c0 + j) * hw..][..hw];
+                if interior {
+                    // The whole window inside the plane: a tight copy.
+                    let src = &plane[(4 * ty - 1) * w + 4 * tx - 1..][..5 * w + 6];
+                    for r in 0..6 {
+                        for c6 in 0..6 {
+                            d[(r * 6 + c6) * nr + j] = src[r * w + c6];
+                        }
                     }
-                    continue;
+                } else {
+                    let win = window(plane, h, w, ms, E::one(), ty, tx);
+                    for (i, &v) in win.iter().enumerate() {
+                        d[i * nr + j] = v;
+                    }
                 }
-                let scale = match &args.mask {
-                    Some(InputMask::Channel(m)) => m.as_slice()[img * c + ci],
-                    _ => E::one(),
-                };
-                let plane = &x[(img * c + ci) * hw..][..hw];
-                let win = window(plane, h, w, ms, scale, ty, tx);
-                for (i, &v) in win.iter().enumerate() {
-                    d[i * nr + j] = v;
+            }
+            // The channel mask's factors, per lane (`x * m` as the
+            // reference rounds it).
+            let mut scale = [E::one(); 32];
+            if let Some(cm) = cmask {
+                for (j, s) in scale[..lanes].iter_mut().enumerate() {
+                    *s = cm[img * c + c0 + j];
                 }
             }
             for hv in (0..nr).step_by(l) {
                 let mut dv = [zero; POS];
+                let sc = cmask.map(|_| E::load(simd, &scale[hv..]));
                 for (i, r) in dv.iter_mut().enumerate() {
                     *r = E::load(simd, &d[i * nr + hv..]);
+                    if let Some(sc) = sc {
+                        *r = E::vmul(simd, *r, sc);
+                    }
                 }
                 let tv = input_tile::<E, S>(simd, &dv);
                 for (pos, &v) in tv.iter().enumerate() {
@@ -224,14 +246,29 @@ impl<E: Elem> WithSimd for DyTransform<'_, '_, E> {
         let zero = E::splat(simd, E::zero());
         let mut d = [E::zero(); 16 * 32];
         for (gi, gt) in tiles.chunks(nr).enumerate() {
-            d.fill(E::zero());
             for (j, &(img, ty, tx)) in gt.iter().enumerate() {
                 let plane = &dy[(img * m + co) * hw..][..hw];
+                if 4 * ty + 4 <= h && 4 * tx + 4 <= w {
+                    // A whole tile: a tight copy.
+                    let src = &plane[4 * ty * w + 4 * tx..][..3 * w + 4];
+                    for i in 0..4 {
+                        for jj in 0..4 {
+                            d[(i * 4 + jj) * nr + j] = src[i * w + jj];
+                        }
+                    }
+                    continue;
+                }
+                for i in 0..16 {
+                    d[i * nr + j] = E::zero();
+                }
                 for i in 0..4.min(h - 4 * ty) {
                     for jj in 0..4.min(w - 4 * tx) {
                         d[(i * 4 + jj) * nr + j] = plane[(4 * ty + i) * w + 4 * tx + jj];
                     }
                 }
+            }
+            for i in 0..16 {
+                d[i * nr + gt.len()..(i + 1) * nr].fill(E::zero());
             }
             for hv in (0..nr).step_by(l) {
                 let mut gv = [zero; 16];

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::Scratch;
 use super::transform::{
-    POS, input_tile, output_tile, tile_is_zero, weight_tile, window, window_is_zero,
+    POS, input_tile, output_tile, tile_is_zero, weight_tile, weight_tile_v, window, window_is_zero,
 };
 use crate::backend::cpu::conv_fwd::TASKS_PER_THREAD;
 use crate::backend::cpu::kernel::{ColBlock, MR, nr, run_packed_tile, split_columns};
@@ -66,41 +66,108 @@ fn kept<E: Elem>(mask: Option<&[E]>, img: usize, c: usize) -> Vec<usize> {
     }
 }
 
-/// Transformed weights for output rows `rows` and input columns `cols`,
-/// packed `[panel][pos][col][MR]` (rows past the end are zeros): the GEMM
-/// of position `pos` reads panel `p` as one `[k][MR]` stream.
-fn pack_weights<E: Elem>(
-    w: &[E],
-    wk: usize,
+/// All transformed weights, `[row][pos][col]` (`m x 36 x k`): `G g G^T`
+/// of `g = w[row][col]` (forward) or of the flipped `w[col][row]`
+/// (transposed). Lanes run over columns, so each row's 36 outputs are
+/// contiguous vector stores (a scalar transform scattering straight into
+/// the packed panels cost ~6 ms per call at 256 x 256, most of a P5 conv).
+fn transform_weights<E: Elem>(w: &[E], m: usize, k: usize, transposed: bool) -> Vec<E> {
+    let mut out = pool::take::<E>(m * POS * k);
+    let arch = Arch::new();
+    out.par_chunks_mut((POS * k).max(1))
+        .enumerate()
+        .for_each(|(row, dst)| {
+            arch.dispatch(WeightRow {
+                w,
+                m,
+                k,
+                transposed,
+                row,
+                dst,
+            })
+        });
+    out
+}
+
+struct WeightRow<'a, 'b, E> {
+    w: &'a [E],
+    m: usize,
+    k: usize,
     transposed: bool,
-    rows: &[usize],
-    cols: &[usize],
-) -> Vec<E> {
+    row: usize,
+    dst: &'b mut [E],
+}
+
+impl<E: Elem> WithSimd for WeightRow<'_, '_, E> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let WeightRow {
+            w,
+            m,
+            k,
+            transposed,
+            row,
+            dst,
+        } = self;
+        let l = E::lanes::<S>();
+        // The 9 taps of filter (row, col), flipped when transposed.
+        let tap = |col: usize, t: usize| {
+            if transposed {
+                w[(col * m + row) * 9 + 8 - t]
+            } else {
+                w[(row * k + col) * 9 + t]
+            }
+        };
+        let full = k / l * l;
+        let mut g = [E::zero(); 9 * 16];
+        for c0 in (0..full).step_by(l) {
+            for t in 0..9 {
+                for j in 0..l {
+                    g[t * l + j] = tap(c0 + j, t);
+                }
+            }
+            let gv: [E::V<S>; 9] = std::array::from_fn(|t| E::load(simd, &g[t * l..]));
+            let u = weight_tile_v::<E, S>(simd, &gv);
+            for (pos, &v) in u.iter().enumerate() {
+                E::store(simd, &mut dst[pos * k + c0..], v);
+            }
+        }
+        for col in full..k {
+            let u = weight_tile::<E>(&std::array::from_fn(|t| tap(col, t)));
+            for (pos, &v) in u.iter().enumerate() {
+                dst[pos * k + col] = v;
+            }
+        }
+    }
+}
+
+/// The transformed weights `u` (`[row][pos][col]`, `k` columns) for
+/// output rows `rows` and input columns `cols`, packed
+/// `[panel][pos][col][MR]` (rows past the end are zeros): the GEMM of
+/// position `pos` reads panel `p` as one `[k][MR]` stream.
+fn pack_weights<E: Elem>(u: &[E], k: usize, rows: &[usize], cols: &[usize]) -> Vec<E> {
     let kk = cols.len();
     let panels = rows.len().div_ceil(MR);
     let mut out = pool::take::<E>(panels * POS * kk * MR);
     out.par_chunks_mut((POS * kk * MR).max(1))
         .enumerate()
         .for_each(|(p, chunk)| {
-            for r in 0..MR {
-                let Some(&row) = rows.get(p * MR + r) else {
-                    for pos in 0..POS {
-                        for c in 0..kk {
-                            chunk[(pos * kk + c) * MR + r] = E::zero();
+            let src: [Option<usize>; MR] = std::array::from_fn(|r| rows.get(p * MR + r).copied());
+            for (pos, dst) in chunk.chunks_exact_mut((kk * MR).max(1)).enumerate() {
+                for r in 0..MR {
+                    match src[r] {
+                        Some(row) => {
+                            let urow = &u[(row * POS + pos) * k..][..k];
+                            for (c, &col) in cols.iter().enumerate() {
+                                dst[c * MR + r] = urow[col];
+                            }
                         }
-                    }
-                    continue;
-                };
-                for (c, &col) in cols.iter().enumerate() {
-                    let g: [E; 9] = if transposed {
-                        let s = &w[(col * wk + row) * 9..][..9];
-                        std::array::from_fn(|t| s[8 - t])
-                    } else {
-                        w[(row * wk + col) * 9..][..9].try_into().unwrap()
-                    };
-                    let u = weight_tile(&g);
-                    for (pos, &v) in u.iter().enumerate() {
-                        chunk[(pos * kk + c) * MR + r] = v;
+                        None => {
+                            for c in 0..kk {
+                                dst[c * MR + r] = E::zero();
+                            }
+                        }
                     }
                 }
             }
@@ -122,10 +189,10 @@ impl<E: Elem> WinoConv<'_, E> {
             Epi::Rows(c) if c.contains(&E::zero()) => Some(c),
             _ => None,
         };
-        let wk = if self.transposed { self.m } else { self.k };
+        let ut = transform_weights(self.weights, m, self.k, self.transposed);
         if sparse_k.is_none() && sparse_m.is_none() {
             let (rows, cols) = ((0..m).collect::<Vec<_>>(), (0..self.k).collect::<Vec<_>>());
-            let u = pack_weights(self.weights, wk, self.transposed, &rows, &cols);
+            let u = pack_weights(&ut, self.k, &rows, &cols);
             let imgs: Vec<(usize, &mut [E])> = y.chunks_mut(m * hw).enumerate().collect();
             self.run_images(imgs, &rows, &cols, &u);
             drop(pool::Buffer::new(u));
@@ -134,11 +201,12 @@ impl<E: Elem> WinoConv<'_, E> {
             for (img, yimg) in y.chunks_mut(m * hw).enumerate() {
                 let rows = kept(sparse_m, img, m);
                 let cols = kept(sparse_k, img, self.k);
-                let u = pack_weights(self.weights, wk, self.transposed, &rows, &cols);
+                let u = pack_weights(&ut, self.k, &rows, &cols);
                 self.run_images(vec![(img, yimg)], &rows, &cols, &u);
                 drop(pool::Buffer::new(u));
             }
         }
+        drop(pool::Buffer::new(ut));
         y
     }
 

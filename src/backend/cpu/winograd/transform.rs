@@ -270,3 +270,50 @@ pub(crate) fn tile_is_zero<E: Elem>(m: &[E], h: usize, w: usize, ty: usize, tx: 
             .all(|&v| v == E::zero())
     })
 }
+
+/// [`g3`] on registers (the same operations in the same order, so a lane
+/// gets the bits the scalar version gives).
+#[inline(always)]
+fn g3v<E: Elem, S: Simd>(s: S, a: E::V<S>, b: E::V<S>, c: E::V<S>) -> [E::V<S>; 6] {
+    let (q, s6, s12, s24) = (
+        k::<E, S>(s, 0.25),
+        k::<E, S>(s, 1.0 / 6.0),
+        k::<E, S>(s, 1.0 / 12.0),
+        k::<E, S>(s, 1.0 / 24.0),
+    );
+    let zero = E::splat(s, E::zero());
+    let ac = E::vadd(s, a, c);
+    let e = E::vadd(s, E::vmul(s, a, s24), E::vmul(s, c, s6));
+    let b12 = E::vmul(s, b, s12);
+    [
+        E::vmul(s, a, q),
+        E::vmul(s, E::vsub(s, zero, E::vadd(s, ac, b)), s6),
+        E::vmul(s, E::vsub(s, zero, E::vsub(s, ac, b)), s6),
+        E::vadd(s, e, b12),
+        E::vsub(s, e, b12),
+        c,
+    ]
+}
+
+/// [`weight_tile`] on registers whose lanes are independent filters.
+#[inline(always)]
+pub(crate) fn weight_tile_v<E: Elem, S: Simd>(s: S, g: &[E::V<S>; 9]) -> [E::V<S>; POS] {
+    let zero = E::splat(s, E::zero());
+    let mut t = [zero; 18];
+    for c in 0..3 {
+        let col = g3v::<E, S>(s, g[c], g[3 + c], g[6 + c]);
+        for r in 0..6 {
+            t[r * 3 + c] = col[r];
+        }
+    }
+    let mut out = [zero; POS];
+    for r in 0..6 {
+        out[r * 6..r * 6 + 6].copy_from_slice(&g3v::<E, S>(
+            s,
+            t[r * 3],
+            t[r * 3 + 1],
+            t[r * 3 + 2],
+        ));
+    }
+    out
+}
