@@ -99,17 +99,20 @@ impl CpuBackend {
     ///
     /// | level (N*H*W) | fwd | dX | dW |
     /// |---|---|---|---|
-    /// | P3 (33600) | 222 / 91 | 221 / 90 | 219 / 102 |
-    /// | P4 (8400) | 56 / 30 | 57 / 31 | 55 / 29 |
-    /// | P5 (2100) | 14.8 / 13.6 | 15.4 / 13.3 | 14.7 / 10.4 |
-    /// | P6 (546) | 5.0 / 9.6 | 5.3 / 9.4 | 4.7 / 5.8 |
-    /// | P7 (154) | 1.4 / 7.5 | 1.8 / 7.3 | 2.1 / 4.6 |
-    /// | P5, channel mask 0.65 | 6.9 / 5.7 | 7.7 / 7.2 | 7.0 / 10.7 |
-    /// | P3, channel mask 0.65 | 96 / 38 | 100 / 45 | 94 / 99 |
-    /// | P5, spatial blob 0.65 | 6.2 / 7.6 | 6.2 / 7.9 | 8.2 / 6.6 |
+    /// | P3 (33600) | 225 / 88 | 225 / 86 | 223 / 96 |
+    /// | P4 (8400) | 58 / 29 | 58 / 28 | 56 / 28 |
+    /// | P5 (2100) | 14.8 / 12.1 | 15.1 / 11.9 | 14.4 / 10.3 |
+    /// | P6 (546) | 4.9 / 7.8 | 5.2 / 7.5 | 4.9 / 5.9 |
+    /// | P7 (154) | 1.4 / 5.2 | 1.5 / 5.4 | 2.0 / 4.5 |
+    /// | P3, channel mask 0.65 | 96 / 40 | 108 / 46 | 95 / 96 |
+    /// | P5, channel mask 0.65 | 7.1 / 5.8 | 7.7 / 5.9 | 6.5 / 10.7 |
+    /// | P6, channel mask 0.65 | 2.5 / 3.5 | 2.6 / 3.5 | 2.5 / 5.8 |
+    /// | P4, spatial blob 0.65 | 23.5 / 14.6 | 23.3 / 13.2 | 24.7 / 12.9 |
+    /// | P5, spatial blob 0.65 | 6.3 / 6.9 | 6.7 / 6.3 | 7.0 / 6.9 |
     ///
-    /// Winograd has a fixed cost per call (the weight transform, ~3-6 ms at
-    /// 256 x 256, and too few tiles to spread over threads), so small
+    /// Winograd has a fixed cost per call (transforming and packing the
+    /// 36 x 256 x 256 weights, ~2-3 ms, and too few tiles to spread over
+    /// threads), so small
     /// levels stay direct: Winograd from `MIN_POSITIONS` output positions
     /// (forward, input gradient; twice that under a spatial mask, whose
     /// masked tiles the direct conv skips at a finer grain) and half of it
