@@ -104,9 +104,9 @@ impl CpuBackend {
     /// | P5 (2100) | 14.8 / 12.1 | 15.1 / 11.9 | 14.4 / 10.3 |
     /// | P6 (546) | 4.9 / 7.8 | 5.2 / 7.5 | 4.9 / 5.9 |
     /// | P7 (154) | 1.4 / 5.2 | 1.5 / 5.4 | 2.0 / 4.5 |
-    /// | P3, channel mask 0.65 | 96 / 40 | 108 / 46 | 95 / 96 |
-    /// | P5, channel mask 0.65 | 7.1 / 5.8 | 7.7 / 5.9 | 6.5 / 10.7 |
-    /// | P6, channel mask 0.65 | 2.5 / 3.5 | 2.6 / 3.5 | 2.5 / 5.8 |
+    /// | P3, channel mask 0.65 | 96 / 40 | 108 / 46 | 92 / 40 |
+    /// | P5, channel mask 0.65 | 7.1 / 5.8 | 7.7 / 5.9 | 6.5 / 5.1 |
+    /// | P6, channel mask 0.65 | 2.5 / 3.5 | 2.6 / 3.5 | 2.6 / 3.4 |
     /// | P4, spatial blob 0.65 | 23.5 / 14.6 | 23.3 / 13.2 | 24.7 / 12.9 |
     /// | P5, spatial blob 0.65 | 6.3 / 6.9 | 6.7 / 6.3 | 7.0 / 6.9 |
     ///
@@ -116,9 +116,7 @@ impl CpuBackend {
     /// levels stay direct: Winograd from `MIN_POSITIONS` output positions
     /// (forward, input gradient; twice that under a spatial mask, whose
     /// masked tiles the direct conv skips at a finer grain) and half of it
-    /// for the weight gradient. Under a channel mask with zeros the weight
-    /// gradient stays direct (it skips masked channels, Winograd's does
-    /// not). Channels below 16 stay direct (little work, thin GEMMs). f64
+    /// for the weight gradient. Channels below 16 stay direct (little work, thin GEMMs). f64
     /// is the accuracy path (golden tests at 1e-10 against PyTorch): always
     /// direct.
     fn winograd_for<E: simd::Elem>(&self, args: &ConvArgs<E>, pass: Pass) -> bool {
@@ -136,15 +134,14 @@ impl CpuBackend {
                     return false;
                 }
                 let positions = g.n * g.h * g.w;
-                let (spatial, channel_sparse) = match &args.mask {
-                    Some(InputMask::Spatial(m)) => (m.as_slice().contains(&E::zero()), false),
-                    Some(InputMask::Channel(m)) => (false, m.as_slice().contains(&E::zero())),
-                    None => (false, false),
+                let spatial = match &args.mask {
+                    Some(InputMask::Spatial(m)) => m.as_slice().contains(&E::zero()),
+                    _ => false,
                 };
                 match pass {
                     Pass::Forward | Pass::Input if spatial => positions >= 2 * MIN_POSITIONS,
                     Pass::Forward | Pass::Input => positions >= MIN_POSITIONS,
-                    Pass::Weight => !channel_sparse && positions >= MIN_POSITIONS / 2,
+                    Pass::Weight => positions >= MIN_POSITIONS / 2,
                 }
             }
         }

@@ -21,111 +21,182 @@ fn tiles_per_block<E>() -> usize {
 }
 
 /// `dw[co][ci][ky][kx]` of a 3x3 / stride 1 / pad 1 convolution.
+///
+/// Under a channel mask with exact zeros, each image's masked channels
+/// add nothing: the sums then run per image over its kept channels only
+/// (a compact B), and the images' partial gradients are added in image
+/// order (a fixed order, whatever the thread count).
 pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs<E>) -> Vec<E> {
     let g = &args.geom;
-    let (n, c, m, h, w) = (g.n, g.c_in, g.c_out, g.h, g.w);
-    let hw = h * w;
-    let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
-    let nr = nr_for::<E>();
-    let ctiles = c.div_ceil(nr);
-    let panels = m.div_ceil(MR);
-    let tile_len = MR * nr;
-    // Every tile of every image in (img, ty, tx) order; under a spatial
-    // mask with zeros, a tile whose input window is all masked adds only
-    // zeros and is left out (the others keep their order).
-    let smask = match &args.mask {
-        Some(InputMask::Spatial(ms)) if ms.as_slice().contains(&E::zero()) => Some(ms.as_slice()),
-        _ => None,
-    };
-    let mut tiles = Vec::with_capacity(n * th * tw);
-    for img in 0..n {
-        for ty in 0..th {
-            for tx in 0..tw {
-                if !smask.is_some_and(|ms| window_is_zero(&ms[img * hw..][..hw], h, w, ty, tx)) {
-                    tiles.push((img, ty, tx));
+    let (n, c, m) = (g.n, g.c_in, g.c_out);
+    let mut dw = pool::take::<E>(m * c * 9);
+    match &args.mask {
+        Some(InputMask::Channel(ms)) if ms.as_slice().contains(&E::zero()) => {
+            dw.fill(E::zero());
+            for img in 0..n {
+                let cols: Vec<usize> = (0..c)
+                    .filter(|&ci| ms.as_slice()[img * c + ci] != E::zero())
+                    .collect();
+                if cols.is_empty() {
+                    continue;
+                }
+                let part = Sums::new(dy, x, args, img..img + 1, &cols);
+                dw.par_chunks_mut(c * 9).enumerate().for_each(|(co, row)| {
+                    for (k, &ci) in cols.iter().enumerate() {
+                        let d = part.weight_grad(co, k);
+                        for (o, v) in row[ci * 9..ci * 9 + 9].iter_mut().zip(d) {
+                            *o += v;
+                        }
+                    }
+                });
+            }
+        }
+        _ => {
+            let cols: Vec<usize> = (0..c).collect();
+            let all = Sums::new(dy, x, args, 0..n, &cols);
+            dw.par_chunks_mut(c * 9).enumerate().for_each(|(co, row)| {
+                for ci in 0..c {
+                    row[ci * 9..ci * 9 + 9].copy_from_slice(&all.weight_grad(co, ci));
+                }
+            });
+        }
+    }
+    dw
+}
+
+/// The 36 transformed-domain sums `sum_tiles (A dY A^T)[co] (.) (B^T x
+/// B)[cols[k]]` over the tiles of some images.
+struct Sums<E: Elem> {
+    /// `[pos][panel (pstride)][ctile][MR][NR]`
+    c: Scratch<E>,
+    pstride: usize,
+    ctiles: usize,
+    nr: usize,
+}
+
+impl<E: Elem> Sums<E> {
+    /// `G^T D G` of output channel `co`, column `k`.
+    fn weight_grad(&self, co: usize, k: usize) -> [E; 9] {
+        let tile_len = MR * self.nr;
+        let c = self.c.as_slice();
+        let d: [E; POS] = std::array::from_fn(|pos| {
+            c[((pos * self.pstride + co / MR) * self.ctiles + k / self.nr) * tile_len
+                + (co % MR) * self.nr
+                + k % self.nr]
+        });
+        weight_grad_tile(&d)
+    }
+
+    fn new(
+        dy: &[E],
+        x: &[E],
+        args: &ConvArgs<E>,
+        imgs: std::ops::Range<usize>,
+        cols: &[usize],
+    ) -> Self {
+        let g = &args.geom;
+        let (m, h, w) = (g.c_out, g.h, g.w);
+        let hw = h * w;
+        let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
+        let nr = nr_for::<E>();
+        let ctiles = cols.len().div_ceil(nr);
+        let panels = m.div_ceil(MR);
+        let tile_len = MR * nr;
+        // Every tile of these images in (img, ty, tx) order; under a spatial
+        // mask with zeros, a tile whose input window is all masked adds only
+        // zeros and is left out (the others keep their order).
+        let smask = match &args.mask {
+            Some(InputMask::Spatial(ms)) if ms.as_slice().contains(&E::zero()) => {
+                Some(ms.as_slice())
+            }
+            _ => None,
+        };
+        let mut tiles = Vec::with_capacity(imgs.len() * th * tw);
+        for img in imgs {
+            for ty in 0..th {
+                for tx in 0..tw {
+                    if !smask.is_some_and(|ms| window_is_zero(&ms[img * hw..][..hw], h, w, ty, tx))
+                    {
+                        tiles.push((img, ty, tx));
+                    }
                 }
             }
         }
-    }
-    let tb = tiles_per_block::<E>();
-    let threads = rayon::current_num_threads();
-    // GEMM tasks: (position, run of panels), at least 4 per thread; the
-    // split never changes a bit (threads split outputs, not the reduction).
-    let splits = (4 * threads).div_ceil(POS).clamp(1, panels.max(1));
-    let per = panels.div_ceil(splits).max(1);
-    // Panels per position as laid out (a few unused ones at the end).
-    let pstride = per * splits;
-    // The accumulated products, `[pos][panel][ctile][MR][NR]`; zeros for
-    // an empty tile list.
-    let mut cbuf = Scratch::<E>::new(POS * pstride * ctiles * tile_len);
-    let ct = cbuf.as_mut_slice();
-    if tiles.is_empty() {
-        ct.fill(E::zero());
-    }
-    // B: transformed inputs `[ctile][pos][tile][NR]` (lanes are channels);
-    // A: transformed output gradients `[co][pos][tile]` (lanes are tiles).
-    let mut vbuf = Scratch::<E>::new(ctiles * POS * tb * nr);
-    let mut wbuf = Scratch::<E>::new(m * POS * tb);
-    let arch = Arch::new();
-    for (bi, bt) in tiles.chunks(tb).enumerate() {
-        let vt = vbuf.as_mut_slice();
-        let wt = wbuf.as_mut_slice();
-        vt.par_chunks_mut(POS * tb * nr)
-            .enumerate()
-            .for_each(|(cti, out)| {
-                arch.dispatch(XTransform {
-                    x,
-                    args,
-                    tiles: bt,
-                    tb,
-                    c0: cti * nr,
-                    out,
-                })
-            });
-        wt.par_chunks_mut(POS * tb)
-            .enumerate()
-            .for_each(|(co, out)| {
-                arch.dispatch(DyTransform {
-                    dy,
-                    args,
-                    tiles: bt,
-                    tb,
-                    co,
-                    out,
-                })
-            });
-        let (vt, wt) = (&*vt, &*wt);
-        ct.par_chunks_mut(per * ctiles * tile_len)
-            .enumerate()
-            .for_each(|(task, cout)| {
-                let (pos, p0) = (task / splits, (task % splits) * per);
-                arch.dispatch(DwGemm {
-                    vt,
-                    wt,
-                    k: bt.len(),
-                    tb,
-                    m,
-                    ctiles,
-                    pos,
-                    p0,
-                    first: bi == 0,
-                    c: cout,
-                })
-            });
-    }
-    let mut dw = pool::take::<E>(m * c * 9);
-    let ct = &*ct;
-    dw.par_chunks_mut(c * 9).enumerate().for_each(|(co, row)| {
-        for ci in 0..c {
-            let d: [E; POS] = std::array::from_fn(|pos| {
-                ct[((pos * pstride + co / MR) * ctiles + ci / nr) * tile_len
-                    + (co % MR) * nr
-                    + ci % nr]
-            });
-            row[ci * 9..ci * 9 + 9].copy_from_slice(&weight_grad_tile(&d));
+        let tb = tiles_per_block::<E>();
+        let threads = rayon::current_num_threads();
+        // GEMM tasks: (position, run of panels), at least 4 per thread; the
+        // split never changes a bit (threads split outputs, not the reduction).
+        let splits = (4 * threads).div_ceil(POS).clamp(1, panels.max(1));
+        let per = panels.div_ceil(splits).max(1);
+        // Panels per position as laid out (a few unused ones at the end).
+        let pstride = per * splits;
+        // The accumulated products, `[pos][panel][ctile][MR][NR]`; zeros for
+        // an empty tile list.
+        let mut cbuf = Scratch::<E>::new(POS * pstride * ctiles * tile_len);
+        let ct = cbuf.as_mut_slice();
+        if tiles.is_empty() {
+            ct.fill(E::zero());
         }
-    });
-    dw
+        // B: transformed inputs `[ctile][pos][tile][NR]` (lanes are channels);
+        // A: transformed output gradients `[co][pos][tile]` (lanes are tiles).
+        let mut vbuf = Scratch::<E>::new(ctiles * POS * tb * nr);
+        let mut wbuf = Scratch::<E>::new(m * POS * tb);
+        let arch = Arch::new();
+        for (bi, bt) in tiles.chunks(tb).enumerate() {
+            let vt = vbuf.as_mut_slice();
+            let wt = wbuf.as_mut_slice();
+            vt.par_chunks_mut(POS * tb * nr)
+                .enumerate()
+                .for_each(|(cti, out)| {
+                    arch.dispatch(XTransform {
+                        x,
+                        args,
+                        tiles: bt,
+                        tb,
+                        cols: &cols[(cti * nr).min(cols.len())..],
+                        out,
+                    })
+                });
+            wt.par_chunks_mut(POS * tb)
+                .enumerate()
+                .for_each(|(co, out)| {
+                    arch.dispatch(DyTransform {
+                        dy,
+                        args,
+                        tiles: bt,
+                        tb,
+                        co,
+                        out,
+                    })
+                });
+            let (vt, wt) = (&*vt, &*wt);
+            ct.par_chunks_mut(per * ctiles * tile_len)
+                .enumerate()
+                .for_each(|(task, cout)| {
+                    let (pos, p0) = (task / splits, (task % splits) * per);
+                    arch.dispatch(DwGemm {
+                        vt,
+                        wt,
+                        k: bt.len(),
+                        tb,
+                        m,
+                        ctiles,
+                        pos,
+                        p0,
+                        first: bi == 0,
+                        c: cout,
+                    })
+                });
+        }
+        drop(vbuf);
+        drop(wbuf);
+        Sums {
+            c: cbuf,
+            pstride,
+            ctiles,
+            nr,
+        }
+    }
 }
 
 /// Transformed inputs of one block for channels `c0 .. c0 + NR`.
@@ -134,7 +205,8 @@ struct XTransform<'a, 'b, E: Elem> {
     args: &'a ConvArgs<E>,
     tiles: &'a [(usize, usize, usize)],
     tb: usize,
-    c0: usize,
+    /// The channels from this task's first lane on (the first NR are its lanes).
+    cols: &'a [usize],
     out: &'b mut [E],
 }
 
@@ -147,7 +219,7 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
             args,
             tiles,
             tb,
-            c0,
+            cols,
             out,
         } = self;
         let g = &args.geom;
@@ -161,7 +233,7 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
             Some(InputMask::Channel(m)) => Some(m.as_slice()),
             _ => None,
         };
-        let lanes = nr.min(c.saturating_sub(c0));
+        let lanes = nr.min(cols.len());
         if lanes < nr {
             for i in 0..POS {
                 d[i * nr + lanes..(i + 1) * nr].fill(E::zero());
@@ -174,7 +246,7 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
             };
             let interior = ms.is_none() && ty > 0 && tx > 0 && 4 * ty + 5 <= h && 4 * tx + 5 <= w;
             for j in 0..lanes {
-                let plane = &x[(img * c + c0 + j) * hw..][..hw];
+                let plane = &x[(img * c + cols[j]) * hw..][..hw];
                 if interior {
                     // The whole window inside the plane: a tight copy.
                     let src = &plane[(4 * ty - 1) * w + 4 * tx - 1..][..5 * w + 6];
@@ -195,7 +267,7 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
             let mut scale = [E::one(); 32];
             if let Some(cm) = cmask {
                 for (j, s) in scale[..lanes].iter_mut().enumerate() {
-                    *s = cm[img * c + c0 + j];
+                    *s = cm[img * c + cols[j]];
                 }
             }
             for hv in (0..nr).step_by(l) {

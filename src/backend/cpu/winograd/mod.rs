@@ -26,7 +26,10 @@
 //! 256 tiles (f32; 1 KiB of each A row), accumulated in C in block order.
 //! There the input transform's lanes are channels (B is `[tile][NR
 //! channels]`, the kernel's packed layout) and the output gradient's are
-//! tiles (A rows, read in place).
+//! tiles (A rows, read in place). Under a channel mask with zeros the sums
+//! run per image over its kept channels only and the images' gradients
+//! are added in image order; under a spatial mask, tiles whose input
+//! window is all masked are left out of the sums.
 //!
 //! Memory: nothing is materialised per level beyond the output; the
 //! forward holds two blocks of transformed data per task (2 x 2.4 MB at
@@ -41,6 +44,8 @@
 //! fixed order: block b's chains resume from the sums of blocks 0..b in
 //! C, and threads split positions and row panels (outputs), never the
 //! reduction. Tile lists and blocks depend on the shape and mask only.
+//! The weight transforms are per (row, column) pair, independent of the
+//! split.
 //!
 //! Accuracy (tests/winograd.rs prints them): see the `Auto` rule in
 //! `super::ConvAlgo`.
@@ -128,6 +133,10 @@ impl<E: crate::tensor::Float> Scratch<E> {
 
     pub fn as_mut_slice(&mut self) -> &mut [E] {
         &mut self.buf[self.off..self.off + self.len]
+    }
+
+    pub fn as_slice(&self) -> &[E] {
+        &self.buf[self.off..self.off + self.len]
     }
 }
 
