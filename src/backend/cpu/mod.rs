@@ -112,13 +112,16 @@ impl CpuBackend {
     ///
     /// Winograd has a fixed cost per call (transforming and packing the
     /// 36 x 256 x 256 weights, ~2-3 ms, and too few tiles to spread over
-    /// threads), so small
-    /// levels stay direct: Winograd from `MIN_POSITIONS` output positions
-    /// (forward, input gradient; twice that under a spatial mask, whose
-    /// masked tiles the direct conv skips at a finer grain) and half of it
-    /// for the weight gradient. Channels below 16 stay direct (little work, thin GEMMs). f64
-    /// is the accuracy path (golden tests at 1e-10 against PyTorch): always
-    /// direct.
+    /// threads), so small levels stay direct: Winograd from
+    /// `MIN_POSITIONS` output positions for the forward pass and the input
+    /// gradient, from half of it for the weight gradient. Masks do not
+    /// change the rule: both algorithms skip masked channels, and under a
+    /// spatial mask the blob above (the direct conv's best case, whole
+    /// rows masked) is about even at P5, while on the loss's own attention
+    /// masks at P5 the direct conv skipped little (11.8 ms against 10.4 ms
+    /// by Winograd). Channels below 16 stay direct (little work, thin
+    /// GEMMs). f64 is the accuracy path (golden tests at 1e-10 against
+    /// PyTorch): always direct.
     fn winograd_for<E: simd::Elem>(&self, args: &ConvArgs<E>, pass: Pass) -> bool {
         /// Output positions (N*H*W) from which Winograd wins.
         const MIN_POSITIONS: usize = 2048;
@@ -134,12 +137,7 @@ impl CpuBackend {
                     return false;
                 }
                 let positions = g.n * g.h * g.w;
-                let spatial = match &args.mask {
-                    Some(InputMask::Spatial(m)) => m.as_slice().contains(&E::zero()),
-                    _ => false,
-                };
                 match pass {
-                    Pass::Forward | Pass::Input if spatial => positions >= 2 * MIN_POSITIONS,
                     Pass::Forward | Pass::Input => positions >= MIN_POSITIONS,
                     Pass::Weight => positions >= MIN_POSITIONS / 2,
                 }

@@ -13,12 +13,14 @@ use crate::backend::cpu::kernel::{ColBlock, MR, nr, run_packed_tile, split_colum
 use crate::backend::cpu::simd::Elem;
 use crate::pool;
 
-/// Register groups (NR tiles each) per block: the block's transformed
-/// input, `36 x K x G*NR`, and its products, `36 x M x G*NR`, are 2.4 MB
-/// each at K = M = 256 in f32 (L3), while the GEMM of one position reads
-/// its packed weights (256 KiB) from L2 G times and each B tile from L1
-/// once per 6-row panel.
-const GROUPS: usize = 8;
+/// Register groups (NR tiles each) per block. The block's transformed
+/// input, `36 x K x G*NR`, and its products, `36 x M x G*NR`, are 1.2 MB
+/// each at K = M = 256 in f32 for G = 2, so two threads' blocks and the
+/// packed weights (9.4 MB) stay in L3 (32 MB); each GEMM reads its B tile
+/// from L1 once per 6-row panel and the position's weights (256 KiB) from
+/// L2. Measured at P3 (fwd, 2 threads): G = 1: 95 ms, 2: 81-84, 4: 90,
+/// 8: 93 (P4/P5 within noise).
+const GROUPS: usize = 2;
 
 /// A multiplier applied to the source while it is gathered.
 #[derive(Clone, Copy)]
