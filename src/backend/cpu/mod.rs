@@ -7,6 +7,9 @@
 //! - [`pack`]: padding/masking the input, packing A panels and B tiles;
 //! - [`conv_fwd`]: implicit-GEMM convolution (forward, and the input gradient);
 //! - [`conv_bwd`]: input, weight and bias gradients;
+//! - [`winograd`]: Winograd F(4x4, 3x3) for the 3x3 / stride 1 / pad 1
+//!   convs (forward, input and weight gradients), picked per conv and pass
+//!   by [`ConvAlgo`] (see `CpuBackend::winograd_for`);
 //! - [`elementwise`], [`reduce`]: the bandwidth-bound rest;
 //! - [`peak`]: the FMA peak probe.
 //!
@@ -18,7 +21,8 @@
 //! it): masked channels leave the forward's reduction, the input
 //! gradient's rows and the weight gradient's row panels; spatially masked
 //! regions skip output tiles (forward, input gradient) and k-blocks (weight
-//! gradient). Skipped work would only have added exact zeros, so results
+//! gradient). Winograd does the same per 4x4 tile and per image's kept
+//! channels (see its module doc). Skipped work would only have added exact zeros, so results
 //! equal the dense path's but for the sign of a zero (or a NaN that a
 //! skipped `0 * inf` would have made).
 

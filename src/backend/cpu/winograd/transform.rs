@@ -317,3 +317,85 @@ pub(crate) fn weight_tile_v<E: Elem, S: Simd>(s: S, g: &[E::V<S>; 9]) -> [E::V<S
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pulp::{Arch, WithSimd};
+
+    /// One tile through the vector transforms, lane 0 of each register,
+    /// against the 3x3 correlation it must equal (f64, exact to rounding).
+    struct OneTile {
+        d: [f64; POS],
+        g: [f64; 9],
+        dy: [f64; 16],
+    }
+
+    impl WithSimd for OneTile {
+        type Output = ([f64; 16], [f64; 9], bool);
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, s: S) -> Self::Output {
+            let l = f64::lanes::<S>();
+            let lane0 = |v: <f64 as Elem>::V<S>| {
+                let mut out = [0.0f64; 16];
+                f64::store(s, &mut out[..l], v);
+                out[0]
+            };
+            let dv: [_; POS] = std::array::from_fn(|i| f64::splat(s, self.d[i]));
+            let u = weight_tile(&self.g);
+            let v = input_tile::<f64, S>(s, &dv);
+            let m: [_; POS] = std::array::from_fn(|i| f64::vmul(s, v[i], f64::splat(s, u[i])));
+            let y = output_tile::<f64, S>(s, &m).map(lane0);
+            // Weight gradient of this one tile: G^T ((A dy A^T) (.) V) G.
+            let gv: [_; 16] = std::array::from_fn(|i| f64::splat(s, self.dy[i]));
+            let wt = grad_tile::<f64, S>(s, &gv);
+            let dd: [f64; POS] = std::array::from_fn(|i| lane0(f64::vmul(s, wt[i], v[i])));
+            let dw = weight_grad_tile(&dd);
+            // The vector weight transform gives the scalar one's bits.
+            let gvv: [_; 9] = std::array::from_fn(|t| f64::splat(s, self.g[t]));
+            let same = weight_tile_v::<f64, S>(s, &gvv)
+                .iter()
+                .zip(&u)
+                .all(|(&a, &b)| lane0(a).to_bits() == b.to_bits());
+            (y, dw, same)
+        }
+    }
+
+    #[test]
+    fn one_tile_equals_the_correlation() {
+        let d: [f64; POS] = std::array::from_fn(|i| ((i * 37 % 11) as f64 - 5.0) / 4.0);
+        let g: [f64; 9] = std::array::from_fn(|i| ((i * 5 % 7) as f64 - 3.0) / 8.0);
+        let dy: [f64; 16] = std::array::from_fn(|i| ((i * 3 % 5) as f64 - 2.0) / 2.0);
+        for arch in [Arch::new(), Arch::Scalar] {
+            let (y, dw, same) = arch.dispatch(OneTile { d, g, dy });
+            assert!(same, "vector and scalar weight transforms differ");
+            for oy in 0..4 {
+                for ox in 0..4 {
+                    let mut want = 0.0;
+                    for ky in 0..3 {
+                        for kx in 0..3 {
+                            want += d[(oy + ky) * 6 + ox + kx] * g[ky * 3 + kx];
+                        }
+                    }
+                    let got = y[oy * 4 + ox];
+                    assert!((got - want).abs() <= 1e-13, "y[{oy}][{ox}] {got} vs {want}");
+                }
+            }
+            for ky in 0..3 {
+                for kx in 0..3 {
+                    let mut want = 0.0;
+                    for oy in 0..4 {
+                        for ox in 0..4 {
+                            want += dy[oy * 4 + ox] * d[(oy + ky) * 6 + ox + kx];
+                        }
+                    }
+                    let got = dw[ky * 3 + kx];
+                    assert!(
+                        (got - want).abs() <= 1e-13,
+                        "dw[{ky}][{kx}] {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
