@@ -383,3 +383,45 @@ impl<T: Float> Backend<T> for CpuBackend {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::ConvGeometry;
+
+    fn args<E: Float>(n: usize, c: usize, h: usize, w: usize, k: usize, s: usize) -> ConvArgs<E> {
+        ConvArgs {
+            geom: ConvGeometry::new(&[n, c, h, w], &[c, c, k, k], [s, s], [k / 2, k / 2]).unwrap(),
+            mask: None,
+            relu: false,
+        }
+    }
+
+    #[test]
+    fn conv_algo_picks_winograd_where_the_rule_says() {
+        let (direct, wino, auto) = (
+            CpuBackend::new(ConvAlgo::Direct),
+            CpuBackend::new(ConvAlgo::Winograd),
+            CpuBackend::new(ConvAlgo::Auto),
+        );
+        let p3 = args::<f32>(2, 256, 100, 168, 3, 1);
+        let p7 = args::<f32>(2, 256, 7, 11, 3, 1);
+        let p6 = args::<f32>(2, 256, 13, 21, 3, 1);
+        let f64_p3 = args::<f64>(2, 256, 100, 168, 3, 1);
+        let one = args::<f32>(2, 256, 100, 168, 1, 1);
+        let strided = args::<f32>(2, 256, 100, 168, 3, 2);
+        let thin = args::<f32>(2, 8, 100, 168, 3, 1);
+        for pass in [Pass::Forward, Pass::Input, Pass::Weight] {
+            assert!(!direct.winograd_for(&p3, pass));
+            assert!(wino.winograd_for(&p3, pass) && wino.winograd_for(&p7, pass));
+            assert!(wino.winograd_for(&f64_p3, pass));
+            assert!(!wino.winograd_for(&one, pass) && !wino.winograd_for(&strided, pass));
+            assert!(auto.winograd_for(&p3, pass));
+            assert!(!auto.winograd_for(&p7, pass) && !auto.winograd_for(&p6, pass));
+            assert!(!auto.winograd_for(&f64_p3, pass) && !auto.winograd_for(&thin, pass));
+        }
+        // P5 (N*H*W = 2100): Winograd for all three passes.
+        let p5 = args::<f32>(2, 256, 25, 42, 3, 1);
+        assert!(auto.winograd_for(&p5, Pass::Forward) && auto.winograd_for(&p5, Pass::Weight));
+    }
+}
