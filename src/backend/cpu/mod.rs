@@ -7,7 +7,7 @@
 //! - [`pack`]: padding/masking the input, packing A panels and B tiles;
 //! - [`conv_fwd`]: implicit-GEMM convolution (forward, and the input gradient);
 //! - [`conv_bwd`]: input, weight and bias gradients;
-//! - [`winograd`]: Winograd F(4x4, 3x3) for the 3x3 / stride 1 / pad 1
+//! - `winograd`: Winograd F(4x4, 3x3) for the 3x3 / stride 1 / pad 1
 //!   convs (forward, input and weight gradients), picked per conv and pass
 //!   by [`ConvAlgo`] (see `CpuBackend::winograd_for`);
 //! - [`elementwise`], [`reduce`]: the bandwidth-bound rest;
