@@ -1,6 +1,7 @@
 //! conv3x3 256->256, N = 2, at the retinanet FPN levels (f32).
 //!
-//! - `cpu/{fwd,dx,dw}/P3..P7`: the CPU backend's three kernels;
+//! - `cpu/{fwd,dx,dw}/P3..P7`: the CPU backend's three kernels (direct);
+//! - `wino/{fwd,dx,dw}/P3..P7`: the same by Winograd F(4x4, 3x3);
 //! - `mm_im2col/fwd/P4,P5`: the baseline, im2col + `matrixmultiply::sgemm`
 //!   (its own thread pool, `MATMUL_NUM_THREADS`, default = cores up to 4);
 //! - `reference/{fwd,dx,dw}/P6,P7`: the plain loops (slow: small levels only).
@@ -116,6 +117,7 @@ fn mm_im2col_forward(p: &Problem) -> Vec<f32> {
 
 fn bench(c: &mut Criterion) {
     let cpu = CpuBackend::new(ConvAlgo::Direct);
+    let wino = CpuBackend::new(ConvAlgo::Winograd);
     let reference = ReferenceBackend;
     for &(name, h, w) in &LEVELS {
         let p = problem(h, w);
@@ -133,6 +135,15 @@ fn bench(c: &mut Criterion) {
         });
         g.bench_function(BenchmarkId::new("cpu/dw", name), |bch| {
             bch.iter(|| cpu.conv2d_backward_weight(&p.dy, &p.x, &p.args).unwrap())
+        });
+        g.bench_function(BenchmarkId::new("wino/fwd", name), |bch| {
+            bch.iter(|| wino.conv2d(&p.x, &p.w, Some(&p.b), &p.args).unwrap())
+        });
+        g.bench_function(BenchmarkId::new("wino/dx", name), |bch| {
+            bch.iter(|| wino.conv2d_backward_input(&p.dy, &p.w, &p.args).unwrap())
+        });
+        g.bench_function(BenchmarkId::new("wino/dw", name), |bch| {
+            bch.iter(|| wino.conv2d_backward_weight(&p.dy, &p.x, &p.args).unwrap())
         });
         if name == "P4" || name == "P5" {
             g.bench_function(BenchmarkId::new("mm_im2col/fwd", name), |bch| {

@@ -7,7 +7,8 @@
 //! (default 5) after one warm-up; use the thread count of
 //! `RAYON_NUM_THREADS` (default: all cores). `DMKD_CHMASK=0.65` times the
 //! convs under a channel mask, `DMKD_SPMASK=0.65` under a spatial one
-//! (GFLOP/s then count the dense work).
+//! (GFLOP/s then count the dense work). `DMKD_ALGO=winograd` (or `auto`)
+//! picks the conv algorithm (default `direct`).
 
 use std::time::Instant;
 
@@ -121,7 +122,15 @@ type Row = (&'static str, f64, [(f64, bool); 3]);
 
 /// Median seconds of (fwd, dX, dW) per level.
 fn run<T: Float>(reps: usize, levels: &[&str]) -> Vec<Row> {
-    let be = CpuBackend::new(ConvAlgo::Direct);
+    // DMKD_ALGO=direct|winograd|auto (default direct).
+    let algo = std::env::var("DMKD_ALGO")
+        .ok()
+        .map(|a| {
+            a.parse::<ConvAlgo>()
+                .expect("DMKD_ALGO: direct, winograd or auto")
+        })
+        .unwrap_or(ConvAlgo::Direct);
+    let be = CpuBackend::new(algo);
     let (n, c) = (2, 256);
     let mut out = Vec::new();
     for &(name, h, w) in LEVELS.iter().filter(|l| levels.contains(&l.0)) {

@@ -26,6 +26,7 @@ fn fill<T: Float>(shape: &[usize], seed: u64) -> Tensor<T> {
 /// The bits of every output of every kernel, in a fixed order.
 fn all_outputs<T: Float>() -> Vec<Vec<u64>> {
     let be = CpuBackend::new(ConvAlgo::Direct);
+    let wino = CpuBackend::new(ConvAlgo::Winograd);
     let bits = |t: Tensor<T>| t.as_slice().iter().map(|v| v.as_f64().to_bits()).collect();
     let mut out: Vec<Vec<u64>> = Vec::new();
 
@@ -66,6 +67,33 @@ fn all_outputs<T: Float>() -> Vec<Vec<u64>> {
         out.push(bits(be.conv2d(&xin, &wt, Some(&b), &args).unwrap()));
         out.push(bits(be.conv2d_backward_input(&dy, &wt, &args).unwrap()));
         out.push(bits(be.conv2d_backward_weight(&dy, &xin, &args).unwrap()));
+        // Winograd (3x3 cases; the 1x1 one runs direct): its tile-row
+        // tasks depend on the thread count.
+        out.push(bits(wino.conv2d(&xin, &wt, Some(&b), &args).unwrap()));
+        out.push(bits(wino.conv2d_backward_input(&dy, &wt, &args).unwrap()));
+        out.push(bits(wino.conv2d_backward_weight(&dy, &xin, &args).unwrap()));
+    }
+    // Winograd's weight gradient over several 256-tile blocks (2 x 10 x 18
+    // tiles), with a spatial mask that drops some tiles.
+    {
+        let (h2, w2) = (40, 72);
+        let x2 = fill::<T>(&[n, c, h2, w2], 8);
+        let dy2 = fill::<T>(&[n, c, h2, w2], 9);
+        let wt = fill::<T>(&[c, c, 3, 3], 10);
+        let geom = ConvGeometry::new(x2.shape(), wt.shape(), [1, 1], [1, 1]).unwrap();
+        let blob = Tensor::from_fn(&[n, h2, w2], |i| {
+            T::from_f64(((i % (h2 * w2)) / w2 >= 17) as u8 as f64)
+        })
+        .unwrap();
+        for mask in [None, Some(InputMask::Spatial(blob))] {
+            let args = ConvArgs {
+                geom,
+                mask,
+                relu: false,
+            };
+            out.push(bits(wino.conv2d(&x2, &wt, None, &args).unwrap()));
+            out.push(bits(wino.conv2d_backward_weight(&dy2, &x2, &args).unwrap()));
+        }
     }
     out.push(bits(be.conv2d_backward_bias(&dy).unwrap()));
 

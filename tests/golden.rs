@@ -178,6 +178,13 @@ fn every_fixture_matches_on_every_host_backend() {
                     &file,
                     Arc::new(CpuBackend::new(ConvAlgo::Auto)),
                 ));
+                // Winograd (Auto keeps these small convs direct): the same
+                // tolerances hold unchanged.
+                failures.extend(check_fixture::<f64>(
+                    path,
+                    &file,
+                    Arc::new(CpuBackend::new(ConvAlgo::Winograd)),
+                ));
             }
             "f32" => {
                 failures.extend(check_fixture::<f32>(
@@ -194,6 +201,13 @@ fn every_fixture_matches_on_every_host_backend() {
                     path,
                     &file,
                     Arc::new(CpuBackend::new(ConvAlgo::Auto)),
+                ));
+                // Winograd (Auto keeps these small convs direct): the same
+                // tolerances hold unchanged.
+                failures.extend(check_fixture::<f32>(
+                    path,
+                    &file,
+                    Arc::new(CpuBackend::new(ConvAlgo::Winograd)),
                 ));
             }
             other => panic!("{}: unknown dtype {other}", path.display()),

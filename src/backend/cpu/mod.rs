@@ -7,6 +7,9 @@
 //! - [`pack`]: padding/masking the input, packing A panels and B tiles;
 //! - [`conv_fwd`]: implicit-GEMM convolution (forward, and the input gradient);
 //! - [`conv_bwd`]: input, weight and bias gradients;
+//! - `winograd`: Winograd F(4x4, 3x3) for the 3x3 / stride 1 / pad 1
+//!   convs (forward, input and weight gradients), picked per conv and pass
+//!   by [`ConvAlgo`] (see `CpuBackend::winograd_for`);
 //! - [`elementwise`], [`reduce`]: the bandwidth-bound rest;
 //! - [`peak`]: the FMA peak probe.
 //!
@@ -18,7 +21,8 @@
 //! it): masked channels leave the forward's reduction, the input
 //! gradient's rows and the weight gradient's row panels; spatially masked
 //! regions skip output tiles (forward, input gradient) and k-blocks (weight
-//! gradient). Skipped work would only have added exact zeros, so results
+//! gradient). Winograd does the same per 4x4 tile and per image's kept
+//! channels (see its module doc). Skipped work would only have added exact zeros, so results
 //! equal the dense path's but for the sign of a zero (or a NaN that a
 //! skipped `0 * inf` would have made).
 
@@ -37,6 +41,7 @@ mod pack;
 pub mod peak;
 mod reduce;
 mod simd;
+mod winograd;
 
 pub use peak::fma_peak_gflops;
 
@@ -46,12 +51,21 @@ pub use peak::fma_peak_gflops;
 pub enum ConvAlgo {
     /// Direct (implicit-GEMM) convolution everywhere.
     Direct,
-    /// Winograd for every 3x3 stride-1 pad-1 convolution (not implemented
-    /// yet: runs the direct convolution).
+    /// Winograd F(4x4, 3x3) for every 3x3 stride-1 pad-1 convolution
+    /// (forward, input and weight gradients), direct for the rest.
     Winograd,
-    /// Pick per convolution by a measured rule (today: always direct).
+    /// Pick per convolution and pass by a measured rule (see
+    /// [`CpuBackend::winograd_for`]).
     #[default]
     Auto,
+}
+
+/// Which pass of a convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    Forward,
+    Input,
+    Weight,
 }
 
 impl std::str::FromStr for ConvAlgo {
@@ -78,6 +92,61 @@ pub struct CpuBackend {
 impl CpuBackend {
     pub fn new(algo: ConvAlgo) -> Self {
         CpuBackend { algo }
+    }
+}
+
+impl CpuBackend {
+    /// Run this pass of this convolution by Winograd?
+    ///
+    /// The `Auto` rule (measured with `examples/conv_speed.rs`, conv3x3
+    /// 256->256, N = 2, 2 threads, Zen 3, ms direct / Winograd):
+    ///
+    /// | level (N*H*W) | fwd | dX | dW |
+    /// |---|---|---|---|
+    /// | P3 (33600) | 225 / 88 | 225 / 86 | 223 / 96 |
+    /// | P4 (8400) | 58 / 29 | 58 / 28 | 56 / 28 |
+    /// | P5 (2100) | 14.8 / 12.1 | 15.1 / 11.9 | 14.4 / 10.3 |
+    /// | P6 (546) | 4.9 / 7.8 | 5.2 / 7.5 | 4.9 / 5.9 |
+    /// | P7 (154) | 1.4 / 5.2 | 1.5 / 5.4 | 2.0 / 4.5 |
+    /// | P3, channel mask 0.65 | 96 / 40 | 108 / 46 | 92 / 40 |
+    /// | P5, channel mask 0.65 | 7.1 / 5.8 | 7.7 / 5.9 | 6.5 / 5.1 |
+    /// | P6, channel mask 0.65 | 2.5 / 3.5 | 2.6 / 3.5 | 2.6 / 3.4 |
+    /// | P4, spatial blob 0.65 | 23.5 / 14.6 | 23.3 / 13.2 | 24.7 / 12.9 |
+    /// | P5, spatial blob 0.65 | 6.3 / 6.9 | 6.7 / 6.3 | 7.0 / 6.9 |
+    ///
+    /// Winograd has a fixed cost per call (transforming and packing the
+    /// 36 x 256 x 256 weights, ~2-3 ms, and too few tiles to spread over
+    /// threads), so small levels stay direct: Winograd from
+    /// `MIN_POSITIONS` output positions for the forward pass and the input
+    /// gradient, from half of it for the weight gradient. Masks do not
+    /// change the rule: both algorithms skip masked channels, and under a
+    /// spatial mask the blob above (the direct conv's best case, whole
+    /// rows masked) is about even at P5, while on the loss's own attention
+    /// masks at P5 the direct conv skipped little (11.8 ms against 10.4 ms
+    /// by Winograd). Channels below 16 stay direct (little work, thin
+    /// GEMMs). f64 is the accuracy path (golden tests at 1e-10 against
+    /// PyTorch): always direct.
+    fn winograd_for<E: simd::Elem>(&self, args: &ConvArgs<E>, pass: Pass) -> bool {
+        /// Output positions (N*H*W) from which Winograd wins.
+        const MIN_POSITIONS: usize = 2048;
+        let g = &args.geom;
+        if !g.is_3x3_same() {
+            return false;
+        }
+        match self.algo {
+            ConvAlgo::Direct => false,
+            ConvAlgo::Winograd => true,
+            ConvAlgo::Auto => {
+                if TypeId::of::<E>() != TypeId::of::<f32>() || g.c_in.min(g.c_out) < 16 {
+                    return false;
+                }
+                let positions = g.n * g.h * g.w;
+                match pass {
+                    Pass::Forward | Pass::Input => positions >= MIN_POSITIONS,
+                    Pass::Weight => positions >= MIN_POSITIONS / 2,
+                }
+            }
+        }
     }
 }
 
@@ -131,7 +200,12 @@ impl<T: Float> Backend<T> for CpuBackend {
             let x: &Tensor<E> = same(x);
             let w: &Tensor<E> = same(w);
             let b: Option<&Tensor<E>> = b.map(same);
-            let y = conv_fwd::conv2d(x.as_slice(), w.as_slice(), b.map(Tensor::as_slice), a);
+            let (x, w, b) = (x.as_slice(), w.as_slice(), b.map(Tensor::as_slice));
+            let y = if self.winograd_for(a, Pass::Forward) {
+                winograd::conv2d(x, w, b, a)
+            } else {
+                conv_fwd::conv2d(x, w, b, a)
+            };
             same_owned::<Tensor<E>, Tensor<T>>(Tensor::from_parts(&a.geom.output_shape(), y))
         });
         match y {
@@ -150,7 +224,12 @@ impl<T: Float> Backend<T> for CpuBackend {
             let a: &ConvArgs<E> = same(args);
             let dy: &Tensor<E> = same(dy);
             let w: &Tensor<E> = same(w);
-            let dx = conv_bwd::conv2d_backward_input(dy.as_slice(), w.as_slice(), a);
+            let (dy, w) = (dy.as_slice(), w.as_slice());
+            let dx = if self.winograd_for(a, Pass::Input) {
+                winograd::conv2d_backward_input(dy, w, a)
+            } else {
+                conv_bwd::conv2d_backward_input(dy, w, a)
+            };
             same_owned::<Tensor<E>, Tensor<T>>(Tensor::from_parts(&a.geom.input_shape(), dx))
         });
         match dx {
@@ -169,7 +248,12 @@ impl<T: Float> Backend<T> for CpuBackend {
             let a: &ConvArgs<E> = same(args);
             let dy: &Tensor<E> = same(dy);
             let x: &Tensor<E> = same(x);
-            let dw = conv_bwd::conv2d_backward_weight(dy.as_slice(), x.as_slice(), a);
+            let (dy, x) = (dy.as_slice(), x.as_slice());
+            let dw = if self.winograd_for(a, Pass::Weight) {
+                winograd::conv2d_backward_weight(dy, x, a)
+            } else {
+                conv_bwd::conv2d_backward_weight(dy, x, a)
+            };
             same_owned::<Tensor<E>, Tensor<T>>(Tensor::from_parts(&a.geom.weight_shape(), dw))
         });
         match dw {
@@ -297,5 +381,47 @@ impl<T: Float> Backend<T> for CpuBackend {
             a.shape(),
             elementwise::sq_err_backward(a.as_slice(), b.as_slice(), g),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::ConvGeometry;
+
+    fn args<E: Float>(n: usize, c: usize, h: usize, w: usize, k: usize, s: usize) -> ConvArgs<E> {
+        ConvArgs {
+            geom: ConvGeometry::new(&[n, c, h, w], &[c, c, k, k], [s, s], [k / 2, k / 2]).unwrap(),
+            mask: None,
+            relu: false,
+        }
+    }
+
+    #[test]
+    fn conv_algo_picks_winograd_where_the_rule_says() {
+        let (direct, wino, auto) = (
+            CpuBackend::new(ConvAlgo::Direct),
+            CpuBackend::new(ConvAlgo::Winograd),
+            CpuBackend::new(ConvAlgo::Auto),
+        );
+        let p3 = args::<f32>(2, 256, 100, 168, 3, 1);
+        let p7 = args::<f32>(2, 256, 7, 11, 3, 1);
+        let p6 = args::<f32>(2, 256, 13, 21, 3, 1);
+        let f64_p3 = args::<f64>(2, 256, 100, 168, 3, 1);
+        let one = args::<f32>(2, 256, 100, 168, 1, 1);
+        let strided = args::<f32>(2, 256, 100, 168, 3, 2);
+        let thin = args::<f32>(2, 8, 100, 168, 3, 1);
+        for pass in [Pass::Forward, Pass::Input, Pass::Weight] {
+            assert!(!direct.winograd_for(&p3, pass));
+            assert!(wino.winograd_for(&p3, pass) && wino.winograd_for(&p7, pass));
+            assert!(wino.winograd_for(&f64_p3, pass));
+            assert!(!wino.winograd_for(&one, pass) && !wino.winograd_for(&strided, pass));
+            assert!(auto.winograd_for(&p3, pass));
+            assert!(!auto.winograd_for(&p7, pass) && !auto.winograd_for(&p6, pass));
+            assert!(!auto.winograd_for(&f64_p3, pass) && !auto.winograd_for(&thin, pass));
+        }
+        // P5 (N*H*W = 2100): Winograd for all three passes.
+        let p5 = args::<f32>(2, 256, 25, 42, 3, 1);
+        assert!(auto.winograd_for(&p5, Pass::Forward) && auto.winograd_for(&p5, Pass::Weight));
     }
 }

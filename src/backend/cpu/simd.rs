@@ -21,6 +21,9 @@ pub(crate) trait Elem: Float + pulp::bytemuck::Pod {
     /// `a * b + c`, always fused (one rounding): the kernels' determinism
     /// argument rests on it (pulp's `mul_add_*s`, not `mul_add_e_*s`).
     fn fma<S: Simd>(s: S, a: Self::V<S>, b: Self::V<S>, c: Self::V<S>) -> Self::V<S>;
+    fn vadd<S: Simd>(s: S, a: Self::V<S>, b: Self::V<S>) -> Self::V<S>;
+    fn vsub<S: Simd>(s: S, a: Self::V<S>, b: Self::V<S>) -> Self::V<S>;
+    fn vmul<S: Simd>(s: S, a: Self::V<S>, b: Self::V<S>) -> Self::V<S>;
     /// Load `lanes` elements from a slice of at least that length.
     fn load<S: Simd>(s: S, x: &[Self]) -> Self::V<S>;
     /// Store `lanes` elements into a slice of at least that length.
@@ -50,7 +53,7 @@ pub(crate) trait Elem: Float + pulp::bytemuck::Pod {
 }
 
 macro_rules! impl_elem {
-    ($t:ty, $v:ident, $lanes:ident, $splat:ident, $fma:ident, $as:ident, $asm:ident) => {
+    ($t:ty, $v:ident, $lanes:ident, $splat:ident, $fma:ident, $add:ident, $sub:ident, $mul:ident, $as:ident, $asm:ident) => {
         impl Elem for $t {
             type V<S: Simd> = S::$v;
 
@@ -65,6 +68,18 @@ macro_rules! impl_elem {
             #[inline(always)]
             fn fma<S: Simd>(s: S, a: Self::V<S>, b: Self::V<S>, c: Self::V<S>) -> Self::V<S> {
                 s.$fma(a, b, c)
+            }
+            #[inline(always)]
+            fn vadd<S: Simd>(s: S, a: Self::V<S>, b: Self::V<S>) -> Self::V<S> {
+                s.$add(a, b)
+            }
+            #[inline(always)]
+            fn vsub<S: Simd>(s: S, a: Self::V<S>, b: Self::V<S>) -> Self::V<S> {
+                s.$sub(a, b)
+            }
+            #[inline(always)]
+            fn vmul<S: Simd>(s: S, a: Self::V<S>, b: Self::V<S>) -> Self::V<S> {
+                s.$mul(a, b)
             }
             #[inline(always)]
             fn load<S: Simd>(s: S, x: &[Self]) -> Self::V<S> {
@@ -88,6 +103,9 @@ impl_elem!(
     F32_LANES,
     splat_f32s,
     mul_add_f32s,
+    add_f32s,
+    sub_f32s,
+    mul_f32s,
     as_simd_f32s,
     as_mut_simd_f32s
 );
@@ -97,6 +115,9 @@ impl_elem!(
     F64_LANES,
     splat_f64s,
     mul_add_f64s,
+    add_f64s,
+    sub_f64s,
+    mul_f64s,
     as_simd_f64s,
     as_mut_simd_f64s
 );

@@ -1,0 +1,422 @@
+//! The Winograd weight gradient:
+//! `dW[co][ci] = G^T ( sum_tiles (A dY_t A^T)[co] (.) (B^T x_t B)[ci] ) G`,
+//! i.e. 36 GEMMs `(Cout x tiles) (tiles x Cin)` with the long reduction
+//! over tiles, then the adjoint weight transform.
+
+use pulp::{Arch, Simd, WithSimd};
+use rayon::prelude::*;
+
+use super::Scratch;
+use super::transform::{POS, grad_tile, input_tile, weight_grad_tile, window, window_is_zero};
+use crate::backend::cpu::conv_fwd::nr_for;
+use crate::backend::cpu::kernel::{AWalk, ColBlock, MR, nr, run_tile};
+use crate::backend::cpu::simd::Elem;
+use crate::backend::{ConvArgs, InputMask};
+use crate::pool;
+
+/// Tiles per k-block: 1 KiB of each A row (as the direct weight gradient),
+/// a multiple of NR.
+fn tiles_per_block<E>() -> usize {
+    1024 / std::mem::size_of::<E>()
+}
+
+/// `dw[co][ci][ky][kx]` of a 3x3 / stride 1 / pad 1 convolution.
+///
+/// Under a channel mask with exact zeros, each image's masked channels
+/// add nothing: the sums then run per image over its kept channels only
+/// (a compact B), and the images' partial gradients are added in image
+/// order (a fixed order, whatever the thread count).
+pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs<E>) -> Vec<E> {
+    let g = &args.geom;
+    let (n, c, m) = (g.n, g.c_in, g.c_out);
+    let mut dw = pool::take::<E>(m * c * 9);
+    match &args.mask {
+        Some(InputMask::Channel(ms)) if ms.as_slice().contains(&E::zero()) => {
+            dw.fill(E::zero());
+            for img in 0..n {
+                let cols: Vec<usize> = (0..c)
+                    .filter(|&ci| ms.as_slice()[img * c + ci] != E::zero())
+                    .collect();
+                if cols.is_empty() {
+                    continue;
+                }
+                let part = Sums::new(dy, x, args, img..img + 1, &cols);
+                dw.par_chunks_mut(c * 9).enumerate().for_each(|(co, row)| {
+                    for (k, &ci) in cols.iter().enumerate() {
+                        let d = part.weight_grad(co, k);
+                        for (o, v) in row[ci * 9..ci * 9 + 9].iter_mut().zip(d) {
+                            *o += v;
+                        }
+                    }
+                });
+            }
+        }
+        _ => {
+            let cols: Vec<usize> = (0..c).collect();
+            let all = Sums::new(dy, x, args, 0..n, &cols);
+            dw.par_chunks_mut(c * 9).enumerate().for_each(|(co, row)| {
+                for ci in 0..c {
+                    row[ci * 9..ci * 9 + 9].copy_from_slice(&all.weight_grad(co, ci));
+                }
+            });
+        }
+    }
+    dw
+}
+
+/// The 36 transformed-domain sums `sum_tiles (A dY A^T)[co] (.) (B^T x
+/// B)[cols[k]]` over the tiles of some images.
+struct Sums<E: Elem> {
+    /// `[pos][panel (pstride)][ctile][MR][NR]`
+    c: Scratch<E>,
+    pstride: usize,
+    ctiles: usize,
+    nr: usize,
+}
+
+impl<E: Elem> Sums<E> {
+    /// `G^T D G` of output channel `co`, column `k`.
+    fn weight_grad(&self, co: usize, k: usize) -> [E; 9] {
+        let tile_len = MR * self.nr;
+        let c = self.c.as_slice();
+        let d: [E; POS] = std::array::from_fn(|pos| {
+            c[((pos * self.pstride + co / MR) * self.ctiles + k / self.nr) * tile_len
+                + (co % MR) * self.nr
+                + k % self.nr]
+        });
+        weight_grad_tile(&d)
+    }
+
+    fn new(
+        dy: &[E],
+        x: &[E],
+        args: &ConvArgs<E>,
+        imgs: std::ops::Range<usize>,
+        cols: &[usize],
+    ) -> Self {
+        let g = &args.geom;
+        let (m, h, w) = (g.c_out, g.h, g.w);
+        let hw = h * w;
+        let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
+        let nr = nr_for::<E>();
+        let ctiles = cols.len().div_ceil(nr);
+        let panels = m.div_ceil(MR);
+        let tile_len = MR * nr;
+        // Every tile of these images in (img, ty, tx) order; under a spatial
+        // mask with zeros, a tile whose input window is all masked adds only
+        // zeros and is left out (the others keep their order).
+        let smask = match &args.mask {
+            Some(InputMask::Spatial(ms)) if ms.as_slice().contains(&E::zero()) => {
+                Some(ms.as_slice())
+            }
+            _ => None,
+        };
+        let mut tiles = Vec::with_capacity(imgs.len() * th * tw);
+        for img in imgs {
+            for ty in 0..th {
+                for tx in 0..tw {
+                    if !smask.is_some_and(|ms| window_is_zero(&ms[img * hw..][..hw], h, w, ty, tx))
+                    {
+                        tiles.push((img, ty, tx));
+                    }
+                }
+            }
+        }
+        let tb = tiles_per_block::<E>();
+        let threads = rayon::current_num_threads();
+        // GEMM tasks: (position, run of panels), at least 4 per thread; the
+        // split never changes a bit (threads split outputs, not the reduction).
+        let splits = (4 * threads).div_ceil(POS).clamp(1, panels.max(1));
+        let per = panels.div_ceil(splits).max(1);
+        // Panels per position as laid out (a few unused ones at the end).
+        let pstride = per * splits;
+        // The accumulated products, `[pos][panel][ctile][MR][NR]`; zeros for
+        // an empty tile list.
+        let mut cbuf = Scratch::<E>::new(POS * pstride * ctiles * tile_len);
+        let ct = cbuf.as_mut_slice();
+        if tiles.is_empty() {
+            ct.fill(E::zero());
+        }
+        // B: transformed inputs `[ctile][pos][tile][NR]` (lanes are channels);
+        // A: transformed output gradients `[co][pos][tile]` (lanes are tiles).
+        let mut vbuf = Scratch::<E>::new(ctiles * POS * tb * nr);
+        let mut wbuf = Scratch::<E>::new(m * POS * tb);
+        let arch = Arch::new();
+        for (bi, bt) in tiles.chunks(tb).enumerate() {
+            let vt = vbuf.as_mut_slice();
+            let wt = wbuf.as_mut_slice();
+            vt.par_chunks_mut(POS * tb * nr)
+                .enumerate()
+                .for_each(|(cti, out)| {
+                    arch.dispatch(XTransform {
+                        x,
+                        args,
+                        tiles: bt,
+                        tb,
+                        cols: &cols[(cti * nr).min(cols.len())..],
+                        out,
+                    })
+                });
+            wt.par_chunks_mut(POS * tb)
+                .enumerate()
+                .for_each(|(co, out)| {
+                    arch.dispatch(DyTransform {
+                        dy,
+                        args,
+                        tiles: bt,
+                        tb,
+                        co,
+                        out,
+                    })
+                });
+            let (vt, wt) = (&*vt, &*wt);
+            ct.par_chunks_mut(per * ctiles * tile_len)
+                .enumerate()
+                .for_each(|(task, cout)| {
+                    let (pos, p0) = (task / splits, (task % splits) * per);
+                    arch.dispatch(DwGemm {
+                        vt,
+                        wt,
+                        k: bt.len(),
+                        tb,
+                        m,
+                        ctiles,
+                        pos,
+                        p0,
+                        first: bi == 0,
+                        c: cout,
+                    })
+                });
+        }
+        drop(vbuf);
+        drop(wbuf);
+        Sums {
+            c: cbuf,
+            pstride,
+            ctiles,
+            nr,
+        }
+    }
+}
+
+/// Transformed inputs of one block for channels `c0 .. c0 + NR`.
+struct XTransform<'a, 'b, E: Elem> {
+    x: &'a [E],
+    args: &'a ConvArgs<E>,
+    tiles: &'a [(usize, usize, usize)],
+    tb: usize,
+    /// The channels from this task's first lane on (the first NR are its lanes).
+    cols: &'a [usize],
+    out: &'b mut [E],
+}
+
+impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let XTransform {
+            x,
+            args,
+            tiles,
+            tb,
+            cols,
+            out,
+        } = self;
+        let g = &args.geom;
+        let (c, h, w) = (g.c_in, g.h, g.w);
+        let hw = h * w;
+        let nr = nr::<E, S>();
+        let l = E::lanes::<S>();
+        let zero = E::splat(simd, E::zero());
+        let mut d = [E::zero(); POS * 32];
+        let cmask = match &args.mask {
+            Some(InputMask::Channel(m)) => Some(m.as_slice()),
+            _ => None,
+        };
+        let lanes = nr.min(cols.len());
+        if lanes < nr {
+            for i in 0..POS {
+                d[i * nr + lanes..(i + 1) * nr].fill(E::zero());
+            }
+        }
+        for (t, &(img, ty, tx)) in tiles.iter().enumerate() {
+            let ms = match &args.mask {
+                Some(InputMask::Spatial(m)) => Some(&m.as_slice()[img * hw..][..hw]),
+                _ => None,
+            };
+            let interior = ms.is_none() && ty > 0 && tx > 0 && 4 * ty + 5 <= h && 4 * tx + 5 <= w;
+            for j in 0..lanes {
+                let plane = &x[(img * c + cols[j]) * hw..][..hw];
+                if interior {
+                    // The whole window inside the plane: a tight copy.
+                    let src = &plane[(4 * ty - 1) * w + 4 * tx - 1..][..5 * w + 6];
+                    for r in 0..6 {
+                        for c6 in 0..6 {
+                            d[(r * 6 + c6) * nr + j] = src[r * w + c6];
+                        }
+                    }
+                } else {
+                    let win = window(plane, h, w, ms, E::one(), ty, tx);
+                    for (i, &v) in win.iter().enumerate() {
+                        d[i * nr + j] = v;
+                    }
+                }
+            }
+            // The channel mask's factors, per lane (`x * m` as the
+            // reference rounds it).
+            let mut scale = [E::one(); 32];
+            if let Some(cm) = cmask {
+                for (j, s) in scale[..lanes].iter_mut().enumerate() {
+                    *s = cm[img * c + cols[j]];
+                }
+            }
+            for hv in (0..nr).step_by(l) {
+                let mut dv = [zero; POS];
+                let sc = cmask.map(|_| E::load(simd, &scale[hv..]));
+                for (i, r) in dv.iter_mut().enumerate() {
+                    *r = E::load(simd, &d[i * nr + hv..]);
+                    if let Some(sc) = sc {
+                        *r = E::vmul(simd, *r, sc);
+                    }
+                }
+                let tv = input_tile::<E, S>(simd, &dv);
+                for (pos, &v) in tv.iter().enumerate() {
+                    E::store(simd, &mut out[(pos * tb + t) * nr + hv..], v);
+                }
+            }
+        }
+    }
+}
+
+/// Transformed output gradients of one block for output channel `co`.
+struct DyTransform<'a, 'b, E: Elem> {
+    dy: &'a [E],
+    args: &'a ConvArgs<E>,
+    tiles: &'a [(usize, usize, usize)],
+    tb: usize,
+    co: usize,
+    out: &'b mut [E],
+}
+
+impl<E: Elem> WithSimd for DyTransform<'_, '_, E> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let DyTransform {
+            dy,
+            args,
+            tiles,
+            tb,
+            co,
+            out,
+        } = self;
+        let g = &args.geom;
+        let (m, h, w) = (g.c_out, g.h, g.w);
+        let hw = h * w;
+        let nr = nr::<E, S>();
+        let l = E::lanes::<S>();
+        let zero = E::splat(simd, E::zero());
+        let mut d = [E::zero(); 16 * 32];
+        for (gi, gt) in tiles.chunks(nr).enumerate() {
+            for (j, &(img, ty, tx)) in gt.iter().enumerate() {
+                let plane = &dy[(img * m + co) * hw..][..hw];
+                if 4 * ty + 4 <= h && 4 * tx + 4 <= w {
+                    // A whole tile: a tight copy.
+                    let src = &plane[4 * ty * w + 4 * tx..][..3 * w + 4];
+                    for i in 0..4 {
+                        for jj in 0..4 {
+                            d[(i * 4 + jj) * nr + j] = src[i * w + jj];
+                        }
+                    }
+                    continue;
+                }
+                for i in 0..16 {
+                    d[i * nr + j] = E::zero();
+                }
+                for i in 0..4.min(h - 4 * ty) {
+                    for jj in 0..4.min(w - 4 * tx) {
+                        d[(i * 4 + jj) * nr + j] = plane[(4 * ty + i) * w + 4 * tx + jj];
+                    }
+                }
+            }
+            for i in 0..16 {
+                d[i * nr + gt.len()..(i + 1) * nr].fill(E::zero());
+            }
+            for hv in (0..nr).step_by(l) {
+                let mut gv = [zero; 16];
+                for (i, r) in gv.iter_mut().enumerate() {
+                    *r = E::load(simd, &d[i * nr + hv..]);
+                }
+                let tv = grad_tile::<E, S>(simd, &gv);
+                for (pos, &v) in tv.iter().enumerate() {
+                    E::store(simd, &mut out[pos * tb + gi * nr + hv..], v);
+                }
+            }
+        }
+    }
+}
+
+/// Panels `p0 .. p0 + per` of position `pos`: `C += A (rows x k) B (k x NR)`.
+struct DwGemm<'a, 'b, E: Elem> {
+    vt: &'a [E],
+    wt: &'a [E],
+    k: usize,
+    tb: usize,
+    m: usize,
+    ctiles: usize,
+    pos: usize,
+    p0: usize,
+    first: bool,
+    /// `[panel][ctile][MR][NR]`
+    c: &'b mut [E],
+}
+
+impl<E: Elem> WithSimd for DwGemm<'_, '_, E> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let DwGemm {
+            vt,
+            wt,
+            k,
+            tb,
+            m,
+            ctiles,
+            pos,
+            p0,
+            first,
+            c,
+        } = self;
+        let nr = nr::<E, S>();
+        let tile_len = MR * nr;
+        let np = c.len() / (ctiles * tile_len);
+        for cti in 0..ctiles {
+            let b = &vt[(cti * POS + pos) * tb * nr..][..k * nr];
+            for pl in 0..np {
+                let p = p0 + pl;
+                if p * MR >= m {
+                    break;
+                }
+                // Rows past m repeat the last one (their results are dropped).
+                let a: [&[E]; MR] = std::array::from_fn(|r| {
+                    let co = (p * MR + r).min(m - 1);
+                    &wt[(co * POS + pos) * tb..][..k]
+                });
+                let at = (pl * ctiles + cti) * tile_len;
+                let next = c.as_ptr().wrapping_add(at + tile_len);
+                let mut tile = ColBlock::whole(&mut c[at..at + tile_len], MR, nr);
+                run_tile(
+                    simd,
+                    a,
+                    AWalk::run(0, 1, k),
+                    b,
+                    &mut tile,
+                    0,
+                    0,
+                    !first,
+                    next,
+                );
+            }
+        }
+    }
+}

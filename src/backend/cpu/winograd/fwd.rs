@@ -1,0 +1,489 @@
+//! The Winograd convolution engine: forward pass and (with flipped,
+//! transposed weights over the output gradient) the input gradient.
+
+use pulp::{Arch, Simd, WithSimd};
+use rayon::prelude::*;
+
+use super::Scratch;
+use super::transform::{
+    POS, input_tile, output_tile, tile_is_zero, weight_tile, weight_tile_v, window, window_is_zero,
+};
+use crate::backend::cpu::conv_fwd::TASKS_PER_THREAD;
+use crate::backend::cpu::kernel::{ColBlock, MR, nr, run_packed_tile, split_columns};
+use crate::backend::cpu::simd::Elem;
+use crate::pool;
+
+/// Register groups (NR tiles each) per block. The block's transformed
+/// input, `36 x K x G*NR`, and its products, `36 x M x G*NR`, are 1.2 MB
+/// each at K = M = 256 in f32 for G = 2, so two threads' blocks and the
+/// packed weights (9.4 MB) stay in L3 (32 MB); each GEMM reads its B tile
+/// from L1 once per 6-row panel and the position's weights (256 KiB) from
+/// L2. Measured at P3 (fwd, 2 threads): G = 1: 95 ms, 2: 81-84, 4: 90,
+/// 8: 93 (P4/P5 within noise).
+const GROUPS: usize = 2;
+
+/// A multiplier applied to the source while it is gathered.
+#[derive(Clone, Copy)]
+pub(crate) enum InMul<'a, E> {
+    None,
+    /// `[n, h, w]`
+    Spatial(&'a [E]),
+    /// `[n, k]`
+    Channel(&'a [E]),
+}
+
+/// What each output gets once its sum is complete.
+#[derive(Clone, Copy)]
+pub(crate) enum Epi<'a, E> {
+    /// `act(y + b[m])` (the forward pass).
+    Bias { bias: Option<&'a [E]>, relu: bool },
+    /// `y * mask[n, y, x]` (input gradient under a spatial mask).
+    Spatial(&'a [E]),
+    /// `y * s[n, m]` (input gradient under a channel mask).
+    Rows(&'a [E]),
+}
+
+/// A 3x3 / stride 1 / pad 1 convolution of `src` (`[n, k, h, w]`) into
+/// `[n, m, h, w]`.
+pub(crate) struct WinoConv<'a, E: Elem> {
+    pub src: &'a [E],
+    pub n: usize,
+    pub k: usize,
+    pub m: usize,
+    pub h: usize,
+    pub w: usize,
+    /// OIHW 3x3 weights. Forward: `[m, k, 3, 3]`. Transposed (input
+    /// gradient): `[k, m, 3, 3]`, used as `w'[r][c] = flip(w[c][r])`.
+    pub weights: &'a [E],
+    pub transposed: bool,
+    pub input: InMul<'a, E>,
+    pub epi: Epi<'a, E>,
+}
+
+/// Nonzero entries of row `img` of a `[n, c]` channel mask, or all.
+fn kept<E: Elem>(mask: Option<&[E]>, img: usize, c: usize) -> Vec<usize> {
+    match mask {
+        Some(m) => (0..c).filter(|&i| m[img * c + i] != E::zero()).collect(),
+        None => (0..c).collect(),
+    }
+}
+
+/// All transformed weights, `[row][pos][col]` (`m x 36 x k`): `G g G^T`
+/// of `g = w[row][col]` (forward) or of the flipped `w[col][row]`
+/// (transposed). Lanes run over columns, so each row's 36 outputs are
+/// contiguous vector stores (a scalar transform scattering straight into
+/// the packed panels cost ~6 ms per call at 256 x 256, most of a P5 conv).
+fn transform_weights<E: Elem>(w: &[E], m: usize, k: usize, transposed: bool) -> Vec<E> {
+    let mut out = pool::take::<E>(m * POS * k);
+    let arch = Arch::new();
+    out.par_chunks_mut((POS * k).max(1))
+        .enumerate()
+        .for_each(|(row, dst)| {
+            arch.dispatch(WeightRow {
+                w,
+                m,
+                k,
+                transposed,
+                row,
+                dst,
+            })
+        });
+    out
+}
+
+struct WeightRow<'a, 'b, E> {
+    w: &'a [E],
+    m: usize,
+    k: usize,
+    transposed: bool,
+    row: usize,
+    dst: &'b mut [E],
+}
+
+impl<E: Elem> WithSimd for WeightRow<'_, '_, E> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let WeightRow {
+            w,
+            m,
+            k,
+            transposed,
+            row,
+            dst,
+        } = self;
+        let l = E::lanes::<S>();
+        // The 9 taps of filter (row, col), flipped when transposed.
+        let tap = |col: usize, t: usize| {
+            if transposed {
+                w[(col * m + row) * 9 + 8 - t]
+            } else {
+                w[(row * k + col) * 9 + t]
+            }
+        };
+        let full = k / l * l;
+        let mut g = [E::zero(); 9 * 16];
+        for c0 in (0..full).step_by(l) {
+            for t in 0..9 {
+                for j in 0..l {
+                    g[t * l + j] = tap(c0 + j, t);
+                }
+            }
+            let gv: [E::V<S>; 9] = std::array::from_fn(|t| E::load(simd, &g[t * l..]));
+            let u = weight_tile_v::<E, S>(simd, &gv);
+            for (pos, &v) in u.iter().enumerate() {
+                E::store(simd, &mut dst[pos * k + c0..], v);
+            }
+        }
+        for col in full..k {
+            let u = weight_tile::<E>(&std::array::from_fn(|t| tap(col, t)));
+            for (pos, &v) in u.iter().enumerate() {
+                dst[pos * k + col] = v;
+            }
+        }
+    }
+}
+
+/// The transformed weights `u` (`[row][pos][col]`, `k` columns) for
+/// output rows `rows` and input columns `cols`, packed
+/// `[panel][pos][col][MR]` (rows past the end are zeros): the GEMM of
+/// position `pos` reads panel `p` as one `[k][MR]` stream.
+fn pack_weights<E: Elem>(u: &[E], k: usize, rows: &[usize], cols: &[usize]) -> Vec<E> {
+    let kk = cols.len();
+    let panels = rows.len().div_ceil(MR);
+    let mut out = pool::take::<E>(panels * POS * kk * MR);
+    out.par_chunks_mut((POS * kk * MR).max(1))
+        .enumerate()
+        .for_each(|(p, chunk)| {
+            let src: [Option<usize>; MR] = std::array::from_fn(|r| rows.get(p * MR + r).copied());
+            for (pos, dst) in chunk.chunks_exact_mut((kk * MR).max(1)).enumerate() {
+                for r in 0..MR {
+                    match src[r] {
+                        Some(row) => {
+                            let urow = &u[(row * POS + pos) * k..][..k];
+                            for (c, &col) in cols.iter().enumerate() {
+                                dst[c * MR + r] = urow[col];
+                            }
+                        }
+                        None => {
+                            for c in 0..kk {
+                                dst[c * MR + r] = E::zero();
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    out
+}
+
+impl<E: Elem> WinoConv<'_, E> {
+    /// `[n, m, h, w]`, row-major.
+    pub fn run(&self) -> Vec<E> {
+        let (n, h, w, m) = (self.n, self.h, self.w, self.m);
+        let hw = h * w;
+        let mut y = pool::take::<E>(n * m * hw);
+        let sparse_k = match self.input {
+            InMul::Channel(c) if c.contains(&E::zero()) => Some(c),
+            _ => None,
+        };
+        let sparse_m = match self.epi {
+            Epi::Rows(c) if c.contains(&E::zero()) => Some(c),
+            _ => None,
+        };
+        let ut = transform_weights(self.weights, m, self.k, self.transposed);
+        if sparse_k.is_none() && sparse_m.is_none() {
+            let (rows, cols) = ((0..m).collect::<Vec<_>>(), (0..self.k).collect::<Vec<_>>());
+            let u = pack_weights(&ut, self.k, &rows, &cols);
+            let imgs: Vec<(usize, &mut [E])> = y.chunks_mut(m * hw).enumerate().collect();
+            self.run_images(imgs, &rows, &cols, &u);
+            drop(pool::Buffer::new(u));
+        } else {
+            // Per image: only the kept channels enter the GEMMs.
+            for (img, yimg) in y.chunks_mut(m * hw).enumerate() {
+                let rows = kept(sparse_m, img, m);
+                let cols = kept(sparse_k, img, self.k);
+                let u = pack_weights(&ut, self.k, &rows, &cols);
+                self.run_images(vec![(img, yimg)], &rows, &cols, &u);
+                drop(pool::Buffer::new(u));
+            }
+        }
+        drop(pool::Buffer::new(ut));
+        y
+    }
+
+    fn run_images(&self, imgs: Vec<(usize, &mut [E])>, rows: &[usize], cols: &[usize], u: &[E]) {
+        let arch = Arch::new();
+        let (h, w, m) = (self.h, self.w, self.m);
+        let th = h.div_ceil(4);
+        // Tasks: runs of tile rows, about TASKS_PER_THREAD per thread
+        // (the split never changes a bit: each output is computed by one
+        // tile whatever task holds it).
+        let want = (TASKS_PER_THREAD * rayon::current_num_threads()).div_ceil(imgs.len().max(1));
+        let per = th.div_ceil(want.clamp(1, th));
+        let bounds: Vec<usize> = (0..=th.div_ceil(per))
+            .map(|i| (i * per * 4 * w).min(h * w))
+            .collect();
+        let mut tasks = Vec::new();
+        for (img, yimg) in imgs {
+            for (i, blk) in split_columns(yimg, m, h * w, &bounds)
+                .into_iter()
+                .enumerate()
+            {
+                tasks.push((img, i * per, ((i + 1) * per).min(th), blk));
+            }
+        }
+        tasks.into_par_iter().for_each(|(img, ty0, ty1, block)| {
+            arch.dispatch(WinoTask {
+                conv: self,
+                rows,
+                cols,
+                u,
+                img,
+                ty0,
+                ty1,
+                block,
+            })
+        });
+    }
+}
+
+struct WinoTask<'a, 'b, E: Elem> {
+    conv: &'a WinoConv<'a, E>,
+    rows: &'a [usize],
+    cols: &'a [usize],
+    u: &'a [E],
+    img: usize,
+    ty0: usize,
+    ty1: usize,
+    block: ColBlock<'b, E>,
+}
+
+/// The reference's ReLU: `x > 0 ? x : 0` (NaN maps to 0).
+#[inline(always)]
+fn relu_of<E: Elem>(x: E) -> E {
+    if x > E::zero() { x } else { E::zero() }
+}
+
+impl<E: Elem> WithSimd for WinoTask<'_, '_, E> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let WinoTask {
+            conv,
+            rows,
+            cols,
+            u,
+            img,
+            ty0,
+            ty1,
+            mut block,
+        } = self;
+        let (h, w, m) = (conv.h, conv.w, conv.m);
+        let hw = h * w;
+        let tw = w.div_ceil(4);
+        let p0 = ty0 * 4 * w;
+        let nr = nr::<E, S>();
+        let l = E::lanes::<S>();
+        let kk = cols.len();
+        let panels = rows.len().div_ceil(MR);
+        let tile_len = MR * nr;
+        // The tiles to compute: under a spatial mask with zeros, a tile
+        // that reads only zeros (forward) or whose outputs are all masked
+        // (input gradient) is left out and filled below.
+        let in_mask = match conv.input {
+            InMul::Spatial(ms) => Some(&ms[img * hw..][..hw]),
+            _ => None,
+        };
+        let out_mask = match conv.epi {
+            Epi::Spatial(ms) => Some(&ms[img * hw..][..hw]),
+            _ => None,
+        };
+        let mut tiles = Vec::with_capacity((ty1 - ty0) * tw);
+        for ty in ty0..ty1 {
+            for tx in 0..tw {
+                let skip = in_mask.is_some_and(|ms| window_is_zero(ms, h, w, ty, tx))
+                    || out_mask.is_some_and(|ms| tile_is_zero(ms, h, w, ty, tx));
+                if !skip {
+                    tiles.push((ty, tx));
+                }
+            }
+        }
+        if kk == 0 {
+            tiles.clear();
+        }
+        // Outputs no computed tile writes: what the dense sum of zeros
+        // would give (act(b) forward; 0 for a gradient, masked or not).
+        if tiles.len() < (ty1 - ty0) * tw || rows.len() < m {
+            for co in 0..m {
+                let v = match conv.epi {
+                    Epi::Bias { bias, relu } => {
+                        let v = E::zero() + bias.map_or(E::zero(), |b| b[co]);
+                        if relu { relu_of(v) } else { v }
+                    }
+                    _ => E::zero(),
+                };
+                block.row_mut(co).fill(v);
+            }
+        }
+        if tiles.is_empty() {
+            return;
+        }
+        let tb = GROUPS * nr;
+        let mut vbuf = Scratch::<E>::new(POS * GROUPS * kk * nr);
+        let mut mbuf = Scratch::<E>::new(POS * GROUPS * panels * tile_len);
+        let v = vbuf.as_mut_slice();
+        let mb = mbuf.as_mut_slice();
+        let src = &conv.src[img * conv.k * hw..][..conv.k * hw];
+        let zero = E::splat(simd, E::zero());
+        let mut d = [E::zero(); POS * 32];
+        for btiles in tiles.chunks(tb) {
+            let groups = btiles.len().div_ceil(nr);
+            // Input transform: lanes are tiles, one channel at a time.
+            for (g, gt) in btiles.chunks(nr).enumerate() {
+                // Window offsets when every tile of the group lies inside
+                // the plane and no spatial mask applies: a tight copy.
+                let interior = in_mask.is_none()
+                    && gt
+                        .iter()
+                        .all(|&(ty, tx)| ty > 0 && tx > 0 && 4 * ty + 5 <= h && 4 * tx + 5 <= w);
+                let mut bases = [0usize; 32];
+                if interior {
+                    for (b, &(ty, tx)) in bases.iter_mut().zip(gt) {
+                        *b = (4 * ty - 1) * w + 4 * tx - 1;
+                    }
+                }
+                if gt.len() < nr {
+                    for i in 0..POS {
+                        d[i * nr + gt.len()..(i + 1) * nr].fill(E::zero());
+                    }
+                }
+                for (c, &ci) in cols.iter().enumerate() {
+                    let plane = &src[ci * hw..][..hw];
+                    if interior {
+                        for (j, &b0) in bases[..gt.len()].iter().enumerate() {
+                            let win = &plane[b0..b0 + 5 * w + 6];
+                            for r in 0..6 {
+                                let row = &win[r * w..r * w + 6];
+                                for (c6, &x) in row.iter().enumerate() {
+                                    d[(r * 6 + c6) * nr + j] = x;
+                                }
+                            }
+                        }
+                    } else {
+                        for (j, &(ty, tx)) in gt.iter().enumerate() {
+                            let win = window(plane, h, w, in_mask, E::one(), ty, tx);
+                            for (i, &x) in win.iter().enumerate() {
+                                d[i * nr + j] = x;
+                            }
+                        }
+                    }
+                    // The channel mask's factor, `x * m` as the reference
+                    // rounds it (the spatial one is applied in `window`).
+                    let scale = match conv.input {
+                        InMul::Channel(ms) => Some(E::splat(simd, ms[img * conv.k + ci])),
+                        _ => None,
+                    };
+                    for hv in (0..nr).step_by(l) {
+                        let mut dv = [zero; POS];
+                        for (i, r) in dv.iter_mut().enumerate() {
+                            *r = E::load(simd, &d[i * nr + hv..]);
+                            if let Some(sc) = scale {
+                                *r = E::vmul(simd, *r, sc);
+                            }
+                        }
+                        let t = input_tile::<E, S>(simd, &dv);
+                        for (pos, &tv) in t.iter().enumerate() {
+                            let at = ((pos * GROUPS + g) * kk + c) * nr + hv;
+                            E::store(simd, &mut v[at..], tv);
+                        }
+                    }
+                }
+            }
+            // 36 GEMMs: products[pos] = U[pos] (rows x kk) * V[pos] (kk x tiles).
+            for pos in 0..POS {
+                for g in 0..groups {
+                    let b = &v[(pos * GROUPS + g) * kk * nr..][..kk * nr];
+                    for p in 0..panels {
+                        let a = &u[(p * POS + pos) * kk * MR..][..kk * MR];
+                        let at = ((pos * GROUPS + g) * panels + p) * tile_len;
+                        let next = mb.as_ptr().wrapping_add(at + tile_len);
+                        run_packed_tile(simd, a, kk, b, &mut mb[at..at + tile_len], false, next);
+                    }
+                }
+            }
+            // Output transform and epilogue, lanes are tiles again.
+            let mut out = [E::zero(); 16 * 32];
+            for (g, gt) in btiles.chunks(nr).enumerate() {
+                // Output offsets (in the task's block) when every tile of
+                // the group is whole: a tight copy.
+                let whole = gt
+                    .iter()
+                    .all(|&(ty, tx)| 4 * ty + 4 <= h && 4 * tx + 4 <= w);
+                let mut bases = [0usize; 32];
+                for (b, &(ty, tx)) in bases.iter_mut().zip(gt) {
+                    *b = 4 * ty * w + 4 * tx - p0;
+                }
+                for (ri, &co) in rows.iter().enumerate() {
+                    let (p, r) = (ri / MR, ri % MR);
+                    // Bias and row scale act on whole registers (the same
+                    // roundings as per element); ReLU and the spatial mask
+                    // per element below.
+                    let (add, mulv) = match conv.epi {
+                        Epi::Bias { bias, .. } => (bias.map(|b| E::splat(simd, b[co])), None),
+                        Epi::Rows(sc) => (None, Some(E::splat(simd, sc[img * m + co]))),
+                        Epi::Spatial(_) => (None, None),
+                    };
+                    for hv in (0..nr).step_by(l) {
+                        let mut mv = [zero; POS];
+                        for (pos, x) in mv.iter_mut().enumerate() {
+                            let at = ((pos * GROUPS + g) * panels + p) * tile_len + r * nr + hv;
+                            *x = E::load(simd, &mb[at..]);
+                        }
+                        let y = output_tile::<E, S>(simd, &mv);
+                        for (i, &yv) in y.iter().enumerate() {
+                            let yv = match (add, mulv) {
+                                (Some(b), _) => E::vadd(simd, yv, b),
+                                (_, Some(sc)) => E::vmul(simd, yv, sc),
+                                _ => yv,
+                            };
+                            E::store(simd, &mut out[i * nr + hv..], yv);
+                        }
+                    }
+                    let relu = matches!(conv.epi, Epi::Bias { relu: true, .. });
+                    if relu {
+                        for o in out[..16 * nr].iter_mut() {
+                            *o = relu_of(*o);
+                        }
+                    }
+                    let row = block.row_mut(co);
+                    if whole && out_mask.is_none() {
+                        for (j, &b0) in bases[..gt.len()].iter().enumerate() {
+                            let dst = &mut row[b0..b0 + 3 * w + 4];
+                            for i in 0..4 {
+                                for jj in 0..4 {
+                                    dst[i * w + jj] = out[(i * 4 + jj) * nr + j];
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                    for (j, &(ty, tx)) in gt.iter().enumerate() {
+                        for i in 0..4.min(h - 4 * ty) {
+                            let yy = 4 * ty + i;
+                            for jj in 0..4.min(w - 4 * tx) {
+                                let x = 4 * tx + jj;
+                                let val = out[(i * 4 + jj) * nr + j];
+                                row[yy * w + x - p0] = match out_mask {
+                                    Some(ms) => val * ms[yy * w + x],
+                                    None => val,
+                                };
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

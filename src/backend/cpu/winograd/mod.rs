@@ -1,0 +1,156 @@
+//! Winograd F(4x4, 3x3) convolution for the 3x3 / stride 1 / pad 1 convs
+//! of the loss: forward, input gradient and weight gradient.
+//!
+//! Transform choice: F(4x4, 3x3) over 6 x 6 input tiles cuts the
+//! multiplies per output from 9 to 36/16 = 2.25 (4x); F(2x2, 3x3) only to
+//! 4 (2.25x). The experiment of ENGINEERING.md measured F(4x4) at
+//! 2.7-2.9x the direct conv at P3/P4 against 1.6-1.9x for F(2x2), with a
+//! norm-wise f32 error of 3.2e-6 at C = 256 (direct 2.9e-7). Points 0,
+//! +-1, +-2, inf keep the data transforms to small integer coefficients
+//! ([`transform`]).
+//!
+//! Forward ([`fwd`]): per block of `GROUPS x NR` tiles (32 in f32 on
+//! AVX2), gather each tile's 6 x 6 window (the mask multiplied in, pad 1
+//! read as zeros) into registers whose lanes are tiles, transform
+//! (`B^T d B`, vector code), then 36 GEMMs `U[pos] (M x K) V[pos] (K x
+//! tiles)` with the packed 6 x 16 microkernel, then `A^T m A` and the
+//! epilogue (bias + ReLU, or the mask for the input gradient) with lanes
+//! over tiles again. The input gradient is the same engine over `dy` with
+//! the weights flipped and transposed. Masks: masked channels leave K
+//! (forward) or M (input gradient); under a spatial mask, tiles that read
+//! only zeros (forward) or whose outputs are all masked (input gradient)
+//! are not computed and get what the dense sums of zeros would give.
+//!
+//! Weight gradient ([`dw`]): `dW = G^T (sum_tiles (A dY A^T) (.) (B^T x
+//! B)) G`, 36 GEMMs `(Cout x tiles) (tiles x Cin)` over fixed blocks of
+//! 256 tiles (f32; 1 KiB of each A row), accumulated in C in block order.
+//! There the input transform's lanes are channels (B is `[tile][NR
+//! channels]`, the kernel's packed layout) and the output gradient's are
+//! tiles (A rows, read in place). Under a channel mask with zeros the sums
+//! run per image over its kept channels only and the images' gradients
+//! are added in image order; under a spatial mask, tiles whose input
+//! window is all masked are left out of the sums.
+//!
+//! Memory: nothing is materialised per level beyond the output; the
+//! forward holds one block of transformed input and one of products per
+//! task (2 x 1.2 MB at C = 256, f32) and the transformed weights twice
+//! (36 x M x K, 9.4 MB, as transformed and as packed); the weight gradient
+//! holds one block of transformed operands (2 x 9.4 MB) and the
+//! 36 x M x K accumulator. All scratch comes from the buffer pool, so the
+//! peak RSS of the whole loss stays near the direct conv's (retinanet 669
+//! against 683 MiB, two-stage ~1.9 against 1.85 GiB; PyTorch 1171 MiB and
+//! 2.6 GiB).
+//!
+//! Determinism: every output of the forward is computed by exactly one
+//! tile in one task, from a fixed-order chain over K (the kernel never
+//! mixes lanes), so neither the task split nor the block a tile lands in
+//! changes a bit. The weight gradient's reduction over tiles runs in a
+//! fixed order: block b's chains resume from the sums of blocks 0..b in
+//! C, and threads split positions and row panels (outputs), never the
+//! reduction. Tile lists and blocks depend on the shape and mask only.
+//! The weight transforms are per (row, column) pair, independent of the
+//! split.
+//!
+//! Accuracy (tests/winograd.rs prints them), norm-wise `||a - e|| / ||e||`
+//! against the f64 reference: f32 convs 1.3e-6 to 3.6e-6 (forward, input
+//! and weight gradients, C <= 43, odd shapes and masks); f64 below 1e-12
+//! (asserted). The whole DMKD loss in f32 at 64 channels against f64: loss
+//! 8.2e-8 for every algorithm, worst gradient 2.4e-6 by Winograd
+//! (`grad.p2.gen_s.0.weight`) against 7.2e-7 direct; the requirement is
+//! 1e-4. The `Auto` rule (`CpuBackend::winograd_for`) keeps f64 direct.
+
+mod dw;
+mod fwd;
+mod transform;
+
+pub(crate) use dw::conv2d_backward_weight;
+
+use crate::backend::cpu::simd::Elem;
+use crate::backend::{ConvArgs, InputMask};
+use fwd::{Epi, InMul, WinoConv};
+
+/// `y = act(conv3x3(x * mask, w) + b)` for a 3x3 / stride 1 / pad 1 conv.
+pub(crate) fn conv2d<E: Elem>(x: &[E], w: &[E], b: Option<&[E]>, args: &ConvArgs<E>) -> Vec<E> {
+    let g = &args.geom;
+    debug_assert!(g.is_3x3_same());
+    WinoConv {
+        src: x,
+        n: g.n,
+        k: g.c_in,
+        m: g.c_out,
+        h: g.h,
+        w: g.w,
+        weights: w,
+        transposed: false,
+        input: match &args.mask {
+            None => InMul::None,
+            Some(InputMask::Spatial(m)) => InMul::Spatial(m.as_slice()),
+            Some(InputMask::Channel(m)) => InMul::Channel(m.as_slice()),
+        },
+        epi: Epi::Bias {
+            bias: b,
+            relu: args.relu,
+        },
+    }
+    .run()
+}
+
+/// `dx = mask * conv_transpose(dy, w)` for a 3x3 / stride 1 / pad 1 conv:
+/// the correlation of `dy` (pad 1) with the flipped, transposed weights.
+pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<E>) -> Vec<E> {
+    let g = &args.geom;
+    debug_assert!(g.is_3x3_same());
+    WinoConv {
+        src: dy,
+        n: g.n,
+        k: g.c_out,
+        m: g.c_in,
+        h: g.h,
+        w: g.w,
+        weights: w,
+        transposed: true,
+        input: InMul::None,
+        epi: match &args.mask {
+            None => Epi::Bias {
+                bias: None,
+                relu: false,
+            },
+            Some(InputMask::Spatial(m)) => Epi::Spatial(m.as_slice()),
+            Some(InputMask::Channel(m)) => Epi::Rows(m.as_slice()),
+        },
+    }
+    .run()
+}
+
+/// A scratch buffer from the pool whose slice starts on a 64-byte
+/// boundary (packed B rows are whole cache lines). Its contents are
+/// unspecified: callers write before they read. Why not `Aligned`: that
+/// one allocates zeroed memory, and a fresh multi-MB block per task was
+/// page-faulted and zeroed on every call (5% of the forward time).
+pub(super) struct Scratch<E: crate::tensor::Float> {
+    buf: Vec<E>,
+    off: usize,
+    len: usize,
+}
+
+impl<E: crate::tensor::Float> Scratch<E> {
+    pub fn new(len: usize) -> Self {
+        let buf = crate::pool::take::<E>(len + 64 / std::mem::size_of::<E>());
+        let off = crate::backend::cpu::pack::align_offset(&buf);
+        Scratch { buf, off, len }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [E] {
+        &mut self.buf[self.off..self.off + self.len]
+    }
+
+    pub fn as_slice(&self) -> &[E] {
+        &self.buf[self.off..self.off + self.len]
+    }
+}
+
+impl<E: crate::tensor::Float> Drop for Scratch<E> {
+    fn drop(&mut self) {
+        drop(crate::pool::Buffer::new(std::mem::take(&mut self.buf)));
+    }
+}

@@ -1,0 +1,401 @@
+//! The F(4x4, 3x3) transforms (Lavin and Gray's points 0, +-1, +-2, inf).
+//!
+//! Vector transforms work on `[V; n]` arrays of SIMD registers whose lanes
+//! are independent problems (tiles, or channels): the callers gather the
+//! values of one register's lanes first, so every transform below is
+//! straight-line vector code with small integer coefficients. The weight
+//! transforms (`G g G^T` and its adjoint `G^T D G`) are scalar: they run
+//! once per (output, input) channel pair per call.
+//!
+//! ```text
+//! B^T = [4  0 -5  0 1 0]   G = [ 1/4     0    0 ]   A^T = [1 1  1 1  1 0]
+//!       [0 -4 -4  1 1 0]       [-1/6 -1/6 -1/6 ]         [0 1 -1 2 -2 0]
+//!       [0  4 -4 -1 1 0]       [-1/6  1/6 -1/6 ]         [0 1  1 4  4 0]
+//!       [0 -2 -1  2 1 0]       [1/24 1/12  1/6 ]         [0 1 -1 8 -8 1]
+//!       [0  2 -1 -2 1 0]       [1/24 -1/12 1/6 ]
+//!       [0  4  0 -5 0 1]       [   0    0    1 ]
+//! ```
+
+use pulp::Simd;
+
+use crate::backend::cpu::simd::Elem;
+
+/// Positions of a transformed tile (6 x 6).
+pub(crate) const POS: usize = 36;
+
+#[inline(always)]
+fn k<E: Elem, S: Simd>(s: S, c: f64) -> E::V<S> {
+    E::splat(s, E::from_f64(c))
+}
+
+/// `B^T d` along one line of 6 values.
+#[inline(always)]
+fn bt<E: Elem, S: Simd>(s: S, d: [E::V<S>; 6]) -> [E::V<S>; 6] {
+    let (m4, m5, two, four) = (
+        k::<E, S>(s, -4.0),
+        k::<E, S>(s, -5.0),
+        k::<E, S>(s, 2.0),
+        k::<E, S>(s, 4.0),
+    );
+    let t1 = E::fma(s, m4, d[2], d[4]); // d4 - 4 d2
+    let t2 = E::fma(s, m4, d[1], d[3]); // d3 - 4 d1
+    let t3 = E::vsub(s, d[4], d[2]);
+    let t4 = E::vmul(s, two, E::vsub(s, d[3], d[1]));
+    [
+        E::fma(s, four, d[0], E::fma(s, m5, d[2], d[4])),
+        E::vadd(s, t1, t2),
+        E::vsub(s, t1, t2),
+        E::vadd(s, t3, t4),
+        E::vsub(s, t3, t4),
+        E::fma(s, four, d[1], E::fma(s, m5, d[3], d[5])),
+    ]
+}
+
+/// `B^T d B` of a 6 x 6 tile (row-major), one register per position.
+#[inline(always)]
+pub(crate) fn input_tile<E: Elem, S: Simd>(s: S, d: &[E::V<S>; POS]) -> [E::V<S>; POS] {
+    let mut t = *d;
+    for c in 0..6 {
+        let col = bt::<E, S>(s, std::array::from_fn(|r| d[r * 6 + c]));
+        for r in 0..6 {
+            t[r * 6 + c] = col[r];
+        }
+    }
+    let mut out = t;
+    for r in 0..6 {
+        let row = bt::<E, S>(s, std::array::from_fn(|c| t[r * 6 + c]));
+        out[r * 6..r * 6 + 6].copy_from_slice(&row);
+    }
+    out
+}
+
+/// `A^T m` along one line: 6 values to 4.
+#[inline(always)]
+fn at<E: Elem, S: Simd>(s: S, m: [E::V<S>; 6]) -> [E::V<S>; 4] {
+    let (two, four, eight) = (k::<E, S>(s, 2.0), k::<E, S>(s, 4.0), k::<E, S>(s, 8.0));
+    let a = E::vadd(s, m[1], m[2]);
+    let b = E::vsub(s, m[1], m[2]);
+    let c = E::vadd(s, m[3], m[4]);
+    let d = E::vsub(s, m[3], m[4]);
+    [
+        E::vadd(s, E::vadd(s, m[0], a), c),
+        E::fma(s, two, d, b),
+        E::fma(s, four, c, a),
+        E::vadd(s, E::fma(s, eight, d, b), m[5]),
+    ]
+}
+
+/// `A^T m A`: a 6 x 6 product tile to the 4 x 4 outputs (row-major).
+#[inline(always)]
+pub(crate) fn output_tile<E: Elem, S: Simd>(s: S, m: &[E::V<S>; POS]) -> [E::V<S>; 16] {
+    let zero = E::splat(s, E::zero());
+    let mut t = [zero; 24]; // 4 x 6
+    for c in 0..6 {
+        let col = at::<E, S>(s, std::array::from_fn(|r| m[r * 6 + c]));
+        for r in 0..4 {
+            t[r * 6 + c] = col[r];
+        }
+    }
+    let mut out = [zero; 16];
+    for r in 0..4 {
+        let row = at::<E, S>(s, std::array::from_fn(|c| t[r * 6 + c]));
+        out[r * 4..r * 4 + 4].copy_from_slice(&row);
+    }
+    out
+}
+
+/// `A g` along one line: 4 values to 6 (the adjoint of [`at`]).
+#[inline(always)]
+fn a4<E: Elem, S: Simd>(s: S, g: [E::V<S>; 4]) -> [E::V<S>; 6] {
+    let (two, four) = (k::<E, S>(s, 2.0), k::<E, S>(s, 4.0));
+    let p = E::vadd(s, g[0], g[2]);
+    let q = E::vadd(s, g[1], g[3]);
+    let p2 = E::fma(s, four, g[2], g[0]);
+    let q2 = E::vmul(s, two, E::fma(s, four, g[3], g[1]));
+    [
+        g[0],
+        E::vadd(s, p, q),
+        E::vsub(s, p, q),
+        E::vadd(s, p2, q2),
+        E::vsub(s, p2, q2),
+        g[3],
+    ]
+}
+
+/// `A g A^T`: a 4 x 4 output-gradient tile to the 6 x 6 domain.
+#[inline(always)]
+pub(crate) fn grad_tile<E: Elem, S: Simd>(s: S, g: &[E::V<S>; 16]) -> [E::V<S>; POS] {
+    let zero = E::splat(s, E::zero());
+    let mut t = [zero; 24]; // 6 x 4
+    for c in 0..4 {
+        let col = a4::<E, S>(s, std::array::from_fn(|r| g[r * 4 + c]));
+        for r in 0..6 {
+            t[r * 4 + c] = col[r];
+        }
+    }
+    let mut out = [zero; POS];
+    for r in 0..6 {
+        let row = a4::<E, S>(s, std::array::from_fn(|c| t[r * 4 + c]));
+        out[r * 6..r * 6 + 6].copy_from_slice(&row);
+    }
+    out
+}
+
+/// `G g` along one line: 3 taps to 6.
+#[inline(always)]
+fn g3<E: Elem>(a: E, b: E, c: E) -> [E; 6] {
+    let f = E::from_f64;
+    let ac = a + c;
+    let e = a * f(1.0 / 24.0) + c * f(1.0 / 6.0);
+    let b12 = b * f(1.0 / 12.0);
+    [
+        a * f(0.25),
+        -(ac + b) * f(1.0 / 6.0),
+        -(ac - b) * f(1.0 / 6.0),
+        e + b12,
+        e - b12,
+        c,
+    ]
+}
+
+/// `G g G^T` of a 3 x 3 filter (row-major) to the 36 positions.
+#[inline(always)]
+pub(crate) fn weight_tile<E: Elem>(g: &[E; 9]) -> [E; POS] {
+    let mut t = [E::zero(); 18]; // 6 x 3
+    for c in 0..3 {
+        let col = g3(g[c], g[3 + c], g[6 + c]);
+        for r in 0..6 {
+            t[r * 3 + c] = col[r];
+        }
+    }
+    let mut out = [E::zero(); POS];
+    for r in 0..6 {
+        out[r * 6..r * 6 + 6].copy_from_slice(&g3(t[r * 3], t[r * 3 + 1], t[r * 3 + 2]));
+    }
+    out
+}
+
+/// `G^T d` along one line: 6 values to 3 (the adjoint of [`g3`]).
+#[inline(always)]
+fn gt6<E: Elem>(d: [E; 6]) -> [E; 3] {
+    let f = E::from_f64;
+    let s12 = d[1] + d[2];
+    let s34 = d[3] + d[4];
+    [
+        d[0] * f(0.25) - s12 * f(1.0 / 6.0) + s34 * f(1.0 / 24.0),
+        (d[2] - d[1]) * f(1.0 / 6.0) + (d[3] - d[4]) * f(1.0 / 12.0),
+        (s34 - s12) * f(1.0 / 6.0) + d[5],
+    ]
+}
+
+/// `G^T D G`: the gradient of the 36 transformed weights back to the 3 x 3
+/// filter (the adjoint of [`weight_tile`]).
+#[inline(always)]
+pub(crate) fn weight_grad_tile<E: Elem>(d: &[E; POS]) -> [E; 9] {
+    let mut t = [E::zero(); 18]; // 3 x 6
+    for c in 0..6 {
+        let col = gt6(std::array::from_fn(|r| d[r * 6 + c]));
+        for r in 0..3 {
+            t[r * 6 + c] = col[r];
+        }
+    }
+    let mut out = [E::zero(); 9];
+    for r in 0..3 {
+        out[r * 3..r * 3 + 3].copy_from_slice(&gt6(std::array::from_fn(|c| t[r * 6 + c])));
+    }
+    out
+}
+
+/// The 6 x 6 input window of output tile `(ty, tx)` of one `h x w` plane
+/// (pad 1: rows `4 ty - 1 ..`, zeros outside the plane), times the spatial
+/// multiplier `m` (a plane like `plane`) and the scalar `scale`. Exactly
+/// the reference's `x * m` for each value that is read.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn window<E: Elem>(
+    plane: &[E],
+    h: usize,
+    w: usize,
+    m: Option<&[E]>,
+    scale: E,
+    ty: usize,
+    tx: usize,
+) -> [E; POS] {
+    let mut d = [E::zero(); POS];
+    if m.is_none() && ty > 0 && tx > 0 && 4 * ty + 5 <= h && 4 * tx + 5 <= w {
+        let base = (4 * ty - 1) * w + 4 * tx - 1;
+        for r in 0..6 {
+            let row = &plane[base + r * w..][..6];
+            for c in 0..6 {
+                d[r * 6 + c] = row[c] * scale;
+            }
+        }
+        return d;
+    }
+    for r in 0..6 {
+        let y = (4 * ty + r).wrapping_sub(1);
+        if y >= h {
+            continue;
+        }
+        for c in 0..6 {
+            let x = (4 * tx + c).wrapping_sub(1);
+            if x >= w {
+                continue;
+            }
+            let v = plane[y * w + x];
+            d[r * 6 + c] = match m {
+                Some(m) => v * m[y * w + x],
+                None => v,
+            } * scale;
+        }
+    }
+    d
+}
+
+/// True when the 6 x 6 window of tile `(ty, tx)` of the mask plane `m` is
+/// all exact zeros (so the masked input reads only zeros there).
+pub(crate) fn window_is_zero<E: Elem>(m: &[E], h: usize, w: usize, ty: usize, tx: usize) -> bool {
+    let (y0, y1) = ((4 * ty).saturating_sub(1), (4 * ty + 5).min(h));
+    let (x0, x1) = ((4 * tx).saturating_sub(1), (4 * tx + 5).min(w));
+    (y0..y1).all(|y| m[y * w + x0..y * w + x1].iter().all(|&v| v == E::zero()))
+}
+
+/// True when the 4 x 4 outputs of tile `(ty, tx)` of the mask plane `m` are
+/// all exact zeros.
+pub(crate) fn tile_is_zero<E: Elem>(m: &[E], h: usize, w: usize, ty: usize, tx: usize) -> bool {
+    let (y1, x1) = ((4 * ty + 4).min(h), (4 * tx + 4).min(w));
+    (4 * ty..y1).all(|y| {
+        m[y * w + 4 * tx..y * w + x1]
+            .iter()
+            .all(|&v| v == E::zero())
+    })
+}
+
+/// [`g3`] on registers (the same operations in the same order, so a lane
+/// gets the bits the scalar version gives).
+#[inline(always)]
+fn g3v<E: Elem, S: Simd>(s: S, a: E::V<S>, b: E::V<S>, c: E::V<S>) -> [E::V<S>; 6] {
+    let (q, s6, s12, s24) = (
+        k::<E, S>(s, 0.25),
+        k::<E, S>(s, 1.0 / 6.0),
+        k::<E, S>(s, 1.0 / 12.0),
+        k::<E, S>(s, 1.0 / 24.0),
+    );
+    let zero = E::splat(s, E::zero());
+    let ac = E::vadd(s, a, c);
+    let e = E::vadd(s, E::vmul(s, a, s24), E::vmul(s, c, s6));
+    let b12 = E::vmul(s, b, s12);
+    [
+        E::vmul(s, a, q),
+        E::vmul(s, E::vsub(s, zero, E::vadd(s, ac, b)), s6),
+        E::vmul(s, E::vsub(s, zero, E::vsub(s, ac, b)), s6),
+        E::vadd(s, e, b12),
+        E::vsub(s, e, b12),
+        c,
+    ]
+}
+
+/// [`weight_tile`] on registers whose lanes are independent filters.
+#[inline(always)]
+pub(crate) fn weight_tile_v<E: Elem, S: Simd>(s: S, g: &[E::V<S>; 9]) -> [E::V<S>; POS] {
+    let zero = E::splat(s, E::zero());
+    let mut t = [zero; 18];
+    for c in 0..3 {
+        let col = g3v::<E, S>(s, g[c], g[3 + c], g[6 + c]);
+        for r in 0..6 {
+            t[r * 3 + c] = col[r];
+        }
+    }
+    let mut out = [zero; POS];
+    for r in 0..6 {
+        out[r * 6..r * 6 + 6].copy_from_slice(&g3v::<E, S>(
+            s,
+            t[r * 3],
+            t[r * 3 + 1],
+            t[r * 3 + 2],
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pulp::{Arch, WithSimd};
+
+    /// One tile through the vector transforms, lane 0 of each register,
+    /// against the 3x3 correlation it must equal (f64, exact to rounding).
+    struct OneTile {
+        d: [f64; POS],
+        g: [f64; 9],
+        dy: [f64; 16],
+    }
+
+    impl WithSimd for OneTile {
+        type Output = ([f64; 16], [f64; 9], bool);
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, s: S) -> Self::Output {
+            let l = f64::lanes::<S>();
+            let lane0 = |v: <f64 as Elem>::V<S>| {
+                let mut out = [0.0f64; 16];
+                f64::store(s, &mut out[..l], v);
+                out[0]
+            };
+            let dv: [_; POS] = std::array::from_fn(|i| f64::splat(s, self.d[i]));
+            let u = weight_tile(&self.g);
+            let v = input_tile::<f64, S>(s, &dv);
+            let m: [_; POS] = std::array::from_fn(|i| f64::vmul(s, v[i], f64::splat(s, u[i])));
+            let y = output_tile::<f64, S>(s, &m).map(lane0);
+            // Weight gradient of this one tile: G^T ((A dy A^T) (.) V) G.
+            let gv: [_; 16] = std::array::from_fn(|i| f64::splat(s, self.dy[i]));
+            let wt = grad_tile::<f64, S>(s, &gv);
+            let dd: [f64; POS] = std::array::from_fn(|i| lane0(f64::vmul(s, wt[i], v[i])));
+            let dw = weight_grad_tile(&dd);
+            // The vector weight transform gives the scalar one's bits.
+            let gvv: [_; 9] = std::array::from_fn(|t| f64::splat(s, self.g[t]));
+            let same = weight_tile_v::<f64, S>(s, &gvv)
+                .iter()
+                .zip(&u)
+                .all(|(&a, &b)| lane0(a).to_bits() == b.to_bits());
+            (y, dw, same)
+        }
+    }
+
+    #[test]
+    fn one_tile_equals_the_correlation() {
+        let d: [f64; POS] = std::array::from_fn(|i| ((i * 37 % 11) as f64 - 5.0) / 4.0);
+        let g: [f64; 9] = std::array::from_fn(|i| ((i * 5 % 7) as f64 - 3.0) / 8.0);
+        let dy: [f64; 16] = std::array::from_fn(|i| ((i * 3 % 5) as f64 - 2.0) / 2.0);
+        for arch in [Arch::new(), Arch::Scalar] {
+            let (y, dw, same) = arch.dispatch(OneTile { d, g, dy });
+            assert!(same, "vector and scalar weight transforms differ");
+            for oy in 0..4 {
+                for ox in 0..4 {
+                    let mut want = 0.0;
+                    for ky in 0..3 {
+                        for kx in 0..3 {
+                            want += d[(oy + ky) * 6 + ox + kx] * g[ky * 3 + kx];
+                        }
+                    }
+                    let got = y[oy * 4 + ox];
+                    assert!((got - want).abs() <= 1e-13, "y[{oy}][{ox}] {got} vs {want}");
+                }
+            }
+            for ky in 0..3 {
+                for kx in 0..3 {
+                    let mut want = 0.0;
+                    for oy in 0..4 {
+                        for ox in 0..4 {
+                            want += dy[oy * 4 + ox] * d[(oy + ky) * 6 + ox + kx];
+                        }
+                    }
+                    let got = dw[ky * 3 + kx];
+                    assert!(
+                        (got - want).abs() <= 1e-13,
+                        "dw[{ky}][{kx}] {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
