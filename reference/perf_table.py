@@ -45,7 +45,7 @@ def main():
 
     raw = []
     lines = [
-        "| preset | path | forward ms | fwd+bwd ms | eff. GFLOP/s | vs PyTorch | peak RSS MiB | FMA peak probe |",
+        "| preset | path | forward ms | fwd+bwd ms | eff. GFLOP/s | speed-up vs PyTorch | peak RSS MiB | FMA peak probe |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for preset in args.presets:
