@@ -22,8 +22,8 @@
 //! gradient's rows and the weight gradient's row panels; spatially masked
 //! regions skip output tiles (forward, input gradient) and k-blocks (weight
 //! gradient). Winograd does the same per 4x4 tile and per image's kept
-//! channels (see its module doc). Skipped work would only have added exact zeros, so results
-//! equal the dense path's but for the sign of a zero (or a NaN that a
+//! channels (see its module doc). Skipped work would only have added exact
+//! zeros, so results equal the dense path's but for the sign of a zero (or a NaN that a
 //! skipped `0 * inf` would have made).
 
 use std::any::{Any, TypeId};
@@ -423,5 +423,17 @@ mod tests {
         // P5 (N*H*W = 2100): Winograd for all three passes.
         let p5 = args::<f32>(2, 256, 25, 42, 3, 1);
         assert!(auto.winograd_for(&p5, Pass::Forward) && auto.winograd_for(&p5, Pass::Weight));
+        // The thresholds themselves: N*H*W = 2048 / 2047 for the forward
+        // and input passes, 1024 / 1023 for the weight gradient, and 16 / 15
+        // channels.
+        let at = |n: usize, c: usize, h: usize, w: usize| args::<f32>(n, c, h, w, 3, 1);
+        for pass in [Pass::Forward, Pass::Input] {
+            assert!(auto.winograd_for(&at(2, 64, 32, 32), pass));
+            assert!(!auto.winograd_for(&at(1, 64, 23, 89), pass));
+        }
+        assert!(auto.winograd_for(&at(1, 64, 32, 32), Pass::Weight));
+        assert!(!auto.winograd_for(&at(1, 64, 31, 33), Pass::Weight));
+        assert!(auto.winograd_for(&at(2, 16, 32, 32), Pass::Forward));
+        assert!(!auto.winograd_for(&at(2, 15, 32, 32), Pass::Forward));
     }
 }
