@@ -233,12 +233,9 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
             Some(InputMask::Channel(m)) => Some(m.as_slice()),
             _ => None,
         };
+        // Lanes past the last column stay 0 from `d`'s initialisation:
+        // the loop below writes only lanes `0..lanes`.
         let lanes = nr.min(cols.len());
-        if lanes < nr {
-            for i in 0..POS {
-                d[i * nr + lanes..(i + 1) * nr].fill(E::zero());
-            }
-        }
         for (t, &(img, ty, tx)) in tiles.iter().enumerate() {
             let ms = match &args.mask {
                 Some(InputMask::Spatial(m)) => Some(&m.as_slice()[img * hw..][..hw]),
