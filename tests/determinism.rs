@@ -216,6 +216,11 @@ fn whole_loss_same_bits_for_1_2_8_threads() {
         assert!(one.len() > 40, "every output is compared");
         for threads in [2, 8, 1] {
             let other = run(threads);
+            assert_eq!(
+                one.len(),
+                other.len(),
+                "same outputs under {threads} threads"
+            );
             for ((k, a), (_, b)) in one.iter().zip(&other) {
                 assert!(
                     a == b,
