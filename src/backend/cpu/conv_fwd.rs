@@ -149,8 +149,7 @@ fn conv2d_channel_sparse<E: Elem>(
         if kept.is_empty() {
             // Every product is zero: act(0 + b), as the reference computes it.
             for (co, row) in yimg.chunks_mut(p).enumerate() {
-                let v = E::zero() + b.map_or(E::zero(), |b| b[co]);
-                row.fill(if args.relu { relu_of(v) } else { v });
+                row.fill(act_of_bias(b, co, args.relu));
             }
             continue;
         }
@@ -523,6 +522,13 @@ fn epilogue<E: Elem>(
 
 /// The reference's ReLU: `x > 0 ? x : 0` (NaN maps to 0).
 #[inline(always)]
-fn relu_of<E: Elem>(x: E) -> E {
+pub(crate) fn relu_of<E: Elem>(x: E) -> E {
     if x > E::zero() { x } else { E::zero() }
+}
+
+/// Output channel `co` of a forward conv where every product is zero (all
+/// inputs masked or skipped): `act(0 + b)`, rounded as the reference does.
+pub(crate) fn act_of_bias<E: Elem>(bias: Option<&[E]>, co: usize, relu: bool) -> E {
+    let v = E::zero() + bias.map_or(E::zero(), |b| b[co]);
+    if relu { relu_of(v) } else { v }
 }

@@ -8,7 +8,7 @@ use super::Scratch;
 use super::transform::{
     POS, input_tile, output_tile, tile_is_zero, weight_tile, weight_tile_v, window, window_is_zero,
 };
-use crate::backend::cpu::conv_fwd::TASKS_PER_THREAD;
+use crate::backend::cpu::conv_fwd::{TASKS_PER_THREAD, act_of_bias, relu_of};
 use crate::backend::cpu::kernel::{ColBlock, MR, nr, run_packed_tile, split_columns};
 use crate::backend::cpu::simd::Elem;
 use crate::pool;
@@ -259,12 +259,6 @@ struct WinoTask<'a, 'b, E: Elem> {
     block: ColBlock<'b, E>,
 }
 
-/// The reference's ReLU: `x > 0 ? x : 0` (NaN maps to 0).
-#[inline(always)]
-fn relu_of<E: Elem>(x: E) -> E {
-    if x > E::zero() { x } else { E::zero() }
-}
-
 impl<E: Elem> WithSimd for WinoTask<'_, '_, E> {
     type Output = ();
 
@@ -318,10 +312,7 @@ impl<E: Elem> WithSimd for WinoTask<'_, '_, E> {
         if tiles.len() < (ty1 - ty0) * tw || rows.len() < m {
             for co in 0..m {
                 let v = match conv.epi {
-                    Epi::Bias { bias, relu } => {
-                        let v = E::zero() + bias.map_or(E::zero(), |b| b[co]);
-                        if relu { relu_of(v) } else { v }
-                    }
+                    Epi::Bias { bias, relu } => act_of_bias(bias, co, relu),
                     _ => E::zero(),
                 };
                 block.row_mut(co).fill(v);
