@@ -15,15 +15,9 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use dmkd::backend::{Backend, ConvArgs, ConvGeometry, CpuBackend, ReferenceBackend};
+use dmkd::synthetic::Preset;
 use dmkd::{ConvAlgo, Tensor};
 
-const LEVELS: [(&str, usize, usize); 5] = [
-    ("P3", 100, 168),
-    ("P4", 50, 84),
-    ("P5", 25, 42),
-    ("P6", 13, 21),
-    ("P7", 7, 11),
-];
 const N: usize = 2;
 const C: usize = 256;
 
@@ -119,7 +113,10 @@ fn bench(c: &mut Criterion) {
     let cpu = CpuBackend::new(ConvAlgo::Direct);
     let wino = CpuBackend::new(ConvAlgo::Winograd);
     let reference = ReferenceBackend;
-    for &(name, h, w) in &LEVELS {
+    // The level sizes of the retinanet preset (P3..P7), as `dmkd bench` uses.
+    let preset = Preset::named("retinanet").unwrap();
+    for (name, &(h, w)) in preset.level_names.iter().zip(&preset.levels) {
+        let name = name.as_str();
         let p = problem(h, w);
         let macs = p.args.geom.macs();
         let mut g = c.benchmark_group("conv3x3_256");

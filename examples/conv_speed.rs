@@ -14,15 +14,8 @@ use std::time::Instant;
 
 use dmkd::backend::cpu::fma_peak_gflops;
 use dmkd::backend::{Backend, ConvArgs, ConvGeometry, CpuBackend};
+use dmkd::synthetic::Preset;
 use dmkd::{ConvAlgo, Float, Tensor};
-
-const LEVELS: [(&str, usize, usize); 5] = [
-    ("P3", 100, 168),
-    ("P4", 50, 84),
-    ("P5", 25, 42),
-    ("P6", 13, 21),
-    ("P7", 7, 11),
-];
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -118,7 +111,7 @@ fn time(reps: usize, mut f: impl FnMut()) -> (f64, bool) {
 }
 
 /// Level, flops, median seconds of (fwd, dX, dW) and whether each was quiet.
-type Row = (&'static str, f64, [(f64, bool); 3]);
+type Row = (String, f64, [(f64, bool); 3]);
 
 /// Median seconds of (fwd, dX, dW) per level.
 fn run<T: Float>(reps: usize, levels: &[&str]) -> Vec<Row> {
@@ -133,7 +126,11 @@ fn run<T: Float>(reps: usize, levels: &[&str]) -> Vec<Row> {
     let be = CpuBackend::new(algo);
     let (n, c) = (2, 256);
     let mut out = Vec::new();
-    for &(name, h, w) in LEVELS.iter().filter(|l| levels.contains(&l.0)) {
+    let preset = Preset::named("retinanet").unwrap();
+    for (name, &(h, w)) in preset.level_names.iter().zip(&preset.levels) {
+        if !levels.contains(&name.as_str()) {
+            continue;
+        }
         let geom = ConvGeometry::new(&[n, c, h, w], &[c, c, 3, 3], [1, 1], [1, 1]).unwrap();
         let values = |len: usize, seed: usize| -> Vec<T> {
             (0..len)
@@ -204,7 +201,7 @@ fn run<T: Float>(reps: usize, levels: &[&str]) -> Vec<Row> {
                 drop(be.conv2d_backward_weight(&dy, &x, &args).unwrap())
             });
         }
-        out.push((name, flops, row));
+        out.push((name.clone(), flops, row));
     }
     out
 }
@@ -242,10 +239,11 @@ fn print(rows: &[Row], peak: f64) {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let reps = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5);
+    let all = Preset::named("retinanet").unwrap().level_names;
     let levels: Vec<&str> = args
         .get(2)
         .map(|s| s.split(',').collect())
-        .unwrap_or_else(|| LEVELS.iter().map(|l| l.0).collect());
+        .unwrap_or_else(|| all.iter().map(String::as_str).collect());
     let f64_too = args.iter().any(|a| a == "f64");
     let threads = rayon::current_num_threads();
     let peak_before = fma_peak_gflops(threads);
