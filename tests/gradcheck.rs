@@ -11,13 +11,15 @@
 //! Case counts come from `PROPTEST_CASES` (default 24 per property here),
 //! sized so the suite runs in seconds in release mode on 2 cores.
 
+mod common;
+
 use std::sync::Arc;
 
+use common::proptest_config as config;
 use dmkd::backend::{Binary, CpuBackend, ReferenceBackend, Unary};
 use dmkd::gradcheck::check;
 use dmkd::{BackendRef, Conv2dOptions, InputMask, Result, Tape, Tensor, Var};
 use proptest::prelude::*;
-use proptest::test_runner::Config;
 
 fn backends() -> Vec<BackendRef<f64>> {
     vec![
@@ -25,19 +27,6 @@ fn backends() -> Vec<BackendRef<f64>> {
         Arc::new(CpuBackend::new(dmkd::ConvAlgo::Direct)),
         Arc::new(CpuBackend::new(dmkd::ConvAlgo::Auto)),
     ]
-}
-
-fn config() -> Config {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(24);
-    Config {
-        cases,
-        // Failing inputs are printed (shrunk); no regression files are written.
-        failure_persistence: None,
-        ..Config::default()
-    }
 }
 
 /// Run the check on every backend and fail the property on any miss.

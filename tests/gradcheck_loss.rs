@@ -11,6 +11,8 @@
 //! `KINK_MARGIN` of a kink is skipped: the finite-difference step moves
 //! them by ~1e-5, and a difference across a kink measures the kink.
 
+mod common;
+
 use std::sync::Arc;
 
 use dmkd::backend::{CpuBackend, ReferenceBackend};
@@ -21,15 +23,11 @@ use proptest::prelude::*;
 use proptest::test_runner::Config as PropConfig;
 
 fn config() -> PropConfig {
-    let cases: u32 = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(24);
+    let base = common::proptest_config();
     PropConfig {
         // Each case differentiates ~30 inputs: fewer cases than the op checks.
-        cases: (cases / 2).max(4),
-        failure_persistence: None,
-        ..PropConfig::default()
+        cases: (base.cases / 2).max(4),
+        ..base
     }
 }
 

@@ -27,22 +27,12 @@
 //!
 //! Case counts come from `PROPTEST_CASES` (default 24).
 
+mod common;
+
+use common::proptest_config as config;
 use dmkd::backend::{Backend, Binary, ConvArgs, ConvGeometry, CpuBackend, ReferenceBackend, Unary};
 use dmkd::{ConvAlgo, InputMask, Tensor};
 use proptest::prelude::*;
-use proptest::test_runner::Config;
-
-fn config() -> Config {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(24);
-    Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    }
-}
 
 fn cpu() -> CpuBackend {
     CpuBackend::new(ConvAlgo::Direct)
