@@ -96,6 +96,21 @@ def attention(x, tau):
     return a_s, a_c
 
 
+def attention_logits(x, tau):
+    """The mask keys' logits of a feature x [N, C, H, W], in float64 whatever x's dtype.
+
+    z_s[n, h*W + w] = mean_c |x| / tau  ([N, H*W]),  z_c[n, c] = mean_hw |x| / tau  ([N, C]).
+    The means are accumulated in float64. A = K * softmax(z) orders entries exactly as z does,
+    but in f32 A underflows to exactly 0 once a logit lies ~100 below the largest (f64: ~745),
+    and ordering by A would then fall back to index order; z cannot underflow.
+    """
+    n, c, h, w = x.shape
+    value = x.detach().to(torch.float64).abs()
+    z_s = (value.mean(dim=1) / tau).reshape(n, h * w)
+    z_c = value.mean(dim=(2, 3)) / tau
+    return z_s, z_c
+
+
 # --------------------------------------------------------------------------------------------
 # Masks (1 keeps, 0 masks). Built in numpy/f64 off the autograd graph: they are constants.
 # --------------------------------------------------------------------------------------------
@@ -128,28 +143,30 @@ def zero_top_k(keys, k):
     return mask
 
 
-def gumbel_keys(attn, u):
-    """Gumbel-top-k keys ln(A) + G, G = -ln(-ln u), in float64; ln 0 = -inf."""
-    a = np.asarray(attn, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        log_a = np.log(a)  # exact zeros (softmax underflow) give -inf, as the spec says
-    return log_a + (-np.log(-np.log(u)))
+def gumbel_keys(logits, u):
+    """Gumbel-top-k keys z + G, G = -ln(-ln u), in float64.
+
+    They order exactly as ln(A) + G (ln A = z + ln K - logsumexp(z), a per-sample constant
+    apart) but cannot underflow to -inf."""
+    z = np.asarray(logits, dtype=np.float64)
+    return z + (-np.log(-np.log(u)))
 
 
-def make_mask(mode, attn, lam, seed, level, branch):
-    """One branch's mask [N, K] in float64 from its attention [N, K] (any float dtype).
+def make_mask(mode, logits, lam, seed, level, branch):
+    """One branch's mask [N, K] in float64 from its attention logits [N, K] (float64).
 
-    topk:    zero the k = floor(lam*K + 0.5) highest attention entries (ties: lower index)
-    sampled: zero the k largest Gumbel keys ln(A) + G (sampling without replacement ~ A)
+    topk:    zero the k = floor(lam*K + 0.5) largest logits, i.e. the highest attention entries
+             (ties: lower index)
+    sampled: zero the k largest Gumbel keys z + G (sampling without replacement ~ A)
     random:  zero where u > 1 - lam (MGD; the count varies)
     """
-    a = attn.detach().to(torch.float64).cpu().numpy()
-    n, width = a.shape
+    z = logits.detach().to(torch.float64).cpu().numpy()
+    n, width = z.shape
     if mode == "topk":
-        return zero_top_k(a, mask_count(lam, width))
+        return zero_top_k(z, mask_count(lam, width))
     u = uniforms(seed, level, n, width, branch)
     if mode == "sampled":
-        return zero_top_k(gumbel_keys(a, u), mask_count(lam, width))
+        return zero_top_k(gumbel_keys(z, u), mask_count(lam, width))
     if mode == "random":
         return random_mask(u, lam)
     raise ValueError(f"unknown mask_mode {mode!r}")
@@ -193,9 +210,10 @@ def dmkd_level(s, t, p, cfg, level):
     t = t.detach()
     n, c, h, w = t.shape
     with torch.no_grad():  # teacher attention and masks are constants
-        a_s, a_c = attention(t, cfg["tau"])
-        m_s = make_mask(cfg["mask_mode"], a_s.reshape(n, h * w), cfg["lambda_s"], cfg["seed"], level, 0)
-        m_c = make_mask(cfg["mask_mode"], a_c, cfg["lambda_c"], cfg["seed"], level, 1)
+        a_s, a_c = attention(t, cfg["tau"])  # debug outputs; the masks follow the f64 logits
+        z_s, z_c = attention_logits(t, cfg["tau"])
+        m_s = make_mask(cfg["mask_mode"], z_s, cfg["lambda_s"], cfg["seed"], level, 0)
+        m_c = make_mask(cfg["mask_mode"], z_c, cfg["lambda_c"], cfg["seed"], level, 1)
     # Masks are built on the CPU in f64; move them to the feature's device and dtype (exact: 0/1).
     m_s = torch.from_numpy(m_s).to(device=t.device, dtype=t.dtype).reshape(n, h, w)
     m_c = torch.from_numpy(m_c).to(device=t.device, dtype=t.dtype)

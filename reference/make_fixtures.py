@@ -161,13 +161,13 @@ def check_case(name, case, tensors, out):
         _, c, h, w = t.shape
         p = {k[len(f"p{l}."):]: v for k, v in tensors.items() if k.startswith(f"p{l}.")}
         if cfg["method"] == "dmkd":
-            a_s, a_c = out[f"p{l}.attn_s"].reshape(n, h * w), out[f"p{l}.attn_c"]
+            z_s, z_c = ref.attention_logits(t, cfg["tau"])
             if cfg["mask_mode"] == "topk":
-                check_k_gap(a_s, ref.mask_count(cfg["lambda_s"], h * w), f"{name} p{l} A_s", tol)
-                check_k_gap(a_c, ref.mask_count(cfg["lambda_c"], c), f"{name} p{l} A_c", tol)
+                check_k_gap(z_s, ref.mask_count(cfg["lambda_s"], h * w), f"{name} p{l} z_s", tol)
+                check_k_gap(z_c, ref.mask_count(cfg["lambda_c"], c), f"{name} p{l} z_c", tol)
             elif cfg["mask_mode"] == "sampled":
-                ks = ref.gumbel_keys(a_s, ref.uniforms(cfg["seed"], l, n, h * w, 0))
-                kc = ref.gumbel_keys(a_c, ref.uniforms(cfg["seed"], l, n, c, 1))
+                ks = ref.gumbel_keys(z_s, ref.uniforms(cfg["seed"], l, n, h * w, 0))
+                kc = ref.gumbel_keys(z_c, ref.uniforms(cfg["seed"], l, n, c, 1))
                 check_k_gap(ks, ref.mask_count(cfg["lambda_s"], h * w), f"{name} p{l} Gumbel s", tol)
                 check_k_gap(kc, ref.mask_count(cfg["lambda_c"], c), f"{name} p{l} Gumbel c", tol)
         if cfg["method"] in ("dmkd", "mgd"):

@@ -135,18 +135,46 @@ class Masks(unittest.TestCase):
             self.assertGreater(a[m == 0].min(), a[m == 1].max())
 
     def test_sampled_keys(self):
-        a = torch.tensor([[0.0, 1.0, 2.0]], dtype=F64)
+        # Keys are z + G on the f64 logits: a logit 800 below the rest (A = 0 even in f64) still
+        # has a finite key, where ln(A) + G would be -inf.
+        z = torch.tensor([[-800.0, 1.0, 2.0]], dtype=F64)
         u = np.array([[0.3, 0.5, 0.9]])
-        keys = ref.gumbel_keys(a, u)
-        want = [-math.inf, math.log(1.0) - math.log(-math.log(0.5)), math.log(2.0) - math.log(-math.log(0.9))]
+        keys = ref.gumbel_keys(z, u)
+        want = [-800.0 - math.log(-math.log(0.3)), 1.0 - math.log(-math.log(0.5)), 2.0 - math.log(-math.log(0.9))]
         np.testing.assert_array_equal(keys, [want])
-        # The mode uses the level's uniforms of the right branch.
+        # The mode uses the level's uniforms of the right branch, on the teacher's logits.
         levels = [((3, 4, 2, 3), dict(lambda_s=0.5, lambda_c=0.5, mask_mode="sampled", seed=99))]
-        out = ref.evaluate({"levels": [levels[0][1]]}, rand_tensors(levels, 2, 4), "f64")
-        ks = ref.gumbel_keys(out["p0.attn_s"].reshape(2, 6), ref.uniforms(99, 0, 2, 6, 0))
+        tensors = rand_tensors(levels, 2, 4)
+        out = ref.evaluate({"levels": [levels[0][1]]}, tensors, "f64")
+        zs, zc = ref.attention_logits(tensors["p0.teacher"], 0.5)
+        ks = ref.gumbel_keys(zs, ref.uniforms(99, 0, 2, 6, 0))
         np.testing.assert_array_equal(ref.zero_top_k(ks, 3), out["p0.mask_s"].reshape(2, 6).numpy())
-        kc = ref.gumbel_keys(out["p0.attn_c"], ref.uniforms(99, 0, 2, 4, 1))
+        kc = ref.gumbel_keys(zc, ref.uniforms(99, 0, 2, 4, 1))
         np.testing.assert_array_equal(ref.zero_top_k(kc, 2), out["p0.mask_c"].numpy())
+
+    def test_masks_do_not_depend_on_the_dtype_for_heavy_tailed_features(self):
+        # Per-channel scales exp(N(0,1)) * 5 spread the channel logits over ~160 within an image:
+        # A_c underflows to 0 in f32 for many channels, and ordering by A would pick them by index.
+        # The f64 logits of the same (f32-representable) values are identical in both runs.
+        g = torch.Generator().manual_seed(16)
+        n, c, h, w = 2, 256, 4, 5
+        scale = torch.exp(torch.randn(n, c, 1, 1, generator=g, dtype=F64)) * 5.0
+        t = (torch.randn(n, c, h, w, generator=g, dtype=F64) * scale).float().double()
+        z_s, z_c = ref.attention_logits(t, 0.5)
+        self.assertGreater((z_c.max(1).values - z_c.min(1).values).min().item(), 100.0)
+        a_s32, a_c32 = ref.attention(t.float(), 0.5)
+        self.assertGreater(int((a_c32 == 0).sum()), 0)  # the f32 attention does underflow here
+        for mode in ("topk", "sampled", "random"):
+            masks = []
+            for x in (t, t.float()):
+                zs, zc = ref.attention_logits(x, 0.5)
+                masks.append((ref.make_mask(mode, zs, 0.65, 7, 0, 0), ref.make_mask(mode, zc, 0.65, 7, 0, 1)))
+            np.testing.assert_array_equal(masks[0][0], masks[1][0], mode)
+            np.testing.assert_array_equal(masks[0][1], masks[1][1], mode)
+        # ... and the f32 A-ordering the spec replaced would not: masked channels sorted by
+        # index among underflowed ones differ from the f64 choice.
+        by_a = ref.zero_top_k(a_c32.double().numpy(), ref.mask_count(0.65, c))
+        self.assertTrue((by_a != ref.make_mask("topk", z_c, 0.65, 0, 0, 1)).any())
 
     def test_random_mode_and_mgd(self):
         seed = 0x9E3779B97F4A7C15

@@ -4,10 +4,16 @@
 //!
 //! - spatial: `g[n,h,w] = mean_c |X[n,c,h,w]|`, `A_s[n] = H*W * softmax_{(h,w)}(g[n] / tau)`
 //! - channel: `q[n,c] = mean_{h,w} |X[n,c,h,w]|`, `A_c[n] = C * softmax_c(q[n] / tau)`
+//!
+//! The masks do not read `A`: they are chosen from the logits `z = g / tau`
+//! and `z = q / tau` in f64 ([`attention_logits`]), which order the entries
+//! exactly as `A` does but cannot underflow (see `distill::mask`).
+
+use rayon::prelude::*;
 
 use crate::autograd::Var;
 use crate::error::{Error, Result};
-use crate::tensor::Float;
+use crate::tensor::{Float, Tensor};
 
 fn check_tau(tau: f64) -> Result<()> {
     if !(tau.is_finite() && tau > 0.0) {
@@ -53,6 +59,57 @@ fn channel_attention_of_abs<T: Float>(abs: &Var<T>, tau: f64) -> Result<Var<T>> 
         .scale(1.0 / tau)?
         .softmax(1)?
         .scale(c as f64)
+}
+
+/// The attention logits of a (teacher) feature `[N, C, H, W]`, in f64
+/// whatever `T` is: spatial `z_s[n,h,w] = mean_c |x| / tau` (`[N, H, W]`) and
+/// channel `z_c[n,c] = mean_{h,w} |x| / tau` (`[N, C]`).
+///
+/// These are the mask keys. `A = K * softmax(z)` orders its entries exactly
+/// as `z` does, but in f32 `A` underflows to exactly 0 once a logit lies
+/// about 100 below the sample's largest (f64: about 745), and entries that
+/// underflow would then be ordered by index. The logits cannot underflow.
+///
+/// Each mean is accumulated in f64 in index order (channel `c` ascending for
+/// the spatial logits, position `h*W + w` ascending for the channel logits),
+/// one sample per task, so the keys are the same bits on every backend,
+/// thread count and compute type for the same input values: an f32 input and
+/// its f64 image give identical keys, hence identical masks.
+pub fn attention_logits<T: Float>(x: &Tensor<T>, tau: f64) -> Result<(Tensor<f64>, Tensor<f64>)> {
+    check_tau(tau)?;
+    let [n, c, h, w] = x.dims4("attention_logits")?;
+    let hw = h * w;
+    let xs = x.as_slice();
+    let per_sample: Vec<(Vec<f64>, Vec<f64>)> = (0..n)
+        .into_par_iter()
+        .map(|s| {
+            let mut spatial = vec![0.0f64; hw];
+            let mut channel = vec![0.0f64; c];
+            for (ci, ch) in channel.iter_mut().enumerate() {
+                let plane = &xs[(s * c + ci) * hw..][..hw];
+                let mut sum = 0.0f64;
+                for (acc, &v) in spatial.iter_mut().zip(plane) {
+                    let a = v.as_f64().abs();
+                    *acc += a;
+                    sum += a;
+                }
+                *ch = sum / hw as f64 / tau;
+            }
+            for z in &mut spatial {
+                *z = *z / c as f64 / tau;
+            }
+            (spatial, channel)
+        })
+        .collect();
+    let (mut zs, mut zc) = (Vec::with_capacity(n * hw), Vec::with_capacity(n * c));
+    for (s, ch) in per_sample {
+        zs.extend(s);
+        zc.extend(ch);
+    }
+    Ok((
+        Tensor::from_vec(&[n, h, w], zs)?,
+        Tensor::from_vec(&[n, c], zc)?,
+    ))
 }
 
 #[cfg(test)]
@@ -119,10 +176,69 @@ mod tests {
     }
 
     #[test]
+    fn logits_are_the_f64_means_over_tau_and_order_as_the_attention() {
+        // N=1, C=2, H=1, W=2 as above: g = [2, 1], q = [1.5, 1.5].
+        let x = Tensor::from_vec(&[1, 2, 1, 2], vec![1.0f32, 2.0, -3.0, 0.0]).unwrap();
+        let (zs, zc) = attention_logits(&x, 0.5).unwrap();
+        assert_eq!(zs.shape(), &[1, 1, 2]);
+        assert_eq!(zc.shape(), &[1, 2]);
+        assert_eq!(zs.as_slice(), &[4.0, 2.0]);
+        assert_eq!(zc.as_slice(), &[3.0, 3.0]);
+        // Larger: the logits order every sample's entries as A does, and
+        // A = K * softmax(z) recomputed from them matches the engine's maps.
+        let t = tape();
+        let x = Tensor::from_fn(&[2, 3, 4, 5], |i| ((i * 7919 % 61) as f64 - 30.0) * 0.1).unwrap();
+        let (zs, zc) = attention_logits(&x, 0.7).unwrap();
+        let (a_s, a_c) = attention_maps(&t.constant(x), 0.7).unwrap();
+        for (z, a, k) in [(&zs, a_s.value(), 20usize), (&zc, a_c.value(), 3)] {
+            for s in 0..2 {
+                let z = &z.as_slice()[s * k..][..k];
+                let a = &a.as_slice()[s * k..][..k];
+                let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let den: f64 = z.iter().map(|v| (v - m).exp()).sum();
+                for (zi, ai) in z.iter().zip(a) {
+                    let want = k as f64 * (zi - m).exp() / den;
+                    assert!((want - ai).abs() <= 1e-13 * want.max(1.0), "{want} vs {ai}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn logits_do_not_underflow_where_the_f32_attention_does() {
+        // Channel 0 has mean |x| = 100, channel 1 = 45, channel 2 = 44: with
+        // tau = 0.5 the logits are 200, 90, 88. In f32, A_c of channels 1
+        // and 2 is exactly 0 (exp(-110) is below the least f32 subnormal,
+        // about exp(-103.3)), so ordering by A would tie them; the logits
+        // keep them apart.
+        let x = Tensor::from_vec(&[1, 3, 1, 1], vec![100.0f32, -45.0, 44.0]).unwrap();
+        let (_, zc) = attention_logits(&x, 0.5).unwrap();
+        assert_eq!(zc.as_slice(), &[200.0, 90.0, 88.0]);
+        let t = Tape::new(Arc::new(ReferenceBackend));
+        let a = channel_attention(&t.constant(x), 0.5).unwrap();
+        assert_eq!(a.value().as_slice()[1], 0.0f32);
+        assert_eq!(a.value().as_slice()[2], 0.0f32);
+    }
+
+    #[test]
+    fn f32_input_and_its_f64_image_give_identical_logits() {
+        let x32 = Tensor::from_fn(&[2, 5, 3, 4], |i| ((i as f32) * 0.731).sin() * 3.0).unwrap();
+        let x64: Tensor<f64> = x32.cast();
+        let (a, b) = (
+            attention_logits(&x32, 0.02).unwrap(),
+            attention_logits(&x64, 0.02).unwrap(),
+        );
+        assert_eq!(a.0.as_slice(), b.0.as_slice());
+        assert_eq!(a.1.as_slice(), b.1.as_slice());
+    }
+
+    #[test]
     fn a_bad_temperature_is_an_error() {
         let t = tape();
         let x = t.constant(Tensor::zeros(&[1, 1, 2, 2]).unwrap());
         assert!(spatial_attention(&x, 0.0).is_err());
         assert!(channel_attention(&x, f64::NAN).is_err());
+        assert!(attention_logits(x.value(), -1.0).is_err());
+        assert!(attention_logits(&Tensor::<f64>::zeros(&[2, 3]).unwrap(), 1.0).is_err());
     }
 }

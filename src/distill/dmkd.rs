@@ -6,7 +6,7 @@
 
 use crate::autograd::Var;
 use crate::backend::InputMask;
-use crate::distill::attention::attention_maps;
+use crate::distill::attention::{attention_logits, attention_maps};
 use crate::distill::config::LevelConfig;
 use crate::distill::generator::{align, align_specs, generation_block, generator_specs};
 use crate::distill::mask::{Branch, attention_mask};
@@ -40,8 +40,10 @@ pub fn level_loss<T: Float>(
     let s = align(student, vars)?;
     let (attn_s, attn_c) = attention_maps(teacher, cfg.tau)?;
     let (attn_s, attn_c) = (attn_s.value().clone(), attn_c.value().clone());
+    // The masks follow the logits in f64, not A (which underflows in f32).
+    let (logits_s, logits_c) = attention_logits(teacher.value(), cfg.tau)?;
     let mask_s = attention_mask(
-        &attn_s,
+        &logits_s,
         cfg.mask_mode,
         cfg.lambda_s,
         cfg.seed,
@@ -49,7 +51,7 @@ pub fn level_loss<T: Float>(
         Branch::Spatial,
     )?;
     let mask_c = attention_mask(
-        &attn_c,
+        &logits_c,
         cfg.mask_mode,
         cfg.lambda_c,
         cfg.seed,

@@ -1,10 +1,20 @@
 //! Attention-guided masks (SPEC.md step 3): 1 keeps an entry, 0 masks it.
 //!
 //! Masks are constants of the backward pass, computed on the host from the
-//! teacher's attention. Every mode is deterministic: `topk` needs no random
-//! numbers, `sampled` and `random` draw their uniforms from Philox4x32-10
-//! keyed by the level's seed with counter `(index, sample, level, branch)`,
-//! so every backend and thread count draws the same mask.
+//! teacher's attention logits `z` in f64
+//! ([`attention_logits`](crate::distill::attention::attention_logits)):
+//! `topk` masks the `k` largest `z`, `sampled` the `k` largest `z + G`
+//! (Gumbel-top-k). These order exactly as `A` and `ln(A) + G` would, since
+//! `ln A = z + ln(K) - logsumexp(z)` and the per-sample constant drops out,
+//! but they cannot underflow: in f32, `A` is exactly 0 once a logit lies
+//! about 100 below the largest, and ordering by `A` would then fall back to
+//! index order. So an f32 run and an f64 run choose the same masks unless
+//! two logits are within rounding of each other.
+//!
+//! Every mode is deterministic: `topk` needs no random numbers, `sampled`
+//! and `random` draw their uniforms from Philox4x32-10 keyed by the level's
+//! seed with counter `(index, sample, level, branch)`, so every backend and
+//! thread count draws the same mask.
 
 use crate::distill::config::MaskMode;
 use crate::error::{Error, Result};
@@ -28,7 +38,8 @@ pub fn mask_count(lambda: f64, count: usize) -> usize {
 /// Indices of the `k` largest keys, ties broken by the lower index.
 fn top_k_indices(keys: &[f64], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..keys.len()).collect();
-    // total_cmp orders -inf below every finite key, as ln 0 = -inf requires.
+    // total_cmp is a total order on f64 (keys are finite: logits of finite
+    // features plus finite Gumbel noise).
     idx.sort_by(|&a, &b| keys[b].total_cmp(&keys[a]).then(a.cmp(&b)));
     idx.truncate(k);
     idx
@@ -53,36 +64,36 @@ fn check_counter_range(n: usize, count: usize, level: usize) -> Result<()> {
     Ok(())
 }
 
-/// The mask of one branch from its attention `[N, K]` (channel) or
-/// `[N, H, W]` (spatial, flattened to `K = H*W` with index `h*W + w`).
+/// The mask of one branch from its attention logits (f64) `[N, K]`
+/// (channel) or `[N, H, W]` (spatial, flattened to `K = H*W` with index
+/// `h*W + w`), in the compute type `T`.
 pub fn attention_mask<T: Float>(
-    attn: &Tensor<T>,
+    logits: &Tensor<f64>,
     mode: MaskMode,
     lambda: f64,
     seed: u64,
     level: usize,
     branch: Branch,
 ) -> Result<Tensor<T>> {
-    if attn.rank() < 2 {
+    if logits.rank() < 2 {
         return Err(Error::shape(
             "attention_mask",
-            format!("attention of shape {:?} has no sample axis", attn.shape()),
+            format!("logits of shape {:?} have no sample axis", logits.shape()),
         ));
     }
-    let n = attn.shape()[0];
-    let count: usize = attn.shape()[1..].iter().product();
+    let n = logits.shape()[0];
+    let count: usize = logits.shape()[1..].iter().product();
     check_counter_range(n, count, level)?;
     let k = mask_count(lambda, count);
-    let a = attn.as_slice();
-    let mut mask = vec![T::one(); a.len()];
+    let z = logits.as_slice();
+    let mut mask = vec![T::one(); z.len()];
     for s in 0..n {
-        let row = &a[s * count..][..count];
+        let row = &z[s * count..][..count];
         let out = &mut mask[s * count..][..count];
         let u = |i: usize| mask_uniform(seed, level as u32, s as u32, i as u32, branch as u32);
         match mode {
             MaskMode::Topk => {
-                let keys: Vec<f64> = row.iter().map(|v| v.as_f64()).collect();
-                for i in top_k_indices(&keys, k) {
+                for i in top_k_indices(row, k) {
                     out[i] = T::zero();
                 }
             }
@@ -90,7 +101,7 @@ pub fn attention_mask<T: Float>(
                 let keys: Vec<f64> = row
                     .iter()
                     .enumerate()
-                    .map(|(i, v)| v.as_f64().ln() + gumbel(u(i)))
+                    .map(|(i, &zi)| zi + gumbel(u(i)))
                     .collect();
                 for i in top_k_indices(&keys, k) {
                     out[i] = T::zero();
@@ -105,7 +116,7 @@ pub fn attention_mask<T: Float>(
             }
         }
     }
-    Ok(Tensor::from_parts(attn.shape(), mask))
+    Ok(Tensor::from_parts(logits.shape(), mask))
 }
 
 /// MGD's uniform mask of `shape` (`[N, ...]`): 0 where `u > 1 - lambda`.
@@ -117,8 +128,8 @@ pub fn random_mask<T: Float>(
     level: usize,
     branch: Branch,
 ) -> Result<Tensor<T>> {
-    // The random mode ignores the attention values; ones stand in for them.
-    let placeholder = Tensor::<T>::ones(shape)?;
+    // The random mode ignores the logits; zeros stand in for them.
+    let placeholder = Tensor::<f64>::zeros(shape)?;
     attention_mask(&placeholder, MaskMode::Random, lambda, seed, level, branch)
 }
 
@@ -148,7 +159,7 @@ mod tests {
             &[2, 5],
             vec![0.1, 0.9, 0.5, 0.9, 0.2, 3.0, 3.0, 3.0, 0.0, 1.0],
         );
-        let m = attention_mask(&a, MaskMode::Topk, 0.5, 0, 0, Branch::Channel).unwrap();
+        let m = attention_mask::<f64>(&a, MaskMode::Topk, 0.5, 0, 0, Branch::Channel).unwrap();
         // k = floor(2.5 + 0.5) = 3: sample 0 masks 1, 3 (0.9 tie, both) and 2;
         // sample 1 masks indices 0, 1, 2 (a three-way tie).
         assert_eq!(
@@ -156,21 +167,22 @@ mod tests {
             &[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
         );
         let a2 = t(&[1, 4], vec![1.0, 1.0, 1.0, 1.0]);
-        let m2 = attention_mask(&a2, MaskMode::Topk, 0.3, 0, 0, Branch::Spatial).unwrap();
+        let m2 = attention_mask::<f64>(&a2, MaskMode::Topk, 0.3, 0, 0, Branch::Spatial).unwrap();
         assert_eq!(m2.as_slice(), &[0.0, 1.0, 1.0, 1.0]);
     }
 
     #[test]
     fn sampled_masks_exactly_k_and_follows_the_gumbel_keys() {
-        let a = t(&[1, 6], vec![0.5, 2.0, 1.0, 0.0, 1.5, 1.0]);
+        let z = t(&[1, 6], vec![0.5, 2.0, 1.0, -300.0, 1.5, 1.0]);
         let (seed, level) = (0x0000_0005_0000_0007u64, 2);
-        let m = attention_mask(&a, MaskMode::Sampled, 0.5, seed, level, Branch::Spatial).unwrap();
+        let m = attention_mask::<f32>(&z, MaskMode::Sampled, 0.5, seed, level, Branch::Spatial)
+            .unwrap();
         assert_eq!(m.as_slice().iter().filter(|&&v| v == 0.0).count(), 3);
         // Recompute the keys independently and check the masked set.
         let keys: Vec<f64> = (0..6)
             .map(|i| {
                 let u = mask_uniform(seed, 2, 0, i as u32, 0);
-                a.as_slice()[i].ln() - (-u.ln()).ln()
+                z.as_slice()[i] - (-u.ln()).ln()
             })
             .collect();
         let mut order: Vec<usize> = (0..6).collect();
@@ -178,14 +190,37 @@ mod tests {
         for (rank, &i) in order.iter().enumerate() {
             assert_eq!(m.as_slice()[i] == 0.0, rank < 3, "index {i}");
         }
-        // Zero attention has key -inf: never masked while k < count of positives.
+        // A logit 300 below the rest (A = 0 even in f64) is not masked
+        // while k is below the count of the others.
         assert_eq!(m.as_slice()[3], 1.0);
+    }
+
+    #[test]
+    fn sampled_orders_by_logit_plus_gumbel_not_by_index_when_a_underflows() {
+        // Logits far below the first: their A underflows in f32 and f64
+        // alike, ln(A) + G would be -inf for all of them and the mask would
+        // fall back to the lower indices. With z + G it follows the keys.
+        let z = t(&[1, 5], vec![0.0, -2000.0, -1000.0, -1500.0, -1001.0]);
+        let m = attention_mask::<f32>(&z, MaskMode::Sampled, 0.4, 3, 0, Branch::Channel).unwrap();
+        // k = 2: index 0 (the largest by 1000) and index 2 or 4 (1 apart,
+        // Gumbel noise of order 1 decides); never 1 or 3.
+        let masked: Vec<usize> = (0..5).filter(|&i| m.as_slice()[i] == 0.0).collect();
+        assert_eq!(masked.len(), 2);
+        assert_eq!(masked[0], 0);
+        assert!(masked[1] == 2 || masked[1] == 4, "{masked:?}");
+        let g = |i: u32| -(-mask_uniform(3, 0, 0, i, 1).ln()).ln();
+        let want = if -1000.0 + g(2) >= -1001.0 + g(4) {
+            2
+        } else {
+            4
+        };
+        assert_eq!(masked[1], want);
     }
 
     #[test]
     fn random_mode_masks_where_u_exceeds_one_minus_lambda() {
         let a = t(&[2, 50], vec![1.0; 100]);
-        let m = attention_mask(&a, MaskMode::Random, 0.65, 9, 1, Branch::Channel).unwrap();
+        let m = attention_mask::<f64>(&a, MaskMode::Random, 0.65, 9, 1, Branch::Channel).unwrap();
         for s in 0..2 {
             for i in 0..50 {
                 let u = mask_uniform(9, 1, s as u32, i as u32, 1);
@@ -193,7 +228,7 @@ mod tests {
             }
         }
         // Different branches draw different numbers.
-        let ms = attention_mask(&a, MaskMode::Random, 0.65, 9, 1, Branch::Spatial).unwrap();
+        let ms = attention_mask::<f64>(&a, MaskMode::Random, 0.65, 9, 1, Branch::Spatial).unwrap();
         assert_ne!(m.as_slice(), ms.as_slice());
     }
 
@@ -206,10 +241,10 @@ mod tests {
         let lambda = 1.0 - u;
         assert_eq!(1.0 - lambda, u);
         let a = t(&[1, 1], vec![1.0]);
-        let m = attention_mask(&a, MaskMode::Random, lambda, 0, 0, Branch::Spatial).unwrap();
+        let m = attention_mask::<f64>(&a, MaskMode::Random, lambda, 0, 0, Branch::Spatial).unwrap();
         assert_eq!(m.as_slice(), &[1.0]);
         let nudged = lambda + 1e-12;
-        let m = attention_mask(&a, MaskMode::Random, nudged, 0, 0, Branch::Spatial).unwrap();
+        let m = attention_mask::<f64>(&a, MaskMode::Random, nudged, 0, 0, Branch::Spatial).unwrap();
         assert_eq!(m.as_slice(), &[0.0]);
     }
 
@@ -226,9 +261,9 @@ mod tests {
     fn k_zero_and_k_all() {
         let a = t(&[1, 3], vec![0.2, 0.3, 0.5]);
         for mode in [MaskMode::Topk, MaskMode::Sampled] {
-            let none = attention_mask(&a, mode, 0.0, 1, 0, Branch::Spatial).unwrap();
+            let none = attention_mask::<f64>(&a, mode, 0.0, 1, 0, Branch::Spatial).unwrap();
             assert_eq!(none.as_slice(), &[1.0, 1.0, 1.0]);
-            let all = attention_mask(&a, mode, 0.9, 1, 0, Branch::Spatial).unwrap();
+            let all = attention_mask::<f64>(&a, mode, 0.9, 1, 0, Branch::Spatial).unwrap();
             assert_eq!(all.as_slice(), &[0.0, 0.0, 0.0]);
         }
     }
