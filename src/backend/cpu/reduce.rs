@@ -181,7 +181,8 @@ pub(crate) fn sum_axes<T: Float>(x: &[T], shape: &[usize], axes: &[usize]) -> Ve
 }
 
 /// Softmax along `axis`, max subtracted; sums are sequential along the
-/// axis (the reference's order, vectorised across independent columns).
+/// axis in f64 (the reference's order and accumulator, so the two backends
+/// agree bit for bit; vectorised across independent columns).
 pub(crate) fn softmax<T: Float>(x: &[T], shape: &[usize], axis: usize) -> Vec<T> {
     let (outer, len, inner) = split_axis(shape, axis);
     let mut y = pool::take::<T>(x.len());
@@ -195,13 +196,14 @@ pub(crate) fn softmax<T: Float>(x: &[T], shape: &[usize], axis: usize) -> Vec<T>
             if inner == 1 {
                 // A contiguous row (the spatial attention's softmax over H*W).
                 let max = xb.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
-                let mut sum = T::zero();
+                let mut sum = 0.0f64;
                 for (y, &v) in yb.iter_mut().zip(xb) {
                     let e = (v - max).exp();
                     *y = e;
-                    sum += e;
+                    sum += e.as_f64();
                 }
-                yb.iter_mut().for_each(|v| *v = *v / sum);
+                yb.iter_mut()
+                    .for_each(|v| *v = T::from_f64(v.as_f64() / sum));
                 return;
             }
             let mut max = vec![T::neg_infinity(); inner];
@@ -210,7 +212,7 @@ pub(crate) fn softmax<T: Float>(x: &[T], shape: &[usize], axis: usize) -> Vec<T>
                     .zip(&xb[k * inner..(k + 1) * inner])
                     .for_each(|(m, &v)| *m = m.max(v));
             }
-            let mut sum = vec![T::zero(); inner];
+            let mut sum = vec![0.0f64; inner];
             for k in 0..len {
                 let (yr, xr) = (
                     &mut yb[k * inner..(k + 1) * inner],
@@ -219,21 +221,22 @@ pub(crate) fn softmax<T: Float>(x: &[T], shape: &[usize], axis: usize) -> Vec<T>
                 for i in 0..inner {
                     let e = (xr[i] - max[i]).exp();
                     yr[i] = e;
-                    sum[i] += e;
+                    sum[i] += e.as_f64();
                 }
             }
             for k in 0..len {
                 yb[k * inner..(k + 1) * inner]
                     .iter_mut()
                     .zip(&sum)
-                    .for_each(|(v, &s)| *v = *v / s);
+                    .for_each(|(v, &s)| *v = T::from_f64(v.as_f64() / s));
             }
         });
     let _ = outer;
     y
 }
 
-/// `y * (dy - sum(dy * y, axis))`.
+/// `y * (dy - sum(dy * y, axis))`, the dot accumulated in f64 as the
+/// reference does.
 pub(crate) fn softmax_backward<T: Float>(
     y: &[T],
     dy: &[T],
@@ -249,12 +252,12 @@ pub(crate) fn softmax_backward<T: Float>(
     dx.par_chunks_mut(block)
         .zip(y.par_chunks(block).zip(dy.par_chunks(block)))
         .for_each(|(db, (yb, gb))| {
-            let mut dot = vec![T::zero(); inner];
+            let mut dot = vec![0.0f64; inner];
             for k in 0..len {
                 let r = k * inner..(k + 1) * inner;
                 dot.iter_mut()
                     .zip(gb[r.clone()].iter().zip(&yb[r]))
-                    .for_each(|(d, (&g, &yv))| *d += g * yv);
+                    .for_each(|(d, (&g, &yv))| *d += g.as_f64() * yv.as_f64());
             }
             for k in 0..len {
                 let r = k * inner..(k + 1) * inner;
@@ -262,7 +265,9 @@ pub(crate) fn softmax_backward<T: Float>(
                     .iter_mut()
                     .zip(gb[r.clone()].iter().zip(&yb[r]))
                     .zip(&dot)
-                    .for_each(|((o, (&g, &yv)), &d)| *o = yv * (g - d));
+                    .for_each(|((o, (&g, &yv)), &d)| {
+                        *o = T::from_f64(yv.as_f64() * (g.as_f64() - d))
+                    });
             }
         });
     dx
