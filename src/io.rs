@@ -7,11 +7,10 @@
 //! every tensor must be f32 or f64. Nothing is allocated from a size the
 //! file merely claims.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, SafeTensors, View};
+use safetensors::tensor::{Dtype, SafeTensors};
 
 use crate::distill::TensorMap;
 use crate::error::{Error, Result};
@@ -194,45 +193,79 @@ pub fn read_tensor_file(path: &Path) -> Result<TensorFile> {
     }
 }
 
-struct TensorBytes<'a, T: Float> {
-    t: &'a Tensor<T>,
-}
-
-impl<T: Float> View for TensorBytes<'_, T> {
-    fn dtype(&self) -> Dtype {
-        match T::DTYPE {
-            DType::F32 => Dtype::F32,
-            DType::F64 => Dtype::F64,
-        }
-    }
-    fn shape(&self) -> &[usize] {
-        self.t.shape()
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(T::to_le_bytes_vec(self.t.as_slice()))
-    }
-    fn data_len(&self) -> usize {
-        self.t.numel() * T::DTYPE.size_of()
+fn dtype_tag(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "F32",
+        DType::F64 => "F64",
     }
 }
 
-/// Write tensors (and string metadata) to a `.safetensors` file.
+/// The header of a `.safetensors` file: a JSON object with `__metadata__`
+/// first (keys sorted) and then every tensor in name order, whose data lie
+/// back to back in that order; padded with spaces to a multiple of 8 bytes
+/// (the alignment the format's own writer keeps).
+///
+/// Written here rather than by `safetensors::serialize` because that keeps
+/// the metadata in a `HashMap`, whose order changes from run to run: the same
+/// tensors gave files with different bytes. Here equal inputs give equal
+/// bytes, so a golden file has one checksum. The `safetensors` crate still
+/// parses and validates every file dmkd reads, these included (tests below).
+fn safetensors_header<T: Float>(
+    tensors: &TensorMap<T>,
+    metadata: &HashMap<String, String>,
+) -> Vec<u8> {
+    use serde_json::Value;
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let sorted: BTreeMap<&String, &String> = metadata.iter().collect();
+        let meta = sorted
+            .into_iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        header.insert("__metadata__".into(), Value::Object(meta));
+    }
+    let mut offset = 0usize;
+    for (name, t) in tensors {
+        let len = t.numel() * T::DTYPE.size_of();
+        header.insert(
+            name.clone(),
+            serde_json::json!({
+                "dtype": dtype_tag(T::DTYPE),
+                "shape": t.shape(),
+                "data_offsets": [offset, offset + len],
+            }),
+        );
+        offset += len;
+    }
+    // A JSON value of strings and integers always serializes.
+    let mut bytes = Value::Object(header).to_string().into_bytes();
+    bytes.resize(bytes.len().div_ceil(8) * 8, b' ');
+    bytes
+}
+
+/// Write tensors (and string metadata) to a `.safetensors` file, byte for
+/// byte the same for the same tensors and metadata.
 pub fn write_safetensors<T: Float>(
     path: &Path,
     tensors: &TensorMap<T>,
     metadata: &HashMap<String, String>,
 ) -> Result<()> {
+    use std::io::Write;
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
     {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
     }
-    let views = tensors.iter().map(|(k, t)| (k.as_str(), TensorBytes { t }));
-    let meta = (!metadata.is_empty()).then(|| metadata.clone());
-    safetensors::tensor::serialize_to_file(views, meta, path).map_err(|e| Error::Format {
-        path: path.display().to_string(),
-        detail: format!("cannot write: {e}"),
-    })
+    let header = safetensors_header(tensors, metadata);
+    let file = std::fs::File::create(path).map_err(|e| io_err(path, e))?;
+    let mut out = std::io::BufWriter::new(file);
+    let mut write = |bytes: &[u8]| out.write_all(bytes).map_err(|e| io_err(path, e));
+    write(&(header.len() as u64).to_le_bytes())?;
+    write(&header)?;
+    for t in tensors.values() {
+        write(&T::to_le_bytes_vec(t.as_slice()))?;
+    }
+    out.flush().map_err(|e| io_err(path, e))
 }
 
 #[cfg(test)]
@@ -259,6 +292,44 @@ mod tests {
         assert_eq!(b["loss"].shape(), &[] as &[usize]);
         for (x, y) in b["a"].as_slice().iter().zip(m["a"].as_slice()) {
             assert_eq!(x.to_bits(), y.to_bits());
+        }
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn equal_inputs_give_byte_identical_files_the_crate_reads() {
+        let dir = std::env::temp_dir().join(format!("dmkd-io3-{}", std::process::id()));
+        let mut m = TensorMap::<f32>::new();
+        for (i, name) in ["p1.x", "grad.a", "loss", "z", "a.b.c"].iter().enumerate() {
+            let shape: Vec<usize> = vec![i + 1; i % 3];
+            let t = Tensor::from_fn(&shape, |k| (k + i) as f32 * 0.5).unwrap();
+            m.insert(name.to_string(), t);
+        }
+        // Many metadata keys: a HashMap iterates them in a per-process
+        // random order, so each write builds a fresh map.
+        let meta = || -> HashMap<String, String> {
+            (0..24)
+                .map(|k| (format!("key{k}"), format!("value {k}")))
+                .collect()
+        };
+        let mut files = Vec::new();
+        for r in 0..4 {
+            let path = dir.join(format!("r{r}.safetensors"));
+            write_safetensors(&path, &m, &meta()).unwrap();
+            files.push(std::fs::read(&path).unwrap());
+        }
+        assert!(files.iter().all(|f| f == &files[0]));
+        let bytes = &files[0];
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        assert_eq!(header_len % 8, 0, "header padded to 8 bytes");
+        // The safetensors crate reads it back: names, shapes, bits, metadata.
+        let back = parse_safetensors(bytes, "r0").unwrap();
+        assert_eq!(back.metadata, meta());
+        let b = back.to_map::<f32>();
+        assert_eq!(b.len(), m.len());
+        for (name, t) in &m {
+            assert_eq!(b[name].shape(), t.shape(), "{name}");
+            assert_eq!(b[name].as_slice(), t.as_slice(), "{name}");
         }
         std::fs::remove_dir_all(dir).ok();
     }

@@ -165,6 +165,27 @@ fn golden_then_eval_round_trips() {
         "1e-12",
     ]);
     assert!(o.status.success(), "{}", text(&o));
+    // Output files are byte for byte reproducible: a second golden and a
+    // second eval (separate processes, so separately seeded hash maps)
+    // write the same bytes.
+    let g2 = dir.join("golden2.safetensors").display().to_string();
+    let o = dmkd(&["golden", "--preset", "tiny", "--out", &g2, "--seed", "3"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read(&g).unwrap() == std::fs::read(&g2).unwrap());
+    let out2 = dir.join("eval2.safetensors").display().to_string();
+    let o = dmkd(&[
+        "eval",
+        "--inputs",
+        &g,
+        "--out",
+        &out2,
+        "--no-init",
+        "--allow-extra",
+        "--backend",
+        "cpu",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&out2).unwrap());
     std::fs::remove_dir_all(dir).ok();
 }
 
