@@ -15,9 +15,11 @@ use crate::tensor::{Float, Tensor};
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod profile;
 pub mod reference;
 
 pub use cpu::{ConvAlgo, CpuBackend};
+pub use profile::{ProfileRow, Profiled};
 pub use reference::ReferenceBackend;
 
 /// Element-wise functions of one tensor.

@@ -1,0 +1,311 @@
+//! A backend that times another: every kernel call is forwarded unchanged
+//! and its wall time added to a row keyed by the kernel and its shape, so a
+//! whole-loss run shows where the time goes (`dmkd bench --profile`).
+//!
+//! It changes no result (same calls, same operands, same order); the cost
+//! is two clock reads and a short lock per call, nothing per element.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::backend::{Backend, BackendRef, Binary, ConvArgs, InputMask, Unary};
+use crate::error::Result;
+use crate::tensor::{Float, Tensor};
+
+/// One row of a profile: a kernel (with its shape) and its accumulated time.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ProfileRow {
+    /// The kernel and what distinguishes its calls, e.g.
+    /// `conv.forward 3x3 256->256 2x100x168 mask=spatial`.
+    pub kernel: String,
+    pub calls: u64,
+    pub seconds: f64,
+}
+
+/// Wraps a backend and times each of its calls.
+pub struct Profiled<T: Float> {
+    inner: BackendRef<T>,
+    rows: Mutex<BTreeMap<String, (u64, f64)>>,
+}
+
+impl<T: Float> Profiled<T> {
+    pub fn new(inner: BackendRef<T>) -> Self {
+        Profiled {
+            inner,
+            rows: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The rows so far, slowest first.
+    pub fn rows(&self) -> Vec<ProfileRow> {
+        let rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<ProfileRow> = rows
+            .iter()
+            .map(|(k, &(calls, seconds))| ProfileRow {
+                kernel: k.clone(),
+                calls,
+                seconds,
+            })
+            .collect();
+        out.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        out
+    }
+
+    /// Forget every row.
+    pub fn reset(&self) {
+        self.rows.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    fn time<R>(&self, key: impl FnOnce() -> String, f: impl FnOnce() -> R) -> R {
+        let t0 = Instant::now();
+        let r = f();
+        let dt = t0.elapsed().as_secs_f64();
+        let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
+        let e = rows.entry(key()).or_insert((0, 0.0));
+        e.0 += 1;
+        e.1 += dt;
+        r
+    }
+}
+
+fn shape(s: &[usize]) -> String {
+    s.iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join("x")
+}
+
+fn conv_key<T: Float>(pass: &str, args: &ConvArgs<T>) -> String {
+    let g = &args.geom;
+    let mask = match &args.mask {
+        None => "",
+        Some(InputMask::Spatial(_)) => " mask=spatial",
+        Some(InputMask::Channel(_)) => " mask=channel",
+    };
+    format!(
+        "conv.{pass} {}x{} {}->{} {}x{}x{}{mask}",
+        g.kh, g.kw, g.c_in, g.c_out, g.n, g.h, g.w
+    )
+}
+
+impl<T: Float> Backend<T> for Profiled<T> {
+    fn name(&self) -> String {
+        format!("{} (profiled)", self.inner.name())
+    }
+
+    fn conv2d(
+        &self,
+        x: &Tensor<T>,
+        w: &Tensor<T>,
+        b: Option<&Tensor<T>>,
+        args: &ConvArgs<T>,
+    ) -> Result<Tensor<T>> {
+        self.time(
+            || conv_key("forward", args),
+            || self.inner.conv2d(x, w, b, args),
+        )
+    }
+
+    fn conv2d_backward_input(
+        &self,
+        dy: &Tensor<T>,
+        w: &Tensor<T>,
+        args: &ConvArgs<T>,
+    ) -> Result<Tensor<T>> {
+        self.time(
+            || conv_key("input_grad", args),
+            || self.inner.conv2d_backward_input(dy, w, args),
+        )
+    }
+
+    fn conv2d_backward_weight(
+        &self,
+        dy: &Tensor<T>,
+        x: &Tensor<T>,
+        args: &ConvArgs<T>,
+    ) -> Result<Tensor<T>> {
+        self.time(
+            || conv_key("weight_grad", args),
+            || self.inner.conv2d_backward_weight(dy, x, args),
+        )
+    }
+
+    fn conv2d_backward_bias(&self, dy: &Tensor<T>) -> Result<Tensor<T>> {
+        self.time(
+            || format!("conv.bias_grad {}", shape(dy.shape())),
+            || self.inner.conv2d_backward_bias(dy),
+        )
+    }
+
+    fn unary(&self, op: Unary, x: &Tensor<T>) -> Result<Tensor<T>> {
+        self.time(
+            || format!("unary.{op:?} {}", shape(x.shape())),
+            || self.inner.unary(op, x),
+        )
+    }
+
+    fn unary_backward(
+        &self,
+        op: Unary,
+        x: &Tensor<T>,
+        y: &Tensor<T>,
+        dy: &Tensor<T>,
+    ) -> Result<Tensor<T>> {
+        self.time(
+            || format!("unary_backward.{op:?} {}", shape(x.shape())),
+            || self.inner.unary_backward(op, x, y, dy),
+        )
+    }
+
+    fn binary(
+        &self,
+        op: Binary,
+        a: &Tensor<T>,
+        b: &Tensor<T>,
+        out_shape: &[usize],
+    ) -> Result<Tensor<T>> {
+        self.time(
+            || {
+                format!(
+                    "binary.{op:?} {} {} -> {}",
+                    shape(a.shape()),
+                    shape(b.shape()),
+                    shape(out_shape)
+                )
+            },
+            || self.inner.binary(op, a, b, out_shape),
+        )
+    }
+
+    fn mask_mul(&self, x: &Tensor<T>, mask: &InputMask<T>) -> Result<Tensor<T>> {
+        self.time(
+            || format!("mask_mul {}", shape(x.shape())),
+            || self.inner.mask_mul(x, mask),
+        )
+    }
+
+    fn sum_axes(&self, x: &Tensor<T>, axes: &[usize]) -> Result<Tensor<T>> {
+        self.time(
+            || format!("sum_axes {} over {axes:?}", shape(x.shape())),
+            || self.inner.sum_axes(x, axes),
+        )
+    }
+
+    fn broadcast_to(&self, x: &Tensor<T>, to: &[usize]) -> Result<Tensor<T>> {
+        self.time(
+            || format!("broadcast_to {} -> {}", shape(x.shape()), shape(to)),
+            || self.inner.broadcast_to(x, to),
+        )
+    }
+
+    fn softmax(&self, x: &Tensor<T>, axis: usize) -> Result<Tensor<T>> {
+        self.time(
+            || format!("softmax {} axis {axis}", shape(x.shape())),
+            || self.inner.softmax(x, axis),
+        )
+    }
+
+    fn softmax_backward(&self, y: &Tensor<T>, dy: &Tensor<T>, axis: usize) -> Result<Tensor<T>> {
+        self.time(
+            || format!("softmax_backward {} axis {axis}", shape(y.shape())),
+            || self.inner.softmax_backward(y, dy, axis),
+        )
+    }
+
+    fn narrow(&self, x: &Tensor<T>, axis: usize, start: usize, len: usize) -> Result<Tensor<T>> {
+        self.time(
+            || format!("narrow {}", shape(x.shape())),
+            || self.inner.narrow(x, axis, start, len),
+        )
+    }
+
+    fn narrow_backward(
+        &self,
+        dy: &Tensor<T>,
+        to: &[usize],
+        axis: usize,
+        start: usize,
+    ) -> Result<Tensor<T>> {
+        self.time(
+            || format!("narrow_backward {}", shape(to)),
+            || self.inner.narrow_backward(dy, to, axis, start),
+        )
+    }
+
+    fn sq_err_sum(&self, a: &Tensor<T>, b: &Tensor<T>) -> Result<Tensor<T>> {
+        self.time(
+            || format!("sq_err_sum {}", shape(a.shape())),
+            || self.inner.sq_err_sum(a, b),
+        )
+    }
+
+    fn sq_err_backward(&self, a: &Tensor<T>, b: &Tensor<T>, g: T) -> Result<Tensor<T>> {
+        self.time(
+            || format!("sq_err_backward {}", shape(a.shape())),
+            || self.inner.sq_err_backward(a, b, g),
+        )
+    }
+
+    fn weighted_pair_sq_err(
+        &self,
+        a: &Tensor<T>,
+        b: &Tensor<T>,
+        wa: T,
+        wb: T,
+        t: &Tensor<T>,
+    ) -> Result<Tensor<T>> {
+        self.time(
+            || format!("weighted_pair_sq_err {}", shape(a.shape())),
+            || self.inner.weighted_pair_sq_err(a, b, wa, wb, t),
+        )
+    }
+
+    fn weighted_pair_sq_err_backward(
+        &self,
+        a: &Tensor<T>,
+        b: &Tensor<T>,
+        wa: T,
+        wb: T,
+        t: &Tensor<T>,
+        g: T,
+    ) -> Result<(Tensor<T>, Tensor<T>, T, T)> {
+        self.time(
+            || format!("weighted_pair_sq_err_backward {}", shape(a.shape())),
+            || self.inner.weighted_pair_sq_err_backward(a, b, wa, wb, t, g),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::ReferenceBackend;
+    use std::sync::Arc;
+
+    #[test]
+    fn forwards_every_call_unchanged_and_counts_it() {
+        let p = Profiled::<f64>::new(Arc::new(ReferenceBackend));
+        let x = Tensor::from_vec(&[2, 3], vec![1.0, -2.0, 3.0, -4.0, 5.0, -6.0]).unwrap();
+        let y = p.unary(Unary::Abs, &x).unwrap();
+        assert_eq!(y.as_slice(), &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        p.unary(Unary::Abs, &x).unwrap();
+        let s = p.sum_axes(&x, &[1]).unwrap();
+        assert_eq!(s.as_slice(), &[2.0, -5.0]);
+        let sm = p.softmax(&x, 1).unwrap();
+        assert_eq!(
+            sm.as_slice(),
+            ReferenceBackend.softmax(&x, 1).unwrap().as_slice()
+        );
+        let rows = p.rows();
+        let find = |k: &str| rows.iter().find(|r| r.kernel == k).unwrap().calls;
+        assert_eq!(find("unary.Abs 2x3"), 2);
+        assert_eq!(find("sum_axes 2x3 over [1]"), 1);
+        assert_eq!(find("softmax 2x3 axis 1"), 1);
+        assert_eq!(rows.len(), 3);
+        assert!(rows.windows(2).all(|w| w[0].seconds >= w[1].seconds));
+        assert!(p.name().starts_with("reference"));
+        p.reset();
+        assert!(p.rows().is_empty());
+    }
+}
