@@ -39,14 +39,20 @@ fn gumbel(u: f64) -> f64 {
     -(-u.ln()).ln()
 }
 
-/// Sample, index and level must each fit a 32-bit Philox counter word.
-fn check_counter_range(n: usize, count: usize, level: usize) -> Result<()> {
+/// Sample, index and level must each fit a 32-bit Philox counter word: the
+/// samples `sample_offset .. sample_offset + n` (global batch indices, see
+/// [`attention_mask`]), indices `0 .. count` and the level (each range's
+/// end included, as before offsets existed).
+fn check_counter_range(n: usize, sample_offset: usize, count: usize, level: usize) -> Result<()> {
     let max = u32::MAX as usize;
-    if n > max || count > max || level > max {
+    // The sample counters are `sample_offset .. sample_offset + n`; as for
+    // the other words, the end itself must fit too (one spare counter).
+    let end = sample_offset.checked_add(n);
+    if end.is_none_or(|e| e > max) || count > max || level > max {
         return Err(Error::arg(
             "attention_mask",
             format!(
-                "index space (N {n}, count {count}, level {level}) exceeds the 32-bit Philox counter words"
+                "index space (N {n} from sample {sample_offset}, count {count}, level {level}) exceeds the 32-bit Philox counter words"
             ),
         ));
     }
@@ -55,6 +61,12 @@ fn check_counter_range(n: usize, count: usize, level: usize) -> Result<()> {
 
 /// The mask of one branch from its attention `[N, K]` (channel) or
 /// `[N, H, W]` (spatial, flattened to `K = H*W` with index `h*W + w`).
+///
+/// `sample_offset` is the index of this batch's first sample in the whole
+/// batch: the Philox counter of local sample `s` is `sample_offset + s`, so
+/// data-parallel ranks holding samples `[a, b)` of one batch (offset `a`)
+/// draw exactly the masks one process holding all of it would. 0 for a
+/// whole batch; `topk` draws nothing and ignores it.
 pub fn attention_mask<T: Float>(
     attn: &Tensor<T>,
     mode: MaskMode,
@@ -62,6 +74,7 @@ pub fn attention_mask<T: Float>(
     seed: u64,
     level: usize,
     branch: Branch,
+    sample_offset: usize,
 ) -> Result<Tensor<T>> {
     if attn.rank() < 2 {
         return Err(Error::shape(
@@ -71,14 +84,16 @@ pub fn attention_mask<T: Float>(
     }
     let n = attn.shape()[0];
     let count: usize = attn.shape()[1..].iter().product();
-    check_counter_range(n, count, level)?;
+    check_counter_range(n, sample_offset, count, level)?;
     let k = mask_count(lambda, count);
     let a = attn.as_slice();
     let mut mask = vec![T::one(); a.len()];
     for s in 0..n {
         let row = &a[s * count..][..count];
         let out = &mut mask[s * count..][..count];
-        let u = |i: usize| mask_uniform(seed, level as u32, s as u32, i as u32, branch as u32);
+        // Fits: check_counter_range bounds sample_offset + n - 1 by u32::MAX.
+        let sample = (sample_offset + s) as u32;
+        let u = |i: usize| mask_uniform(seed, level as u32, sample, i as u32, branch as u32);
         match mode {
             MaskMode::Topk => {
                 let keys: Vec<f64> = row.iter().map(|v| v.as_f64()).collect();
@@ -109,17 +124,27 @@ pub fn attention_mask<T: Float>(
 }
 
 /// MGD's uniform mask of `shape` (`[N, ...]`): 0 where `u > 1 - lambda`.
-/// It reads no attention, only the shape.
+/// It reads no attention, only the shape. `sample_offset` as in
+/// [`attention_mask`].
 pub fn random_mask<T: Float>(
     shape: &[usize],
     lambda: f64,
     seed: u64,
     level: usize,
     branch: Branch,
+    sample_offset: usize,
 ) -> Result<Tensor<T>> {
     // The random mode ignores the attention values; ones stand in for them.
     let placeholder = Tensor::<T>::ones(shape)?;
-    attention_mask(&placeholder, MaskMode::Random, lambda, seed, level, branch)
+    attention_mask(
+        &placeholder,
+        MaskMode::Random,
+        lambda,
+        seed,
+        level,
+        branch,
+        sample_offset,
+    )
 }
 
 #[cfg(test)]
@@ -148,7 +173,7 @@ mod tests {
             &[2, 5],
             vec![0.1, 0.9, 0.5, 0.9, 0.2, 3.0, 3.0, 3.0, 0.0, 1.0],
         );
-        let m = attention_mask(&a, MaskMode::Topk, 0.5, 0, 0, Branch::Channel).unwrap();
+        let m = attention_mask(&a, MaskMode::Topk, 0.5, 0, 0, Branch::Channel, 0).unwrap();
         // k = floor(2.5 + 0.5) = 3: sample 0 masks 1, 3 (0.9 tie, both) and 2;
         // sample 1 masks indices 0, 1, 2 (a three-way tie).
         assert_eq!(
@@ -156,7 +181,7 @@ mod tests {
             &[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
         );
         let a2 = t(&[1, 4], vec![1.0, 1.0, 1.0, 1.0]);
-        let m2 = attention_mask(&a2, MaskMode::Topk, 0.3, 0, 0, Branch::Spatial).unwrap();
+        let m2 = attention_mask(&a2, MaskMode::Topk, 0.3, 0, 0, Branch::Spatial, 0).unwrap();
         assert_eq!(m2.as_slice(), &[0.0, 1.0, 1.0, 1.0]);
     }
 
@@ -164,7 +189,8 @@ mod tests {
     fn sampled_masks_exactly_k_and_follows_the_gumbel_keys() {
         let a = t(&[1, 6], vec![0.5, 2.0, 1.0, 0.0, 1.5, 1.0]);
         let (seed, level) = (0x0000_0005_0000_0007u64, 2);
-        let m = attention_mask(&a, MaskMode::Sampled, 0.5, seed, level, Branch::Spatial).unwrap();
+        let m =
+            attention_mask(&a, MaskMode::Sampled, 0.5, seed, level, Branch::Spatial, 0).unwrap();
         assert_eq!(m.as_slice().iter().filter(|&&v| v == 0.0).count(), 3);
         // Recompute the keys independently and check the masked set.
         let keys: Vec<f64> = (0..6)
@@ -185,7 +211,7 @@ mod tests {
     #[test]
     fn random_mode_masks_where_u_exceeds_one_minus_lambda() {
         let a = t(&[2, 50], vec![1.0; 100]);
-        let m = attention_mask(&a, MaskMode::Random, 0.65, 9, 1, Branch::Channel).unwrap();
+        let m = attention_mask(&a, MaskMode::Random, 0.65, 9, 1, Branch::Channel, 0).unwrap();
         for s in 0..2 {
             for i in 0..50 {
                 let u = mask_uniform(9, 1, s as u32, i as u32, 1);
@@ -193,7 +219,7 @@ mod tests {
             }
         }
         // Different branches draw different numbers.
-        let ms = attention_mask(&a, MaskMode::Random, 0.65, 9, 1, Branch::Spatial).unwrap();
+        let ms = attention_mask(&a, MaskMode::Random, 0.65, 9, 1, Branch::Spatial, 0).unwrap();
         assert_ne!(m.as_slice(), ms.as_slice());
     }
 
@@ -206,29 +232,94 @@ mod tests {
         let lambda = 1.0 - u;
         assert_eq!(1.0 - lambda, u);
         let a = t(&[1, 1], vec![1.0]);
-        let m = attention_mask(&a, MaskMode::Random, lambda, 0, 0, Branch::Spatial).unwrap();
+        let m = attention_mask(&a, MaskMode::Random, lambda, 0, 0, Branch::Spatial, 0).unwrap();
         assert_eq!(m.as_slice(), &[1.0]);
         let nudged = lambda + 1e-12;
-        let m = attention_mask(&a, MaskMode::Random, nudged, 0, 0, Branch::Spatial).unwrap();
+        let m = attention_mask(&a, MaskMode::Random, nudged, 0, 0, Branch::Spatial, 0).unwrap();
         assert_eq!(m.as_slice(), &[0.0]);
     }
 
     #[test]
     fn counter_words_must_fit_32_bits() {
         let max = u32::MAX as usize;
-        assert!(check_counter_range(max, max, max).is_ok());
-        assert!(check_counter_range(max + 1, 1, 0).is_err());
-        assert!(check_counter_range(1, max + 1, 0).is_err());
-        assert!(check_counter_range(1, 1, max + 1).is_err());
+        assert!(check_counter_range(max, 0, max, max).is_ok());
+        assert!(check_counter_range(max + 1, 0, 1, 0).is_err());
+        assert!(check_counter_range(1, 0, max + 1, 0).is_err());
+        assert!(check_counter_range(1, 0, 1, max + 1).is_err());
+        // The end of the sample range, offset + n, must fit: inclusive at u32::MAX.
+        assert!(check_counter_range(1, max - 1, 1, 0).is_ok());
+        assert!(check_counter_range(2, max - 2, 1, 0).is_ok());
+        assert!(check_counter_range(2, max - 1, 1, 0).is_err());
+        assert!(check_counter_range(1, max, 1, 0).is_err());
+        assert!(check_counter_range(2, usize::MAX, 1, 0).is_err());
+    }
+
+    #[test]
+    fn a_sample_offset_shifts_the_sample_counter() {
+        // Rows 2 and 3 of a batch of 4 drawn alone with offset 2 are rows 2
+        // and 3 of the whole batch's mask, in both random modes.
+        let (seed, level) = (0x9E37_79B9_7F4A_7C15u64, 1);
+        let full_attn = t(
+            &[4, 6],
+            (0..24)
+                .map(|i| 0.5 + ((i * 7) % 11) as f64 / 10.0)
+                .collect(),
+        );
+        let tail_attn = t(&[2, 6], full_attn.as_slice()[12..].to_vec());
+        for mode in [MaskMode::Sampled, MaskMode::Random] {
+            for branch in [Branch::Spatial, Branch::Channel] {
+                let full = attention_mask(&full_attn, mode, 0.5, seed, level, branch, 0).unwrap();
+                let tail = attention_mask(&tail_attn, mode, 0.5, seed, level, branch, 2).unwrap();
+                assert_eq!(tail.as_slice(), &full.as_slice()[12..], "{mode:?}");
+                let unshifted =
+                    attention_mask(&tail_attn, mode, 0.5, seed, level, branch, 0).unwrap();
+                assert_ne!(unshifted.as_slice(), tail.as_slice(), "{mode:?}");
+            }
+        }
+        let full = random_mask::<f64>(&[4, 3, 5], 0.5, seed, level, Branch::Spatial, 0).unwrap();
+        let tail = random_mask::<f64>(&[1, 3, 5], 0.5, seed, level, Branch::Spatial, 3).unwrap();
+        assert_eq!(tail.as_slice(), &full.as_slice()[45..]);
+        // topk draws nothing: the offset changes nothing.
+        let a = attention_mask(
+            &tail_attn,
+            MaskMode::Topk,
+            0.5,
+            seed,
+            level,
+            Branch::Spatial,
+            0,
+        );
+        let b = attention_mask(
+            &tail_attn,
+            MaskMode::Topk,
+            0.5,
+            seed,
+            level,
+            Branch::Spatial,
+            7,
+        );
+        assert_eq!(a.unwrap().as_slice(), b.unwrap().as_slice());
+        // An offset past the 32-bit counter is an error, not a wrapped counter.
+        let e = attention_mask(
+            &tail_attn,
+            MaskMode::Random,
+            0.5,
+            seed,
+            level,
+            Branch::Spatial,
+            u32::MAX as usize - 1,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), "invalid_argument");
     }
 
     #[test]
     fn k_zero_and_k_all() {
         let a = t(&[1, 3], vec![0.2, 0.3, 0.5]);
         for mode in [MaskMode::Topk, MaskMode::Sampled] {
-            let none = attention_mask(&a, mode, 0.0, 1, 0, Branch::Spatial).unwrap();
+            let none = attention_mask(&a, mode, 0.0, 1, 0, Branch::Spatial, 0).unwrap();
             assert_eq!(none.as_slice(), &[1.0, 1.0, 1.0]);
-            let all = attention_mask(&a, mode, 0.9, 1, 0, Branch::Spatial).unwrap();
+            let all = attention_mask(&a, mode, 0.9, 1, 0, Branch::Spatial, 0).unwrap();
             assert_eq!(all.as_slice(), &[0.0, 0.0, 0.0]);
         }
     }
