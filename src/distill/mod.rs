@@ -201,6 +201,52 @@ fn within_limit(bytes: u128, limit: u128) -> Result<()> {
     Ok(())
 }
 
+/// The parameters of `config` for levels of the given `(student, teacher)`
+/// channel counts, in [`Problem::param_names`] order, initialised from
+/// `seed` exactly as [`Problem::new`] initialises absent ones (what a
+/// framework module holding the parameters starts from).
+pub fn init_params<T: Float>(
+    config: &Config,
+    channels: &[(usize, usize)],
+    seed: u64,
+) -> Result<Vec<(String, Tensor<T>)>> {
+    config.validate()?;
+    if channels.len() != config.levels.len() {
+        return Err(Error::Config(format!(
+            "{} levels configured but channel counts for {} given",
+            config.levels.len(),
+            channels.len()
+        )));
+    }
+    let mut shapes = Vec::new();
+    let mut specs = Vec::new();
+    for (l, (lc, &(cs, c))) in config.levels.iter().zip(channels).enumerate() {
+        if cs == 0 || c == 0 {
+            return Err(Error::ZeroSized {
+                what: format!("level {l}'s channels"),
+                shape: vec![cs, c],
+            });
+        }
+        // Parameters depend on the channels only; one 1x1 sample stands in
+        // for the features in the memory check.
+        let shape = LevelShape {
+            n: 1,
+            cs,
+            c,
+            h: 1,
+            w: 1,
+        };
+        specs.push(level_param_specs(l, lc, &shape));
+        shapes.push(shape);
+    }
+    check_footprint::<T>(&shapes, &specs)?;
+    specs
+        .iter()
+        .flatten()
+        .map(|spec| Ok((spec.name.clone(), params::init_tensor(spec, seed)?)))
+        .collect()
+}
+
 /// Options of [`evaluate`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EvalOptions {
@@ -681,6 +727,61 @@ mod tests {
         assert_eq!(
             unshifted.outputs["p3.mask_s"].as_slice(),
             second.outputs["p3.mask_s"].as_slice()
+        );
+    }
+
+    #[test]
+    fn init_params_are_what_an_evaluation_initialises() {
+        let config = Config::from_json(
+            r#"{"levels":[{"method":"dmkd"},{"method":"mgd"},{"method":"fgd"}]}"#,
+        )
+        .unwrap();
+        let channels = [(3, 4), (4, 4), (6, 6)];
+        let mut tensors = TensorMap::new();
+        for (l, &(cs, c)) in channels.iter().enumerate() {
+            tensors.insert(student_name(l), Tensor::full(&[2, cs, 3, 2], 0.5).unwrap());
+            tensors.insert(teacher_name(l), Tensor::full(&[2, c, 3, 2], 1.0).unwrap());
+        }
+        tensors.insert(
+            "img_shape".into(),
+            Tensor::from_vec(&[2, 2], vec![6.0, 4.0, 6.0, 4.0]).unwrap(),
+        );
+        for i in 0..2 {
+            tensors.insert(
+                format!("gt_boxes.{i}"),
+                Tensor::from_vec(&[1, 4], vec![0.0, 0.0, 2.0, 2.0]).unwrap(),
+            );
+        }
+        let opts = EvalOptions {
+            init_seed: Some(9),
+            allow_extra: false,
+        };
+        let problem = Problem::<f64>::new(&config, &tensors, opts).unwrap();
+        let params = init_params::<f64>(&config, &channels, 9).unwrap();
+        let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
+        assert_eq!(names, problem.param_names());
+        assert!(names.contains(&"p0.align.weight".to_string()));
+        assert!(!names.iter().any(|n| n.starts_with("p1.align")));
+        for (name, t) in &params {
+            assert_eq!(t.shape(), problem.params[name].shape(), "{name}");
+            assert_eq!(t.as_slice(), problem.params[name].as_slice(), "{name}");
+        }
+        let other = init_params::<f64>(&config, &channels, 10).unwrap();
+        assert_ne!(other[0].1.as_slice(), params[0].1.as_slice());
+        // Wrong level count, zero channels and absurd sizes are errors.
+        let kind = |r: Result<Vec<(String, Tensor<f32>)>>| r.err().unwrap().kind();
+        assert_eq!(kind(init_params(&config, &channels[..2], 0)), "config");
+        assert_eq!(
+            kind(init_params(&config, &[(0, 4), (4, 4), (6, 6)], 0)),
+            "zero_sized"
+        );
+        assert_eq!(
+            kind(init_params(
+                &Config::uniform(1, LevelConfig::default()),
+                &[(4, 1 << 20)],
+                0
+            )),
+            "too_large"
         );
     }
 
