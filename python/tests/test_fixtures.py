@@ -114,5 +114,9 @@ def test_assert_close_accepts_a_fixture_and_names_a_wrong_gradient():
         dmkd.assert_close(expected, ours, rtol=1e-9, stol=1e-9, allow_extra=True)
     text = str(err.value)
     assert "FAIL: " in text and "1 failed" in text
-    assert [l for l in text.splitlines() if l.startswith("grad.p1.gen.2.bias")][0].rstrip().split()[-2] == "FAIL"
+    row = [l for l in text.splitlines() if l.startswith("grad.p1.gen.2.bias")][0]
+    assert "  FAIL (" in row, row
+    assert [r for r in dmkd.verify(expected, ours, 1e-9, 0, 1e-9, allow_extra=True).rows
+            if not r[6]] == [r for r in dmkd.verify(expected, ours, 1e-9, 0, 1e-9, allow_extra=True).rows
+                             if r[0] == "grad.p1.gen.2.bias"]
     assert json.loads(meta["config"])["levels"][1]["method"] == "mgd"
