@@ -11,6 +11,7 @@ CPU tensors of float32 or float64 only; features, teachers and the module's para
 one dtype (``module.double()`` for f64). CUDA tensors are refused with an error saying so.
 """
 
+import functools
 import json
 
 import numpy as np
@@ -48,7 +49,12 @@ class _Group(torch.nn.Module):
 
 class _EngineLoss(torch.autograd.Function):
     """Total loss of ``plan`` for (students..., parameters...): one engine forward and backward
-    in ``forward``; ``backward`` scales the stored gradients by the incoming one."""
+    in ``forward``; ``backward`` hands out the stored gradients, scaled by the incoming one.
+
+    The gradients are saved with ``save_for_backward``: autograd then frees them after a
+    backward pass without ``retain_graph`` (before the gradients reach the leaves, which may then
+    take the engine's buffers as their ``.grad`` without a copy), and keeps them for repeated
+    backward passes with it (``gradcheck``)."""
 
     @staticmethod
     def forward(ctx, plan, *tensors):
@@ -59,15 +65,13 @@ class _EngineLoss(torch.autograd.Function):
             plan["config"], arrays, plan["dtype"], plan["backend"], plan["conv_algo"],
             None, False, plan["sample_offset"],
         )
-        ctx.grads = [torch.from_numpy(outputs["grad." + n]) for n in plan["names"]]
+        ctx.save_for_backward(*[torch.from_numpy(outputs["grad." + n]) for n in plan["names"]])
         plan["level_losses"] = [float(outputs[f"p{l}.loss"]) for l in range(plan["levels"])]
         return torch.from_numpy(outputs["loss"])
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            raise RuntimeError("DMKDLoss: backward called twice on the same graph")
+        grads = ctx.saved_tensors
         if not bool(grad_loss == 1):  # loss.backward() passes exactly 1: no extra pass
             grads = [g * grad_loss for g in grads]
         return (None, *grads)
@@ -182,7 +186,9 @@ class DMKDLoss(torch.nn.Module):
         offset = self.sample_offset if sample_offset is None else int(sample_offset)
         if offset < 0:
             raise ValueError(f"sample_offset {offset} is negative")
-        params = [self.get_parameter(name) for name in self._param_names]
+        # Attribute lookup rather than get_parameter: torch.func.functional_call swaps the
+        # parameters for plain tensors.
+        params = [functools.reduce(getattr, name.split("."), self) for name in self._param_names]
         names = [f"p{l}.student" for l in range(n)] + self._param_names
         plan = {
             "config": self.config_json, "fixed": fixed, "names": names, "levels": n,
