@@ -194,7 +194,7 @@ def test_state_dict_names_and_init_are_those_of_dmkd_eval():
     for k, v in module.state_dict().items():
         assert np.array_equal(v.numpy(), out[k]), k
     other = DMKDLoss(config, [3, 4, 6], [5, 4, 6], init_seed=8, dtype=D)
-    assert not torch.equal(other.p0.gen_s[0].weight if False else other.state_dict()["p0.gen_s.0.weight"],
+    assert not torch.equal(other.state_dict()["p0.gen_s.0.weight"],
                            module.state_dict()["p0.gen_s.0.weight"])
     # f32 parameters are the f64 initialisation rounded, as `dmkd eval --dtype f32` makes them.
     f32 = DMKDLoss(config, [3, 4, 6], [5, 4, 6], init_seed=7, dtype=torch.float32)
@@ -308,7 +308,7 @@ def test_gradients_reach_the_leaves_without_a_copy(monkeypatch):
     monkeypatch.setattr(dmkd._dmkd, "evaluate_arrays", recording)
     module(students, teachers).backward()
     assert students[0].grad.data_ptr() == seen["grad.p0.student"]
-    assert module.p1.gen_c[0].weight.grad.data_ptr() == seen["grad.p1.gen_c.0.weight"]
+    assert module.get_parameter("p1.gen_c.0.weight").grad.data_ptr() == seen["grad.p1.gen_c.0.weight"]
     # With retain_graph the saved gradients stay intact for the next pass: .grad is a copy.
     students[1].grad = None
     loss = module(students, teachers)
