@@ -19,7 +19,7 @@ use dmkd::backend::{BackendFloat, BackendKind, BackendOptions, make_backend};
 use dmkd::bench::{BenchOptions, run_bench};
 use dmkd::distill::{Config, EvalOptions, Problem, TensorMap, evaluate, forward, init_params};
 use dmkd::io::{AnyTensor, TensorFile};
-use dmkd::synthetic::{Preset, golden};
+use dmkd::synthetic::{Preset, golden, inputs};
 use dmkd::tensor::ExternalData;
 use dmkd::verify::{Status, Tolerance, compare, table};
 use dmkd::{ConvAlgo, DType, Error, Float, Tensor};
@@ -365,6 +365,22 @@ fn golden_arrays<'py>(
     }
 }
 
+/// A preset's synthetic students and teachers (what `dmkd bench` and `dmkd
+/// golden` compute on), by exchange-format name.
+#[pyfunction]
+fn preset_inputs<'py>(
+    py: Python<'py>,
+    preset: &str,
+    seed: u64,
+    dtype: &str,
+) -> PyResult<Bound<'py, PyDict>> {
+    let preset = Preset::named(preset).map_err(py_err)?;
+    match parse_dtype(dtype)? {
+        DType::F32 => map_to_dict(py, engine(py, || inputs::<f32>(&preset, seed))?),
+        DType::F64 => map_to_dict(py, engine(py, || inputs::<f64>(&preset, seed))?),
+    }
+}
+
 /// The parameters of `config` for per-level (student, teacher) channel
 /// counts, initialised from `seed` as `evaluate` initialises them, in order.
 #[pyfunction]
@@ -564,6 +580,7 @@ fn _dmkd(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(forward_arrays, m)?)?;
     m.add_function(wrap_pyfunction!(golden_arrays, m)?)?;
     m.add_function(wrap_pyfunction!(init_param_arrays, m)?)?;
+    m.add_function(wrap_pyfunction!(preset_inputs, m)?)?;
     m.add_function(wrap_pyfunction!(verify_arrays, m)?)?;
     m.add_function(wrap_pyfunction!(bench_loss, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
