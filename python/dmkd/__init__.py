@@ -80,7 +80,10 @@ def _as_array(name, value, np_dtype):
     if hasattr(value, "detach") and hasattr(value, "device"):  # a torch tensor
         if value.device.type != "cpu":
             raise ValueError(f"tensor `{name}` is on {value.device}; dmkd computes on the CPU (.cpu())")
-        value = value.detach().numpy()
+        try:
+            value = value.detach().numpy()
+        except (TypeError, RuntimeError) as e:  # bfloat16, conjugate views, ...
+            raise ValueError(f"tensor `{name}` cannot be read as an array: {e}") from None
     if isinstance(value, np.ndarray) and value.dtype.kind not in "fiub":
         raise ValueError(f"tensor `{name}` has dtype {value.dtype}, not a real number type")
     try:

@@ -10,6 +10,7 @@ which gives the gradient of the whole-batch loss (normalised by N).
     python python/examples/ddp_distill.py                 # train 30 steps, print the loss
     python python/examples/ddp_distill.py --check         # one f64 step: DDP vs one process
     python python/examples/ddp_distill.py --check --no-offset   # the same without sample_offset (fails)
+    python python/examples/ddp_distill.py --check --control     # both in one run; fails only on the first
 
 `--check` prints the largest relative difference (norm-wise, per tensor) between the gradients
 after DDP's averaging and those of one process on the whole batch, and exits non-zero above 1e-12.
@@ -82,30 +83,34 @@ def build(dtype, sample_offset):
     return model, images, targets
 
 
-def rank_main(rank, port, dtype_name, steps, use_offset, out_dir):
+def rank_main(rank, port, dtype_name, steps, offsets, out_dir):
+    """One rank: trains `steps` steps, or with `out_dir` (--check) takes one step per entry of
+    `offsets` (True: sample_offset from the rank, False: 0) and saves the averaged gradients."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     dtype = torch.float64 if dtype_name == "f64" else torch.float32
     n = BATCH // WORLD
     lo = rank * n
-    model, images, targets = build(dtype, sample_offset=lo if use_offset else 0)
-    ddp = DistributedDataParallel(model)
-    opt = torch.optim.Adam(ddp.parameters(), lr=1e-2)
-    mine = images[lo:lo + n]
-    mine_targets = [t[lo:lo + n] for t in targets]
-    for step in range(steps):
-        loss = ddp(mine, mine_targets)
-        opt.zero_grad()
-        loss.backward()  # DDP averages every gradient over the ranks here
-        if out_dir is not None:  # --check: keep the averaged gradients and the loss
-            grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
-            torch.save({"grads": grads, "loss": loss.detach()}, os.path.join(out_dir, f"rank{rank}.pt"))
-            break
-        opt.step()
-        mean = loss.detach().clone()
-        dist.all_reduce(mean)
-        if rank == 0 and (step % 10 == 0 or step == steps - 1):
-            print(f"step {step:3d}  loss (mean over ranks) {float(mean) / WORLD:.6e}", flush=True)
+    for use_offset in offsets:
+        model, images, targets = build(dtype, sample_offset=lo if use_offset else 0)
+        ddp = DistributedDataParallel(model)
+        opt = torch.optim.Adam(ddp.parameters(), lr=1e-2)
+        mine = images[lo:lo + n]
+        mine_targets = [t[lo:lo + n] for t in targets]
+        for step in range(steps):
+            loss = ddp(mine, mine_targets)
+            opt.zero_grad()
+            loss.backward()  # DDP averages every gradient over the ranks here
+            if out_dir is not None:  # --check: keep the averaged gradients and the loss
+                grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+                torch.save({"grads": grads, "loss": loss.detach()},
+                           os.path.join(out_dir, f"rank{rank}_offset{int(use_offset)}.pt"))
+                break
+            opt.step()
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            if rank == 0 and (step % 10 == 0 or step == steps - 1):
+                print(f"step {step:3d}  loss (mean over ranks) {float(mean) / WORLD:.6e}", flush=True)
     dist.destroy_process_group()
 
 
@@ -119,26 +124,30 @@ def rel(a, b):
     return float((a - b).norm() / b.norm()) if b.norm() > 0 else float((a - b).norm())
 
 
-def check(use_offset):
-    """One f64 step under DDP against one process on the whole batch; returns the largest
-    relative difference."""
+def check(offsets):
+    """One f64 step under DDP per entry of `offsets`, each against one process on the whole
+    batch; returns the largest relative difference of each."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(rank_main, args=(free_port(), "f64", 1, use_offset, out_dir), nprocs=WORLD, join=True)
-        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+        mp.spawn(rank_main, args=(free_port(), "f64", 1, offsets, out_dir), nprocs=WORLD, join=True)
+        runs = {o: [torch.load(os.path.join(out_dir, f"rank{r}_offset{int(o)}.pt")) for r in range(WORLD)]
+                for o in offsets}
     model, images, targets = build(torch.float64, sample_offset=0)
     loss = model(images, targets)
     loss.backward()
-    worst = 0.0
-    for name, p in model.named_parameters():
-        for r in ranks:
-            worst = max(worst, rel(r["grads"][name], p.grad))
-    # The mean of the ranks' losses (each over N/2) is the whole-batch loss (over N).
-    mean_loss = sum(float(r["loss"]) for r in ranks) / WORLD
-    loss_rel = abs(mean_loss - loss.item()) / abs(loss.item())
-    print(f"DDP ({WORLD} ranks, gloo) vs one process, f64, sample_offset {'on' if use_offset else 'off'}: "
-          f"max relative gradient difference {worst:.3e} over {sum(1 for _ in model.parameters())} "
-          f"tensors; mean rank loss vs whole-batch loss {loss_rel:.3e}")
-    return max(worst, loss_rel)
+    result = {}
+    for use_offset, ranks in runs.items():
+        worst = 0.0
+        for name, p in model.named_parameters():
+            for r in ranks:
+                worst = max(worst, rel(r["grads"][name], p.grad))
+        # The mean of the ranks' losses (each over N/2) is the whole-batch loss (over N).
+        mean_loss = sum(float(r["loss"]) for r in ranks) / WORLD
+        loss_rel = abs(mean_loss - loss.item()) / abs(loss.item())
+        print(f"DDP ({WORLD} ranks, gloo) vs one process, f64, sample_offset {'on' if use_offset else 'off'}: "
+              f"max relative gradient difference {worst:.3e} over {sum(1 for _ in model.parameters())} "
+              f"tensors; mean rank loss vs whole-batch loss {loss_rel:.3e}")
+        result[use_offset] = max(worst, loss_rel)
+    return result
 
 
 def main():
@@ -147,13 +156,16 @@ def main():
     ap.add_argument("--dtype", choices=["f32", "f64"], default="f32")
     ap.add_argument("--check", action="store_true", help="one f64 step, compared with one process")
     ap.add_argument("--no-offset", action="store_true", help="every rank uses sample_offset 0 (wrong)")
+    ap.add_argument("--control", action="store_true",
+                    help="with --check: also run without sample_offset (expected to differ)")
     args = ap.parse_args()
     if args.check:
-        worst = check(not args.no_offset)
+        offsets = [not args.no_offset] + ([False] if args.control and not args.no_offset else [])
+        worst = check(offsets)[not args.no_offset]
         ok = worst <= TOL
         print(f"{'PASS' if ok else 'FAIL'}: tolerance {TOL:.0e}")
         sys.exit(0 if ok else 1)
-    mp.spawn(rank_main, args=(free_port(), args.dtype, args.steps, not args.no_offset, None),
+    mp.spawn(rank_main, args=(free_port(), args.dtype, args.steps, [not args.no_offset], None),
              nprocs=WORLD, join=True)
 
 
