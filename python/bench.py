@@ -16,18 +16,25 @@ machine skew every figure; the 1-minute load average is printed with the result.
 """
 
 import argparse
+import glob
 import json
 import os
 import statistics
 import sys
 import time
 
-import torch
-
-import dmkd
-from dmkd.torch import DMKDLoss
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+# `python python/bench.py` puts python/ first on the path: its dmkd/ holds the package's sources
+# without the built extension (unless `maturin develop` put it there), which would shadow the
+# installed package.
+if sys.path and os.path.abspath(sys.path[0] or ".") == HERE and not glob.glob(os.path.join(HERE, "dmkd", "_dmkd*")):
+    del sys.path[0]
+
+import torch  # noqa: E402
+
+import dmkd  # noqa: E402
+from dmkd.torch import DMKDLoss  # noqa: E402
+
 sys.path.insert(0, os.path.join(HERE, "..", "reference"))
 import dmkd_ref as ref  # noqa: E402
 
