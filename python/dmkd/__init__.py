@@ -19,6 +19,7 @@ or ``RuntimeError`` (backend, device), with the CLI's one-line message and a ``k
 
 import importlib
 import json
+import os
 import re
 
 import numpy as np
@@ -26,7 +27,7 @@ import numpy as np
 from . import _dmkd
 from ._dmkd import Report
 
-__all__ = ["evaluate", "golden", "verify", "assert_close", "Report", "config_json"]
+__all__ = ["evaluate", "golden", "verify", "assert_close", "load", "Report", "config_json"]
 __version__ = "0.1.0"
 
 _DTYPES = {"f32": np.float32, "f64": np.float64}
@@ -160,7 +161,22 @@ def golden(preset="tiny", config=None, dtype="f64", seed=0, *, backend="referenc
     return dict(_dmkd.golden_arrays(preset, cfg, dtype, int(seed), backend))
 
 
+def load(path):
+    """The tensors of a ``.safetensors``, ``.npy`` or ``.npz`` file or a directory of ``.npy``
+    files (what ``dmkd eval`` / ``dmkd verify`` read), as a dict of NumPy arrays, and the file's
+    metadata (e.g. ``config``, ``dtype``) as a dict of strings. A missing or unreadable file is
+    an ``OSError``, a malformed one a ``ValueError``."""
+    tensors, metadata = _dmkd.read_file(os.fspath(path))
+    return dict(tensors), dict(metadata)
+
+
+def _is_path(x):
+    return isinstance(x, (str, bytes, os.PathLike))
+
+
 def _verify_arrays(tensors, what):
+    if _is_path(tensors):
+        tensors = load(tensors)[0]
     if not hasattr(tensors, "items"):
         raise TypeError(f"{what} must be a dict of names to arrays, not {type(tensors).__name__}")
     out = {}
@@ -175,7 +191,8 @@ def _verify_arrays(tensors, what):
 
 def verify(expected, actual, rtol=1e-5, atol=0.0, stol=1e-5, *, allow_extra=False):
     """Compare an implementation's outputs with expected ones, tensor by tensor, as
-    ``dmkd verify``: element ``|a - e| <= atol + rtol*|e| + stol*max|e|``. Outputs (``loss``,
+    ``dmkd verify``: element ``|a - e| <= atol + rtol*|e| + stol*max|e|``. ``expected`` and
+    ``actual`` are dicts of arrays or paths of tensor files (see ``load``). Outputs (``loss``,
     ``p{l}.loss``, ``grad.*``) must be in ``actual``; other names are compared when both have
     them. Returns a ``Report``: ``.ok``, ``.rows`` (name, max_abs, max_rel, norm_rel,
     worst_index, ulp, passed), ``str(report)`` the CLI's table."""

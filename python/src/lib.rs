@@ -18,7 +18,7 @@ use std::sync::Arc;
 use dmkd::backend::{BackendFloat, BackendKind, BackendOptions, make_backend};
 use dmkd::bench::{BenchOptions, run_bench};
 use dmkd::distill::{Config, EvalOptions, Problem, TensorMap, evaluate, forward, init_params};
-use dmkd::io::{AnyTensor, TensorFile};
+use dmkd::io::{AnyTensor, TensorFile, read_tensor_file};
 use dmkd::synthetic::{Preset, golden, inputs};
 use dmkd::tensor::ExternalData;
 use dmkd::verify::{Status, Tolerance, compare, table};
@@ -365,6 +365,26 @@ fn golden_arrays<'py>(
     }
 }
 
+/// The tensors (in their own precision) and metadata of a `.safetensors`,
+/// `.npy` or `.npz` file or a directory of `.npy` files, as `dmkd eval` and
+/// `dmkd verify` read them.
+#[pyfunction]
+fn read_file<'py>(
+    py: Python<'py>,
+    path: std::path::PathBuf,
+) -> PyResult<(Bound<'py, PyDict>, BTreeMap<String, String>)> {
+    let file = engine(py, || read_tensor_file(&path))?;
+    let d = PyDict::new(py);
+    for (k, v) in file.tensors {
+        let arr = match v {
+            AnyTensor::F32(t) => to_numpy(py, t)?,
+            AnyTensor::F64(t) => to_numpy(py, t)?,
+        };
+        d.set_item(k, arr)?;
+    }
+    Ok((d, file.metadata.into_iter().collect()))
+}
+
 /// A preset's synthetic students and teachers (what `dmkd bench` and `dmkd
 /// golden` compute on), by exchange-format name.
 #[pyfunction]
@@ -581,6 +601,7 @@ fn _dmkd(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(golden_arrays, m)?)?;
     m.add_function(wrap_pyfunction!(init_param_arrays, m)?)?;
     m.add_function(wrap_pyfunction!(preset_inputs, m)?)?;
+    m.add_function(wrap_pyfunction!(read_file, m)?)?;
     m.add_function(wrap_pyfunction!(verify_arrays, m)?)?;
     m.add_function(wrap_pyfunction!(bench_loss, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;

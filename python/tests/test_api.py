@@ -256,3 +256,29 @@ def test_concurrent_calls_from_threads_agree():
     for t in threads:
         t.join()
     assert len({float(r) for r in results}) == 1
+
+
+def test_files_load_and_verify_by_path(tmp_path):
+    import os
+
+    from safetensors.numpy import load_file
+
+    from conftest import FIXTURES
+
+    path = os.path.join(FIXTURES, "dmkd_f64_basic.safetensors")
+    tensors, meta = dmkd.load(path)
+    want = load_file(path)
+    assert set(tensors) == set(want) and meta["dtype"] == "f64"
+    assert all(tensors[k].shape == want[k].shape and np.array_equal(tensors[k], want[k]) for k in want)
+    inputs = {k: v for k, v in tensors.items() if INPUT.match(k) or not k.startswith(("grad.", "loss"))
+              and not k.endswith((".loss", "attn_s", "attn_c", "mask_s", "mask_c"))}
+    out = dmkd.evaluate(inputs, config=meta["config"], init_seed=None)
+    assert dmkd.verify(path, out, rtol=1e-9, stol=1e-9, allow_extra=True).ok
+    with pytest.raises(OSError, match="i/o error on .*missing.safetensors") as err:
+        dmkd.load(tmp_path / "missing.safetensors")
+    assert err.value.kind == "io"
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(ValueError, match="malformed file") as err:
+        dmkd.verify(bad, out)
+    assert err.value.kind == "format"
