@@ -282,3 +282,17 @@ def test_files_load_and_verify_by_path(tmp_path):
     with pytest.raises(ValueError, match="malformed file") as err:
         dmkd.verify(bad, out)
     assert err.value.kind == "format"
+
+
+def test_sample_offset_shards_draw_the_whole_batch_masks():
+    rng = np.random.default_rng(4)
+    cfg = {"levels": [{"mask_mode": "sampled", "seed": 3}, {"mask_mode": "random", "seed": 4}]}
+    full = {f"p{l}.{r}": rng.standard_normal((4, 3, 5, 6)) for l in range(2) for r in ("student", "teacher")}
+    whole = dmkd.evaluate(full, config=cfg)
+    for offset in (0, 2):
+        part = dmkd.evaluate({k: v[offset:offset + 2] for k, v in full.items()}, config=cfg,
+                             sample_offset=offset)
+        for k in ("p0.mask_s", "p0.mask_c", "p1.mask_s", "p1.mask_c"):
+            assert np.array_equal(part[k], whole[k][offset:offset + 2]), (offset, k)
+    unshifted = dmkd.evaluate({k: v[2:] for k, v in full.items()}, config=cfg)
+    assert not np.array_equal(unshifted["p0.mask_s"], whole["p0.mask_s"][2:])
