@@ -93,7 +93,26 @@ pub enum Error {
     Device(String),
 }
 
+/// A message on one line: names and paths from files may hold newlines or
+/// terminal escapes, shown escaped (the CLI prints `error: ` and this).
+pub fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 impl Error {
+    /// The error's message on one line (see [`one_line`]).
+    pub fn one_line(&self) -> String {
+        one_line(&self.to_string())
+    }
+
     pub fn shape(op: &'static str, detail: impl Into<String>) -> Self {
         Error::ShapeMismatch {
             op,
@@ -127,5 +146,18 @@ impl Error {
             Error::BackendUnavailable(_) => "backend_unavailable",
             Error::Device(_) => "device",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_escapes_control_characters() {
+        assert_eq!(one_line("a\nb\tc\u{1b}[31m d"), "a\\nb\\tc\\u{1b}[31m d");
+        let e = Error::MissingTensor("p0.\nstudent".into());
+        assert_eq!(e.one_line(), "missing tensor `p0.\\nstudent`");
+        assert_eq!(one_line("plain é"), "plain é");
     }
 }

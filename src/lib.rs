@@ -30,4 +30,4 @@ pub use autograd::{Gradients, Tape, Var};
 pub use backend::{Backend, BackendKind, BackendOptions, BackendRef, ConvAlgo, InputMask};
 pub use error::{Error, Result};
 pub use ops::Conv2dOptions;
-pub use tensor::{DType, Float, Tensor};
+pub use tensor::{DType, ExternalData, Float, Tensor};

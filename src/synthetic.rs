@@ -5,7 +5,8 @@
 //! plus a little noise. The student starts as unrelated noise, far from the
 //! teacher.
 
-use crate::distill::{Config, LevelConfig, TensorMap};
+use crate::backend::BackendRef;
+use crate::distill::{Config, EvalOptions, LevelConfig, Problem, TensorMap, evaluate};
 use crate::error::{Error, Result};
 use crate::rng::PhiloxStream;
 use crate::tensor::{Float, Tensor};
@@ -207,6 +208,32 @@ pub fn inputs<T: Float>(p: &Preset, seed: u64) -> Result<TensorMap<T>> {
     Ok(m)
 }
 
+/// Golden vectors of a preset (what `dmkd golden` writes): its synthetic
+/// inputs drawn from `seed`, every parameter initialised from `seed`, and
+/// the loss, per-level losses, every gradient and the debug tensors computed
+/// on `backend`, all by exchange-format name. Also returns the loss.
+pub fn golden<T: Float>(
+    preset: &Preset,
+    config: &Config,
+    seed: u64,
+    backend: BackendRef<T>,
+) -> Result<(TensorMap<T>, T)> {
+    let tensors: TensorMap<T> = inputs(preset, seed)?;
+    let problem = Problem::new(
+        config,
+        &tensors,
+        EvalOptions {
+            init_seed: Some(seed),
+            allow_extra: false,
+        },
+    )?;
+    let eval = evaluate(backend, &problem)?;
+    let mut all = tensors;
+    all.extend(eval.params);
+    all.extend(eval.outputs);
+    Ok((all, eval.loss))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,6 +248,25 @@ mod tests {
         assert_eq!(t.levels[0], (200, 336));
         assert_eq!(t.config().levels[0].lambda_c, 0.45);
         assert!(Preset::named("huge").is_err());
+    }
+
+    #[test]
+    fn golden_holds_inputs_params_and_outputs() {
+        let p = Preset::named("tiny").unwrap();
+        let be: BackendRef<f64> = std::sync::Arc::new(crate::backend::ReferenceBackend);
+        let (all, loss) = golden(&p, &p.config(), 4, be).unwrap();
+        let ins = inputs::<f64>(&p, 4).unwrap();
+        for (k, v) in &ins {
+            assert_eq!(all[k].as_slice(), v.as_slice(), "{k}");
+        }
+        assert_eq!(all["loss"].item().unwrap(), loss);
+        assert!(loss > 0.0);
+        assert!(all.contains_key("p2.fusion") && all.contains_key("grad.p2.fusion"));
+        assert!(all.contains_key("grad.p0.align.weight") && all.contains_key("p1.mask_c"));
+        // Parameters are initialised from the seed, as `dmkd eval` would.
+        let spec = crate::distill::params::conv_specs("p0.gen_s.0", 8, 8, 3)[0].clone();
+        let want: Tensor<f64> = crate::distill::params::init_tensor(&spec, 4).unwrap();
+        assert_eq!(all["p0.gen_s.0.weight"].as_slice(), want.as_slice());
     }
 
     #[test]

@@ -168,21 +168,51 @@ pub fn checked_numel(shape: &[usize]) -> Result<usize> {
     Ok(n as usize)
 }
 
+/// Elements that live outside the engine's own buffers (a NumPy array, for
+/// the Python package), read in place instead of copied.
+///
+/// The implementor keeps the memory alive and unchanged for as long as it
+/// lives (tensors are immutable), and `as_slice` returns the same slice on
+/// every call.
+pub trait ExternalData<T>: Send + Sync {
+    fn as_slice(&self) -> &[T];
+}
+
+/// Host elements: an engine buffer (recycled through the pool) or memory
+/// owned elsewhere.
+enum HostData<T: Float> {
+    Owned(pool::Buffer<T>),
+    External(Arc<dyn ExternalData<T>>),
+}
+
+impl<T: Float> HostData<T> {
+    fn as_slice(&self) -> &[T] {
+        match self {
+            HostData::Owned(b) => b.as_slice(),
+            HostData::External(e) => e.as_slice(),
+        }
+    }
+}
+
 /// Where a tensor's elements live: in host memory, on a device, or both.
 /// Each side is filled at most once and never changes (tensors are
 /// immutable), so a copy made for one backend is cached for the next:
 /// a device tensor read on the host is downloaded once, and a host tensor
 /// read by the CUDA backend is uploaded once.
 pub(crate) struct Storage<T: Float> {
-    host: OnceLock<pool::Buffer<T>>,
+    host: OnceLock<HostData<T>>,
     #[cfg(feature = "cuda")]
     device: OnceLock<crate::backend::cuda::DeviceBuffer<T>>,
 }
 
 impl<T: Float> Storage<T> {
     fn host(data: Vec<T>) -> Self {
+        Self::from_host(HostData::Owned(pool::Buffer::new(data)))
+    }
+
+    fn from_host(data: HostData<T>) -> Self {
         let host = OnceLock::new();
-        let _ = host.set(pool::Buffer::new(data));
+        let _ = host.set(data);
         Storage {
             host,
             #[cfg(feature = "cuda")]
@@ -225,6 +255,24 @@ impl<T: Float> Tensor<T> {
             ));
         }
         Ok(Self::from_parts(shape, data))
+    }
+
+    /// A tensor over elements owned elsewhere, read in place (no copy).
+    /// The slice must hold exactly the shape's element count.
+    pub fn from_external(shape: &[usize], data: Arc<dyn ExternalData<T>>) -> Result<Self> {
+        let n = checked_numel(shape)?;
+        let len = data.as_slice().len();
+        if n != len {
+            return Err(Error::shape(
+                "Tensor::from_external",
+                format!("shape {shape:?} holds {n} elements, data has {len}"),
+            ));
+        }
+        Ok(Tensor {
+            shape: shape.into(),
+            numel: n,
+            data: Arc::new(Storage::from_host(HostData::External(data))),
+        })
     }
 
     /// Internal constructor; the caller guarantees `data.len() == numel(shape)`.
@@ -303,7 +351,7 @@ impl<T: Float> Tensor<T> {
             // A failing device-to-host copy after a successful launch means the
             // device itself failed (not bad input); there is no value to return.
             let v = d.download().expect("device-to-host copy failed");
-            let _ = self.data.host.set(pool::Buffer::new(v));
+            let _ = self.data.host.set(HostData::Owned(pool::Buffer::new(v)));
         }
         self.data
             .host
@@ -412,11 +460,25 @@ impl<T: Float> Tensor<T> {
     }
 
     /// The first non-finite element, as (flat index, value).
+    ///
+    /// Every input is checked on every evaluation (a Python training loop
+    /// passes features each step), so the scan must cost little next to the
+    /// loss: a branch-free test per chunk vectorises, and only a chunk that
+    /// fails is searched element by element. (Validating the retinanet
+    /// preset's f32 features and parameters, 35M values, fell from 56 to 19 ms
+    /// of CPU with it, about the time to read them from memory.)
     pub fn first_non_finite(&self) -> Option<(usize, f64)> {
+        const CHUNK: usize = 1024;
         self.as_slice()
-            .iter()
-            .position(|x| !x.is_finite())
-            .map(|i| (i, self.as_slice()[i].as_f64()))
+            .chunks(CHUNK)
+            .enumerate()
+            .find_map(|(c, chunk)| {
+                if chunk.iter().fold(true, |ok, x| ok & x.is_finite()) {
+                    return None;
+                }
+                let i = chunk.iter().position(|x| !x.is_finite())?;
+                Some((c * CHUNK + i, chunk[i].as_f64()))
+            })
     }
 
     /// Error unless every element is finite; the error names the tensor and
@@ -494,11 +556,63 @@ mod tests {
     }
 
     #[test]
+    fn the_first_non_finite_element_is_found_in_any_chunk() {
+        let n = 5000;
+        assert_eq!(Tensor::<f32>::ones(&[n]).unwrap().first_non_finite(), None);
+        for (bad, also) in [
+            (0, 4999),
+            (1023, 1024),
+            (1024, 3000),
+            (2047, 2048),
+            (4999, 4999),
+        ] {
+            let mut v = vec![1.0f32; n];
+            v[also] = f32::INFINITY;
+            v[bad] = f32::NAN;
+            let t = Tensor::from_vec(&[n], v).unwrap();
+            let (i, value) = t.first_non_finite().unwrap();
+            assert_eq!(i, bad.min(also), "{bad} {also}");
+            assert!(if i == bad {
+                value.is_nan()
+            } else {
+                value == f64::INFINITY
+            });
+        }
+        let mut v = vec![0.5f64; 3000];
+        v[2999] = f64::NEG_INFINITY;
+        let t = Tensor::from_vec(&[3, 1000], v).unwrap();
+        assert_eq!(t.first_non_finite(), Some((2999, f64::NEG_INFINITY)));
+    }
+
+    #[test]
     fn reshape_shares_storage_and_checks_count() {
         let t = Tensor::<f32>::zeros(&[2, 3]).unwrap();
         let r = t.reshape(&[3, 2]).unwrap();
         assert!(r.shares_storage(&t));
         assert!(t.reshape(&[4, 2]).is_err());
+    }
+
+    struct Borrowed(Vec<f64>);
+    impl ExternalData<f64> for Borrowed {
+        fn as_slice(&self) -> &[f64] {
+            &self.0
+        }
+    }
+
+    #[test]
+    fn external_data_is_read_in_place_and_its_length_checked() {
+        let data = Arc::new(Borrowed(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]));
+        let ptr = data.0.as_ptr();
+        let t = Tensor::from_external(&[2, 3], data.clone()).unwrap();
+        assert_eq!(t.as_slice().as_ptr(), ptr, "no copy was made");
+        assert_eq!(t.view()[[1, 0]], 4.0);
+        assert!(t.is_on_host());
+        let r = t.reshape(&[3, 2]).unwrap();
+        assert!(r.shares_storage(&t));
+        assert_eq!(r.as_slice().as_ptr(), ptr);
+        let e = Tensor::from_external(&[4, 2], data.clone()).unwrap_err();
+        assert_eq!(e.kind(), "shape_mismatch");
+        assert!(Tensor::from_external(&[5], data).is_err());
     }
 
     #[test]

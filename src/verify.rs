@@ -213,6 +213,60 @@ pub fn compare_tensor(
     row
 }
 
+/// The report as the CLI prints it: a header naming both sides, one row per
+/// tensor (max abs / max rel / norm-wise error, worst index, ULP distance,
+/// status) and a PASS / FAIL line; every line ends in a newline.
+pub fn table(report: &Report, expected: &str, actual: &str) -> String {
+    use std::fmt::Write;
+    let tol = report.tolerance;
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = writeln!(
+        out,
+        "verify {actual} against {expected} (pass: |a - e| <= {:e} + {:e} |e| + {:e} max|e|)",
+        tol.atol, tol.rtol, tol.stol
+    );
+    let _ = writeln!(
+        out,
+        "{:<34} {:>5} {:>11} {:>11} {:>11} {:>14} {:>10}  status",
+        "tensor", "dtype", "max abs", "max rel", "norm rel", "worst at", "ulp"
+    );
+    for r in &report.tensors {
+        let dtype = r.actual_dtype.map_or("-".to_string(), |d| d.to_string());
+        let status = match r.status {
+            Status::Pass => "ok".to_string(),
+            Status::Fail => format!("FAIL ({})", r.detail),
+            Status::Missing => "MISSING".to_string(),
+            Status::Extra => "EXTRA".to_string(),
+            Status::ShapeMismatch => format!("SHAPE ({})", r.detail),
+        };
+        let _ = writeln!(
+            out,
+            "{:<34} {:>5} {:>11.3e} {:>11.3e} {:>11.3e} {:>14} {:>10}  {}",
+            r.name,
+            dtype,
+            r.max_abs_error,
+            r.max_rel_error,
+            r.norm_rel_error,
+            format!("{:?}", r.worst_index),
+            r.max_ulp,
+            status
+        );
+    }
+    let failed = report
+        .tensors
+        .iter()
+        .filter(|r| r.status != Status::Pass)
+        .count();
+    let _ = writeln!(
+        out,
+        "{}: {} tensors compared, {failed} failed",
+        if report.passed { "PASS" } else { "FAIL" },
+        report.tensors.len()
+    );
+    out
+}
+
 /// Compare an implementation's file with the expected file.
 pub fn compare(
     expected: &TensorFile,
@@ -269,6 +323,33 @@ mod tests {
         atol: 0.0,
         stol: 0.0,
     };
+
+    #[test]
+    fn the_table_has_a_row_per_tensor_and_a_verdict() {
+        let e = file(vec![
+            ("loss", f64t(&[], vec![1.0])),
+            ("grad.x", f64t(&[2], vec![1.0, 2.0])),
+        ]);
+        let a = file(vec![
+            ("loss", f64t(&[], vec![1.0])),
+            ("grad.x", f64t(&[2], vec![1.0, 2.5])),
+        ]);
+        let text = table(&compare(&e, &a, TOL, false), "E", "A");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        assert!(lines[0].starts_with("verify A against E (pass: |a - e| <= 0e0 + 1e-6 |e|"));
+        assert!(lines[1].starts_with("tensor") && lines[1].ends_with("status"));
+        let row = lines.iter().find(|l| l.starts_with("grad.x")).unwrap();
+        assert!(row.contains("5.000e-1") && row.contains("[1]") && row.contains("FAIL"));
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("loss") && l.ends_with("  ok"))
+        );
+        assert_eq!(lines[4], "FAIL: 2 tensors compared, 1 failed");
+        let pass = table(&compare(&e, &e, TOL, false), "E", "E");
+        assert!(pass.ends_with("PASS: 2 tensors compared, 0 failed\n"));
+    }
 
     #[test]
     fn finds_the_worst_element_and_its_index() {

@@ -11,10 +11,11 @@ use dmkd::backend::{BackendFloat, BackendKind, BackendOptions, make_backend};
 use dmkd::bench::{BenchOptions, run_bench};
 use dmkd::demo::{DemoOptions, run_demo};
 use dmkd::distill::{Config, EvalOptions, Problem, TensorMap, evaluate};
+use dmkd::error::one_line;
 use dmkd::gradcheck::{loss_cases, op_cases, run_suite};
 use dmkd::io::{TensorFile, read_tensor_file, write_safetensors};
-use dmkd::synthetic::{Preset, inputs};
-use dmkd::verify::{Status, Tolerance, compare};
+use dmkd::synthetic::{Preset, golden};
+use dmkd::verify::{Tolerance, compare, table};
 use dmkd::{ConvAlgo, DType, Error, Result};
 
 #[derive(Parser)]
@@ -350,48 +351,13 @@ fn verify(
         println!("{}", json_string(&report)?);
         return Ok(report.passed);
     }
-    println!(
-        "verify {} against {} (pass: |a - e| <= {:e} + {:e} |e| + {:e} max|e|)",
-        actual.display(),
-        expected.display(),
-        tol.atol,
-        tol.rtol,
-        tol.stol
-    );
-    println!(
-        "{:<34} {:>5} {:>11} {:>11} {:>11} {:>14} {:>10}  status",
-        "tensor", "dtype", "max abs", "max rel", "norm rel", "worst at", "ulp"
-    );
-    for r in &report.tensors {
-        let dtype = r.actual_dtype.map_or("-".to_string(), |d| d.to_string());
-        let status = match r.status {
-            Status::Pass => "ok".to_string(),
-            Status::Fail => format!("FAIL ({})", r.detail),
-            Status::Missing => "MISSING".to_string(),
-            Status::Extra => "EXTRA".to_string(),
-            Status::ShapeMismatch => format!("SHAPE ({})", r.detail),
-        };
-        println!(
-            "{:<34} {:>5} {:>11.3e} {:>11.3e} {:>11.3e} {:>14} {:>10}  {}",
-            r.name,
-            dtype,
-            r.max_abs_error,
-            r.max_rel_error,
-            r.norm_rel_error,
-            format!("{:?}", r.worst_index),
-            r.max_ulp,
-            status
-        );
-    }
-    let failed = report
-        .tensors
-        .iter()
-        .filter(|r| r.status != Status::Pass)
-        .count();
-    println!(
-        "{}: {} tensors compared, {failed} failed",
-        if report.passed { "PASS" } else { "FAIL" },
-        report.tensors.len()
+    print!(
+        "{}",
+        table(
+            &report,
+            &expected.display().to_string(),
+            &actual.display().to_string()
+        )
     );
     Ok(report.passed)
 }
@@ -404,19 +370,7 @@ fn golden_typed<T: BackendFloat>(
     format: &str,
     backend: BackendOptions,
 ) -> Result<bool> {
-    let tensors: TensorMap<T> = inputs(preset, seed)?;
-    let problem = Problem::new(
-        config,
-        &tensors,
-        EvalOptions {
-            init_seed: Some(seed),
-            allow_extra: false,
-        },
-    )?;
-    let eval = evaluate(make_backend::<T>(backend)?, &problem)?;
-    let mut all = tensors;
-    all.extend(eval.params);
-    all.extend(eval.outputs);
+    let (all, loss) = golden(preset, config, seed, make_backend::<T>(backend)?)?;
     let meta = HashMap::from([
         ("config".to_string(), config.to_json()),
         ("dtype".to_string(), T::DTYPE.to_string()),
@@ -437,7 +391,7 @@ fn golden_typed<T: BackendFloat>(
         all.len(),
         config.levels.len(),
         T::DTYPE,
-        eval.loss,
+        loss,
         out.display()
     );
     Ok(true)
@@ -636,20 +590,6 @@ fn run(cli: Cli) -> Result<bool> {
             json,
         } => gradcheck(cases, seed, backend, json),
     }
-}
-
-/// The message on one line: names and paths from files may hold newlines
-/// or terminal escapes, shown escaped.
-fn one_line(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_debug().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
 }
 
 fn main() -> ExitCode {

@@ -29,11 +29,14 @@ pub fn param_specs(level: usize, shape: &LevelShape) -> Vec<ParamSpec> {
 }
 
 /// The DMKD loss of one level; `teacher` must be a constant.
+/// `sample_offset`: the global index of the first sample (see
+/// [`attention_mask`]).
 pub fn level_loss<T: Float>(
     student: &Var<T>,
     teacher: &Var<T>,
     vars: &LevelVars<T>,
     cfg: &LevelConfig,
+    sample_offset: usize,
 ) -> Result<LevelOutput<T>> {
     let l = vars.level;
     let n = teacher.shape()[0];
@@ -49,6 +52,7 @@ pub fn level_loss<T: Float>(
         cfg.seed,
         l,
         Branch::Spatial,
+        sample_offset,
     )?;
     let mask_c = attention_mask(
         &logits_c,
@@ -57,6 +61,7 @@ pub fn level_loss<T: Float>(
         cfg.seed,
         l,
         Branch::Channel,
+        sample_offset,
     )?;
     let f_s = generation_block(&s, vars, "gen_s", Some(InputMask::Spatial(mask_s.clone())))?;
     let f_c = generation_block(&s, vars, "gen_c", Some(InputMask::Channel(mask_c.clone())))?;

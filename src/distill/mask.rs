@@ -50,14 +50,20 @@ fn gumbel(u: f64) -> f64 {
     -(-u.ln()).ln()
 }
 
-/// Sample, index and level must each fit a 32-bit Philox counter word.
-fn check_counter_range(n: usize, count: usize, level: usize) -> Result<()> {
+/// Sample, index and level must each fit a 32-bit Philox counter word: the
+/// samples `sample_offset .. sample_offset + n` (global batch indices, see
+/// [`attention_mask`]), indices `0 .. count` and the level (each range's
+/// end included, as before offsets existed).
+fn check_counter_range(n: usize, sample_offset: usize, count: usize, level: usize) -> Result<()> {
     let max = u32::MAX as usize;
-    if n > max || count > max || level > max {
+    // The sample counters are `sample_offset .. sample_offset + n`; as for
+    // the other words, the end itself must fit too (one spare counter).
+    let end = sample_offset.checked_add(n);
+    if end.is_none_or(|e| e > max) || count > max || level > max {
         return Err(Error::arg(
             "attention_mask",
             format!(
-                "index space (N {n}, count {count}, level {level}) exceeds the 32-bit Philox counter words"
+                "index space (N {n} from sample {sample_offset}, count {count}, level {level}) exceeds the 32-bit Philox counter words"
             ),
         ));
     }
@@ -67,6 +73,12 @@ fn check_counter_range(n: usize, count: usize, level: usize) -> Result<()> {
 /// The mask of one branch from its attention logits (f64) `[N, K]`
 /// (channel) or `[N, H, W]` (spatial, flattened to `K = H*W` with index
 /// `h*W + w`), in the compute type `T`.
+///
+/// `sample_offset` is the index of this batch's first sample in the whole
+/// batch: the Philox counter of local sample `s` is `sample_offset + s`, so
+/// data-parallel ranks holding samples `[a, b)` of one batch (offset `a`)
+/// draw exactly the masks one process holding all of it would. 0 for a
+/// whole batch; `topk` draws nothing and ignores it.
 pub fn attention_mask<T: Float>(
     logits: &Tensor<f64>,
     mode: MaskMode,
@@ -74,6 +86,7 @@ pub fn attention_mask<T: Float>(
     seed: u64,
     level: usize,
     branch: Branch,
+    sample_offset: usize,
 ) -> Result<Tensor<T>> {
     if logits.rank() < 2 {
         return Err(Error::shape(
@@ -83,14 +96,16 @@ pub fn attention_mask<T: Float>(
     }
     let n = logits.shape()[0];
     let count: usize = logits.shape()[1..].iter().product();
-    check_counter_range(n, count, level)?;
+    check_counter_range(n, sample_offset, count, level)?;
     let k = mask_count(lambda, count);
     let z = logits.as_slice();
     let mut mask = vec![T::one(); z.len()];
     for s in 0..n {
         let row = &z[s * count..][..count];
         let out = &mut mask[s * count..][..count];
-        let u = |i: usize| mask_uniform(seed, level as u32, s as u32, i as u32, branch as u32);
+        // Fits: check_counter_range bounds sample_offset + n - 1 by u32::MAX.
+        let sample = (sample_offset + s) as u32;
+        let u = |i: usize| mask_uniform(seed, level as u32, sample, i as u32, branch as u32);
         match mode {
             MaskMode::Topk => {
                 for i in top_k_indices(row, k) {
@@ -120,17 +135,27 @@ pub fn attention_mask<T: Float>(
 }
 
 /// MGD's uniform mask of `shape` (`[N, ...]`): 0 where `u > 1 - lambda`.
-/// It reads no attention, only the shape.
+/// It reads no attention, only the shape. `sample_offset` as in
+/// [`attention_mask`].
 pub fn random_mask<T: Float>(
     shape: &[usize],
     lambda: f64,
     seed: u64,
     level: usize,
     branch: Branch,
+    sample_offset: usize,
 ) -> Result<Tensor<T>> {
     // The random mode ignores the logits; zeros stand in for them.
     let placeholder = Tensor::<f64>::zeros(shape)?;
-    attention_mask(&placeholder, MaskMode::Random, lambda, seed, level, branch)
+    attention_mask(
+        &placeholder,
+        MaskMode::Random,
+        lambda,
+        seed,
+        level,
+        branch,
+        sample_offset,
+    )
 }
 
 #[cfg(test)]
@@ -159,7 +184,7 @@ mod tests {
             &[2, 5],
             vec![0.1, 0.9, 0.5, 0.9, 0.2, 3.0, 3.0, 3.0, 0.0, 1.0],
         );
-        let m = attention_mask::<f64>(&a, MaskMode::Topk, 0.5, 0, 0, Branch::Channel).unwrap();
+        let m = attention_mask::<f64>(&a, MaskMode::Topk, 0.5, 0, 0, Branch::Channel, 0).unwrap();
         // k = floor(2.5 + 0.5) = 3: sample 0 masks 1, 3 (0.9 tie, both) and 2;
         // sample 1 masks indices 0, 1, 2 (a three-way tie).
         assert_eq!(
@@ -167,7 +192,7 @@ mod tests {
             &[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
         );
         let a2 = t(&[1, 4], vec![1.0, 1.0, 1.0, 1.0]);
-        let m2 = attention_mask::<f64>(&a2, MaskMode::Topk, 0.3, 0, 0, Branch::Spatial).unwrap();
+        let m2 = attention_mask::<f64>(&a2, MaskMode::Topk, 0.3, 0, 0, Branch::Spatial, 0).unwrap();
         assert_eq!(m2.as_slice(), &[0.0, 1.0, 1.0, 1.0]);
     }
 
@@ -175,7 +200,7 @@ mod tests {
     fn sampled_masks_exactly_k_and_follows_the_gumbel_keys() {
         let z = t(&[1, 6], vec![0.5, 2.0, 1.0, -300.0, 1.5, 1.0]);
         let (seed, level) = (0x0000_0005_0000_0007u64, 2);
-        let m = attention_mask::<f32>(&z, MaskMode::Sampled, 0.5, seed, level, Branch::Spatial)
+        let m = attention_mask::<f32>(&z, MaskMode::Sampled, 0.5, seed, level, Branch::Spatial, 0)
             .unwrap();
         assert_eq!(m.as_slice().iter().filter(|&&v| v == 0.0).count(), 3);
         // Recompute the keys independently and check the masked set.
@@ -201,7 +226,8 @@ mod tests {
         // alike, ln(A) + G would be -inf for all of them and the mask would
         // fall back to the lower indices. With z + G it follows the keys.
         let z = t(&[1, 5], vec![0.0, -2000.0, -1000.0, -1500.0, -1001.0]);
-        let m = attention_mask::<f32>(&z, MaskMode::Sampled, 0.4, 3, 0, Branch::Channel).unwrap();
+        let m =
+            attention_mask::<f32>(&z, MaskMode::Sampled, 0.4, 3, 0, Branch::Channel, 0).unwrap();
         // k = 2: index 0 (the largest by 1000) and index 2 or 4 (1 apart,
         // Gumbel noise of order 1 decides); never 1 or 3.
         let masked: Vec<usize> = (0..5).filter(|&i| m.as_slice()[i] == 0.0).collect();
@@ -220,7 +246,8 @@ mod tests {
     #[test]
     fn random_mode_masks_where_u_exceeds_one_minus_lambda() {
         let a = t(&[2, 50], vec![1.0; 100]);
-        let m = attention_mask::<f64>(&a, MaskMode::Random, 0.65, 9, 1, Branch::Channel).unwrap();
+        let m =
+            attention_mask::<f64>(&a, MaskMode::Random, 0.65, 9, 1, Branch::Channel, 0).unwrap();
         for s in 0..2 {
             for i in 0..50 {
                 let u = mask_uniform(9, 1, s as u32, i as u32, 1);
@@ -228,7 +255,8 @@ mod tests {
             }
         }
         // Different branches draw different numbers.
-        let ms = attention_mask::<f64>(&a, MaskMode::Random, 0.65, 9, 1, Branch::Spatial).unwrap();
+        let ms =
+            attention_mask::<f64>(&a, MaskMode::Random, 0.65, 9, 1, Branch::Spatial, 0).unwrap();
         assert_ne!(m.as_slice(), ms.as_slice());
     }
 
@@ -241,29 +269,98 @@ mod tests {
         let lambda = 1.0 - u;
         assert_eq!(1.0 - lambda, u);
         let a = t(&[1, 1], vec![1.0]);
-        let m = attention_mask::<f64>(&a, MaskMode::Random, lambda, 0, 0, Branch::Spatial).unwrap();
+        let m =
+            attention_mask::<f64>(&a, MaskMode::Random, lambda, 0, 0, Branch::Spatial, 0).unwrap();
         assert_eq!(m.as_slice(), &[1.0]);
         let nudged = lambda + 1e-12;
-        let m = attention_mask::<f64>(&a, MaskMode::Random, nudged, 0, 0, Branch::Spatial).unwrap();
+        let m =
+            attention_mask::<f64>(&a, MaskMode::Random, nudged, 0, 0, Branch::Spatial, 0).unwrap();
         assert_eq!(m.as_slice(), &[0.0]);
     }
 
     #[test]
     fn counter_words_must_fit_32_bits() {
         let max = u32::MAX as usize;
-        assert!(check_counter_range(max, max, max).is_ok());
-        assert!(check_counter_range(max + 1, 1, 0).is_err());
-        assert!(check_counter_range(1, max + 1, 0).is_err());
-        assert!(check_counter_range(1, 1, max + 1).is_err());
+        assert!(check_counter_range(max, 0, max, max).is_ok());
+        assert!(check_counter_range(max + 1, 0, 1, 0).is_err());
+        assert!(check_counter_range(1, 0, max + 1, 0).is_err());
+        assert!(check_counter_range(1, 0, 1, max + 1).is_err());
+        // The end of the sample range, offset + n, must fit: inclusive at u32::MAX.
+        assert!(check_counter_range(1, max - 1, 1, 0).is_ok());
+        assert!(check_counter_range(2, max - 2, 1, 0).is_ok());
+        assert!(check_counter_range(2, max - 1, 1, 0).is_err());
+        assert!(check_counter_range(1, max, 1, 0).is_err());
+        assert!(check_counter_range(2, usize::MAX, 1, 0).is_err());
+    }
+
+    #[test]
+    fn a_sample_offset_shifts_the_sample_counter() {
+        // Rows 2 and 3 of a batch of 4 drawn alone with offset 2 are rows 2
+        // and 3 of the whole batch's mask, in both random modes.
+        let (seed, level) = (0x9E37_79B9_7F4A_7C15u64, 1);
+        let full_attn = t(
+            &[4, 6],
+            (0..24)
+                .map(|i| 0.5 + ((i * 7) % 11) as f64 / 10.0)
+                .collect(),
+        );
+        let tail_attn = t(&[2, 6], full_attn.as_slice()[12..].to_vec());
+        for mode in [MaskMode::Sampled, MaskMode::Random] {
+            for branch in [Branch::Spatial, Branch::Channel] {
+                let full =
+                    attention_mask::<f64>(&full_attn, mode, 0.5, seed, level, branch, 0).unwrap();
+                let tail =
+                    attention_mask::<f64>(&tail_attn, mode, 0.5, seed, level, branch, 2).unwrap();
+                assert_eq!(tail.as_slice(), &full.as_slice()[12..], "{mode:?}");
+                let unshifted =
+                    attention_mask::<f64>(&tail_attn, mode, 0.5, seed, level, branch, 0).unwrap();
+                assert_ne!(unshifted.as_slice(), tail.as_slice(), "{mode:?}");
+            }
+        }
+        let full = random_mask::<f64>(&[4, 3, 5], 0.5, seed, level, Branch::Spatial, 0).unwrap();
+        let tail = random_mask::<f64>(&[1, 3, 5], 0.5, seed, level, Branch::Spatial, 3).unwrap();
+        assert_eq!(tail.as_slice(), &full.as_slice()[45..]);
+        // topk draws nothing: the offset changes nothing.
+        let a = attention_mask::<f64>(
+            &tail_attn,
+            MaskMode::Topk,
+            0.5,
+            seed,
+            level,
+            Branch::Spatial,
+            0,
+        );
+        let b = attention_mask::<f64>(
+            &tail_attn,
+            MaskMode::Topk,
+            0.5,
+            seed,
+            level,
+            Branch::Spatial,
+            7,
+        );
+        assert_eq!(a.unwrap().as_slice(), b.unwrap().as_slice());
+        // An offset past the 32-bit counter is an error, not a wrapped counter.
+        let e = attention_mask::<f64>(
+            &tail_attn,
+            MaskMode::Random,
+            0.5,
+            seed,
+            level,
+            Branch::Spatial,
+            u32::MAX as usize - 1,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), "invalid_argument");
     }
 
     #[test]
     fn k_zero_and_k_all() {
         let a = t(&[1, 3], vec![0.2, 0.3, 0.5]);
         for mode in [MaskMode::Topk, MaskMode::Sampled] {
-            let none = attention_mask::<f64>(&a, mode, 0.0, 1, 0, Branch::Spatial).unwrap();
+            let none = attention_mask::<f64>(&a, mode, 0.0, 1, 0, Branch::Spatial, 0).unwrap();
             assert_eq!(none.as_slice(), &[1.0, 1.0, 1.0]);
-            let all = attention_mask::<f64>(&a, mode, 0.9, 1, 0, Branch::Spatial).unwrap();
+            let all = attention_mask::<f64>(&a, mode, 0.9, 1, 0, Branch::Spatial, 0).unwrap();
             assert_eq!(all.as_slice(), &[0.0, 0.0, 0.0]);
         }
     }

@@ -21,16 +21,26 @@ pub fn param_specs(level: usize, shape: &LevelShape) -> Vec<ParamSpec> {
 }
 
 /// The MGD loss of one level; `teacher` must be a constant.
+/// `sample_offset`: the global index of the first sample (see
+/// [`crate::distill::mask::attention_mask`]).
 pub fn level_loss<T: Float>(
     student: &Var<T>,
     teacher: &Var<T>,
     vars: &LevelVars<T>,
     cfg: &LevelConfig,
+    sample_offset: usize,
 ) -> Result<LevelOutput<T>> {
     let l = vars.level;
     let [n, _, h, w] = teacher.value().dims4("mgd")?;
     let s = align(student, vars)?;
-    let mask = random_mask(&[n, h, w], cfg.lambda_s, cfg.seed, l, Branch::Spatial)?;
+    let mask = random_mask(
+        &[n, h, w],
+        cfg.lambda_s,
+        cfg.seed,
+        l,
+        Branch::Spatial,
+        sample_offset,
+    )?;
     let generated = generation_block(&s, vars, "gen", Some(InputMask::Spatial(mask.clone())))?;
     let loss = generated.sq_err_sum(teacher)?.scale(cfg.alpha / n as f64)?;
     Ok(LevelOutput {

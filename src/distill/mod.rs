@@ -201,6 +201,52 @@ fn within_limit(bytes: u128, limit: u128) -> Result<()> {
     Ok(())
 }
 
+/// The parameters of `config` for levels of the given `(student, teacher)`
+/// channel counts, in [`Problem::param_names`] order, initialised from
+/// `seed` exactly as [`Problem::new`] initialises absent ones (what a
+/// framework module holding the parameters starts from).
+pub fn init_params<T: Float>(
+    config: &Config,
+    channels: &[(usize, usize)],
+    seed: u64,
+) -> Result<Vec<(String, Tensor<T>)>> {
+    config.validate()?;
+    if channels.len() != config.levels.len() {
+        return Err(Error::Config(format!(
+            "{} levels configured but channel counts for {} given",
+            config.levels.len(),
+            channels.len()
+        )));
+    }
+    let mut shapes = Vec::new();
+    let mut specs = Vec::new();
+    for (l, (lc, &(cs, c))) in config.levels.iter().zip(channels).enumerate() {
+        if cs == 0 || c == 0 {
+            return Err(Error::ZeroSized {
+                what: format!("level {l}'s channels"),
+                shape: vec![cs, c],
+            });
+        }
+        // Parameters depend on the channels only; one 1x1 sample stands in
+        // for the features in the memory check.
+        let shape = LevelShape {
+            n: 1,
+            cs,
+            c,
+            h: 1,
+            w: 1,
+        };
+        specs.push(level_param_specs(l, lc, &shape));
+        shapes.push(shape);
+    }
+    check_footprint::<T>(&shapes, &specs)?;
+    specs
+        .iter()
+        .flatten()
+        .map(|spec| Ok((spec.name.clone(), params::init_tensor(spec, seed)?)))
+        .collect()
+}
+
 /// Options of [`evaluate`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EvalOptions {
@@ -233,6 +279,11 @@ pub struct Problem<T: Float> {
     /// Every parameter (supplied or initialised), by name.
     pub params: TensorMap<T>,
     pub boxes: Option<Boxes>,
+    /// The global index of this batch's first sample: the Philox sample
+    /// counter of local sample `n` is `sample_offset + n` (SPEC "Data
+    /// parallel"; a DDP rank holding samples `[a, b)` of a batch uses `a`).
+    /// 0 unless set with [`Problem::with_sample_offset`].
+    pub sample_offset: usize,
 }
 
 impl<T: Float> Problem<T> {
@@ -302,7 +353,29 @@ impl<T: Float> Problem<T> {
             specs,
             params,
             boxes,
+            sample_offset: 0,
         })
+    }
+
+    /// The same problem as samples `[offset, offset + N)` of a larger batch
+    /// (see [`Problem::sample_offset`]); an offset whose last sample counter
+    /// does not fit 32 bits is an error.
+    pub fn with_sample_offset(mut self, offset: usize) -> Result<Self> {
+        // As the masks require: the end of the sample range fits 32 bits.
+        let n = self.shapes.first().map_or(0, |s| s.n);
+        let fits = offset
+            .checked_add(n)
+            .is_some_and(|end| end <= u32::MAX as usize);
+        if !fits {
+            return Err(Error::arg(
+                "sample_offset",
+                format!(
+                    "samples {offset} .. {offset} + {n} exceed the 32-bit Philox sample counter"
+                ),
+            ));
+        }
+        self.sample_offset = offset;
+        Ok(self)
     }
 
     /// Parameter names in a fixed order (level by level, spec order).
@@ -364,8 +437,8 @@ impl<T: Float> Problem<T> {
             let vars = params::LevelVars::from_vars(l, own);
             let student = &students[l];
             outs.push(match lc.method {
-                Method::Dmkd => dmkd::level_loss(student, &teacher, &vars, lc)?,
-                Method::Mgd => mgd::level_loss(student, &teacher, &vars, lc)?,
+                Method::Dmkd => dmkd::level_loss(student, &teacher, &vars, lc, self.sample_offset)?,
+                Method::Mgd => mgd::level_loss(student, &teacher, &vars, lc, self.sample_offset)?,
                 Method::Fgd => fgd::level_loss(
                     student,
                     &teacher,
@@ -551,6 +624,199 @@ mod tests {
         }
     }
 
+    /// Samples `[a, b)` of every input of `p` (the FGD boxes are not needed).
+    fn batch_slice(p: &Problem<f64>, a: usize, b: usize) -> TensorMap<f64> {
+        let rows = |t: &Tensor<f64>| {
+            let per = t.numel() / t.shape()[0];
+            let mut shape = t.shape().to_vec();
+            shape[0] = b - a;
+            Tensor::from_vec(&shape, t.as_slice()[a * per..b * per].to_vec()).unwrap()
+        };
+        let mut m = p.params.clone();
+        for l in 0..p.students.len() {
+            m.insert(student_name(l), rows(&p.students[l]));
+            m.insert(teacher_name(l), rows(&p.teachers[l]));
+        }
+        m
+    }
+
+    #[test]
+    fn two_halves_with_sample_offsets_are_the_whole_batch() {
+        use crate::gradcheck::{LossLevel, random_problem};
+        let level = |method, mode, seed| LossLevel {
+            method,
+            cs: 3,
+            c: 4,
+            h: 3,
+            w: 5,
+            mode,
+            lambda_s: 0.5,
+            lambda_c: 0.5,
+            tau: 0.5,
+            seed,
+        };
+        let whole = random_problem(
+            &[
+                level(Method::Dmkd, MaskMode::Sampled, 7),
+                level(Method::Dmkd, MaskMode::Random, 0x9E37_79B9_7F4A_7C15),
+                level(Method::Mgd, MaskMode::Topk, 3),
+                level(Method::Dmkd, MaskMode::Topk, 0),
+            ],
+            4,
+            11,
+        )
+        .unwrap();
+        let be = || Arc::new(ReferenceBackend) as BackendRef<f64>;
+        let full = evaluate(be(), &whole).unwrap();
+        let half = |a: usize, offset: usize| {
+            let p = Problem::new(
+                &whole.config,
+                &batch_slice(&whole, a, a + 2),
+                EvalOptions::default(),
+            )
+            .unwrap()
+            .with_sample_offset(offset)
+            .unwrap();
+            assert_eq!(p.sample_offset, offset);
+            evaluate(be(), &p).unwrap()
+        };
+        let (first, second) = (half(0, 0), half(2, 2));
+        // Every mask of the second half is the tail of the whole batch's.
+        for (name, t) in &full.outputs {
+            if name.contains(".mask_") {
+                let n = t.numel() / 2;
+                assert_eq!(first.outputs[name].as_slice(), &t.as_slice()[..n], "{name}");
+                assert_eq!(
+                    second.outputs[name].as_slice(),
+                    &t.as_slice()[n..],
+                    "{name}"
+                );
+            }
+        }
+        // Each half normalises by its own N = 2, the whole batch by 4: the
+        // mean of the halves' losses (what DDP's gradient averaging
+        // differentiates) is the whole loss, and so are the parameter
+        // gradients; f64 rounding of a few hundred terms is ~1e-15.
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1e-300);
+        assert!(close(0.5 * (first.loss + second.loss), full.loss));
+        for name in whole.param_names() {
+            let g = format!("grad.{name}");
+            let (a, b, w) = (&first.outputs[&g], &second.outputs[&g], &full.outputs[&g]);
+            for i in 0..w.numel() {
+                let mean = 0.5 * (a.as_slice()[i] + b.as_slice()[i]);
+                assert!(close(mean, w.as_slice()[i]), "{g}[{i}]");
+            }
+        }
+        // Without the offset the second half redraws the first half's
+        // uniforms, and the random levels' masks differ.
+        let p = Problem::new(
+            &whole.config,
+            &batch_slice(&whole, 2, 4),
+            EvalOptions::default(),
+        )
+        .unwrap();
+        let unshifted = evaluate(be(), &p).unwrap();
+        for name in ["p0.mask_s", "p1.mask_c", "p2.mask_s"] {
+            assert_ne!(
+                unshifted.outputs[name].as_slice(),
+                second.outputs[name].as_slice(),
+                "{name}"
+            );
+        }
+        // topk masks are per sample: the same with and without the offset.
+        assert_eq!(
+            unshifted.outputs["p3.mask_s"].as_slice(),
+            second.outputs["p3.mask_s"].as_slice()
+        );
+    }
+
+    #[test]
+    fn init_params_are_what_an_evaluation_initialises() {
+        let config = Config::from_json(
+            r#"{"levels":[{"method":"dmkd"},{"method":"mgd"},{"method":"fgd"}]}"#,
+        )
+        .unwrap();
+        let channels = [(3, 4), (4, 4), (6, 6)];
+        let mut tensors = TensorMap::new();
+        for (l, &(cs, c)) in channels.iter().enumerate() {
+            tensors.insert(student_name(l), Tensor::full(&[2, cs, 3, 2], 0.5).unwrap());
+            tensors.insert(teacher_name(l), Tensor::full(&[2, c, 3, 2], 1.0).unwrap());
+        }
+        tensors.insert(
+            "img_shape".into(),
+            Tensor::from_vec(&[2, 2], vec![6.0, 4.0, 6.0, 4.0]).unwrap(),
+        );
+        for i in 0..2 {
+            tensors.insert(
+                format!("gt_boxes.{i}"),
+                Tensor::from_vec(&[1, 4], vec![0.0, 0.0, 2.0, 2.0]).unwrap(),
+            );
+        }
+        let opts = EvalOptions {
+            init_seed: Some(9),
+            allow_extra: false,
+        };
+        let problem = Problem::<f64>::new(&config, &tensors, opts).unwrap();
+        let params = init_params::<f64>(&config, &channels, 9).unwrap();
+        let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
+        assert_eq!(names, problem.param_names());
+        assert!(names.contains(&"p0.align.weight".to_string()));
+        assert!(!names.iter().any(|n| n.starts_with("p1.align")));
+        for (name, t) in &params {
+            assert_eq!(t.shape(), problem.params[name].shape(), "{name}");
+            assert_eq!(t.as_slice(), problem.params[name].as_slice(), "{name}");
+        }
+        let other = init_params::<f64>(&config, &channels, 10).unwrap();
+        assert_ne!(other[0].1.as_slice(), params[0].1.as_slice());
+        // Wrong level count, zero channels and absurd sizes are errors.
+        let kind = |r: Result<Vec<(String, Tensor<f32>)>>| r.err().unwrap().kind();
+        assert_eq!(kind(init_params(&config, &channels[..2], 0)), "config");
+        assert_eq!(
+            kind(init_params(&config, &[(0, 4), (4, 4), (6, 6)], 0)),
+            "zero_sized"
+        );
+        assert_eq!(
+            kind(init_params(
+                &Config::uniform(1, LevelConfig::default()),
+                &[(4, 1 << 20)],
+                0
+            )),
+            "too_large"
+        );
+    }
+
+    #[test]
+    fn a_sample_offset_past_32_bits_is_refused() {
+        let p = || {
+            crate::gradcheck::random_problem(
+                &[crate::gradcheck::LossLevel {
+                    method: Method::Dmkd,
+                    cs: 2,
+                    c: 2,
+                    h: 2,
+                    w: 2,
+                    mode: MaskMode::Random,
+                    lambda_s: 0.5,
+                    lambda_c: 0.5,
+                    tau: 0.5,
+                    seed: 0,
+                }],
+                2,
+                0,
+            )
+            .unwrap()
+        };
+        let max = u32::MAX as usize;
+        assert_eq!(
+            p().with_sample_offset(max - 2).unwrap().sample_offset,
+            max - 2
+        );
+        for bad in [max - 1, usize::MAX] {
+            let e = p().with_sample_offset(bad).err().unwrap();
+            assert_eq!(e.kind(), "invalid_argument");
+        }
+    }
+
     fn clone_problem(p: &Problem<f64>) -> Problem<f64> {
         Problem {
             config: p.config.clone(),
@@ -560,6 +826,7 @@ mod tests {
             teachers: p.teachers.clone(),
             params: p.params.clone(),
             boxes: p.boxes.clone(),
+            sample_offset: p.sample_offset,
         }
     }
 }

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The project's tests: the Rust tests (`cargo test --release`) and the Python package's tests
+# (pytest python/tests) together. The Python side runs in python/.venv, made here on first use
+# with maturin, pytest, torch, numpy and safetensors at the pins of python/requirements-test.txt
+# (torch from PyPI is large: the first run downloads a few GB); the package is then built from
+# python/ by maturin and installed into it, as `pip install ./python` would.
+#
+#   ./test.sh              everything
+#   ./test.sh --python     only the Python side (venv, build, pytest)
+#   PYTHON=python3.12 ./test.sh    the interpreter that makes the venv (default python3)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+rust=1
+if [ "${1:-}" = "--python" ]; then rust=0; shift; fi
+
+venv=python/.venv
+if [ ! -x "$venv/bin/python" ]; then
+    echo "== making $venv"
+    "${PYTHON:-python3}" -m venv "$venv"
+fi
+echo "== Python test environment (python/requirements-test.txt)"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r python/requirements-test.txt
+echo "== building and installing the dmkd Python package (maturin, release)"
+# maturin's build backend runs the `maturin` program: the venv's, on PATH.
+PATH="$PWD/$venv/bin:$PATH" "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-build-isolation \
+    --force-reinstall --no-deps ./python
+
+if [ "$rust" = 1 ]; then
+    echo "== Rust tests"
+    cargo test --release
+fi
+
+echo "== Python tests"
+# From the repository root, with the installed package (not python/ itself) on the path.
+"$venv/bin/python" -m pytest -q python/tests "$@"
