@@ -1,5 +1,5 @@
 //! Files in and out: `.safetensors` (f32 or f64, little-endian, row-major,
-//! NCHW), with the exchange-format names of SPEC.md.
+//! NCHW), with the exchange-format names of `docs/spec.md`.
 //!
 //! Reading is defensive: the file's size is checked before it is read, the
 //! header is validated by the `safetensors` crate (offsets must tile the

@@ -3,9 +3,10 @@
 //! Why: glibc serves allocations above 32 MiB with a fresh `mmap`, so every
 //! new P3-sized activation (34 MB in f32) is page-faulted on first touch; an
 //! element-wise op writing such a buffer ran about 4x slower than one writing
-//! into a reused buffer (ENGINEERING.md). A training step allocates the same
-//! sizes step after step, so buffers freed by one op are handed to the next
-//! op that asks for the same length.
+//! into a reused buffer (`docs/engineering.md`, "Fresh allocations are
+//! slow"). A training step allocates the same sizes step after step, so
+//! buffers freed by one op are handed to the next op that asks for the same
+//! length.
 //!
 //! Only buffers of at least `MIN_POOLED_BYTES` are kept, matched by exact
 //! length, and the pool holds at most `limit_bytes` in total (oldest evicted

@@ -1,4 +1,4 @@
-//! Built-in problems: the FPN presets of SPEC.md and synthetic features.
+//! Built-in problems: the FPN presets of `docs/spec.md` and synthetic features.
 //!
 //! Teacher features have structure, so attention means something: each
 //! sample holds a few Gaussian "objects" whose responses differ per channel,
@@ -214,7 +214,7 @@ mod tests {
     #[test]
     fn presets_match_the_spec() {
         let r = Preset::named("retinanet").unwrap();
-        // SPEC.md: one conv3x3 256->256 pass over all five levels is 52.8 GFLOP.
+        // docs/spec.md ("Presets"): one conv3x3 256->256 pass over all five levels is 52.8 GFLOP.
         let gflop = 2.0 * r.conv3x3_macs() as f64 / 1e9;
         assert!((gflop - 52.8).abs() < 0.1, "{gflop}");
         let t = Preset::named("two-stage").unwrap();

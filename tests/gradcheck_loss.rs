@@ -2,7 +2,7 @@
 //! every gradient (students and all parameters) against central finite
 //! differences in f64 (tolerance and step: `src/gradcheck.rs`).
 //!
-//! Shapes follow SPEC.md's gradient-check list: N in {1, 2}, C in 3..=8 with
+//! Shapes follow the gradient-check list of `docs/spec.md`: N in {1, 2}, C in 3..=8 with
 //! Cs != C in some cases (the align conv), H, W in {1, 2, 3, 5, 7} (H*W = 1
 //! too), every mask mode, and ratios giving k = 0 and k = all (0.0 and 0.99).
 //!

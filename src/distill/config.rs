@@ -1,4 +1,4 @@
-//! Loss configuration: one object per FPN level (SPEC.md, "Exchange format").
+//! Loss configuration: one object per FPN level (`docs/spec.md`, "Exchange format").
 //!
 //! `{"levels":[{"method":"dmkd","tau":0.5,"lambda_s":0.65,"lambda_c":0.65,
 //!   "alpha":2e-5,"mask_mode":"topk","seed":0}]}`; missing keys take the
@@ -19,7 +19,7 @@ pub enum Method {
     Fgd,
 }
 
-/// How the masked set is chosen (SPEC.md step 3).
+/// How the masked set is chosen (`docs/spec.md`, "Masks").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MaskMode {

@@ -1,4 +1,4 @@
-//! Attention-guided masks (SPEC.md step 3): 1 keeps an entry, 0 masks it.
+//! Attention-guided masks (`docs/spec.md`, "Masks"): 1 keeps an entry, 0 masks it.
 //!
 //! Masks are constants of the backward pass, computed on the host from the
 //! teacher's attention. Every mode is deterministic: `topk` needs no random
@@ -133,7 +133,7 @@ mod tests {
     #[test]
     fn mask_count_rounds_half_up_in_f64() {
         assert_eq!(mask_count(0.65, 90), 59);
-        // The f32 trap the spec names: computed in f32 this gives 58.
+        // The f32 trap `docs/spec.md` names: computed in f32 this gives 58.
         assert_eq!((0.65f32 * 90.0 + 0.5).floor() as usize, 58);
         assert_eq!(mask_count(0.0, 10), 0);
         assert_eq!(mask_count(0.99, 4), 4);
