@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::distill::TensorMap;
+use crate::named::TensorMap;
 use crate::error::{Error, Result};
 use crate::tensor::{Float, Tensor};
 

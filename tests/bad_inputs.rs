@@ -15,7 +15,7 @@ use std::sync::Arc;
 use dmkd::backend::ReferenceBackend;
 use dmkd::distill::{Config, EvalOptions, Problem, TensorMap, evaluate};
 use dmkd::io::{AnyTensor, TensorFile, parse_safetensors, read_tensor_file, write_safetensors};
-use dmkd::npy::{npy_bytes, parse_npy, parse_npy_or_npz, parse_npz, write_npy_dir};
+use dmkd::io::npy::{npy_bytes, parse_npy, parse_npy_or_npz, parse_npz, write_npy_dir};
 use dmkd::{Error, Float, Result, Tensor};
 
 // ---------------------------------------------------------------- builders
@@ -130,7 +130,7 @@ fn npy_raw(dict: &str, data: &[u8]) -> Vec<u8> {
 }
 
 fn npy_of(shape: &[usize]) -> Vec<u8> {
-    npy_bytes(&values::<f32>(shape, 0))
+    npy_bytes(&values::<f32>(shape, 0)).unwrap()
 }
 
 fn npz(members: &[(&str, Vec<u8>)], deflate: bool) -> Vec<u8> {
@@ -932,7 +932,7 @@ fn cases() -> Vec<(&'static str, Builder, &'static str)> {
                     &npz(
                         &[(
                             "a.npy",
-                            npy_bytes(&Tensor::<f64>::zeros(&[512, 512]).unwrap()),
+                            npy_bytes(&Tensor::<f64>::zeros(&[512, 512]).unwrap()).unwrap(),
                         )],
                         true,
                     ),
@@ -1040,7 +1040,7 @@ fn the_valid_baselines_pass() {
     let big = npz(
         &[(
             "a.npy",
-            npy_bytes(&Tensor::<f64>::zeros(&[512, 512]).unwrap()),
+            npy_bytes(&Tensor::<f64>::zeros(&[512, 512]).unwrap()).unwrap(),
         )],
         true,
     );
@@ -1083,7 +1083,7 @@ fn npy_directories_and_npz_round_trip_through_eval() {
     assert_eq!(f.metadata["config"], dmkd1().to_json());
     let members: Vec<(String, Vec<u8>)> = m
         .iter()
-        .map(|(k, t)| (format!("{k}.npy"), npy_bytes(t)))
+        .map(|(k, t)| (format!("{k}.npy"), npy_bytes(t).unwrap()))
         .collect();
     let members: Vec<(&str, Vec<u8>)> = members
         .iter()

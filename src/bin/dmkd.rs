@@ -424,7 +424,7 @@ fn golden_typed<T: BackendFloat>(
     ]);
     match format {
         "safetensors" => write_safetensors(out, &all, &meta)?,
-        "npy" => dmkd::npy::write_npy_dir(out, &all, &meta)?,
+        "npy" => dmkd::io::npy::write_npy_dir(out, &all, &meta)?,
         other => {
             return Err(Error::arg(
                 "golden",

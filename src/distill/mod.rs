@@ -22,7 +22,8 @@ use crate::tensor::{Float, Tensor};
 
 pub use config::{Config, LevelConfig, MaskMode, Method};
 pub use fgd::Boxes;
-pub use params::{ParamSpec, TensorMap};
+pub use crate::named::TensorMap;
+pub use params::ParamSpec;
 
 /// Sizes of one level: batch, student channels, teacher channels, height, width.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -7,9 +7,6 @@ use crate::error::{Error, Result};
 use crate::rng::PhiloxStream;
 use crate::tensor::{Float, Tensor};
 
-/// Tensors by exchange-format name, in a fixed (sorted) order.
-pub type TensorMap<T> = BTreeMap<String, Tensor<T>>;
-
 /// How a parameter starts when the user supplies none.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Init {

@@ -48,12 +48,6 @@ pub use reduce::emulate_two_pass_sum;
 
 use crate::error::{Error, Result};
 
-/// True when the CUDA driver, NVRTC and cuBLAS libraries can be loaded (a
-/// device may still be absent: `CudaBackend::new` is the real test).
-pub fn cuda_available() -> bool {
-    device::libraries_present().is_ok()
-}
-
 /// Wait until every kernel, copy and GEMM queued by any `CudaBackend` of
 /// this process has finished (they all share one stream); Ok at once when
 /// no device was ever opened. For host-side timing through a `BackendRef`
@@ -65,30 +59,19 @@ pub fn synchronize() -> Result<()> {
     }
 }
 
-/// Why no CUDA backend can be built here, or None when one can.
-pub fn unavailable_reason() -> Option<String> {
-    match CudaBackend::new() {
-        Ok(_) => None,
-        Err(Error::BackendUnavailable(why)) => Some(why),
-        Err(e) => Some(e.to_string()),
-    }
-}
-
-/// Elements of a tensor on a CUDA device, with the stream that owns them.
-pub struct DeviceBuffer<T> {
+/// Elements of a tensor on a CUDA device, with the stream that owns them:
+/// the CUDA backend's [`DeviceStorage`](crate::tensor::DeviceStorage).
+pub(crate) struct DeviceBuffer<T> {
     pub(crate) slice: cudarc::driver::CudaSlice<T>,
     pub(crate) stream: std::sync::Arc<cudarc::driver::CudaStream>,
 }
 
-impl<T: crate::tensor::Float> DeviceBuffer<T> {
-    pub fn len(&self) -> usize {
+impl<T: CudaFloat> crate::tensor::DeviceStorage<T> for DeviceBuffer<T> {
+    fn numel(&self) -> usize {
         self.slice.len()
     }
-    pub fn is_empty(&self) -> bool {
-        self.slice.len() == 0
-    }
     /// Copy to the host (synchronising the stream).
-    pub fn download(&self) -> Result<Vec<T>> {
+    fn download(&self) -> Result<Vec<T>> {
         self.stream
             .clone_dtoh(&self.slice)
             .map_err(|e| Error::Device(format!("device-to-host copy: {e}")))
