@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::named::TensorMap;
 use crate::error::{Error, Result};
+use crate::named::TensorMap;
 use crate::tensor::{Float, Tensor};
 
 /// An optimizer's settings.

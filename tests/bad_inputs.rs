@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use dmkd::backend::ReferenceBackend;
 use dmkd::distill::{Config, EvalOptions, Problem, TensorMap, evaluate};
-use dmkd::io::{AnyTensor, TensorFile, parse_safetensors, read_tensor_file, write_safetensors};
 use dmkd::io::npy::{npy_bytes, parse_npy, parse_npy_or_npz, parse_npz, write_npy_dir};
+use dmkd::io::{AnyTensor, TensorFile, parse_safetensors, read_tensor_file, write_safetensors};
 use dmkd::{Error, Float, Result, Tensor};
 
 // ---------------------------------------------------------------- builders

@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use dmkd::backend::{CpuBackend, ReferenceBackend};
 use dmkd::distill::{Config, EvalOptions, LevelConfig, MaskMode, Method, Problem, TensorMap};
-use dmkd::io::parse_safetensors;
 use dmkd::io::npy::{npy_bytes, parse_npy_or_npz};
+use dmkd::io::parse_safetensors;
 use dmkd::{BackendRef, ConvAlgo, Error, Float, Tensor};
 
 /// Decompression budget of the npy target: far above anything a small input

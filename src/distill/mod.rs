@@ -20,9 +20,9 @@ use crate::backend::BackendRef;
 use crate::error::{Error, Result};
 use crate::tensor::{Float, Tensor};
 
+pub use crate::named::TensorMap;
 pub use config::{Config, LevelConfig, MaskMode, Method};
 pub use fgd::Boxes;
-pub use crate::named::TensorMap;
 pub use params::ParamSpec;
 
 /// Sizes of one level: batch, student channels, teacher channels, height, width.

@@ -14,8 +14,8 @@ use std::path::Path;
 
 pub use self::bounded::{DEFAULT_MAX_FILE_BYTES, max_file_bytes, read_bounded};
 pub use self::safetensors::{parse_safetensors, read_safetensors, write_safetensors};
-pub use crate::named::{AnyTensor, TensorFile, TensorMap};
 use crate::error::Result;
+pub use crate::named::{AnyTensor, TensorFile, TensorMap};
 
 /// Read a tensor file: a directory of `.npy` files, a `.npy` or `.npz` (by
 /// extension; see [`npy`]), or else a `.safetensors` file.

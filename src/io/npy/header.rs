@@ -257,4 +257,3 @@ pub fn parse_header_dict(text: &[u8], path: &str) -> Result<NpyHeader> {
     }
     Ok(NpyHeader { dtype, shape })
 }
-

@@ -33,8 +33,8 @@ use std::path::Path;
 
 use ndarray_npy::WriteNpyExt;
 
-pub use self::header::{MAX_HEADER_BYTES, MAX_RANK, NpyHeader, parse_header_dict};
 use self::header::format_err;
+pub use self::header::{MAX_HEADER_BYTES, MAX_RANK, NpyHeader, parse_header_dict};
 use super::bounded::{max_file_bytes, read_bounded};
 use crate::error::{Error, Result};
 use crate::named::{AnyTensor, TensorFile, TensorMap};
