@@ -24,9 +24,11 @@
 //! with NVRTC (when `libnvrtc` is on the loader path) and runs the kernel
 //! sources unchanged in a CPU simulator (`sim/`) against their definitions;
 //! unit tests here check the index coalescing, the reduction order and the
-//! row-major to cuBLAS mapping. With a GPU: `tests/cuda_parity.rs` compares
-//! every op and the whole loss with the reference backend (it skips, with a
-//! printed reason, where no device is usable), and `benches/cuda.rs` times
+//! row-major to cuBLAS mapping. With a GPU: the conformance suite
+//! (`tests/conformance.rs`, where CUDA is an entry of the backend list,
+//! left out with a printed reason where no device is usable) compares every
+//! op and the whole loss with the reference backend, `tests/cuda_exact.rs`
+//! holds the exact-order claims, and `benches/cuda.rs` times
 //! the convolutions and the DMKD loss. Host-side timing must call
 //! [`synchronize`] (or `CudaBackend::synchronize`) after the timed calls:
 //! backend methods only queue work.
