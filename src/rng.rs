@@ -68,6 +68,7 @@ pub struct PhiloxStream {
 }
 
 impl PhiloxStream {
+    /// Stream `stream` of seed `seed`.
     pub fn new(seed: u64, stream: u32) -> Self {
         PhiloxStream {
             key: seed_key(seed),
@@ -79,6 +80,7 @@ impl PhiloxStream {
         }
     }
 
+    /// The next 32 random bits.
     pub fn next_u32(&mut self) -> u32 {
         if self.used == 4 {
             // Counter word 3 carries a tag so these streams never coincide

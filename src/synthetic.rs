@@ -13,17 +13,23 @@ use crate::tensor::{Float, Tensor};
 /// A problem size: batch, channels, and the (H, W) of each level.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Preset {
+    /// The preset's name.
     pub name: &'static str,
+    /// Batch.
     pub n: usize,
     /// Teacher channels.
     pub c: usize,
     /// Student channels (an align conv is used when they differ).
     pub cs: usize,
+    /// `(H, W)` of each level.
     pub levels: Vec<(usize, usize)>,
     /// Names of the levels (P3.. for RetinaNet).
     pub level_names: Vec<String>,
+    /// DMKD's loss weight.
     pub alpha: f64,
+    /// Spatial mask ratio.
     pub lambda_s: f64,
+    /// Channel mask ratio.
     pub lambda_c: f64,
 }
 

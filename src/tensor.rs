@@ -249,10 +249,12 @@ impl<T: Float> Tensor<T> {
         Ok(Self::from_parts(shape, v))
     }
 
+    /// A tensor of zeros.
     pub fn zeros(shape: &[usize]) -> Result<Self> {
         Self::full(shape, T::zero())
     }
 
+    /// A tensor of ones.
     pub fn ones(shape: &[usize]) -> Result<Self> {
         Self::full(shape, T::one())
     }
@@ -268,18 +270,22 @@ impl<T: Float> Tensor<T> {
         Ok(Self::from_parts(shape, (0..n).map(f).collect()))
     }
 
+    /// The shape.
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
 
+    /// Number of dimensions.
     pub fn rank(&self) -> usize {
         self.shape.len()
     }
 
+    /// Number of elements.
     pub fn numel(&self) -> usize {
         self.numel
     }
 
+    /// The element type's tag.
     pub fn dtype(&self) -> DType {
         T::DTYPE
     }
@@ -340,6 +346,7 @@ impl<T: Float> Tensor<T> {
         self.data.host.get().is_some()
     }
 
+    /// A copy of the row-major elements.
     pub fn to_vec(&self) -> Vec<T> {
         self.as_slice().to_vec()
     }

@@ -14,7 +14,9 @@ use crate::tensor::{Float, Tensor};
 /// Which mask a uniform belongs to (the fourth Philox counter word).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Branch {
+    /// The spatial mask `M_s`.
     Spatial = 0,
+    /// The channel mask `M_c`.
     Channel = 1,
 }
 

@@ -38,7 +38,7 @@ mod conv;
 mod device;
 mod elementwise;
 mod gemm;
-pub mod index;
+mod index;
 pub mod kernels;
 mod loss;
 pub mod reduce;
