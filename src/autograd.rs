@@ -171,11 +171,6 @@ impl<T: Float> Var<T> {
     pub fn requires_grad(&self) -> bool {
         self.node.is_some()
     }
-    /// The same value as a constant (gradient stops here).
-    pub fn detach(&self) -> Var<T> {
-        self.tape.constant(self.value.clone())
-    }
-
     /// Run the backward pass from this scalar (one-element) variable.
     /// Consumes the recorded backward closures: a tape is differentiated once.
     pub fn backward(&self) -> Result<Gradients<T>> {
@@ -294,7 +289,6 @@ mod tests {
         let y = x.mul(&k).unwrap();
         assert!(y.requires_grad());
         assert_eq!(t.len(), 2);
-        assert!(!y.detach().requires_grad());
         let g = y.sum_all().unwrap().backward().unwrap();
         // d/dx sum(x * k) = k = 3 c^2; the constant has no gradient.
         assert_eq!(g.get(&x).unwrap().as_slice(), &[3.0, 12.0]);
