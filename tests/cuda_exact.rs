@@ -1,5 +1,5 @@
 //! Claims only the CUDA backend makes, beyond the conformance suite
-//! (`tests/conformance.rs`, where CUDA is one entry of the backend list):
+//! (`tests/conformance/`, where CUDA is one entry of the backend list):
 //! its two-pass sums equal their host emulation bit for bit, repeated
 //! convolutions are bit-identical, and a missing device is an error, not a
 //! panic.

@@ -25,7 +25,7 @@
 //! sources unchanged in a CPU simulator (`sim/`) against their definitions;
 //! unit tests here check the index coalescing, the reduction order and the
 //! row-major to cuBLAS mapping. With a GPU: the conformance suite
-//! (`tests/conformance.rs`, where CUDA is an entry of the backend list,
+//! (`tests/conformance/`, where CUDA is an entry of the backend list,
 //! left out with a printed reason where no device is usable) compares every
 //! op and the whole loss with the reference backend, `tests/cuda_exact.rs`
 //! holds the exact-order claims, and `benches/cuda.rs` times

@@ -51,7 +51,7 @@
 //! The weight transforms are per (row, column) pair, independent of the
 //! split.
 //!
-//! Accuracy (held by tests/conformance.rs), norm-wise `||a - e|| / ||e||`
+//! Accuracy (held by tests/conformance/), norm-wise `||a - e|| / ||e||`
 //! against the f64 reference: f32 convs 1.3e-6 to 3.6e-6 (forward, input
 //! and weight gradients, C <= 43, odd shapes and masks); f64 below 1e-12
 //! (asserted). The whole DMKD loss in f32 at 64 channels against f64: loss
