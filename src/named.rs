@@ -1,6 +1,6 @@
 //! Named tensors: the maps every layer above the engine passes around
 //! (inputs, parameters, gradients by exchange-format name) and the contents
-//! of a tensor file. Files are read and written by [`crate::io`]; the
+//! of a tensor file. Files are read and written by the `io` module; the
 //! losses take and return [`TensorMap`]s.
 
 use std::collections::{BTreeMap, HashMap};

@@ -17,7 +17,7 @@
 
 use serde::Serialize;
 
-use crate::io::{AnyTensor, TensorFile};
+use crate::named::{AnyTensor, TensorFile};
 use crate::tensor::{DType, unravel};
 
 /// Tolerances of a comparison.

@@ -3,7 +3,7 @@
 //! and values, on every backend (`tests/common/backends.rs`).
 //!
 //! Tolerance: `dmkd::gradcheck::RTOL` = 1e-6 relative, with the central
-//! difference step `h = eps^(1/3)`; the reasoning is in `src/gradcheck.rs`.
+//! difference step `h = eps^(1/3)`; the reasoning is in `src/gradcheck/checker.rs`.
 //! Inputs are kept away from kinks (ReLU and |x| at 0) so that a finite
 //! difference never straddles one: a difference across a kink measures the
 //! kink, not the derivative.

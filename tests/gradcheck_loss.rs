@@ -1,6 +1,6 @@
 //! The oracle on the whole loss: DMKD, MGD and FGD over several levels,
 //! every gradient (students and all parameters) against central finite
-//! differences in f64 (tolerance and step: `src/gradcheck.rs`).
+//! differences in f64 (tolerance and step: `src/gradcheck/checker.rs`).
 //!
 //! Shapes follow the gradient-check list of `docs/spec.md`: N in {1, 2}, C in 3..=8 with
 //! Cs != C in some cases (the align conv), H, W in {1, 2, 3, 5, 7} (H*W = 1
