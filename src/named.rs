@@ -106,5 +106,9 @@ mod tests {
         let m = f.to_map::<f64>();
         assert_eq!((m["a"].item().unwrap(), m["b"].item().unwrap()), (1.5, 2.0));
         assert_eq!(f.tensors["a"].shape(), &[] as &[usize]);
+        let t = AnyTensor::F32(Tensor::from_vec(&[2, 1], vec![0.25, -3.0]).unwrap());
+        assert_eq!(t.shape(), &[2, 1]);
+        assert_eq!(t.to_f64().as_slice(), &[0.25, -3.0]);
+        assert_eq!(t.to::<f32>().as_slice(), &[0.25, -3.0]);
     }
 }
