@@ -1,4 +1,4 @@
-//! The whole DMKD loss, forward + backward (f32), on the spec's presets.
+//! The whole DMKD loss, forward + backward (f32), on the presets of `docs/spec.md`.
 //!
 //! - `cpu/<algo>/<preset>`: the CPU backend with each `--conv-algo`
 //!   (direct, winograd, auto) at the full retinanet and two-stage presets

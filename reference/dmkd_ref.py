@@ -1,12 +1,12 @@
 """Independent PyTorch reference of the DMKD, MGD and FGD distillation losses.
 
-Written from /work/shared/SPEC.md (and, for FGD, from the FGD paper's official `FeatureLoss`),
-without looking at the Rust engine. It is an oracle: every step is spelled out plainly, and
-PyTorch's autograd supplies every gradient. Speed is not a goal.
+Written from the specification docs/spec.md (and, for FGD, from the FGD paper's official
+`FeatureLoss`), without looking at the Rust engine. It is an oracle: every step is spelled out
+plainly, and PyTorch's autograd supplies every gradient. Speed is not a goal.
 
 Entry point: `evaluate(config, tensors, dtype)` -> dict of every output of the exchange format.
 
-Conventions (shared with the Rust engine through SPEC.md and the exchange format):
+Conventions (shared with the Rust engine through docs/spec.md and its exchange format):
   * features are NCHW; level `l` is the 0-based position in the config's `levels` list;
   * the teacher is detached: no gradient ever reaches it or anything computed from it;
   * masks (and, for DMKD/MGD, the teacher attention) are constants in the backward pass.
@@ -84,7 +84,7 @@ def attention(x, tau):
     """Spatial and channel attention of a feature x [N, C, H, W], in x's dtype.
 
     A_s[n,h,w] = H*W * softmax_{(h,w)}(mean_c |x| / tau),  A_c[n,c] = C * softmax_c(mean_hw |x| / tau).
-    torch.softmax subtracts the max, as the spec asks. Differentiable (FGD's student attention
+    torch.softmax subtracts the max, as docs/spec.md asks. Differentiable (FGD's student attention
     needs the gradient); for the teacher, call it on a detached tensor.
     """
     n, c, h, w = x.shape

@@ -57,6 +57,7 @@ impl<T: Float> std::fmt::Debug for Var<T> {
 }
 
 impl<T: Float> Tape<T> {
+    /// An empty tape whose ops run on `backend`.
     pub fn new(backend: BackendRef<T>) -> Self {
         Tape {
             inner: Rc::new(TapeInner {
@@ -66,12 +67,9 @@ impl<T: Float> Tape<T> {
         }
     }
 
+    /// The backend the ops run on.
     pub fn backend(&self) -> &dyn Backend<T> {
         &*self.inner.backend
-    }
-
-    pub fn backend_ref(&self) -> BackendRef<T> {
-        self.inner.backend.clone()
     }
 
     /// A leaf that requires a gradient (a parameter or a student feature).
@@ -103,6 +101,7 @@ impl<T: Float> Tape<T> {
         self.inner.nodes.borrow().len()
     }
 
+    /// True when nothing has been recorded.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -152,15 +151,19 @@ impl<T: Float> Tape<T> {
 }
 
 impl<T: Float> Var<T> {
+    /// The value.
     pub fn value(&self) -> &Tensor<T> {
         &self.value
     }
+    /// The value's shape.
     pub fn shape(&self) -> &[usize] {
         self.value.shape()
     }
+    /// The tape this variable lives on.
     pub fn tape(&self) -> &Tape<T> {
         &self.tape
     }
+    /// The tape's backend.
     pub fn backend(&self) -> &dyn Backend<T> {
         self.tape.backend()
     }
@@ -168,15 +171,6 @@ impl<T: Float> Var<T> {
     pub fn requires_grad(&self) -> bool {
         self.node.is_some()
     }
-    /// The same value as a constant (gradient stops here).
-    pub fn detach(&self) -> Var<T> {
-        self.tape.constant(self.value.clone())
-    }
-    /// A constant on the same tape.
-    pub fn constant_like(&self, value: Tensor<T>) -> Var<T> {
-        self.tape.constant(value)
-    }
-
     /// Run the backward pass from this scalar (one-element) variable.
     /// Consumes the recorded backward closures: a tape is differentiated once.
     pub fn backward(&self) -> Result<Gradients<T>> {
@@ -295,7 +289,6 @@ mod tests {
         let y = x.mul(&k).unwrap();
         assert!(y.requires_grad());
         assert_eq!(t.len(), 2);
-        assert!(!y.detach().requires_grad());
         let g = y.sum_all().unwrap().backward().unwrap();
         // d/dx sum(x * k) = k = 3 c^2; the constant has no gradient.
         assert_eq!(g.get(&x).unwrap().as_slice(), &[3.0, 12.0]);

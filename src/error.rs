@@ -14,23 +14,41 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub enum Error {
     /// An op received operands whose shapes do not fit together.
     #[error("shape mismatch in {op}: {detail}")]
-    ShapeMismatch { op: &'static str, detail: String },
+    ShapeMismatch {
+        /// The op that refused them.
+        op: &'static str,
+        /// What does not fit.
+        detail: String,
+    },
 
     /// A tensor has a dimension of size zero where a non-empty one is needed.
     #[error("{what} has a zero-sized dimension (shape {shape:?})")]
-    ZeroSized { what: String, shape: Vec<usize> },
+    ZeroSized {
+        /// The tensor or operand.
+        what: String,
+        /// Its shape.
+        shape: Vec<usize>,
+    },
 
     /// A tensor holds NaN or infinity where finite values are required.
     #[error("{tensor} holds a non-finite value ({value}) at index {index:?}")]
     NonFinite {
+        /// The tensor's name.
         tensor: String,
+        /// The multi-index of the first bad element.
         index: Vec<usize>,
+        /// Its value (NaN or an infinity).
         value: f64,
     },
 
     /// An argument is outside its valid range (axis, stride, ratio, ...).
     #[error("invalid argument to {op}: {detail}")]
-    InvalidArgument { op: &'static str, detail: String },
+    InvalidArgument {
+        /// The op or command that refused it.
+        op: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
 
     /// The configuration (JSON or programmatic) is invalid.
     #[error("invalid config: {0}")]
@@ -47,35 +65,51 @@ pub enum Error {
     /// A tensor has the wrong element type.
     #[error("tensor `{name}` has dtype {got}, expected {expected}")]
     DType {
+        /// The tensor's name (with its file).
         name: String,
+        /// The accepted element types.
         expected: String,
+        /// The element type found.
         got: String,
     },
 
     /// A named tensor has the wrong shape.
     #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]
     TensorShape {
+        /// The tensor's name.
         name: String,
+        /// The shape it must have.
         expected: Vec<usize>,
+        /// The shape it has.
         got: Vec<usize>,
     },
 
     /// A request would allocate more than the configured bound; refused before allocating.
     #[error("{what} needs {bytes} bytes, over the limit of {limit} bytes")]
     TooLarge {
+        /// What was asked for.
         what: String,
+        /// The bytes it needs.
         bytes: u128,
+        /// The bound.
         limit: u128,
     },
 
     /// A file is malformed: truncated, corrupt header, lying sizes.
     #[error("malformed file {path}: {detail}")]
-    Format { path: String, detail: String },
+    Format {
+        /// The file (or archive member).
+        path: String,
+        /// What is wrong with it.
+        detail: String,
+    },
 
     /// An I/O error while reading or writing a file.
     #[error("i/o error on {path}: {source}")]
     Io {
+        /// The file.
         path: String,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
@@ -113,6 +147,7 @@ impl Error {
         one_line(&self.to_string())
     }
 
+    /// An [`Error::ShapeMismatch`] of `op`.
     pub fn shape(op: &'static str, detail: impl Into<String>) -> Self {
         Error::ShapeMismatch {
             op,
@@ -120,6 +155,7 @@ impl Error {
         }
     }
 
+    /// An [`Error::InvalidArgument`] of `op`.
     pub fn arg(op: &'static str, detail: impl Into<String>) -> Self {
         Error::InvalidArgument {
             op,

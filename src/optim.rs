@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::distill::TensorMap;
 use crate::error::{Error, Result};
+use crate::named::TensorMap;
 use crate::tensor::{Float, Tensor};
 
 /// An optimizer's settings.
@@ -13,21 +13,30 @@ use crate::tensor::{Float, Tensor};
 pub enum OptimizerKind {
     /// `v = momentum * v + (g + wd * p)`; `p -= lr * v` (first step: `v = g + wd * p`).
     Sgd {
+        /// Learning rate.
         lr: f64,
+        /// Momentum (0 for plain SGD).
         momentum: f64,
+        /// L2 penalty added to the gradient.
         weight_decay: f64,
     },
     /// Decoupled weight decay: `p *= 1 - lr * wd`, then Adam with bias correction.
     AdamW {
+        /// Learning rate.
         lr: f64,
+        /// First-moment decay.
         beta1: f64,
+        /// Second-moment decay.
         beta2: f64,
+        /// Added to the denominator.
         eps: f64,
+        /// Decoupled weight decay.
         weight_decay: f64,
     },
 }
 
 impl OptimizerKind {
+    /// AdamW with PyTorch's defaults (betas 0.9, 0.999, eps 1e-8, weight decay 0.01).
     pub fn adamw(lr: f64) -> Self {
         OptimizerKind::AdamW {
             lr,
@@ -37,6 +46,7 @@ impl OptimizerKind {
             weight_decay: 0.01,
         }
     }
+    /// SGD with momentum and no weight decay.
     pub fn sgd(lr: f64, momentum: f64) -> Self {
         OptimizerKind::Sgd {
             lr,
@@ -55,6 +65,7 @@ pub struct Optimizer {
 }
 
 impl Optimizer {
+    /// An optimizer with no state yet.
     pub fn new(kind: OptimizerKind) -> Self {
         Optimizer {
             kind,
@@ -63,6 +74,7 @@ impl Optimizer {
         }
     }
 
+    /// Steps taken so far.
     pub fn steps(&self) -> u64 {
         self.step
     }

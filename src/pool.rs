@@ -3,37 +3,57 @@
 //! Why: glibc serves allocations above 32 MiB with a fresh `mmap`, so every
 //! new P3-sized activation (34 MB in f32) is page-faulted on first touch; an
 //! element-wise op writing such a buffer ran about 4x slower than one writing
-//! into a reused buffer (ENGINEERING.md). A training step allocates the same
-//! sizes step after step, so buffers freed by one op are handed to the next
-//! op that asks for the same length.
+//! into a reused buffer (`docs/engineering.md`, "Fresh allocations are
+//! slow"). A training step allocates the same sizes step after step, so
+//! buffers freed by one op are handed to the next op that asks for the same
+//! length.
 //!
 //! Only buffers of at least `MIN_POOLED_BYTES` are kept, matched by exact
-//! length, and the pool holds at most `limit_bytes` in total (oldest evicted
+//! length, and the pool holds at most `LIMIT_BYTES` in total (oldest evicted
 //! first), so its contribution to peak memory is bounded.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::tensor::Float;
-
 /// Buffers smaller than this are not worth pooling.
 pub const MIN_POOLED_BYTES: usize = 1 << 20;
 
-/// Default bound on the bytes the pool holds (a P3 activation is 34 MB).
-pub const DEFAULT_LIMIT_BYTES: usize = 256 << 20;
+/// Bound on the bytes the pool holds (a P3 activation is 34 MB).
+pub const LIMIT_BYTES: usize = 256 << 20;
 
+/// Element types with a process-wide pool: f32 and f64. (The pool looks
+/// only at lengths and bytes; `tensor::Float` requires this trait, so the
+/// pool knows nothing of tensors.)
+pub trait PoolElem: Copy + Default + Send + 'static {
+    /// The pool of this element type.
+    fn pool() -> &'static Pool<Self>;
+}
+
+impl PoolElem for f32 {
+    fn pool() -> &'static Pool<Self> {
+        static POOL: Pool<f32> = Pool::new();
+        &POOL
+    }
+}
+
+impl PoolElem for f64 {
+    fn pool() -> &'static Pool<Self> {
+        static POOL: Pool<f64> = Pool::new();
+        &POOL
+    }
+}
+
+/// Freed buffers by length, oldest first, at most `LIMIT_BYTES` in all.
 pub struct Pool<T> {
     free: Mutex<Vec<Vec<T>>>,
     held_bytes: AtomicUsize,
-    limit_bytes: AtomicUsize,
 }
 
-impl<T: Float> Pool<T> {
-    pub const fn new() -> Self {
+impl<T> Pool<T> {
+    const fn new() -> Self {
         Pool {
             free: Mutex::new(Vec::new()),
             held_bytes: AtomicUsize::new(0),
-            limit_bytes: AtomicUsize::new(DEFAULT_LIMIT_BYTES),
         }
     }
 
@@ -48,7 +68,7 @@ impl<T: Float> Pool<T> {
 
     fn give(&self, v: Vec<T>) {
         let bytes = v.len() * std::mem::size_of::<T>();
-        let limit = self.limit_bytes.load(Ordering::Relaxed);
+        let limit = LIMIT_BYTES;
         if bytes < MIN_POOLED_BYTES || bytes > limit {
             return;
         }
@@ -61,72 +81,43 @@ impl<T: Float> Pool<T> {
         free.push(v);
         self.held_bytes.store(held + bytes, Ordering::Relaxed);
     }
-
-    /// Drop every pooled buffer.
-    pub fn trim(&self) {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        free.clear();
-        self.held_bytes.store(0, Ordering::Relaxed);
-    }
-
-    /// Change the bound on pooled bytes (0 disables pooling).
-    pub fn set_limit_bytes(&self, limit: usize) {
-        self.limit_bytes.store(limit, Ordering::Relaxed);
-        if limit == 0 {
-            self.trim();
-        }
-    }
-
-    pub fn held_bytes(&self) -> usize {
-        self.held_bytes.load(Ordering::Relaxed)
-    }
-}
-
-impl<T: Float> Default for Pool<T> {
-    fn default() -> Self {
-        Self::new()
-    }
 }
 
 /// A vector of `len` elements whose contents are unspecified (stale values
 /// of an earlier tensor, or zeros): the caller must overwrite every element.
-pub fn take<T: Float>(len: usize) -> Vec<T> {
+pub fn take<T: PoolElem>(len: usize) -> Vec<T> {
     if len * std::mem::size_of::<T>() >= MIN_POOLED_BYTES
         && let Some(v) = T::pool().take(len)
     {
         return v;
     }
-    vec![T::zero(); len]
+    vec![T::default(); len]
 }
 
-/// A vector of `len` zeros, recycled when possible.
-pub fn take_zeroed<T: Float>(len: usize) -> Vec<T> {
+/// A vector of `len` zeros (`T::default()`), recycled when possible.
+pub fn take_zeroed<T: PoolElem>(len: usize) -> Vec<T> {
     let mut v = take(len);
-    v.fill(T::zero());
+    v.fill(T::default());
     v
 }
 
 /// Owned tensor storage that returns itself to the pool when dropped.
-pub struct Buffer<T: Float> {
+pub struct Buffer<T: PoolElem> {
     data: Vec<T>,
 }
 
-impl<T: Float> Buffer<T> {
+impl<T: PoolElem> Buffer<T> {
+    /// Wrap `data`; it goes back to the pool when the buffer is dropped.
     pub fn new(data: Vec<T>) -> Self {
         Buffer { data }
     }
+    /// The elements.
     pub fn as_slice(&self) -> &[T] {
         &self.data
     }
-    pub fn len(&self) -> usize {
-        self.data.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
-    }
 }
 
-impl<T: Float> Drop for Buffer<T> {
+impl<T: PoolElem> Drop for Buffer<T> {
     fn drop(&mut self) {
         let v = std::mem::take(&mut self.data);
         if !v.is_empty() {

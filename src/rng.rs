@@ -48,7 +48,7 @@ pub fn u32_to_open_unit(x: u32) -> f64 {
     (x as f64 + 0.5) / 4_294_967_296.0
 }
 
-/// The mask uniforms of SPEC.md: level `l`, sample `n`, flat index `i`,
+/// The mask uniforms of `docs/spec.md` ("Masks"): level `l`, sample `n`, flat index `i`,
 /// branch `b` (0 spatial, 1 channel), seed `seed`.
 pub fn mask_uniform(seed: u64, level: u32, sample: u32, index: u32, branch: u32) -> f64 {
     let out = philox4x32_10([index, sample, level, branch], seed_key(seed));
@@ -68,6 +68,7 @@ pub struct PhiloxStream {
 }
 
 impl PhiloxStream {
+    /// Stream `stream` of seed `seed`.
     pub fn new(seed: u64, stream: u32) -> Self {
         PhiloxStream {
             key: seed_key(seed),
@@ -79,6 +80,7 @@ impl PhiloxStream {
         }
     }
 
+    /// The next 32 random bits.
     pub fn next_u32(&mut self) -> u32 {
         if self.used == 4 {
             // Counter word 3 carries a tag so these streams never coincide
@@ -128,7 +130,7 @@ impl PhiloxStream {
 mod tests {
     use super::*;
 
-    // Known answers from SPEC.md (the Random123 kat_vectors for philox4x32_10).
+    // Known answers from `docs/spec.md` (the Random123 kat_vectors for philox4x32_10).
     #[test]
     fn philox_known_answers() {
         assert_eq!(

@@ -1,4 +1,4 @@
-//! Built-in problems: the FPN presets of SPEC.md and synthetic features.
+//! Built-in problems: the FPN presets of `docs/spec.md` and synthetic features.
 //!
 //! Teacher features have structure, so attention means something: each
 //! sample holds a few Gaussian "objects" whose responses differ per channel,
@@ -14,17 +14,23 @@ use crate::tensor::{Float, Tensor};
 /// A problem size: batch, channels, and the (H, W) of each level.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Preset {
+    /// The preset's name.
     pub name: &'static str,
+    /// Batch.
     pub n: usize,
     /// Teacher channels.
     pub c: usize,
     /// Student channels (an align conv is used when they differ).
     pub cs: usize,
+    /// `(H, W)` of each level.
     pub levels: Vec<(usize, usize)>,
     /// Names of the levels (P3.. for RetinaNet).
     pub level_names: Vec<String>,
+    /// DMKD's loss weight.
     pub alpha: f64,
+    /// Spatial mask ratio.
     pub lambda_s: f64,
+    /// Channel mask ratio.
     pub lambda_c: f64,
 }
 
@@ -241,7 +247,7 @@ mod tests {
     #[test]
     fn presets_match_the_spec() {
         let r = Preset::named("retinanet").unwrap();
-        // SPEC.md: one conv3x3 256->256 pass over all five levels is 52.8 GFLOP.
+        // docs/spec.md ("Presets"): one conv3x3 256->256 pass over all five levels is 52.8 GFLOP.
         let gflop = 2.0 * r.conv3x3_macs() as f64 / 1e9;
         assert!((gflop - 52.8).abs() < 0.1, "{gflop}");
         let t = Preset::named("two-stage").unwrap();

@@ -3,30 +3,39 @@
 //! A `Tensor` is an immutable value, cheap to clone (the storage is shared
 //! behind an `Arc`). Ops never write into their inputs; they return new
 //! tensors. Views for the plain-loop reference code come from `ndarray`.
+//!
+//! Elements live in host memory, on a device, or both. Device memory is
+//! whatever a device backend makes of it, behind [`DeviceStorage`]: this
+//! module knows no backend.
 
+use std::any::Any;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
-use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use ndarray::{ArrayViewD, IxDyn};
 
 use crate::error::{Error, Result};
-use crate::pool;
+use crate::pool::{self, PoolElem};
 
 /// The element types the engine computes in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
+    /// IEEE 754 binary32.
     F32,
+    /// IEEE 754 binary64.
     F64,
 }
 
 impl DType {
+    /// `"f32"` or `"f64"`.
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
             DType::F64 => "f64",
         }
     }
+    /// Bytes per element.
     pub fn size_of(self) -> usize {
         match self {
             DType::F32 => 4,
@@ -55,21 +64,11 @@ impl std::str::FromStr for DType {
     }
 }
 
-/// What a device backend needs of an element type (nothing without CUDA).
-#[cfg(not(feature = "cuda"))]
-pub trait DeviceElem {}
-#[cfg(not(feature = "cuda"))]
-impl<T> DeviceElem for T {}
-/// What a device backend needs of an element type.
-#[cfg(feature = "cuda")]
-pub trait DeviceElem: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits {}
-#[cfg(feature = "cuda")]
-impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits> DeviceElem for T {}
-
-/// A floating-point element type: f32 or f64.
+/// A floating-point element type: f32 or f64 (the trait is sealed: its
+/// buffer pool exists for these two only).
 pub trait Float:
     num_traits::Float
-    + DeviceElem
+    + PoolElem
     + ndarray::ScalarOperand
     + std::iter::Sum
     + std::ops::AddAssign
@@ -83,11 +82,15 @@ pub trait Float:
     + Sync
     + 'static
 {
+    /// The dtype tag of this type.
     const DTYPE: DType;
     /// Machine epsilon, as f64.
     const EPSILON_F64: f64;
+    /// Conversion from f64 (rounding to nearest for f32).
     fn from_f64(x: f64) -> Self;
+    /// Exact conversion to f64.
     fn as_f64(self) -> f64;
+    /// Conversion from a count (exact below 2^24 for f32, 2^53 for f64).
     fn from_usize(x: usize) -> Self {
         <Self as Float>::from_f64(x as f64)
     }
@@ -95,8 +98,6 @@ pub trait Float:
     fn to_le_bytes_vec(data: &[Self]) -> Vec<u8>;
     /// Parse little-endian bytes; `bytes.len()` must be a multiple of the size.
     fn from_le_bytes_vec(bytes: &[u8]) -> Vec<Self>;
-    /// The buffer pool for this element type.
-    fn pool() -> &'static pool::Pool<Self>;
 }
 
 impl Float for f32 {
@@ -117,10 +118,6 @@ impl Float for f32 {
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect()
     }
-    fn pool() -> &'static pool::Pool<Self> {
-        static POOL: pool::Pool<f32> = pool::Pool::new();
-        &POOL
-    }
 }
 
 impl Float for f64 {
@@ -140,10 +137,6 @@ impl Float for f64 {
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
             .collect()
-    }
-    fn pool() -> &'static pool::Pool<Self> {
-        static POOL: pool::Pool<f64> = pool::Pool::new();
-        &POOL
     }
 }
 
@@ -175,6 +168,7 @@ pub fn checked_numel(shape: &[usize]) -> Result<usize> {
 /// lives (tensors are immutable), and `as_slice` returns the same slice on
 /// every call.
 pub trait ExternalData<T>: Send + Sync {
+    /// The elements, the same slice on every call.
     fn as_slice(&self) -> &[T];
 }
 
@@ -194,15 +188,27 @@ impl<T: Float> HostData<T> {
     }
 }
 
+/// A tensor's elements in a device backend's memory.
+///
+/// The backend that makes one implements this trait for its own buffer
+/// type and, to read it back in its kernels, downcasts the trait object to
+/// that type (`as &dyn Any`). The tensor layer needs only the length and a
+/// way to bring the elements to the host.
+pub trait DeviceStorage<T>: Any + Send + Sync {
+    /// Number of elements.
+    fn numel(&self) -> usize;
+    /// Copy the elements to the host (waiting for queued work to finish).
+    fn download(&self) -> Result<Vec<T>>;
+}
+
 /// Where a tensor's elements live: in host memory, on a device, or both.
 /// Each side is filled at most once and never changes (tensors are
 /// immutable), so a copy made for one backend is cached for the next:
 /// a device tensor read on the host is downloaded once, and a host tensor
-/// read by the CUDA backend is uploaded once.
-pub(crate) struct Storage<T: Float> {
+/// read by a device backend is uploaded once.
+struct Storage<T: Float> {
     host: OnceLock<HostData<T>>,
-    #[cfg(feature = "cuda")]
-    device: OnceLock<crate::backend::cuda::DeviceBuffer<T>>,
+    device: OnceLock<Box<dyn DeviceStorage<T>>>,
 }
 
 impl<T: Float> Storage<T> {
@@ -215,7 +221,6 @@ impl<T: Float> Storage<T> {
         let _ = host.set(data);
         Storage {
             host,
-            #[cfg(feature = "cuda")]
             device: OnceLock::new(),
         }
     }
@@ -293,10 +298,12 @@ impl<T: Float> Tensor<T> {
         Ok(Self::from_parts(shape, v))
     }
 
+    /// A tensor of zeros.
     pub fn zeros(shape: &[usize]) -> Result<Self> {
         Self::full(shape, T::zero())
     }
 
+    /// A tensor of ones.
     pub fn ones(shape: &[usize]) -> Result<Self> {
         Self::full(shape, T::one())
     }
@@ -312,36 +319,28 @@ impl<T: Float> Tensor<T> {
         Ok(Self::from_parts(shape, (0..n).map(f).collect()))
     }
 
-    /// A tensor from an ndarray array (any memory layout).
-    pub fn from_array(a: ArrayD<T>) -> Self {
-        let shape = a.shape().to_vec();
-        let data = if a.is_standard_layout() {
-            a.into_raw_vec_and_offset().0
-        } else {
-            a.iter().copied().collect()
-        };
-        Self::from_parts(&shape, data)
-    }
-
+    /// The shape.
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
 
+    /// Number of dimensions.
     pub fn rank(&self) -> usize {
         self.shape.len()
     }
 
+    /// Number of elements.
     pub fn numel(&self) -> usize {
         self.numel
     }
 
+    /// The element type's tag.
     pub fn dtype(&self) -> DType {
         T::DTYPE
     }
 
     /// Row-major elements (a device tensor is downloaded once, then cached).
     pub fn as_slice(&self) -> &[T] {
-        #[cfg(feature = "cuda")]
         if self.data.host.get().is_none() {
             let d = self
                 .data
@@ -360,12 +359,12 @@ impl<T: Float> Tensor<T> {
             .as_slice()
     }
 
-    /// A tensor whose elements live on a CUDA device.
-    #[cfg(feature = "cuda")]
-    pub fn from_device(shape: &[usize], buf: crate::backend::cuda::DeviceBuffer<T>) -> Self {
-        debug_assert_eq!(shape.iter().product::<usize>(), buf.len());
+    /// A tensor whose elements live in a device backend's memory; the
+    /// caller guarantees `buf.numel()` equals the shape's element count.
+    pub fn from_device(shape: &[usize], buf: Box<dyn DeviceStorage<T>>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), buf.numel());
         let device = OnceLock::new();
-        let numel = buf.len();
+        let numel = buf.numel();
         let _ = device.set(buf);
         Tensor {
             shape: shape.into(),
@@ -377,18 +376,18 @@ impl<T: Float> Tensor<T> {
         }
     }
 
-    /// The device copy, made with `upload` from the host elements if absent.
-    #[cfg(feature = "cuda")]
+    /// The device copy, made with `upload` from the host elements if absent
+    /// (and then kept: the next call returns it without uploading).
     pub fn device_or_upload(
         &self,
-        upload: impl FnOnce(&[T]) -> Result<crate::backend::cuda::DeviceBuffer<T>>,
-    ) -> Result<&crate::backend::cuda::DeviceBuffer<T>> {
+        upload: impl FnOnce(&[T]) -> Result<Box<dyn DeviceStorage<T>>>,
+    ) -> Result<&dyn DeviceStorage<T>> {
         if let Some(d) = self.data.device.get() {
-            return Ok(d);
+            return Ok(&**d);
         }
         let d = upload(self.as_slice())?;
         let _ = self.data.device.set(d);
-        Ok(self.data.device.get().expect("just set"))
+        Ok(&**self.data.device.get().expect("just set"))
     }
 
     /// True when the elements are on the host already (no download needed).
@@ -396,6 +395,7 @@ impl<T: Float> Tensor<T> {
         self.data.host.get().is_some()
     }
 
+    /// A copy of the row-major elements.
     pub fn to_vec(&self) -> Vec<T> {
         self.as_slice().to_vec()
     }
@@ -404,10 +404,6 @@ impl<T: Float> Tensor<T> {
     pub fn view(&self) -> ArrayViewD<'_, T> {
         ArrayViewD::from_shape(IxDyn(&self.shape), self.as_slice())
             .expect("tensor invariant: data length equals the shape's element count")
-    }
-
-    pub fn to_array(&self) -> ArrayD<T> {
-        self.view().to_owned()
     }
 
     /// The only element of a one-element tensor.
@@ -613,6 +609,60 @@ mod tests {
         let e = Tensor::from_external(&[4, 2], data.clone()).unwrap_err();
         assert_eq!(e.kind(), "shape_mismatch");
         assert!(Tensor::from_external(&[5], data).is_err());
+    }
+
+    /// Device memory as a backend would hold it: here, a host vector that
+    /// counts its downloads.
+    struct FakeDevice {
+        data: Vec<f32>,
+        downloads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl DeviceStorage<f32> for FakeDevice {
+        fn numel(&self) -> usize {
+            self.data.len()
+        }
+        fn download(&self) -> Result<Vec<f32>> {
+            self.downloads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(self.data.clone())
+        }
+    }
+
+    #[test]
+    fn device_storage_is_downloaded_once_and_uploaded_once() {
+        let dev = Box::new(FakeDevice {
+            data: vec![1.0, 2.0, 3.0],
+            downloads: Default::default(),
+        });
+        let t = Tensor::from_device(&[3], dev);
+        assert!(!t.is_on_host());
+        assert_eq!(t.as_slice(), &[1.0, 2.0, 3.0]);
+        assert!(t.is_on_host());
+        assert_eq!(t.to_vec(), vec![1.0, 2.0, 3.0]);
+        // The device copy is the one the tensor was made with, downloaded once.
+        let d = t.device_or_upload(|_| panic!("no upload needed")).unwrap();
+        let fake = (d as &dyn Any).downcast_ref::<FakeDevice>().unwrap();
+        assert_eq!(fake.downloads.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+        // A host tensor is uploaded on first use only.
+        let h = Tensor::<f32>::from_vec(&[2], vec![4.0, 5.0]).unwrap();
+        let mut uploads = 0;
+        for _ in 0..2 {
+            let d = h
+                .device_or_upload(|host| {
+                    uploads += 1;
+                    Ok(Box::new(FakeDevice {
+                        data: host.to_vec(),
+                        downloads: Default::default(),
+                    }))
+                })
+                .unwrap();
+            assert_eq!(d.numel(), 2);
+        }
+        assert_eq!(uploads, 1);
+        let e = h.device_or_upload(|_| Err(Error::Device("x".into())));
+        assert!(e.is_ok(), "the cached copy is returned without uploading");
     }
 
     #[test]

@@ -17,13 +17,15 @@
 
 use serde::Serialize;
 
-use crate::io::{AnyTensor, TensorFile};
+use crate::named::{AnyTensor, TensorFile};
 use crate::tensor::{DType, unravel};
 
 /// Tolerances of a comparison.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Tolerance {
+    /// Relative to `|e|`.
     pub rtol: f64,
+    /// Absolute.
     pub atol: f64,
     /// Absolute tolerance in units of the tensor's largest |expected|.
     pub stol: f64,
@@ -33,42 +35,60 @@ pub struct Tolerance {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
+    /// Within tolerance everywhere.
     Pass,
+    /// Some element outside its tolerance.
     Fail,
+    /// A required output the actual file lacks.
     Missing,
+    /// A tensor only the actual file has.
     Extra,
+    /// Shapes differ.
     ShapeMismatch,
 }
 
 /// One row of the report.
 #[derive(Clone, Debug, Serialize)]
 pub struct TensorReport {
+    /// The tensor's name.
     pub name: String,
+    /// The verdict.
     pub status: Status,
+    /// The expected shape.
     pub shape: Vec<usize>,
+    /// The expected tensor's precision, if present.
     pub expected_dtype: Option<DType>,
+    /// The actual tensor's precision, if present.
     pub actual_dtype: Option<DType>,
+    /// `max |a - e|`.
     pub max_abs_error: f64,
+    /// `max |a - e| / |e|` over nonzero `e`.
     pub max_rel_error: f64,
     /// `||a - e||_2 / ||e||_2`: robust where elements are near zero.
     pub norm_rel_error: f64,
     /// Multi-index of the element furthest outside its tolerance.
     pub worst_index: Vec<usize>,
+    /// The expected value at the worst element.
     pub worst_expected: f64,
+    /// The actual value there.
     pub worst_actual: f64,
     /// Largest distance in units in the last place of the actual tensor's
     /// precision (f32 ULPs for an f32 implementation).
     pub max_ulp: u64,
     /// Elements outside tolerance.
     pub failures: usize,
+    /// Why it failed, in words (empty when it passed).
     pub detail: String,
 }
 
 /// The whole report.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
+    /// The tolerances applied.
     pub tolerance: Tolerance,
+    /// Every tensor passed.
     pub passed: bool,
+    /// One row per tensor.
     pub tensors: Vec<TensorReport>,
 }
 

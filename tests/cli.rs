@@ -260,3 +260,57 @@ fn gradcheck_and_demo_run() {
     assert_eq!(csv.lines().count(), 32, "header + steps 0..=30");
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// clap's value parsers check every argument; a bad one is one `error:`
+/// line naming it, exit status 2, nothing computed. `--help` still prints
+/// its full text and succeeds.
+#[test]
+fn bad_arguments_are_one_line_each() {
+    for (args, needle) in [
+        (
+            &["verify", "--expected", "a", "--actual", "b", "--rtol", "-1"][..],
+            "--rtol",
+        ),
+        (
+            &[
+                "verify",
+                "--expected",
+                "a",
+                "--actual",
+                "b",
+                "--stol",
+                "nan",
+            ],
+            "--stol",
+        ),
+        (&["golden", "--out", "x", "--format", "hdf5"], "--format"),
+        (
+            &["golden", "--out", "x", "--preset", "huge"],
+            "unknown preset `huge`",
+        ),
+        (
+            &["golden", "--out", "x", "--dtype", "f16"],
+            "unknown dtype `f16`",
+        ),
+        (&["bench", "--only", "gemm"], "--only"),
+        (&["bench", "--reps", "0"], "--reps"),
+        (&["bench", "--threads", "0"], "--threads"),
+        (&["demo", "--backend", "tpu"], "unknown backend `tpu`"),
+        (
+            &["demo", "--conv-algo", "fft"],
+            "unknown conv algorithm `fft`",
+        ),
+        (&["gradcheck", "--cases", "0"], "--cases"),
+    ] {
+        let o = dmkd(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err:?}");
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: `{needle}` not in {err}");
+    }
+    let o = dmkd(&["bench", "--help"]);
+    assert!(o.status.success());
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(t.contains("--reps") && t.lines().count() > 5, "{t}");
+}

@@ -1,7 +1,8 @@
 //! Agreement with the independent PyTorch reference (`reference/dmkd_ref.py`):
 //! every fixture in `reference/fixtures/` holds inputs, parameters and the
 //! PyTorch outputs (loss, per-level losses, every gradient, masks,
-//! attention); we recompute them on each host backend and compare.
+//! attention); we recompute them on every backend (`tests/common/backends.rs`)
+//! and compare.
 //!
 //! Tolerances, per tensor, against the fixture `e`:
 //! - f64: `||a - e|| / ||e|| < 1e-10` and `max |a - e| <= 1e-10 * max |e|`.
@@ -22,14 +23,16 @@
 //!   sides; a tensor whose entries all lie below `tol` times the largest
 //!   gradient of its level is compared with that absolute floor instead.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use dmkd::backend::BackendFloat;
-use dmkd::backend::{CpuBackend, ReferenceBackend};
+use common::backends::all_backends;
+use dmkd::backend::{BackendFloat, ReferenceBackend};
 use dmkd::distill::{Config, EvalOptions, Problem, evaluate};
 use dmkd::io::{TensorFile, read_safetensors};
-use dmkd::{BackendRef, ConvAlgo, DType, Tensor};
+use dmkd::{BackendRef, DType, Tensor};
 
 fn fixtures() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("reference/fixtures");
@@ -151,7 +154,7 @@ fn check_fixture<T: BackendFloat>(
 }
 
 #[test]
-fn every_fixture_matches_on_every_host_backend() {
+fn every_fixture_matches_on_every_backend() {
     let paths = fixtures();
     assert!(
         paths.len() >= 8,
@@ -161,54 +164,19 @@ fn every_fixture_matches_on_every_host_backend() {
     let mut failures = Vec::new();
     for path in &paths {
         let file = read_safetensors(path).unwrap();
+        // Every backend of `tests/common/backends.rs`, the reference
+        // included, under the same tolerances (Winograd too: `Auto` keeps
+        // these small convs direct, forced Winograd meets them unchanged).
         match file.metadata["dtype"].as_str() {
             "f64" => {
-                failures.extend(check_fixture::<f64>(
-                    path,
-                    &file,
-                    Arc::new(ReferenceBackend),
-                ));
-                failures.extend(check_fixture::<f64>(
-                    path,
-                    &file,
-                    Arc::new(CpuBackend::new(ConvAlgo::Direct)),
-                ));
-                failures.extend(check_fixture::<f64>(
-                    path,
-                    &file,
-                    Arc::new(CpuBackend::new(ConvAlgo::Auto)),
-                ));
-                // Winograd (Auto keeps these small convs direct): the same
-                // tolerances hold unchanged.
-                failures.extend(check_fixture::<f64>(
-                    path,
-                    &file,
-                    Arc::new(CpuBackend::new(ConvAlgo::Winograd)),
-                ));
+                for s in all_backends::<f64>() {
+                    failures.extend(check_fixture::<f64>(path, &file, s.backend));
+                }
             }
             "f32" => {
-                failures.extend(check_fixture::<f32>(
-                    path,
-                    &file,
-                    Arc::new(ReferenceBackend),
-                ));
-                failures.extend(check_fixture::<f32>(
-                    path,
-                    &file,
-                    Arc::new(CpuBackend::new(ConvAlgo::Direct)),
-                ));
-                failures.extend(check_fixture::<f32>(
-                    path,
-                    &file,
-                    Arc::new(CpuBackend::new(ConvAlgo::Auto)),
-                ));
-                // Winograd (Auto keeps these small convs direct): the same
-                // tolerances hold unchanged.
-                failures.extend(check_fixture::<f32>(
-                    path,
-                    &file,
-                    Arc::new(CpuBackend::new(ConvAlgo::Winograd)),
-                ));
+                for s in all_backends::<f32>() {
+                    failures.extend(check_fixture::<f32>(path, &file, s.backend));
+                }
             }
             other => panic!("{}: unknown dtype {other}", path.display()),
         }

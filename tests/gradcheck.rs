@@ -1,9 +1,9 @@
 //! The oracle, op by op: reverse-mode gradients against central finite
 //! differences in f64, over proptest-generated shapes, strides, paddings
-//! and values, on every host backend.
+//! and values, on every backend (`tests/common/backends.rs`).
 //!
 //! Tolerance: `dmkd::gradcheck::RTOL` = 1e-6 relative, with the central
-//! difference step `h = eps^(1/3)`; the reasoning is in `src/gradcheck.rs`.
+//! difference step `h = eps^(1/3)`; the reasoning is in `src/gradcheck/checker.rs`.
 //! Inputs are kept away from kinks (ReLU and |x| at 0) so that a finite
 //! difference never straddles one: a difference across a kink measures the
 //! kink, not the derivative.
@@ -15,21 +15,15 @@ mod common;
 
 use std::sync::Arc;
 
+use common::backends::all_backends;
 use common::proptest_config as config;
-use dmkd::backend::{Binary, CpuBackend, ReferenceBackend, Unary};
+use dmkd::backend::{Binary, ReferenceBackend, Unary};
 use dmkd::gradcheck::check;
-use dmkd::{BackendRef, Conv2dOptions, InputMask, Result, Tape, Tensor, Var};
+use dmkd::{Conv2dOptions, InputMask, Result, Tape, Tensor, Var};
 use proptest::prelude::*;
 
-fn backends() -> Vec<BackendRef<f64>> {
-    vec![
-        Arc::new(ReferenceBackend),
-        Arc::new(CpuBackend::new(dmkd::ConvAlgo::Direct)),
-        Arc::new(CpuBackend::new(dmkd::ConvAlgo::Auto)),
-    ]
-}
-
-/// Run the check on every backend and fail the property on any miss.
+/// Run the check on every backend (`tests/common/backends.rs`, the
+/// reference included) and fail the property on any miss.
 fn assert_grads<F>(
     inputs: &[Tensor<f64>],
     seed: u64,
@@ -38,10 +32,10 @@ fn assert_grads<F>(
 where
     F: Fn(&Tape<f64>, &[Var<f64>]) -> Result<Var<f64>>,
 {
-    for be in backends() {
-        let name = be.name();
-        let report = check(be, inputs, seed, &f).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        prop_assert!(report.passed(), "{name}: {report:#?}");
+    for s in all_backends::<f64>() {
+        let report =
+            check(s.backend, inputs, seed, &f).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert!(report.passed(), "{}: {report:#?}", s.name);
     }
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! The oracle on the whole loss: DMKD, MGD and FGD over several levels,
 //! every gradient (students and all parameters) against central finite
-//! differences in f64 (tolerance and step: `src/gradcheck.rs`).
+//! differences in f64 (tolerance and step: `src/gradcheck/checker.rs`).
 //!
-//! Shapes follow SPEC.md's gradient-check list: N in {1, 2}, C in 3..=8 with
+//! Shapes follow the gradient-check list of `docs/spec.md`: N in {1, 2}, C in 3..=8 with
 //! Cs != C in some cases (the align conv), H, W in {1, 2, 3, 5, 7} (H*W = 1
 //! too), every mask mode, and ratios giving k = 0 and k = all (0.0 and 0.99).
 //!
@@ -15,10 +15,10 @@ mod common;
 
 use std::sync::Arc;
 
-use dmkd::backend::{CpuBackend, ReferenceBackend};
+use common::backends::all_backends;
+use dmkd::backend::ReferenceBackend;
 use dmkd::distill::{MaskMode, Method, evaluate, forward};
 use dmkd::gradcheck::{KINK_MARGIN, LossLevel, check_problem, kink_distance, random_problem};
-use dmkd::{BackendRef, ConvAlgo};
 use proptest::prelude::*;
 use proptest::test_runner::Config as PropConfig;
 
@@ -63,13 +63,6 @@ fn loss_level() -> impl Strategy<Value = LossLevel> {
         )
 }
 
-fn backends() -> Vec<BackendRef<f64>> {
-    vec![
-        Arc::new(ReferenceBackend),
-        Arc::new(CpuBackend::new(ConvAlgo::Auto)),
-    ]
-}
-
 proptest! {
     #![proptest_config(config())]
 
@@ -83,9 +76,9 @@ proptest! {
         prop_assume!(kink_distance(&problem).unwrap() > KINK_MARGIN);
         let names = problem.param_names();
         let nl = levels.len();
-        for be in backends() {
-            let name = be.name();
-            let report = check_problem(be, &problem, 7).unwrap();
+        for s in all_backends::<f64>() {
+            let name = s.name;
+            let report = check_problem(s.backend, &problem, 7).unwrap();
             for c in &report.inputs {
                 let what = if c.input < nl { format!("p{}.student", c.input) } else { names[c.input - nl].clone() };
                 prop_assert!(c.passed, "{name}: gradient of {what} wrong: {c:?}");

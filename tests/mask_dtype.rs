@@ -11,11 +11,15 @@
 //! - ordinary Gaussian features with `tau = 0.02`.
 //!
 //! Checks: identical `mask_s` / `mask_c` in f32 and f64 in all three modes
-//! and on every host backend; the f32 gradients within 1e-4 norm-wise of
-//! the f64 ones (the engine's f32 accuracy bound, as in tests/winograd.rs:
-//! measured errors are ~1e-6, so 1e-4 leaves margin for the heavy tails and
-//! still fails on any wrong mask, which moves gradients by O(1)).
+//! and on every backend under test (`tests/common/backends.rs`); the f32
+//! gradients within 1e-4 norm-wise of the f64 ones (the engine's f32
+//! accuracy bound, as in `tests/common/rules.rs`: measured errors are ~1e-6,
+//! so 1e-4 leaves margin for the heavy tails and still fails on any wrong
+//! mask, which moves gradients by O(1)).
 
+mod common;
+
+use common::backends::all_backends;
 use dmkd::backend::{BackendKind, BackendOptions, make_backend};
 use dmkd::distill::{
     Config, EvalOptions, Evaluation, LevelConfig, MaskMode, Problem, TensorMap, evaluate,
@@ -82,22 +86,6 @@ const CPU: BackendOptions = BackendOptions {
     conv_algo: ConvAlgo::Auto,
 };
 
-/// The other host backends, which must select the same masks.
-const OTHERS: [BackendOptions; 3] = [
-    BackendOptions {
-        kind: BackendKind::Reference,
-        conv_algo: ConvAlgo::Direct,
-    },
-    BackendOptions {
-        kind: BackendKind::Cpu,
-        conv_algo: ConvAlgo::Direct,
-    },
-    BackendOptions {
-        kind: BackendKind::Cpu,
-        conv_algo: ConvAlgo::Winograd,
-    },
-];
-
 fn run<T: dmkd::backend::BackendFloat>(opts: BackendOptions, p: &Problem<T>) -> Evaluation<T> {
     evaluate(make_backend::<T>(opts).unwrap(), p).unwrap()
 }
@@ -128,10 +116,13 @@ fn check_case(heavy: bool, tau: f64) {
         assert_eq!(m64.len(), 2 * LEVELS.len());
         assert_eq!(m64, masks_of(&e32), "{mode:?}: f32 and f64 masks differ");
         // Every host backend selects the same masks in both types.
-        for opts in OTHERS {
-            let label = opts.kind_name();
-            assert_eq!(masks_of(&run(opts, &p64)), m64, "{label} f64 {mode:?}");
-            assert_eq!(masks_of(&run(opts, &p32)), m64, "{label} f32 {mode:?}");
+        for s in all_backends::<f64>() {
+            let e = evaluate(s.backend, &p64).unwrap();
+            assert_eq!(masks_of(&e), m64, "{} f64 {mode:?}", s.name);
+        }
+        for s in all_backends::<f32>() {
+            let e = evaluate(s.backend, &p32).unwrap();
+            assert_eq!(masks_of(&e), m64, "{} f32 {mode:?}", s.name);
         }
         let mut worst = 0.0f64;
         for (name, g64) in e64.outputs.iter().filter(|(k, _)| k.starts_with("grad.")) {

@@ -1,9 +1,12 @@
-//! Every op refuses operands that do not fit with a typed error (and the
-//! right kind), never a panic or a silently broadcast result.
+//! Every op, the tape and the loss graph refuse operands that do not fit
+//! with a typed error (and the right kind), never a panic or a silently
+//! broadcast result.
 
 use std::sync::Arc;
 
 use dmkd::backend::{InputMask, ReferenceBackend};
+use dmkd::distill::{MaskMode, Method, Problem, evaluate};
+use dmkd::gradcheck::{LossLevel, random_problem};
 use dmkd::{Conv2dOptions, Tape, Tensor, Var};
 
 fn tape() -> Tape<f64> {
@@ -142,4 +145,91 @@ fn autograd_misuse() {
     assert!(l.backward().is_ok());
     // The backward closures were consumed: a second pass is an error, not a panic.
     assert_eq!(kind(l.backward()), "autograd");
+}
+
+/// `Problem`'s fields are public: a hand-built one that disagrees with
+/// itself, or the wrong number of variables, is an error, not a panic.
+#[test]
+fn loss_graph_refuses_inconsistent_arguments() {
+    let p = random_problem(
+        &[LossLevel {
+            method: Method::Dmkd,
+            cs: 3,
+            c: 3,
+            h: 2,
+            w: 2,
+            mode: MaskMode::Topk,
+            lambda_s: 0.5,
+            lambda_c: 0.5,
+            tau: 0.5,
+            seed: 0,
+        }],
+        1,
+        0,
+    )
+    .unwrap();
+    let tape = Tape::new(Arc::new(ReferenceBackend) as dmkd::BackendRef<f64>);
+    let students: Vec<Var<f64>> = p.students.iter().map(|s| tape.leaf(s.clone())).collect();
+    let params: Vec<Var<f64>> = p
+        .param_names()
+        .iter()
+        .map(|n| tape.leaf(p.params[n].clone()))
+        .collect();
+    assert!(p.loss_graph(&tape, &students, &params).is_ok());
+    assert_eq!(
+        p.loss_graph(&tape, &[], &params).unwrap_err().kind(),
+        "invalid_argument"
+    );
+    assert_eq!(
+        p.loss_graph(&tape, &students, &params[1..])
+            .unwrap_err()
+            .kind(),
+        "invalid_argument"
+    );
+    for broken in 0..3 {
+        let mut q = clone_problem(&p);
+        match broken {
+            0 => drop(q.students.pop()),
+            1 => drop(q.teachers.pop()),
+            _ => drop(q.specs.pop()),
+        }
+        assert_eq!(
+            q.loss_graph(&tape, &students, &params).unwrap_err().kind(),
+            "invalid_argument"
+        );
+    }
+}
+
+fn clone_problem(p: &Problem<f64>) -> Problem<f64> {
+    Problem {
+        config: p.config.clone(),
+        shapes: p.shapes.clone(),
+        specs: p.specs.clone(),
+        students: p.students.clone(),
+        teachers: p.teachers.clone(),
+        params: p.params.clone(),
+        boxes: p.boxes.clone(),
+        sample_offset: p.sample_offset,
+    }
+}
+
+/// FGD's GcBlock has C / 2 hidden channels: one teacher channel is an error.
+#[test]
+fn the_gcblock_needs_two_channels() {
+    let level = |c: usize| LossLevel {
+        method: Method::Fgd,
+        cs: c,
+        c,
+        h: 2,
+        w: 2,
+        mode: MaskMode::Topk,
+        lambda_s: 0.5,
+        lambda_c: 0.5,
+        tau: 0.5,
+        seed: 0,
+    };
+    let be: dmkd::BackendRef<f64> = Arc::new(ReferenceBackend);
+    assert!(evaluate(be.clone(), &random_problem(&[level(2)], 1, 0).unwrap()).is_ok());
+    let one = random_problem(&[level(1)], 1, 0).unwrap();
+    assert_eq!(evaluate(be, &one).unwrap_err().kind(), "shape_mismatch");
 }

@@ -1,14 +1,15 @@
 //! Numerical robustness: softmax, attention and the whole loss stay finite
-//! for features of magnitude 1e4 and 1e-8 in f32 and f64 on both host
-//! backends, and the f32 loss of an FPN-sized problem stays within a stated
-//! bound of the f64 loss of the same numbers.
+//! for features of magnitude 1e4 and 1e-8 in f32 and f64 on every backend
+//! (`tests/common/backends.rs`), and the f32 loss of an FPN-sized problem
+//! stays within a stated bound of the f64 loss of the same numbers.
 
-use std::sync::Arc;
+mod common;
 
-use dmkd::backend::{CpuBackend, ReferenceBackend};
+use common::backends::{all_backends, backends};
+use dmkd::backend::BackendFloat;
 use dmkd::distill::attention::{channel_attention, spatial_attention};
 use dmkd::distill::{Config, EvalOptions, Problem, TensorMap, evaluate};
-use dmkd::{BackendRef, ConvAlgo, Float, Tape, Tensor};
+use dmkd::{Float, Tape, Tensor};
 
 /// Deterministic values in [-1, 1] with no visible pattern (a hashed sine).
 fn noise<T: Float>(shape: &[usize], salt: u64, scale: f64) -> Tensor<T> {
@@ -20,24 +21,15 @@ fn noise<T: Float>(shape: &[usize], salt: u64, scale: f64) -> Tensor<T> {
     .unwrap()
 }
 
-fn backends<T: Float>() -> Vec<BackendRef<T>> {
-    vec![
-        Arc::new(ReferenceBackend),
-        Arc::new(CpuBackend::new(ConvAlgo::Auto)),
-    ]
-}
-
 fn all_finite<T: Float>(t: &Tensor<T>) -> bool {
     t.as_slice().iter().all(|x| x.is_finite())
 }
 
 const MAGNITUDES: [f64; 2] = [1e4, 1e-8];
 
-fn softmax_and_attention_case<T: Float>()
-where
-    BackendRef<T>: Clone,
-{
-    for be in backends::<T>() {
+fn softmax_and_attention_case<T: BackendFloat>() {
+    for s in all_backends::<T>() {
+        let be = s.backend;
         for mag in MAGNITUDES {
             let tape = Tape::new(be.clone());
             // Logits spread over [-mag, mag]: exp(mag) overflows unless the
@@ -122,18 +114,18 @@ fn the_loss_is_finite_at_extreme_magnitudes() {
         let p64 = Problem::new(&cfg, &m, opts).unwrap();
         let m32: TensorMap<f32> = m.iter().map(|(k, t)| (k.clone(), t.cast())).collect();
         let p32 = Problem::new(&cfg, &m32, opts).unwrap();
-        for be in backends::<f64>() {
-            let e = evaluate(be, &p64).unwrap();
+        for s in all_backends::<f64>() {
+            let e = evaluate(s.backend, &p64).unwrap();
             assert!(
                 e.loss.is_finite() && e.loss >= 0.0,
                 "f64 {mag:e}: {}",
                 e.loss
             );
         }
-        for be in backends::<f32>() {
+        for s in all_backends::<f32>() {
             // `evaluate` refuses non-finite outputs, so Ok means every
             // gradient is finite too.
-            let e = evaluate(be, &p32).unwrap();
+            let e = evaluate(s.backend, &p32).unwrap();
             assert!(
                 e.loss.is_finite() && e.loss >= 0.0,
                 "f32 {mag:e}: {}",
@@ -179,17 +171,14 @@ fn f32_loss_is_within_the_stated_bound_of_f64() {
             noise(&[1, 32, h, w], 200 + l as u64, 1.0),
         );
     }
-    let be32: BackendRef<f32> = Arc::new(CpuBackend::new(ConvAlgo::Auto));
-    let be64: BackendRef<f64> = Arc::new(CpuBackend::new(ConvAlgo::Auto));
     let opts = EvalOptions {
         init_seed: Some(7),
         allow_extra: false,
     };
     let p32 = Problem::new(&cfg, &m32, opts).unwrap();
-    let e32 = evaluate(be32, &p32).unwrap();
-    // The f64 run gets exactly the f32 run's numbers: inputs and parameters.
+    // The f64 runs get exactly the f32 run's numbers: inputs and parameters.
     let mut m64: TensorMap<f64> = m32.iter().map(|(k, t)| (k.clone(), t.cast())).collect();
-    m64.extend(e32.params.iter().map(|(k, t)| (k.clone(), t.cast())));
+    m64.extend(p32.params.iter().map(|(k, t)| (k.clone(), t.cast())));
     let p64 = Problem::new(
         &cfg,
         &m64,
@@ -199,15 +188,27 @@ fn f32_loss_is_within_the_stated_bound_of_f64() {
         },
     )
     .unwrap();
-    let e64 = evaluate(be64, &p64).unwrap();
-    for (l, (a, b)) in e32.level_losses.iter().zip(&e64.level_losses).enumerate() {
-        let rel = (a.as_f64() - b).abs() / b.abs();
+    // Each backend in f32 against itself in f64.
+    for (s32, s64) in backends::<f32>().into_iter().zip(backends::<f64>()) {
+        let e32 = evaluate(s32.backend, &p32).unwrap();
+        let e64 = evaluate(s64.backend, &p64).unwrap();
+        for (l, (a, b)) in e32.level_losses.iter().zip(&e64.level_losses).enumerate() {
+            let rel = (a.as_f64() - b).abs() / b.abs();
+            assert!(
+                rel <= F32_LOSS_RTOL,
+                "{}: level {l}: f32 {a:e} vs f64 {b:e}, relative {rel:e}",
+                s32.name
+            );
+        }
+        let rel = (e32.loss.as_f64() - e64.loss).abs() / e64.loss.abs();
         assert!(
             rel <= F32_LOSS_RTOL,
-            "level {l}: f32 {a:e} vs f64 {b:e}, relative {rel:e}"
+            "{}: total: relative {rel:e}",
+            s32.name
+        );
+        println!(
+            "{}: f32 vs f64 loss: relative error {rel:.2e} (bound {F32_LOSS_RTOL:e})",
+            s32.name
         );
     }
-    let rel = (e32.loss.as_f64() - e64.loss).abs() / e64.loss.abs();
-    assert!(rel <= F32_LOSS_RTOL, "total: relative {rel:e}");
-    println!("f32 vs f64 loss: relative error {rel:.2e} (bound {F32_LOSS_RTOL:e})");
 }

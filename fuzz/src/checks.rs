@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use dmkd::backend::{CpuBackend, ReferenceBackend};
 use dmkd::distill::{Config, EvalOptions, LevelConfig, MaskMode, Method, Problem, TensorMap};
+use dmkd::io::npy::{npy_bytes, parse_npy_or_npz};
 use dmkd::io::parse_safetensors;
-use dmkd::npy::{npy_bytes, parse_npy_or_npz};
 use dmkd::{BackendRef, ConvAlgo, Error, Float, Tensor};
 
 /// Decompression budget of the npy target: far above anything a small input
@@ -41,7 +41,7 @@ pub fn npy_reader(data: &[u8]) {
     for t in f.tensors.values() {
         let (bytes, shape, bits) = match t {
             dmkd::io::AnyTensor::F32(t) => (
-                npy_bytes(t),
+                npy_bytes(t).expect("a parsed tensor encodes"),
                 t.shape().to_vec(),
                 t.as_slice()
                     .iter()
@@ -49,7 +49,7 @@ pub fn npy_reader(data: &[u8]) {
                     .collect::<Vec<_>>(),
             ),
             dmkd::io::AnyTensor::F64(t) => (
-                npy_bytes(t),
+                npy_bytes(t).expect("a parsed tensor encodes"),
                 t.shape().to_vec(),
                 t.as_slice().iter().map(|x| x.to_bits()).collect(),
             ),

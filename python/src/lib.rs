@@ -1,7 +1,7 @@
 //! `dmkd._dmkd`: the dmkd engine seen from Python. A thin layer: it turns
 //! NumPy arrays into engine tensors (in place, no copy), calls the library
 //! (`Problem`, `evaluate`, `synthetic::golden`, `verify::compare`,
-//! `distill::init_params`, `bench::run_bench`) with the GIL released, and
+//! `distill::init_params`, a timing loop like `dmkd bench`'s) with the GIL released, and
 //! hands the results back as NumPy arrays over the engine's own buffers.
 //! The Python package (`python/dmkd/`) converts arguments (dtypes, layouts,
 //! configs) before they reach this module.
@@ -16,7 +16,6 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use dmkd::backend::{BackendFloat, BackendKind, BackendOptions, make_backend};
-use dmkd::bench::{BenchOptions, run_bench};
 use dmkd::distill::{Config, EvalOptions, Problem, TensorMap, evaluate, forward, init_params};
 use dmkd::io::{AnyTensor, TensorFile, read_tensor_file};
 use dmkd::synthetic::{Preset, golden, inputs};
@@ -555,8 +554,10 @@ fn verify_arrays<'py>(
     Ok(Report { report })
 }
 
-/// `dmkd bench`'s whole-loss rows (f32, synthetic inputs) in this process:
-/// a list of (name, median ms).
+/// The engine's whole loss on a preset's synthetic inputs (f32, parameters
+/// from seed 0), timed in this process as `dmkd bench`'s loss rows time it:
+/// one warm-up, then the median of `reps` runs of `forward` and of
+/// `evaluate`, on a pool of `threads` threads. A list of (row name, ms).
 #[pyfunction]
 #[pyo3(signature = (preset, threads, reps, conv_algo))]
 fn bench_loss(
@@ -566,20 +567,48 @@ fn bench_loss(
     reps: usize,
     conv_algo: &str,
 ) -> PyResult<Vec<(String, f64)>> {
-    let opts = BenchOptions {
-        preset: Preset::named(preset).map_err(py_err)?,
-        threads,
-        reps,
-        backend: backend_options("cpu", conv_algo)?,
-        convs: false,
-        loss: true,
-    };
-    let report = engine(py, || run_bench(&opts))?;
-    Ok(report
-        .rows
-        .into_iter()
-        .map(|r| (r.name, r.ms_median))
-        .collect())
+    let preset = Preset::named(preset).map_err(py_err)?;
+    let opts = backend_options("cpu", conv_algo)?;
+    if reps == 0 || threads == 0 {
+        return Err(PyValueError::new_err("reps and threads must be at least 1"));
+    }
+    engine(py, || {
+        let tensors = inputs::<f32>(&preset, 0)?;
+        let eval = EvalOptions {
+            init_seed: Some(0),
+            allow_extra: false,
+        };
+        let problem = Problem::new(&preset.config(), &tensors, eval)?;
+        drop(tensors);
+        let be = make_backend::<f32>(opts)?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| Error::arg("bench_loss", e.to_string()))?;
+        pool.install(|| {
+            let median = |f: &dyn Fn() -> dmkd::Result<()>| -> dmkd::Result<f64> {
+                f()?;
+                let mut ms = Vec::with_capacity(reps);
+                for _ in 0..reps {
+                    let t0 = std::time::Instant::now();
+                    f()?;
+                    ms.push(t0.elapsed().as_secs_f64() * 1e3);
+                }
+                ms.sort_by(f64::total_cmp);
+                Ok(ms[reps / 2])
+            };
+            Ok(vec![
+                (
+                    "dmkd.forward".to_string(),
+                    median(&|| forward(be.clone(), &problem).map(drop))?,
+                ),
+                (
+                    "dmkd.forward_backward".to_string(),
+                    median(&|| evaluate(be.clone(), &problem).map(drop))?,
+                ),
+            ])
+        })
+    })
 }
 
 /// A panic inside the engine call, to test that it surfaces as a

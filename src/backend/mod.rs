@@ -25,13 +25,21 @@ pub use reference::ReferenceBackend;
 /// Element-wise functions of one tensor.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Unary {
+    /// `max(x, 0)`
     Relu,
+    /// `|x|`
     Abs,
+    /// `-x`
     Neg,
+    /// `e^x`
     Exp,
+    /// Natural logarithm.
     Ln,
+    /// Square root.
     Sqrt,
+    /// `1 / x`
     Recip,
+    /// `x^2`
     Square,
     /// `c * x`
     Scale(f64),
@@ -42,9 +50,13 @@ pub enum Unary {
 /// Element-wise functions of two tensors, with NumPy broadcasting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Binary {
+    /// `a + b`
     Add,
+    /// `a - b`
     Sub,
+    /// `a * b`
     Mul,
+    /// `a / b`
     Div,
 }
 
@@ -60,6 +72,7 @@ pub enum InputMask<T: Float> {
 }
 
 impl<T: Float> InputMask<T> {
+    /// The multipliers, `[N, H, W]` or `[N, C]`.
     pub fn tensor(&self) -> &Tensor<T> {
         match self {
             InputMask::Spatial(t) | InputMask::Channel(t) => t,
@@ -96,16 +109,27 @@ impl<T: Float> InputMask<T> {
 /// Validated geometry of a 2-d convolution (NCHW input, OIHW weight).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvGeometry {
+    /// Batch.
     pub n: usize,
+    /// Input channels.
     pub c_in: usize,
+    /// Input height.
     pub h: usize,
+    /// Input width.
     pub w: usize,
+    /// Output channels.
     pub c_out: usize,
+    /// Kernel height.
     pub kh: usize,
+    /// Kernel width.
     pub kw: usize,
+    /// Stride (rows, columns).
     pub stride: [usize; 2],
+    /// Zero padding on each side (rows, columns).
     pub padding: [usize; 2],
+    /// Output height.
     pub oh: usize,
+    /// Output width.
     pub ow: usize,
 }
 
@@ -171,12 +195,15 @@ impl ConvGeometry {
         })
     }
 
+    /// `[N, Cin, H, W]`.
     pub fn input_shape(&self) -> [usize; 4] {
         [self.n, self.c_in, self.h, self.w]
     }
+    /// `[Cout, Cin, kh, kw]`.
     pub fn weight_shape(&self) -> [usize; 4] {
         [self.c_out, self.c_in, self.kh, self.kw]
     }
+    /// `[N, Cout, OH, OW]`.
     pub fn output_shape(&self) -> [usize; 4] {
         [self.n, self.c_out, self.oh, self.ow]
     }
@@ -195,6 +222,7 @@ impl ConvGeometry {
 /// Everything a conv kernel needs besides its operands.
 #[derive(Clone, Debug)]
 pub struct ConvArgs<T: Float> {
+    /// Shapes, stride and padding.
     pub geom: ConvGeometry,
     /// Multiplier applied to the input before the convolution.
     pub mask: Option<InputMask<T>>,
@@ -234,6 +262,7 @@ pub trait Backend<T: Float>: Send + Sync {
     fn conv2d_backward_bias(&self, dy: &Tensor<T>) -> Result<Tensor<T>>;
 
     // ---- element-wise ----------------------------------------------------
+    /// `op` applied to every element.
     fn unary(&self, op: Unary, x: &Tensor<T>) -> Result<Tensor<T>>;
     /// `dy * f'(x)`; `y = f(x)` is passed too since some derivatives read it.
     fn unary_backward(
@@ -344,8 +373,11 @@ pub type BackendRef<T> = Arc<dyn Backend<T>>;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
+    /// Plain loops in the textbook order: the oracle.
     Reference,
+    /// SIMD, multi-threaded, bit-deterministic CPU kernels.
     Cpu,
+    /// The CUDA backend (feature `cuda`).
     Cuda,
 }
 
@@ -367,7 +399,9 @@ impl std::str::FromStr for BackendKind {
 /// Options for building a backend.
 #[derive(Clone, Copy, Debug)]
 pub struct BackendOptions {
+    /// Which backend.
     pub kind: BackendKind,
+    /// The CPU backend's convolution algorithm.
     pub conv_algo: ConvAlgo,
 }
 
@@ -382,6 +416,7 @@ impl Default for BackendOptions {
 
 /// Element types every backend supports; lets `make_backend` stay generic.
 pub trait BackendFloat: Float {
+    /// The backend `opts` describes, for this element type.
     fn make_backend(opts: BackendOptions) -> Result<BackendRef<Self>>;
 }
 

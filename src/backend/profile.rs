@@ -19,7 +19,9 @@ pub struct ProfileRow {
     /// The kernel and what distinguishes its calls, e.g.
     /// `conv.forward 3x3 256->256 2x100x168 mask=spatial`.
     pub kernel: String,
+    /// Number of calls.
     pub calls: u64,
+    /// Wall time summed over the calls.
     pub seconds: f64,
 }
 
@@ -30,6 +32,7 @@ pub struct Profiled<T: Float> {
 }
 
 impl<T: Float> Profiled<T> {
+    /// Time the calls made to `inner`.
     pub fn new(inner: BackendRef<T>) -> Self {
         Profiled {
             inner,

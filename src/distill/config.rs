@@ -1,4 +1,4 @@
-//! Loss configuration: one object per FPN level (SPEC.md, "Exchange format").
+//! Loss configuration: one object per FPN level (`docs/spec.md`, "Exchange format").
 //!
 //! `{"levels":[{"method":"dmkd","tau":0.5,"lambda_s":0.65,"lambda_c":0.65,
 //!   "alpha":2e-5,"mask_mode":"topk","seed":0}]}`; missing keys take the
@@ -13,13 +13,16 @@ use crate::error::{Error, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
+    /// Dual Masked Knowledge Distillation (the product).
     #[default]
     Dmkd,
+    /// Masked Generative Distillation (baseline).
     Mgd,
+    /// Focal and Global Distillation (baseline; needs boxes).
     Fgd,
 }
 
-/// How the masked set is chosen (SPEC.md step 3).
+/// How the masked set is chosen (`docs/spec.md`, "Masks").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MaskMode {
@@ -58,6 +61,7 @@ fn default_lambda_fgd() -> f64 {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LevelConfig {
+    /// Which loss.
     #[serde(default)]
     pub method: Method,
     /// Attention temperature.
@@ -72,6 +76,7 @@ pub struct LevelConfig {
     /// Loss weight of DMKD and MGD.
     #[serde(default = "default_alpha")]
     pub alpha: f64,
+    /// How the masked set is chosen.
     #[serde(default)]
     pub mask_mode: MaskMode,
     /// Philox key of the mask uniforms.
@@ -80,10 +85,13 @@ pub struct LevelConfig {
     /// FGD weights (FGD's RetinaNet config).
     #[serde(default = "default_alpha_fgd")]
     pub alpha_fgd: f64,
+    /// FGD's background weight.
     #[serde(default = "default_beta_fgd")]
     pub beta_fgd: f64,
+    /// FGD's attention-transfer weight.
     #[serde(default = "default_gamma_fgd")]
     pub gamma_fgd: f64,
+    /// FGD's global-relation weight.
     #[serde(default = "default_lambda_fgd")]
     pub lambda_fgd: f64,
 }
@@ -142,6 +150,7 @@ impl LevelConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// One entry per level.
     pub levels: Vec<LevelConfig>,
 }
 
@@ -171,10 +180,12 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The JSON text (parses back to the same values).
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("a config always serialises")
     }
 
+    /// Check the level count and every level's values.
     pub fn validate(&self) -> Result<()> {
         if self.levels.is_empty() {
             return Err(Error::Config("no levels".into()));

@@ -1,4 +1,4 @@
-//! DMKD, one level (SPEC.md "Forward, one level").
+//! DMKD, one level (`docs/spec.md`, "Forward, one level").
 //!
 //! `S' = align(S)`; teacher attention `A_s`, `A_c` and masks `M_s`, `M_c`
 //! (constants); `F_s = G_s(S' * M_s)`, `F_c = G_c(S' * M_c)`;

@@ -1,4 +1,4 @@
-//! Attention-guided masks (SPEC.md step 3): 1 keeps an entry, 0 masks it.
+//! Attention-guided masks (`docs/spec.md`, "Masks"): 1 keeps an entry, 0 masks it.
 //!
 //! Masks are constants of the backward pass, computed on the host from the
 //! teacher's attention logits `z` in f64
@@ -24,7 +24,9 @@ use crate::tensor::{Float, Tensor};
 /// Which mask a uniform belongs to (the fourth Philox counter word).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Branch {
+    /// The spatial mask `M_s`.
     Spatial = 0,
+    /// The channel mask `M_c`.
     Channel = 1,
 }
 
@@ -169,7 +171,7 @@ mod tests {
     #[test]
     fn mask_count_rounds_half_up_in_f64() {
         assert_eq!(mask_count(0.65, 90), 59);
-        // The f32 trap the spec names: computed in f32 this gives 58.
+        // The f32 trap `docs/spec.md` names: computed in f32 this gives 58.
         assert_eq!((0.65f32 * 90.0 + 0.5).floor() as usize, 58);
         assert_eq!(mask_count(0.0, 10), 0);
         assert_eq!(mask_count(0.99, 4), 4);

@@ -11,6 +11,8 @@ pub mod config;
 pub mod dmkd;
 pub mod fgd;
 pub mod generator;
+mod inputs;
+mod limits;
 pub mod mask;
 pub mod mgd;
 pub mod params;
@@ -20,185 +22,35 @@ use crate::backend::BackendRef;
 use crate::error::{Error, Result};
 use crate::tensor::{Float, Tensor};
 
+pub use crate::named::TensorMap;
 pub use config::{Config, LevelConfig, MaskMode, Method};
 pub use fgd::Boxes;
-pub use params::{ParamSpec, TensorMap};
+pub use inputs::{level_param_specs, level_shape, read_boxes, student_name, teacher_name};
+pub use limits::{DEFAULT_MAX_PROBLEM_BYTES, footprint_bytes, max_problem_bytes};
+pub use params::ParamSpec;
 
 /// Sizes of one level: batch, student channels, teacher channels, height, width.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LevelShape {
+    /// Batch.
     pub n: usize,
+    /// Student channels.
     pub cs: usize,
+    /// Teacher channels.
     pub c: usize,
+    /// Height.
     pub h: usize,
+    /// Width.
     pub w: usize,
 }
 
 /// What a level's loss returns: the loss variable and named debug tensors.
 #[derive(Debug)]
 pub struct LevelOutput<T: Float> {
+    /// The level's loss, on the tape.
     pub loss: Var<T>,
+    /// Attention and masks under their exchange-format names.
     pub debug: Vec<(String, Tensor<T>)>,
-}
-
-/// Exchange-format names of a level's inputs.
-pub fn student_name(level: usize) -> String {
-    format!("p{level}.student")
-}
-pub fn teacher_name(level: usize) -> String {
-    format!("p{level}.teacher")
-}
-
-/// The parameters a level expects.
-pub fn level_param_specs(level: usize, cfg: &LevelConfig, shape: &LevelShape) -> Vec<ParamSpec> {
-    match cfg.method {
-        Method::Dmkd => dmkd::param_specs(level, shape),
-        Method::Mgd => mgd::param_specs(level, shape),
-        Method::Fgd => fgd::param_specs(level, shape),
-    }
-}
-
-/// Read and check the student and teacher of a level.
-pub fn level_shape<T: Float>(tensors: &TensorMap<T>, level: usize) -> Result<LevelShape> {
-    let get = |name: String| tensors.get(&name).ok_or(Error::MissingTensor(name));
-    let (sn, tn) = (student_name(level), teacher_name(level));
-    let s = get(sn.clone())?;
-    let t = get(tn.clone())?;
-    let [n, cs, h, w] = s.dims4("student feature").map_err(|_| Error::TensorShape {
-        name: sn.clone(),
-        expected: vec![0, 0, 0, 0],
-        got: s.shape().to_vec(),
-    })?;
-    let [tn_, c, th, tw] = t.dims4("teacher feature").map_err(|_| Error::TensorShape {
-        name: tn.clone(),
-        expected: vec![0, 0, 0, 0],
-        got: t.shape().to_vec(),
-    })?;
-    s.check_nonempty(&sn)?;
-    t.check_nonempty(&tn)?;
-    if (n, h, w) != (tn_, th, tw) {
-        return Err(Error::shape(
-            "level inputs",
-            format!(
-                "level {level}: student {:?} and teacher {:?} differ in N, H or W",
-                s.shape(),
-                t.shape()
-            ),
-        ));
-    }
-    s.check_finite(&sn)?;
-    t.check_finite(&tn)?;
-    Ok(LevelShape { n, cs, c, h, w })
-}
-
-/// Read the FGD boxes (`gt_boxes.{n}` `[K, 4]`, `img_shape` `[N, 2]`).
-pub fn read_boxes<T: Float>(tensors: &TensorMap<T>, n: usize) -> Result<Boxes> {
-    let shape = tensors
-        .get("img_shape")
-        .ok_or_else(|| Error::MissingTensor("img_shape".into()))?;
-    if shape.shape() != [n, 2] {
-        return Err(Error::TensorShape {
-            name: "img_shape".into(),
-            expected: vec![n, 2],
-            got: shape.shape().to_vec(),
-        });
-    }
-    shape.check_finite("img_shape")?;
-    let s = shape.as_slice();
-    let mut boxes = Boxes::default();
-    for i in 0..n {
-        boxes
-            .img_shape
-            .push([s[2 * i].as_f64(), s[2 * i + 1].as_f64()]);
-        let name = format!("gt_boxes.{i}");
-        let b = tensors
-            .get(&name)
-            .ok_or_else(|| Error::MissingTensor(name.clone()))?;
-        if b.rank() != 2 || b.shape()[1] != 4 {
-            return Err(Error::TensorShape {
-                name,
-                expected: vec![b.shape().first().copied().unwrap_or(0), 4],
-                got: b.shape().to_vec(),
-            });
-        }
-        b.check_finite(&name)?;
-        boxes.per_image.push(
-            b.as_slice()
-                .chunks_exact(4)
-                .map(|r| [r[0].as_f64(), r[1].as_f64(), r[2].as_f64(), r[3].as_f64()])
-                .collect(),
-        );
-    }
-    boxes.validate(n)?;
-    Ok(boxes)
-}
-
-/// Default bound on a problem's memory when `/proc/meminfo` cannot be read:
-/// `MAX_ELEMENTS` f32 values (64 GiB).
-pub const DEFAULT_MAX_PROBLEM_BYTES: u64 = (crate::tensor::MAX_ELEMENTS as u64) * 4;
-
-/// The memory a problem may need: `DMKD_MAX_PROBLEM_BYTES` if set, else the
-/// machine's physical memory (MemTotal), capped at
-/// [`DEFAULT_MAX_PROBLEM_BYTES`].
-pub fn max_problem_bytes() -> u64 {
-    if let Some(v) = std::env::var("DMKD_MAX_PROBLEM_BYTES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
-        return v;
-    }
-    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
-        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        kib.checked_mul(1024)
-    });
-    total.map_or(DEFAULT_MAX_PROBLEM_BYTES, |t| {
-        t.min(DEFAULT_MAX_PROBLEM_BYTES)
-    })
-}
-
-/// Refuse a problem whose memory surely exceeds [`max_problem_bytes`],
-/// before any parameter is initialised. Each tensor fits `MAX_ELEMENTS`, but
-/// a 80 KB teacher of shape `[1, 40000, 1, 1]` asks for four 40000x40000x3x3
-/// generator weights (230 GB in f32): without this check it would abort on a
-/// failed allocation. The estimate is a lower bound (each parameter and its
-/// gradient, the inputs, and the four generator outputs each level keeps for
-/// the backward pass), so a refusal is never wrong.
-/// The lower-bound memory estimate of [`check_footprint`], in bytes.
-pub fn footprint_bytes(shapes: &[LevelShape], specs: &[Vec<ParamSpec>], elem_size: usize) -> u128 {
-    let mut elements: u128 = 0;
-    for (shape, level_specs) in shapes.iter().zip(specs) {
-        for spec in level_specs {
-            let n = spec
-                .shape
-                .iter()
-                .fold(1u128, |a, &d| a.saturating_mul(d as u128));
-            elements = elements.saturating_add(n.saturating_mul(2));
-        }
-        let plane = (shape.n as u128) * (shape.h as u128) * (shape.w as u128);
-        let inputs = plane.saturating_mul(shape.cs as u128 + shape.c as u128);
-        let activations = plane.saturating_mul(shape.c as u128).saturating_mul(4);
-        elements = elements.saturating_add(inputs).saturating_add(activations);
-    }
-    elements.saturating_mul(elem_size as u128)
-}
-
-fn check_footprint<T: Float>(shapes: &[LevelShape], specs: &[Vec<ParamSpec>]) -> Result<()> {
-    let bytes = footprint_bytes(shapes, specs, T::DTYPE.size_of());
-    within_limit(bytes, max_problem_bytes() as u128)
-}
-
-/// `bytes` may use up to `limit` bytes, inclusive.
-fn within_limit(bytes: u128, limit: u128) -> Result<()> {
-    if bytes > limit {
-        return Err(Error::TooLarge {
-            what: "the problem (parameters, gradients, inputs and activations; a lower bound)"
-                .into(),
-            bytes,
-            limit,
-        });
-    }
-    Ok(())
 }
 
 /// The parameters of `config` for levels of the given `(student, teacher)`
@@ -239,7 +91,7 @@ pub fn init_params<T: Float>(
         specs.push(level_param_specs(l, lc, &shape));
         shapes.push(shape);
     }
-    check_footprint::<T>(&shapes, &specs)?;
+    limits::check_footprint::<T>(&shapes, &specs)?;
     specs
         .iter()
         .flatten()
@@ -260,7 +112,9 @@ pub struct EvalOptions {
 /// The result of one evaluation.
 #[derive(Debug)]
 pub struct Evaluation<T: Float> {
+    /// The total loss.
     pub loss: T,
+    /// Each level's loss, in level order.
     pub level_losses: Vec<T>,
     /// Every parameter used (supplied or initialised), by name.
     pub params: TensorMap<T>,
@@ -270,19 +124,24 @@ pub struct Evaluation<T: Float> {
 
 /// A validated problem: the config, each level's inputs and the parameters.
 pub struct Problem<T: Float> {
+    /// The validated config.
     pub config: Config,
+    /// Each level's sizes.
     pub shapes: Vec<LevelShape>,
     /// Parameter specs per level, in a fixed order.
     pub specs: Vec<Vec<ParamSpec>>,
+    /// Each level's student feature.
     pub students: Vec<Tensor<T>>,
+    /// Each level's teacher feature.
     pub teachers: Vec<Tensor<T>>,
     /// Every parameter (supplied or initialised), by name.
     pub params: TensorMap<T>,
+    /// FGD's boxes, when a level is FGD.
     pub boxes: Option<Boxes>,
     /// The global index of this batch's first sample: the Philox sample
-    /// counter of local sample `n` is `sample_offset + n` (SPEC "Data
-    /// parallel"; a DDP rank holding samples `[a, b)` of a batch uses `a`).
-    /// 0 unless set with [`Problem::with_sample_offset`].
+    /// counter of local sample `n` is `sample_offset + n` (docs/spec.md,
+    /// "Data parallel"; a DDP rank holding samples `[a, b)` of a batch uses
+    /// `a`). 0 unless set with [`Problem::with_sample_offset`].
     pub sample_offset: usize,
 }
 
@@ -311,7 +170,7 @@ impl<T: Float> Problem<T> {
             specs.push(level_param_specs(l, lc, &shape));
             shapes.push(shape);
         }
-        check_footprint::<T>(&shapes, &specs)?;
+        limits::check_footprint::<T>(&shapes, &specs)?;
         let needs_boxes = config.levels.iter().any(|l| l.method == Method::Fgd);
         let boxes = if needs_boxes {
             Some(read_boxes(tensors, shapes[0].n)?)
@@ -536,297 +395,4 @@ pub fn evaluate<T: Float>(backend: BackendRef<T>, problem: &Problem<T>) -> Resul
         params: problem.params.clone(),
         outputs,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::backend::ReferenceBackend;
-    use std::sync::Arc;
-
-    #[test]
-    fn footprint_counts_params_twice_inputs_and_four_activations() {
-        let shape = LevelShape {
-            n: 2,
-            cs: 3,
-            c: 4,
-            h: 5,
-            w: 6,
-        };
-        let specs = vec![vec![ParamSpec::new(
-            "a".into(),
-            &[4, 3, 1, 1],
-            params::Init::Zeros,
-        )]];
-        // params 12 * 2, inputs 60 * (3 + 4), activations 60 * 4 * 4, in f32.
-        let want = (12 * 2 + 60 * 7 + 60 * 16) * 4;
-        assert_eq!(footprint_bytes(&[shape], &specs, 4), want as u128);
-        assert_eq!(
-            footprint_bytes(&[shape, shape], &[specs[0].clone(), vec![]], 8),
-            (want * 2 - 24 * 4) as u128 * 2
-        );
-    }
-
-    #[test]
-    fn the_memory_limit_is_inclusive() {
-        assert!(within_limit(100, 100).is_ok());
-        assert_eq!(within_limit(101, 100).unwrap_err().kind(), "too_large");
-    }
-
-    #[test]
-    fn loss_graph_refuses_inconsistent_arguments() {
-        let p = crate::gradcheck::random_problem(
-            &[crate::gradcheck::LossLevel {
-                method: Method::Dmkd,
-                cs: 3,
-                c: 3,
-                h: 2,
-                w: 2,
-                mode: MaskMode::Topk,
-                lambda_s: 0.5,
-                lambda_c: 0.5,
-                tau: 0.5,
-                seed: 0,
-            }],
-            1,
-            0,
-        )
-        .unwrap();
-        let tape = Tape::new(Arc::new(ReferenceBackend) as BackendRef<f64>);
-        let students: Vec<Var<f64>> = p.students.iter().map(|s| tape.leaf(s.clone())).collect();
-        let params: Vec<Var<f64>> = p
-            .param_names()
-            .iter()
-            .map(|n| tape.leaf(p.params[n].clone()))
-            .collect();
-        assert!(p.loss_graph(&tape, &students, &params).is_ok());
-        assert_eq!(
-            p.loss_graph(&tape, &[], &params).unwrap_err().kind(),
-            "invalid_argument"
-        );
-        assert_eq!(
-            p.loss_graph(&tape, &students, &params[1..])
-                .unwrap_err()
-                .kind(),
-            "invalid_argument"
-        );
-        for broken in 0..3 {
-            let mut q = clone_problem(&p);
-            match broken {
-                0 => drop(q.students.pop()),
-                1 => drop(q.teachers.pop()),
-                _ => drop(q.specs.pop()),
-            }
-            assert_eq!(
-                q.loss_graph(&tape, &students, &params).unwrap_err().kind(),
-                "invalid_argument"
-            );
-        }
-    }
-
-    /// Samples `[a, b)` of every input of `p` (the FGD boxes are not needed).
-    fn batch_slice(p: &Problem<f64>, a: usize, b: usize) -> TensorMap<f64> {
-        let rows = |t: &Tensor<f64>| {
-            let per = t.numel() / t.shape()[0];
-            let mut shape = t.shape().to_vec();
-            shape[0] = b - a;
-            Tensor::from_vec(&shape, t.as_slice()[a * per..b * per].to_vec()).unwrap()
-        };
-        let mut m = p.params.clone();
-        for l in 0..p.students.len() {
-            m.insert(student_name(l), rows(&p.students[l]));
-            m.insert(teacher_name(l), rows(&p.teachers[l]));
-        }
-        m
-    }
-
-    #[test]
-    fn two_halves_with_sample_offsets_are_the_whole_batch() {
-        use crate::gradcheck::{LossLevel, random_problem};
-        let level = |method, mode, seed| LossLevel {
-            method,
-            cs: 3,
-            c: 4,
-            h: 3,
-            w: 5,
-            mode,
-            lambda_s: 0.5,
-            lambda_c: 0.5,
-            tau: 0.5,
-            seed,
-        };
-        let whole = random_problem(
-            &[
-                level(Method::Dmkd, MaskMode::Sampled, 7),
-                level(Method::Dmkd, MaskMode::Random, 0x9E37_79B9_7F4A_7C15),
-                level(Method::Mgd, MaskMode::Topk, 3),
-                level(Method::Dmkd, MaskMode::Topk, 0),
-            ],
-            4,
-            11,
-        )
-        .unwrap();
-        let be = || Arc::new(ReferenceBackend) as BackendRef<f64>;
-        let full = evaluate(be(), &whole).unwrap();
-        let half = |a: usize, offset: usize| {
-            let p = Problem::new(
-                &whole.config,
-                &batch_slice(&whole, a, a + 2),
-                EvalOptions::default(),
-            )
-            .unwrap()
-            .with_sample_offset(offset)
-            .unwrap();
-            assert_eq!(p.sample_offset, offset);
-            evaluate(be(), &p).unwrap()
-        };
-        let (first, second) = (half(0, 0), half(2, 2));
-        // Every mask of the second half is the tail of the whole batch's.
-        for (name, t) in &full.outputs {
-            if name.contains(".mask_") {
-                let n = t.numel() / 2;
-                assert_eq!(first.outputs[name].as_slice(), &t.as_slice()[..n], "{name}");
-                assert_eq!(
-                    second.outputs[name].as_slice(),
-                    &t.as_slice()[n..],
-                    "{name}"
-                );
-            }
-        }
-        // Each half normalises by its own N = 2, the whole batch by 4: the
-        // mean of the halves' losses (what DDP's gradient averaging
-        // differentiates) is the whole loss, and so are the parameter
-        // gradients; f64 rounding of a few hundred terms is ~1e-15.
-        let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1e-300);
-        assert!(close(0.5 * (first.loss + second.loss), full.loss));
-        for name in whole.param_names() {
-            let g = format!("grad.{name}");
-            let (a, b, w) = (&first.outputs[&g], &second.outputs[&g], &full.outputs[&g]);
-            for i in 0..w.numel() {
-                let mean = 0.5 * (a.as_slice()[i] + b.as_slice()[i]);
-                assert!(close(mean, w.as_slice()[i]), "{g}[{i}]");
-            }
-        }
-        // Without the offset the second half redraws the first half's
-        // uniforms, and the random levels' masks differ.
-        let p = Problem::new(
-            &whole.config,
-            &batch_slice(&whole, 2, 4),
-            EvalOptions::default(),
-        )
-        .unwrap();
-        let unshifted = evaluate(be(), &p).unwrap();
-        for name in ["p0.mask_s", "p1.mask_c", "p2.mask_s"] {
-            assert_ne!(
-                unshifted.outputs[name].as_slice(),
-                second.outputs[name].as_slice(),
-                "{name}"
-            );
-        }
-        // topk masks are per sample: the same with and without the offset.
-        assert_eq!(
-            unshifted.outputs["p3.mask_s"].as_slice(),
-            second.outputs["p3.mask_s"].as_slice()
-        );
-    }
-
-    #[test]
-    fn init_params_are_what_an_evaluation_initialises() {
-        let config = Config::from_json(
-            r#"{"levels":[{"method":"dmkd"},{"method":"mgd"},{"method":"fgd"}]}"#,
-        )
-        .unwrap();
-        let channels = [(3, 4), (4, 4), (6, 6)];
-        let mut tensors = TensorMap::new();
-        for (l, &(cs, c)) in channels.iter().enumerate() {
-            tensors.insert(student_name(l), Tensor::full(&[2, cs, 3, 2], 0.5).unwrap());
-            tensors.insert(teacher_name(l), Tensor::full(&[2, c, 3, 2], 1.0).unwrap());
-        }
-        tensors.insert(
-            "img_shape".into(),
-            Tensor::from_vec(&[2, 2], vec![6.0, 4.0, 6.0, 4.0]).unwrap(),
-        );
-        for i in 0..2 {
-            tensors.insert(
-                format!("gt_boxes.{i}"),
-                Tensor::from_vec(&[1, 4], vec![0.0, 0.0, 2.0, 2.0]).unwrap(),
-            );
-        }
-        let opts = EvalOptions {
-            init_seed: Some(9),
-            allow_extra: false,
-        };
-        let problem = Problem::<f64>::new(&config, &tensors, opts).unwrap();
-        let params = init_params::<f64>(&config, &channels, 9).unwrap();
-        let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
-        assert_eq!(names, problem.param_names());
-        assert!(names.contains(&"p0.align.weight".to_string()));
-        assert!(!names.iter().any(|n| n.starts_with("p1.align")));
-        for (name, t) in &params {
-            assert_eq!(t.shape(), problem.params[name].shape(), "{name}");
-            assert_eq!(t.as_slice(), problem.params[name].as_slice(), "{name}");
-        }
-        let other = init_params::<f64>(&config, &channels, 10).unwrap();
-        assert_ne!(other[0].1.as_slice(), params[0].1.as_slice());
-        // Wrong level count, zero channels and absurd sizes are errors.
-        let kind = |r: Result<Vec<(String, Tensor<f32>)>>| r.err().unwrap().kind();
-        assert_eq!(kind(init_params(&config, &channels[..2], 0)), "config");
-        assert_eq!(
-            kind(init_params(&config, &[(0, 4), (4, 4), (6, 6)], 0)),
-            "zero_sized"
-        );
-        assert_eq!(
-            kind(init_params(
-                &Config::uniform(1, LevelConfig::default()),
-                &[(4, 1 << 20)],
-                0
-            )),
-            "too_large"
-        );
-    }
-
-    #[test]
-    fn a_sample_offset_past_32_bits_is_refused() {
-        let p = || {
-            crate::gradcheck::random_problem(
-                &[crate::gradcheck::LossLevel {
-                    method: Method::Dmkd,
-                    cs: 2,
-                    c: 2,
-                    h: 2,
-                    w: 2,
-                    mode: MaskMode::Random,
-                    lambda_s: 0.5,
-                    lambda_c: 0.5,
-                    tau: 0.5,
-                    seed: 0,
-                }],
-                2,
-                0,
-            )
-            .unwrap()
-        };
-        let max = u32::MAX as usize;
-        assert_eq!(
-            p().with_sample_offset(max - 2).unwrap().sample_offset,
-            max - 2
-        );
-        for bad in [max - 1, usize::MAX] {
-            let e = p().with_sample_offset(bad).err().unwrap();
-            assert_eq!(e.kind(), "invalid_argument");
-        }
-    }
-
-    fn clone_problem(p: &Problem<f64>) -> Problem<f64> {
-        Problem {
-            config: p.config.clone(),
-            shapes: p.shapes.clone(),
-            specs: p.specs.clone(),
-            students: p.students.clone(),
-            teachers: p.teachers.clone(),
-            params: p.params.clone(),
-            boxes: p.boxes.clone(),
-            sample_offset: p.sample_offset,
-        }
-    }
 }

@@ -7,38 +7,44 @@ use crate::error::{Error, Result};
 use crate::rng::PhiloxStream;
 use crate::tensor::{Float, Tensor};
 
-/// Tensors by exchange-format name, in a fixed (sorted) order.
-pub type TensorMap<T> = BTreeMap<String, Tensor<T>>;
-
 /// How a parameter starts when the user supplies none.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Init {
     /// PyTorch's default conv weight init, `kaiming_uniform_(a = sqrt(5))`:
     /// U(-b, b) with `b = 1 / sqrt(fan_in)`.
     KaimingUniform {
+        /// Inputs per output (`Cin * kh * kw`).
         fan_in: usize,
     },
     /// PyTorch's default conv bias init: U(-b, b), `b = 1 / sqrt(fan_in)`.
     BiasUniform {
+        /// Inputs per output.
         fan_in: usize,
     },
     /// `kaiming_normal_(mode = fan_in, relu)`: N(0, 2 / fan_in) (FGD's context conv).
     KaimingNormal {
+        /// Inputs per output.
         fan_in: usize,
     },
+    /// All zeros (biases of FGD, the fusion logits).
     Zeros,
+    /// All ones (LayerNorm scales).
     Ones,
 }
 
 /// One parameter a level expects.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParamSpec {
+    /// Exchange-format name.
     pub name: String,
+    /// Shape.
     pub shape: Vec<usize>,
+    /// Initialisation when absent.
     pub init: Init,
 }
 
 impl ParamSpec {
+    /// A spec from its parts.
     pub fn new(name: String, shape: &[usize], init: Init) -> Self {
         ParamSpec {
             name,
@@ -104,6 +110,7 @@ pub fn check_param<T: Float>(spec: &ParamSpec, t: &Tensor<T>) -> Result<()> {
 
 /// The parameter variables of one level, looked up by their name suffix.
 pub struct LevelVars<T: Float> {
+    /// The level index `l` of `p{l}.*`.
     pub level: usize,
     vars: BTreeMap<String, Var<T>>,
 }
@@ -120,6 +127,7 @@ impl<T: Float> LevelVars<T> {
         self.vars.get(&name).ok_or(Error::MissingTensor(name))
     }
 
+    /// True when `p{level}.{suffix}` is present.
     pub fn has(&self, suffix: &str) -> bool {
         self.vars.contains_key(&format!("p{}.{suffix}", self.level))
     }

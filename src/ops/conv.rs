@@ -16,7 +16,9 @@ use crate::tensor::{Float, Tensor};
 /// Options of [`Var::conv2d`].
 #[derive(Clone, Debug)]
 pub struct Conv2dOptions<T: Float> {
+    /// Stride (rows, columns); default 1.
     pub stride: [usize; 2],
+    /// Zero padding (rows, columns); default 0.
     pub padding: [usize; 2],
     /// A constant multiplier of the input (spatial `[N,H,W]` or channel `[N,C]`).
     pub mask: Option<InputMask<T>>,
@@ -43,14 +45,17 @@ impl<T: Float> Conv2dOptions<T> {
             ..Default::default()
         }
     }
+    /// The same options with stride `s`.
     pub fn with_stride(mut self, s: [usize; 2]) -> Self {
         self.stride = s;
         self
     }
+    /// The same options with input mask `m`.
     pub fn with_mask(mut self, m: InputMask<T>) -> Self {
         self.mask = Some(m);
         self
     }
+    /// The same options with the fused ReLU on or off.
     pub fn with_relu(mut self, relu: bool) -> Self {
         self.relu = relu;
         self

@@ -1,7 +1,7 @@
 //! Element-wise ops: unary functions, broadcasting arithmetic, the masking multiply.
 //!
 //! Derivatives (`g` is the output gradient):
-//! - unary `y = f(x)`: `dx = g * f'(x)`; relu' = [x > 0], abs' = sign(x)
+//! - unary `y = f(x)`: `dx = g * f'(x)`; relu' = `[x > 0]`, abs' = sign(x)
 //!   (0 at 0), exp' = y, ln' = 1/x, sqrt' = 1/(2y), recip' = -y^2, square' = 2x.
 //! - `a + b`: `(g, g)`; `a - b`: `(g, -g)`; `a * b`: `(g b, g a)`;
 //!   `a / b`: `(g / b, -(g / b) * y)`; each summed back to its operand's
@@ -53,27 +53,35 @@ impl<T: Float> Var<T> {
         })
     }
 
+    /// `max(x, 0)`; derivative 0 at 0.
     pub fn relu(&self) -> Result<Var<T>> {
         self.unary(Unary::Relu)
     }
+    /// `|x|`; derivative 0 at 0.
     pub fn abs(&self) -> Result<Var<T>> {
         self.unary(Unary::Abs)
     }
+    /// `-x`.
     pub fn neg(&self) -> Result<Var<T>> {
         self.unary(Unary::Neg)
     }
+    /// `e^x`.
     pub fn exp(&self) -> Result<Var<T>> {
         self.unary(Unary::Exp)
     }
+    /// Natural logarithm.
     pub fn ln(&self) -> Result<Var<T>> {
         self.unary(Unary::Ln)
     }
+    /// Square root.
     pub fn sqrt(&self) -> Result<Var<T>> {
         self.unary(Unary::Sqrt)
     }
+    /// `1 / x`.
     pub fn recip(&self) -> Result<Var<T>> {
         self.unary(Unary::Recip)
     }
+    /// `x^2`.
     pub fn square(&self) -> Result<Var<T>> {
         self.unary(Unary::Square)
     }
@@ -135,15 +143,19 @@ impl<T: Float> Var<T> {
         })
     }
 
+    /// `self + other`, broadcasting.
     pub fn add(&self, other: &Var<T>) -> Result<Var<T>> {
         self.binary(Binary::Add, other)
     }
+    /// `self - other`, broadcasting.
     pub fn sub(&self, other: &Var<T>) -> Result<Var<T>> {
         self.binary(Binary::Sub, other)
     }
+    /// `self * other`, broadcasting.
     pub fn mul(&self, other: &Var<T>) -> Result<Var<T>> {
         self.binary(Binary::Mul, other)
     }
+    /// `self / other`, broadcasting.
     pub fn div(&self, other: &Var<T>) -> Result<Var<T>> {
         self.binary(Binary::Div, other)
     }

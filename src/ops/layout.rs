@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::tensor::Float;
 
 impl<T: Float> Var<T> {
+    /// The same elements under another shape (no copy).
     pub fn reshape(&self, shape: &[usize]) -> Result<Var<T>> {
         let y = self.value().reshape(shape)?;
         let x_shape = self.shape().to_vec();

@@ -54,10 +54,4 @@ impl<T: Float> Var<T> {
         let axes: Vec<usize> = (0..self.value().rank()).collect();
         self.sum(&axes, false)
     }
-
-    /// Mean of every element, as a rank-0 tensor.
-    pub fn mean_all(&self) -> Result<Var<T>> {
-        let axes: Vec<usize> = (0..self.value().rank()).collect();
-        self.mean(&axes, false)
-    }
 }

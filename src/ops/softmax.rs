@@ -9,6 +9,7 @@ use crate::shape::check_axes;
 use crate::tensor::Float;
 
 impl<T: Float> Var<T> {
+    /// Softmax along `axis`, the maximum subtracted first.
     pub fn softmax(&self, axis: usize) -> Result<Var<T>> {
         check_axes("softmax", &[axis], self.value().rank())?;
         self.value().check_nonempty("softmax input")?;

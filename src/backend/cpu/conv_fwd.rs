@@ -9,7 +9,7 @@
 //! packed from the padded image right before use with one or two vector
 //! copies per k row (stride 1), and then serves all M/6 row panels of A
 //! from L1, so packing costs about 2% of the FMA time. The 6 x 16 kernel
-//! runs the shape the GEMM experiment of ENGINEERING.md measured at 80-90%
+//! runs the shape the GEMM experiment of `docs/engineering.md` measured at 80-90%
 //! of peak; this conv measured 86-90% at P3/P4 (see examples/conv_speed.rs).
 //!
 //! Loop nest of one task (an image and a range of output positions):
@@ -127,7 +127,7 @@ pub(crate) fn conv2d<E: Elem>(x: &[E], w: &[E], b: Option<&[E]>, args: &ConvArgs
 }
 
 /// The forward pass under a channel mask with exact zeros: per image, the
-/// masked input channels are left out of K (SPEC: at lambda_c = 0.65 the
+/// masked input channels are left out of K (docs/spec.md: at lambda_c = 0.65 the
 /// channel branch's first conv needs 35% of the dense work). The result is
 /// the dense path's up to the sign of an exact zero: the dense chain adds
 /// `w * 0` terms, which leave a fused sum unchanged.

@@ -2,15 +2,15 @@
 //! (rayon), bit-deterministic for any thread count.
 //!
 //! Files, one concern each:
-//! - [`simd`]: the f32/f64 lane abstraction the kernels are generic over;
-//! - [`kernel`]: the 6 x 2-register GEMM microkernel;
-//! - [`pack`]: padding/masking the input, packing A panels and B tiles;
-//! - [`conv_fwd`]: implicit-GEMM convolution (forward, and the input gradient);
-//! - [`conv_bwd`]: input, weight and bias gradients;
+//! - `simd`: the f32/f64 lane abstraction the kernels are generic over;
+//! - `kernel`: the 6 x 2-register GEMM microkernel;
+//! - `pack`: padding/masking the input, packing A panels and B tiles;
+//! - `conv_fwd`: implicit-GEMM convolution (forward, and the input gradient);
+//! - `conv_bwd`: input, weight and bias gradients;
 //! - `winograd`: Winograd F(4x4, 3x3) for the 3x3 / stride 1 / pad 1
 //!   convs (forward, input and weight gradients), picked per conv and pass
 //!   by [`ConvAlgo`] (see `CpuBackend::winograd_for`);
-//! - [`elementwise`], [`reduce`]: the bandwidth-bound rest;
+//! - `elementwise`, `reduce`: the bandwidth-bound rest;
 //! - [`peak`]: the FMA peak probe.
 //!
 //! The `Backend<T>` trait is generic over any `Float`; the kernels exist for
@@ -55,7 +55,7 @@ pub enum ConvAlgo {
     /// (forward, input and weight gradients), direct for the rest.
     Winograd,
     /// Pick per convolution and pass by a measured rule (see
-    /// [`CpuBackend::winograd_for`]).
+    /// `CpuBackend::winograd_for`).
     #[default]
     Auto,
 }
@@ -86,10 +86,12 @@ impl std::str::FromStr for ConvAlgo {
 /// SIMD, multi-threaded, bit-deterministic CPU backend.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend {
+    /// How convolutions are computed.
     pub algo: ConvAlgo,
 }
 
 impl CpuBackend {
+    /// The CPU backend with a conv algorithm.
     pub fn new(algo: ConvAlgo) -> Self {
         CpuBackend { algo }
     }

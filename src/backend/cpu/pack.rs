@@ -362,7 +362,6 @@ fn gather<E: Float>(src: &[E], kbase: &[usize], offs: &[usize], nr: usize, out: 
 /// `t` of the `m` channels (zeros past `m`), where `pos` walks `nrows` rows
 /// of `ncols` positions from `(oy0, ox0)` of an `oh x ow` plane. `dy` is one
 /// image, `[m][oh * ow]`.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn pack_dy_t<E: Float>(
     dy: &[E],
     m: usize,

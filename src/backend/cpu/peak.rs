@@ -4,7 +4,7 @@
 //! ymm, enough to cover the 4-cycle latency of Zen 3's two FMA pipes with
 //! room to spare) for a fixed count, with no memory traffic. The clock of
 //! this machine varies from day to day (190 to 228 GFLOP/s f32 with 2
-//! threads, ENGINEERING.md), so a figure is only comparable with a probe
+//! threads, `docs/engineering.md`), so a figure is only comparable with a probe
 //! taken in the same run.
 
 use std::hint::black_box;

@@ -6,13 +6,14 @@
 //! work is queued on one stream, so a method returns as soon as its kernels
 //! are queued: call [`CudaBackend::synchronize`] before reading a host clock.
 
+use std::any::Any;
 use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 
 use crate::backend::reference::split_axis;
 use crate::backend::{Backend, Binary, ConvArgs, InputMask, ReferenceBackend, Unary};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::shape::reduced_shape;
 use crate::tensor::{Float, Tensor};
 
@@ -68,21 +69,26 @@ impl CudaBackend {
     /// The device copy of `t`, uploading it on first use.
     fn dev<'a, T: CudaFloat>(&self, t: &'a Tensor<T>) -> Result<&'a CudaSlice<T>> {
         let buf = t.device_or_upload(|host| {
-            Ok(DeviceBuffer {
+            Ok(Box::new(DeviceBuffer {
                 slice: self.dev.upload(host)?,
                 stream: self.dev.stream.clone(),
-            })
+            }))
         })?;
-        Ok(&buf.slice)
+        let any: &dyn Any = buf;
+        any.downcast_ref::<DeviceBuffer<T>>()
+            .map(|b| &b.slice)
+            .ok_or_else(|| {
+                Error::Device("the tensor's device copy belongs to another device backend".into())
+            })
     }
 
     fn wrap<T: CudaFloat>(&self, shape: &[usize], slice: CudaSlice<T>) -> Tensor<T> {
         Tensor::from_device(
             shape,
-            DeviceBuffer {
+            Box::new(DeviceBuffer {
                 slice,
                 stream: self.dev.stream.clone(),
-            },
+            }),
         )
     }
 

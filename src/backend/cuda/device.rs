@@ -25,7 +25,9 @@ use crate::tensor::{DType, Float};
 use super::kernels::{self, Kernel};
 
 /// Element types with a CUDA path: f32 (sgemm) and f64 (dgemm). Sealed.
-pub trait CudaFloat: Float + sealed::Sealed {
+pub trait CudaFloat:
+    Float + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + sealed::Sealed
+{
     /// `cublas<t>gemmStridedBatched` for this type.
     ///
     /// # Safety
@@ -192,7 +194,7 @@ impl Device {
     }
 
     /// The kernels for element type `T`, compiled and loaded on first use.
-    pub(crate) fn kernels<T: Float>(&self) -> Result<&Module> {
+    pub(crate) fn kernels<T: CudaFloat>(&self) -> Result<&Module> {
         let cell = match T::DTYPE {
             DType::F32 => &self.kernels_f32,
             DType::F64 => &self.kernels_f64,
@@ -235,21 +237,21 @@ impl Device {
     /// loop covers the whole buffer, or a GEMM with beta = 0, which does not
     /// read C) before anything reads them, on this same stream. That skips
     /// the memset `alloc_zeros` would spend on every output.
-    pub(crate) fn alloc<T: Float>(&self, len: usize) -> Result<CudaSlice<T>> {
+    pub(crate) fn alloc<T: CudaFloat>(&self, len: usize) -> Result<CudaSlice<T>> {
         // SAFETY: cudarc marks uninitialised allocations unsafe because reading
         // them before a write is undefined; see the contract above.
         unsafe { self.stream.alloc::<T>(len) }.map_err(driver_err("device allocation"))
     }
 
     /// Copy host elements to a new device buffer.
-    pub(crate) fn upload<T: Float>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+    pub(crate) fn upload<T: CudaFloat>(&self, host: &[T]) -> Result<CudaSlice<T>> {
         self.stream
             .clone_htod(host)
             .map_err(driver_err("host-to-device copy"))
     }
 
     /// Copy a device buffer to the host (waits for the stream).
-    pub(crate) fn download<T: Float>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>> {
+    pub(crate) fn download<T: CudaFloat>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>> {
         self.stream
             .clone_dtoh(buf)
             .map_err(driver_err("device-to-host copy"))

@@ -24,9 +24,11 @@
 //! with NVRTC (when `libnvrtc` is on the loader path) and runs the kernel
 //! sources unchanged in a CPU simulator (`sim/`) against their definitions;
 //! unit tests here check the index coalescing, the reduction order and the
-//! row-major to cuBLAS mapping. With a GPU: `tests/cuda_parity.rs` compares
-//! every op and the whole loss with the reference backend (it skips, with a
-//! printed reason, where no device is usable), and `benches/cuda.rs` times
+//! row-major to cuBLAS mapping. With a GPU: the conformance suite
+//! (`tests/conformance/`, where CUDA is an entry of the backend list,
+//! left out with a printed reason where no device is usable) compares every
+//! op and the whole loss with the reference backend, `tests/cuda_exact.rs`
+//! holds the exact-order claims, and `benches/cuda.rs` times
 //! the convolutions and the DMKD loss. Host-side timing must call
 //! [`synchronize`] (or `CudaBackend::synchronize`) after the timed calls:
 //! backend methods only queue work.
@@ -36,7 +38,7 @@ mod conv;
 mod device;
 mod elementwise;
 mod gemm;
-pub mod index;
+mod index;
 pub mod kernels;
 mod loss;
 pub mod reduce;
@@ -47,12 +49,6 @@ pub use device::CudaFloat;
 pub use reduce::emulate_two_pass_sum;
 
 use crate::error::{Error, Result};
-
-/// True when the CUDA driver, NVRTC and cuBLAS libraries can be loaded (a
-/// device may still be absent: `CudaBackend::new` is the real test).
-pub fn cuda_available() -> bool {
-    device::libraries_present().is_ok()
-}
 
 /// Wait until every kernel, copy and GEMM queued by any `CudaBackend` of
 /// this process has finished (they all share one stream); Ok at once when
@@ -65,30 +61,19 @@ pub fn synchronize() -> Result<()> {
     }
 }
 
-/// Why no CUDA backend can be built here, or None when one can.
-pub fn unavailable_reason() -> Option<String> {
-    match CudaBackend::new() {
-        Ok(_) => None,
-        Err(Error::BackendUnavailable(why)) => Some(why),
-        Err(e) => Some(e.to_string()),
-    }
-}
-
-/// Elements of a tensor on a CUDA device, with the stream that owns them.
-pub struct DeviceBuffer<T> {
+/// Elements of a tensor on a CUDA device, with the stream that owns them:
+/// the CUDA backend's [`DeviceStorage`](crate::tensor::DeviceStorage).
+pub(crate) struct DeviceBuffer<T> {
     pub(crate) slice: cudarc::driver::CudaSlice<T>,
     pub(crate) stream: std::sync::Arc<cudarc::driver::CudaStream>,
 }
 
-impl<T: crate::tensor::Float> DeviceBuffer<T> {
-    pub fn len(&self) -> usize {
+impl<T: CudaFloat> crate::tensor::DeviceStorage<T> for DeviceBuffer<T> {
+    fn numel(&self) -> usize {
         self.slice.len()
     }
-    pub fn is_empty(&self) -> bool {
-        self.slice.len() == 0
-    }
     /// Copy to the host (synchronising the stream).
-    pub fn download(&self) -> Result<Vec<T>> {
+    fn download(&self) -> Result<Vec<T>> {
         self.stream
             .clone_dtoh(&self.slice)
             .map_err(|e| Error::Device(format!("device-to-host copy: {e}")))

@@ -3,7 +3,7 @@
 //!
 //! Transform choice: F(4x4, 3x3) over 6 x 6 input tiles cuts the
 //! multiplies per output from 9 to 36/16 = 2.25 (4x); F(2x2, 3x3) only to
-//! 4 (2.25x). The experiment of ENGINEERING.md measured F(4x4) at
+//! 4 (2.25x). The experiment of `docs/engineering.md` ("Winograd") measured F(4x4) at
 //! 2.7-2.9x the direct conv at P3/P4 against 1.6-1.9x for F(2x2), with a
 //! norm-wise f32 error of 3.2e-6 at C = 256 (direct 2.9e-7). Points 0,
 //! +-1, +-2, inf keep the data transforms to small integer coefficients
@@ -51,7 +51,7 @@
 //! The weight transforms are per (row, column) pair, independent of the
 //! split.
 //!
-//! Accuracy (tests/winograd.rs prints them), norm-wise `||a - e|| / ||e||`
+//! Accuracy (held by tests/conformance/), norm-wise `||a - e|| / ||e||`
 //! against the f64 reference: f32 convs 1.3e-6 to 3.6e-6 (forward, input
 //! and weight gradients, C <= 43, odd shapes and masks); f64 below 1e-12
 //! (asserted). The whole DMKD loss in f32 at 64 channels against f64: loss

@@ -211,7 +211,6 @@ pub(crate) fn weight_grad_tile<E: Elem>(d: &[E; POS]) -> [E; 9] {
 /// multiplier `m` (a plane like `plane`) and the scalar `scale`. Exactly
 /// the reference's `x * m` for each value that is read.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn window<E: Elem>(
     plane: &[E],
     h: usize,

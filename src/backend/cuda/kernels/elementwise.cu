@@ -3,7 +3,7 @@
 // expression is written in the same order as the reference backend's, so
 // with --fmad=false every result except exp/log is bit-identical to it.
 
-// Unary op codes; must match `UnaryCode` in elementwise.rs.
+// Unary op codes; must match `unary_code` in elementwise.rs.
 #define U_RELU 0
 #define U_ABS 1
 #define U_NEG 2
@@ -55,7 +55,7 @@ extern "C" __global__ void unary_bwd(const T* x, const T* y, const T* dy, T* dx,
     GRID_LOOP(i, n) { dx[i] = dy[i] * unary_deriv(op, x[i], y[i], c); }
 }
 
-// Binary op codes; must match `BinaryCode` in elementwise.rs.
+// Binary op codes; must match `binary_code` in elementwise.rs.
 __device__ __forceinline__ T binary_apply(int op, T a, T b) {
     switch (op) {
         case 0: return a + b;

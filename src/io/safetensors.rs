@@ -1,141 +1,19 @@
-//! Files in and out: `.safetensors` (f32 or f64, little-endian, row-major,
-//! NCHW), with the exchange-format names of SPEC.md.
+//! `.safetensors` files: f32 or f64 tensors under their exchange-format
+//! names, plus string metadata.
 //!
-//! Reading is defensive: the file's size is checked before it is read, the
-//! header is validated by the `safetensors` crate (offsets must tile the
+//! The header is validated by the `safetensors` crate (offsets must tile the
 //! data exactly, so a header cannot claim more bytes than the file has), and
-//! every tensor must be f32 or f64. Nothing is allocated from a size the
-//! file merely claims.
+//! every tensor must be f32 or f64.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors};
 
-use crate::distill::TensorMap;
+use super::bounded::{io_err, read_bounded};
 use crate::error::{Error, Result};
+use crate::named::{AnyTensor, TensorFile, TensorMap};
 use crate::tensor::{DType, Float, Tensor};
-
-/// Default bound on the size of a file dmkd reads (8 GiB); override with the
-/// environment variable `DMKD_MAX_FILE_BYTES`.
-pub const DEFAULT_MAX_FILE_BYTES: u64 = 8 << 30;
-
-pub fn max_file_bytes() -> u64 {
-    std::env::var("DMKD_MAX_FILE_BYTES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(DEFAULT_MAX_FILE_BYTES)
-}
-
-/// A tensor read from a file, in the file's own precision.
-#[derive(Clone, Debug)]
-pub enum AnyTensor {
-    F32(Tensor<f32>),
-    F64(Tensor<f64>),
-}
-
-impl AnyTensor {
-    pub fn dtype(&self) -> DType {
-        match self {
-            AnyTensor::F32(_) => DType::F32,
-            AnyTensor::F64(_) => DType::F64,
-        }
-    }
-    pub fn shape(&self) -> &[usize] {
-        match self {
-            AnyTensor::F32(t) => t.shape(),
-            AnyTensor::F64(t) => t.shape(),
-        }
-    }
-    /// The values converted to `T` (exact when widening).
-    pub fn to<T: Float>(&self) -> Tensor<T> {
-        match self {
-            AnyTensor::F32(t) => t.cast(),
-            AnyTensor::F64(t) => t.cast(),
-        }
-    }
-    /// The values as f64 (exact for both precisions).
-    pub fn to_f64(&self) -> Tensor<f64> {
-        self.to()
-    }
-}
-
-/// The contents of a tensor file: tensors by name, plus string metadata.
-#[derive(Clone, Debug, Default)]
-pub struct TensorFile {
-    pub tensors: BTreeMap<String, AnyTensor>,
-    pub metadata: HashMap<String, String>,
-}
-
-impl TensorFile {
-    /// The single precision of every tensor, or None when the file is empty.
-    /// Mixed precisions are an error: a file from one backend has one dtype.
-    pub fn dtype(&self, path: &str) -> Result<Option<DType>> {
-        let mut it = self.tensors.iter();
-        let Some((_, first)) = it.next() else {
-            return Ok(None);
-        };
-        for (name, t) in it {
-            if t.dtype() != first.dtype() {
-                return Err(Error::DType {
-                    name: format!("{path}: {name}"),
-                    expected: first.dtype().to_string(),
-                    got: t.dtype().to_string(),
-                });
-            }
-        }
-        Ok(Some(first.dtype()))
-    }
-
-    /// Every tensor converted to `T`.
-    pub fn to_map<T: Float>(&self) -> TensorMap<T> {
-        self.tensors
-            .iter()
-            .map(|(k, v)| (k.clone(), v.to::<T>()))
-            .collect()
-    }
-}
-
-fn io_err(path: &Path, source: std::io::Error) -> Error {
-    Error::Io {
-        path: path.display().to_string(),
-        source,
-    }
-}
-
-/// Read a whole file after checking its size against the bound.
-///
-/// The size in the metadata is checked first (a cheap refusal), and the read
-/// itself stops one byte past the bound: a device or pipe (`/dev/zero`, a
-/// FIFO) reports size 0 and would otherwise be read forever.
-pub fn read_bounded(path: &Path) -> Result<Vec<u8>> {
-    use std::io::Read;
-    let limit = max_file_bytes();
-    let too_large = |bytes: u64| Error::TooLarge {
-        what: format!("file {}", path.display()),
-        bytes: bytes as u128,
-        limit: limit as u128,
-    };
-    let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
-    let meta = file.metadata().map_err(|e| io_err(path, e))?;
-    if meta.is_dir() {
-        return Err(io_err(
-            path,
-            std::io::Error::other("is a directory, not a file"),
-        ));
-    }
-    if meta.len() > limit {
-        return Err(too_large(meta.len()));
-    }
-    let mut bytes = Vec::new();
-    file.take(limit.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .map_err(|e| io_err(path, e))?;
-    if bytes.len() as u64 > limit {
-        return Err(too_large(bytes.len() as u64));
-    }
-    Ok(bytes)
-}
 
 /// Parse safetensors bytes.
 pub fn parse_safetensors(bytes: &[u8], path: &str) -> Result<TensorFile> {
@@ -179,18 +57,6 @@ pub fn parse_safetensors(bytes: &[u8], path: &str) -> Result<TensorFile> {
 pub fn read_safetensors(path: &Path) -> Result<TensorFile> {
     let bytes = read_bounded(path)?;
     parse_safetensors(&bytes, &path.display().to_string())
-}
-
-/// Read a tensor file: a directory of `.npy` files, a `.npy` or `.npz` (by
-/// extension; see `npy`), or else a `.safetensors` file.
-pub fn read_tensor_file(path: &Path) -> Result<TensorFile> {
-    if path.is_dir() {
-        return crate::npy::read_npy_dir(path);
-    }
-    match path.extension().and_then(|e| e.to_str()) {
-        Some("npy") | Some("npz") => crate::npy::read_npy_or_npz(path),
-        _ => read_safetensors(path),
-    }
 }
 
 fn dtype_tag(d: DType) -> &'static str {

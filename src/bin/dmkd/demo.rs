@@ -5,15 +5,15 @@
 //! generation blocks, the fusion logits, the align convs and the student
 //! features themselves (standing in for the student network's output).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::backend::{BackendFloat, BackendOptions, make_backend};
-use crate::distill::{EvalOptions, Problem, TensorMap, evaluate, student_name};
-use crate::error::Result;
-use crate::optim::{Optimizer, OptimizerKind};
 use crate::plot::{Series, write_csv, write_png};
-use crate::synthetic::{Preset, inputs};
+use dmkd::backend::{BackendFloat, BackendOptions, make_backend};
+use dmkd::distill::{EvalOptions, Problem, TensorMap, evaluate, student_name};
+use dmkd::error::Result;
+use dmkd::optim::{Optimizer, OptimizerKind};
+use dmkd::synthetic::{Preset, inputs};
 
 /// Settings of a demo run.
 #[derive(Clone, Debug)]
@@ -125,7 +125,7 @@ pub fn run_demo<T: BackendFloat>(
     }
     let seconds = start.elapsed().as_secs_f64();
     let (initial_loss, initial_level_losses) = first.expect("at least one step runs");
-    std::fs::create_dir_all(&opts.out_dir).map_err(|e| crate::Error::Io {
+    std::fs::create_dir_all(&opts.out_dir).map_err(|e| dmkd::Error::Io {
         path: opts.out_dir.display().to_string(),
         source: e,
     })?;
@@ -159,9 +159,4 @@ pub fn run_demo<T: BackendFloat>(
         csv,
         png,
     })
-}
-
-/// Where the demo writes by default, relative to the working directory.
-pub fn default_out_dir() -> &'static Path {
-    Path::new("out")
 }

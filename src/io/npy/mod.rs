@@ -13,275 +13,45 @@
 //! big-endian or other element types are [`Error::DType`], Fortran order of
 //! a rank >= 2 array is [`Error::Format`].
 //!
-//! The header is parsed here rather than by `ndarray-npy` so that nothing is
-//! allocated from a size a file merely claims: the shape's element count is
-//! checked against [`MAX_ELEMENTS`](crate::tensor::MAX_ELEMENTS) with
-//! overflow-free arithmetic, and its byte count against the bytes actually
-//! present (a `.npy`) or the remaining decompression budget (an `.npz`
-//! member, whose size only the inflater knows), before any data is read.
+//! Why a reader of our own rather than `ndarray-npy`'s: nothing may be
+//! allocated from a size a file merely claims. `ndarray-npy` 0.10 allocates
+//! the header from its claimed length (up to 4 GiB in format 2.0) and the
+//! data from the claimed shape before reading either. Here the header length
+//! is bounded by [`MAX_HEADER_BYTES`], the shape's element count is checked
+//! against [`MAX_ELEMENTS`](crate::tensor::MAX_ELEMENTS) with overflow-free
+//! arithmetic, and its byte count against the bytes actually present (a
+//! `.npy`) or the remaining decompression budget (an `.npz` member, whose
+//! size only the inflater knows), before any data is read. Writing has no
+//! such hazard and uses `ndarray-npy` ([`npy_bytes`]).
 
+mod header;
+
+use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Cursor, Read};
 use std::path::Path;
 
+use ndarray_npy::WriteNpyExt;
+
+use self::header::format_err;
+pub use self::header::{MAX_HEADER_BYTES, MAX_RANK, NpyHeader, parse_header_dict};
+use super::bounded::{max_file_bytes, read_bounded};
 use crate::error::{Error, Result};
-use crate::io::{AnyTensor, TensorFile, max_file_bytes, read_bounded};
+use crate::named::{AnyTensor, TensorFile, TensorMap};
 use crate::tensor::{DType, Float, Tensor, checked_numel};
 
 /// The first six bytes of every `.npy` file.
 pub const NPY_MAGIC: &[u8; 6] = b"\x93NUMPY";
 /// The first four bytes of a zip archive (a local file header).
 pub const ZIP_MAGIC: &[u8; 4] = b"PK\x03\x04";
-/// Longest header accepted. NumPy itself refuses headers over 10,000 bytes
-/// by default; real headers are under 200. The bound keeps a lying header
-/// length (a u32 in versions 2 and 3) from allocating gigabytes.
-pub const MAX_HEADER_BYTES: usize = 1 << 16;
-/// Most dimensions accepted (NumPy's own limit is 64).
-pub const MAX_RANK: usize = 64;
 /// Most members read from one `.npz` (a model's features and parameters are
 /// a few hundred tensors); bounds the work a crafted central directory causes.
 pub const MAX_NPZ_MEMBERS: usize = 1 << 16;
 
-fn format_err(path: &str, detail: impl Into<String>) -> Error {
-    Error::Format {
-        path: path.to_string(),
-        detail: detail.into(),
-    }
-}
-
-/// What a `.npy` header says.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NpyHeader {
-    pub dtype: DType,
-    pub shape: Vec<usize>,
-}
-
-/// A value of the header's Python-literal dict (only what headers use).
-#[derive(Debug)]
-enum Lit {
-    Str(String),
-    Bool(bool),
-    Tuple(Vec<u64>),
-    /// A list: the descr of a structured dtype; never an accepted value.
-    List,
-}
-
-/// A strict parser of the header dict, e.g.
-/// `{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }`.
-struct LitParser<'a> {
-    s: &'a [u8],
-    i: usize,
-}
-
-impl LitParser<'_> {
-    fn ws(&mut self) {
-        while self.i < self.s.len() && matches!(self.s[self.i], b' ' | b'\t' | b'\n' | b'\r') {
-            self.i += 1;
-        }
-    }
-
-    fn peek(&self) -> Option<u8> {
-        self.s.get(self.i).copied()
-    }
-
-    fn eat(&mut self, c: u8) -> bool {
-        self.ws();
-        if self.peek() == Some(c) {
-            self.i += 1;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn expect(&mut self, c: u8) -> std::result::Result<(), String> {
-        if self.eat(c) {
-            Ok(())
-        } else {
-            Err(format!("expected `{}` at byte {}", c as char, self.i))
-        }
-    }
-
-    fn string(&mut self) -> std::result::Result<String, String> {
-        self.ws();
-        let q = match self.peek() {
-            Some(q @ (b'\'' | b'"')) => q,
-            _ => return Err(format!("expected a string at byte {}", self.i)),
-        };
-        self.i += 1;
-        let start = self.i;
-        while let Some(c) = self.peek() {
-            if c == q {
-                let v = String::from_utf8_lossy(&self.s[start..self.i]).into_owned();
-                self.i += 1;
-                return Ok(v);
-            }
-            // Header strings are dtype codes and key names: no escapes.
-            if c == b'\\' || c == b'\n' {
-                return Err(format!(
-                    "unsupported character in a string at byte {}",
-                    self.i
-                ));
-            }
-            self.i += 1;
-        }
-        Err("unterminated string".into())
-    }
-
-    fn int(&mut self) -> std::result::Result<u64, String> {
-        self.ws();
-        let start = self.i;
-        let mut v: u64 = 0;
-        while let Some(c @ b'0'..=b'9') = self.peek() {
-            v = v
-                .checked_mul(10)
-                .and_then(|v| v.checked_add(u64::from(c - b'0')))
-                .ok_or_else(|| "a dimension does not fit in 64 bits".to_string())?;
-            self.i += 1;
-        }
-        if self.i == start {
-            return Err(format!(
-                "expected a non-negative integer at byte {}",
-                self.i
-            ));
-        }
-        // Python 2 wrote long integers as `3L`.
-        if self.peek() == Some(b'L') {
-            self.i += 1;
-        }
-        Ok(v)
-    }
-
-    fn value(&mut self) -> std::result::Result<Lit, String> {
-        self.ws();
-        let rest = &self.s[self.i..];
-        if rest.starts_with(b"True") {
-            self.i += 4;
-            return Ok(Lit::Bool(true));
-        }
-        if rest.starts_with(b"False") {
-            self.i += 5;
-            return Ok(Lit::Bool(false));
-        }
-        match self.peek() {
-            Some(b'\'' | b'"') => self.string().map(Lit::Str),
-            Some(b'(') => {
-                self.i += 1;
-                let mut dims = Vec::new();
-                loop {
-                    if self.eat(b')') {
-                        return Ok(Lit::Tuple(dims));
-                    }
-                    if dims.len() >= MAX_RANK {
-                        return Err(format!("more than {MAX_RANK} dimensions"));
-                    }
-                    dims.push(self.int()?);
-                    if !self.eat(b',') {
-                        self.expect(b')')?;
-                        return Ok(Lit::Tuple(dims));
-                    }
-                }
-            }
-            Some(b'[') => Ok(Lit::List),
-            _ => Err(format!("unsupported value at byte {}", self.i)),
-        }
-    }
-
-    /// The dict's entries, in order; a list value ends the parse early
-    /// (its contents are never needed: a list descr is refused as a dtype).
-    fn dict(&mut self) -> std::result::Result<Vec<(String, Lit)>, String> {
-        self.expect(b'{')?;
-        let mut out = Vec::new();
-        loop {
-            if self.eat(b'}') {
-                break;
-            }
-            let key = self.string()?;
-            self.expect(b':')?;
-            let v = self.value()?;
-            let list = matches!(v, Lit::List);
-            out.push((key, v));
-            if list {
-                return Ok(out);
-            }
-            if !self.eat(b',') {
-                self.expect(b'}')?;
-                break;
-            }
-        }
-        self.ws();
-        if self.i != self.s.len() {
-            return Err(format!(
-                "unexpected bytes after the dict at byte {}",
-                self.i
-            ));
-        }
-        Ok(out)
-    }
-}
-
-/// Interpret the header dict text (the bytes after the length field).
-pub fn parse_header_dict(text: &[u8], path: &str) -> Result<NpyHeader> {
-    let entries = LitParser { s: text, i: 0 }
-        .dict()
-        .map_err(|e| format_err(path, format!("bad .npy header: {e}")))?;
-    let (mut descr, mut fortran, mut shape) = (None, None, None);
-    for (key, v) in entries {
-        match (key.as_str(), v) {
-            ("descr", Lit::Str(s)) => descr = Some(s),
-            ("descr", Lit::List) => {
-                return Err(Error::DType {
-                    name: path.to_string(),
-                    expected: "<f4 or <f8".into(),
-                    got: "a structured dtype".into(),
-                });
-            }
-            ("fortran_order", Lit::Bool(b)) => fortran = Some(b),
-            ("shape", Lit::Tuple(t)) => shape = Some(t),
-            (k, v) => {
-                return Err(format_err(
-                    path,
-                    format!("bad .npy header: unexpected entry `{k}`: {v:?}"),
-                ));
-            }
-        }
-    }
-    let (Some(descr), Some(fortran), Some(shape)) = (descr, fortran, shape) else {
-        return Err(format_err(
-            path,
-            "bad .npy header: it needs `descr`, `fortran_order` and `shape`",
-        ));
-    };
-    let dtype = match descr.as_str() {
-        "<f4" => DType::F32,
-        "<f8" => DType::F64,
-        other => {
-            let why = if other.starts_with('>') {
-                " (big-endian; convert with arr.astype('<f4'))"
-            } else {
-                ""
-            };
-            return Err(Error::DType {
-                name: path.to_string(),
-                expected: "<f4 or <f8 (little-endian f32 or f64)".into(),
-                got: format!("{other}{why}"),
-            });
-        }
-    };
-    let shape = shape
-        .into_iter()
-        .map(|d| usize::try_from(d).map_err(|_| format_err(path, "a dimension exceeds usize")))
-        .collect::<Result<Vec<usize>>>()?;
-    // In Fortran order only arrays with at most one non-trivial axis have
-    // the C layout; anything else would be silently transposed.
-    if fortran && shape.iter().filter(|&&d| d > 1).count() > 1 {
-        return Err(format_err(
-            path,
-            "Fortran-order arrays are not supported (save with np.ascontiguousarray)",
-        ));
-    }
-    Ok(NpyHeader { dtype, shape })
-}
+/// Most bytes of an `.npz` archive's `metadata.json` read: it holds the
+/// level config (at most 1 MiB of JSON, `distill::config::MAX_CONFIG_BYTES`)
+/// as an escaped string next to a few short ones.
+pub const MAX_METADATA_BYTES: usize = 4 << 20;
 
 /// Read `buf.len()` bytes or report truncation.
 fn read_exact_or(r: &mut impl Read, buf: &mut [u8], path: &str, what: &str) -> Result<()> {
@@ -467,7 +237,7 @@ pub fn parse_npz(bytes: &[u8], path: &str, max_total: u64) -> Result<TensorFile>
             let mut text = Vec::new();
             // Configs are small; cap what a crafted member can make us inflate.
             (&mut member)
-                .take(crate::distill::config::MAX_CONFIG_BYTES as u64 * 4 + 1)
+                .take(MAX_METADATA_BYTES as u64 + 1)
                 .read_to_end(&mut text)
                 .map_err(|e| format_err(&where_, e.to_string()))?;
             out.metadata = parse_metadata(&text, &where_)?;
@@ -571,47 +341,26 @@ pub fn read_npy_dir(dir: &Path) -> Result<TensorFile> {
     Ok(out)
 }
 
-/// The bytes of a `.npy` file (version 1.0, or 2.0 for a header over 64 KiB)
-/// holding `t`: little-endian, C order, header padded to 64 bytes as NumPy
-/// writes it.
-pub fn npy_bytes<T: Float>(t: &Tensor<T>) -> Vec<u8> {
-    let descr = match T::DTYPE {
-        DType::F32 => "<f4",
-        DType::F64 => "<f8",
+/// The bytes of a `.npy` file holding `t`, as `numpy.save` writes it:
+/// little-endian, C order, format 1.0 (2.0 for a header over 64 KiB), data
+/// aligned to 64 bytes.
+pub fn npy_bytes<T: Float>(t: &Tensor<T>) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(128 + t.numel() * T::DTYPE.size_of());
+    // `Float` is f32 or f64 (sealed); ndarray-npy needs the concrete type.
+    let any: &dyn Any = t;
+    let written = match (
+        any.downcast_ref::<Tensor<f32>>(),
+        any.downcast_ref::<Tensor<f64>>(),
+    ) {
+        (Some(t), _) => t.view().write_npy(&mut out),
+        (_, Some(t)) => t.view().write_npy(&mut out),
+        _ => unreachable!("Float is implemented for f32 and f64 only"),
     };
-    let shape = match t.shape() {
-        [] => "()".to_string(),
-        [d] => format!("({d},)"),
-        s => format!(
-            "({})",
-            s.iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    };
-    let mut dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-    let (version, len_bytes) = if dict.len() + 11 + 10 <= u16::MAX as usize {
-        (1u8, 2usize)
-    } else {
-        (2u8, 4usize)
-    };
-    let pre = 8 + len_bytes;
-    // Pad with spaces so the data starts on a 64-byte boundary; end with '\n'.
-    let pad = (64 - (pre + dict.len() + 1) % 64) % 64;
-    dict.push_str(&" ".repeat(pad));
-    dict.push('\n');
-    let mut out = Vec::with_capacity(pre + dict.len() + t.numel() * T::DTYPE.size_of());
-    out.extend_from_slice(NPY_MAGIC);
-    out.extend_from_slice(&[version, 0]);
-    if version == 1 {
-        out.extend_from_slice(&(dict.len() as u16).to_le_bytes());
-    } else {
-        out.extend_from_slice(&(dict.len() as u32).to_le_bytes());
-    }
-    out.extend_from_slice(dict.as_bytes());
-    out.extend_from_slice(&T::to_le_bytes_vec(t.as_slice()));
-    out
+    written.map_err(|e| Error::Format {
+        path: "<npy>".into(),
+        detail: format!("cannot encode a tensor of shape {:?}: {e}", t.shape()),
+    })?;
+    Ok(out)
 }
 
 /// A tensor name usable as a file name: no path separators, not `.`/`..`.
@@ -633,7 +382,7 @@ fn check_file_name(name: &str, dir: &str) -> Result<()> {
 /// Write every tensor as `<dir>/<name>.npy` and the metadata as `<dir>/metadata.json`.
 pub fn write_npy_dir<T: Float>(
     dir: &Path,
-    tensors: &crate::distill::TensorMap<T>,
+    tensors: &TensorMap<T>,
     metadata: &HashMap<String, String>,
 ) -> Result<()> {
     let shown = dir.display().to_string();
@@ -647,7 +396,7 @@ pub fn write_npy_dir<T: Float>(
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     for (name, t) in tensors {
         let p = dir.join(format!("{name}.npy"));
-        std::fs::write(&p, npy_bytes(t)).map_err(|e| io(&p, e))?;
+        std::fs::write(&p, npy_bytes(t)?).map_err(|e| io(&p, e))?;
     }
     // Sorted keys, so the file is reproducible.
     let sorted: BTreeMap<_, _> = metadata.iter().collect();
@@ -677,7 +426,7 @@ mod tests {
             let n: usize = shape.iter().product();
             let t =
                 Tensor::<f64>::from_vec(&shape, (0..n).map(|i| i as f64 - 0.5).collect()).unwrap();
-            let b = npy_bytes(&t);
+            let b = npy_bytes(&t).unwrap();
             // NumPy's alignment: the data starts on a 64-byte boundary.
             assert_eq!((b.len() - n * 8) % 64, 0);
             let AnyTensor::F64(back) = parse_npy(&b, "x").unwrap() else {
@@ -687,7 +436,7 @@ mod tests {
             assert_eq!(back.as_slice(), t.as_slice());
             let t32: Tensor<f32> = t.cast();
             assert_eq!(
-                parse_npy(&npy_bytes(&t32), "x").unwrap().dtype(),
+                parse_npy(&npy_bytes(&t32).unwrap(), "x").unwrap().dtype(),
                 DType::F32
             );
         }
@@ -787,7 +536,7 @@ mod tests {
             let opts = zip::write::SimpleFileOptions::default()
                 .compression_method(zip::CompressionMethod::Deflated);
             z.start_file("p0.student.npy", opts).unwrap();
-            z.write_all(&npy_bytes(&t)).unwrap();
+            z.write_all(&npy_bytes(&t).unwrap()).unwrap();
             z.finish().unwrap();
         }
         let bytes = buf.into_inner();

@@ -12,13 +12,13 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::backend::{
+use dmkd::backend::{
     Backend, BackendKind, BackendOptions, BackendRef, ConvArgs, ConvGeometry, make_backend,
 };
-use crate::distill::{EvalOptions, Problem, evaluate, forward};
-use crate::error::{Error, Result};
-use crate::synthetic::{Preset, inputs};
-use crate::tensor::Tensor;
+use dmkd::distill::{EvalOptions, Problem, evaluate, forward};
+use dmkd::error::{Error, Result};
+use dmkd::synthetic::{Preset, inputs};
+use dmkd::tensor::Tensor;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -98,7 +98,7 @@ fn time_ms(
 fn device_sync(kind: BackendKind) -> Box<dyn Fn() -> Result<()>> {
     match kind {
         #[cfg(feature = "cuda")]
-        BackendKind::Cuda => Box::new(crate::backend::cuda::synchronize),
+        BackendKind::Cuda => Box::new(dmkd::backend::cuda::synchronize),
         _ => Box::new(|| Ok(())),
     }
 }
@@ -110,7 +110,7 @@ fn conv_rows(
 ) -> Result<Vec<BenchRow>> {
     let p = &opts.preset;
     let mut rows = Vec::new();
-    let mut rng = crate::rng::PhiloxStream::new(1, 0);
+    let mut rng = dmkd::rng::PhiloxStream::new(1, 0);
     for (&(h, w), name) in p.levels.iter().zip(&p.level_names) {
         let (n, c) = (p.n, p.c);
         let x = Tensor::<f32>::from_fn(&[n, c, h, w], |_| rng.uniform(-1.0, 1.0) as f32)?;
@@ -180,12 +180,7 @@ fn loss_rows(
 
 /// Run the benchmark in a pool of `opts.threads` threads.
 pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
-    if opts.reps == 0 || opts.threads == 0 {
-        return Err(Error::arg(
-            "bench",
-            "--reps and --threads must be at least 1",
-        ));
-    }
+    // `--reps` and `--threads` are at least 1 (the CLI's value parsers).
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads)
         .build()
@@ -198,7 +193,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
     pool.install(|| {
         let peak = match opts.backend.kind {
             BackendKind::Cuda => None,
-            _ => Some(crate::backend::cpu::fma_peak_gflops(opts.threads)),
+            _ => Some(dmkd::backend::cpu::fma_peak_gflops(opts.threads)),
         };
         let be = make_backend::<f32>(opts.backend)?;
         let sync = device_sync(opts.backend.kind);

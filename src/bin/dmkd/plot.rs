@@ -7,10 +7,10 @@ use std::path::Path;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use crate::error::{Error, Result};
+use dmkd::error::{Error, Result};
 
 /// The bundled font (Bitstream Vera license, see `assets/DejaVu-LICENSE.txt`).
-static FONT: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
+static FONT: &[u8] = include_bytes!("../../../assets/DejaVuSansMono.ttf");
 
 fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Format {

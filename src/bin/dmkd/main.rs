@@ -1,0 +1,361 @@
+//! The dmkd command line. It parses arguments (clap's value parsers check
+//! them), calls the library and prints; no math lives here. Every failure
+//! prints one line and exits non-zero.
+//!
+//! Modules: `commands` (what each subcommand does and prints), and the
+//! helpers only the CLI needs: `bench` (timings), `demo` (the training
+//! run), `plot` (loss curves).
+
+mod bench;
+mod commands;
+mod demo;
+mod plot;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use dmkd::backend::{BackendKind, BackendOptions};
+use dmkd::error::one_line;
+use dmkd::synthetic::Preset;
+use dmkd::verify::Tolerance;
+use dmkd::{ConvAlgo, DType, Result};
+
+#[derive(Parser)]
+#[command(
+    name = "dmkd",
+    version,
+    about = "Dual Masked Knowledge Distillation loss: demo, eval, verify, golden, gradcheck, bench"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone, Copy)]
+struct BackendArgs {
+    /// Kernels: cpu (fast, default), reference (plain loops) or cuda.
+    #[arg(long, default_value = "cpu")]
+    backend: BackendKind,
+    /// Convolution algorithm of the cpu backend: direct, winograd or auto.
+    #[arg(long, default_value = "auto")]
+    conv_algo: ConvAlgo,
+}
+
+impl BackendArgs {
+    fn options(self) -> BackendOptions {
+        BackendOptions {
+            kind: self.backend,
+            conv_algo: self.conv_algo,
+        }
+    }
+}
+
+/// The file format of `dmkd golden`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum GoldenFormat {
+    /// One `.safetensors` file.
+    Safetensors,
+    /// A directory of `.npy` files (one per tensor) and `metadata.json`.
+    Npy,
+}
+
+/// Which rows `dmkd bench` times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BenchOnly {
+    /// The per-level conv kernels.
+    Conv,
+    /// The whole loss.
+    Loss,
+}
+
+/// A count of at least one.
+fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(v) => Ok(v),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A tolerance: finite and >= 0.
+fn tolerance(s: &str) -> std::result::Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() && v >= 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("{v} must be finite and >= 0"))
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train with DMKD on built-in synthetic FPN features (the main job).
+    Demo {
+        #[arg(long, default_value_t = 300)]
+        steps: usize,
+        /// Problem size: demo (default), tiny, retinanet, two-stage, non-square.
+        #[arg(long, default_value = "demo", value_parser = Preset::named)]
+        preset: Preset,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "f32")]
+        dtype: DType,
+        /// Directory for loss.csv and loss.png.
+        #[arg(long, default_value = "out")]
+        out: PathBuf,
+        #[command(flatten)]
+        backend: BackendArgs,
+    },
+    /// Compute the loss and every gradient for inputs in the exchange format.
+    Eval(EvalArgs),
+    /// Compare an implementation's outputs with expected ones, tensor by tensor.
+    Verify {
+        #[arg(long)]
+        expected: PathBuf,
+        #[arg(long)]
+        actual: PathBuf,
+        /// Relative tolerance per element.
+        #[arg(long, default_value_t = 1e-5, value_parser = tolerance, allow_negative_numbers = true)]
+        rtol: f64,
+        /// Absolute tolerance per element.
+        #[arg(long, default_value_t = 0.0, value_parser = tolerance, allow_negative_numbers = true)]
+        atol: f64,
+        /// Absolute tolerance per element in units of the tensor's largest |expected|.
+        #[arg(long, default_value_t = 1e-5, value_parser = tolerance, allow_negative_numbers = true)]
+        stol: f64,
+        /// Tensors only the actual file holds do not fail the check.
+        #[arg(long)]
+        allow_extra: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export golden vectors (inputs, parameters, loss, every gradient) for other backends.
+    Golden {
+        /// Problem size (tiny by default; see `demo --help`).
+        #[arg(long, default_value = "tiny", value_parser = Preset::named)]
+        preset: Preset,
+        /// Level config (JSON); defaults to the preset's DMKD config.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "f64")]
+        dtype: DType,
+        /// A .safetensors file, or a directory of .npy files (one per tensor).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value_t = GoldenFormat::Safetensors)]
+        format: GoldenFormat,
+        /// Golden files come from the reference backend unless told otherwise.
+        #[arg(long, default_value = "reference")]
+        backend: BackendKind,
+    },
+    /// Time the conv kernels and the whole loss at an FPN preset (f32).
+    Bench {
+        /// retinanet (default), two-stage or non-square.
+        #[arg(long, default_value = "retinanet", value_parser = Preset::named)]
+        preset: Preset,
+        /// Worker threads (the FMA peak probe uses as many).
+        #[arg(long, default_value_t = 2, value_parser = at_least_one)]
+        threads: usize,
+        /// Timed repetitions per row (median reported), after one warm-up.
+        #[arg(long, default_value_t = 5, value_parser = at_least_one)]
+        reps: usize,
+        /// Only the conv rows, or only the loss rows.
+        #[arg(long, value_enum)]
+        only: Option<BenchOnly>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        backend: BackendArgs,
+    },
+    /// Check every op's and loss's gradient against central finite differences (f64).
+    Gradcheck {
+        /// Random cases per op.
+        #[arg(long, default_value_t = 8, value_parser = at_least_one)]
+        cases: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Backend whose kernels are checked.
+        #[arg(long, default_value = "reference")]
+        backend: BackendKind,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The arguments of `dmkd eval`.
+#[derive(Args)]
+struct EvalArgs {
+    /// Level config (JSON); defaults to the `config` metadata of --inputs.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Students, teachers (and FGD boxes): .safetensors, .npz, .npy, or a directory of .npy files.
+    #[arg(long)]
+    inputs: PathBuf,
+    /// Parameters; absent ones are initialised from --init-seed and written out.
+    #[arg(long)]
+    params: Option<PathBuf>,
+    #[arg(long)]
+    out: PathBuf,
+    /// Compute precision (default: the precision of --inputs).
+    #[arg(long)]
+    dtype: Option<DType>,
+    /// Seed of the initialisation of missing parameters.
+    #[arg(long, default_value_t = 0)]
+    init_seed: u64,
+    /// Fail instead of initialising missing parameters.
+    #[arg(long)]
+    no_init: bool,
+    /// Ignore tensors that are neither inputs nor parameters.
+    #[arg(long)]
+    allow_extra: bool,
+    #[command(flatten)]
+    backend: BackendArgs,
+}
+
+/// `$body` with the type alias `$t` set to f32 or f64, as `$dtype` says:
+/// the one place the CLI turns a run-time precision into a type.
+macro_rules! with_dtype {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            dmkd::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            dmkd::DType::F64 => {
+                type $t = f64;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_dtype;
+
+fn run(cli: Cli) -> Result<bool> {
+    match cli.command {
+        Command::Demo {
+            steps,
+            preset,
+            seed,
+            dtype,
+            out,
+            backend,
+        } => {
+            let opts = demo::DemoOptions {
+                preset,
+                steps,
+                seed,
+                backend: backend.options(),
+                out_dir: out,
+                ..demo::DemoOptions::default()
+            };
+            commands::demo(opts, dtype)
+        }
+        Command::Eval(args) => commands::eval(args),
+        Command::Verify {
+            expected,
+            actual,
+            rtol,
+            atol,
+            stol,
+            allow_extra,
+            json,
+        } => commands::verify(
+            &expected,
+            &actual,
+            Tolerance { rtol, atol, stol },
+            allow_extra,
+            json,
+        ),
+        Command::Golden {
+            preset,
+            config,
+            seed,
+            dtype,
+            out,
+            format,
+            backend,
+        } => {
+            let config = match config {
+                Some(p) => commands::read_config(&p)?,
+                None => preset.config(),
+            };
+            let opts = BackendOptions {
+                kind: backend,
+                conv_algo: ConvAlgo::Auto,
+            };
+            with_dtype!(dtype, T => {
+                commands::golden::<T>(&preset, &config, seed, &out, format, opts)
+            })
+        }
+        Command::Bench {
+            preset,
+            threads,
+            reps,
+            only,
+            json,
+            backend,
+        } => {
+            let opts = bench::BenchOptions {
+                preset,
+                threads,
+                reps,
+                backend: backend.options(),
+                convs: only != Some(BenchOnly::Loss),
+                loss: only != Some(BenchOnly::Conv),
+            };
+            commands::bench(opts, json)
+        }
+        Command::Gradcheck {
+            cases,
+            seed,
+            backend,
+            json,
+        } => commands::gradcheck(cases, seed, backend, json),
+    }
+}
+
+fn main() -> ExitCode {
+    // A panic is a bug in dmkd, never the user's input; even so the user
+    // gets one line (and exit status 101), not a multi-line report.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!(
+            "error: internal error, please report it: {}",
+            one_line(&info.to_string())
+        );
+    }));
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version print their text and succeed.
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        // A bad argument: clap's message ("error: invalid value ...", and
+        // the possible values where there is a list) on one line, without
+        // the usage block after the blank line.
+        Err(e) => {
+            let text = e.to_string();
+            let message: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!("{}", one_line(&message.join(" ")));
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e.to_string()));
+            ExitCode::FAILURE
+        }
+    }
+}

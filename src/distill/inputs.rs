@@ -1,0 +1,101 @@
+//! The inputs of a level in the exchange format (`docs/spec.md`): their
+//! names, and reading and checking them from named tensors.
+
+use super::fgd::Boxes;
+use super::{LevelConfig, LevelShape, Method, ParamSpec, dmkd, fgd, mgd};
+use crate::error::{Error, Result};
+use crate::named::TensorMap;
+use crate::tensor::Float;
+
+/// The exchange-format name of a level's student feature, `p{l}.student`.
+pub fn student_name(level: usize) -> String {
+    format!("p{level}.student")
+}
+/// The exchange-format name of a level's teacher feature, `p{l}.teacher`.
+pub fn teacher_name(level: usize) -> String {
+    format!("p{level}.teacher")
+}
+
+/// The parameters a level expects.
+pub fn level_param_specs(level: usize, cfg: &LevelConfig, shape: &LevelShape) -> Vec<ParamSpec> {
+    match cfg.method {
+        Method::Dmkd => dmkd::param_specs(level, shape),
+        Method::Mgd => mgd::param_specs(level, shape),
+        Method::Fgd => fgd::param_specs(level, shape),
+    }
+}
+
+/// Read and check the student and teacher of a level.
+pub fn level_shape<T: Float>(tensors: &TensorMap<T>, level: usize) -> Result<LevelShape> {
+    let get = |name: String| tensors.get(&name).ok_or(Error::MissingTensor(name));
+    let (sn, tn) = (student_name(level), teacher_name(level));
+    let s = get(sn.clone())?;
+    let t = get(tn.clone())?;
+    let [n, cs, h, w] = s.dims4("student feature").map_err(|_| Error::TensorShape {
+        name: sn.clone(),
+        expected: vec![0, 0, 0, 0],
+        got: s.shape().to_vec(),
+    })?;
+    let [tn_, c, th, tw] = t.dims4("teacher feature").map_err(|_| Error::TensorShape {
+        name: tn.clone(),
+        expected: vec![0, 0, 0, 0],
+        got: t.shape().to_vec(),
+    })?;
+    s.check_nonempty(&sn)?;
+    t.check_nonempty(&tn)?;
+    if (n, h, w) != (tn_, th, tw) {
+        return Err(Error::shape(
+            "level inputs",
+            format!(
+                "level {level}: student {:?} and teacher {:?} differ in N, H or W",
+                s.shape(),
+                t.shape()
+            ),
+        ));
+    }
+    s.check_finite(&sn)?;
+    t.check_finite(&tn)?;
+    Ok(LevelShape { n, cs, c, h, w })
+}
+
+/// Read the FGD boxes (`gt_boxes.{n}` `[K, 4]`, `img_shape` `[N, 2]`).
+pub fn read_boxes<T: Float>(tensors: &TensorMap<T>, n: usize) -> Result<Boxes> {
+    let shape = tensors
+        .get("img_shape")
+        .ok_or_else(|| Error::MissingTensor("img_shape".into()))?;
+    if shape.shape() != [n, 2] {
+        return Err(Error::TensorShape {
+            name: "img_shape".into(),
+            expected: vec![n, 2],
+            got: shape.shape().to_vec(),
+        });
+    }
+    shape.check_finite("img_shape")?;
+    let s = shape.as_slice();
+    let mut boxes = Boxes::default();
+    for i in 0..n {
+        boxes
+            .img_shape
+            .push([s[2 * i].as_f64(), s[2 * i + 1].as_f64()]);
+        let name = format!("gt_boxes.{i}");
+        let b = tensors
+            .get(&name)
+            .ok_or_else(|| Error::MissingTensor(name.clone()))?;
+        if b.rank() != 2 || b.shape()[1] != 4 {
+            return Err(Error::TensorShape {
+                name,
+                expected: vec![b.shape().first().copied().unwrap_or(0), 4],
+                got: b.shape().to_vec(),
+            });
+        }
+        b.check_finite(&name)?;
+        boxes.per_image.push(
+            b.as_slice()
+                .chunks_exact(4)
+                .map(|r| [r[0].as_f64(), r[1].as_f64(), r[2].as_f64(), r[3].as_f64()])
+                .collect(),
+        );
+    }
+    boxes.validate(n)?;
+    Ok(boxes)
+}

@@ -1,0 +1,342 @@
+//! The op catalogue of `dmkd gradcheck`: every differentiable op of the
+//! engine on random small shapes, kept away from kinks, and the suite runner
+//! shared with the whole-loss cases (`problems.rs`).
+
+use super::checker::{Report, check};
+use crate::autograd::{Tape, Var};
+use crate::backend::BackendRef;
+use crate::error::Result;
+use crate::rng::PhiloxStream;
+use crate::tensor::Tensor;
+
+/// One row of the CLI's gradient-check table.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SuiteRow {
+    /// The op's or loss's name.
+    pub op: String,
+    /// Random cases checked (skipped draws excluded).
+    pub cases: usize,
+    /// The worst relative error over the cases.
+    pub max_rel_error: f64,
+    /// Every case passed, and at least one ran.
+    pub passed: bool,
+}
+
+/// Differentiated inputs and constants (masks, targets) of one case.
+pub type CaseData = (Vec<Tensor<f64>>, Vec<Tensor<f64>>);
+
+/// A named function to check: builds inputs and constants from a random
+/// stream, then the graph from leaf variables and the constants.
+pub struct SuiteCase {
+    /// The op's name in the table.
+    pub name: &'static str,
+    /// Draws the differentiated inputs and the constants.
+    pub inputs: Box<dyn Fn(&mut PhiloxStream) -> CaseData>,
+    /// Builds the function from leaf variables and the constants.
+    pub graph: Box<GraphFn>,
+}
+
+/// The graph of a [`SuiteCase`]: leaf variables and constants to an output.
+pub type GraphFn = dyn Fn(&Tape<f64>, &[Var<f64>], &[Tensor<f64>]) -> Result<Var<f64>>;
+
+fn dim(rng: &mut PhiloxStream, lo: usize, hi: usize) -> usize {
+    lo + (rng.next_u32() as usize) % (hi - lo + 1)
+}
+
+pub(crate) fn rand_tensor(
+    rng: &mut PhiloxStream,
+    shape: &[usize],
+    lo: f64,
+    hi: f64,
+) -> Tensor<f64> {
+    Tensor::from_fn(shape, |_| rng.uniform(lo, hi)).expect("small shape")
+}
+
+/// Values with |x| in [0.1, 2], away from the kinks of ReLU and |x|.
+fn rand_off_zero(rng: &mut PhiloxStream, shape: &[usize]) -> Tensor<f64> {
+    Tensor::from_fn(shape, |_| {
+        let m = rng.uniform(0.1, 2.0);
+        if rng.next_u32() & 1 == 0 { m } else { -m }
+    })
+    .expect("small shape")
+}
+
+fn rand_shape(rng: &mut PhiloxStream, max_rank: usize, max_dim: usize) -> Vec<usize> {
+    let r = dim(rng, 1, max_rank);
+    (0..r).map(|_| dim(rng, 1, max_dim)).collect()
+}
+
+fn rand_any(
+    rng: &mut PhiloxStream,
+    max_rank: usize,
+    max_dim: usize,
+    lo: f64,
+    hi: f64,
+) -> Tensor<f64> {
+    let s = rand_shape(rng, max_rank, max_dim);
+    rand_tensor(rng, &s, lo, hi)
+}
+
+/// The engine's ops, each on random small shapes.
+pub fn op_cases() -> Vec<Box<dyn Checkable>> {
+    use crate::backend::{InputMask, Unary};
+    use crate::ops::Conv2dOptions;
+    let conv = |mask: u32| {
+        move |rng: &mut PhiloxStream| {
+            let (n, ci, co) = (dim(rng, 1, 2), dim(rng, 1, 4), dim(rng, 1, 4));
+            let (h, w) = (dim(rng, 3, 6), dim(rng, 3, 6));
+            let v = vec![
+                rand_tensor(rng, &[n, ci, h, w], -2.0, 2.0),
+                rand_tensor(rng, &[co, ci, 3, 3], -1.0, 1.0),
+                rand_tensor(rng, &[co], -1.0, 1.0),
+            ];
+            let m = match mask {
+                1 => Tensor::from_fn(&[n, h, w], |_| (rng.next_u32() & 1) as f64),
+                2 => Tensor::from_fn(&[n, ci], |_| (rng.next_u32() & 1) as f64),
+                _ => Tensor::zeros(&[1]),
+            };
+            (v, vec![m.expect("small shape")])
+        }
+    };
+    let conv_graph = |relu: bool, mask: u32| {
+        move |_: &Tape<f64>, v: &[Var<f64>], c: &[Tensor<f64>]| {
+            let m = c[0].clone();
+            let mask = match mask {
+                1 => Some(InputMask::Spatial(m)),
+                2 => Some(InputMask::Channel(m)),
+                _ => None,
+            };
+            let opts = Conv2dOptions {
+                padding: [1, 1],
+                mask,
+                relu,
+                ..Default::default()
+            };
+            v[0].conv2d(&v[1], Some(&v[2]), &opts)
+        }
+    };
+    let unary = |op: Unary, lo: f64, hi: f64| SuiteCase {
+        name: match op {
+            Unary::Exp => "exp",
+            Unary::Ln => "ln",
+            Unary::Sqrt => "sqrt",
+            Unary::Recip => "recip",
+            Unary::Square => "square",
+            Unary::Neg => "neg",
+            Unary::Scale(_) => "scale",
+            Unary::AddScalar(_) => "add_scalar",
+            Unary::Relu => "relu",
+            Unary::Abs => "abs",
+        },
+        inputs: Box::new(move |rng| {
+            let s = rand_shape(rng, 4, 4);
+            let x = if matches!(op, Unary::Relu | Unary::Abs) {
+                rand_off_zero(rng, &s)
+            } else {
+                rand_tensor(rng, &s, lo, hi)
+            };
+            (vec![x], vec![])
+        }),
+        graph: Box::new(move |_, v, _| v[0].unary(op)),
+    };
+    let binary = |name: &'static str, f: fn(&Var<f64>, &Var<f64>) -> Result<Var<f64>>| SuiteCase {
+        name,
+        inputs: Box::new(|rng| {
+            let s = rand_shape(rng, 4, 3);
+            let sb: Vec<usize> = s
+                .iter()
+                .map(|&d| if rng.next_u32() & 1 == 0 { 1 } else { d })
+                .collect();
+            (
+                vec![
+                    rand_tensor(rng, &s, -2.0, 2.0),
+                    rand_tensor(rng, &sb, 0.3, 2.0),
+                ],
+                vec![],
+            )
+        }),
+        graph: Box::new(move |_, v, _| f(&v[0], &v[1])),
+    };
+    let cases: Vec<SuiteCase> = vec![
+        SuiteCase {
+            name: "conv2d",
+            inputs: Box::new(conv(0)),
+            graph: Box::new(conv_graph(false, 0)),
+        },
+        SuiteCase {
+            name: "conv2d+spatial_mask",
+            inputs: Box::new(conv(1)),
+            graph: Box::new(conv_graph(false, 1)),
+        },
+        SuiteCase {
+            name: "conv2d+channel_mask",
+            inputs: Box::new(conv(2)),
+            graph: Box::new(conv_graph(false, 2)),
+        },
+        SuiteCase {
+            name: "conv2d_1x1_stride2",
+            inputs: Box::new(|rng| {
+                let (n, ci, co) = (dim(rng, 1, 2), dim(rng, 1, 5), dim(rng, 1, 5));
+                let (h, w) = (dim(rng, 1, 7), dim(rng, 1, 7));
+                let v = vec![
+                    rand_tensor(rng, &[n, ci, h, w], -2.0, 2.0),
+                    rand_tensor(rng, &[co, ci, 1, 1], -1.0, 1.0),
+                    rand_tensor(rng, &[co], -1.0, 1.0),
+                ];
+                (v, vec![])
+            }),
+            graph: Box::new(|_, v, _| {
+                v[0].conv2d(
+                    &v[1],
+                    Some(&v[2]),
+                    &Conv2dOptions::default().with_stride([2, 2]),
+                )
+            }),
+        },
+        unary(Unary::Relu, 0.0, 0.0),
+        unary(Unary::Abs, 0.0, 0.0),
+        unary(Unary::Exp, -2.0, 2.0),
+        unary(Unary::Ln, 0.2, 3.0),
+        unary(Unary::Sqrt, 0.2, 3.0),
+        unary(Unary::Recip, 0.2, 3.0),
+        unary(Unary::Square, -2.0, 2.0),
+        unary(Unary::Scale(-0.7), -2.0, 2.0),
+        binary("add", |a, b| a.add(b)),
+        binary("sub", |a, b| a.sub(b)),
+        binary("mul", |a, b| a.mul(b)),
+        binary("div", |a, b| a.div(b)),
+        SuiteCase {
+            name: "mask_mul",
+            inputs: Box::new(|rng| {
+                let (n, c, h, w) = (
+                    dim(rng, 1, 2),
+                    dim(rng, 1, 4),
+                    dim(rng, 1, 4),
+                    dim(rng, 1, 4),
+                );
+                (
+                    vec![rand_tensor(rng, &[n, c, h, w], -2.0, 2.0)],
+                    vec![rand_tensor(rng, &[n, h, w], -1.0, 1.0)],
+                )
+            }),
+            graph: Box::new(|_, v, c| v[0].mask_mul(&InputMask::Spatial(c[0].clone()))),
+        },
+        SuiteCase {
+            name: "sum",
+            inputs: Box::new(|rng| (vec![rand_any(rng, 4, 4, -2.0, 2.0)], vec![])),
+            graph: Box::new(|_, v, _| {
+                let r = v[0].value().rank();
+                v[0].sum(&[r - 1], true)
+            }),
+        },
+        SuiteCase {
+            name: "mean",
+            inputs: Box::new(|rng| (vec![rand_any(rng, 4, 4, -2.0, 2.0)], vec![])),
+            graph: Box::new(|_, v, _| v[0].mean(&[0], false)),
+        },
+        SuiteCase {
+            name: "softmax",
+            inputs: Box::new(|rng| (vec![rand_any(rng, 4, 5, -3.0, 3.0)], vec![])),
+            graph: Box::new(|_, v, _| v[0].softmax(v[0].value().rank() - 1)),
+        },
+        SuiteCase {
+            name: "narrow",
+            inputs: Box::new(|rng| {
+                let mut s = rand_shape(rng, 3, 4);
+                s[0] += 1;
+                (vec![rand_tensor(rng, &s, -2.0, 2.0)], vec![])
+            }),
+            graph: Box::new(|_, v, _| v[0].narrow(0, 1, 1)),
+        },
+        SuiteCase {
+            name: "sq_err_sum",
+            inputs: Box::new(|rng| {
+                let s = rand_shape(rng, 4, 4);
+                (
+                    vec![rand_tensor(rng, &s, -2.0, 2.0)],
+                    vec![rand_tensor(rng, &s, -2.0, 2.0)],
+                )
+            }),
+            graph: Box::new(|t, v, c| v[0].sq_err_sum(&t.constant(c[0].clone()))),
+        },
+        SuiteCase {
+            name: "weighted_pair_sq_err",
+            inputs: Box::new(|rng| {
+                let s = rand_shape(rng, 4, 4);
+                let v = vec![
+                    rand_tensor(rng, &s, -2.0, 2.0),
+                    rand_tensor(rng, &s, -2.0, 2.0),
+                    Tensor::scalar(rng.uniform(-1.5, 1.5)),
+                    Tensor::scalar(rng.uniform(-1.5, 1.5)),
+                    rand_tensor(rng, &s, -2.0, 2.0),
+                ];
+                (v, vec![])
+            }),
+            graph: Box::new(|_, v, _| v[0].weighted_pair_sq_err(&v[1], &v[2], &v[3], &v[4])),
+        },
+    ];
+    cases
+        .into_iter()
+        .map(|c| Box::new(c) as Box<dyn Checkable>)
+        .collect()
+}
+
+/// Something the suite can check on random data: an op or a whole loss.
+pub trait Checkable {
+    /// The name in the table.
+    fn name(&self) -> &str;
+    /// One random check; `None` when the drawn case had to be skipped
+    /// (a kink within reach of the finite-difference step).
+    fn check_once(
+        &self,
+        backend: BackendRef<f64>,
+        rng: &mut PhiloxStream,
+    ) -> Result<Option<Report>>;
+}
+
+impl Checkable for SuiteCase {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn check_once(
+        &self,
+        backend: BackendRef<f64>,
+        rng: &mut PhiloxStream,
+    ) -> Result<Option<Report>> {
+        let (inputs, consts) = (self.inputs)(rng);
+        let seed = rng.next_u32() as u64;
+        check(backend, &inputs, seed, |t, v| (self.graph)(t, v, &consts)).map(Some)
+    }
+}
+
+/// Run each case `cases` times on random inputs and summarise per op.
+pub fn run_suite(
+    backend: BackendRef<f64>,
+    suite: &[Box<dyn Checkable>],
+    cases: usize,
+    seed: u64,
+) -> Result<Vec<SuiteRow>> {
+    let mut rows = Vec::with_capacity(suite.len());
+    for (k, case) in suite.iter().enumerate() {
+        let mut rng = PhiloxStream::new(seed, k as u32);
+        let (mut worst, mut passed, mut done) = (0.0f64, true, 0);
+        // Skipped draws are redrawn, up to a bound.
+        for _ in 0..cases * 4 {
+            if done == cases {
+                break;
+            }
+            if let Some(report) = case.check_once(backend.clone(), &mut rng)? {
+                worst = worst.max(report.max_rel_error());
+                passed &= report.passed();
+                done += 1;
+            }
+        }
+        rows.push(SuiteRow {
+            op: case.name().to_string(),
+            cases: done,
+            max_rel_error: worst,
+            passed: passed && done > 0,
+        });
+    }
+    Ok(rows)
+}

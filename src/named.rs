@@ -1,0 +1,114 @@
+//! Named tensors: the maps every layer above the engine passes around
+//! (inputs, parameters, gradients by exchange-format name) and the contents
+//! of a tensor file. Files are read and written by the `io` module; the
+//! losses take and return [`TensorMap`]s.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Float, Tensor};
+
+/// Tensors by exchange-format name, in a fixed (sorted) order.
+pub type TensorMap<T> = BTreeMap<String, Tensor<T>>;
+
+/// A tensor read from a file, in the file's own precision.
+#[derive(Clone, Debug)]
+pub enum AnyTensor {
+    /// An f32 tensor.
+    F32(Tensor<f32>),
+    /// An f64 tensor.
+    F64(Tensor<f64>),
+}
+
+impl AnyTensor {
+    /// The tensor's precision.
+    pub fn dtype(&self) -> DType {
+        match self {
+            AnyTensor::F32(_) => DType::F32,
+            AnyTensor::F64(_) => DType::F64,
+        }
+    }
+    /// The tensor's shape.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            AnyTensor::F32(t) => t.shape(),
+            AnyTensor::F64(t) => t.shape(),
+        }
+    }
+    /// The values converted to `T` (exact when widening).
+    pub fn to<T: Float>(&self) -> Tensor<T> {
+        match self {
+            AnyTensor::F32(t) => t.cast(),
+            AnyTensor::F64(t) => t.cast(),
+        }
+    }
+    /// The values as f64 (exact for both precisions).
+    pub fn to_f64(&self) -> Tensor<f64> {
+        self.to()
+    }
+}
+
+/// The contents of a tensor file: tensors by name, plus string metadata.
+#[derive(Clone, Debug, Default)]
+pub struct TensorFile {
+    /// The tensors, by name.
+    pub tensors: BTreeMap<String, AnyTensor>,
+    /// String metadata (`config`, `dtype`, ... in the exchange format).
+    pub metadata: HashMap<String, String>,
+}
+
+impl TensorFile {
+    /// The single precision of every tensor, or None when the file is empty.
+    /// Mixed precisions are an error naming `path`: a file from one backend
+    /// has one dtype.
+    pub fn dtype(&self, path: &str) -> Result<Option<DType>> {
+        let mut it = self.tensors.iter();
+        let Some((_, first)) = it.next() else {
+            return Ok(None);
+        };
+        for (name, t) in it {
+            if t.dtype() != first.dtype() {
+                return Err(Error::DType {
+                    name: format!("{path}: {name}"),
+                    expected: first.dtype().to_string(),
+                    got: t.dtype().to_string(),
+                });
+            }
+        }
+        Ok(Some(first.dtype()))
+    }
+
+    /// Every tensor converted to `T`.
+    pub fn to_map<T: Float>(&self) -> TensorMap<T> {
+        self.tensors
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to::<T>()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_dtype_per_file() {
+        let mut f = TensorFile::default();
+        assert_eq!(f.dtype("f").unwrap(), None);
+        f.tensors
+            .insert("a".into(), AnyTensor::F32(Tensor::scalar(1.5)));
+        assert_eq!(f.dtype("f").unwrap(), Some(DType::F32));
+        f.tensors
+            .insert("b".into(), AnyTensor::F64(Tensor::scalar(2.0)));
+        let e = f.dtype("f").unwrap_err();
+        assert_eq!(e.kind(), "dtype");
+        assert!(e.to_string().contains("f: b"), "{e}");
+        let m = f.to_map::<f64>();
+        assert_eq!((m["a"].item().unwrap(), m["b"].item().unwrap()), (1.5, 2.0));
+        assert_eq!(f.tensors["a"].shape(), &[] as &[usize]);
+        let t = AnyTensor::F32(Tensor::from_vec(&[2, 1], vec![0.25, -3.0]).unwrap());
+        assert_eq!(t.shape(), &[2, 1]);
+        assert_eq!(t.to_f64().as_slice(), &[0.25, -3.0]);
+        assert_eq!(t.to::<f32>().as_slice(), &[0.25, -3.0]);
+    }
+}

@@ -1,0 +1,236 @@
+//! The CLI: each bad input is one `error:` line on stderr, a non-zero exit
+//! status and no panic; golden npy directories and files NumPy wrote
+//! evaluate back.
+
+use super::*;
+
+fn dmkd(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dmkd"));
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("the dmkd binary runs")
+}
+
+/// Non-zero exit, exactly one stderr line starting with `error:` and
+/// containing `needle`, and no panic.
+fn assert_one_error_line(o: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "exit 0; stderr: {err}");
+    assert_ne!(o.status.code(), Some(101), "a panic's exit status: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("internal error"),
+        "{err}"
+    );
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "not one line: {err:?}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(lines[0].contains(needle), "`{needle}` not in {err}");
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+#[test]
+fn cli_reports_each_bad_input_in_one_line() {
+    let dir = tmp("cli");
+    let out = s(&dir.join("out.safetensors"));
+    let meta = HashMap::from([("config".to_string(), dmkd1().to_json())]);
+
+    // NaN inside a student: the message names the tensor and the index.
+    let mut m = small();
+    let mut d = m["p0.student"].to_vec();
+    d[3] = f64::NAN;
+    set(&mut m, "p0.student", &[2, 3, 3, 5], d);
+    let nan = dir.join("nan.safetensors");
+    write_safetensors(&nan, &m, &meta).unwrap();
+    let o = dmkd(&["eval", "--inputs", &s(&nan), "--out", &out], &[]);
+    assert_one_error_line(
+        &o,
+        "p0.student holds a non-finite value (NaN) at index [0, 0, 0, 3]",
+    );
+
+    // A tensor name with a newline and an escape sequence stays on one line.
+    let mut m = small();
+    m.insert("evil\nname\x1b[2J".into(), values(&[1], 0));
+    let evil = dir.join("evil.safetensors");
+    write_safetensors(&evil, &m, &meta).unwrap();
+    let o = dmkd(&["eval", "--inputs", &s(&evil), "--out", &out], &[]);
+    assert_one_error_line(&o, "unexpected tensor `evil\\nname\\u{1b}[2J`");
+
+    // Truncated npy, absent file, bad config.
+    let cut = dir.join("p0.student.npy");
+    std::fs::write(&cut, &npy_of(&[2, 3, 3, 5])[..200]).unwrap();
+    let o = dmkd(&["eval", "--inputs", &s(&cut), "--out", &out], &[]);
+    assert_one_error_line(
+        &o,
+        "header claims 360 bytes of data (shape [2, 3, 3, 5], f32), the file holds 72 after its header",
+    );
+    let o = dmkd(
+        &["eval", "--inputs", "/nonexistent/x.npz", "--out", &out],
+        &[],
+    );
+    assert_one_error_line(&o, "i/o error on /nonexistent/x.npz");
+    let good = dir.join("good.safetensors");
+    write_safetensors(&good, &small(), &meta).unwrap();
+    let bad_cfg = dir.join("tau0.json");
+    std::fs::write(&bad_cfg, r#"{"levels":[{"tau":0}]}"#).unwrap();
+    let o = dmkd(
+        &[
+            "eval",
+            "--inputs",
+            &s(&good),
+            "--config",
+            &s(&bad_cfg),
+            "--out",
+            &out,
+        ],
+        &[],
+    );
+    assert_one_error_line(&o, "tau = 0 is invalid");
+
+    // A device of endless bytes is refused at the size bound, not read forever.
+    if Path::new("/dev/zero").exists() {
+        let o = dmkd(
+            &["eval", "--inputs", "/dev/zero", "--out", &out],
+            &[("DMKD_MAX_FILE_BYTES", "4096")],
+        );
+        assert_one_error_line(&o, "over the limit of 4096 bytes");
+        let o = dmkd(
+            &[
+                "eval",
+                "--inputs",
+                &s(&good),
+                "--config",
+                "/dev/zero",
+                "--out",
+                &out,
+            ],
+            &[],
+        );
+        assert_one_error_line(&o, "over the limit");
+    }
+    // A file over DMKD_MAX_FILE_BYTES.
+    let o = dmkd(
+        &["verify", "--expected", &s(&good), "--actual", &s(&good)],
+        &[("DMKD_MAX_FILE_BYTES", "100")],
+    );
+    assert_one_error_line(&o, "over the limit of 100 bytes");
+    // Garbage for verify.
+    let junk = dir.join("junk.safetensors");
+    std::fs::write(&junk, b"\x01\x02\x03 not a tensor file").unwrap();
+    let o = dmkd(
+        &["verify", "--expected", &s(&good), "--actual", &s(&junk)],
+        &[],
+    );
+    assert_one_error_line(&o, "malformed file");
+    // An npy directory without metadata and without --config.
+    let d = dir.join("npydir");
+    write_npy_dir(&d, &small(), &HashMap::new()).unwrap();
+    let o = dmkd(&["eval", "--inputs", &s(&d), "--out", &out], &[]);
+    assert_one_error_line(&o, "no --config given");
+}
+
+#[test]
+fn cli_golden_npy_directory_evaluates_back() {
+    let dir = tmp("golden-npy");
+    let g = dir.join("golden");
+    let o = dmkd(&["golden", "--format", "npy", "--out", &s(&g)], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(g.join("p0.student.npy").is_file() && g.join("metadata.json").is_file());
+    let out = dir.join("eval.safetensors");
+    let o = dmkd(
+        &[
+            "eval",
+            "--inputs",
+            &s(&g),
+            "--out",
+            &s(&out),
+            "--no-init",
+            "--allow-extra",
+            "--backend",
+            "reference",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The directory's own `loss.npy` is the golden loss; eval reproduces it.
+    let golden = read_tensor_file(&g).unwrap();
+    let got = read_tensor_file(&out).unwrap();
+    let (a, b) = (
+        golden.tensors["loss"].to_f64(),
+        got.tensors["loss"].to_f64(),
+    );
+    assert_eq!(a.as_slice(), b.as_slice());
+}
+
+/// Files NumPy 2.4 wrote (`np.save`, `np.savez`, `np.savez_compressed`,
+/// `format.write_array` versions 2 and 3), checked in as fuzz seeds: the
+/// supported ones read with the right shape, the others get typed errors.
+#[test]
+fn files_numpy_wrote() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/npy_reader");
+    let read = |f: &str| read_tensor_file(&dir.join(format!("numpy_{f}")));
+    for (f, shape) in [
+        ("p0.student.npy", vec![1, 3, 2, 2]),
+        ("p0.teacher.npy", vec![1, 4, 2, 2]),
+        ("scalar.npy", vec![]),
+        ("empty.npy", vec![0, 3]),
+        ("v2.npy", vec![2, 2]),
+        ("v3.npy", vec![4]),
+    ] {
+        let t = read(f).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert_eq!(t.tensors.len(), 1);
+        let name = f.trim_end_matches(".npy");
+        assert_eq!(
+            t.tensors[&format!("numpy_{name}")].shape(),
+            shape.as_slice(),
+            "{f}"
+        );
+    }
+    for f in ["stored.npz", "deflated.npz"] {
+        let t = read(f).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert_eq!(t.tensors["p0.student"].shape(), &[1, 3, 2, 2]);
+        assert_eq!(t.tensors["p0.teacher"].shape(), &[1, 4, 2, 2]);
+    }
+    for (f, kind) in [
+        ("fortran.npy", "format"),
+        ("bigendian.npy", "dtype"),
+        ("int.npy", "dtype"),
+        ("f16.npy", "dtype"),
+        ("structured.npy", "dtype"),
+    ] {
+        assert_eq!(read(f).unwrap_err().kind(), kind, "{f}");
+    }
+}
+
+/// A config survives `to_json` bit for bit (golden files carry their config
+/// as JSON metadata). Found by the `config_parser` fuzzer: without serde_json's
+/// `float_roundtrip`, `191e99` parsed to 1.91e101 but its printed form
+/// `1.91e101` parsed back one ulp lower.
+#[test]
+fn configs_round_trip_exactly() {
+    for v in [
+        "191e99",
+        "0.65",
+        "0.45000000000000001",
+        "2e-5",
+        "5e-324",
+        "1.7976931348623157e308",
+    ] {
+        let c = cfg(&format!(r#"{{"levels":[{{"alpha":{v}}}]}}"#));
+        let back = cfg(&c.to_json());
+        assert_eq!(
+            back.levels[0].alpha.to_bits(),
+            c.levels[0].alpha.to_bits(),
+            "{v}"
+        );
+        assert_eq!(
+            c.levels[0].alpha,
+            v.parse::<f64>().unwrap(),
+            "{v} is not correctly rounded"
+        );
+    }
+}
