@@ -710,3 +710,17 @@ fn counters_are_per_backend_and_reset() {
         Some(true)
     );
 }
+
+/// `dmkd bench --counters` shows the CPU backend's counters; asked of
+/// another backend it fails with one readable line, before timing anything.
+#[test]
+fn bench_counters_need_the_cpu_backend() {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dmkd"))
+        .args(["bench", "--counters", "--backend", "reference"])
+        .output()
+        .expect("the dmkd binary runs");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--counters needs --backend cpu"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

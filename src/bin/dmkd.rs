@@ -154,6 +154,11 @@ enum Command {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also report each row's work counters (algorithm per pass,
+        /// multiply-adds, tiles and channels skipped by masks, weights
+        /// packed), from one more untimed call; CPU backend only.
+        #[arg(long)]
+        counters: bool,
         #[command(flatten)]
         backend: BackendArgs,
     },
@@ -473,7 +478,60 @@ fn bench(opts: BenchOptions, json: bool) -> Result<bool> {
         );
     }
     println!("peak RSS: {:.0} MiB", report.peak_rss_mib);
+    if report.rows.iter().any(|r| r.counters.is_some()) {
+        print_counters(&report.rows);
+    }
     Ok(true)
+}
+
+/// The work counters of each row, one line per pass that ran.
+fn print_counters(rows: &[dmkd::bench::BenchRow]) {
+    println!();
+    println!(
+        "work of one call per row: calls by algorithm (direct, Winograd) and by mask path \
+         (channel-sparse, spatial skip); multiply-adds; tiles computed and skipped by \
+         masks; (image, channel) pairs skipped; weight values packed"
+    );
+    println!(
+        "{:<28} {:<11} {:>6} {:>6} {:>6} {:>7} {:>10} {:>9} {:>9} {:>8} {:>10}",
+        "row",
+        "pass",
+        "direct",
+        "wino",
+        "sparse",
+        "spatial",
+        "GMAC",
+        "tiles",
+        "skipped",
+        "ch.skip",
+        "packed"
+    );
+    for r in rows {
+        let Some(c) = &r.counters else { continue };
+        for (pass, p) in [
+            ("forward", &c.forward),
+            ("input_grad", &c.input_grad),
+            ("weight_grad", &c.weight_grad),
+        ] {
+            if p.direct_calls + p.winograd_calls == 0 {
+                continue;
+            }
+            println!(
+                "{:<28} {:<11} {:>6} {:>6} {:>6} {:>7} {:>10.3} {:>9} {:>9} {:>8} {:>10}",
+                r.name,
+                pass,
+                p.direct_calls,
+                p.winograd_calls,
+                p.channel_sparse_calls,
+                p.spatial_skip_calls,
+                p.macs as f64 / 1e9,
+                p.tiles,
+                p.tiles_skipped,
+                p.channels_skipped,
+                p.weights_packed
+            );
+        }
+    }
 }
 
 fn gradcheck(cases: usize, seed: u64, backend: BackendKind, json: bool) -> Result<bool> {
@@ -606,6 +664,7 @@ fn run(cli: Cli) -> Result<bool> {
             reps,
             only,
             json,
+            counters,
             backend,
         } => {
             let (convs, loss) = match only.as_deref() {
@@ -626,6 +685,7 @@ fn run(cli: Cli) -> Result<bool> {
                 backend: backend.options(),
                 convs,
                 loss,
+                counters,
             };
             bench(opts, json)
         }
