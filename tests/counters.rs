@@ -11,8 +11,8 @@
 //! Each test uses its own `CpuBackend`, whose counters no other test sees.
 
 use dmkd::backend::cpu::{
-    PACK_WEIGHTS_ABOVE, PANEL_ROWS, WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_POSITIONS, WINOGRAD_TILE,
-    WorkCounters,
+    PACK_WEIGHTS_ABOVE, PANEL_ROWS, PassCounters, WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_POSITIONS,
+    WINOGRAD_TILE, WorkCounters,
 };
 use dmkd::backend::{Backend, ConvArgs, ConvGeometry, CpuBackend};
 use dmkd::{ConvAlgo, Float, InputMask, Tensor};
@@ -723,4 +723,40 @@ fn bench_counters_need_the_cpu_backend() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--counters needs --backend cpu"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+/// `total` adds the three passes field by field.
+#[test]
+fn totals_add_the_passes_field_by_field() {
+    let pass = |base: u64| PassCounters {
+        direct_calls: base + 1,
+        winograd_calls: base + 2,
+        channel_sparse_calls: base + 3,
+        spatial_skip_calls: base + 4,
+        macs: base + 5,
+        tiles: base + 6,
+        tiles_skipped: base + 7,
+        channels_skipped: base + 8,
+        weights_packed: base + 9,
+    };
+    let c = WorkCounters {
+        forward: pass(10),
+        input_grad: pass(200),
+        weight_grad: pass(3000),
+    };
+    assert_eq!(
+        c.total(),
+        PassCounters {
+            direct_calls: 3213,
+            winograd_calls: 3216,
+            channel_sparse_calls: 3219,
+            spatial_skip_calls: 3222,
+            macs: 3225,
+            tiles: 3228,
+            tiles_skipped: 3231,
+            channels_skipped: 3234,
+            weights_packed: 3237,
+        }
+    );
+    assert_eq!(pass(10).plus(&PassCounters::default()), pass(10));
 }
