@@ -35,14 +35,20 @@ use super::conv_fwd::{
     ASource, Epilogue, ImplicitConv, Skip, TASKS_PER_THREAD, forward_pad, kc_for, kept_channels,
     pack_weights, sparse_channels,
 };
+use super::counters::Tally;
 use super::kernel::{AWalk, ColBlock, MR, nr, run_tile};
-use super::pack::{PackedA, PadSpec, align_offset, pack_dy_t, pad_input, pad_planes};
+use super::pack::{PadSpec, align_offset, pack_dy_t, pad_input, pad_planes};
 use super::simd::Elem;
 use crate::backend::{ConvArgs, ConvGeometry, InputMask};
 use crate::pool;
 
 /// `dx = mask * conv_transpose(dy, w)`, `[N, Cin, H, W]`.
-pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<E>) -> Vec<E> {
+pub(crate) fn conv2d_backward_input<E: Elem>(
+    dy: &[E],
+    w: &[E],
+    args: &ConvArgs<E>,
+    tally: &Tally,
+) -> Vec<E> {
     let g = &args.geom;
     let [ph, pw] = g.padding;
     let spec = PadSpec {
@@ -71,19 +77,19 @@ pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<
         // Under a channel mask with exact zeros, only the kept channels'
         // rows are computed (the others are `0 * ...`); per image, since
         // the masks differ.
+        tally.channel_sparse_call();
         let hw = g.h * g.w;
         let img_len = g.c_out * spec.hp * spec.wp;
         let mut dx = pool::take::<E>(g.n * cin * hw);
         for (img, dximg) in dx.chunks_mut(cin * hw).enumerate() {
             let kept = kept_channels(ms, img, cin);
+            tally.channels_skipped(cin - kept.len());
             dximg.fill(E::zero());
             if kept.is_empty() {
                 continue;
             }
             let scale: Vec<E> = kept.iter().map(|&ci| ms[img * cin + ci]).collect();
-            let a = ASource::Packed(PackedA::new(kept.len(), k, kc_for::<E>(), |r, kk| {
-                wt[kept[r] * k + kk]
-            }));
+            let a = ASource::packed(kept.len(), k, |r, kk| wt[kept[r] * k + kk], tally);
             let rows = ImplicitConv {
                 src: &src.as_slice()[img * img_len..][..img_len],
                 n: 1,
@@ -99,6 +105,7 @@ pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<
                 m: kept.len(),
                 epilogue: Epilogue::RowScale(&scale),
                 skip: Skip::None,
+                tally,
             }
             .run();
             for (r, &ci) in kept.iter().enumerate() {
@@ -110,9 +117,7 @@ pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<
         return dx;
     }
     let a = if pack_weights(g.n * g.h * g.w) {
-        ASource::Packed(PackedA::new(cin, k, kc_for::<E>(), |ci, kk| {
-            wt[ci * k + kk]
-        }))
+        ASource::packed(cin, k, |ci, kk| wt[ci * k + kk], tally)
     } else {
         ASource::Rows {
             data: &wt,
@@ -130,7 +135,10 @@ pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<
     };
     // Under a spatial mask, the positions it zeroes need no sums.
     let skip = match &args.mask {
-        Some(InputMask::Spatial(m)) => Skip::Output(m.as_slice()),
+        Some(InputMask::Spatial(m)) => {
+            tally.spatial_skip_call();
+            Skip::Output(m.as_slice())
+        }
         _ => Skip::None,
     };
     let dx = ImplicitConv {
@@ -148,6 +156,7 @@ pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<
         m: cin,
         epilogue,
         skip,
+        tally,
     }
     .run();
     drop(a);
@@ -204,7 +213,12 @@ fn dw_blocks(n: usize, oh: usize, ow: usize, kc: usize) -> Vec<Rect> {
 }
 
 /// `dw[co][ci][ky][kx] = sum dy[n][co][oy][ox] * (x * mask)[n][ci][oy*sh+ky-ph][ox*sw+kx-pw]`.
-pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs<E>) -> Vec<E> {
+pub(crate) fn conv2d_backward_weight<E: Elem>(
+    dy: &[E],
+    x: &[E],
+    args: &ConvArgs<E>,
+    tally: &Tally,
+) -> Vec<E> {
     let g = &args.geom;
     let spec = forward_pad(g);
     let src = pad_input(x, g.input_shape(), spec, args.mask.as_ref());
@@ -215,12 +229,14 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs
     let tiles = m.div_ceil(nr);
     let p_img = g.oh * g.ow;
     let mut blocks = dw_blocks(g.n, g.oh, g.ow, kc_dw::<E>());
+    let all_blocks = blocks.len();
     // Under a spatial mask with zeros, a k-block whose positions all have a
     // fully masked receptive field reads only zeros from the masked input:
     // it is dropped (the sums then start from zeroed tiles). The others keep
     // their order, so the result stays one fixed-order chain per output.
     let dropped = match &args.mask {
         Some(InputMask::Spatial(m)) if m.as_slice().contains(&E::zero()) => {
+            tally.spatial_skip_call();
             let mpad = pad_planes(
                 m.as_slice(),
                 [g.n, 1, g.h, g.w],
@@ -248,6 +264,7 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs
         }
         _ => false,
     };
+    tally.tiles(blocks.len(), all_blocks - blocks.len());
     // C' = dW^T in whole MR x NR tiles, `[row panel][co tile][MR][NR]`, the
     // order the kernels visit them (contiguous C tiles, one sequential
     // sweep per k-block, as in the forward pass).
@@ -267,6 +284,10 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs
     // is skipped there; the sums then start from zeroed tiles instead of
     // from the first k-block's products (the same values).
     let skip = sparse_channels(args.mask.as_ref());
+    if let Some(ms) = skip {
+        tally.channel_sparse_call();
+        tally.channels_skipped(skipped_channels(ms, g.n, g.c_in, g.kh * g.kw));
+    }
     let zero_start = skip.is_some() || dropped || blocks.is_empty();
     if zero_start {
         ct.par_chunks_mut(tile_len).for_each(|t| t.fill(E::zero()));
@@ -277,6 +298,7 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs
         hp: spec.hp,
         wp: spec.wp,
         skip,
+        tally,
     };
     // dY^T is packed once per group of k-blocks, in parallel, and shared
     // by all row tasks (packing it per task repeated the transpose for each
@@ -336,6 +358,25 @@ struct DwJob<'a, E> {
     wp: usize,
     /// The channel mask, when masked channels are skipped.
     skip: Option<&'a [E]>,
+    tally: &'a Tally,
+}
+
+/// The (image, channel) pairs of channel mask `ms` (`[n, c]`) whose
+/// weight-gradient rows (`taps` per channel) all lie in row panels the
+/// channel-sparse weight gradient skips: panels whose channels are all
+/// masked in that image. (A masked channel sharing a panel with a kept
+/// one still has those rows computed.)
+fn skipped_channels<E: Elem>(ms: &[E], n: usize, c: usize, taps: usize) -> usize {
+    let j_len = c * taps;
+    (0..n)
+        .map(|img| {
+            let masked = |j: usize| ms[img * c + j / taps] == E::zero();
+            let panel_skipped = |p: usize| (p * MR..((p + 1) * MR).min(j_len)).all(masked);
+            (0..c)
+                .filter(|&ci| (ci * taps / MR..=(ci * taps + taps - 1) / MR).all(panel_skipped))
+                .count()
+        })
+        .sum()
 }
 
 /// Rows `j0 ..` of C' over one group of k-blocks.
@@ -377,6 +418,7 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
         let taps = g.kh * g.kw;
         let tile_len = MR * nr;
         let panels = c.len() / (tiles * tile_len);
+        let mut macs = 0;
         let mut at = 0;
         for (kb, r) in blocks.iter().enumerate() {
             let kc = r.nrows * r.ncols;
@@ -402,6 +444,7 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                         continue;
                     }
                 }
+                macs += MR.min(j_len - (j0 + p * MR)) * m * kc;
                 // Row j = (ci, ky, kx) reads the image shifted by (ky, kx);
                 // rows past the end repeat the last valid one (dropped).
                 let a: [&[E]; MR] = std::array::from_fn(|i| {
@@ -427,6 +470,7 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                 }
             }
         }
+        job.tally.macs(macs);
     }
 }
 

@@ -27,6 +27,7 @@
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
+use super::counters::Tally;
 use super::kernel::{AWalk, ColBlock, MR, nr, run_packed_tile, run_tile, split_columns};
 use super::pack::{Aligned, PackedA, PadSpec, even_blocks, pack_b_tile, pad_input, pad_planes};
 use super::simd::Elem;
@@ -69,10 +70,17 @@ pub(crate) fn sparse_channels<E: Elem>(mask: Option<&InputMask<E>>) -> Option<&[
 }
 
 /// `y = act(conv(x * mask, w) + b)`, `[N, Cout, OH, OW]`.
-pub(crate) fn conv2d<E: Elem>(x: &[E], w: &[E], b: Option<&[E]>, args: &ConvArgs<E>) -> Vec<E> {
+pub(crate) fn conv2d<E: Elem>(
+    x: &[E],
+    w: &[E],
+    b: Option<&[E]>,
+    args: &ConvArgs<E>,
+    tally: &Tally,
+) -> Vec<E> {
     let g = &args.geom;
     if let Some(ms) = sparse_channels(args.mask.as_ref()) {
-        return conv2d_channel_sparse(x, w, b, args, ms);
+        tally.channel_sparse_call();
+        return conv2d_channel_sparse(x, w, b, args, ms, tally);
     }
     let spec = forward_pad(g);
     let src = pad_input(x, g.input_shape(), spec, args.mask.as_ref());
@@ -87,11 +95,12 @@ pub(crate) fn conv2d<E: Elem>(x: &[E], w: &[E], b: Option<&[E]>, args: &ConvArgs
         )),
         _ => None,
     };
+    if mpad.is_some() {
+        tally.spatial_skip_call();
+    }
     let k = g.c_in * g.kh * g.kw;
     let a = if pack_weights(g.n * g.oh * g.ow) {
-        ASource::Packed(PackedA::new(g.c_out, k, kc_for::<E>(), |m, kk| {
-            w[m * k + kk]
-        }))
+        ASource::packed(g.c_out, k, |m, kk| w[m * k + kk], tally)
     } else {
         ASource::Rows {
             data: w,
@@ -118,6 +127,7 @@ pub(crate) fn conv2d<E: Elem>(x: &[E], w: &[E], b: Option<&[E]>, args: &ConvArgs
             relu: args.relu,
         },
         skip: mpad.as_deref().map_or(Skip::None, Skip::Receptive),
+        tally,
     }
     .run();
     if let Some(m) = mpad {
@@ -137,6 +147,7 @@ fn conv2d_channel_sparse<E: Elem>(
     b: Option<&[E]>,
     args: &ConvArgs<E>,
     ms: &[E],
+    tally: &Tally,
 ) -> Vec<E> {
     let g = &args.geom;
     let spec = forward_pad(g);
@@ -146,6 +157,7 @@ fn conv2d_channel_sparse<E: Elem>(
     let mut y = pool::take::<E>(g.n * g.c_out * p);
     for (img, yimg) in y.chunks_mut(g.c_out * p).enumerate() {
         let kept = kept_channels(ms, img, g.c_in);
+        tally.channels_skipped(g.c_in - kept.len());
         if kept.is_empty() {
             // Every product is zero: act(0 + b), as the reference computes it.
             for (co, row) in yimg.chunks_mut(p).enumerate() {
@@ -159,9 +171,7 @@ fn conv2d_channel_sparse<E: Elem>(
             .iter()
             .flat_map(|&ci| (0..taps).map(move |t| ci * taps + t))
             .collect();
-        let a = ASource::Packed(PackedA::new(g.c_out, cols.len(), kc_for::<E>(), |m, j| {
-            w[m * k_full + cols[j]]
-        }));
+        let a = ASource::packed(g.c_out, cols.len(), |m, j| w[m * k_full + cols[j]], tally);
         let yk = ImplicitConv {
             src: &src,
             n: 1,
@@ -180,6 +190,7 @@ fn conv2d_channel_sparse<E: Elem>(
                 relu: args.relu,
             },
             skip: Skip::None,
+            tally,
         }
         .run();
         yimg.copy_from_slice(&yk);
@@ -195,8 +206,12 @@ fn conv2d_channel_sparse<E: Elem>(
 /// weights, which the small levels cannot amortise (P7, 154 positions: 57%
 /// packed, 69% in place); the two were even at P6 (546 positions).
 pub(crate) fn pack_weights(positions: usize) -> bool {
-    positions > 600
+    positions > PACK_WEIGHTS_ABOVE
 }
+
+/// The direct convolutions pack their weights (dense path) when they have
+/// more output positions (N*OH*OW; the input gradient's: N*H*W) than this.
+pub const PACK_WEIGHTS_ABOVE: usize = 600;
 
 /// Parallel tasks per rayon thread (see `ImplicitConv::run`).
 pub(crate) const TASKS_PER_THREAD: usize = 4;
@@ -229,6 +244,18 @@ pub(crate) enum ASource<'a, E: Elem> {
 }
 
 impl<'a, E: Elem> ASource<'a, E> {
+    /// `at(m, k)` (`m < rows`, `k < k_len`) packed into panels, k-blocks
+    /// of [`kc_for`]; counted as `rows x k_len` packed weights.
+    pub fn packed(
+        rows: usize,
+        k_len: usize,
+        at: impl Fn(usize, usize) -> E + Sync,
+        tally: &Tally,
+    ) -> Self {
+        tally.weights_packed(rows * k_len);
+        ASource::Packed(PackedA::new(rows, k_len, kc_for::<E>(), at))
+    }
+
     fn kblocks(&self) -> &[(usize, usize)] {
         match self {
             ASource::Packed(a) => a.kblocks(),
@@ -284,6 +311,8 @@ pub(crate) struct ImplicitConv<'a, E: Elem> {
     pub epilogue: Epilogue<'a, E>,
     /// Output tiles known to be all zeros before the epilogue.
     pub skip: Skip<'a, E>,
+    /// Where the work is counted.
+    pub tally: &'a Tally,
 }
 
 /// Which output tiles a spatial mask's exact zeros make zero (their kernels
@@ -427,9 +456,14 @@ impl<E: Elem> WithSimd for FwdTask<'_, '_, E> {
                 }
             })
             .collect();
+        let mut skipped = (0, 0);
         for (t, _) in skip.iter().enumerate().filter(|s| *s.1) {
             cp[t * panels * tile_len..(t + 1) * panels * tile_len].fill(E::zero());
+            skipped = (skipped.0 + 1, skipped.1 + nr.min(cols - t * nr));
         }
+        let k_len: usize = conv.a.kblocks().iter().map(|b| b.1).sum();
+        conv.tally.tiles(tiles - skipped.0, skipped.0);
+        conv.tally.macs(conv.m * k_len * (cols - skipped.1));
         for (kb, &(k0, klen)) in conv.a.kblocks().iter().enumerate() {
             let bt = &mut bt.as_mut_slice()[..(klen + 1) * nr];
             for t in (0..tiles).filter(|&t| !skip[t]) {

@@ -11,7 +11,9 @@
 //!   convs (forward, input and weight gradients), picked per conv and pass
 //!   by [`ConvAlgo`] (see `CpuBackend::winograd_for`);
 //! - `elementwise`, `reduce`: the bandwidth-bound rest;
-//! - [`peak`]: the FMA peak probe.
+//! - [`peak`]: the FMA peak probe;
+//! - [`counters`]: per-backend work counters (multiply-adds, skipped
+//!   tiles and channels, packed weights, algorithm per pass).
 //!
 //! The `Backend<T>` trait is generic over any `Float`; the kernels exist for
 //! f32 and f64 (the only `Float` types). Each method looks up which one `T`
@@ -27,6 +29,7 @@
 //! skipped `0 * inf` would have made).
 
 use std::any::{Any, TypeId};
+use std::sync::Arc;
 
 use crate::backend::reference::ReferenceBackend;
 use crate::backend::{Backend, Binary, ConvArgs, InputMask, Unary};
@@ -35,6 +38,7 @@ use crate::tensor::{Float, Tensor};
 
 mod conv_bwd;
 mod conv_fwd;
+pub mod counters;
 mod elementwise;
 mod kernel;
 mod pack;
@@ -43,7 +47,47 @@ mod reduce;
 mod simd;
 mod winograd;
 
+pub use conv_fwd::PACK_WEIGHTS_ABOVE;
+pub use counters::{PassCounters, WorkCounters};
 pub use peak::fma_peak_gflops;
+
+/// Rows per kernel panel of the direct convolutions: output channels of
+/// the forward pass, input channels of the input gradient, taps
+/// `(ci, ky, kx)` of the weight gradient (whose channel-mask skipping
+/// works per panel).
+pub const PANEL_ROWS: usize = kernel::MR;
+
+/// Output tile side of Winograd F(4x4, 3x3): tile `(ty, tx)` holds outputs
+/// `4ty .. 4ty + 4` x `4tx .. 4tx + 4` (clipped at the plane's edge) and
+/// reads inputs `4ty - 1 .. 4ty + 5` x `4tx - 1 .. 4tx + 5`.
+pub const WINOGRAD_TILE: usize = 4;
+
+/// `Auto` runs Winograd for the forward pass and the input gradient from
+/// this many output positions (N*H*W) on, for the weight gradient from
+/// half of it (the rule and its measurements: `CpuBackend::winograd_for`).
+pub const WINOGRAD_MIN_POSITIONS: usize = 2048;
+
+/// `Auto` keeps convolutions with fewer input or output channels than this
+/// direct.
+pub const WINOGRAD_MIN_CHANNELS: usize = 16;
+
+/// Run `$body` with the type alias `$e` set to `$t` when `$t` is f32 or
+/// f64; `None` for any other `Float`.
+macro_rules! per_elem {
+    ($t:ty, $e:ident => $body:expr) => {{
+        if TypeId::of::<$t>() == TypeId::of::<f32>() {
+            #[allow(dead_code)]
+            type $e = f32;
+            Some($body)
+        } else if TypeId::of::<$t>() == TypeId::of::<f64>() {
+            #[allow(dead_code)]
+            type $e = f64;
+            Some($body)
+        } else {
+            None
+        }
+    }};
+}
 
 /// Convolution algorithm of the CPU backend (`--conv-algo`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -84,16 +128,59 @@ impl std::str::FromStr for ConvAlgo {
 }
 
 /// SIMD, multi-threaded, bit-deterministic CPU backend.
-#[derive(Clone, Copy, Debug, Default)]
+///
+/// Each instance counts the work of its convolutions ([`Self::counters`]);
+/// clones share the counts.
+#[derive(Clone, Debug, Default)]
 pub struct CpuBackend {
     /// How convolutions are computed.
     pub algo: ConvAlgo,
+    counters: Arc<counters::Counters>,
 }
 
 impl CpuBackend {
     /// The CPU backend with a conv algorithm.
     pub fn new(algo: ConvAlgo) -> Self {
-        CpuBackend { algo }
+        CpuBackend {
+            algo,
+            counters: Arc::default(),
+        }
+    }
+
+    /// The work done since construction or the last reset.
+    pub fn counters(&self) -> WorkCounters {
+        self.counters.snapshot()
+    }
+
+    /// Zero the counters.
+    pub fn reset_counters(&self) {
+        self.counters.reset()
+    }
+
+    /// The counters, zeroed after they are read (counts added by calls
+    /// running meanwhile on other threads may land on either side).
+    pub fn take_counters(&self) -> WorkCounters {
+        let c = self.counters.snapshot();
+        self.counters.reset();
+        c
+    }
+
+    /// Output positions per tile of the direct forward pass and input
+    /// gradient for element type `T` on this machine (the kernel width,
+    /// which depends on the instruction set), or None for a `Float` the
+    /// kernels do not cover. Tile `t` of an image holds positions `t * w ..
+    /// (t + 1) * w` (row-major over the output plane, the last tile
+    /// partial); a spatial mask skips whole tiles.
+    pub fn direct_tile_positions<T: Float>() -> Option<usize> {
+        per_elem!(T, E => conv_fwd::nr_for::<E>())
+    }
+
+    fn tally(&self, pass: Pass) -> &counters::Tally {
+        match pass {
+            Pass::Forward => &self.counters.forward,
+            Pass::Input => &self.counters.input_grad,
+            Pass::Weight => &self.counters.weight_grad,
+        }
     }
 }
 
@@ -119,18 +206,16 @@ impl CpuBackend {
     /// Winograd has a fixed cost per call (transforming and packing the
     /// 36 x 256 x 256 weights, ~2-3 ms, and too few tiles to spread over
     /// threads), so small levels stay direct: Winograd from
-    /// `MIN_POSITIONS` output positions for the forward pass and the input
+    /// [`WINOGRAD_MIN_POSITIONS`] output positions for the forward pass and the input
     /// gradient, from half of it for the weight gradient. Masks do not
     /// change the rule: both algorithms skip masked channels, and under a
     /// spatial mask the blob above (the direct conv's best case, whole
     /// rows masked) is about even at P5, while on the loss's own attention
     /// masks at P5 the direct conv skipped little (11.8 ms against 10.4 ms
-    /// by Winograd). Channels below 16 stay direct (little work, thin
-    /// GEMMs). f64 is the accuracy path (golden tests at 1e-10 against
-    /// PyTorch): always direct.
+    /// by Winograd). Channels below 16 ([`WINOGRAD_MIN_CHANNELS`]) stay
+    /// direct (little work, thin GEMMs). f64 is the accuracy path (golden
+    /// tests at 1e-10 against PyTorch): always direct.
     fn winograd_for<E: simd::Elem>(&self, args: &ConvArgs<E>, pass: Pass) -> bool {
-        /// Output positions (N*H*W) from which Winograd wins.
-        const MIN_POSITIONS: usize = 2048;
         let g = &args.geom;
         if !g.is_3x3_same() {
             return false;
@@ -139,13 +224,15 @@ impl CpuBackend {
             ConvAlgo::Direct => false,
             ConvAlgo::Winograd => true,
             ConvAlgo::Auto => {
-                if TypeId::of::<E>() != TypeId::of::<f32>() || g.c_in.min(g.c_out) < 16 {
+                if TypeId::of::<E>() != TypeId::of::<f32>()
+                    || g.c_in.min(g.c_out) < WINOGRAD_MIN_CHANNELS
+                {
                     return false;
                 }
                 let positions = g.n * g.h * g.w;
                 match pass {
-                    Pass::Forward | Pass::Input => positions >= MIN_POSITIONS,
-                    Pass::Weight => positions >= MIN_POSITIONS / 2,
+                    Pass::Forward | Pass::Input => positions >= WINOGRAD_MIN_POSITIONS,
+                    Pass::Weight => positions >= WINOGRAD_MIN_POSITIONS / 2,
                 }
             }
         }
@@ -167,24 +254,6 @@ fn same_owned<A: Any, B: Any>(a: A) -> B {
     }
 }
 
-/// Run `$body` with the type alias `$e` set to `$t` when `$t` is f32 or
-/// f64; `None` for any other `Float`.
-macro_rules! per_elem {
-    ($t:ty, $e:ident => $body:expr) => {{
-        if TypeId::of::<$t>() == TypeId::of::<f32>() {
-            #[allow(dead_code)]
-            type $e = f32;
-            Some($body)
-        } else if TypeId::of::<$t>() == TypeId::of::<f64>() {
-            #[allow(dead_code)]
-            type $e = f64;
-            Some($body)
-        } else {
-            None
-        }
-    }};
-}
-
 impl<T: Float> Backend<T> for CpuBackend {
     fn name(&self) -> String {
         "cpu".into()
@@ -203,10 +272,13 @@ impl<T: Float> Backend<T> for CpuBackend {
             let w: &Tensor<E> = same(w);
             let b: Option<&Tensor<E>> = b.map(same);
             let (x, w, b) = (x.as_slice(), w.as_slice(), b.map(Tensor::as_slice));
+            let tally = self.tally(Pass::Forward);
             let y = if self.winograd_for(a, Pass::Forward) {
-                winograd::conv2d(x, w, b, a)
+                tally.winograd_call();
+                winograd::conv2d(x, w, b, a, tally)
             } else {
-                conv_fwd::conv2d(x, w, b, a)
+                tally.direct_call();
+                conv_fwd::conv2d(x, w, b, a, tally)
             };
             same_owned::<Tensor<E>, Tensor<T>>(Tensor::from_parts(&a.geom.output_shape(), y))
         });
@@ -227,10 +299,13 @@ impl<T: Float> Backend<T> for CpuBackend {
             let dy: &Tensor<E> = same(dy);
             let w: &Tensor<E> = same(w);
             let (dy, w) = (dy.as_slice(), w.as_slice());
+            let tally = self.tally(Pass::Input);
             let dx = if self.winograd_for(a, Pass::Input) {
-                winograd::conv2d_backward_input(dy, w, a)
+                tally.winograd_call();
+                winograd::conv2d_backward_input(dy, w, a, tally)
             } else {
-                conv_bwd::conv2d_backward_input(dy, w, a)
+                tally.direct_call();
+                conv_bwd::conv2d_backward_input(dy, w, a, tally)
             };
             same_owned::<Tensor<E>, Tensor<T>>(Tensor::from_parts(&a.geom.input_shape(), dx))
         });
@@ -251,10 +326,13 @@ impl<T: Float> Backend<T> for CpuBackend {
             let dy: &Tensor<E> = same(dy);
             let x: &Tensor<E> = same(x);
             let (dy, x) = (dy.as_slice(), x.as_slice());
+            let tally = self.tally(Pass::Weight);
             let dw = if self.winograd_for(a, Pass::Weight) {
-                winograd::conv2d_backward_weight(dy, x, a)
+                tally.winograd_call();
+                winograd::conv2d_backward_weight(dy, x, a, tally)
             } else {
-                conv_bwd::conv2d_backward_weight(dy, x, a)
+                tally.direct_call();
+                conv_bwd::conv2d_backward_weight(dy, x, a, tally)
             };
             same_owned::<Tensor<E>, Tensor<T>>(Tensor::from_parts(&a.geom.weight_shape(), dw))
         });

@@ -7,13 +7,21 @@
 //! kernels may show more than the FMA peak: "effective" GFLOP/s). The
 //! whole DMKD forward counts 4 conv3x3 passes per level, forward and
 //! backward 12 (each of the 4 convs has forward, input grad, weight grad).
+//!
+//! With `counters` (CPU backend only), each row also carries the work
+//! counters of one more, untimed call (`CpuBackend::counters`): the
+//! algorithm per pass, the multiply-adds actually issued, and what mask
+//! skipping and weight packing did.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
 
+use dmkd::backend::cpu::WorkCounters;
 use dmkd::backend::{
-    Backend, BackendKind, BackendOptions, BackendRef, ConvArgs, ConvGeometry, make_backend,
+    Backend, BackendKind, BackendOptions, BackendRef, ConvArgs, ConvGeometry, CpuBackend,
+    make_backend,
 };
 use dmkd::distill::{EvalOptions, Problem, evaluate, forward};
 use dmkd::error::{Error, Result};
@@ -31,6 +39,8 @@ pub struct BenchOptions {
     pub convs: bool,
     /// Time the whole loss.
     pub loss: bool,
+    /// Report the work counters of each row (CPU backend only).
+    pub counters: bool,
 }
 
 /// One timed row.
@@ -39,6 +49,9 @@ pub struct BenchRow {
     pub name: String,
     pub ms_median: f64,
     pub gflops: f64,
+    /// The work of one call, when counting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counters: Option<WorkCounters>,
 }
 
 /// The `--json` object.
@@ -95,6 +108,18 @@ fn time_ms(
     Ok(median(v))
 }
 
+/// The counters of one more, untimed call of `f`, when counting.
+fn count(cpu: Option<&CpuBackend>, f: impl FnOnce() -> Result<()>) -> Result<Option<WorkCounters>> {
+    match cpu {
+        Some(cpu) => {
+            cpu.reset_counters();
+            f()?;
+            Ok(Some(cpu.take_counters()))
+        }
+        None => Ok(None),
+    }
+}
+
 fn device_sync(kind: BackendKind) -> Box<dyn Fn() -> Result<()>> {
     match kind {
         #[cfg(feature = "cuda")]
@@ -106,6 +131,7 @@ fn device_sync(kind: BackendKind) -> Box<dyn Fn() -> Result<()>> {
 fn conv_rows(
     opts: &BenchOptions,
     be: &BackendRef<f32>,
+    cpu: Option<&CpuBackend>,
     sync: &dyn Fn() -> Result<()>,
 ) -> Result<Vec<BenchRow>> {
     let p = &opts.preset;
@@ -124,20 +150,18 @@ fn conv_rows(
         };
         let gflop = 2.0 * args.geom.macs() as f64 / 1e9;
         let be: &dyn Backend<f32> = &**be;
-        let fwd = time_ms(opts.reps, sync, || {
-            be.conv2d(&x, &wt, Some(&b), &args).map(drop)
-        })?;
-        let dx = time_ms(opts.reps, sync, || {
-            be.conv2d_backward_input(&dy, &wt, &args).map(drop)
-        })?;
-        let dw = time_ms(opts.reps, sync, || {
-            be.conv2d_backward_weight(&dy, &x, &args).map(drop)
-        })?;
-        for (kind, ms) in [("forward", fwd), ("input_grad", dx), ("weight_grad", dw)] {
+        let fwd = || be.conv2d(&x, &wt, Some(&b), &args).map(drop);
+        let dx = || be.conv2d_backward_input(&dy, &wt, &args).map(drop);
+        let dw = || be.conv2d_backward_weight(&dy, &x, &args).map(drop);
+        let passes: [(&str, &dyn Fn() -> Result<()>); 3] =
+            [("forward", &fwd), ("input_grad", &dx), ("weight_grad", &dw)];
+        for (kind, f) in passes {
+            let ms = time_ms(opts.reps, sync, f)?;
             rows.push(BenchRow {
                 name: format!("conv3x3.{name}.{kind}"),
                 ms_median: ms,
                 gflops: gflop / (ms / 1e3),
+                counters: count(cpu, f)?,
             });
         }
     }
@@ -147,6 +171,7 @@ fn conv_rows(
 fn loss_rows(
     opts: &BenchOptions,
     be: &BackendRef<f32>,
+    cpu: Option<&CpuBackend>,
     sync: &dyn Fn() -> Result<()>,
 ) -> Result<Vec<BenchRow>> {
     let p = &opts.preset;
@@ -162,18 +187,24 @@ fn loss_rows(
     )?;
     drop(tensors);
     let pass_gflop = 2.0 * p.conv3x3_macs() as f64 / 1e9;
-    let fwd = time_ms(opts.reps, sync, || forward(be.clone(), &problem).map(drop))?;
-    let both = time_ms(opts.reps, sync, || evaluate(be.clone(), &problem).map(drop))?;
+    let run_fwd = || forward(be.clone(), &problem).map(drop);
+    let run_both = || evaluate(be.clone(), &problem).map(drop);
+    let fwd = time_ms(opts.reps, sync, run_fwd)?;
+    let fwd_counters = count(cpu, run_fwd)?;
+    let both = time_ms(opts.reps, sync, run_both)?;
+    let both_counters = count(cpu, run_both)?;
     Ok(vec![
         BenchRow {
             name: "dmkd.forward".into(),
             ms_median: fwd,
             gflops: 4.0 * pass_gflop / (fwd / 1e3),
+            counters: fwd_counters,
         },
         BenchRow {
             name: "dmkd.forward_backward".into(),
             ms_median: both,
             gflops: 12.0 * pass_gflop / (both / 1e3),
+            counters: both_counters,
         },
     ])
 }
@@ -181,6 +212,12 @@ fn loss_rows(
 /// Run the benchmark in a pool of `opts.threads` threads.
 pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
     // `--reps` and `--threads` are at least 1 (the CLI's value parsers).
+    if opts.counters && opts.backend.kind != BackendKind::Cpu {
+        return Err(Error::arg(
+            "bench",
+            "--counters needs --backend cpu (only the CPU backend counts its work)",
+        ));
+    }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads)
         .build()
@@ -195,14 +232,22 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
             BackendKind::Cuda => None,
             _ => Some(dmkd::backend::cpu::fma_peak_gflops(opts.threads)),
         };
-        let be = make_backend::<f32>(opts.backend)?;
+        // When counting, the CPU backend is built here to keep a handle on
+        // its counters (`make_backend` builds the same one).
+        let cpu = opts
+            .counters
+            .then(|| Arc::new(CpuBackend::new(opts.backend.conv_algo)));
+        let be: BackendRef<f32> = match &cpu {
+            Some(cpu) => cpu.clone(),
+            None => make_backend::<f32>(opts.backend)?,
+        };
         let sync = device_sync(opts.backend.kind);
         let mut rows = Vec::new();
         if opts.convs {
-            rows.extend(conv_rows(opts, &be, &*sync)?);
+            rows.extend(conv_rows(opts, &be, cpu.as_deref(), &*sync)?);
         }
         if opts.loss {
-            rows.extend(loss_rows(opts, &be, &*sync)?);
+            rows.extend(loss_rows(opts, &be, cpu.as_deref(), &*sync)?);
         }
         Ok(BenchReport {
             preset: opts.preset.name.to_string(),

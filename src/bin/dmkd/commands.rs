@@ -12,7 +12,7 @@ use dmkd::synthetic::{self, Preset};
 use dmkd::verify::{Tolerance, compare, table};
 use dmkd::{ConvAlgo, DType, Error, Result};
 
-use crate::bench::{BenchOptions, run_bench};
+use crate::bench::{BenchOptions, BenchRow, run_bench};
 use crate::demo::{DemoOptions, run_demo};
 use crate::{EvalArgs, GoldenFormat, with_dtype};
 
@@ -247,7 +247,60 @@ pub(crate) fn bench(opts: BenchOptions, json: bool) -> Result<bool> {
         );
     }
     println!("peak RSS: {:.0} MiB", report.peak_rss_mib);
+    if report.rows.iter().any(|r| r.counters.is_some()) {
+        print_counters(&report.rows);
+    }
     Ok(true)
+}
+
+/// The work counters of each row, one line per pass that ran.
+fn print_counters(rows: &[BenchRow]) {
+    println!();
+    println!(
+        "work of one call per row: calls by algorithm (direct, Winograd) and by mask path \
+         (channel-sparse, spatial skip); multiply-adds; tiles computed and skipped by \
+         masks; (image, channel) pairs skipped; weight values packed"
+    );
+    println!(
+        "{:<28} {:<11} {:>6} {:>6} {:>6} {:>7} {:>10} {:>9} {:>9} {:>8} {:>10}",
+        "row",
+        "pass",
+        "direct",
+        "wino",
+        "sparse",
+        "spatial",
+        "GMAC",
+        "tiles",
+        "skipped",
+        "ch.skip",
+        "packed"
+    );
+    for r in rows {
+        let Some(c) = &r.counters else { continue };
+        for (pass, p) in [
+            ("forward", &c.forward),
+            ("input_grad", &c.input_grad),
+            ("weight_grad", &c.weight_grad),
+        ] {
+            if p.direct_calls + p.winograd_calls == 0 {
+                continue;
+            }
+            println!(
+                "{:<28} {:<11} {:>6} {:>6} {:>6} {:>7} {:>10.3} {:>9} {:>9} {:>8} {:>10}",
+                r.name,
+                pass,
+                p.direct_calls,
+                p.winograd_calls,
+                p.channel_sparse_calls,
+                p.spatial_skip_calls,
+                p.macs as f64 / 1e9,
+                p.tiles,
+                p.tiles_skipped,
+                p.channels_skipped,
+                p.weights_packed
+            );
+        }
+    }
 }
 
 /// `dmkd gradcheck`: every op and loss against central differences (f64).

@@ -169,6 +169,11 @@ enum Command {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also report each row's work counters (algorithm per pass,
+        /// multiply-adds, tiles and channels skipped by masks, weights
+        /// packed), from one more untimed call; CPU backend only.
+        #[arg(long)]
+        counters: bool,
         #[command(flatten)]
         backend: BackendArgs,
     },
@@ -299,6 +304,7 @@ fn run(cli: Cli) -> Result<bool> {
             reps,
             only,
             json,
+            counters,
             backend,
         } => {
             let opts = bench::BenchOptions {
@@ -308,6 +314,7 @@ fn run(cli: Cli) -> Result<bool> {
                 backend: backend.options(),
                 convs: only != Some(BenchOnly::Loss),
                 loss: only != Some(BenchOnly::Conv),
+                counters,
             };
             commands::bench(opts, json)
         }

@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use super::Scratch;
 use super::transform::{POS, grad_tile, input_tile, weight_grad_tile, window, window_is_zero};
 use crate::backend::cpu::conv_fwd::nr_for;
+use crate::backend::cpu::counters::Tally;
 use crate::backend::cpu::kernel::{AWalk, ColBlock, MR, nr, run_tile};
 use crate::backend::cpu::simd::Elem;
 use crate::backend::{ConvArgs, InputMask};
@@ -26,21 +27,28 @@ fn tiles_per_block<E>() -> usize {
 /// add nothing: the sums then run per image over its kept channels only
 /// (a compact B), and the images' partial gradients are added in image
 /// order (a fixed order, whatever the thread count).
-pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs<E>) -> Vec<E> {
+pub(crate) fn conv2d_backward_weight<E: Elem>(
+    dy: &[E],
+    x: &[E],
+    args: &ConvArgs<E>,
+    tally: &Tally,
+) -> Vec<E> {
     let g = &args.geom;
     let (n, c, m) = (g.n, g.c_in, g.c_out);
     let mut dw = pool::take::<E>(m * c * 9);
     match &args.mask {
         Some(InputMask::Channel(ms)) if ms.as_slice().contains(&E::zero()) => {
+            tally.channel_sparse_call();
             dw.fill(E::zero());
             for img in 0..n {
                 let cols: Vec<usize> = (0..c)
                     .filter(|&ci| ms.as_slice()[img * c + ci] != E::zero())
                     .collect();
+                tally.channels_skipped(c - cols.len());
                 if cols.is_empty() {
                     continue;
                 }
-                let part = Sums::new(dy, x, args, img..img + 1, &cols);
+                let part = Sums::new(dy, x, args, img..img + 1, &cols, tally);
                 dw.par_chunks_mut(c * 9).enumerate().for_each(|(co, row)| {
                     for (k, &ci) in cols.iter().enumerate() {
                         let d = part.weight_grad(co, k);
@@ -53,7 +61,7 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs
         }
         _ => {
             let cols: Vec<usize> = (0..c).collect();
-            let all = Sums::new(dy, x, args, 0..n, &cols);
+            let all = Sums::new(dy, x, args, 0..n, &cols, tally);
             dw.par_chunks_mut(c * 9).enumerate().for_each(|(co, row)| {
                 for ci in 0..c {
                     row[ci * 9..ci * 9 + 9].copy_from_slice(&all.weight_grad(co, ci));
@@ -93,6 +101,7 @@ impl<E: Elem> Sums<E> {
         args: &ConvArgs<E>,
         imgs: std::ops::Range<usize>,
         cols: &[usize],
+        tally: &Tally,
     ) -> Self {
         let g = &args.geom;
         let (m, h, w) = (g.c_out, g.h, g.w);
@@ -111,8 +120,11 @@ impl<E: Elem> Sums<E> {
             }
             _ => None,
         };
+        if smask.is_some() {
+            tally.spatial_skip_call();
+        }
         let mut tiles = Vec::with_capacity(imgs.len() * th * tw);
-        for img in imgs {
+        for img in imgs.clone() {
             for ty in 0..th {
                 for tx in 0..tw {
                     if !smask.is_some_and(|ms| window_is_zero(&ms[img * hw..][..hw], h, w, ty, tx))
@@ -122,6 +134,8 @@ impl<E: Elem> Sums<E> {
                 }
             }
         }
+        tally.tiles(tiles.len(), imgs.len() * th * tw - tiles.len());
+        tally.macs(POS * m * cols.len() * tiles.len());
         let tb = tiles_per_block::<E>();
         let threads = rayon::current_num_threads();
         // GEMM tasks: (position, run of panels), at least 4 per thread; the

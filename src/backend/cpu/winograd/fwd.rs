@@ -9,6 +9,7 @@ use super::transform::{
     POS, input_tile, output_tile, tile_is_zero, weight_tile, weight_tile_v, window, window_is_zero,
 };
 use crate::backend::cpu::conv_fwd::{TASKS_PER_THREAD, act_of_bias, relu_of};
+use crate::backend::cpu::counters::Tally;
 use crate::backend::cpu::kernel::{ColBlock, MR, nr, run_packed_tile, split_columns};
 use crate::backend::cpu::simd::Elem;
 use crate::pool;
@@ -58,6 +59,8 @@ pub(crate) struct WinoConv<'a, E: Elem> {
     pub transposed: bool,
     pub input: InMul<'a, E>,
     pub epi: Epi<'a, E>,
+    /// Where the work is counted.
+    pub tally: &'a Tally,
 }
 
 /// Nonzero entries of row `img` of a `[n, c]` channel mask, or all.
@@ -191,18 +194,26 @@ impl<E: Elem> WinoConv<'_, E> {
             Epi::Rows(c) if c.contains(&E::zero()) => Some(c),
             _ => None,
         };
+        if matches!(self.input, InMul::Spatial(_)) || matches!(self.epi, Epi::Spatial(_)) {
+            self.tally.spatial_skip_call();
+        }
         let ut = transform_weights(self.weights, m, self.k, self.transposed);
         if sparse_k.is_none() && sparse_m.is_none() {
             let (rows, cols) = ((0..m).collect::<Vec<_>>(), (0..self.k).collect::<Vec<_>>());
+            self.tally.weights_packed(POS * rows.len() * cols.len());
             let u = pack_weights(&ut, self.k, &rows, &cols);
             let imgs: Vec<(usize, &mut [E])> = y.chunks_mut(m * hw).enumerate().collect();
             self.run_images(imgs, &rows, &cols, &u);
             drop(pool::Buffer::new(u));
         } else {
             // Per image: only the kept channels enter the GEMMs.
+            self.tally.channel_sparse_call();
             for (img, yimg) in y.chunks_mut(m * hw).enumerate() {
                 let rows = kept(sparse_m, img, m);
                 let cols = kept(sparse_k, img, self.k);
+                self.tally
+                    .channels_skipped(m - rows.len() + self.k - cols.len());
+                self.tally.weights_packed(POS * rows.len() * cols.len());
                 let u = pack_weights(&ut, self.k, &rows, &cols);
                 self.run_images(vec![(img, yimg)], &rows, &cols, &u);
                 drop(pool::Buffer::new(u));
@@ -304,9 +315,12 @@ impl<E: Elem> WithSimd for WinoTask<'_, '_, E> {
                 }
             }
         }
+        let skipped = (ty1 - ty0) * tw - tiles.len();
         if kk == 0 {
             tiles.clear();
         }
+        conv.tally.tiles(tiles.len(), skipped);
+        conv.tally.macs(POS * rows.len() * kk * tiles.len());
         // Outputs no computed tile writes: what the dense sum of zeros
         // would give (act(b) forward; 0 for a gradient, masked or not).
         if tiles.len() < (ty1 - ty0) * tw || rows.len() < m {

@@ -65,12 +65,19 @@ mod transform;
 
 pub(crate) use dw::conv2d_backward_weight;
 
+use crate::backend::cpu::counters::Tally;
 use crate::backend::cpu::simd::Elem;
 use crate::backend::{ConvArgs, InputMask};
 use fwd::{Epi, InMul, WinoConv};
 
 /// `y = act(conv3x3(x * mask, w) + b)` for a 3x3 / stride 1 / pad 1 conv.
-pub(crate) fn conv2d<E: Elem>(x: &[E], w: &[E], b: Option<&[E]>, args: &ConvArgs<E>) -> Vec<E> {
+pub(crate) fn conv2d<E: Elem>(
+    x: &[E],
+    w: &[E],
+    b: Option<&[E]>,
+    args: &ConvArgs<E>,
+    tally: &Tally,
+) -> Vec<E> {
     let g = &args.geom;
     debug_assert!(g.is_3x3_same());
     WinoConv {
@@ -91,13 +98,19 @@ pub(crate) fn conv2d<E: Elem>(x: &[E], w: &[E], b: Option<&[E]>, args: &ConvArgs
             bias: b,
             relu: args.relu,
         },
+        tally,
     }
     .run()
 }
 
 /// `dx = mask * conv_transpose(dy, w)` for a 3x3 / stride 1 / pad 1 conv:
 /// the correlation of `dy` (pad 1) with the flipped, transposed weights.
-pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<E>) -> Vec<E> {
+pub(crate) fn conv2d_backward_input<E: Elem>(
+    dy: &[E],
+    w: &[E],
+    args: &ConvArgs<E>,
+    tally: &Tally,
+) -> Vec<E> {
     let g = &args.geom;
     debug_assert!(g.is_3x3_same());
     WinoConv {
@@ -118,6 +131,7 @@ pub(crate) fn conv2d_backward_input<E: Elem>(dy: &[E], w: &[E], args: &ConvArgs<
             Some(InputMask::Spatial(m)) => Epi::Spatial(m.as_slice()),
             Some(InputMask::Channel(m)) => Epi::Rows(m.as_slice()),
         },
+        tally,
     }
     .run()
 }
