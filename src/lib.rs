@@ -55,7 +55,7 @@ pub mod tensor;
 pub mod verify;
 
 pub use autograd::{Gradients, Tape, Var};
-pub use backend::{Backend, BackendKind, BackendOptions, BackendRef, ConvAlgo, InputMask};
+pub use backend::{Backend, BackendKind, BackendOptions, BackendRef, ConvAlgo, InputMask, Isa};
 pub use error::{Error, Result};
 pub use named::TensorMap;
 pub use ops::Conv2dOptions;

@@ -141,7 +141,9 @@ fn dense_counts_are_the_textbook_work() {
         assert_eq!((p.tiles_skipped, p.channels_skipped), (0, 0));
         assert_eq!((p.channel_sparse_calls, p.spatial_skip_calls), (0, 0));
     }
-    let nr = CpuBackend::direct_tile_positions::<f32>().unwrap();
+    let nr = CpuBackend::default()
+        .direct_tile_positions::<f32>()
+        .unwrap();
     assert_eq!(d.forward.tiles, n * 99u64.div_ceil(nr as u64));
     assert_eq!(d.input_grad.tiles, n * 99u64.div_ceil(nr as u64));
     assert!(d.weight_grad.tiles >= n, "{:?}", d.weight_grad);
@@ -165,7 +167,9 @@ fn dense_counts_are_the_textbook_work() {
     let d64 = run::<f64>(ConvAlgo::Direct, &conv, None);
     assert_eq!(d64.forward.macs, d.forward.macs);
     assert_eq!(d64.weight_grad.macs, d.weight_grad.macs);
-    let nr64 = CpuBackend::direct_tile_positions::<f64>().unwrap() as u64;
+    let nr64 = CpuBackend::default()
+        .direct_tile_positions::<f64>()
+        .unwrap() as u64;
     assert_eq!(d64.input_grad.tiles, n * 99u64.div_ceil(nr64));
 }
 
@@ -404,7 +408,9 @@ fn a_spatial_mask_skips_exactly_the_fully_masked_direct_tiles() {
     ] {
         let m = blob(conv.h);
         let c = run::<f32>(ConvAlgo::Direct, &conv, Some(spatial_mask(&conv, &m)));
-        let nr = CpuBackend::direct_tile_positions::<f32>().unwrap();
+        let nr = CpuBackend::default()
+            .direct_tile_positions::<f32>()
+            .unwrap();
         let (oh, ow) = (conv.oh(), conv.ow());
         let field_masked = |img: usize, p: usize| {
             let (oy, ox) = (p / ow, p % ow);
@@ -555,6 +561,14 @@ fn auto_picks_winograd_exactly_where_its_rule_says() {
             [false, false, true],
         ),
         (row(1, cmin, cmin, pmin / 2 - 1), false, [false; 3]),
+        // Positions count images, rows and columns alike.
+        (Conv::same3(2, cmin, cmin, 2, pmin / 4), false, [true; 3]),
+        (
+            Conv::same3(1, cmin, cmin, 2, pmin / 2 - 1),
+            false,
+            [false, false, true],
+        ),
+        (Conv::same3(2, cmin, cmin, 4, pmin / 8 - 1), false, [false, false, true]),
         (row(1, cmin - 1, cmin, pmin), false, [false; 3]),
         (row(1, cmin, cmin - 1, pmin), false, [false; 3]),
         (row(1, cmin, cmin, pmin), true, [false; 3]),
@@ -706,7 +720,9 @@ fn counters_are_per_backend_and_reset() {
     assert_eq!(once.total().macs, once.forward.macs);
     // Types without kernels have no tile width.
     assert_eq!(
-        CpuBackend::direct_tile_positions::<f32>().map(|w| w > 0),
+        CpuBackend::default()
+            .direct_tile_positions::<f32>()
+            .map(|w| w > 0),
         Some(true)
     );
 }

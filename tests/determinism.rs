@@ -1,15 +1,18 @@
-//! Bit-determinism of the CPU backend across thread counts and runs.
+//! Bit-determinism of the CPU backend across thread counts, instruction
+//! sets and runs.
 //!
-//! Every kernel must give the same bits under 1, 2 and 8 rayon threads
-//! (8 is more threads than this machine has cores, so work lands on
-//! threads in a different pattern), and again on a second run. The shapes
+//! Every kernel must give the same bits under 1, 2, 7 and 8 rayon threads
+//! (more threads than this machine has cores, so work lands on threads in
+//! a different pattern), on every instruction set this CPU has (`Isa`:
+//! AVX-512, AVX2, scalar; a machine without AVX-512 runs the other two),
+//! and again on a second run. The shapes
 //! are medium-sized so that the parallel paths are taken: several position
 //! chunks and weight-gradient row tasks, reductions longer than one fixed
 //! chunk.
 
 use std::sync::Arc;
 
-use dmkd::backend::{Backend, Binary, ConvArgs, ConvGeometry, CpuBackend, Unary};
+use dmkd::backend::{Backend, Binary, ConvArgs, ConvGeometry, CpuBackend, Isa, Unary};
 use dmkd::{ConvAlgo, Float, InputMask, Tensor};
 
 fn fill<T: Float>(shape: &[usize], seed: u64) -> Tensor<T> {
@@ -24,9 +27,9 @@ fn fill<T: Float>(shape: &[usize], seed: u64) -> Tensor<T> {
 }
 
 /// The bits of every output of every kernel, in a fixed order.
-fn all_outputs<T: Float>() -> Vec<Vec<u64>> {
-    let be = CpuBackend::new(ConvAlgo::Direct);
-    let wino = CpuBackend::new(ConvAlgo::Winograd);
+fn all_outputs<T: Float>(isa: Isa) -> Vec<Vec<u64>> {
+    let be = CpuBackend::with_isa(ConvAlgo::Direct, isa).unwrap();
+    let wino = CpuBackend::with_isa(ConvAlgo::Winograd, isa).unwrap();
     let bits = |t: Tensor<T>| t.as_slice().iter().map(|v| v.as_f64().to_bits()).collect();
     let mut out: Vec<Vec<u64>> = Vec::new();
 
@@ -133,15 +136,26 @@ fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
         .install(f)
 }
 
+/// The runs compared with one thread on the widest instruction set: that
+/// ISA under other thread counts (and a second run), then every narrower
+/// ISA this CPU has.
+fn runs() -> Vec<(usize, Isa)> {
+    let isas = Isa::available();
+    let mut v: Vec<(usize, Isa)> = [2, 7, 8, 1].iter().map(|&t| (t, isas[0])).collect();
+    v.extend(isas[1..].iter().map(|&isa| (2, isa)));
+    v
+}
+
 fn check<T: Float>() {
-    let base = in_pool(1, all_outputs::<T>);
-    for threads in [2, 8, 1, 2] {
-        let got = in_pool(threads, all_outputs::<T>);
+    let widest = Isa::available()[0];
+    let base = in_pool(1, || all_outputs::<T>(widest));
+    for (threads, isa) in runs() {
+        let got = in_pool(threads, || all_outputs::<T>(isa));
         assert_eq!(got.len(), base.len());
         for (i, (g, b)) in got.iter().zip(&base).enumerate() {
             assert!(
                 g == b,
-                "{}: output {i} differs with {threads} threads",
+                "{}: output {i} differs with {threads} threads on {isa} (base: 1 thread on {widest})",
                 T::DTYPE
             );
         }
@@ -149,20 +163,21 @@ fn check<T: Float>() {
 }
 
 #[test]
-fn same_bits_for_1_2_8_threads_f32() {
+fn same_bits_for_every_thread_count_and_isa_f32() {
     check::<f32>();
 }
 
 #[test]
-fn same_bits_for_1_2_8_threads_f64() {
+fn same_bits_for_every_thread_count_and_isa_f64() {
     check::<f64>();
 }
 
 /// The whole DMKD loss (and MGD, FGD) forward and backward: every output
 /// (loss, per-level losses, every gradient, masks) has the same bits under
-/// 1, 2 and 8 threads, at a size where the kernels split their work.
+/// 1, 2, 7 and 8 threads and on every instruction set, direct and Winograd,
+/// at a size where the kernels split their work.
 #[test]
-fn whole_loss_same_bits_for_1_2_8_threads() {
+fn whole_loss_same_bits_for_every_thread_count_and_isa() {
     use dmkd::distill::{Config, EvalOptions, LevelConfig, MaskMode, Method, Problem, evaluate};
     use dmkd::synthetic::{Preset, inputs};
     let preset = Preset::named("demo").unwrap().with_channels(48, 40);
@@ -178,54 +193,66 @@ fn whole_loss_same_bits_for_1_2_8_threads() {
         levels: config.levels,
     };
     for dtype_f64 in [false, true] {
-        let run = |threads: usize| -> Vec<(String, Vec<u64>)> {
-            in_pool(threads, || {
-                let opts = EvalOptions {
-                    init_seed: Some(5),
-                    allow_extra: false,
-                };
-                let bits = |m: &dmkd::distill::TensorMap<f64>| {
-                    m.iter()
-                        .map(|(k, v)| {
-                            (
-                                k.clone(),
-                                v.as_slice().iter().map(|x| x.to_bits()).collect(),
-                            )
-                        })
-                        .collect()
-                };
-                if dtype_f64 {
-                    let p =
-                        Problem::new(&config, &inputs::<f64>(&preset, 1).unwrap(), opts).unwrap();
-                    let e = evaluate(Arc::new(CpuBackend::new(ConvAlgo::Auto)), &p).unwrap();
-                    bits(&e.outputs)
-                } else {
-                    let p =
-                        Problem::new(&config, &inputs::<f32>(&preset, 1).unwrap(), opts).unwrap();
-                    let e = evaluate(Arc::new(CpuBackend::new(ConvAlgo::Auto)), &p).unwrap();
-                    let as64: dmkd::distill::TensorMap<f64> = e
-                        .outputs
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.cast()))
-                        .collect();
-                    bits(&as64)
-                }
-            })
-        };
-        let one = run(1);
-        assert!(one.len() > 40, "every output is compared");
-        for threads in [2, 8, 1] {
-            let other = run(threads);
-            assert_eq!(
-                one.len(),
-                other.len(),
-                "same outputs under {threads} threads"
-            );
-            for ((k, a), (_, b)) in one.iter().zip(&other) {
-                assert!(
-                    a == b,
-                    "{k} differs between 1 and {threads} threads (f64: {dtype_f64})"
+        for algo in [ConvAlgo::Auto, ConvAlgo::Direct, ConvAlgo::Winograd] {
+            let run = |threads: usize, isa: Isa| -> Vec<(String, Vec<u64>)> {
+                in_pool(threads, || {
+                    let opts = EvalOptions {
+                        init_seed: Some(5),
+                        allow_extra: false,
+                    };
+                    let bits = |m: &dmkd::distill::TensorMap<f64>| {
+                        m.iter()
+                            .map(|(k, v)| {
+                                (
+                                    k.clone(),
+                                    v.as_slice().iter().map(|x| x.to_bits()).collect(),
+                                )
+                            })
+                            .collect()
+                    };
+                    if dtype_f64 {
+                        let p = Problem::new(&config, &inputs::<f64>(&preset, 1).unwrap(), opts)
+                            .unwrap();
+                        let e = evaluate(Arc::new(CpuBackend::with_isa(algo, isa).unwrap()), &p)
+                            .unwrap();
+                        bits(&e.outputs)
+                    } else {
+                        let p = Problem::new(&config, &inputs::<f32>(&preset, 1).unwrap(), opts)
+                            .unwrap();
+                        let e = evaluate(Arc::new(CpuBackend::with_isa(algo, isa).unwrap()), &p)
+                            .unwrap();
+                        let as64: dmkd::distill::TensorMap<f64> = e
+                            .outputs
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.cast()))
+                            .collect();
+                        bits(&as64)
+                    }
+                })
+            };
+            let widest = Isa::available()[0];
+            let one = run(1, widest);
+            assert!(one.len() > 40, "every output is compared");
+            // Auto (the default) under every thread count; each algorithm on
+            // every instruction set.
+            let others = match algo {
+                ConvAlgo::Auto => runs(),
+                _ => runs().into_iter().filter(|r| r.0 == 2).collect(),
+            };
+            for (threads, isa) in others {
+                let other = run(threads, isa);
+                assert_eq!(
+                    one.len(),
+                    other.len(),
+                    "same outputs under {threads} threads on {isa}"
                 );
+                for ((k, a), (_, b)) in one.iter().zip(&other) {
+                    assert!(
+                        a == b,
+                        "{k} differs between 1 thread on {widest} and {threads} on {isa} \
+                     (f64: {dtype_f64}, {algo:?})"
+                    );
+                }
             }
         }
     }

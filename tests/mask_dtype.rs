@@ -25,7 +25,7 @@ use dmkd::distill::{
     Config, EvalOptions, Evaluation, LevelConfig, MaskMode, Problem, TensorMap, evaluate,
 };
 use dmkd::rng::PhiloxStream;
-use dmkd::{ConvAlgo, Tensor};
+use dmkd::{ConvAlgo, Isa, Tensor};
 
 const C: usize = 256;
 const N: usize = 2;
@@ -84,6 +84,7 @@ fn problems(heavy: bool, tau: f64, mode: MaskMode) -> (Problem<f64>, Problem<f32
 const CPU: BackendOptions = BackendOptions {
     kind: BackendKind::Cpu,
     conv_algo: ConvAlgo::Auto,
+    isa: Isa::Auto,
 };
 
 fn run<T: dmkd::backend::BackendFloat>(opts: BackendOptions, p: &Problem<T>) -> Evaluation<T> {

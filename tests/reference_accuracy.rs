@@ -15,7 +15,7 @@ use dmkd::backend::{
 use dmkd::distill::{EvalOptions, Problem, forward};
 use dmkd::rng::PhiloxStream;
 use dmkd::synthetic::{Preset, inputs};
-use dmkd::{ConvAlgo, Tensor};
+use dmkd::{ConvAlgo, Isa, Tensor};
 
 const COUNT: usize = 2_000_000;
 
@@ -129,10 +129,12 @@ fn full_size_f32_loss_on_the_reference_backend_is_within_1e_6_of_f64() {
     let cpu = BackendOptions {
         kind: BackendKind::Cpu,
         conv_algo: ConvAlgo::Direct,
+        isa: Isa::Auto,
     };
     let reference = BackendOptions {
         kind: BackendKind::Reference,
         conv_algo: ConvAlgo::Direct,
+        isa: Isa::Auto,
     };
     let (l64, lv64) = forward(make_backend::<f64>(cpu).unwrap(), &p64).unwrap();
     let (l32, lv32) = forward(make_backend::<f32>(reference).unwrap(), &p32).unwrap();

@@ -200,6 +200,7 @@ fn backend_options(backend: &str, conv_algo: &str) -> PyResult<BackendOptions> {
     Ok(BackendOptions {
         kind: backend.parse::<BackendKind>().map_err(py_err)?,
         conv_algo: conv_algo.parse::<ConvAlgo>().map_err(py_err)?,
+        isa: dmkd::Isa::Auto,
     })
 }
 

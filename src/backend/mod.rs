@@ -18,7 +18,7 @@ pub mod cuda;
 pub mod profile;
 pub mod reference;
 
-pub use cpu::{ConvAlgo, CpuBackend};
+pub use cpu::{ConvAlgo, CpuBackend, Isa};
 pub use profile::{ProfileRow, Profiled};
 pub use reference::ReferenceBackend;
 
@@ -403,6 +403,8 @@ pub struct BackendOptions {
     pub kind: BackendKind,
     /// The CPU backend's convolution algorithm.
     pub conv_algo: ConvAlgo,
+    /// The CPU backend's instruction set (`Auto`: the widest this CPU has).
+    pub isa: Isa,
 }
 
 impl Default for BackendOptions {
@@ -410,6 +412,7 @@ impl Default for BackendOptions {
         BackendOptions {
             kind: BackendKind::Cpu,
             conv_algo: ConvAlgo::Auto,
+            isa: Isa::Auto,
         }
     }
 }
@@ -420,10 +423,12 @@ pub trait BackendFloat: Float {
     fn make_backend(opts: BackendOptions) -> Result<BackendRef<Self>>;
 }
 
-fn make_host_backend<T: Float>(opts: BackendOptions) -> Option<BackendRef<T>> {
+fn make_host_backend<T: Float>(opts: BackendOptions) -> Option<Result<BackendRef<T>>> {
     match opts.kind {
-        BackendKind::Reference => Some(Arc::new(ReferenceBackend)),
-        BackendKind::Cpu => Some(Arc::new(CpuBackend::new(opts.conv_algo))),
+        BackendKind::Reference => Some(Ok(Arc::new(ReferenceBackend))),
+        BackendKind::Cpu => Some(
+            CpuBackend::with_isa(opts.conv_algo, opts.isa).map(|b| Arc::new(b) as BackendRef<T>),
+        ),
         BackendKind::Cuda => None,
     }
 }
@@ -433,7 +438,7 @@ macro_rules! impl_backend_float {
         impl BackendFloat for $t {
             fn make_backend(opts: BackendOptions) -> Result<BackendRef<Self>> {
                 if let Some(b) = make_host_backend::<$t>(opts) {
-                    return Ok(b);
+                    return b;
                 }
                 #[cfg(feature = "cuda")]
                 {
@@ -456,9 +461,13 @@ pub fn make_backend<T: BackendFloat>(opts: BackendOptions) -> Result<BackendRef<
 }
 
 impl BackendOptions {
-    /// A short label, e.g. `cpu/auto` or `reference`.
+    /// A short label, e.g. `cpu/auto`, `cpu/direct/avx2` (a named
+    /// instruction set) or `reference`.
     pub fn kind_name(&self) -> String {
         match self.kind {
+            BackendKind::Cpu if self.isa != Isa::Auto => {
+                format!("cpu/{:?}/{}", self.conv_algo, self.isa).to_lowercase()
+            }
             BackendKind::Cpu => format!("cpu/{:?}", self.conv_algo).to_lowercase(),
             BackendKind::Reference => "reference".into(),
             BackendKind::Cuda => "cuda".into(),

@@ -11,7 +11,9 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
-use dmkd::backend::{BackendFloat, BackendKind, BackendOptions, ReferenceBackend, make_backend};
+use dmkd::backend::{
+    BackendFloat, BackendKind, BackendOptions, Isa, ReferenceBackend, make_backend,
+};
 use dmkd::{BackendRef, ConvAlgo};
 
 use super::rules::Rule;
@@ -29,14 +31,26 @@ pub struct Subject<T: dmkd::Float> {
 /// The backends under test, the reference (the oracle) excepted.
 pub fn backends<T: BackendFloat>() -> Vec<Subject<T>> {
     let mut v = Vec::new();
-    // The fast CPU backend under each conv algorithm. (A CPU ISA choice
-    // adds one loop here.)
+    // The fast CPU backend under each conv algorithm on the widest
+    // instruction set this CPU has, and direct and Winograd on each
+    // narrower one (AVX2 on an AVX-512 machine, scalar everywhere).
     for algo in [ConvAlgo::Direct, ConvAlgo::Winograd, ConvAlgo::Auto] {
         let opts = BackendOptions {
             kind: BackendKind::Cpu,
             conv_algo: algo,
+            isa: Isa::Auto,
         };
         v.extend(subject(opts, Rule::Cpu(algo)));
+    }
+    for isa in Isa::available().into_iter().skip(1) {
+        for algo in [ConvAlgo::Direct, ConvAlgo::Winograd] {
+            let opts = BackendOptions {
+                kind: BackendKind::Cpu,
+                conv_algo: algo,
+                isa,
+            };
+            v.extend(subject(opts, Rule::Cpu(algo)));
+        }
     }
     // CUDA, in a `--features cuda` build with a usable device.
     #[cfg(feature = "cuda")]

@@ -28,14 +28,14 @@
 //! (n, oy, ox) order, whatever the thread count; threads split the rows j
 //! (outputs), never the reduction.
 
-use pulp::{Arch, Simd, WithSimd};
+use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 
+use super::Ctx;
 use super::conv_fwd::{
     ASource, Epilogue, ImplicitConv, Skip, TASKS_PER_THREAD, forward_pad, kc_for, kept_channels,
     pack_weights, sparse_channels,
 };
-use super::counters::Tally;
 use super::kernel::{AWalk, ColBlock, MR, nr, run_tile};
 use super::pack::{PadSpec, align_offset, pack_dy_t, pad_input, pad_planes};
 use super::simd::Elem;
@@ -47,7 +47,7 @@ pub(crate) fn conv2d_backward_input<E: Elem>(
     dy: &[E],
     w: &[E],
     args: &ConvArgs<E>,
-    tally: &Tally,
+    cx: Ctx<'_>,
 ) -> Vec<E> {
     let g = &args.geom;
     let [ph, pw] = g.padding;
@@ -77,19 +77,19 @@ pub(crate) fn conv2d_backward_input<E: Elem>(
         // Under a channel mask with exact zeros, only the kept channels'
         // rows are computed (the others are `0 * ...`); per image, since
         // the masks differ.
-        tally.channel_sparse_call();
+        cx.tally.channel_sparse_call();
         let hw = g.h * g.w;
         let img_len = g.c_out * spec.hp * spec.wp;
         let mut dx = pool::take::<E>(g.n * cin * hw);
         for (img, dximg) in dx.chunks_mut(cin * hw).enumerate() {
             let kept = kept_channels(ms, img, cin);
-            tally.channels_skipped(cin - kept.len());
+            cx.tally.channels_skipped(cin - kept.len());
             dximg.fill(E::zero());
             if kept.is_empty() {
                 continue;
             }
             let scale: Vec<E> = kept.iter().map(|&ci| ms[img * cin + ci]).collect();
-            let a = ASource::packed(kept.len(), k, |r, kk| wt[kept[r] * k + kk], tally);
+            let a = ASource::packed(kept.len(), k, |r, kk| wt[kept[r] * k + kk], cx);
             let rows = ImplicitConv {
                 src: &src.as_slice()[img * img_len..][..img_len],
                 n: 1,
@@ -105,7 +105,7 @@ pub(crate) fn conv2d_backward_input<E: Elem>(
                 m: kept.len(),
                 epilogue: Epilogue::RowScale(&scale),
                 skip: Skip::None,
-                tally,
+                cx,
             }
             .run();
             for (r, &ci) in kept.iter().enumerate() {
@@ -117,7 +117,7 @@ pub(crate) fn conv2d_backward_input<E: Elem>(
         return dx;
     }
     let a = if pack_weights(g.n * g.h * g.w) {
-        ASource::packed(cin, k, |ci, kk| wt[ci * k + kk], tally)
+        ASource::packed(cin, k, |ci, kk| wt[ci * k + kk], cx)
     } else {
         ASource::Rows {
             data: &wt,
@@ -136,7 +136,7 @@ pub(crate) fn conv2d_backward_input<E: Elem>(
     // Under a spatial mask, the positions it zeroes need no sums.
     let skip = match &args.mask {
         Some(InputMask::Spatial(m)) => {
-            tally.spatial_skip_call();
+            cx.tally.spatial_skip_call();
             Skip::Output(m.as_slice())
         }
         _ => Skip::None,
@@ -156,7 +156,7 @@ pub(crate) fn conv2d_backward_input<E: Elem>(
         m: cin,
         epilogue,
         skip,
-        tally,
+        cx,
     }
     .run();
     drop(a);
@@ -217,13 +217,13 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
     dy: &[E],
     x: &[E],
     args: &ConvArgs<E>,
-    tally: &Tally,
+    cx: Ctx<'_>,
 ) -> Vec<E> {
     let g = &args.geom;
     let spec = forward_pad(g);
     let src = pad_input(x, g.input_shape(), spec, args.mask.as_ref());
-    let arch = Arch::new();
-    let nr = super::conv_fwd::nr_for::<E>();
+    let arch = cx.arch;
+    let nr = super::conv_fwd::nr_for::<E>(arch);
     let j_len = g.c_in * g.kh * g.kw;
     let m = g.c_out;
     let tiles = m.div_ceil(nr);
@@ -236,7 +236,7 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
     // their order, so the result stays one fixed-order chain per output.
     let dropped = match &args.mask {
         Some(InputMask::Spatial(m)) if m.as_slice().contains(&E::zero()) => {
-            tally.spatial_skip_call();
+            cx.tally.spatial_skip_call();
             let mpad = pad_planes(
                 m.as_slice(),
                 [g.n, 1, g.h, g.w],
@@ -264,7 +264,7 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
         }
         _ => false,
     };
-    tally.tiles(blocks.len(), all_blocks - blocks.len());
+    cx.tally.tiles(blocks.len(), all_blocks - blocks.len());
     // C' = dW^T in whole MR x NR tiles, `[row panel][co tile][MR][NR]`, the
     // order the kernels visit them (contiguous C tiles, one sequential
     // sweep per k-block, as in the forward pass).
@@ -285,8 +285,9 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
     // from the first k-block's products (the same values).
     let skip = sparse_channels(args.mask.as_ref());
     if let Some(ms) = skip {
-        tally.channel_sparse_call();
-        tally.channels_skipped(skipped_channels(ms, g.n, g.c_in, g.kh * g.kw));
+        cx.tally.channel_sparse_call();
+        cx.tally
+            .channels_skipped(skipped_channels(ms, g.n, g.c_in, g.kh * g.kw));
     }
     let zero_start = skip.is_some() || dropped || blocks.is_empty();
     if zero_start {
@@ -298,7 +299,7 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
         hp: spec.hp,
         wp: spec.wp,
         skip,
-        tally,
+        cx,
     };
     // dY^T is packed once per group of k-blocks, in parallel, and shared
     // by all row tasks (packing it per task repeated the transpose for each
@@ -358,7 +359,7 @@ struct DwJob<'a, E> {
     wp: usize,
     /// The channel mask, when masked channels are skipped.
     skip: Option<&'a [E]>,
-    tally: &'a Tally,
+    cx: Ctx<'a>,
 }
 
 /// The (image, channel) pairs of channel mask `ms` (`[n, c]`) whose
@@ -470,7 +471,7 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                 }
             }
         }
-        job.tally.macs(macs);
+        job.cx.tally.macs(macs);
     }
 }
 

@@ -27,7 +27,7 @@
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
-use super::counters::Tally;
+use super::Ctx;
 use super::kernel::{AWalk, ColBlock, MR, nr, run_packed_tile, run_tile, split_columns};
 use super::pack::{Aligned, PackedA, PadSpec, even_blocks, pack_b_tile, pad_input, pad_planes};
 use super::simd::Elem;
@@ -75,12 +75,12 @@ pub(crate) fn conv2d<E: Elem>(
     w: &[E],
     b: Option<&[E]>,
     args: &ConvArgs<E>,
-    tally: &Tally,
+    cx: Ctx<'_>,
 ) -> Vec<E> {
     let g = &args.geom;
     if let Some(ms) = sparse_channels(args.mask.as_ref()) {
-        tally.channel_sparse_call();
-        return conv2d_channel_sparse(x, w, b, args, ms, tally);
+        cx.tally.channel_sparse_call();
+        return conv2d_channel_sparse(x, w, b, args, ms, cx);
     }
     let spec = forward_pad(g);
     let src = pad_input(x, g.input_shape(), spec, args.mask.as_ref());
@@ -96,11 +96,11 @@ pub(crate) fn conv2d<E: Elem>(
         _ => None,
     };
     if mpad.is_some() {
-        tally.spatial_skip_call();
+        cx.tally.spatial_skip_call();
     }
     let k = g.c_in * g.kh * g.kw;
     let a = if pack_weights(g.n * g.oh * g.ow) {
-        ASource::packed(g.c_out, k, |m, kk| w[m * k + kk], tally)
+        ASource::packed(g.c_out, k, |m, kk| w[m * k + kk], cx)
     } else {
         ASource::Rows {
             data: w,
@@ -127,7 +127,7 @@ pub(crate) fn conv2d<E: Elem>(
             relu: args.relu,
         },
         skip: mpad.as_deref().map_or(Skip::None, Skip::Receptive),
-        tally,
+        cx,
     }
     .run();
     if let Some(m) = mpad {
@@ -147,7 +147,7 @@ fn conv2d_channel_sparse<E: Elem>(
     b: Option<&[E]>,
     args: &ConvArgs<E>,
     ms: &[E],
-    tally: &Tally,
+    cx: Ctx<'_>,
 ) -> Vec<E> {
     let g = &args.geom;
     let spec = forward_pad(g);
@@ -157,7 +157,7 @@ fn conv2d_channel_sparse<E: Elem>(
     let mut y = pool::take::<E>(g.n * g.c_out * p);
     for (img, yimg) in y.chunks_mut(g.c_out * p).enumerate() {
         let kept = kept_channels(ms, img, g.c_in);
-        tally.channels_skipped(g.c_in - kept.len());
+        cx.tally.channels_skipped(g.c_in - kept.len());
         if kept.is_empty() {
             // Every product is zero: act(0 + b), as the reference computes it.
             for (co, row) in yimg.chunks_mut(p).enumerate() {
@@ -171,7 +171,7 @@ fn conv2d_channel_sparse<E: Elem>(
             .iter()
             .flat_map(|&ci| (0..taps).map(move |t| ci * taps + t))
             .collect();
-        let a = ASource::packed(g.c_out, cols.len(), |m, j| w[m * k_full + cols[j]], tally);
+        let a = ASource::packed(g.c_out, cols.len(), |m, j| w[m * k_full + cols[j]], cx);
         let yk = ImplicitConv {
             src: &src,
             n: 1,
@@ -190,7 +190,7 @@ fn conv2d_channel_sparse<E: Elem>(
                 relu: args.relu,
             },
             skip: Skip::None,
-            tally,
+            cx,
         }
         .run();
         yimg.copy_from_slice(&yk);
@@ -250,9 +250,9 @@ impl<'a, E: Elem> ASource<'a, E> {
         rows: usize,
         k_len: usize,
         at: impl Fn(usize, usize) -> E + Sync,
-        tally: &Tally,
+        cx: Ctx<'_>,
     ) -> Self {
-        tally.weights_packed(rows * k_len);
+        cx.tally.weights_packed(rows * k_len);
         ASource::Packed(PackedA::new(rows, k_len, kc_for::<E>(), at))
     }
 
@@ -312,7 +312,7 @@ pub(crate) struct ImplicitConv<'a, E: Elem> {
     /// Output tiles known to be all zeros before the epilogue.
     pub skip: Skip<'a, E>,
     /// Where the work is counted.
-    pub tally: &'a Tally,
+    pub cx: Ctx<'a>,
 }
 
 /// Which output tiles a spatial mask's exact zeros make zero (their kernels
@@ -331,9 +331,9 @@ pub(crate) enum Skip<'a, E> {
 impl<E: Elem> ImplicitConv<'_, E> {
     /// `[n, m, oh, ow]`, row-major.
     pub fn run(&self) -> Vec<E> {
-        let arch = Arch::new();
+        let arch = self.cx.arch;
         let p = self.oh * self.ow;
-        let nr = nr_for::<E>();
+        let nr = nr_for::<E>(arch);
         // Tap offsets in the padded image, k = (c, ky, kx).
         let plane = self.hp * self.wp;
         let mut kbase = Vec::with_capacity(self.c * self.kh * self.kw);
@@ -379,9 +379,9 @@ impl<E: Elem> ImplicitConv<'_, E> {
     }
 }
 
-/// NR of the instruction set this machine runs.
-pub(crate) fn nr_for<E: Elem>() -> usize {
-    Arch::new().dispatch(NrProbe::<E>(std::marker::PhantomData))
+/// NR of an instruction set: output positions per micro-kernel tile.
+pub(crate) fn nr_for<E: Elem>(arch: Arch) -> usize {
+    arch.dispatch(NrProbe::<E>(std::marker::PhantomData))
 }
 
 struct NrProbe<E>(std::marker::PhantomData<E>);
@@ -462,8 +462,8 @@ impl<E: Elem> WithSimd for FwdTask<'_, '_, E> {
             skipped = (skipped.0 + 1, skipped.1 + nr.min(cols - t * nr));
         }
         let k_len: usize = conv.a.kblocks().iter().map(|b| b.1).sum();
-        conv.tally.tiles(tiles - skipped.0, skipped.0);
-        conv.tally.macs(conv.m * k_len * (cols - skipped.1));
+        conv.cx.tally.tiles(tiles - skipped.0, skipped.0);
+        conv.cx.tally.macs(conv.m * k_len * (cols - skipped.1));
         for (kb, &(k0, klen)) in conv.a.kblocks().iter().enumerate() {
             let bt = &mut bt.as_mut_slice()[..(klen + 1) * nr];
             for t in (0..tiles).filter(|&t| !skip[t]) {

@@ -325,7 +325,7 @@ pub(crate) fn run_packed_tile<E: Elem, S: Simd>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pulp::{Arch, WithSimd};
+    use pulp::WithSimd;
 
     /// Plain fused loops with the same k order as the kernel.
     fn oracle(a: &[Vec<f32>], w: AWalk, b: &[f32], nr: usize, c: &mut [f32], ldc: usize) {
@@ -451,7 +451,10 @@ mod tests {
 
     #[test]
     fn packed_kernel_matches_fused_loops_bit_for_bit() {
-        for arch in [Arch::new(), Arch::Scalar] {
+        for arch in crate::backend::cpu::Isa::available()
+            .into_iter()
+            .map(|i| i.arch().unwrap())
+        {
             for (k, accumulate) in [(1, false), (7, true), (256, false), (33, true)] {
                 arch.dispatch(Packed { k, accumulate });
             }
@@ -460,7 +463,10 @@ mod tests {
 
     #[test]
     fn kernel_matches_fused_loops_bit_for_bit() {
-        for arch in [Arch::new(), Arch::Scalar] {
+        for arch in crate::backend::cpu::Isa::available()
+            .into_iter()
+            .map(|i| i.arch().unwrap())
+        {
             for (walk, rows, cols, accumulate) in [
                 (AWalk::run(0, 1, 37), 6, 16, false),
                 (AWalk::run(3, 6, 20), 6, 16, true),

@@ -40,6 +40,7 @@ mod conv_bwd;
 mod conv_fwd;
 pub mod counters;
 mod elementwise;
+mod isa;
 mod kernel;
 mod pack;
 pub mod peak;
@@ -49,7 +50,8 @@ mod winograd;
 
 pub use conv_fwd::PACK_WEIGHTS_ABOVE;
 pub use counters::{PassCounters, WorkCounters};
-pub use peak::fma_peak_gflops;
+pub use isa::Isa;
+pub use peak::{fma_peak_gflops, fma_peak_gflops_on};
 
 /// Rows per kernel panel of the direct convolutions: output channels of
 /// the forward pass, input channels of the input gradient, taps
@@ -130,21 +132,59 @@ impl std::str::FromStr for ConvAlgo {
 /// SIMD, multi-threaded, bit-deterministic CPU backend.
 ///
 /// Each instance counts the work of its convolutions ([`Self::counters`]);
-/// clones share the counts.
-#[derive(Clone, Debug, Default)]
+/// clones share the counts. Its kernels run on one instruction set
+/// ([`Isa`]), fixed at construction; every choice gives the same bits.
+#[derive(Clone, Debug)]
 pub struct CpuBackend {
     /// How convolutions are computed.
     pub algo: ConvAlgo,
+    /// The instruction set the kernels run on (never `Isa::Auto`: what
+    /// `Auto` resolved to).
+    isa: Isa,
+    arch: pulp::Arch,
     counters: Arc<counters::Counters>,
 }
 
+impl Default for CpuBackend {
+    fn default() -> Self {
+        CpuBackend::new(ConvAlgo::default())
+    }
+}
+
+/// What a kernel needs from its backend: the instruction set to dispatch
+/// on and where to count its work.
+#[derive(Clone, Copy)]
+pub(crate) struct Ctx<'a> {
+    pub arch: pulp::Arch,
+    pub tally: &'a counters::Tally,
+}
+
 impl CpuBackend {
-    /// The CPU backend with a conv algorithm.
+    /// The CPU backend with a conv algorithm, on the widest instruction
+    /// set this CPU has.
     pub fn new(algo: ConvAlgo) -> Self {
         CpuBackend {
             algo,
+            isa: Isa::Auto.resolve().expect("scalar always runs"),
+            arch: pulp::Arch::new(),
             counters: Arc::default(),
         }
+    }
+
+    /// The CPU backend on a named instruction set; an error (one line,
+    /// naming what is missing) if this CPU lacks it.
+    pub fn with_isa(algo: ConvAlgo, isa: Isa) -> Result<Self> {
+        Ok(CpuBackend {
+            algo,
+            isa: isa.resolve()?,
+            arch: isa.arch()?,
+            counters: Arc::default(),
+        })
+    }
+
+    /// The instruction set the kernels run on (what `Auto` resolved to).
+    pub fn isa(&self) -> Isa {
+        self.isa
     }
 
     /// The work done since construction or the last reset.
@@ -171,15 +211,19 @@ impl CpuBackend {
     /// kernels do not cover. Tile `t` of an image holds positions `t * w ..
     /// (t + 1) * w` (row-major over the output plane, the last tile
     /// partial); a spatial mask skips whole tiles.
-    pub fn direct_tile_positions<T: Float>() -> Option<usize> {
-        per_elem!(T, E => conv_fwd::nr_for::<E>())
+    pub fn direct_tile_positions<T: Float>(&self) -> Option<usize> {
+        per_elem!(T, E => conv_fwd::nr_for::<E>(self.arch))
     }
 
-    fn tally(&self, pass: Pass) -> &counters::Tally {
-        match pass {
+    fn ctx(&self, pass: Pass) -> Ctx<'_> {
+        let tally = match pass {
             Pass::Forward => &self.counters.forward,
             Pass::Input => &self.counters.input_grad,
             Pass::Weight => &self.counters.weight_grad,
+        };
+        Ctx {
+            arch: self.arch,
+            tally,
         }
     }
 }
@@ -272,13 +316,13 @@ impl<T: Float> Backend<T> for CpuBackend {
             let w: &Tensor<E> = same(w);
             let b: Option<&Tensor<E>> = b.map(same);
             let (x, w, b) = (x.as_slice(), w.as_slice(), b.map(Tensor::as_slice));
-            let tally = self.tally(Pass::Forward);
+            let cx = self.ctx(Pass::Forward);
             let y = if self.winograd_for(a, Pass::Forward) {
-                tally.winograd_call();
-                winograd::conv2d(x, w, b, a, tally)
+                cx.tally.winograd_call();
+                winograd::conv2d(x, w, b, a, cx)
             } else {
-                tally.direct_call();
-                conv_fwd::conv2d(x, w, b, a, tally)
+                cx.tally.direct_call();
+                conv_fwd::conv2d(x, w, b, a, cx)
             };
             same_owned::<Tensor<E>, Tensor<T>>(Tensor::from_parts(&a.geom.output_shape(), y))
         });
@@ -299,13 +343,13 @@ impl<T: Float> Backend<T> for CpuBackend {
             let dy: &Tensor<E> = same(dy);
             let w: &Tensor<E> = same(w);
             let (dy, w) = (dy.as_slice(), w.as_slice());
-            let tally = self.tally(Pass::Input);
+            let cx = self.ctx(Pass::Input);
             let dx = if self.winograd_for(a, Pass::Input) {
-                tally.winograd_call();
-                winograd::conv2d_backward_input(dy, w, a, tally)
+                cx.tally.winograd_call();
+                winograd::conv2d_backward_input(dy, w, a, cx)
             } else {
-                tally.direct_call();
-                conv_bwd::conv2d_backward_input(dy, w, a, tally)
+                cx.tally.direct_call();
+                conv_bwd::conv2d_backward_input(dy, w, a, cx)
             };
             same_owned::<Tensor<E>, Tensor<T>>(Tensor::from_parts(&a.geom.input_shape(), dx))
         });
@@ -326,13 +370,13 @@ impl<T: Float> Backend<T> for CpuBackend {
             let dy: &Tensor<E> = same(dy);
             let x: &Tensor<E> = same(x);
             let (dy, x) = (dy.as_slice(), x.as_slice());
-            let tally = self.tally(Pass::Weight);
+            let cx = self.ctx(Pass::Weight);
             let dw = if self.winograd_for(a, Pass::Weight) {
-                tally.winograd_call();
-                winograd::conv2d_backward_weight(dy, x, a, tally)
+                cx.tally.winograd_call();
+                winograd::conv2d_backward_weight(dy, x, a, cx)
             } else {
-                tally.direct_call();
-                conv_bwd::conv2d_backward_weight(dy, x, a, tally)
+                cx.tally.direct_call();
+                conv_bwd::conv2d_backward_weight(dy, x, a, cx)
             };
             same_owned::<Tensor<E>, Tensor<T>>(Tensor::from_parts(&a.geom.weight_shape(), dw))
         });

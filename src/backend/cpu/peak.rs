@@ -2,7 +2,8 @@
 //!
 //! Each thread runs 12 independent FMA chains on full registers (AVX2: 12
 //! ymm, enough to cover the 4-cycle latency of Zen 3's two FMA pipes with
-//! room to spare) for a fixed count, with no memory traffic. The clock of
+//! room to spare; AVX-512: 12 of the 32 zmm, against the 8 that two
+//! 4-cycle FMA ports need) for a fixed count, with no memory traffic. The clock of
 //! this machine varies from day to day (190 to 228 GFLOP/s f32 with 2
 //! threads, `docs/engineering.md`), so a figure is only comparable with a probe
 //! taken in the same run.
@@ -11,7 +12,10 @@ use std::hint::black_box;
 use std::sync::Barrier;
 use std::time::Instant;
 
-use pulp::{Arch, Simd, WithSimd};
+use pulp::{Simd, WithSimd};
+
+use super::Isa;
+use crate::error::Result;
 
 /// Independent accumulation chains per thread.
 const CHAINS: usize = 12;
@@ -46,10 +50,18 @@ impl WithSimd for Probe {
 }
 
 /// f32 FMA throughput of `threads` threads running at once, in GFLOP/s
-/// (an FMA counts as 2 flops): the best of a few short trials.
+/// (an FMA counts as 2 flops), on the widest instruction set this CPU has:
+/// the best of a few short trials.
 pub fn fma_peak_gflops(threads: usize) -> f64 {
+    fma_peak_gflops_on(Isa::Auto, threads).expect("the widest instruction set runs")
+}
+
+/// [`fma_peak_gflops`] on a named instruction set (a figure measured with
+/// `--isa avx2` is compared with the AVX2 peak); an error if this CPU
+/// lacks it.
+pub fn fma_peak_gflops_on(isa: Isa, threads: usize) -> Result<f64> {
     let threads = threads.max(1);
-    let arch = Arch::new();
+    let arch = isa.arch()?;
     let iters = 2_000_000;
     let mut best = 0.0f64;
     for _ in 0..10 {
@@ -77,5 +89,5 @@ pub fn fma_peak_gflops(threads: usize) -> f64 {
         let flops = (threads * iters * CHAINS * lanes * 2) as f64;
         best = best.max(flops / secs / 1e9);
     }
-    best
+    Ok(best)
 }

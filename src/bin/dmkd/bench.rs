@@ -18,9 +18,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use dmkd::backend::cpu::WorkCounters;
+use dmkd::backend::cpu::{WorkCounters, fma_peak_gflops_on};
 use dmkd::backend::{
-    Backend, BackendKind, BackendOptions, BackendRef, ConvArgs, ConvGeometry, CpuBackend,
+    Backend, BackendKind, BackendOptions, BackendRef, ConvArgs, ConvGeometry, CpuBackend, Isa,
     make_backend,
 };
 use dmkd::distill::{EvalOptions, Problem, evaluate, forward};
@@ -61,9 +61,33 @@ pub struct BenchReport {
     pub threads: usize,
     pub backend: String,
     pub conv_algo: String,
+    /// The CPU's model name (`/proc/cpuinfo`).
+    pub cpu: String,
+    /// The instruction set the CPU kernels dispatched to (`-` for other
+    /// backends).
+    pub isa: String,
+    /// The FMA peak probe on that instruction set (the widest one for the
+    /// reference backend; none for CUDA).
     pub fma_peak_gflops: Option<f64>,
+    /// The probe on the widest instruction set, when `--isa` named a
+    /// narrower one: the machine's peak, for comparison.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub widest_fma_peak_gflops: Option<f64>,
     pub peak_rss_mib: f64,
     pub rows: Vec<BenchRow>,
+}
+
+/// The CPU's model name, from `/proc/cpuinfo` (`unknown` elsewhere).
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`).
@@ -228,15 +252,30 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
             )
         })?;
     pool.install(|| {
+        // The instruction set the kernels run on: the one asked for (an
+        // error if this CPU lacks it), `Auto` resolved.
+        let isa = match opts.backend.kind {
+            BackendKind::Cpu => Some(opts.backend.isa.resolve()?),
+            _ => None,
+        };
+        let widest = Isa::Auto.resolve()?;
         let peak = match opts.backend.kind {
             BackendKind::Cuda => None,
-            _ => Some(dmkd::backend::cpu::fma_peak_gflops(opts.threads)),
+            _ => Some(fma_peak_gflops_on(isa.unwrap_or(widest), opts.threads)?),
+        };
+        let widest_peak = match isa {
+            Some(isa) if isa != widest => Some(fma_peak_gflops_on(widest, opts.threads)?),
+            _ => None,
         };
         // When counting, the CPU backend is built here to keep a handle on
         // its counters (`make_backend` builds the same one).
-        let cpu = opts
-            .counters
-            .then(|| Arc::new(CpuBackend::new(opts.backend.conv_algo)));
+        let cpu = match opts.counters {
+            true => Some(Arc::new(CpuBackend::with_isa(
+                opts.backend.conv_algo,
+                opts.backend.isa,
+            )?)),
+            false => None,
+        };
         let be: BackendRef<f32> = match &cpu {
             Some(cpu) => cpu.clone(),
             None => make_backend::<f32>(opts.backend)?,
@@ -257,7 +296,10 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
                 BackendKind::Cpu => format!("{:?}", opts.backend.conv_algo).to_lowercase(),
                 _ => "-".into(),
             },
+            cpu: cpu_model(),
+            isa: isa.map_or("-".into(), |i| i.to_string()),
             fma_peak_gflops: peak,
+            widest_fma_peak_gflops: widest_peak,
             peak_rss_mib: peak_rss_mib(),
             rows,
         })

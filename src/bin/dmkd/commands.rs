@@ -10,7 +10,7 @@ use dmkd::gradcheck::{loss_cases, op_cases, run_suite};
 use dmkd::io::{TensorFile, read_tensor_file, write_safetensors};
 use dmkd::synthetic::{self, Preset};
 use dmkd::verify::{Tolerance, compare, table};
-use dmkd::{ConvAlgo, DType, Error, Result};
+use dmkd::{DType, Error, Result};
 
 use crate::bench::{BenchOptions, BenchRow, run_bench};
 use crate::demo::{DemoOptions, run_demo};
@@ -231,9 +231,13 @@ pub(crate) fn bench(opts: BenchOptions, json: bool) -> Result<bool> {
         "bench: preset {}, {} threads, backend {}, conv algo {}, f32",
         report.preset, report.threads, report.backend, report.conv_algo
     );
+    println!("cpu: {}, instruction set: {}", report.cpu, report.isa);
     match peak {
         Some(p) => println!("FMA peak probe: {p:.1} GFLOP/s (same process)"),
         None => println!("FMA peak probe: n/a on this backend"),
+    }
+    if let Some(w) = report.widest_fma_peak_gflops {
+        println!("FMA peak of the widest instruction set: {w:.1} GFLOP/s");
     }
     println!(
         "{:<28} {:>10} {:>10} {:>8}",
@@ -307,7 +311,7 @@ fn print_counters(rows: &[BenchRow]) {
 pub(crate) fn gradcheck(cases: usize, seed: u64, backend: BackendKind, json: bool) -> Result<bool> {
     let be = make_backend::<f64>(BackendOptions {
         kind: backend,
-        conv_algo: ConvAlgo::Auto,
+        ..BackendOptions::default()
     })?;
     let mut suite = op_cases();
     suite.extend(loss_cases());

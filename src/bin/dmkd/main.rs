@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use dmkd::backend::{BackendKind, BackendOptions};
+use dmkd::backend::{BackendKind, BackendOptions, Isa};
 use dmkd::error::one_line;
 use dmkd::synthetic::Preset;
 use dmkd::verify::Tolerance;
@@ -40,6 +40,10 @@ struct BackendArgs {
     /// Convolution algorithm of the cpu backend: direct, winograd or auto.
     #[arg(long, default_value = "auto")]
     conv_algo: ConvAlgo,
+    /// Instruction set of the cpu backend: auto (the widest this CPU has),
+    /// avx512, avx2 or scalar; every choice gives the same bits.
+    #[arg(long, default_value = "auto")]
+    isa: Isa,
 }
 
 impl BackendArgs {
@@ -47,6 +51,7 @@ impl BackendArgs {
         BackendOptions {
             kind: self.backend,
             conv_algo: self.conv_algo,
+            isa: self.isa,
         }
     }
 }
@@ -151,6 +156,9 @@ enum Command {
         /// Golden files come from the reference backend unless told otherwise.
         #[arg(long, default_value = "reference")]
         backend: BackendKind,
+        /// Instruction set when --backend cpu (auto, avx512, avx2, scalar).
+        #[arg(long, default_value = "auto")]
+        isa: Isa,
     },
     /// Time the conv kernels and the whole loss at an FPN preset (f32).
     Bench {
@@ -285,6 +293,7 @@ fn run(cli: Cli) -> Result<bool> {
             out,
             format,
             backend,
+            isa,
         } => {
             let config = match config {
                 Some(p) => commands::read_config(&p)?,
@@ -293,6 +302,7 @@ fn run(cli: Cli) -> Result<bool> {
             let opts = BackendOptions {
                 kind: backend,
                 conv_algo: ConvAlgo::Auto,
+                isa,
             };
             with_dtype!(dtype, T => {
                 commands::golden::<T>(&preset, &config, seed, &out, format, opts)

@@ -3,13 +3,13 @@
 //! i.e. 36 GEMMs `(Cout x tiles) (tiles x Cin)` with the long reduction
 //! over tiles, then the adjoint weight transform.
 
-use pulp::{Arch, Simd, WithSimd};
+use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 
 use super::Scratch;
 use super::transform::{POS, grad_tile, input_tile, weight_grad_tile, window, window_is_zero};
+use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::nr_for;
-use crate::backend::cpu::counters::Tally;
 use crate::backend::cpu::kernel::{AWalk, ColBlock, MR, nr, run_tile};
 use crate::backend::cpu::simd::Elem;
 use crate::backend::{ConvArgs, InputMask};
@@ -31,24 +31,24 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
     dy: &[E],
     x: &[E],
     args: &ConvArgs<E>,
-    tally: &Tally,
+    cx: Ctx<'_>,
 ) -> Vec<E> {
     let g = &args.geom;
     let (n, c, m) = (g.n, g.c_in, g.c_out);
     let mut dw = pool::take::<E>(m * c * 9);
     match &args.mask {
         Some(InputMask::Channel(ms)) if ms.as_slice().contains(&E::zero()) => {
-            tally.channel_sparse_call();
+            cx.tally.channel_sparse_call();
             dw.fill(E::zero());
             for img in 0..n {
                 let cols: Vec<usize> = (0..c)
                     .filter(|&ci| ms.as_slice()[img * c + ci] != E::zero())
                     .collect();
-                tally.channels_skipped(c - cols.len());
+                cx.tally.channels_skipped(c - cols.len());
                 if cols.is_empty() {
                     continue;
                 }
-                let part = Sums::new(dy, x, args, img..img + 1, &cols, tally);
+                let part = Sums::new(dy, x, args, img..img + 1, &cols, cx);
                 dw.par_chunks_mut(c * 9).enumerate().for_each(|(co, row)| {
                     for (k, &ci) in cols.iter().enumerate() {
                         let d = part.weight_grad(co, k);
@@ -61,7 +61,7 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
         }
         _ => {
             let cols: Vec<usize> = (0..c).collect();
-            let all = Sums::new(dy, x, args, 0..n, &cols, tally);
+            let all = Sums::new(dy, x, args, 0..n, &cols, cx);
             dw.par_chunks_mut(c * 9).enumerate().for_each(|(co, row)| {
                 for ci in 0..c {
                     row[ci * 9..ci * 9 + 9].copy_from_slice(&all.weight_grad(co, ci));
@@ -101,13 +101,13 @@ impl<E: Elem> Sums<E> {
         args: &ConvArgs<E>,
         imgs: std::ops::Range<usize>,
         cols: &[usize],
-        tally: &Tally,
+        cx: Ctx<'_>,
     ) -> Self {
         let g = &args.geom;
         let (m, h, w) = (g.c_out, g.h, g.w);
         let hw = h * w;
         let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
-        let nr = nr_for::<E>();
+        let nr = nr_for::<E>(cx.arch);
         let ctiles = cols.len().div_ceil(nr);
         let panels = m.div_ceil(MR);
         let tile_len = MR * nr;
@@ -121,7 +121,7 @@ impl<E: Elem> Sums<E> {
             _ => None,
         };
         if smask.is_some() {
-            tally.spatial_skip_call();
+            cx.tally.spatial_skip_call();
         }
         let mut tiles = Vec::with_capacity(imgs.len() * th * tw);
         for img in imgs.clone() {
@@ -134,8 +134,9 @@ impl<E: Elem> Sums<E> {
                 }
             }
         }
-        tally.tiles(tiles.len(), imgs.len() * th * tw - tiles.len());
-        tally.macs(POS * m * cols.len() * tiles.len());
+        cx.tally
+            .tiles(tiles.len(), imgs.len() * th * tw - tiles.len());
+        cx.tally.macs(POS * m * cols.len() * tiles.len());
         let tb = tiles_per_block::<E>();
         let threads = rayon::current_num_threads();
         // GEMM tasks: (position, run of panels), at least 4 per thread; the
@@ -155,7 +156,7 @@ impl<E: Elem> Sums<E> {
         // A: transformed output gradients `[co][pos][tile]` (lanes are tiles).
         let mut vbuf = Scratch::<E>::new(ctiles * POS * tb * nr);
         let mut wbuf = Scratch::<E>::new(m * POS * tb);
-        let arch = Arch::new();
+        let arch = cx.arch;
         for (bi, bt) in tiles.chunks(tb).enumerate() {
             let vt = vbuf.as_mut_slice();
             let wt = wbuf.as_mut_slice();

@@ -8,8 +8,8 @@ use super::Scratch;
 use super::transform::{
     POS, input_tile, output_tile, tile_is_zero, weight_tile, weight_tile_v, window, window_is_zero,
 };
+use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::{TASKS_PER_THREAD, act_of_bias, relu_of};
-use crate::backend::cpu::counters::Tally;
 use crate::backend::cpu::kernel::{ColBlock, MR, nr, run_packed_tile, split_columns};
 use crate::backend::cpu::simd::Elem;
 use crate::pool;
@@ -60,7 +60,7 @@ pub(crate) struct WinoConv<'a, E: Elem> {
     pub input: InMul<'a, E>,
     pub epi: Epi<'a, E>,
     /// Where the work is counted.
-    pub tally: &'a Tally,
+    pub cx: Ctx<'a>,
 }
 
 /// Nonzero entries of row `img` of a `[n, c]` channel mask, or all.
@@ -76,9 +76,8 @@ fn kept<E: Elem>(mask: Option<&[E]>, img: usize, c: usize) -> Vec<usize> {
 /// (transposed). Lanes run over columns, so each row's 36 outputs are
 /// contiguous vector stores (a scalar transform scattering straight into
 /// the packed panels cost ~6 ms per call at 256 x 256, most of a P5 conv).
-fn transform_weights<E: Elem>(w: &[E], m: usize, k: usize, transposed: bool) -> Vec<E> {
+fn transform_weights<E: Elem>(arch: Arch, w: &[E], m: usize, k: usize, transposed: bool) -> Vec<E> {
     let mut out = pool::take::<E>(m * POS * k);
-    let arch = Arch::new();
     out.par_chunks_mut((POS * k).max(1))
         .enumerate()
         .for_each(|(row, dst)| {
@@ -195,25 +194,26 @@ impl<E: Elem> WinoConv<'_, E> {
             _ => None,
         };
         if matches!(self.input, InMul::Spatial(_)) || matches!(self.epi, Epi::Spatial(_)) {
-            self.tally.spatial_skip_call();
+            self.cx.tally.spatial_skip_call();
         }
-        let ut = transform_weights(self.weights, m, self.k, self.transposed);
+        let ut = transform_weights(self.cx.arch, self.weights, m, self.k, self.transposed);
         if sparse_k.is_none() && sparse_m.is_none() {
             let (rows, cols) = ((0..m).collect::<Vec<_>>(), (0..self.k).collect::<Vec<_>>());
-            self.tally.weights_packed(POS * rows.len() * cols.len());
+            self.cx.tally.weights_packed(POS * rows.len() * cols.len());
             let u = pack_weights(&ut, self.k, &rows, &cols);
             let imgs: Vec<(usize, &mut [E])> = y.chunks_mut(m * hw).enumerate().collect();
             self.run_images(imgs, &rows, &cols, &u);
             drop(pool::Buffer::new(u));
         } else {
             // Per image: only the kept channels enter the GEMMs.
-            self.tally.channel_sparse_call();
+            self.cx.tally.channel_sparse_call();
             for (img, yimg) in y.chunks_mut(m * hw).enumerate() {
                 let rows = kept(sparse_m, img, m);
                 let cols = kept(sparse_k, img, self.k);
-                self.tally
+                self.cx
+                    .tally
                     .channels_skipped(m - rows.len() + self.k - cols.len());
-                self.tally.weights_packed(POS * rows.len() * cols.len());
+                self.cx.tally.weights_packed(POS * rows.len() * cols.len());
                 let u = pack_weights(&ut, self.k, &rows, &cols);
                 self.run_images(vec![(img, yimg)], &rows, &cols, &u);
                 drop(pool::Buffer::new(u));
@@ -224,7 +224,7 @@ impl<E: Elem> WinoConv<'_, E> {
     }
 
     fn run_images(&self, imgs: Vec<(usize, &mut [E])>, rows: &[usize], cols: &[usize], u: &[E]) {
-        let arch = Arch::new();
+        let arch = self.cx.arch;
         let (h, w, m) = (self.h, self.w, self.m);
         let th = h.div_ceil(4);
         // Tasks: runs of tile rows, about TASKS_PER_THREAD per thread
@@ -319,8 +319,8 @@ impl<E: Elem> WithSimd for WinoTask<'_, '_, E> {
         if kk == 0 {
             tiles.clear();
         }
-        conv.tally.tiles(tiles.len(), skipped);
-        conv.tally.macs(POS * rows.len() * kk * tiles.len());
+        conv.cx.tally.tiles(tiles.len(), skipped);
+        conv.cx.tally.macs(POS * rows.len() * kk * tiles.len());
         // Outputs no computed tile writes: what the dense sum of zeros
         // would give (act(b) forward; 0 for a gradient, masked or not).
         if tiles.len() < (ty1 - ty0) * tw || rows.len() < m {

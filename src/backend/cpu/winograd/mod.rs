@@ -65,7 +65,7 @@ mod transform;
 
 pub(crate) use dw::conv2d_backward_weight;
 
-use crate::backend::cpu::counters::Tally;
+use crate::backend::cpu::Ctx;
 use crate::backend::cpu::simd::Elem;
 use crate::backend::{ConvArgs, InputMask};
 use fwd::{Epi, InMul, WinoConv};
@@ -76,7 +76,7 @@ pub(crate) fn conv2d<E: Elem>(
     w: &[E],
     b: Option<&[E]>,
     args: &ConvArgs<E>,
-    tally: &Tally,
+    cx: Ctx<'_>,
 ) -> Vec<E> {
     let g = &args.geom;
     debug_assert!(g.is_3x3_same());
@@ -98,7 +98,7 @@ pub(crate) fn conv2d<E: Elem>(
             bias: b,
             relu: args.relu,
         },
-        tally,
+        cx,
     }
     .run()
 }
@@ -109,7 +109,7 @@ pub(crate) fn conv2d_backward_input<E: Elem>(
     dy: &[E],
     w: &[E],
     args: &ConvArgs<E>,
-    tally: &Tally,
+    cx: Ctx<'_>,
 ) -> Vec<E> {
     let g = &args.geom;
     debug_assert!(g.is_3x3_same());
@@ -131,7 +131,7 @@ pub(crate) fn conv2d_backward_input<E: Elem>(
             Some(InputMask::Spatial(m)) => Epi::Spatial(m.as_slice()),
             Some(InputMask::Channel(m)) => Epi::Rows(m.as_slice()),
         },
-        tally,
+        cx,
     }
     .run()
 }

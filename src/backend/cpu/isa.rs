@@ -1,0 +1,158 @@
+//! Which vector instruction set the CPU kernels run on (`--isa`).
+//!
+//! The kernels are written once over pulp's `Simd` trait and instantiated
+//! for each instruction set; pulp picks the widest the CPU has at run time
+//! (`Isa::Auto`), or a caller names one. Every choice gives the same bits:
+//! each output element is one chain of fused multiply-adds (or f64
+//! additions) in an order fixed by the data layout, not by the register
+//! width, so a wider register only computes more such chains at once
+//! (`tests/determinism.rs` runs every ISA this machine has against the
+//! others).
+
+use pulp::Arch;
+
+use crate::error::{Error, Result};
+
+/// A vector instruction set for the CPU backend's kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isa {
+    /// The widest this CPU has (AVX-512, else AVX2 with FMA, else scalar).
+    #[default]
+    Auto,
+    /// AVX-512 (F, BW, CD, DQ, VL: pulp's x86-64-v4).
+    Avx512,
+    /// AVX2 with FMA (pulp's x86-64-v3).
+    Avx2,
+    /// No vector instructions: one lane per "register", the same kernels.
+    Scalar,
+}
+
+impl Isa {
+    /// The concrete instruction sets this CPU can run, widest first
+    /// (`Scalar` always).
+    pub fn available() -> Vec<Isa> {
+        [Isa::Avx512, Isa::Avx2, Isa::Scalar]
+            .into_iter()
+            .filter(|isa| isa.arch().is_ok())
+            .collect()
+    }
+
+    /// What `Auto` means on this CPU; a concrete choice is returned as is
+    /// if the CPU has it, else a one-line error.
+    pub fn resolve(self) -> Result<Isa> {
+        match self {
+            Isa::Auto => Ok(Isa::available()[0]),
+            isa => isa.arch().map(|_| isa),
+        }
+    }
+
+    /// The lower-case name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Auto => "auto",
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Scalar => "scalar",
+        }
+    }
+
+    /// pulp's dispatcher for this instruction set, or why this CPU cannot
+    /// run it.
+    pub(crate) fn arch(self) -> Result<Arch> {
+        let lacks = |what: &str| {
+            Err(Error::arg(
+                "isa",
+                format!("this CPU has no {what}; --isa avx2, scalar or auto will run"),
+            ))
+        };
+        match self {
+            Isa::Auto => Ok(Arch::new()),
+            Isa::Scalar => Ok(Arch::Scalar),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => match pulp::x86::V3::try_new() {
+                Some(v3) => Ok(Arch::V3(v3)),
+                None => lacks("AVX2 with FMA"),
+            },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => match pulp::x86::V4::try_new() {
+                Some(v4) => Ok(Arch::V4(v4)),
+                None => lacks("AVX-512 (F, BW, CD, DQ, VL)"),
+            },
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 => lacks("AVX2 (not an x86-64 CPU)"),
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx512 => lacks("AVX-512 (not an x86-64 CPU)"),
+        }
+    }
+}
+
+impl std::fmt::Display for Isa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Isa {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Isa::Auto),
+            "avx512" => Ok(Isa::Avx512),
+            "avx2" => Ok(Isa::Avx2),
+            "scalar" => Ok(Isa::Scalar),
+            other => Err(Error::arg(
+                "isa",
+                format!("unknown instruction set `{other}` (auto, avx512, avx2 or scalar)"),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for isa in [Isa::Auto, Isa::Avx512, Isa::Avx2, Isa::Scalar] {
+            assert_eq!(isa.name().parse::<Isa>().unwrap(), isa);
+            assert_eq!(isa.to_string(), isa.name());
+        }
+        let e = "sse".parse::<Isa>().unwrap_err().to_string();
+        assert!(e.contains("unknown instruction set `sse`"), "{e}");
+    }
+
+    #[test]
+    fn auto_is_the_widest_available_and_scalar_always_runs() {
+        let avail = Isa::available();
+        assert_eq!(*avail.last().unwrap(), Isa::Scalar);
+        assert_eq!(Isa::Auto.resolve().unwrap(), avail[0]);
+        assert!(!avail.contains(&Isa::Auto));
+        for isa in [Isa::Avx512, Isa::Avx2, Isa::Scalar] {
+            // Either it runs and resolves to itself, or it is a readable
+            // error naming what the CPU lacks.
+            match isa.resolve() {
+                Ok(r) => {
+                    assert_eq!(r, isa);
+                    assert!(avail.contains(&isa));
+                }
+                Err(e) => {
+                    assert!(!avail.contains(&isa));
+                    assert!(e.to_string().contains("this CPU has no"), "{e}");
+                }
+            }
+        }
+        // pulp's own detection agrees with ours.
+        let widest = match Arch::new() {
+            Arch::Scalar => Isa::Scalar,
+            #[cfg(target_arch = "x86_64")]
+            Arch::V3(_) => Isa::Avx2,
+            #[cfg(target_arch = "x86_64")]
+            Arch::V4(_) => Isa::Avx512,
+            #[allow(unreachable_patterns)]
+            other => panic!("an instruction set dmkd does not name: {other:?}"),
+        };
+        assert_eq!(widest, avail[0]);
+    }
+}
