@@ -568,7 +568,11 @@ fn auto_picks_winograd_exactly_where_its_rule_says() {
             false,
             [false, false, true],
         ),
-        (Conv::same3(2, cmin, cmin, 4, pmin / 8 - 1), false, [false, false, true]),
+        (
+            Conv::same3(2, cmin, cmin, 4, pmin / 8 - 1),
+            false,
+            [false, false, true],
+        ),
         (row(1, cmin - 1, cmin, pmin), false, [false; 3]),
         (row(1, cmin, cmin - 1, pmin), false, [false; 3]),
         (row(1, cmin, cmin, pmin), true, [false; 3]),
