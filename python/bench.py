@@ -4,8 +4,8 @@
 
 Rows, f32, on the preset's synthetic inputs (those of `dmkd bench`), median of --reps after one
 warm-up each:
-  engine forward_backward   `dmkd bench`'s dmkd.forward_backward, run in this process by the
-                            library (`dmkd::bench::run_bench`): the engine alone, no Python
+  engine forward_backward   `dmkd bench`'s dmkd.forward_backward row, timed the same way in this
+                            process by the extension (`bench_loss`): the engine alone, no Python
   DMKDLoss forward          under torch.no_grad()
   DMKDLoss forward_backward loss = DMKDLoss(students, teachers); loss.backward() into the students
                             (leaf tensors) and every parameter
