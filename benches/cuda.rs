@@ -17,10 +17,10 @@ use std::time::Duration;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use dmkd::backend::Backend;
 use dmkd::backend::cuda::CudaBackend;
-use dmkd::distill::{EvalOptions, Problem, evaluate};
+use dmkd::distill::evaluate;
 use dmkd::ops::conv::conv_args;
 use dmkd::rng::PhiloxStream;
-use dmkd::synthetic::{Preset, inputs};
+use dmkd::synthetic::Preset;
 use dmkd::{BackendRef, Conv2dOptions, Tensor};
 
 fn rand(rng: &mut PhiloxStream, shape: &[usize], scale: f64) -> Tensor<f32> {
@@ -77,12 +77,7 @@ fn bench(c: &mut Criterion) {
     }
     group.finish();
 
-    let tensors = inputs::<f32>(&preset, 0).unwrap();
-    let init = EvalOptions {
-        init_seed: Some(0),
-        allow_extra: false,
-    };
-    let problem = Problem::new(&preset.config(), &tensors, init).unwrap();
+    let problem = dmkd::synthetic::problem::<f32>(&preset, 0).unwrap();
     let backend: BackendRef<f32> = Arc::new(cu.clone());
     // Untimed: uploads every input and parameter once.
     evaluate(backend.clone(), &problem).unwrap();

@@ -19,16 +19,11 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use dmkd::ConvAlgo;
 use dmkd::backend::{Backend, CpuBackend, ReferenceBackend};
-use dmkd::distill::{EvalOptions, Problem, evaluate};
-use dmkd::synthetic::{Preset, inputs};
+use dmkd::distill::{Problem, evaluate};
+use dmkd::synthetic::Preset;
 
 fn problem(preset: &Preset) -> Problem<f32> {
-    let tensors = inputs::<f32>(preset, 0).unwrap();
-    let opts = EvalOptions {
-        init_seed: Some(0),
-        allow_extra: false,
-    };
-    Problem::new(&preset.config(), &tensors, opts).unwrap()
+    dmkd::synthetic::problem(preset, 0).unwrap()
 }
 
 fn bench(c: &mut Criterion) {

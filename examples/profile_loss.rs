@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use dmkd::backend::{BackendRef, CpuBackend, Profiled};
-use dmkd::distill::{EvalOptions, Problem, evaluate};
-use dmkd::synthetic::{Preset, inputs};
+use dmkd::distill::evaluate;
+use dmkd::synthetic::{self, Preset};
 use dmkd::{ConvAlgo, Result};
 
 fn main() -> Result<()> {
@@ -18,13 +18,7 @@ fn main() -> Result<()> {
     let preset = Preset::named(args.get(1).map_or("retinanet", |s| s.as_str()))?;
     let algo: ConvAlgo = args.get(2).map_or("auto", |s| s.as_str()).parse()?;
     let reps: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(3);
-    let tensors = inputs::<f32>(&preset, 0)?;
-    let opts = EvalOptions {
-        init_seed: Some(0),
-        allow_extra: false,
-    };
-    let problem = Problem::new(&preset.config(), &tensors, opts)?;
-    drop(tensors);
+    let problem = synthetic::problem::<f32>(&preset, 0)?;
     let profiled = Arc::new(Profiled::new(Arc::new(CpuBackend::new(algo))));
     let be: BackendRef<f32> = profiled.clone();
     evaluate(be.clone(), &problem)?; // warm-up: pools, page faults

@@ -214,6 +214,21 @@ pub fn inputs<T: Float>(p: &Preset, seed: u64) -> Result<TensorMap<T>> {
     Ok(m)
 }
 
+/// The loss problem of a preset as the benchmarks time it: its default
+/// config, its synthetic inputs drawn from `seed`, every parameter
+/// initialised from `seed`.
+pub fn problem<T: Float>(p: &Preset, seed: u64) -> Result<Problem<T>> {
+    let tensors: TensorMap<T> = inputs(p, seed)?;
+    Problem::new(
+        &p.config(),
+        &tensors,
+        EvalOptions {
+            init_seed: Some(seed),
+            allow_extra: false,
+        },
+    )
+}
+
 /// Golden vectors of a preset (what `dmkd golden` writes): its synthetic
 /// inputs drawn from `seed`, every parameter initialised from `seed`, and
 /// the loss, per-level losses, every gradient and the debug tensors computed

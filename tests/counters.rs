@@ -10,6 +10,9 @@
 //!
 //! Each test uses its own `CpuBackend`, whose counters no other test sees.
 
+mod common;
+
+use common::fill;
 use dmkd::backend::cpu::{
     PACK_WEIGHTS_ABOVE, PANEL_ROWS, PassCounters, WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_POSITIONS,
     WINOGRAD_TILE, WorkCounters,
@@ -20,17 +23,6 @@ use dmkd::{ConvAlgo, Float, InputMask, Tensor};
 /// Multiply-adds per output of Winograd F(4x4, 3x3): one 36-position
 /// elementwise product per tile and channel pair.
 const POS: u64 = 36;
-
-fn fill<T: Float>(shape: &[usize], seed: u64) -> Tensor<T> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    Tensor::from_fn(shape, |_| {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        T::from_f64((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0)
-    })
-    .unwrap()
-}
 
 /// One convolution problem: `x [n, c_in, h, w]`, `c_out x c_in x k x k`
 /// weights.

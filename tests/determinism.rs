@@ -12,19 +12,12 @@
 
 use std::sync::Arc;
 
+mod common;
+
+use common::fill;
+
 use dmkd::backend::{Backend, Binary, ConvArgs, ConvGeometry, CpuBackend, Isa, Unary};
 use dmkd::{ConvAlgo, Float, InputMask, Tensor};
-
-fn fill<T: Float>(shape: &[usize], seed: u64) -> Tensor<T> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    Tensor::from_fn(shape, |_| {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        T::from_f64((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0)
-    })
-    .unwrap()
-}
 
 /// The bits of every output of every kernel, in a fixed order.
 fn all_outputs<T: Float>(isa: Isa) -> Vec<Vec<u64>> {

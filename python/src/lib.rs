@@ -574,13 +574,7 @@ fn bench_loss(
         return Err(PyValueError::new_err("reps and threads must be at least 1"));
     }
     engine(py, || {
-        let tensors = inputs::<f32>(&preset, 0)?;
-        let eval = EvalOptions {
-            init_seed: Some(0),
-            allow_extra: false,
-        };
-        let problem = Problem::new(&preset.config(), &tensors, eval)?;
-        drop(tensors);
+        let problem = dmkd::synthetic::problem::<f32>(&preset, 0)?;
         let be = make_backend::<f32>(opts)?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)

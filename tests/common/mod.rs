@@ -24,3 +24,16 @@ pub fn proptest_config() -> Config {
         ..Config::default()
     }
 }
+
+/// A tensor of values in `[-1, 1)` from a xorshift stream: cheap,
+/// deterministic operands for tests that compare paths bit for bit.
+pub fn fill<T: dmkd::Float>(shape: &[usize], seed: u64) -> dmkd::Tensor<T> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    dmkd::Tensor::from_fn(shape, |_| {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        T::from_f64((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0)
+    })
+    .unwrap()
+}

@@ -47,6 +47,16 @@ impl Isa {
         }
     }
 
+    /// pulp's dispatcher for every instruction set this CPU has, widest
+    /// first: what kernel tests run over.
+    #[cfg(test)]
+    pub(crate) fn every_arch() -> Vec<Arch> {
+        Isa::available()
+            .into_iter()
+            .filter_map(|i| i.arch().ok())
+            .collect()
+    }
+
     /// The lower-case name used on the command line.
     pub fn name(self) -> &'static str {
         match self {

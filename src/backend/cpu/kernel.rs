@@ -451,10 +451,7 @@ mod tests {
 
     #[test]
     fn packed_kernel_matches_fused_loops_bit_for_bit() {
-        for arch in crate::backend::cpu::Isa::available()
-            .into_iter()
-            .map(|i| i.arch().unwrap())
-        {
+        for arch in crate::backend::cpu::Isa::every_arch() {
             for (k, accumulate) in [(1, false), (7, true), (256, false), (33, true)] {
                 arch.dispatch(Packed { k, accumulate });
             }
@@ -463,10 +460,7 @@ mod tests {
 
     #[test]
     fn kernel_matches_fused_loops_bit_for_bit() {
-        for arch in crate::backend::cpu::Isa::available()
-            .into_iter()
-            .map(|i| i.arch().unwrap())
-        {
+        for arch in crate::backend::cpu::Isa::every_arch() {
             for (walk, rows, cols, accumulate) in [
                 (AWalk::run(0, 1, 37), 6, 16, false),
                 (AWalk::run(3, 6, 20), 6, 16, true),

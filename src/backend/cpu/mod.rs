@@ -163,20 +163,18 @@ impl CpuBackend {
     /// The CPU backend with a conv algorithm, on the widest instruction
     /// set this CPU has.
     pub fn new(algo: ConvAlgo) -> Self {
-        CpuBackend {
-            algo,
-            isa: Isa::Auto.resolve().expect("scalar always runs"),
-            arch: pulp::Arch::new(),
-            counters: Arc::default(),
-        }
+        CpuBackend::with_isa(algo, Isa::Auto).expect("the widest available ISA runs")
     }
 
     /// The CPU backend on a named instruction set; an error (one line,
     /// naming what is missing) if this CPU lacks it.
     pub fn with_isa(algo: ConvAlgo, isa: Isa) -> Result<Self> {
+        // `Auto` is resolved first, so the dispatcher is always the one of
+        // the instruction set reported by `isa()`.
+        let isa = isa.resolve()?;
         Ok(CpuBackend {
             algo,
-            isa: isa.resolve()?,
+            isa,
             arch: isa.arch()?,
             counters: Arc::default(),
         })

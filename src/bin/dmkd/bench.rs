@@ -23,9 +23,9 @@ use dmkd::backend::{
     Backend, BackendKind, BackendOptions, BackendRef, ConvArgs, ConvGeometry, CpuBackend, Isa,
     make_backend,
 };
-use dmkd::distill::{EvalOptions, Problem, evaluate, forward};
+use dmkd::distill::{evaluate, forward};
 use dmkd::error::{Error, Result};
-use dmkd::synthetic::{Preset, inputs};
+use dmkd::synthetic::{self, Preset};
 use dmkd::tensor::Tensor;
 
 /// What to run.
@@ -199,17 +199,7 @@ fn loss_rows(
     sync: &dyn Fn() -> Result<()>,
 ) -> Result<Vec<BenchRow>> {
     let p = &opts.preset;
-    let config = p.config();
-    let tensors = inputs::<f32>(p, 0)?;
-    let problem = Problem::new(
-        &config,
-        &tensors,
-        EvalOptions {
-            init_seed: Some(0),
-            allow_extra: false,
-        },
-    )?;
-    drop(tensors);
+    let problem = synthetic::problem::<f32>(p, 0)?;
     let pass_gflop = 2.0 * p.conv3x3_macs() as f64 / 1e9;
     let run_fwd = || forward(be.clone(), &problem).map(drop);
     let run_both = || evaluate(be.clone(), &problem).map(drop);
