@@ -18,9 +18,12 @@ use crate::error::{Error, Result};
 use crate::tensor::{Float, Tensor};
 
 /// A backward function: `(backend, output gradient, which inputs need a
-/// gradient) -> one gradient per input (None where not needed)`.
+/// gradient) -> one gradient per input (None where not needed)`. The output
+/// gradient is handed over, not lent: the function can drop it (and the
+/// activations it captured) as soon as it has used them, before allocating
+/// the input gradients, which lowers the backward pass's peak memory.
 pub type BackwardFn<T> =
-    Box<dyn FnOnce(&dyn Backend<T>, &Tensor<T>, &[bool]) -> Result<Vec<Option<Tensor<T>>>>>;
+    Box<dyn FnOnce(&dyn Backend<T>, Tensor<T>, &[bool]) -> Result<Vec<Option<Tensor<T>>>>>;
 
 struct Node<T: Float> {
     /// Node id of each input that requires a gradient (None for constants).
@@ -122,7 +125,7 @@ impl<T: Float> Tape<T> {
         &self,
         inputs: &[&Var<T>],
         value: Tensor<T>,
-        backward: impl FnOnce(&dyn Backend<T>, &Tensor<T>, &[bool]) -> Result<Vec<Option<Tensor<T>>>>
+        backward: impl FnOnce(&dyn Backend<T>, Tensor<T>, &[bool]) -> Result<Vec<Option<Tensor<T>>>>
         + 'static,
     ) -> Result<Var<T>> {
         for v in inputs {
@@ -206,7 +209,7 @@ impl<T: Float> Var<T> {
                 (node.inputs.clone(), f)
             };
             let needs: Vec<bool> = inputs.iter().map(Option::is_some).collect();
-            let input_grads = f(&*backend, &g, &needs)?;
+            let input_grads = f(&*backend, g, &needs)?;
             if input_grads.len() != inputs.len() {
                 return Err(Error::Autograd(format!(
                     "node {i}: backward returned {} gradients for {} inputs",

@@ -10,7 +10,9 @@
 //!
 //! Only buffers of at least `MIN_POOLED_BYTES` are kept, matched by exact
 //! length, and the pool holds at most `LIMIT_BYTES` in total (oldest evicted
-//! first), so its contribution to peak memory is bounded.
+//! first). A request the pool cannot serve first frees at least as many
+//! held bytes as it will allocate, so held buffers of other sizes never
+//! stack on top of the live ones at the peak of a step.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -57,13 +59,32 @@ impl<T> Pool<T> {
         }
     }
 
+    /// A held buffer of exactly `len` elements, newest first. On a miss the
+    /// caller allocates `len` fresh, so the process grows by that much while
+    /// buffers of other lengths sit here unused: the oldest of them, at
+    /// least as many bytes as the new allocation, are freed first. The pool
+    /// then never adds to the process's peak by more than it frees, and what
+    /// it keeps is what the current phase of a step recycles (the sizes of
+    /// one FPN level, forward or backward).
     fn take(&self, len: usize) -> Option<Vec<T>> {
+        let bytes = len * std::mem::size_of::<T>();
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        let pos = free.iter().rposition(|v| v.len() == len)?;
-        let v = free.swap_remove(pos);
-        self.held_bytes
-            .fetch_sub(len * std::mem::size_of::<T>(), Ordering::Relaxed);
-        Some(v)
+        if let Some(pos) = free.iter().rposition(|v| v.len() == len) {
+            let v = free.swap_remove(pos);
+            self.held_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            return Some(v);
+        }
+        let mut evicted = Vec::new();
+        let mut freed = 0;
+        while freed < bytes && !free.is_empty() {
+            let old = free.remove(0);
+            freed += old.len() * std::mem::size_of::<T>();
+            evicted.push(old);
+        }
+        self.held_bytes.fetch_sub(freed, Ordering::Relaxed);
+        drop(free);
+        drop(evicted); // returned to the allocator outside the lock
+        None
     }
 
     fn give(&self, v: Vec<T>) {
@@ -130,21 +151,67 @@ impl<T: PoolElem> Drop for Buffer<T> {
 mod tests {
     use super::*;
 
+    fn held(p: &Pool<f32>) -> Vec<usize> {
+        p.free.lock().unwrap().iter().map(Vec::len).collect()
+    }
+
+    #[test]
+    fn a_miss_frees_the_oldest_buffers_of_other_sizes_first() {
+        let p = Pool::<f32>::new();
+        let mb = MIN_POOLED_BYTES / 4; // one MiB of f32
+        for len in [mb, 2 * mb, 3 * mb] {
+            p.give(vec![0.0; len]);
+        }
+        assert_eq!(p.held_bytes.load(Ordering::Relaxed), 6 * MIN_POOLED_BYTES);
+        // A hit takes the buffer of that length and frees nothing else.
+        assert_eq!(p.take(2 * mb).map(|v| v.len()), Some(2 * mb));
+        assert_eq!(held(&p), [mb, 3 * mb]);
+        p.give(vec![0.0; 2 * mb]);
+        // A miss of 1.5 MiB frees the oldest (1 MiB), then the next (3 MiB):
+        // at least the bytes the caller is about to allocate.
+        assert!(p.take(mb + mb / 2).is_none());
+        assert_eq!(held(&p), [2 * mb]);
+        assert_eq!(p.held_bytes.load(Ordering::Relaxed), 2 * MIN_POOLED_BYTES);
+        // A miss no larger than the oldest buffer frees that one only.
+        p.give(vec![0.0; 3 * mb]);
+        assert!(p.take(mb).is_none());
+        assert_eq!(held(&p), [3 * mb]);
+        assert_eq!(p.held_bytes.load(Ordering::Relaxed), 3 * MIN_POOLED_BYTES);
+    }
+
+    #[test]
+    fn the_pool_holds_at_most_its_limit_evicting_the_oldest() {
+        let p = Pool::<f32>::new();
+        let big = LIMIT_BYTES / 4 / 3; // a third of the limit, in f32
+        for _ in 0..3 {
+            p.give(vec![0.0; big]);
+        }
+        p.give(vec![0.0; big + 1]);
+        assert_eq!(held(&p), [big, big, big + 1]);
+        assert!(p.held_bytes.load(Ordering::Relaxed) <= LIMIT_BYTES);
+        // Too small or too large to keep: dropped, nothing else changes.
+        p.give(vec![0.0; 10]);
+        p.give(vec![0.0; LIMIT_BYTES / 4 + 1]);
+        assert_eq!(held(&p), [big, big, big + 1]);
+    }
+
     #[test]
     fn large_buffers_are_recycled_small_ones_are_not() {
-        // f64 pool, a length no other test in this binary uses.
+        // A pool of its own: the process-wide one is shared with every test
+        // running in parallel in this binary, whose misses may evict.
+        let p = Pool::<f64>::new();
         let len = (MIN_POOLED_BYTES / 8) + 12345;
         let v = vec![1.5f64; len];
         let ptr = v.as_ptr();
-        drop(Buffer::new(v));
-        let again = take::<f64>(len);
-        assert_eq!(
-            again.as_ptr(),
-            ptr,
-            "the freed buffer should be handed out again"
-        );
+        p.give(v);
+        let again = p.take(len).expect("the freed buffer should be kept");
+        assert_eq!(again.as_ptr(), ptr, "the same buffer handed out again");
+        p.give(vec![1.5f64; 10]);
+        assert!(p.take(10).is_none(), "small buffers are not kept");
+        // The process-wide helpers: fresh or recycled, zeroed on request.
         let small = take::<f64>(10);
         assert!(small.iter().all(|&x| x == 0.0));
+        drop(Buffer::new(vec![2.5f64; len]));
         let z = take_zeroed::<f64>(len);
         assert!(z.iter().all(|&x| x == 0.0));
     }

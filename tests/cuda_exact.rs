@@ -81,25 +81,27 @@ fn two_pass_sums_are_exactly_emulated<T: CudaFloat>(cu: &CudaBackend) {
         let (wa, wb) = (T::from_f64(0.3), T::from_f64(0.7));
         let r = |i: usize| wa * av[i] + wb * bv[i] - tv[i];
         let want = emulate_two_pass_sum(n, |i| r(i) * r(i));
+        let p = cu.weighted_pair_residual(&a, &b, wa, wb, &t).unwrap();
+        let rv: Vec<T> = (0..n).map(r).collect();
         bits(
-            &format!("weighted_pair_sq_err {what}"),
-            &cu.weighted_pair_sq_err(&a, &b, wa, wb, &t).unwrap(),
+            &format!("weighted_pair_residual r {what}"),
+            &p.residual,
+            &Tensor::from_vec(&[n], rv).unwrap(),
+        );
+        bits(
+            &format!("weighted_pair_residual sum(r^2) {what}"),
+            &scalar(p.sq_sum),
             &scalar(want),
         );
-        let g = T::from_f64(0.45);
-        let (_, _, dwa, dwb) = cu
-            .weighted_pair_sq_err_backward(&a, &b, wa, wb, &t, g)
-            .unwrap();
-        let two_g = g + g;
         bits(
-            &format!("dwa {what}"),
-            &scalar(dwa),
-            &scalar(two_g * emulate_two_pass_sum(n, |i| r(i) * av[i])),
+            &format!("<r, a> {what}"),
+            &scalar(p.dot_a),
+            &scalar(emulate_two_pass_sum(n, |i| r(i) * av[i])),
         );
         bits(
-            &format!("dwb {what}"),
-            &scalar(dwb),
-            &scalar(two_g * emulate_two_pass_sum(n, |i| r(i) * bv[i])),
+            &format!("<r, b> {what}"),
+            &scalar(p.dot_b),
+            &scalar(emulate_two_pass_sum(n, |i| r(i) * bv[i])),
         );
     }
 

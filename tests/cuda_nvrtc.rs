@@ -87,9 +87,7 @@ fn the_program_defines_every_kernel_for_hopper() {
         for name in [
             "binary_same",
             "sq_err_partial",
-            "wpair_loss_partial",
-            "wpair_dots_partial",
-            "wpair_grad",
+            "wpair_residual_partial",
             "reduce_partials",
             "sum_axes_seq",
             "col2im",

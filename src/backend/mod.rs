@@ -309,38 +309,22 @@ pub trait Backend<T: Float>: Send + Sync {
     /// `2 * g * (a - b)`, the gradient of `g * sum((a - b)^2)` with respect to `a`.
     fn sq_err_backward(&self, a: &Tensor<T>, b: &Tensor<T>, g: T) -> Result<Tensor<T>>;
 
-    /// `sum((wa * a + wb * b - t)^2)`: DMKD's fusion and loss in one pass.
-    /// The default composes other kernels; a backend may fuse it.
-    fn weighted_pair_sq_err(
+    /// DMKD's fusion and loss in one pass: the residual
+    /// `r = ((wa * a) + (wb * b)) - t` (rounded in that order, element by
+    /// element) and the three sums the loss and its backward pass need,
+    /// `sum(r^2)`, `<r, a>` and `<r, b>`. The fused feature `wa a + wb b` is
+    /// never stored, and the backward pass needs `r` alone (`da = 2 g wa r`,
+    /// `db = 2 g wb r`, `dt = -2 g r`, `dwa = 2 g <r, a>`, `dwb = 2 g <r, b>`),
+    /// so `a` and `b` can be freed as soon as this returns. The default
+    /// composes other kernels (the reference's order); a backend may fuse it.
+    fn weighted_pair_residual(
         &self,
         a: &Tensor<T>,
         b: &Tensor<T>,
         wa: T,
         wb: T,
         t: &Tensor<T>,
-    ) -> Result<Tensor<T>> {
-        let fused = self.binary(
-            Binary::Add,
-            &self.unary(Unary::Scale(wa.as_f64()), a)?,
-            &self.unary(Unary::Scale(wb.as_f64()), b)?,
-            a.shape(),
-        )?;
-        self.sq_err_sum(&fused, t)
-    }
-
-    /// Gradients of `g * sum(r^2)`, `r = wa * a + wb * b - t`:
-    /// `(2 g wa r, 2 g wb r, 2 g <r, a>, 2 g <r, b>)`; `r` is recomputed,
-    /// never stored. The default composes other kernels.
-    #[allow(clippy::type_complexity)]
-    fn weighted_pair_sq_err_backward(
-        &self,
-        a: &Tensor<T>,
-        b: &Tensor<T>,
-        wa: T,
-        wb: T,
-        t: &Tensor<T>,
-        g: T,
-    ) -> Result<(Tensor<T>, Tensor<T>, T, T)> {
+    ) -> Result<PairResidual<T>> {
         let shape = a.shape();
         let fused = self.binary(
             Binary::Add,
@@ -348,22 +332,39 @@ pub trait Backend<T: Float>: Send + Sync {
             &self.unary(Unary::Scale(wb.as_f64()), b)?,
             shape,
         )?;
-        let r = self.binary(Binary::Sub, &fused, t, shape)?;
-        let two_g = (g + g).as_f64();
-        let da = self.unary(Unary::Scale(two_g * wa.as_f64()), &r)?;
-        let db = self.unary(Unary::Scale(two_g * wb.as_f64()), &r)?;
+        let sq_sum = self.sq_err_sum(&fused, t)?.item()?;
+        let residual = self.binary(Binary::Sub, &fused, t, shape)?;
+        drop(fused);
         let all: Vec<usize> = (0..shape.len()).collect();
         let dot = |x: &Tensor<T>| -> Result<T> {
-            let p = self.binary(Binary::Mul, &r, x, shape)?;
-            let s = if all.is_empty() {
-                p
+            let p = self.binary(Binary::Mul, &residual, x, shape)?;
+            if all.is_empty() {
+                p.item()
             } else {
-                self.sum_axes(&p, &all)?
-            };
-            Ok(T::from_f64(two_g) * s.item()?)
+                self.sum_axes(&p, &all)?.item()
+            }
         };
-        Ok((da, db, dot(a)?, dot(b)?))
+        let (dot_a, dot_b) = (dot(a)?, dot(b)?);
+        Ok(PairResidual {
+            residual,
+            sq_sum,
+            dot_a,
+            dot_b,
+        })
     }
+}
+
+/// What [`Backend::weighted_pair_residual`] returns.
+#[derive(Clone, Debug)]
+pub struct PairResidual<T: Float> {
+    /// `r = ((wa * a) + (wb * b)) - t`, the shape of `a`.
+    pub residual: Tensor<T>,
+    /// `sum(r^2)`, the loss before scaling.
+    pub sq_sum: T,
+    /// `<r, a>` (half of `d sum(r^2) / d wa`).
+    pub dot_a: T,
+    /// `<r, b>`.
+    pub dot_b: T,
 }
 
 /// A shared handle to a backend.

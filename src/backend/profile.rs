@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::backend::{Backend, BackendRef, Binary, ConvArgs, InputMask, Unary};
+use crate::backend::{Backend, BackendRef, Binary, ConvArgs, InputMask, PairResidual, Unary};
 use crate::error::Result;
 use crate::tensor::{Float, Tensor};
 
@@ -250,32 +250,17 @@ impl<T: Float> Backend<T> for Profiled<T> {
         )
     }
 
-    fn weighted_pair_sq_err(
+    fn weighted_pair_residual(
         &self,
         a: &Tensor<T>,
         b: &Tensor<T>,
         wa: T,
         wb: T,
         t: &Tensor<T>,
-    ) -> Result<Tensor<T>> {
+    ) -> Result<PairResidual<T>> {
         self.time(
-            || format!("weighted_pair_sq_err {}", shape(a.shape())),
-            || self.inner.weighted_pair_sq_err(a, b, wa, wb, t),
-        )
-    }
-
-    fn weighted_pair_sq_err_backward(
-        &self,
-        a: &Tensor<T>,
-        b: &Tensor<T>,
-        wa: T,
-        wb: T,
-        t: &Tensor<T>,
-        g: T,
-    ) -> Result<(Tensor<T>, Tensor<T>, T, T)> {
-        self.time(
-            || format!("weighted_pair_sq_err_backward {}", shape(a.shape())),
-            || self.inner.weighted_pair_sq_err_backward(a, b, wa, wb, t, g),
+            || format!("weighted_pair_residual {}", shape(a.shape())),
+            || self.inner.weighted_pair_residual(a, b, wa, wb, t),
         )
     }
 }

@@ -170,7 +170,7 @@ mod tests {
         let xv = x.value().clone();
         x.tape().record(&[x], y, move |be, g, _| {
             let d = be.unary(crate::backend::Unary::Scale(3.0), &xv)?;
-            let gx = be.binary(crate::backend::Binary::Mul, g, &d, g.shape())?;
+            let gx = be.binary(crate::backend::Binary::Mul, &g, &d, g.shape())?;
             Ok(vec![Some(gx)])
         })
     }
@@ -210,7 +210,7 @@ mod tests {
             let bv = v[1].value().clone();
             v[0].tape().record(&[&v[0], &v[1]], y, move |be, g, _| {
                 Ok(vec![
-                    Some(be.binary(crate::backend::Binary::Mul, g, &bv, &[3])?),
+                    Some(be.binary(crate::backend::Binary::Mul, &g, &bv, &[3])?),
                     None,
                 ])
             })

@@ -49,6 +49,7 @@ impl<T: Float> Var<T> {
         let x_val = self.value().clone();
         let y_val = y.clone();
         self.tape().record(&[self], y, move |be, g, _| {
+            let g = &g;
             Ok(vec![Some(be.unary_backward(op, &x_val, &y_val, g)?)])
         })
     }
@@ -109,6 +110,7 @@ impl<T: Float> Var<T> {
         let (a, b) = (self.value().clone(), other.value().clone());
         let y_val = (op == Binary::Div).then(|| y.clone());
         self.tape().record(&[self, other], y, move |be, g, needs| {
+            let g = &g;
             // Each operand's gradient at the output's shape, computed only
             // when that operand needs one.
             let ga = if needs[0] {
@@ -168,6 +170,7 @@ impl<T: Float> Var<T> {
         let y = self.backend().mask_mul(self.value(), mask)?;
         let m = mask.clone();
         self.tape().record(&[self], y, move |be, g, _| {
+            let g = &g;
             Ok(vec![Some(be.mask_mul(g, &m)?)])
         })
     }

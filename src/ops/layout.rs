@@ -37,6 +37,7 @@ impl<T: Float> Var<T> {
         }
         let y = self.backend().narrow(self.value(), axis, start, len)?;
         self.tape().record(&[self], y, move |be, g, _| {
+            let g = &g;
             Ok(vec![Some(be.narrow_backward(g, &shape, axis, start)?)])
         })
     }

@@ -5,10 +5,13 @@
 //! `L = sum((wa a + wb b - t)^2)` (DMKD's fusion and loss in one op, so the
 //! fused feature is never stored): with `r = wa a + wb b - t`,
 //! `da = 2 g wa r`, `db = 2 g wb r`, `dwa = 2 g <r, a>`, `dwb = 2 g <r, b>`,
-//! `dt = -2 g r`.
+//! `dt = -2 g r`. The forward pass computes `r` and both dots in the same
+//! pass as the loss and keeps only `r`: one tensor instead of `a`, `b` (and
+//! `t`), which is what lets the generation blocks' outputs go before the
+//! backward pass starts.
 
 use crate::autograd::Var;
-use crate::backend::{Binary, Unary};
+use crate::backend::Unary;
 use crate::error::{Error, Result};
 use crate::tensor::Float;
 use crate::tensor::Tensor;
@@ -68,34 +71,48 @@ impl<T: Float> Var<T> {
             ));
         }
         let (wa_v, wb_v) = (wa.value().item()?, wb.value().item()?);
-        let y =
-            self.backend()
-                .weighted_pair_sq_err(self.value(), b.value(), wa_v, wb_v, t.value())?;
-        let (av, bv, tv) = (self.value().clone(), b.value().clone(), t.value().clone());
+        let pair = self.backend().weighted_pair_residual(
+            self.value(),
+            b.value(),
+            wa_v,
+            wb_v,
+            t.value(),
+        )?;
+        let y = Tensor::scalar(pair.sq_sum);
+        // The backward pass needs the residual only when a tensor operand
+        // wants a gradient; the weights' gradients need only the two dots.
+        // Neither `a` nor `b` is kept: the generation blocks' outputs are
+        // freed when the forward pass drops them.
+        let needs_r = self.requires_grad() || b.requires_grad() || t.requires_grad();
+        let r = needs_r.then_some(pair.residual);
+        let (dot_a, dot_b) = (pair.dot_a, pair.dot_b);
         let (wa_shape, wb_shape) = (wa.shape().to_vec(), wb.shape().to_vec());
         self.tape()
             .record(&[self, b, wa, wb, t], y, move |be, g, needs| {
-                let g = g.item()?;
-                let (da, db, dwa, dwb) =
-                    be.weighted_pair_sq_err_backward(&av, &bv, wa_v, wb_v, &tv, g)?;
-                let dt = if needs[4] {
-                    // dt = -2 g r = -(da / wa) when wa != 0; recompute r to stay exact.
-                    let fused = be.binary(
-                        Binary::Add,
-                        &be.unary(Unary::Scale(wa_v.as_f64()), &av)?,
-                        &be.unary(Unary::Scale(wb_v.as_f64()), &bv)?,
-                        av.shape(),
-                    )?;
-                    let r = be.binary(Binary::Sub, &fused, &tv, av.shape())?;
-                    Some(be.unary(Unary::Scale(-2.0 * g.as_f64()), &r)?)
+                let two_g = (g.item()? + g.item()?).as_f64();
+                let scaled = |c: f64| -> Result<Option<Tensor<T>>> {
+                    let r = r.as_ref().ok_or_else(|| {
+                        Error::Autograd("weighted_pair_sq_err: residual not kept".into())
+                    })?;
+                    be.unary(Unary::Scale(c), r).map(Some)
+                };
+                let da = if needs[0] {
+                    scaled(two_g * wa_v.as_f64())?
                 } else {
                     None
                 };
+                let db = if needs[1] {
+                    scaled(two_g * wb_v.as_f64())?
+                } else {
+                    None
+                };
+                let dt = if needs[4] { scaled(-two_g)? } else { None };
+                let two_g = T::from_f64(two_g);
                 Ok(vec![
-                    needs[0].then_some(da),
-                    needs[1].then_some(db),
-                    Some(Tensor::from_vec(&wa_shape, vec![dwa])?),
-                    Some(Tensor::from_vec(&wb_shape, vec![dwb])?),
+                    da,
+                    db,
+                    Some(Tensor::from_vec(&wa_shape, vec![two_g * dot_a])?),
+                    Some(Tensor::from_vec(&wb_shape, vec![two_g * dot_b])?),
                     dt,
                 ])
             })

@@ -16,6 +16,7 @@ impl<T: Float> Var<T> {
         let y = self.backend().softmax(self.value(), axis)?;
         let y_val = y.clone();
         self.tape().record(&[self], y, move |be, g, _| {
+            let g = &g;
             Ok(vec![Some(be.softmax_backward(&y_val, g, axis)?)])
         })
     }

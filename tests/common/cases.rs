@@ -50,16 +50,11 @@ pub enum Op {
     },
     SqErrSum,
     SqErrBackward(f64),
-    /// Operands `[a, b, t]`.
-    WeightedPair {
+    /// Operands `[a, b, t]`; outputs `r = wa a + wb b - t`, `sum(r^2)`,
+    /// `<r, a>`, `<r, b>`.
+    WeightedPairResidual {
         wa: f64,
         wb: f64,
-    },
-    /// Operands `[a, b, t]`; outputs `da, db, <r, a>, <r, b>`.
-    WeightedPairBackward {
-        wa: f64,
-        wb: f64,
-        g: f64,
     },
 }
 
@@ -131,13 +126,14 @@ impl OpCase {
             }
             Op::SqErrSum => vec![be.sq_err_sum(&x[0], &x[1])?],
             Op::SqErrBackward(g) => vec![be.sq_err_backward(&x[0], &x[1], c(*g))?],
-            Op::WeightedPair { wa, wb } => {
-                vec![be.weighted_pair_sq_err(&x[0], &x[1], c(*wa), c(*wb), &x[2])?]
-            }
-            Op::WeightedPairBackward { wa, wb, g } => {
-                let (da, db, dwa, dwb) =
-                    be.weighted_pair_sq_err_backward(&x[0], &x[1], c(*wa), c(*wb), &x[2], c(*g))?;
-                vec![da, db, scalar(dwa), scalar(dwb)]
+            Op::WeightedPairResidual { wa, wb } => {
+                let p = be.weighted_pair_residual(&x[0], &x[1], c(*wa), c(*wb), &x[2])?;
+                vec![
+                    p.residual,
+                    scalar(p.sq_sum),
+                    scalar(p.dot_a),
+                    scalar(p.dot_b),
+                ]
             }
         })
     }
@@ -164,23 +160,15 @@ impl OpCase {
             // relative to itself: the sum is its own floor.
             Op::SqErrSum => return Some(self.clone()),
             // r = wa a + wb b - t rounds relative to |wa a| + |wb b| + |t|:
-            // the floor is the loss (or gradient) at |wa|, |wb|, |a|, |b|, -|t|.
-            Op::WeightedPair { wa, wb } => Op::WeightedPair {
+            // the floors of the sums are the sums at |wa|, |wb|, |a|, |b|, -|t|.
+            Op::WeightedPairResidual { wa, wb } => Op::WeightedPairResidual {
                 wa: wa.abs(),
                 wb: wb.abs(),
-            },
-            Op::WeightedPairBackward { wa, wb, g } => Op::WeightedPairBackward {
-                wa: wa.abs(),
-                wb: wb.abs(),
-                g: g.abs(),
             },
             _ => return None,
         };
         let mut inputs = abs_all();
-        if matches!(
-            op,
-            Op::WeightedPair { .. } | Op::WeightedPairBackward { .. }
-        ) {
+        if matches!(op, Op::WeightedPairResidual { .. }) {
             inputs[2] = Tensor::from_vec(
                 inputs[2].shape(),
                 inputs[2].as_slice().iter().map(|v| -v).collect(),
@@ -228,15 +216,13 @@ impl OpCase {
             Op::SqErrSum => vec![Class::Loss {
                 k: numel(&self.inputs[0]) + 2,
             }],
-            // n terms of r^2 (or r * a), r from three products and sums.
-            Op::WeightedPair { .. } => vec![Class::Loss {
-                k: numel(&self.inputs[0]) + 4,
-            }],
-            Op::WeightedPairBackward { .. } => {
+            // The residual is element-wise; the sums are n terms of r^2
+            // (or r * a), r from three products and sums.
+            Op::WeightedPairResidual { .. } => {
                 let k = numel(&self.inputs[0]) + 4;
                 vec![
                     Class::Exact,
-                    Class::Exact,
+                    Class::Loss { k },
                     Class::Loss { k },
                     Class::Loss { k },
                 ]

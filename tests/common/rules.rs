@@ -88,7 +88,7 @@ pub enum Class {
     /// `sum_axes` reducing `len` elements per output, K terms.
     SumAxes { k: usize, len: usize },
     /// A loss sum or its parameter gradient (`sq_err_sum`,
-    /// `weighted_pair_sq_err`, `<r, a>`), K terms.
+    /// `weighted_pair_residual`'s `sum(r^2)`, `<r, a>`, `<r, b>`), K terms.
     Loss { k: usize },
     /// A convolution pass (forward, input, weight or bias gradient), K
     /// terms per output; `winograd_shape` for 3x3 / stride 1 / pad 1.

@@ -156,8 +156,7 @@ proptest! {
         conform_all(&[
             OpCase::new(Op::SqErrSum, vec![a.clone(), b.clone()], None),
             OpCase::new(Op::SqErrBackward(g), vec![a, b], None),
-            OpCase::new(Op::WeightedPair { wa, wb }, abt.clone(), None),
-            OpCase::new(Op::WeightedPairBackward { wa, wb, g }, abt, None),
+            OpCase::new(Op::WeightedPairResidual { wa, wb }, abt, None),
         ]);
     }
 }
@@ -276,15 +275,10 @@ fn fixed_elementwise_and_reduction_rows_conform() {
         let abt: Vec<Tensor<f64>> = (0..3)
             .map(|j| filled(s, 130 + 3 * i as u64 + j, -2.0, 2.0))
             .collect();
-        let (wa, wb, g) = (0.3f32 as f64, 0.7f32 as f64, 0.45f32 as f64);
+        let (wa, wb) = (0.3f32 as f64, 0.7f32 as f64);
         cases.push(OpCase::new(Op::SqErrSum, abt[..2].to_vec(), None));
         cases.push(OpCase::new(Op::SqErrBackward(0.7), abt[..2].to_vec(), None));
-        cases.push(OpCase::new(Op::WeightedPair { wa, wb }, abt.clone(), None));
-        cases.push(OpCase::new(
-            Op::WeightedPairBackward { wa, wb, g },
-            abt,
-            None,
-        ));
+        cases.push(OpCase::new(Op::WeightedPairResidual { wa, wb }, abt, None));
     }
     for (shape, axis, start, len) in [
         (&[2usize, 5, 3][..], 1usize, 1usize, 3usize),

@@ -32,7 +32,7 @@ use std::any::{Any, TypeId};
 use std::sync::Arc;
 
 use crate::backend::reference::ReferenceBackend;
-use crate::backend::{Backend, Binary, ConvArgs, InputMask, Unary};
+use crate::backend::{Backend, Binary, ConvArgs, InputMask, PairResidual, Unary};
 use crate::error::{Error, Result};
 use crate::tensor::{Float, Tensor};
 
@@ -503,6 +503,32 @@ impl<T: Float> Backend<T> for CpuBackend {
             a.shape(),
             elementwise::sq_err_backward(a.as_slice(), b.as_slice(), g),
         ))
+    }
+
+    fn weighted_pair_residual(
+        &self,
+        a: &Tensor<T>,
+        b: &Tensor<T>,
+        wa: T,
+        wb: T,
+        t: &Tensor<T>,
+    ) -> Result<PairResidual<T>> {
+        for (what, x) in [("b", b), ("t", t)] {
+            if x.shape() != a.shape() {
+                return Err(Error::shape(
+                    "weighted_pair_residual",
+                    format!("{what} of shape {:?} for a of {:?}", x.shape(), a.shape()),
+                ));
+            }
+        }
+        let (r, [sq_sum, dot_a, dot_b]) =
+            reduce::weighted_pair_residual(a.as_slice(), b.as_slice(), t.as_slice(), wa, wb);
+        Ok(PairResidual {
+            residual: Tensor::from_parts(a.shape(), r),
+            sq_sum,
+            dot_a,
+            dot_b,
+        })
     }
 }
 

@@ -86,6 +86,73 @@ pub(crate) fn sq_err_sum<T: Float>(a: &[T], b: &[T]) -> T {
     })
 }
 
+/// DMKD's fused loss pass: writes `r = ((wa a) + (wb b)) - t` (the
+/// reference's rounding, element by element) and returns it with
+/// `(sum r^2, <r, a>, <r, b>)`. One read of each operand and one write, in
+/// place of the five passes and three temporaries of the composed default.
+///
+/// The sums accumulate in f64 (a bandwidth-bound loop has the time to
+/// convert), `LANES` partials per chunk of `SUM_CHUNK` elements, chunk
+/// partials added in index order: a grouping fixed by the length alone.
+pub(crate) fn weighted_pair_residual<T: Float>(
+    a: &[T],
+    b: &[T],
+    t: &[T],
+    wa: T,
+    wb: T,
+) -> (Vec<T>, [T; 3]) {
+    let len = a.len();
+    let mut r = pool::take::<T>(len);
+    let chunk = |out: &mut [T], s: usize| -> [f64; 3] {
+        let n = out.len();
+        let (xa, xb, xt) = (&a[s..s + n], &b[s..s + n], &t[s..s + n]);
+        let mut acc = [[0.0f64; LANES]; 3];
+        let mut k = 0;
+        while k + LANES <= n {
+            for i in 0..LANES {
+                let (av, bv) = (xa[k + i], xb[k + i]);
+                let ri = wa * av + wb * bv - xt[k + i];
+                out[k + i] = ri;
+                let rf = ri.as_f64();
+                acc[0][i] += rf * rf;
+                acc[1][i] += rf * av.as_f64();
+                acc[2][i] += rf * bv.as_f64();
+            }
+            k += LANES;
+        }
+        let mut sums = [0.0f64; 3];
+        for (sum, lanes) in sums.iter_mut().zip(&acc) {
+            for v in lanes {
+                *sum += v;
+            }
+        }
+        for j in k..n {
+            let ri = wa * xa[j] + wb * xb[j] - xt[j];
+            out[j] = ri;
+            let rf = ri.as_f64();
+            sums[0] += rf * rf;
+            sums[1] += rf * xa[j].as_f64();
+            sums[2] += rf * xb[j].as_f64();
+        }
+        sums
+    };
+    let parts: Vec<[f64; 3]> = if len <= SUM_CHUNK {
+        vec![chunk(&mut r, 0)]
+    } else {
+        r.par_chunks_mut(SUM_CHUNK)
+            .enumerate()
+            .map(|(c, out)| chunk(out, c * SUM_CHUNK))
+            .collect()
+    };
+    let mut total = [0.0f64; 3];
+    for p in parts {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    (r, total.map(T::from_f64))
+}
+
 /// Mixed-radix offset of index `idx` in dims `(len, stride)`.
 fn offset(dims: &[(usize, usize)], mut idx: usize) -> usize {
     let mut off = 0;

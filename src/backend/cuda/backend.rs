@@ -12,7 +12,7 @@ use std::sync::Arc;
 use cudarc::driver::CudaSlice;
 
 use crate::backend::reference::split_axis;
-use crate::backend::{Backend, Binary, ConvArgs, InputMask, ReferenceBackend, Unary};
+use crate::backend::{Backend, Binary, ConvArgs, InputMask, PairResidual, ReferenceBackend, Unary};
 use crate::error::{Error, Result};
 use crate::shape::reduced_shape;
 use crate::tensor::{Float, Tensor};
@@ -327,55 +327,29 @@ impl<T: CudaFloat> Backend<T> for CudaBackend {
         Ok(self.wrap(a.shape(), out))
     }
 
-    fn weighted_pair_sq_err(
+    fn weighted_pair_residual(
         &self,
         a: &Tensor<T>,
         b: &Tensor<T>,
         wa: T,
         wb: T,
         t: &Tensor<T>,
-    ) -> Result<Tensor<T>> {
+    ) -> Result<PairResidual<T>> {
         if a.numel() == 0 {
-            return ReferenceBackend.weighted_pair_sq_err(a, b, wa, wb, t);
+            return ReferenceBackend.weighted_pair_residual(a, b, wa, wb, t);
         }
-        let s = loss::wpair_loss(
+        let (r, sums) = loss::wpair_residual(
             &self.dev,
             [self.dev(a)?, self.dev(b)?, self.dev(t)?],
             wa,
             wb,
         )?;
-        Ok(self.wrap(&[], s))
-    }
-
-    fn weighted_pair_sq_err_backward(
-        &self,
-        a: &Tensor<T>,
-        b: &Tensor<T>,
-        wa: T,
-        wb: T,
-        t: &Tensor<T>,
-        g: T,
-    ) -> Result<(Tensor<T>, Tensor<T>, T, T)> {
-        if a.numel() == 0 {
-            return ReferenceBackend.weighted_pair_sq_err_backward(a, b, wa, wb, t, g);
-        }
-        // The coefficients are rounded as the reference backend rounds them:
-        // 2g in T, then `Scale(2g * w)` converted from f64.
-        let two_g = g + g;
-        let ca = T::from_f64(two_g.as_f64() * wa.as_f64());
-        let cb = T::from_f64(two_g.as_f64() * wb.as_f64());
-        let (da, db, dots) = loss::wpair_backward(
-            &self.dev,
-            [self.dev(a)?, self.dev(b)?, self.dev(t)?],
-            [wa, wb],
-            [ca, cb],
-        )?;
-        let dots = self.dev.download(&dots)?;
-        Ok((
-            self.wrap(a.shape(), da),
-            self.wrap(a.shape(), db),
-            two_g * dots[0],
-            two_g * dots[1],
-        ))
+        let sums = self.dev.download(&sums)?;
+        Ok(PairResidual {
+            residual: self.wrap(a.shape(), r),
+            sq_sum: sums[0],
+            dot_a: sums[1],
+            dot_b: sums[2],
+        })
     }
 }

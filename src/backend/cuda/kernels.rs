@@ -47,9 +47,7 @@ pub(crate) enum Kernel {
     ReducePartials,
     SqErrPartial,
     SqErrGrad,
-    WpairLossPartial,
-    WpairDotsPartial,
-    WpairGrad,
+    WpairResidualPartial,
     SoftmaxStrided,
     SoftmaxRows,
     SoftmaxBwdStrided,
@@ -59,7 +57,7 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
-    pub(crate) const ALL: [Kernel; 25] = [
+    pub(crate) const ALL: [Kernel; 23] = [
         Kernel::UnaryFwd,
         Kernel::UnaryBwd,
         Kernel::BinarySame,
@@ -76,9 +74,7 @@ impl Kernel {
         Kernel::ReducePartials,
         Kernel::SqErrPartial,
         Kernel::SqErrGrad,
-        Kernel::WpairLossPartial,
-        Kernel::WpairDotsPartial,
-        Kernel::WpairGrad,
+        Kernel::WpairResidualPartial,
         Kernel::SoftmaxStrided,
         Kernel::SoftmaxRows,
         Kernel::SoftmaxBwdStrided,
@@ -106,9 +102,7 @@ impl Kernel {
             Kernel::ReducePartials => "reduce_partials",
             Kernel::SqErrPartial => "sq_err_partial",
             Kernel::SqErrGrad => "sq_err_grad",
-            Kernel::WpairLossPartial => "wpair_loss_partial",
-            Kernel::WpairDotsPartial => "wpair_dots_partial",
-            Kernel::WpairGrad => "wpair_grad",
+            Kernel::WpairResidualPartial => "wpair_residual_partial",
             Kernel::SoftmaxStrided => "softmax_strided",
             Kernel::SoftmaxRows => "softmax_rows",
             Kernel::SoftmaxBwdStrided => "softmax_bwd_strided",

@@ -52,90 +52,41 @@ pub(crate) fn sq_err_grad<T: CudaFloat>(
     Ok(out)
 }
 
-/// `sum((wa a + wb b - t)^2)` as a one-element buffer.
-pub(crate) fn wpair_loss<T: CudaFloat>(
+/// `(r, [sum(r^2), <r, a>, <r, b>])` with `r = wa a + wb b - t`, in one pass
+/// over the operands.
+pub(crate) fn wpair_residual<T: CudaFloat>(
     dev: &Device,
     [a, b, t]: [&CudaSlice<T>; 3],
     wa: T,
     wb: T,
-) -> Result<CudaSlice<T>> {
+) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
     let n = a.len();
-    check_len("weighted_pair_sq_err b", b.len(), n)?;
-    check_len("weighted_pair_sq_err t", t.len(), n)?;
+    check_len("weighted_pair_residual b", b.len(), n)?;
+    check_len("weighted_pair_residual t", t.len(), n)?;
     let chunks = chunks(n);
-    let mut partial = dev.alloc::<T>(chunks)?;
-    let n64 = i64_of(n);
+    let mut r = dev.alloc::<T>(n)?;
+    let mut partial = dev.alloc::<T>(3 * chunks)?;
+    let (n64, c64) = (i64_of(n), i64_of(chunks));
     let module = dev.kernels::<T>()?;
     let mut l = dev
         .stream
-        .launch_builder(module.get(Kernel::WpairLossPartial));
+        .launch_builder(module.get(Kernel::WpairResidualPartial));
     l.arg(a)
         .arg(b)
         .arg(t)
-        .arg(&mut partial)
-        .arg(&n64)
-        .arg(&wa)
-        .arg(&wb);
-    // SAFETY: wpair_loss_partial(const T* a, const T* b, const T* t, T*
-    // partial, i64 n, T wa, T wb): seven arguments in order; reads index
-    // i < n of three n-element buffers, writes partial[chunk].
-    unsafe { l.launch(block_cfg(chunks, BLOCK)?) }.map_err(driver_err("wpair_loss_partial"))?;
-    let mut out = dev.alloc::<T>(1)?;
-    finish(dev, &partial, &mut out, 1, chunks)?;
-    Ok(out)
-}
-
-/// `(ca r, cb r, [<r, a>, <r, b>])` with `r = wa a + wb b - t`, r never stored.
-pub(crate) fn wpair_backward<T: CudaFloat>(
-    dev: &Device,
-    [a, b, t]: [&CudaSlice<T>; 3],
-    [wa, wb]: [T; 2],
-    [ca, cb]: [T; 2],
-) -> Result<(CudaSlice<T>, CudaSlice<T>, CudaSlice<T>)> {
-    let n = a.len();
-    check_len("weighted_pair backward b", b.len(), n)?;
-    check_len("weighted_pair backward t", t.len(), n)?;
-    let n64 = i64_of(n);
-    let module = dev.kernels::<T>()?;
-
-    let mut da = dev.alloc::<T>(n)?;
-    let mut db = dev.alloc::<T>(n)?;
-    let mut l = dev.stream.launch_builder(module.get(Kernel::WpairGrad));
-    l.arg(a)
-        .arg(b)
-        .arg(t)
-        .arg(&mut da)
-        .arg(&mut db)
-        .arg(&n64)
-        .arg(&wa)
-        .arg(&wb)
-        .arg(&ca)
-        .arg(&cb);
-    // SAFETY: wpair_grad(const T* a, const T* b, const T* t, T* da, T* db,
-    // i64 n, T wa, T wb, T ca, T cb): ten arguments in order; all five
-    // buffers hold n elements.
-    unsafe { l.launch(elem_cfg(n)) }.map_err(driver_err("wpair_grad"))?;
-
-    let chunks = chunks(n);
-    let mut partial = dev.alloc::<T>(2 * chunks)?;
-    let c64 = i64_of(chunks);
-    let mut l = dev
-        .stream
-        .launch_builder(module.get(Kernel::WpairDotsPartial));
-    l.arg(a)
-        .arg(b)
-        .arg(t)
+        .arg(&mut r)
         .arg(&mut partial)
         .arg(&n64)
         .arg(&c64)
         .arg(&wa)
         .arg(&wb);
-    // SAFETY: wpair_dots_partial(const T* a, const T* b, const T* t, T*
-    // partial, i64 n, i64 chunks, T wa, T wb): eight arguments in order; one
-    // block per chunk writes partial[c] and partial[chunks + c] (2*chunks
-    // allocated) and reads index i < n only.
-    unsafe { l.launch(block_cfg(chunks, BLOCK)?) }.map_err(driver_err("wpair_dots_partial"))?;
-    let mut dots = dev.alloc::<T>(2)?;
-    finish(dev, &partial, &mut dots, 2, chunks)?;
-    Ok((da, db, dots))
+    // SAFETY: wpair_residual_partial(const T* a, const T* b, const T* t, T* r,
+    // T* partial, i64 n, i64 chunks, T wa, T wb): nine arguments in order;
+    // one block per chunk reads and writes index i < n of four n-element
+    // buffers and writes partial[c], partial[chunks + c] and
+    // partial[2 * chunks + c] (3 * chunks allocated).
+    unsafe { l.launch(block_cfg(chunks, BLOCK)?) }.map_err(driver_err("wpair_residual_partial"))?;
+    let mut sums = dev.alloc::<T>(3)?;
+    finish(dev, &partial, &mut sums, 3, chunks)?;
+    Ok((r, sums))
 }

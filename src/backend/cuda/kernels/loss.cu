@@ -24,30 +24,16 @@ extern "C" __global__ void sq_err_grad(const T* a, const T* b, T* out, i64 n, T 
     GRID_LOOP(i, n) { out[i] = two_g * (a[i] - b[i]); }
 }
 
-// Pass 1 of sum(r^2), r = wa*a + wb*b - t; the fused feature is never stored.
-extern "C" __global__ void wpair_loss_partial(const T* a, const T* b, const T* t, T* partial,
-                                              i64 n, T wa, T wb) {
+// DMKD's fused loss pass: writes r = wa*a + wb*b - t and pass 1 of the three
+// sums the loss and its backward pass need: sum(r^2) in partial[c], <r, a> in
+// partial[chunks + c], <r, b> in partial[2 * chunks + c], so one
+// reduce_partials launch with three segments finishes all of them. The fused
+// feature is never stored.
+extern "C" __global__ void wpair_residual_partial(const T* a, const T* b, const T* t, T* r,
+                                                  T* partial, i64 n, i64 chunks, T wa, T wb) {
     __shared__ T s[DMKD_BLOCK];
     const i64 c = blockIdx.x;
-    T acc = T(0);
-#pragma unroll
-    for (int k = 0; k < DMKD_ITEMS; ++k) {
-        const i64 i = c * DMKD_CHUNK + (i64)k * DMKD_BLOCK + threadIdx.x;
-        if (i < n) {
-            const T r = wa * a[i] + wb * b[i] - t[i];
-            acc = acc + r * r;
-        }
-    }
-    const T total = block_sum(acc, s);
-    if (threadIdx.x == 0) partial[c] = total;
-}
-
-// Pass 1 of <r, a> and <r, b>: partial[c] and partial[chunks + c], so one
-// reduce_partials launch with two segments finishes both.
-extern "C" __global__ void wpair_dots_partial(const T* a, const T* b, const T* t, T* partial,
-                                              i64 n, i64 chunks, T wa, T wb) {
-    __shared__ T s[DMKD_BLOCK];
-    const i64 c = blockIdx.x;
+    T acc_r = T(0);
     T acc_a = T(0);
     T acc_b = T(0);
 #pragma unroll
@@ -56,26 +42,19 @@ extern "C" __global__ void wpair_dots_partial(const T* a, const T* b, const T* t
         if (i < n) {
             const T av = a[i];
             const T bv = b[i];
-            const T r = wa * av + wb * bv - t[i];
-            acc_a = acc_a + r * av;
-            acc_b = acc_b + r * bv;
+            const T ri = wa * av + wb * bv - t[i];
+            r[i] = ri;
+            acc_r = acc_r + ri * ri;
+            acc_a = acc_a + ri * av;
+            acc_b = acc_b + ri * bv;
         }
     }
+    const T total_r = block_sum(acc_r, s);
     const T total_a = block_sum(acc_a, s);
     const T total_b = block_sum(acc_b, s);
     if (threadIdx.x == 0) {
-        partial[c] = total_a;
-        partial[chunks + c] = total_b;
-    }
-}
-
-// da = ca * r, db = cb * r with ca = 2 g wa, cb = 2 g wb (rounded on the host
-// exactly as the reference backend rounds them).
-extern "C" __global__ void wpair_grad(const T* a, const T* b, const T* t, T* da, T* db, i64 n,
-                                      T wa, T wb, T ca, T cb) {
-    GRID_LOOP(i, n) {
-        const T r = wa * a[i] + wb * b[i] - t[i];
-        da[i] = ca * r;
-        db[i] = cb * r;
+        partial[c] = total_r;
+        partial[chunks + c] = total_a;
+        partial[2 * chunks + c] = total_b;
     }
 }
