@@ -59,6 +59,7 @@ pub use backend::{Backend, BackendKind, BackendOptions, BackendRef, ConvAlgo, In
 pub use error::{Error, Result};
 pub use named::TensorMap;
 pub use ops::Conv2dOptions;
+pub use pool::tune_allocator;
 pub use tensor::{DType, ExternalData, Float, Tensor};
 
 // An `.npz` archive's `metadata.json` holds a level config as an escaped
