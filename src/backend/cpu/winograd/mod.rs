@@ -37,9 +37,8 @@
 //! (36 x M x K, 9.4 MB, as transformed and as packed); the weight gradient
 //! holds one block of transformed operands (2 x 9.4 MB) and the
 //! 36 x M x K accumulator. All scratch comes from the buffer pool, so the
-//! peak RSS of the whole loss stays near the direct conv's (retinanet 669
-//! against 683 MiB, two-stage ~1.9 against 1.85 GiB; PyTorch 1171 MiB and
-//! 2.6 GiB).
+//! peak RSS of the whole loss is the direct conv's plus a few of these
+//! blocks (`docs/engineering.md`, "Peak memory").
 //!
 //! Determinism: every output of the forward is computed by exactly one
 //! tile in one task, from a fixed-order chain over K (the kernel never
