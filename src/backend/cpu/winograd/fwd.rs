@@ -63,6 +63,20 @@ pub(crate) struct WinoConv<'a, E: Elem> {
     pub cx: Ctx<'a>,
 }
 
+/// Fewest tiles per task when there are enough tasks for the threads
+/// anyway. Every task streams all the packed weights (9.4 MB at 256 x 256)
+/// through its GEMMs once per block of tiles, so a small level split four
+/// ways per thread spends its time on weights: at P5 (25 x 42, 77 tiles
+/// per image, N = 2, 2 threads), `dmkd bench --only conv --conv-algo
+/// winograd`, three rounds alternating the builds in one run (AMD EPYC
+/// Zen 3, AVX2, f32): forward 19.5 / 21.8 / 17.0 ms in 8 tasks of 11-22
+/// tiles, 17.3 / 18.3 / 13.4 ms in one task per image; input gradient
+/// 19.2 / 24.6 / 18.1 against 17.1 / 18.9 / 13.5 ms; P6 forward 10.9 /
+/// 17.9 / 11.0 against 8.3 / 9.2 / 7.5 ms. (The weight-gradient rows, which
+/// do not use this split, moved by +-15% between rounds.) Two blocks of 32
+/// tiles: P3 and P4 keep their split.
+const MIN_TILES_PER_TASK: usize = 64;
+
 /// Nonzero entries of row `img` of a `[n, c]` channel mask, or all.
 fn kept<E: Elem>(mask: Option<&[E]>, img: usize, c: usize) -> Vec<usize> {
     match mask {
@@ -275,10 +289,17 @@ impl<E: Elem> WinoConv<'_, E> {
         let arch = self.cx.arch;
         let (h, w, m) = (self.h, self.w, self.m);
         let th = h.div_ceil(4);
-        // Tasks: runs of tile rows, about TASKS_PER_THREAD per thread
-        // (the split never changes a bit: each output is computed by one
-        // tile whatever task holds it).
-        let want = (TASKS_PER_THREAD * rayon::current_num_threads()).div_ceil(imgs.len().max(1));
+        // Tasks: runs of tile rows, about TASKS_PER_THREAD per thread, but
+        // at least MIN_TILES_PER_TASK tiles each where the threads stay
+        // busy without it (the split never changes a bit: each output is
+        // computed by one tile whatever task holds it).
+        let threads = rayon::current_num_threads();
+        let images = imgs.len().max(1);
+        let tiles = th * w.div_ceil(4);
+        let want = (TASKS_PER_THREAD * threads)
+            .div_ceil(images)
+            .min(tiles / MIN_TILES_PER_TASK)
+            .max(threads.div_ceil(images));
         let per = th.div_ceil(want.clamp(1, th));
         let bounds: Vec<usize> = (0..=th.div_ceil(per))
             .map(|i| (i * per * 4 * w).min(h * w))
