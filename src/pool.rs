@@ -84,19 +84,28 @@ impl<T> Pool<T> {
             self.held_bytes.fetch_sub(bytes, Ordering::Relaxed);
             return Some(v);
         }
-        let mut evicted = Vec::new();
-        let mut freed = 0;
-        if bytes >= HUGE_BYTES {
-            while freed < bytes && !free.is_empty() {
-                let old = free.remove(0);
-                freed += old.len() * std::mem::size_of::<T>();
-                evicted.push(old);
-            }
-        }
-        self.held_bytes.fetch_sub(freed, Ordering::Relaxed);
+        let evicted = if bytes >= HUGE_BYTES {
+            self.evict_oldest(&mut free, bytes)
+        } else {
+            Vec::new()
+        };
         drop(free);
         drop(evicted); // returned to the allocator outside the lock
         None
+    }
+
+    /// Remove the oldest held buffers until at least `bytes` are freed (or
+    /// none is left) and return them.
+    fn evict_oldest(&self, free: &mut Vec<Vec<T>>, bytes: usize) -> Vec<Vec<T>> {
+        let mut evicted = Vec::new();
+        let mut freed = 0;
+        while freed < bytes && !free.is_empty() {
+            let old = free.remove(0);
+            freed += old.len() * std::mem::size_of::<T>();
+            evicted.push(old);
+        }
+        self.held_bytes.fetch_sub(freed, Ordering::Relaxed);
+        evicted
     }
 
     fn give(&self, v: Vec<T>) {
@@ -106,13 +115,12 @@ impl<T> Pool<T> {
             return;
         }
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        let mut held = self.held_bytes.load(Ordering::Relaxed);
-        while held + bytes > limit && !free.is_empty() {
-            let old = free.remove(0);
-            held -= old.len() * std::mem::size_of::<T>();
-        }
+        let over = (self.held_bytes.load(Ordering::Relaxed) + bytes).saturating_sub(limit);
+        let evicted = self.evict_oldest(&mut free, over);
         free.push(v);
-        self.held_bytes.store(held + bytes, Ordering::Relaxed);
+        self.held_bytes.fetch_add(bytes, Ordering::Relaxed);
+        drop(free);
+        drop(evicted); // returned to the allocator outside the lock
     }
 }
 

@@ -89,7 +89,8 @@ impl<T: Float> Var<T> {
         let (wa_shape, wb_shape) = (wa.shape().to_vec(), wb.shape().to_vec());
         self.tape()
             .record(&[self, b, wa, wb, t], y, move |be, g, needs| {
-                let two_g = (g.item()? + g.item()?).as_f64();
+                let g = g.item()?;
+                let two_g = (g + g).as_f64();
                 let scaled = |c: f64| -> Result<Option<Tensor<T>>> {
                     let r = r.as_ref().ok_or_else(|| {
                         Error::Autograd("weighted_pair_sq_err: residual not kept".into())
