@@ -7,7 +7,7 @@ use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 
 use super::Scratch;
-use super::transform::{POS, grad_tile, input_tile, weight_grad_tile, window, window_is_zero};
+use super::transform::{POS, WindowSpan, grad_tile, input_tile, weight_grad_tile, window_is_zero};
 use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::nr_for;
 use crate::backend::cpu::kernel::{AWalk, ColBlock, MR, nr, run_tile};
@@ -256,23 +256,15 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
                 Some(InputMask::Spatial(m)) => Some(&m.as_slice()[img * hw..][..hw]),
                 _ => None,
             };
-            let interior = ms.is_none() && ty > 0 && tx > 0 && 4 * ty + 5 <= h && 4 * tx + 5 <= w;
+            let span = WindowSpan::new(h, w, ty, tx);
+            if !span.is_full() {
+                // Entries outside the plane read as zeros; the previous
+                // tile may have written them.
+                d[..POS * nr].fill(E::zero());
+            }
             for j in 0..lanes {
                 let plane = &x[(img * c + cols[j]) * hw..][..hw];
-                if interior {
-                    // The whole window inside the plane: a tight copy.
-                    let src = &plane[(4 * ty - 1) * w + 4 * tx - 1..][..5 * w + 6];
-                    for r in 0..6 {
-                        for c6 in 0..6 {
-                            d[(r * 6 + c6) * nr + j] = src[r * w + c6];
-                        }
-                    }
-                } else {
-                    let win = window(plane, h, w, ms, E::one(), ty, tx);
-                    for (i, &v) in win.iter().enumerate() {
-                        d[i * nr + j] = v;
-                    }
-                }
+                span.gather(plane, w, ms, &mut d, nr, j);
             }
             // The channel mask's factors, per lane (`x * m` as the
             // reference rounds it).

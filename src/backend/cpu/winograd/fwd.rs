@@ -6,7 +6,8 @@ use rayon::prelude::*;
 
 use super::Scratch;
 use super::transform::{
-    POS, input_tile, output_tile, tile_is_zero, weight_tile, weight_tile_v, window, window_is_zero,
+    POS, WindowSpan, input_tile, output_tile, tile_is_zero, weight_tile, weight_tile_v,
+    window_is_zero,
 };
 use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::{TASKS_PER_THREAD, act_of_bias, relu_of};
@@ -426,45 +427,25 @@ impl<E: Elem> WithSimd for WinoTask<'_, '_, E> {
             let groups = btiles.len().div_ceil(nr);
             // Input transform: lanes are tiles, one channel at a time.
             for (g, gt) in btiles.chunks(nr).enumerate() {
-                // Window offsets when every tile of the group lies inside
-                // the plane and no spatial mask applies: a tight copy.
-                let interior = in_mask.is_none()
-                    && gt
-                        .iter()
-                        .all(|&(ty, tx)| ty > 0 && tx > 0 && 4 * ty + 5 <= h && 4 * tx + 5 <= w);
-                let mut bases = [0usize; 32];
-                if interior {
-                    for (b, &(ty, tx)) in bases.iter_mut().zip(gt) {
-                        *b = (4 * ty - 1) * w + 4 * tx - 1;
-                    }
+                // Each tile's window span, computed once for all channels.
+                let mut spans = [WindowSpan::new(h, w, 0, 0); 32];
+                for (s, &(ty, tx)) in spans.iter_mut().zip(gt) {
+                    *s = WindowSpan::new(h, w, ty, tx);
                 }
-                if gt.len() < nr {
-                    for i in 0..POS {
-                        d[i * nr + gt.len()..(i + 1) * nr].fill(E::zero());
-                    }
+                let spans = &spans[..gt.len()];
+                // Entries no gather writes (outside the plane, lanes past
+                // the group's tiles) are zero for every channel: clear
+                // them once per group.
+                if gt.len() < nr || spans.iter().any(|s| !s.is_full()) {
+                    d[..POS * nr].fill(E::zero());
                 }
                 for (c, &ci) in cols.iter().enumerate() {
                     let plane = &src[ci * hw..][..hw];
-                    if interior {
-                        for (j, &b0) in bases[..gt.len()].iter().enumerate() {
-                            let win = &plane[b0..b0 + 5 * w + 6];
-                            for r in 0..6 {
-                                let row = &win[r * w..r * w + 6];
-                                for (c6, &x) in row.iter().enumerate() {
-                                    d[(r * 6 + c6) * nr + j] = x;
-                                }
-                            }
-                        }
-                    } else {
-                        for (j, &(ty, tx)) in gt.iter().enumerate() {
-                            let win = window(plane, h, w, in_mask, E::one(), ty, tx);
-                            for (i, &x) in win.iter().enumerate() {
-                                d[i * nr + j] = x;
-                            }
-                        }
+                    for (j, span) in spans.iter().enumerate() {
+                        span.gather(plane, w, in_mask, &mut d, nr, j);
                     }
                     // The channel mask's factor, `x * m` as the reference
-                    // rounds it (the spatial one is applied in `window`).
+                    // rounds it (the spatial one is applied in the gather).
                     let scale = match conv.input {
                         InMul::Channel(ms) => Some(E::splat(simd, ms[img * conv.k + ci])),
                         _ => None,
