@@ -21,7 +21,11 @@ use crate::pool;
 /// packed weights (9.4 MB) stay in L3 (32 MB); each GEMM reads its B tile
 /// from L1 once per 6-row panel and the position's weights (256 KiB) from
 /// L2. Measured at P3 (fwd, 2 threads): G = 1: 95 ms, 2: 81-84, 4: 90,
-/// 8: 93 (P4/P5 within noise).
+/// 8: 93 (P4/P5 within noise). In a slow phase of the host, when this
+/// guest's share of L3 shrinks to about 10 MB and the weights stream from
+/// memory, G = 4 was about 10% faster at P3 but the whole loss did not
+/// move beyond its noise (`docs/engineering.md`, "Why the Winograd
+/// forward slows down more than the FMA probe in slow phases").
 const GROUPS: usize = 2;
 
 /// A multiplier applied to the source while it is gathered.
