@@ -7,7 +7,7 @@ use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 
 use super::Scratch;
-use super::transform::{POS, WindowSpan, grad_tile, input_tile, weight_grad_tile, window_is_zero};
+use super::transform::{POS, WindowSpan, grad_tile, input_tile, weight_grad_tile};
 use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::nr_for;
 use crate::backend::cpu::kernel::{AWalk, ColBlock, MR, nr, run_tile};
@@ -127,8 +127,8 @@ impl<E: Elem> Sums<E> {
         for img in imgs.clone() {
             for ty in 0..th {
                 for tx in 0..tw {
-                    if !smask.is_some_and(|ms| window_is_zero(&ms[img * hw..][..hw], h, w, ty, tx))
-                    {
+                    let span = WindowSpan::new(h, w, ty, tx);
+                    if !smask.is_some_and(|ms| span.reads_only_zeros(&ms[img * hw..][..hw])) {
                         tiles.push((img, ty, tx));
                     }
                 }
@@ -264,7 +264,7 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
             }
             for j in 0..lanes {
                 let plane = &x[(img * c + cols[j]) * hw..][..hw];
-                span.gather(plane, w, ms, &mut d, nr, j);
+                span.gather(plane, ms, &mut d, nr, j);
             }
             // The channel mask's factors, per lane (`x * m` as the
             // reference rounds it).

@@ -7,7 +7,6 @@ use rayon::prelude::*;
 use super::Scratch;
 use super::transform::{
     POS, WindowSpan, input_tile, output_tile, tile_is_zero, weight_tile, weight_tile_v,
-    window_is_zero,
 };
 use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::{TASKS_PER_THREAD, act_of_bias, relu_of};
@@ -392,7 +391,8 @@ impl<E: Elem> WithSimd for WinoTask<'_, '_, E> {
         let mut tiles = Vec::with_capacity((ty1 - ty0) * tw);
         for ty in ty0..ty1 {
             for tx in 0..tw {
-                let skip = in_mask.is_some_and(|ms| window_is_zero(ms, h, w, ty, tx))
+                let skip = in_mask
+                    .is_some_and(|ms| WindowSpan::new(h, w, ty, tx).reads_only_zeros(ms))
                     || out_mask.is_some_and(|ms| tile_is_zero(ms, h, w, ty, tx));
                 if !skip {
                     tiles.push((ty, tx));
@@ -446,7 +446,7 @@ impl<E: Elem> WithSimd for WinoTask<'_, '_, E> {
                 for (c, &ci) in cols.iter().enumerate() {
                     let plane = &src[ci * hw..][..hw];
                     for (j, span) in spans.iter().enumerate() {
-                        span.gather(plane, w, in_mask, &mut d, nr, j);
+                        span.gather(plane, in_mask, &mut d, nr, j);
                     }
                     // The channel mask's factor, `x * m` as the reference
                     // rounds it (the spatial one is applied in the gather).

@@ -220,6 +220,8 @@ pub(crate) fn weight_grad_tile<E: Elem>(d: &[E; POS]) -> [E; 9] {
 pub(crate) struct WindowSpan {
     /// Plane offset of window element `(r0, c0)`.
     base: usize,
+    /// The plane's width (its row stride).
+    w: usize,
     r0: usize,
     r1: usize,
     c0: usize,
@@ -239,6 +241,7 @@ impl WindowSpan {
         let c1 = (w + 1 - 4 * tx).min(6);
         Self {
             base: (4 * ty + r0 - 1) * w + (4 * tx + c0 - 1),
+            w,
             r0,
             r1,
             c0,
@@ -252,6 +255,21 @@ impl WindowSpan {
         self.r0 == 0 && self.r1 == 6 && self.c0 == 0 && self.c1 == 6
     }
 
+    /// The in-plane rows of the window in `plane` (an `h x w` plane like
+    /// the one the span was made for): `rows` slices of `cols` values.
+    #[inline(always)]
+    fn rows<'p, E>(&self, plane: &'p [E]) -> impl Iterator<Item = &'p [E]> {
+        let cols = self.c1 - self.c0;
+        let src = &plane[self.base..][..(self.r1 - self.r0 - 1) * self.w + cols];
+        src.chunks(self.w).map(move |row| &row[..cols])
+    }
+
+    /// True when every in-plane value of the window in the mask plane `m`
+    /// is an exact zero (the masked input then reads only zeros there).
+    pub(crate) fn reads_only_zeros<E: Elem>(&self, m: &[E]) -> bool {
+        self.rows(m).all(|row| row.iter().all(|&v| v == E::zero()))
+    }
+
     /// Writes the window's in-plane values into `d[(r * 6 + c) * stride +
     /// lane]`, times the multiplier plane `m` when given (exactly the
     /// reference's `x * m`). Entries outside the plane are not written: the
@@ -260,29 +278,24 @@ impl WindowSpan {
     pub(crate) fn gather<E: Elem>(
         &self,
         plane: &[E],
-        w: usize,
         m: Option<&[E]>,
         d: &mut [E],
         stride: usize,
         lane: usize,
     ) {
-        let rows = self.r1 - self.r0;
-        let cols = self.c1 - self.c0;
-        let span = (rows - 1) * w + cols;
-        let src = &plane[self.base..][..span];
         match m {
             None if self.is_full() => {
                 // The common case, unrolled: 36 loads and stores.
+                let src = &plane[self.base..][..5 * self.w + 6];
                 for r in 0..6 {
-                    let row = &src[r * w..][..6];
+                    let row = &src[r * self.w..][..6];
                     for c in 0..6 {
                         d[(r * 6 + c) * stride + lane] = row[c];
                     }
                 }
             }
             None => {
-                for r in 0..rows {
-                    let row = &src[r * w..][..cols];
+                for (r, row) in self.rows(plane).enumerate() {
                     let at = (self.r0 + r) * 6 + self.c0;
                     for (c, &x) in row.iter().enumerate() {
                         d[(at + c) * stride + lane] = x;
@@ -290,10 +303,7 @@ impl WindowSpan {
                 }
             }
             Some(m) => {
-                let mrow = &m[self.base..][..span];
-                for r in 0..rows {
-                    let row = &src[r * w..][..cols];
-                    let mr = &mrow[r * w..][..cols];
+                for (r, (row, mr)) in self.rows(plane).zip(self.rows(m)).enumerate() {
                     let at = (self.r0 + r) * 6 + self.c0;
                     for (c, (&x, &f)) in row.iter().zip(mr).enumerate() {
                         d[(at + c) * stride + lane] = x * f;
@@ -302,14 +312,6 @@ impl WindowSpan {
             }
         }
     }
-}
-
-/// True when the 6 x 6 window of tile `(ty, tx)` of the mask plane `m` is
-/// all exact zeros (so the masked input reads only zeros there).
-pub(crate) fn window_is_zero<E: Elem>(m: &[E], h: usize, w: usize, ty: usize, tx: usize) -> bool {
-    let (y0, y1) = ((4 * ty).saturating_sub(1), (4 * ty + 5).min(h));
-    let (x0, x1) = ((4 * tx).saturating_sub(1), (4 * tx + 5).min(w));
-    (y0..y1).all(|y| m[y * w + x0..y * w + x1].iter().all(|&v| v == E::zero()))
 }
 
 /// True when the 4 x 4 outputs of tile `(ty, tx)` of the mask plane `m` are
@@ -436,23 +438,34 @@ mod tests {
 
     #[test]
     fn window_spans_gather_the_padded_window() {
+        let mut zero_windows = 0;
         // Every tile of planes from 1 x 1 up, including widths that leave a
         // partial last tile (w % 4 != 0) and tiles touching two borders.
         for h in 1..=11 {
             for w in 1..=11 {
                 let plane: Vec<f32> = (0..h * w).map(|i| 1.0 + i as f32).collect();
                 let mask: Vec<f32> = (0..h * w).map(|i| [0.5, 0.0, 2.0][i % 3]).collect();
+                // Mostly zeros, so some windows read only zeros.
+                let sparse: Vec<f32> = (0..h * w).map(|i| f32::from(i % 13 == 5)).collect();
                 for ty in 0..h.div_ceil(4) {
                     for tx in 0..w.div_ceil(4) {
                         let span = WindowSpan::new(h, w, ty, tx);
                         let full = ty > 0 && tx > 0 && 4 * ty + 5 <= h && 4 * tx + 5 <= w;
                         assert_eq!(span.is_full(), full, "{h}x{w} tile ({ty}, {tx})");
-                        for m in [None, Some(&mask[..])] {
+                        for m in [None, Some(&mask[..]), Some(&sparse[..])] {
                             // Lane 1 of 3, so a stride or lane slip shows;
                             // NaN marks entries the gather must not write.
                             let mut d = vec![f32::NAN; POS * 3];
-                            span.gather(&plane, w, m, &mut d, 3, 1);
+                            span.gather(&plane, m, &mut d, 3, 1);
                             let want = window_by_definition(&plane, m, h, w, ty, tx);
+                            if let Some(m) = m {
+                                // The mask's own window, by definition.
+                                let zeros = window_by_definition(m, None, h, w, ty, tx)
+                                    .iter()
+                                    .all(|v| v.is_none_or(|v| v == 0.0));
+                                assert_eq!(span.reads_only_zeros(m), zeros);
+                                zero_windows += usize::from(zeros);
+                            }
                             for (i, &x) in want.iter().enumerate() {
                                 let got = d[i * 3 + 1];
                                 assert!(
@@ -470,6 +483,8 @@ mod tests {
                 }
             }
         }
+        // Both answers of reads_only_zeros were checked.
+        assert!(zero_windows > 0);
     }
 
     #[test]
