@@ -9,22 +9,23 @@ use super::transform::{
     POS, WindowSpan, input_tile, output_tile, tile_is_zero, weight_tile, weight_tile_v,
 };
 use crate::backend::cpu::Ctx;
-use crate::backend::cpu::conv_fwd::{TASKS_PER_THREAD, act_of_bias, relu_of};
-use crate::backend::cpu::kernel::{ColBlock, MR, nr, run_packed_tile, split_columns};
+use crate::backend::cpu::conv_fwd::{act_of_bias, nr_for, relu_of};
+use crate::backend::cpu::kernel::{MR, nr, run_packed_tile};
 use crate::backend::cpu::simd::Elem;
 use crate::pool;
 
 /// Register groups (NR tiles each) per block. The block's transformed
 /// input, `36 x K x G*NR`, and its products, `36 x M x G*NR`, are 1.2 MB
-/// each at K = M = 256 in f32 for G = 2, so two threads' blocks and the
-/// packed weights (9.4 MB) stay in L3 (32 MB); each GEMM reads its B tile
-/// from L1 once per 6-row panel and the position's weights (256 KiB) from
-/// L2. Measured at P3 (fwd, 2 threads): G = 1: 95 ms, 2: 81-84, 4: 90,
-/// 8: 93 (P4/P5 within noise). In a slow phase of the host, when this
-/// guest's share of L3 shrinks to about 10 MB and the weights stream from
-/// memory, G = 4 was about 10% faster at P3 but the whole loss did not
-/// move beyond its noise (`docs/engineering.md`, "Why the Winograd
-/// forward slows down more than the FMA probe in slow phases").
+/// each at K = M = 256 in f32 for G = 2; all threads work on the same
+/// block (see [`WinoConv::run_images`]), so these and the packed weights
+/// (9.4 MB) are the working set. Each GEMM reads its B tile from L1 once
+/// per 6-row panel and its panels' weights at one position from L2.
+/// Measured when each thread had a block of its own (P3 forward, 2
+/// threads, quiet phase): G = 1: 95 ms, 2: 81-84, 4: 90, 8: 93. With the
+/// shared block, in a slow phase of the host (AMD EPYC Zen 3, AVX2, 2
+/// threads, seven alternating rounds of `dmkd bench --only loss`): G = 2
+/// and G = 4 tied (2104-2740 against 2240-2690 ms, each winning 3 or 4
+/// rounds); 2 holds half the scratch.
 const GROUPS: usize = 2;
 
 /// A multiplier applied to the source while it is gathered.
@@ -66,20 +67,6 @@ pub(crate) struct WinoConv<'a, E: Elem> {
     /// Where the work is counted.
     pub cx: Ctx<'a>,
 }
-
-/// Fewest tiles per task when there are enough tasks for the threads
-/// anyway. Every task streams all the packed weights (9.4 MB at 256 x 256)
-/// through its GEMMs once per block of tiles, so a small level split four
-/// ways per thread spends its time on weights: at P5 (25 x 42, 77 tiles
-/// per image, N = 2, 2 threads), `dmkd bench --only conv --conv-algo
-/// winograd`, three rounds alternating the builds in one run (AMD EPYC
-/// Zen 3, AVX2, f32): forward 19.5 / 21.8 / 17.0 ms in 8 tasks of 11-22
-/// tiles, 17.3 / 18.3 / 13.4 ms in one task per image; input gradient
-/// 19.2 / 24.6 / 18.1 against 17.1 / 18.9 / 13.5 ms; P6 forward 10.9 /
-/// 17.9 / 11.0 against 8.3 / 9.2 / 7.5 ms. (The weight-gradient rows, which
-/// do not use this split, moved by +-15% between rounds.) Two blocks of 32
-/// tiles: P3 and P4 keep their split.
-const MIN_TILES_PER_TASK: usize = 64;
 
 /// Nonzero entries of row `img` of a `[n, c]` channel mask, or all.
 fn kept<E: Elem>(mask: Option<&[E]>, img: usize, c: usize) -> Vec<usize> {
@@ -253,6 +240,10 @@ fn transform_packed<E: Elem>(
     out
 }
 
+/// A tile of one call: (image, tile row, tile column), the image an index
+/// into the call's list of images.
+type Tile = (usize, usize, usize);
+
 impl<E: Elem> WinoConv<'_, E> {
     /// `[n, m, h, w]`, row-major.
     pub fn run(&self) -> Vec<E> {
@@ -274,8 +265,8 @@ impl<E: Elem> WinoConv<'_, E> {
             let (rows, cols) = ((0..m).collect::<Vec<_>>(), (0..self.k).collect::<Vec<_>>());
             self.cx.tally.weights_packed(POS * rows.len() * cols.len());
             let u = transform_packed(self.cx.arch, self.weights, m, &cols, self.transposed);
-            let imgs: Vec<(usize, &mut [E])> = y.chunks_mut(m * hw).enumerate().collect();
-            self.run_images(imgs, &rows, &cols, &u);
+            let imgs: Vec<usize> = (0..n).collect();
+            self.run_images(&imgs, &mut y, &rows, &cols, &u);
             drop(pool::Buffer::new(u));
         } else {
             // Each image packs its own kept rows and columns from one
@@ -291,7 +282,7 @@ impl<E: Elem> WinoConv<'_, E> {
                     .channels_skipped(m - rows.len() + self.k - cols.len());
                 self.cx.tally.weights_packed(POS * rows.len() * cols.len());
                 let u = pack_weights(&ut, self.k, &rows, &cols);
-                self.run_images(vec![(img, yimg)], &rows, &cols, &u);
+                self.run_images(&[img], yimg, &rows, &cols, &u);
                 drop(pool::Buffer::new(u));
             }
             drop(pool::Buffer::new(ut));
@@ -299,257 +290,558 @@ impl<E: Elem> WinoConv<'_, E> {
         y
     }
 
-    fn run_images(&self, imgs: Vec<(usize, &mut [E])>, rows: &[usize], cols: &[usize], u: &[E]) {
-        let arch = self.cx.arch;
+    /// The spatial input mask's plane of image `img`, if any.
+    fn in_mask(&self, img: usize) -> Option<&[E]> {
+        let hw = self.h * self.w;
+        match self.input {
+            InMul::Spatial(ms) => Some(&ms[img * hw..][..hw]),
+            _ => None,
+        }
+    }
+
+    /// The spatial output mask's plane of image `img`, if any.
+    fn out_mask(&self, img: usize) -> Option<&[E]> {
+        let hw = self.h * self.w;
+        match self.epi {
+            Epi::Spatial(ms) => Some(&ms[img * hw..][..hw]),
+            _ => None,
+        }
+    }
+
+    /// Output rows `rows` of images `imgs` (`y`: their outputs, `[imgs.len(),
+    /// m, h, w]`) from input channels `cols`, with `u` the transformed
+    /// weights of those rows and columns as [`pack_weights`] packs them.
+    ///
+    /// The threads work on one block of `GROUPS x NR` tiles at a time, in
+    /// three parallel phases: input transform (split by register group),
+    /// the 36 GEMMs (split by row panel: each thread streams only its
+    /// panels' weights, so the block's weight stream is shared, not
+    /// repeated per thread), output transform (split by output row). The
+    /// split never changes a bit: each output is one tile's fixed-order
+    /// chain over the columns, whichever thread runs it. Blocks may span
+    /// images, so a small level's few tiles are one block.
+    ///
+    /// Why: when each thread ran its own blocks, every thread streamed all
+    /// 9.4 MB of packed weights per block, and in the host's slow phases
+    /// (about 10 MB of L3 for this guest) that came from memory. Measured
+    /// against that design (AMD EPYC Zen 3, AVX2, 2 threads, slow phase,
+    /// alternating rounds in one run): P4 under a 0.65 channel mask forward
+    /// 27.2-27.7 -> 22.1-24.2 ms, input gradient 31.2-33.6 -> 21.8-25.2; under
+    /// a spatial mask 27.2-30.3 -> 23.5-25.5 and 26.6-29.3 -> 20.9-25.1; dense
+    /// P3 within noise (forward 163-195 against 155-194 ms); the whole loss
+    /// (`dmkd bench --only loss`, seven rounds) median 2582 -> 2184 ms,
+    /// faster in five rounds, 1% slower in two.
+    fn run_images(&self, imgs: &[usize], y: &mut [E], rows: &[usize], cols: &[usize], u: &[E]) {
         let (h, w, m) = (self.h, self.w, self.m);
-        let th = h.div_ceil(4);
-        // Tasks: runs of tile rows, about TASKS_PER_THREAD per thread, but
-        // at least MIN_TILES_PER_TASK tiles each where the threads stay
-        // busy without it (the split never changes a bit: each output is
-        // computed by one tile whatever task holds it).
-        let threads = rayon::current_num_threads();
-        let images = imgs.len().max(1);
-        let tiles = th * w.div_ceil(4);
-        let want = (TASKS_PER_THREAD * threads)
-            .div_ceil(images)
-            .min(tiles / MIN_TILES_PER_TASK)
-            .max(threads.div_ceil(images));
-        let per = th.div_ceil(want.clamp(1, th));
-        let bounds: Vec<usize> = (0..=th.div_ceil(per))
-            .map(|i| (i * per * 4 * w).min(h * w))
-            .collect();
-        let mut tasks = Vec::new();
-        for (img, yimg) in imgs {
-            for (i, blk) in split_columns(yimg, m, h * w, &bounds)
-                .into_iter()
+        let hw = h * w;
+        let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
+        let kk = cols.len();
+        // The tiles to compute: under a spatial mask with zeros, a tile
+        // that reads only zeros (forward) or whose outputs are all masked
+        // (input gradient) is left out, and its outputs are filled below.
+        let mut tiles: Vec<Tile> = Vec::new();
+        let mut fill = vec![rows.len() < m; imgs.len()];
+        for (i, &img) in imgs.iter().enumerate() {
+            let (in_mask, out_mask) = (self.in_mask(img), self.out_mask(img));
+            let before = tiles.len();
+            for ty in 0..th {
+                for tx in 0..tw {
+                    let skip = in_mask
+                        .is_some_and(|ms| WindowSpan::new(h, w, ty, tx).reads_only_zeros(ms))
+                        || out_mask.is_some_and(|ms| tile_is_zero(ms, h, w, ty, tx));
+                    if !skip {
+                        tiles.push((i, ty, tx));
+                    }
+                }
+            }
+            let skipped = th * tw - (tiles.len() - before);
+            if kk == 0 {
+                tiles.truncate(before);
+            }
+            let computed = tiles.len() - before;
+            fill[i] |= computed < th * tw;
+            self.cx.tally.tiles(computed, skipped);
+            self.cx.tally.macs(POS * rows.len() * kk * computed);
+        }
+        // Outputs no computed tile writes: what the dense sum of zeros
+        // would give (act(b) forward; 0 for a gradient, masked or not).
+        if fill.contains(&true) {
+            y.par_chunks_mut(hw.max(1))
                 .enumerate()
-            {
-                tasks.push((img, i * per, ((i + 1) * per).min(th), blk));
+                .filter(|(ix, _)| fill[ix / m])
+                .for_each(|(ix, row)| {
+                    row.fill(match self.epi {
+                        Epi::Bias { bias, relu } => act_of_bias(bias, ix % m, relu),
+                        _ => E::zero(),
+                    })
+                });
+        }
+        if tiles.is_empty() || rows.is_empty() {
+            return;
+        }
+        let arch = self.cx.arch;
+        let nr = nr_for::<E>(arch);
+        let panels = rows.len().div_ceil(MR);
+        let tile_len = MR * nr;
+        // V: `[group][pos][col][NR]`; products: `[panel][pos][group][MR x NR]`,
+        // so each phase's share is one contiguous run.
+        let mut vbuf = Scratch::<E>::new(GROUPS * POS * kk * nr);
+        let mut mbuf = Scratch::<E>::new(panels * POS * GROUPS * tile_len);
+        // The output rows by kept row: `dst[ri][i]` is row `rows[ri]` of image `i`.
+        let mut kept_row = vec![usize::MAX; m];
+        for (ri, &co) in rows.iter().enumerate() {
+            kept_row[co] = ri;
+        }
+        let mut dst: Vec<Vec<&mut [E]>> = (0..rows.len())
+            .map(|_| Vec::with_capacity(imgs.len()))
+            .collect();
+        for (ix, row) in y.chunks_mut(hw).enumerate() {
+            if let Some(d) = dst.get_mut(kept_row[ix % m]) {
+                d.push(row);
             }
         }
-        tasks.into_par_iter().for_each(|(img, ty0, ty1, block)| {
-            arch.dispatch(WinoTask {
-                conv: self,
-                rows,
-                cols,
-                u,
-                img,
-                ty0,
-                ty1,
-                block,
-            })
-        });
+        // Row panels per GEMM job: one contiguous run per thread.
+        let jobs = rayon::current_num_threads().clamp(1, panels);
+        let bounds: Vec<usize> = (0..=jobs).map(|j| j * panels / jobs).collect();
+        for block in tiles.chunks(GROUPS * nr) {
+            vbuf.as_mut_slice()
+                .par_chunks_mut(POS * kk * nr)
+                .zip(block.par_chunks(nr))
+                .for_each(|(v, group)| {
+                    arch.dispatch(InputGroup {
+                        conv: self,
+                        imgs,
+                        group,
+                        cols,
+                        v,
+                    })
+                });
+            let groups = block.len().div_ceil(nr);
+            let v = vbuf.as_slice();
+            let mut runs = Vec::with_capacity(jobs);
+            let mut rest = mbuf.as_mut_slice();
+            for p in bounds.windows(2) {
+                let (run, tail) = rest.split_at_mut((p[1] - p[0]) * POS * GROUPS * tile_len);
+                runs.push((p[0]..p[1], run));
+                rest = tail;
+            }
+            runs.into_par_iter().for_each(|(panels, out)| {
+                arch.dispatch(Products {
+                    u,
+                    v,
+                    kk,
+                    groups,
+                    panels,
+                    out,
+                })
+            });
+            let products = mbuf.as_slice();
+            dst.par_iter_mut().enumerate().for_each(|(ri, dst)| {
+                arch.dispatch(OutputRow {
+                    conv: self,
+                    imgs,
+                    block,
+                    products,
+                    ri,
+                    co: rows[ri],
+                    dst,
+                })
+            });
+        }
     }
 }
 
-struct WinoTask<'a, 'b, E: Elem> {
+/// Input transform of one register group (`NR` tiles, lanes are tiles)
+/// into `v` (`[pos][col][NR]`).
+struct InputGroup<'a, 'b, E: Elem> {
     conv: &'a WinoConv<'a, E>,
-    rows: &'a [usize],
+    imgs: &'a [usize],
+    group: &'a [Tile],
     cols: &'a [usize],
-    u: &'a [E],
-    img: usize,
-    ty0: usize,
-    ty1: usize,
-    block: ColBlock<'b, E>,
+    v: &'b mut [E],
 }
 
-impl<E: Elem> WithSimd for WinoTask<'_, '_, E> {
+impl<E: Elem> WithSimd for InputGroup<'_, '_, E> {
     type Output = ();
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let WinoTask {
+        let InputGroup {
             conv,
-            rows,
+            imgs,
+            group,
             cols,
-            u,
-            img,
-            ty0,
-            ty1,
-            mut block,
+            v,
         } = self;
-        let (h, w, m) = (conv.h, conv.w, conv.m);
+        let (h, w, k) = (conv.h, conv.w, conv.k);
         let hw = h * w;
-        let tw = w.div_ceil(4);
-        let p0 = ty0 * 4 * w;
         let nr = nr::<E, S>();
         let l = E::lanes::<S>();
         let kk = cols.len();
-        let panels = rows.len().div_ceil(MR);
-        let tile_len = MR * nr;
-        // The tiles to compute: under a spatial mask with zeros, a tile
-        // that reads only zeros (forward) or whose outputs are all masked
-        // (input gradient) is left out and filled below.
-        let in_mask = match conv.input {
-            InMul::Spatial(ms) => Some(&ms[img * hw..][..hw]),
-            _ => None,
-        };
-        let out_mask = match conv.epi {
-            Epi::Spatial(ms) => Some(&ms[img * hw..][..hw]),
-            _ => None,
-        };
-        let mut tiles = Vec::with_capacity((ty1 - ty0) * tw);
-        for ty in ty0..ty1 {
-            for tx in 0..tw {
-                let skip = in_mask
-                    .is_some_and(|ms| WindowSpan::new(h, w, ty, tx).reads_only_zeros(ms))
-                    || out_mask.is_some_and(|ms| tile_is_zero(ms, h, w, ty, tx));
-                if !skip {
-                    tiles.push((ty, tx));
-                }
-            }
-        }
-        let skipped = (ty1 - ty0) * tw - tiles.len();
-        if kk == 0 {
-            tiles.clear();
-        }
-        conv.cx.tally.tiles(tiles.len(), skipped);
-        conv.cx.tally.macs(POS * rows.len() * kk * tiles.len());
-        // Outputs no computed tile writes: what the dense sum of zeros
-        // would give (act(b) forward; 0 for a gradient, masked or not).
-        if tiles.len() < (ty1 - ty0) * tw || rows.len() < m {
-            for co in 0..m {
-                let v = match conv.epi {
-                    Epi::Bias { bias, relu } => act_of_bias(bias, co, relu),
-                    _ => E::zero(),
-                };
-                block.row_mut(co).fill(v);
-            }
-        }
-        if tiles.is_empty() {
-            return;
-        }
-        let tb = GROUPS * nr;
-        let mut vbuf = Scratch::<E>::new(POS * GROUPS * kk * nr);
-        let mut mbuf = Scratch::<E>::new(POS * GROUPS * panels * tile_len);
-        let v = vbuf.as_mut_slice();
-        let mb = mbuf.as_mut_slice();
-        let src = &conv.src[img * conv.k * hw..][..conv.k * hw];
         let zero = E::splat(simd, E::zero());
+        // Each tile's window span and mask plane, found once for all channels.
+        let mut spans = [WindowSpan::new(h, w, 0, 0); 32];
+        let mut masks = [None; 32];
+        for (j, &(i, ty, tx)) in group.iter().enumerate() {
+            spans[j] = WindowSpan::new(h, w, ty, tx);
+            masks[j] = conv.in_mask(imgs[i]);
+        }
+        let spans = &spans[..group.len()];
+        // Entries no gather writes (outside the plane, lanes past the
+        // group's tiles) are zero for every channel: clear them once.
         let mut d = [E::zero(); POS * 32];
-        for btiles in tiles.chunks(tb) {
-            let groups = btiles.len().div_ceil(nr);
-            // Input transform: lanes are tiles, one channel at a time.
-            for (g, gt) in btiles.chunks(nr).enumerate() {
-                // Each tile's window span, computed once for all channels.
-                let mut spans = [WindowSpan::new(h, w, 0, 0); 32];
-                for (s, &(ty, tx)) in spans.iter_mut().zip(gt) {
-                    *s = WindowSpan::new(h, w, ty, tx);
+        let mut scale = [E::zero(); 32];
+        for (c, &ci) in cols.iter().enumerate() {
+            for (j, (span, &(i, _, _))) in spans.iter().zip(group).enumerate() {
+                let plane = &conv.src[(imgs[i] * k + ci) * hw..][..hw];
+                span.gather(plane, masks[j], &mut d, nr, j);
+                // The channel mask's factor, `x * m` as the reference
+                // rounds it (the spatial one is applied in the gather).
+                if let InMul::Channel(ms) = conv.input {
+                    scale[j] = ms[imgs[i] * k + ci];
                 }
-                let spans = &spans[..gt.len()];
-                // Entries no gather writes (outside the plane, lanes past
-                // the group's tiles) are zero for every channel: clear
-                // them once per group.
-                if gt.len() < nr || spans.iter().any(|s| !s.is_full()) {
-                    d[..POS * nr].fill(E::zero());
-                }
-                for (c, &ci) in cols.iter().enumerate() {
-                    let plane = &src[ci * hw..][..hw];
-                    for (j, span) in spans.iter().enumerate() {
-                        span.gather(plane, in_mask, &mut d, nr, j);
+            }
+            for hv in (0..nr).step_by(l) {
+                let sc =
+                    matches!(conv.input, InMul::Channel(_)).then(|| E::load(simd, &scale[hv..]));
+                let mut dv = [zero; POS];
+                for (i, r) in dv.iter_mut().enumerate() {
+                    *r = E::load(simd, &d[i * nr + hv..]);
+                    if let Some(sc) = sc {
+                        *r = E::vmul(simd, *r, sc);
                     }
-                    // The channel mask's factor, `x * m` as the reference
-                    // rounds it (the spatial one is applied in the gather).
-                    let scale = match conv.input {
-                        InMul::Channel(ms) => Some(E::splat(simd, ms[img * conv.k + ci])),
-                        _ => None,
+                }
+                let t = input_tile::<E, S>(simd, &dv);
+                for (pos, &tv) in t.iter().enumerate() {
+                    E::store(simd, &mut v[(pos * kk + c) * nr + hv..], tv);
+                }
+            }
+        }
+    }
+}
+
+/// The GEMMs of row panels `panels` for one block: for each position,
+/// `products[pos] = U[pos] (rows x kk) * V[pos] (kk x tiles)`, into `out`
+/// (`[panel][pos][group][MR x NR]`, the run of these panels). Each B tile
+/// (one group's `kk x NR` at one position) stays in L1 across the panels;
+/// the panels' weights at one position stay in L2 across the groups.
+struct Products<'a, 'b, E: Elem> {
+    u: &'a [E],
+    v: &'a [E],
+    kk: usize,
+    groups: usize,
+    panels: std::ops::Range<usize>,
+    out: &'b mut [E],
+}
+
+impl<E: Elem> WithSimd for Products<'_, '_, E> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let Products {
+            u,
+            v,
+            kk,
+            groups,
+            panels,
+            out,
+        } = self;
+        let nr = nr::<E, S>();
+        let tile_len = MR * nr;
+        for pos in 0..POS {
+            for g in 0..groups {
+                let b = &v[(g * POS + pos) * kk * nr..][..kk * nr];
+                for (pi, p) in panels.clone().enumerate() {
+                    let a = &u[(p * POS + pos) * kk * MR..][..kk * MR];
+                    let at = ((pi * POS + pos) * GROUPS + g) * tile_len;
+                    // The next C tile this loop writes.
+                    let next = out.as_ptr().wrapping_add(at + POS * GROUPS * tile_len);
+                    run_packed_tile(simd, a, kk, b, &mut out[at..at + tile_len], false, next);
+                }
+            }
+        }
+    }
+}
+
+/// Output transform and epilogue of kept row `ri` (output channel `co`)
+/// for every tile of a block, lanes over tiles, into `dst` (row `co` of
+/// each of the call's images).
+struct OutputRow<'a, 'b, 'c, E: Elem> {
+    conv: &'a WinoConv<'a, E>,
+    imgs: &'a [usize],
+    block: &'a [Tile],
+    products: &'a [E],
+    ri: usize,
+    co: usize,
+    dst: &'b mut [&'c mut [E]],
+}
+
+impl<E: Elem> WithSimd for OutputRow<'_, '_, '_, E> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let OutputRow {
+            conv,
+            imgs,
+            block,
+            products,
+            ri,
+            co,
+            dst,
+        } = self;
+        let (h, w, m) = (conv.h, conv.w, conv.m);
+        let nr = nr::<E, S>();
+        let l = E::lanes::<S>();
+        let tile_len = MR * nr;
+        let (p, r) = (ri / MR, ri % MR);
+        let zero = E::splat(simd, E::zero());
+        // Bias and row scale act on whole registers (the same roundings as
+        // per element); ReLU and the spatial mask per element below.
+        let add = match conv.epi {
+            Epi::Bias { bias, .. } => bias.map(|b| E::splat(simd, b[co])),
+            _ => None,
+        };
+        let relu = matches!(conv.epi, Epi::Bias { relu: true, .. });
+        let mut scale = [E::zero(); 32];
+        let mut out = [E::zero(); 16 * 32];
+        for (g, group) in block.chunks(nr).enumerate() {
+            if let Epi::Rows(sc) = conv.epi {
+                for (s, &(i, _, _)) in scale.iter_mut().zip(group) {
+                    *s = sc[imgs[i] * m + co];
+                }
+            }
+            for hv in (0..nr).step_by(l) {
+                let mut mv = [zero; POS];
+                for (pos, x) in mv.iter_mut().enumerate() {
+                    let at = ((p * POS + pos) * GROUPS + g) * tile_len + r * nr + hv;
+                    *x = E::load(simd, &products[at..]);
+                }
+                let y = output_tile::<E, S>(simd, &mv);
+                let mul = matches!(conv.epi, Epi::Rows(_)).then(|| E::load(simd, &scale[hv..]));
+                for (i, &yv) in y.iter().enumerate() {
+                    let yv = match (add, mul) {
+                        (Some(b), _) => E::vadd(simd, yv, b),
+                        (_, Some(sc)) => E::vmul(simd, yv, sc),
+                        _ => yv,
                     };
-                    for hv in (0..nr).step_by(l) {
-                        let mut dv = [zero; POS];
-                        for (i, r) in dv.iter_mut().enumerate() {
-                            *r = E::load(simd, &d[i * nr + hv..]);
-                            if let Some(sc) = scale {
-                                *r = E::vmul(simd, *r, sc);
-                            }
+                    E::store(simd, &mut out[i * nr + hv..], yv);
+                }
+            }
+            if relu {
+                for o in out[..16 * nr].iter_mut() {
+                    *o = relu_of(*o);
+                }
+            }
+            for (j, &(i, ty, tx)) in group.iter().enumerate() {
+                let row = &mut *dst[i];
+                let (y0, x0) = (4 * ty, 4 * tx);
+                let out_mask = conv.out_mask(imgs[i]);
+                if out_mask.is_none() && y0 + 4 <= h && x0 + 4 <= w {
+                    // A whole tile: a tight copy.
+                    let at = &mut row[y0 * w + x0..][..3 * w + 4];
+                    for yy in 0..4 {
+                        for xx in 0..4 {
+                            at[yy * w + xx] = out[(yy * 4 + xx) * nr + j];
                         }
-                        let t = input_tile::<E, S>(simd, &dv);
-                        for (pos, &tv) in t.iter().enumerate() {
-                            let at = ((pos * GROUPS + g) * kk + c) * nr + hv;
-                            E::store(simd, &mut v[at..], tv);
-                        }
+                    }
+                    continue;
+                }
+                for yy in y0..(y0 + 4).min(h) {
+                    for x in x0..(x0 + 4).min(w) {
+                        let val = out[((yy - y0) * 4 + x - x0) * nr + j];
+                        row[yy * w + x] = match out_mask {
+                            Some(ms) => val * ms[yy * w + x],
+                            None => val,
+                        };
                     }
                 }
             }
-            // 36 GEMMs: products[pos] = U[pos] (rows x kk) * V[pos] (kk x tiles).
-            for pos in 0..POS {
-                for g in 0..groups {
-                    let b = &v[(pos * GROUPS + g) * kk * nr..][..kk * nr];
-                    for p in 0..panels {
-                        let a = &u[(p * POS + pos) * kk * MR..][..kk * MR];
-                        let at = ((pos * GROUPS + g) * panels + p) * tile_len;
-                        let next = mb.as_ptr().wrapping_add(at + tile_len);
-                        run_packed_tile(simd, a, kk, b, &mut mb[at..at + tile_len], false, next);
-                    }
-                }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::counters::Tally;
+    use crate::backend::cpu::isa::Isa;
+
+    const N: usize = 3;
+    const K: usize = 5;
+    const M: usize = 8;
+    // Not multiples of 4 (partial tiles), and 3 x 4 tiles per image, so
+    // blocks span images at every register width (16 tiles per f64 block
+    // on AVX2, 4 on scalar).
+    const H: usize = 9;
+    const W: usize = 13;
+
+    fn values(len: usize, seed: u64) -> Vec<f64> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// A `[N, H, W]` mask: image 0 nonzero only in a corner (so most
+    /// windows read only zeros), image 1 all zeros, image 2 a fractional
+    /// checkerboard.
+    fn spatial_mask() -> Vec<f64> {
+        let mut m = vec![0.0; N * H * W];
+        for y in 0..H {
+            for x in 0..W {
+                m[y * W + x] = f64::from(u8::from(y < 3 && x < 5));
+                m[(2 * H + y) * W + x] = if (x + y) % 2 == 0 { 0.75 } else { 0.0 };
             }
-            // Output transform and epilogue, lanes are tiles again.
-            let mut out = [E::zero(); 16 * 32];
-            for (g, gt) in btiles.chunks(nr).enumerate() {
-                // Output offsets (in the task's block) when every tile of
-                // the group is whole: a tight copy.
-                let whole = gt
-                    .iter()
-                    .all(|&(ty, tx)| 4 * ty + 4 <= h && 4 * tx + 4 <= w);
-                let mut bases = [0usize; 32];
-                for (b, &(ty, tx)) in bases.iter_mut().zip(gt) {
-                    *b = 4 * ty * w + 4 * tx - p0;
-                }
-                for (ri, &co) in rows.iter().enumerate() {
-                    let (p, r) = (ri / MR, ri % MR);
-                    // Bias and row scale act on whole registers (the same
-                    // roundings as per element); ReLU and the spatial mask
-                    // per element below.
-                    let (add, mulv) = match conv.epi {
-                        Epi::Bias { bias, .. } => (bias.map(|b| E::splat(simd, b[co])), None),
-                        Epi::Rows(sc) => (None, Some(E::splat(simd, sc[img * m + co]))),
-                        Epi::Spatial(_) => (None, None),
-                    };
-                    for hv in (0..nr).step_by(l) {
-                        let mut mv = [zero; POS];
-                        for (pos, x) in mv.iter_mut().enumerate() {
-                            let at = ((pos * GROUPS + g) * panels + p) * tile_len + r * nr + hv;
-                            *x = E::load(simd, &mb[at..]);
-                        }
-                        let y = output_tile::<E, S>(simd, &mv);
-                        for (i, &yv) in y.iter().enumerate() {
-                            let yv = match (add, mulv) {
-                                (Some(b), _) => E::vadd(simd, yv, b),
-                                (_, Some(sc)) => E::vmul(simd, yv, sc),
-                                _ => yv,
-                            };
-                            E::store(simd, &mut out[i * nr + hv..], yv);
-                        }
-                    }
-                    let relu = matches!(conv.epi, Epi::Bias { relu: true, .. });
-                    if relu {
-                        for o in out[..16 * nr].iter_mut() {
-                            *o = relu_of(*o);
-                        }
-                    }
-                    let row = block.row_mut(co);
-                    if whole && out_mask.is_none() {
-                        for (j, &b0) in bases[..gt.len()].iter().enumerate() {
-                            let dst = &mut row[b0..b0 + 3 * w + 4];
-                            for i in 0..4 {
-                                for jj in 0..4 {
-                                    dst[i * w + jj] = out[(i * 4 + jj) * nr + j];
+        }
+        m
+    }
+
+    /// The convolution by definition: the forward sums `w[o][i] (x[i] *
+    /// in)`, the transposed one correlates with the flipped `w[i][o]`;
+    /// then the epilogue.
+    fn by_definition(c: &WinoConv<'_, f64>) -> Vec<f64> {
+        let hw = H * W;
+        let mut y = vec![0.0; N * c.m * hw];
+        for n in 0..N {
+            for o in 0..c.m {
+                for py in 0..H {
+                    for px in 0..W {
+                        let mut s = 0.0;
+                        for i in 0..c.k {
+                            for t in 0..9 {
+                                let (yy, xx) =
+                                    ((py + t / 3) as isize - 1, (px + t % 3) as isize - 1);
+                                if yy < 0 || xx < 0 || yy >= H as isize || xx >= W as isize {
+                                    continue;
                                 }
-                            }
-                        }
-                        continue;
-                    }
-                    for (j, &(ty, tx)) in gt.iter().enumerate() {
-                        for i in 0..4.min(h - 4 * ty) {
-                            let yy = 4 * ty + i;
-                            for jj in 0..4.min(w - 4 * tx) {
-                                let x = 4 * tx + jj;
-                                let val = out[(i * 4 + jj) * nr + j];
-                                row[yy * w + x - p0] = match out_mask {
-                                    Some(ms) => val * ms[yy * w + x],
-                                    None => val,
+                                let at = yy as usize * W + xx as usize;
+                                let mut v = c.src[(n * c.k + i) * hw + at];
+                                match c.input {
+                                    InMul::Spatial(ms) => v *= ms[n * hw + at],
+                                    InMul::Channel(ms) => v *= ms[n * c.k + i],
+                                    InMul::None => {}
+                                }
+                                let wt = if c.transposed {
+                                    c.weights[(i * c.m + o) * 9 + 8 - t]
+                                } else {
+                                    c.weights[(o * c.k + i) * 9 + t]
                                 };
+                                s += wt * v;
                             }
                         }
+                        let at = py * W + px;
+                        y[(n * c.m + o) * hw + at] = match c.epi {
+                            Epi::Bias { bias, relu } => {
+                                let s = s + bias.map_or(0.0, |b| b[o]);
+                                if relu { s.max(0.0) } else { s }
+                            }
+                            Epi::Rows(sc) => s * sc[n * c.m + o],
+                            Epi::Spatial(ms) => s * ms[n * hw + at],
+                        };
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    /// Every input multiplier and epilogue, forward and transposed, with
+    /// blocks that span images and tiles left out by spatial masks: the
+    /// definition's values, and the same bits for 1, 2 and 3 threads on
+    /// every instruction set this CPU has.
+    #[test]
+    fn every_mask_and_epilogue_matches_the_definition_with_the_same_bits() {
+        let x = values(N * K * H * W, 1);
+        let dy = values(N * M * H * W, 2);
+        let w = values(M * K * 9, 3);
+        let bias = values(M, 4);
+        let sp = spatial_mask();
+        let ch_real: Vec<f64> = values(N * K, 5).iter().map(|v| v + 1.5).collect();
+        let ch01: Vec<f64> = (0..N * K)
+            .map(|i| f64::from(u8::from(i % 3 != 1)))
+            .collect();
+        let rows_real: Vec<f64> = values(N * K, 6).iter().map(|v| v - 1.5).collect();
+        let rows01: Vec<f64> = (0..N * K)
+            .map(|i| f64::from(u8::from(i % 4 != 2)))
+            .collect();
+        let forward = |input, relu| {
+            (
+                false,
+                input,
+                Epi::Bias {
+                    bias: Some(&bias[..]),
+                    relu,
+                },
+            )
+        };
+        let cases: Vec<(bool, InMul<'_, f64>, Epi<'_, f64>)> = vec![
+            forward(InMul::None, true),
+            forward(InMul::Spatial(&sp), false),
+            forward(InMul::Channel(&ch_real), true),
+            forward(InMul::Channel(&ch01), false),
+            (
+                true,
+                InMul::None,
+                Epi::Bias {
+                    bias: None,
+                    relu: false,
+                },
+            ),
+            (true, InMul::None, Epi::Rows(&rows_real)),
+            (true, InMul::None, Epi::Rows(&rows01)),
+            (true, InMul::None, Epi::Spatial(&sp)),
+        ];
+        let tally = Tally::default();
+        for (case, &(transposed, input, epi)) in cases.iter().enumerate() {
+            let (k, m) = if transposed { (M, K) } else { (K, M) };
+            let mut first: Option<Vec<f64>> = None;
+            for arch in Isa::every_arch() {
+                for threads in [1, 2, 3] {
+                    let conv = WinoConv {
+                        src: if transposed { &dy } else { &x },
+                        n: N,
+                        k,
+                        m,
+                        h: H,
+                        w: W,
+                        weights: &w,
+                        transposed,
+                        input,
+                        epi,
+                        cx: Ctx {
+                            arch,
+                            tally: &tally,
+                        },
+                    };
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let y = pool.install(|| conv.run());
+                    match &first {
+                        None => {
+                            // f64 Winograd against plain sums: the
+                            // transforms' small integer coefficients lose
+                            // a few ulps per term (norm-wise about 1e-15).
+                            let e = by_definition(&conv);
+                            let num: f64 = y.iter().zip(&e).map(|(a, b)| (a - b).powi(2)).sum();
+                            let den: f64 = e.iter().map(|b| b * b).sum();
+                            assert!(den > 0.0, "case {case}: all-zero expectation");
+                            let err = (num / den).sqrt();
+                            assert!(err < 1e-12, "case {case}: norm-wise error {err:e}");
+                            first = Some(y);
+                        }
+                        Some(f) => assert!(
+                            f.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "case {case}: bits differ ({arch:?}, {threads} threads)"
+                        ),
                     }
                 }
             }

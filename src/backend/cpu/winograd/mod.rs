@@ -32,8 +32,9 @@
 //! window is all masked are left out of the sums.
 //!
 //! Memory: nothing is materialised per level beyond the output; the
-//! forward holds one block of transformed input and one of products per
-//! task (2 x 1.2 MB at C = 256, f32) and the transformed weights twice
+//! forward holds one block of transformed input and one of products,
+//! shared by all threads (2 x 1.2 MB at C = 256, f32; the threads split
+//! each block's phases, not the tiles), and the transformed weights twice
 //! (36 x M x K, 9.4 MB, as transformed and as packed); the weight gradient
 //! holds one block of transformed operands (2 x 9.4 MB) and the
 //! 36 x M x K accumulator. All scratch comes from the buffer pool, so the
@@ -41,9 +42,9 @@
 //! blocks (`docs/engineering.md`, "Peak memory").
 //!
 //! Determinism: every output of the forward is computed by exactly one
-//! tile in one task, from a fixed-order chain over K (the kernel never
-//! mixes lanes), so neither the task split nor the block a tile lands in
-//! changes a bit. The weight gradient's reduction over tiles runs in a
+//! tile on one thread, from a fixed-order chain over K (the kernel never
+//! mixes lanes), so neither the split of a block's phases over threads nor
+//! the block a tile lands in changes a bit. The weight gradient's reduction over tiles runs in a
 //! fixed order: block b's chains resume from the sums of blocks 0..b in
 //! C, and threads split positions and row panels (outputs), never the
 //! reduction. Tile lists and blocks depend on the shape and mask only.
