@@ -144,7 +144,7 @@ impl Tally {
         add(&self.weights_packed, v);
     }
 
-    fn snapshot(&self) -> PassCounters {
+    pub(crate) fn snapshot(&self) -> PassCounters {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         PassCounters {
             direct_calls: get(&self.direct_calls),

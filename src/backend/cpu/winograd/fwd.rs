@@ -798,12 +798,31 @@ mod tests {
             (true, InMul::None, Epi::Rows(&rows01)),
             (true, InMul::None, Epi::Spatial(&sp)),
         ];
-        let tally = Tally::default();
         for (case, &(transposed, input, epi)) in cases.iter().enumerate() {
             let (k, m) = if transposed { (M, K) } else { (K, M) };
+            // What the work counters must say for one call: kept channels
+            // per image (a 0/1 channel mask's zeros leave the GEMMs), and
+            // under a spatial mask some tiles left out.
+            let zeros = |c: &[f64], img: usize, len: usize| {
+                c[img * len..][..len].iter().filter(|&&v| v == 0.0).count()
+            };
+            let (sparse_k, sparse_m) = match (input, epi) {
+                (InMul::Channel(c), _) if c.contains(&0.0) => (Some(c), None),
+                (_, Epi::Rows(c)) if c.contains(&0.0) => (None, Some(c)),
+                _ => (None, None),
+            };
+            let spatial = matches!(input, InMul::Spatial(_)) || matches!(epi, Epi::Spatial(_));
+            let tiles = N * H.div_ceil(4) * W.div_ceil(4);
+            let kept: Vec<(usize, usize)> = (0..N)
+                .map(|img| {
+                    let rows = m - sparse_m.map_or(0, |c| zeros(c, img, m));
+                    (rows, k - sparse_k.map_or(0, |c| zeros(c, img, k)))
+                })
+                .collect();
             let mut first: Option<Vec<f64>> = None;
             for arch in Isa::every_arch() {
                 for threads in [1, 2, 3] {
+                    let tally = Tally::default();
                     let conv = WinoConv {
                         src: if transposed { &dy } else { &x },
                         n: N,
@@ -825,6 +844,30 @@ mod tests {
                         .build()
                         .unwrap();
                     let y = pool.install(|| conv.run());
+                    assert_eq!(y.len(), N * m * H * W, "case {case}: output size");
+                    let t = tally.snapshot();
+                    assert_eq!(t.tiles + t.tiles_skipped, tiles as u64, "case {case}");
+                    assert_eq!(t.tiles_skipped > 0, spatial, "case {case}: tiles skipped");
+                    assert_eq!(t.spatial_skip_calls, u64::from(spatial), "case {case}");
+                    let sparse = sparse_k.is_some() || sparse_m.is_some();
+                    assert_eq!(t.channel_sparse_calls, u64::from(sparse), "case {case}");
+                    // Packed once for the call, or per image from its kept channels.
+                    let packed: usize = if sparse {
+                        kept.iter().map(|&(r, c)| POS * r * c).sum()
+                    } else {
+                        POS * m * k
+                    };
+                    assert_eq!(
+                        t.weights_packed, packed as u64,
+                        "case {case}: weights packed"
+                    );
+                    let skipped: usize = kept.iter().map(|&(r, c)| m - r + k - c).sum();
+                    assert_eq!(t.channels_skipped, skipped as u64, "case {case}");
+                    if !spatial {
+                        let per_tile: usize = kept.iter().map(|&(r, c)| r * c).sum();
+                        let macs = POS * per_tile * tiles / N;
+                        assert_eq!(t.macs, macs as u64, "case {case}: multiply-adds");
+                    }
                     match &first {
                         None => {
                             // f64 Winograd against plain sums: the
