@@ -388,16 +388,16 @@ impl<E: Elem> WinoConv<'_, E> {
         let mut vbuf = Scratch::<E>::new(GROUPS * POS * kk * nr);
         let mut mbuf = Scratch::<E>::new(panels * POS * GROUPS * tile_len);
         // The output rows by kept row: `dst[ri][i]` is row `rows[ri]` of image `i`.
-        let mut kept_row = vec![usize::MAX; m];
+        let mut kept_row = vec![None; m];
         for (ri, &co) in rows.iter().enumerate() {
-            kept_row[co] = ri;
+            kept_row[co] = Some(ri);
         }
         let mut dst: Vec<Vec<&mut [E]>> = (0..rows.len())
             .map(|_| Vec::with_capacity(imgs.len()))
             .collect();
-        for (ix, row) in y.chunks_mut(hw).enumerate() {
-            if let Some(d) = dst.get_mut(kept_row[ix % m]) {
-                d.push(row);
+        for (ix, row) in y.chunks_mut(hw.max(1)).enumerate() {
+            if let Some(ri) = kept_row[ix % m] {
+                dst[ri].push(row);
             }
         }
         // Row panels per GEMM job: one contiguous run per thread.
@@ -491,6 +491,7 @@ impl<E: Elem> WithSimd for InputGroup<'_, '_, E> {
         // group's tiles) are zero for every channel: clear them once.
         let mut d = [E::zero(); POS * 32];
         let mut scale = [E::zero(); 32];
+        let channel_mask = matches!(conv.input, InMul::Channel(_));
         for (c, &ci) in cols.iter().enumerate() {
             for (j, (span, &(i, _, _))) in spans.iter().zip(group).enumerate() {
                 let plane = &conv.src[(imgs[i] * k + ci) * hw..][..hw];
@@ -502,8 +503,7 @@ impl<E: Elem> WithSimd for InputGroup<'_, '_, E> {
                 }
             }
             for hv in (0..nr).step_by(l) {
-                let sc =
-                    matches!(conv.input, InMul::Channel(_)).then(|| E::load(simd, &scale[hv..]));
+                let sc = channel_mask.then(|| E::load(simd, &scale[hv..]));
                 let mut dv = [zero; POS];
                 for (i, r) in dv.iter_mut().enumerate() {
                     *r = E::load(simd, &d[i * nr + hv..]);
