@@ -6,8 +6,8 @@
 use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 
-use super::Scratch;
-use super::transform::{POS, WindowSpan, grad_tile, input_tile, weight_grad_tile};
+use super::transform::{POS, WindowSpan, grad_tile, input_tiles, weight_grad_tile};
+use super::{Scratch, Tile};
 use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::nr_for;
 use crate::backend::cpu::kernel::{AWalk, ColBlock, MR, nr, run_tile};
@@ -218,7 +218,7 @@ impl<E: Elem> Sums<E> {
 struct XTransform<'a, 'b, E: Elem> {
     x: &'a [E],
     args: &'a ConvArgs<E>,
-    tiles: &'a [(usize, usize, usize)],
+    tiles: &'a [Tile],
     tb: usize,
     /// The channels from this task's first lane on (the first NR are its lanes).
     cols: &'a [usize],
@@ -241,8 +241,6 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
         let (c, h, w) = (g.c_in, g.h, g.w);
         let hw = h * w;
         let nr = nr::<E, S>();
-        let l = E::lanes::<S>();
-        let zero = E::splat(simd, E::zero());
         let mut d = [E::zero(); POS * 32];
         let cmask = match &args.mask {
             Some(InputMask::Channel(m)) => Some(m.as_slice()),
@@ -274,20 +272,9 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
                     *s = cm[img * c + cols[j]];
                 }
             }
-            for hv in (0..nr).step_by(l) {
-                let mut dv = [zero; POS];
-                let sc = cmask.map(|_| E::load(simd, &scale[hv..]));
-                for (i, r) in dv.iter_mut().enumerate() {
-                    *r = E::load(simd, &d[i * nr + hv..]);
-                    if let Some(sc) = sc {
-                        *r = E::vmul(simd, *r, sc);
-                    }
-                }
-                let tv = input_tile::<E, S>(simd, &dv);
-                for (pos, &v) in tv.iter().enumerate() {
-                    E::store(simd, &mut out[(pos * tb + t) * nr + hv..], v);
-                }
-            }
+            input_tiles::<E, S>(simd, &d, nr, cmask.map(|_| &scale[..]), |pos, hv, v| {
+                E::store(simd, &mut out[(pos * tb + t) * nr + hv..], v)
+            });
         }
     }
 }
@@ -296,7 +283,7 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
 struct DyTransform<'a, 'b, E: Elem> {
     dy: &'a [E],
     args: &'a ConvArgs<E>,
-    tiles: &'a [(usize, usize, usize)],
+    tiles: &'a [Tile],
     tb: usize,
     co: usize,
     out: &'b mut [E],

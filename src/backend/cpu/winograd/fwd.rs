@@ -4,10 +4,10 @@
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
-use super::Scratch;
 use super::transform::{
-    POS, WindowSpan, input_tile, output_tile, tile_is_zero, weight_tile, weight_tile_v,
+    POS, WindowSpan, input_tiles, output_tile, tile_is_zero, weight_tile, weight_tile_v,
 };
+use super::{Scratch, Tile};
 use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::{act_of_bias, nr_for, relu_of};
 use crate::backend::cpu::kernel::{MR, nr, run_packed_tile};
@@ -239,10 +239,6 @@ fn transform_packed<E: Elem>(
         );
     out
 }
-
-/// A tile of one call: (image, tile row, tile column), the image an index
-/// into the call's list of images.
-type Tile = (usize, usize, usize);
 
 impl<E: Elem> WinoConv<'_, E> {
     /// `[n, m, h, w]`, row-major.
@@ -476,9 +472,7 @@ impl<E: Elem> WithSimd for InputGroup<'_, '_, E> {
         let (h, w, k) = (conv.h, conv.w, conv.k);
         let hw = h * w;
         let nr = nr::<E, S>();
-        let l = E::lanes::<S>();
         let kk = cols.len();
-        let zero = E::splat(simd, E::zero());
         // Each tile's window span and mask plane, found once for all channels.
         let mut spans = [WindowSpan::new(h, w, 0, 0); 32];
         let mut masks = [None; 32];
@@ -502,20 +496,13 @@ impl<E: Elem> WithSimd for InputGroup<'_, '_, E> {
                     scale[j] = ms[imgs[i] * k + ci];
                 }
             }
-            for hv in (0..nr).step_by(l) {
-                let sc = channel_mask.then(|| E::load(simd, &scale[hv..]));
-                let mut dv = [zero; POS];
-                for (i, r) in dv.iter_mut().enumerate() {
-                    *r = E::load(simd, &d[i * nr + hv..]);
-                    if let Some(sc) = sc {
-                        *r = E::vmul(simd, *r, sc);
-                    }
-                }
-                let t = input_tile::<E, S>(simd, &dv);
-                for (pos, &tv) in t.iter().enumerate() {
-                    E::store(simd, &mut v[(pos * kk + c) * nr + hv..], tv);
-                }
-            }
+            input_tiles::<E, S>(
+                simd,
+                &d,
+                nr,
+                channel_mask.then_some(&scale[..]),
+                |pos, hv, t| E::store(simd, &mut v[(pos * kk + c) * nr + hv..], t),
+            );
         }
     }
 }

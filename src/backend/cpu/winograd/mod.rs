@@ -70,6 +70,10 @@ use crate::backend::cpu::simd::Elem;
 use crate::backend::{ConvArgs, InputMask};
 use fwd::{Epi, InMul, WinoConv};
 
+/// A tile of one call: (image, tile row, tile column); in the forward
+/// engine the image is an index into the call's list of images.
+pub(super) type Tile = (usize, usize, usize);
+
 /// `y = act(conv3x3(x * mask, w) + b)` for a 3x3 / stride 1 / pad 1 conv.
 pub(crate) fn conv2d<E: Elem>(
     x: &[E],

@@ -69,6 +69,34 @@ pub(crate) fn input_tile<E: Elem, S: Simd>(s: S, d: &[E::V<S>; POS]) -> [E::V<S>
     out
 }
 
+/// [`input_tile`] of every lane group of `d` (`[36][nr]`, lanes are
+/// tiles or channels), each lane first multiplied by `scale[lane]` when
+/// given (`x * m` as the reference rounds it); `store(pos, hv, value)`
+/// receives position `pos` of lanes `hv..hv + lanes`.
+#[inline(always)]
+pub(crate) fn input_tiles<E: Elem, S: Simd>(
+    s: S,
+    d: &[E],
+    nr: usize,
+    scale: Option<&[E]>,
+    mut store: impl FnMut(usize, usize, E::V<S>),
+) {
+    let zero = E::splat(s, E::zero());
+    for hv in (0..nr).step_by(E::lanes::<S>()) {
+        let sc = scale.map(|sc| E::load(s, &sc[hv..]));
+        let mut dv = [zero; POS];
+        for (i, r) in dv.iter_mut().enumerate() {
+            *r = E::load(s, &d[i * nr + hv..]);
+            if let Some(sc) = sc {
+                *r = E::vmul(s, *r, sc);
+            }
+        }
+        for (pos, &tv) in input_tile::<E, S>(s, &dv).iter().enumerate() {
+            store(pos, hv, tv);
+        }
+    }
+}
+
 /// `A^T m` along one line: 6 values to 4.
 #[inline(always)]
 fn at<E: Elem, S: Simd>(s: S, m: [E::V<S>; 6]) -> [E::V<S>; 4] {
