@@ -28,6 +28,13 @@ pub(crate) trait Elem: Float + pulp::bytemuck::Pod {
     fn load<S: Simd>(s: S, x: &[Self]) -> Self::V<S>;
     /// Store `lanes` elements into a slice of at least that length.
     fn store<S: Simd>(s: S, x: &mut [Self], v: Self::V<S>);
+    /// Four registers of interleaved records (`x[4 t + f]`: field `f` of
+    /// record `t`, the registers read as one array) to one register per
+    /// field, lanes over records in the ISA's fixed order ([`lane_order`]):
+    /// a few shuffles on AVX2 / AVX-512 (pulp's `deinterleave_shfl`).
+    fn deinterleave4<S: Simd>(s: S, v: [Self::V<S>; 4]) -> [Self::V<S>; 4];
+    /// The inverse of [`Elem::deinterleave4`].
+    fn interleave4<S: Simd>(s: S, v: [Self::V<S>; 4]) -> [Self::V<S>; 4];
 
     /// Unaligned load of one register.
     ///
@@ -53,7 +60,7 @@ pub(crate) trait Elem: Float + pulp::bytemuck::Pod {
 }
 
 macro_rules! impl_elem {
-    ($t:ty, $v:ident, $lanes:ident, $splat:ident, $fma:ident, $add:ident, $sub:ident, $mul:ident, $as:ident, $asm:ident) => {
+    ($t:ty, $v:ident, $lanes:ident, $splat:ident, $fma:ident, $add:ident, $sub:ident, $mul:ident, $as:ident, $asm:ident, $deint:ident, $int:ident) => {
         impl Elem for $t {
             type V<S: Simd> = S::$v;
 
@@ -93,6 +100,14 @@ macro_rules! impl_elem {
                 let (head, _) = S::$asm(&mut x[..S::$lanes]);
                 head[0] = v;
             }
+            #[inline(always)]
+            fn deinterleave4<S: Simd>(s: S, v: [Self::V<S>; 4]) -> [Self::V<S>; 4] {
+                s.$deint(v)
+            }
+            #[inline(always)]
+            fn interleave4<S: Simd>(s: S, v: [Self::V<S>; 4]) -> [Self::V<S>; 4] {
+                s.$int(v)
+            }
         }
     };
 }
@@ -107,7 +122,9 @@ impl_elem!(
     sub_f32s,
     mul_f32s,
     as_simd_f32s,
-    as_mut_simd_f32s
+    as_mut_simd_f32s,
+    deinterleave_shfl_f32s,
+    interleave_shfl_f32s
 );
 impl_elem!(
     f64,
@@ -119,8 +136,29 @@ impl_elem!(
     sub_f64s,
     mul_f64s,
     as_simd_f64s,
-    as_mut_simd_f64s
+    as_mut_simd_f64s,
+    deinterleave_shfl_f64s,
+    interleave_shfl_f64s
 );
+
+/// The most lanes a register has (f32 on AVX-512).
+pub(crate) const MAX_LANES: usize = 16;
+
+/// The record each lane of [`Elem::deinterleave4`]'s registers holds:
+/// lane `l` holds record `order[l]` (pulp leaves the order to the ISA, so
+/// it is read off the shuffle itself, once per call site).
+#[inline(always)]
+pub(crate) fn lane_order<E: Elem, S: Simd>(s: S) -> [usize; MAX_LANES] {
+    let l = E::lanes::<S>();
+    let mut records = [E::zero(); 4 * MAX_LANES];
+    for (i, r) in records.iter_mut().enumerate() {
+        *r = E::from_usize(i / 4);
+    }
+    let v = std::array::from_fn(|k| E::load(s, &records[k * l..]));
+    let mut field0 = [E::zero(); MAX_LANES];
+    E::store(s, &mut field0, E::deinterleave4(s, v)[0]);
+    std::array::from_fn(|lane| field0[lane].as_f64() as usize)
+}
 
 /// Cache hint levels for [`prefetch`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

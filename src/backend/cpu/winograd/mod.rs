@@ -65,14 +65,59 @@ mod transform;
 
 pub(crate) use dw::conv2d_backward_weight;
 
+use pulp::Simd;
+
 use crate::backend::cpu::Ctx;
-use crate::backend::cpu::simd::Elem;
+use crate::backend::cpu::simd::{Elem, lane_order};
 use crate::backend::{ConvArgs, InputMask};
 use fwd::{Epi, InMul, WinoConv};
 
 /// A tile of one call: (image, tile row, tile column); in the forward
 /// engine the image is an index into the call's list of images.
 pub(super) type Tile = (usize, usize, usize);
+
+/// Which lane of a register group (at most 32 lanes) holds which of its
+/// tiles. Within each register the lanes follow [`lane_order`], the order
+/// the vector gather's shuffles produce, whichever path gathers the
+/// register, so the input transform, the GEMMs (which never mix lanes) and
+/// the output transform agree on it; a tile's bits do not depend on its
+/// lane.
+pub(super) struct Lanes {
+    /// The tile (index into the group) in each lane, if any.
+    pub tile: [Option<usize>; 32],
+    /// The lane of each tile of the group.
+    pub lane: [usize; 32],
+    /// Per register: its first tile when its lanes hold consecutive tiles
+    /// of one tile row (same image and tile row, tile columns `tx, tx + 1,
+    /// ...`), which the vector gather and scatter need.
+    pub row_run: [Option<usize>; 32],
+}
+
+impl Lanes {
+    pub fn new<E: Elem, S: Simd>(s: S, group: &[Tile]) -> Self {
+        let l = E::lanes::<S>();
+        let order = lane_order::<E, S>(s);
+        let mut lanes = Lanes {
+            tile: [None; 32],
+            lane: [0; 32],
+            row_run: [None; 32],
+        };
+        for hv in (0..group.len()).step_by(l) {
+            for (q, &o) in order[..l].iter().enumerate() {
+                if hv + o < group.len() {
+                    lanes.tile[hv + q] = Some(hv + o);
+                    lanes.lane[hv + o] = hv + q;
+                }
+            }
+            let reg = &group[hv..];
+            let (i, ty, tx) = reg[0];
+            if reg.len() >= l && (1..l).all(|t| reg[t] == (i, ty, tx + t)) {
+                lanes.row_run[hv / l] = Some(hv);
+            }
+        }
+        lanes
+    }
+}
 
 /// `y = act(conv3x3(x * mask, w) + b)` for a 3x3 / stride 1 / pad 1 conv.
 pub(crate) fn conv2d<E: Elem>(

@@ -18,7 +18,7 @@
 
 use pulp::Simd;
 
-use crate::backend::cpu::simd::Elem;
+use crate::backend::cpu::simd::{Elem, Level, prefetch};
 
 /// Positions of a transformed tile (6 x 6).
 pub(crate) const POS: usize = 36;
@@ -342,6 +342,64 @@ impl WindowSpan {
     }
 }
 
+impl WindowSpan {
+    /// Prefetches into L1 the in-plane window rows of `len` values from
+    /// this window's left column in `plane`.
+    #[inline(always)]
+    pub(crate) fn prefetch_rows<E>(&self, plane: &[E], len: usize) {
+        let line = 64 / std::mem::size_of::<E>();
+        for r in 0..self.r1 - self.r0 {
+            let row = plane[self.base + r * self.w..].as_ptr();
+            for at in (0..len).step_by(line) {
+                prefetch(row.wrapping_add(at), Level::L1);
+            }
+            prefetch(row.wrapping_add(len - 1), Level::L1);
+        }
+    }
+
+    /// [`WindowSpan::gather`] for the register of `lanes` tiles of one tile
+    /// row from this one rightwards (lane order [`lane_order`]), with
+    /// vector loads and [`Elem::deinterleave4`] instead of 36 scalar moves
+    /// per tile: each in-plane window row of all the tiles is two loads of
+    /// `4 lanes` values, columns 0-3 of every window from the first and
+    /// 2-5 from the second (two columns on). The windows must lie inside
+    /// the plane horizontally (this tile's left column and the last tile's
+    /// right column: the caller checks), which is also what keeps the loads
+    /// inside the row. The products `x * m` are the scalar path's.
+    ///
+    /// [`lane_order`]: crate::backend::cpu::simd::lane_order
+    #[inline(always)]
+    pub(crate) fn gather_row_run<E: Elem, S: Simd>(
+        &self,
+        s: S,
+        plane: &[E],
+        m: Option<&[E]>,
+        d: &mut [E],
+        stride: usize,
+        lane: usize,
+    ) {
+        debug_assert!(self.c0 == 0);
+        let l = E::lanes::<S>();
+        let fields = |src: &[E], at: usize| {
+            E::deinterleave4(s, std::array::from_fn(|q| E::load(s, &src[at + q * l..])))
+        };
+        for r in self.r0..self.r1 {
+            let at = self.base + (r - self.r0) * self.w;
+            let (mut lo, mut hi) = (fields(plane, at), fields(plane, at + 2));
+            if let Some(m) = m {
+                let (mlo, mhi) = (fields(m, at), fields(m, at + 2));
+                for q in 0..4 {
+                    lo[q] = E::vmul(s, lo[q], mlo[q]);
+                    hi[q] = E::vmul(s, hi[q], mhi[q]);
+                }
+            }
+            for (c, &x) in lo.iter().chain(&hi[2..]).enumerate() {
+                E::store(s, &mut d[(r * 6 + c) * stride + lane..], x);
+            }
+        }
+    }
+}
+
 /// True when the 4 x 4 outputs of tile `(ty, tx)` of the mask plane `m` are
 /// all exact zeros.
 pub(crate) fn tile_is_zero<E: Elem>(m: &[E], h: usize, w: usize, ty: usize, tx: usize) -> bool {
@@ -513,6 +571,79 @@ mod tests {
         }
         // Both answers of reads_only_zeros were checked.
         assert!(zero_windows > 0);
+    }
+
+    /// [`WindowSpan::gather_row_run`] on every register-wide run of tiles
+    /// whose windows lie inside the plane horizontally, into lanes `1..1 +
+    /// lanes` of a wider stride: each lane `q` must hold the window of tile
+    /// `tx + lane_order[q]` by definition (with and without a mask, rows
+    /// cut by the top and bottom borders), and nothing else is written.
+    /// Also: [`Elem::interleave4`] undoes [`Elem::deinterleave4`].
+    struct RowRuns;
+
+    impl WithSimd for RowRuns {
+        type Output = usize;
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, s: S) -> usize {
+            let l = f32::lanes::<S>();
+            let order = crate::backend::cpu::simd::lane_order::<f32, S>(s);
+            let mut sorted = order[..l].to_vec();
+            sorted.sort_unstable();
+            assert!(
+                sorted.iter().copied().eq(0..l),
+                "not a permutation: {order:?}"
+            );
+            let records: Vec<f32> = (0..4 * l).map(|i| i as f32).collect();
+            let v = std::array::from_fn(|q| f32::load(s, &records[q * l..]));
+            let back = f32::interleave4(s, f32::deinterleave4(s, v));
+            let mut out = vec![0.0f32; 4 * l];
+            for (q, &x) in back.iter().enumerate() {
+                f32::store(s, &mut out[q * l..], x);
+            }
+            assert_eq!(out, records);
+            let stride = l + 2;
+            let mut runs = 0;
+            for h in 1..=9 {
+                for w in 4 * l + 1..=4 * l + 9 {
+                    let plane: Vec<f32> = (0..h * w).map(|i| 1.0 + i as f32).collect();
+                    let mask: Vec<f32> = (0..h * w).map(|i| [0.5, 0.0, 2.0][i % 3]).collect();
+                    for ty in 0..h.div_ceil(4) {
+                        for tx in (1..w.div_ceil(4)).filter(|tx| 4 * (tx + l) < w) {
+                            let span = WindowSpan::new(h, w, ty, tx);
+                            for m in [None, Some(&mask[..])] {
+                                let mut d = vec![f32::NAN; POS * stride];
+                                span.gather_row_run::<f32, S>(s, &plane, m, &mut d, stride, 1);
+                                for q in 0..l {
+                                    let want =
+                                        window_by_definition(&plane, m, h, w, ty, tx + order[q]);
+                                    for (i, &x) in want.iter().enumerate() {
+                                        let got = d[i * stride + 1 + q];
+                                        assert!(
+                                            x.map_or(got.is_nan(), |x| got == x),
+                                            "{h}x{w} run ({ty}, {tx}) lane {q} entry {i}"
+                                        );
+                                    }
+                                }
+                                for i in 0..POS {
+                                    assert!(
+                                        d[i * stride].is_nan() && d[i * stride + l + 1].is_nan()
+                                    );
+                                }
+                                runs += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            runs
+        }
+    }
+
+    #[test]
+    fn row_runs_gather_every_lane_s_window() {
+        for arch in crate::backend::cpu::Isa::every_arch() {
+            assert!(arch.dispatch(RowRuns) > 0, "{arch:?}: no run checked");
+        }
     }
 
     #[test]
