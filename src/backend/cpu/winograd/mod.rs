@@ -11,7 +11,10 @@
 //!
 //! Forward ([`fwd`]): per block of `GROUPS x NR` tiles (32 in f32 on
 //! AVX2), gather each tile's 6 x 6 window (the mask multiplied in, pad 1
-//! read as zeros) into registers whose lanes are tiles, transform
+//! read as zeros) into registers whose lanes are tiles (a register of
+//! consecutive tiles of one tile row is two vector loads and a deinterleave
+//! per window row, [`transform::WindowSpan::gather_row_run`]; lanes in the
+//! shuffle's order, [`Lanes`]), transform
 //! (`B^T d B`, vector code), then 36 GEMMs `U[pos] (M x K) V[pos] (K x
 //! tiles)` with the packed 6 x 16 microkernel, then `A^T m A` and the
 //! epilogue (bias + ReLU, or the mask for the input gradient) with lanes
