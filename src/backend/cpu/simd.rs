@@ -186,3 +186,16 @@ pub(crate) fn prefetch<T>(p: *const T, level: Level) {
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (p, level);
 }
+
+/// [`lane_order`] under instruction set `arch`: one entry per lane.
+pub(crate) fn lane_order_for<E: Elem>(arch: pulp::Arch) -> Vec<usize> {
+    struct Probe<E>(std::marker::PhantomData<E>);
+    impl<E: Elem> pulp::WithSimd for Probe<E> {
+        type Output = Vec<usize>;
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, s: S) -> Vec<usize> {
+            lane_order::<E, S>(s)[..E::lanes::<S>()].to_vec()
+        }
+    }
+    arch.dispatch(Probe::<E>(std::marker::PhantomData))
+}

@@ -11,7 +11,7 @@ use super::{Lanes, Scratch, Tile};
 use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::{act_of_bias, nr_for, relu_of};
 use crate::backend::cpu::kernel::{MR, nr, run_packed_tile};
-use crate::backend::cpu::simd::Elem;
+use crate::backend::cpu::simd::{Elem, lane_order_for};
 use crate::pool;
 
 /// Register groups (NR tiles each) per block. The block's transformed
@@ -377,6 +377,7 @@ impl<E: Elem> WinoConv<'_, E> {
         }
         let arch = self.cx.arch;
         let nr = nr_for::<E>(arch);
+        let order = lane_order_for::<E>(arch);
         let panels = rows.len().div_ceil(MR);
         let tile_len = MR * nr;
         // V: `[group][pos][col][NR]`; products: `[panel][pos][group][MR x NR]`,
@@ -400,14 +401,17 @@ impl<E: Elem> WinoConv<'_, E> {
         let jobs = rayon::current_num_threads().clamp(1, panels);
         let bounds: Vec<usize> = (0..=jobs).map(|j| j * panels / jobs).collect();
         for block in tiles.chunks(GROUPS * nr) {
+            let lanes: Vec<Lanes> = block.chunks(nr).map(|g| Lanes::new(&order, g)).collect();
             vbuf.as_mut_slice()
                 .par_chunks_mut(POS * kk * nr)
                 .zip(block.par_chunks(nr))
-                .for_each(|(v, group)| {
+                .zip(&lanes)
+                .for_each(|((v, group), lanes)| {
                     arch.dispatch(InputGroup {
                         conv: self,
                         imgs,
                         group,
+                        lanes,
                         cols,
                         v,
                     })
@@ -437,6 +441,7 @@ impl<E: Elem> WinoConv<'_, E> {
                     conv: self,
                     imgs,
                     block,
+                    lanes: &lanes,
                     products,
                     ri,
                     co: rows[ri],
@@ -461,6 +466,7 @@ struct InputGroup<'a, 'b, E: Elem> {
     conv: &'a WinoConv<'a, E>,
     imgs: &'a [usize],
     group: &'a [Tile],
+    lanes: &'a Lanes,
     cols: &'a [usize],
     v: &'b mut [E],
 }
@@ -474,6 +480,7 @@ impl<E: Elem> WithSimd for InputGroup<'_, '_, E> {
             conv,
             imgs,
             group,
+            lanes,
             cols,
             v,
         } = self;
@@ -494,7 +501,6 @@ impl<E: Elem> WithSimd for InputGroup<'_, '_, E> {
         let mut d = [E::zero(); POS * 32];
         let mut scale = [E::zero(); 32];
         let channel_mask = matches!(conv.input, InMul::Channel(_));
-        let lanes = Lanes::new::<E, S>(simd, group);
         let l = E::lanes::<S>();
         // Registers whose tiles the vector gather reads: one tile row, every
         // window inside the plane horizontally.
@@ -595,6 +601,8 @@ struct OutputRow<'a, 'b, 'c, E: Elem> {
     conv: &'a WinoConv<'a, E>,
     imgs: &'a [usize],
     block: &'a [Tile],
+    /// The lanes of each group of the block.
+    lanes: &'a [Lanes],
     products: &'a [E],
     ri: usize,
     co: usize,
@@ -610,6 +618,7 @@ impl<E: Elem> WithSimd for OutputRow<'_, '_, '_, E> {
             conv,
             imgs,
             block,
+            lanes,
             products,
             ri,
             co,
@@ -630,8 +639,7 @@ impl<E: Elem> WithSimd for OutputRow<'_, '_, '_, E> {
         let relu = matches!(conv.epi, Epi::Bias { relu: true, .. });
         let mut scale = [E::zero(); 32];
         let mut out = [E::zero(); 16 * 32];
-        for (g, group) in block.chunks(nr).enumerate() {
-            let lanes = Lanes::new::<E, S>(simd, group);
+        for ((g, group), lanes) in block.chunks(nr).enumerate().zip(lanes) {
             if let Epi::Rows(sc) = conv.epi {
                 for (j, &(i, _, _)) in group.iter().enumerate() {
                     scale[lanes.lane[j]] = sc[imgs[i] * m + co];

@@ -68,10 +68,8 @@ mod transform;
 
 pub(crate) use dw::conv2d_backward_weight;
 
-use pulp::Simd;
-
 use crate::backend::cpu::Ctx;
-use crate::backend::cpu::simd::{Elem, lane_order};
+use crate::backend::cpu::simd::Elem;
 use crate::backend::{ConvArgs, InputMask};
 use fwd::{Epi, InMul, WinoConv};
 
@@ -80,7 +78,7 @@ use fwd::{Epi, InMul, WinoConv};
 pub(super) type Tile = (usize, usize, usize);
 
 /// Which lane of a register group (at most 32 lanes) holds which of its
-/// tiles. Within each register the lanes follow [`lane_order`], the order
+/// tiles. Within each register the lanes follow [`lane_order`](crate::backend::cpu::simd::lane_order), the order
 /// the vector gather's shuffles produce, whichever path gathers the
 /// register, so the input transform, the GEMMs (which never mix lanes) and
 /// the output transform agree on it; a tile's bits do not depend on its
@@ -97,16 +95,17 @@ pub(super) struct Lanes {
 }
 
 impl Lanes {
-    pub fn new<E: Elem, S: Simd>(s: S, group: &[Tile]) -> Self {
-        let l = E::lanes::<S>();
-        let order = lane_order::<E, S>(s);
+    /// The lanes of `group` for registers of `order.len()` lanes in the
+    /// order `order` ([`lane_order`](crate::backend::cpu::simd::lane_order)).
+    pub fn new(order: &[usize], group: &[Tile]) -> Self {
+        let l = order.len();
         let mut lanes = Lanes {
             tile: [None; 32],
             lane: [0; 32],
             row_run: [None; 32],
         };
         for hv in (0..group.len()).step_by(l) {
-            for (q, &o) in order[..l].iter().enumerate() {
+            for (q, &o) in order.iter().enumerate() {
                 if hv + o < group.len() {
                     lanes.tile[hv + q] = Some(hv + o);
                     lanes.lane[hv + o] = hv + q;
