@@ -460,8 +460,8 @@ impl<E: Elem> WinoConv<'_, E> {
 /// worse); in quiet phases it is within the noise.
 const PREFETCH: usize = 4;
 
-/// Input transform of one register group (`NR` tiles, lanes are tiles)
-/// into `v` (`[pos][col][NR]`).
+/// Input transform of one register group (`NR` tiles, lanes are tiles in
+/// the order of `lanes`) into `v` (`[pos][col][NR]`).
 struct InputGroup<'a, 'b, E: Elem> {
     conv: &'a WinoConv<'a, E>,
     imgs: &'a [usize],
