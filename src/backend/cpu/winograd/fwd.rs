@@ -401,7 +401,7 @@ impl<E: Elem> WinoConv<'_, E> {
         let jobs = rayon::current_num_threads().clamp(1, panels);
         let bounds: Vec<usize> = (0..=jobs).map(|j| j * panels / jobs).collect();
         for block in tiles.chunks(GROUPS * nr) {
-            let lanes: Vec<Lanes> = block.chunks(nr).map(|g| Lanes::new(&order, g)).collect();
+            let lanes: Vec<Lanes> = block.chunks(nr).map(|g| Lanes::new(&order, g, w)).collect();
             vbuf.as_mut_slice()
                 .par_chunks_mut(POS * kk * nr)
                 .zip(block.par_chunks(nr))
@@ -502,27 +502,19 @@ impl<E: Elem> WithSimd for InputGroup<'_, '_, E> {
         let mut scale = [E::zero(); 32];
         let channel_mask = matches!(conv.input, InMul::Channel(_));
         let l = E::lanes::<S>();
-        // Registers whose tiles the vector gather reads: one tile row, every
-        // window inside the plane horizontally.
-        let mut row_run = [None; 32];
-        for (reg, run) in row_run.iter_mut().enumerate().take(nr / l) {
-            *run = lanes.row_run[reg].filter(|&j| {
-                let tx = group[j].2;
-                tx >= 1 && 4 * (tx + l) < w
-            });
-        }
+        let runs = &lanes.gather_run[..nr / l];
         for (c, &ci) in cols.iter().enumerate() {
             if let Some(&cn) = cols.get(c + PREFETCH) {
-                for &j in row_run.iter().flatten() {
-                    let plane = &conv.src[(imgs[group[j].0] * k + cn) * hw..][..hw];
-                    spans[j].prefetch_rows(plane, 4 * l + 2);
+                for hv in (0..nr).step_by(l).filter(|&hv| runs[hv / l]) {
+                    let plane = &conv.src[(imgs[group[hv].0] * k + cn) * hw..][..hw];
+                    spans[hv].prefetch_rows(plane, 4 * l + 2);
                 }
             }
-            for (reg, &run) in row_run[..nr / l].iter().enumerate() {
+            for (reg, &run) in runs.iter().enumerate() {
                 let hv = reg * l;
-                if let Some(j) = run {
-                    let plane = &conv.src[(imgs[group[j].0] * k + ci) * hw..][..hw];
-                    spans[j].gather_row_run::<E, S>(simd, plane, masks[j], &mut d, nr, hv);
+                if run {
+                    let plane = &conv.src[(imgs[group[hv].0] * k + ci) * hw..][..hw];
+                    spans[hv].gather_row_run::<E, S>(simd, plane, masks[hv], &mut d, nr, hv);
                     continue;
                 }
                 for lane in hv..hv + l {
@@ -670,10 +662,8 @@ impl<E: Elem> WithSimd for OutputRow<'_, '_, '_, E> {
             for (reg, hv) in (0..group.len()).step_by(l).enumerate() {
                 // A register of whole tiles of one tile row: interleave its
                 // lanes back into output rows, `4 lanes` values per store run.
-                if let Some((i, ty, tx)) = lanes.row_run[reg]
-                    .map(|j| group[j])
-                    .filter(|&(_, _, tx)| 4 * (tx + l) <= w)
-                {
+                if lanes.scatter_run[reg] {
+                    let (i, ty, tx) = group[hv];
                     let row = &mut *dst[i];
                     let out_mask = conv.out_mask(imgs[i]);
                     for yy in 0..4.min(h - 4 * ty) {
@@ -726,8 +716,11 @@ mod tests {
     /// has rows of 13 tiles, so registers of consecutive tiles in one tile
     /// row (the vector gather and scatter), with and without a left or
     /// right border tile, and registers across tile rows occur at 1, 4 and
-    /// 8 lanes.
-    const PLANES: [(usize, usize); 2] = [(9, 13), (6, 49)];
+    /// 8 lanes. Widths 48 and 47 put a register's last window or last
+    /// outputs exactly at the right border: at 48 the outputs of tiles up
+    /// to the last fit (vector scatter) but their windows reach the padding
+    /// (scalar gather); at 47 the last tile's outputs are cut (scalar).
+    const PLANES: [(usize, usize); 4] = [(9, 13), (6, 49), (5, 48), (5, 47)];
 
     fn values(len: usize, seed: u64) -> Vec<f64> {
         let mut s = seed;

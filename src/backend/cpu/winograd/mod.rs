@@ -78,31 +78,37 @@ use fwd::{Epi, InMul, WinoConv};
 pub(super) type Tile = (usize, usize, usize);
 
 /// Which lane of a register group (at most 32 lanes) holds which of its
-/// tiles. Within each register the lanes follow [`lane_order`](crate::backend::cpu::simd::lane_order), the order
-/// the vector gather's shuffles produce, whichever path gathers the
-/// register, so the input transform, the GEMMs (which never mix lanes) and
-/// the output transform agree on it; a tile's bits do not depend on its
-/// lane.
+/// tiles, and which registers take the vector gather and scatter. Within
+/// each register the lanes follow
+/// [`lane_order`](crate::backend::cpu::simd::lane_order), the order the
+/// vector gather's shuffles produce, whichever path gathers the register,
+/// so the input transform, the GEMMs (which never mix lanes) and the
+/// output transform agree on it; a tile's bits do not depend on its lane.
 pub(super) struct Lanes {
     /// The tile (index into the group) in each lane, if any.
     pub tile: [Option<usize>; 32],
     /// The lane of each tile of the group.
     pub lane: [usize; 32],
-    /// Per register: its first tile when its lanes hold consecutive tiles
-    /// of one tile row (same image and tile row, tile columns `tx, tx + 1,
-    /// ...`), which the vector gather and scatter need.
-    pub row_run: [Option<usize>; 32],
+    /// Per register: its lanes hold consecutive tiles of one tile row
+    /// (same image and tile row, tile columns `tx, tx + 1, ...`) whose
+    /// input windows lie inside the plane horizontally, as
+    /// [`transform::WindowSpan::gather_row_run`] needs.
+    pub gather_run: [bool; 32],
+    /// Per register: consecutive tiles of one tile row whose 4 x 4 outputs
+    /// lie inside the plane horizontally (the vector scatter).
+    pub scatter_run: [bool; 32],
 }
 
 impl Lanes {
-    /// The lanes of `group` for registers of `order.len()` lanes in the
-    /// order `order` ([`lane_order`](crate::backend::cpu::simd::lane_order)).
-    pub fn new(order: &[usize], group: &[Tile]) -> Self {
+    /// The lanes of `group` (tiles of `w`-wide planes) for registers of
+    /// `order.len()` lanes in the order `order`.
+    pub fn new(order: &[usize], group: &[Tile], w: usize) -> Self {
         let l = order.len();
         let mut lanes = Lanes {
             tile: [None; 32],
             lane: [0; 32],
-            row_run: [None; 32],
+            gather_run: [false; 32],
+            scatter_run: [false; 32],
         };
         for hv in (0..group.len()).step_by(l) {
             for (q, &o) in order.iter().enumerate() {
@@ -114,7 +120,10 @@ impl Lanes {
             let reg = &group[hv..];
             let (i, ty, tx) = reg[0];
             if reg.len() >= l && (1..l).all(|t| reg[t] == (i, ty, tx + t)) {
-                lanes.row_run[hv / l] = Some(hv);
+                // Window columns 4 tx - 1 ..= 4 (tx + l - 1) + 4; output
+                // columns 4 tx .. 4 (tx + l).
+                lanes.gather_run[hv / l] = tx >= 1 && 4 * (tx + l) < w;
+                lanes.scatter_run[hv / l] = 4 * (tx + l) <= w;
             }
         }
         lanes

@@ -340,9 +340,7 @@ impl WindowSpan {
             }
         }
     }
-}
 
-impl WindowSpan {
     /// Prefetches into L1 the in-plane window rows of `len` values from
     /// this window's left column in `plane`.
     #[inline(always)]
