@@ -134,6 +134,7 @@ def main():
     if args.json:
         print(load_note, file=sys.stderr)
         print(json.dumps({"preset": args.preset, "threads": args.threads, "conv_algo": "torch",
+                          "torch": torch.__version__, "isa": torch.backends.cpu.get_cpu_capability(),
                           "fma_peak_gflops": None, "peak_rss_mib": round(peak_rss_mib, 1),
                           "rows": [{"name": r["name"], "ms_median": round(r["ms_median"], 3),
                                     "gflops": round(r["gflops"], 2)} for r in rows]}))

@@ -67,6 +67,13 @@ def main():
                 f"| {preset} | {label} | {fwd['ms_median']:.0f} | {both['ms_median']:.0f} | "
                 f"{both['gflops']:.0f} | {t_both / both['ms_median']:.2f}x | {rep['peak_rss_mib']:.0f} | "
                 f"{'-' if peak is None else f'{peak:.0f} GFLOP/s'} |")
+    # Which machine and instruction sets the table is from (dmkd names the CPU
+    # with its family and model, since virtual machines often hide the name).
+    ours = [r for r in raw if r.get("conv_algo") != "torch"]
+    theirs = [r for r in raw if r.get("conv_algo") == "torch"]
+    if ours:
+        print(f"CPU: {ours[0]['cpu']}; dmkd instruction set: {ours[0]['isa']}"
+              + (f"; PyTorch {theirs[0]['torch']}, CPU capability {theirs[0]['isa']}" if theirs else ""))
     print("\n".join(lines))
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -80,14 +80,27 @@ pub struct BenchReport {
 /// The CPU's model name, from `/proc/cpuinfo` (`unknown` elsewhere).
 pub fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
+        .map(|s| cpu_model_of(&s))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The model name of the first processor in `cpuinfo`, with its x86 family
+/// and model numbers: virtual machines often hide the name (two different
+/// chips, a Zen 3 and a Zen 5, both read "AMD EPYC"), and a figure must
+/// say which chip it was measured on.
+fn cpu_model_of(cpuinfo: &str) -> String {
+    let first = cpuinfo.split("\n\n").next().unwrap_or("");
+    let field = |key: &str| {
+        first.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == key).then(|| v.trim().to_string())
         })
-        .unwrap_or_else(|| "unknown".into())
+    };
+    let name = field("model name").unwrap_or_else(|| "unknown".into());
+    match (field("cpu family"), field("model")) {
+        (Some(f), Some(m)) => format!("{name} (family {f}, model {m})"),
+        _ => name,
+    }
 }
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`).
@@ -294,4 +307,20 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
             rows,
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_model_of;
+
+    #[test]
+    fn cpu_model_names_family_and_model_of_the_first_processor() {
+        let info = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n\
+                    model name\t: AMD EPYC\nstepping\t: 1\n\nprocessor\t: 1\ncpu family\t: 25\n\
+                    model\t\t: 1\nmodel name\t: Other\n";
+        assert_eq!(cpu_model_of(info), "AMD EPYC (family 26, model 2)");
+        // No family (not x86): the name alone; nothing at all: unknown.
+        assert_eq!(cpu_model_of("model name\t: Some CPU\n"), "Some CPU");
+        assert_eq!(cpu_model_of(""), "unknown");
+    }
 }
