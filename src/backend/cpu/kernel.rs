@@ -7,6 +7,12 @@
 //! 41% of peak). Each k step is 6 broadcasts of A, 2 loads of B and 12
 //! FMAs: 6 cycles at 2 FMAs per cycle, well inside Zen 3's 3 loads per cycle.
 //!
+//! AVX-512 (measured on a Zen 5, `docs/engineering.md`, "GEMM throughput"): the same
+//! shape, 6 x 32 (12 of the 32 zmm registers). 6 x 48, 6 x 64, 8 x 32 and 12 x 32 (up to
+//! 24 accumulators) and k-blocks of 128 or 512 all timed within the noise of 6 x 32 on the
+//! P3/P4 convs, alternated call by call; this kernel reaches 90-100% of the one-thread peak
+//! on L1-resident operands there, so the tile is not what limits the convs.
+//!
 //! B is always packed (`[k][NR]`, contiguous). A is read through MR row
 //! pointers and one shared index, `a[r][off + seg * seg_jump + i * step]`
 //! for `k = seg * seg_len + i`: that covers a packed A panel (`step = MR`),

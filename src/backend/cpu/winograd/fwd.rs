@@ -25,7 +25,9 @@ use crate::pool;
 /// shared block, in a slow phase of the host (AMD EPYC Zen 3, AVX2, 2
 /// threads, seven alternating rounds of `dmkd bench --only loss`): G = 2
 /// and G = 4 tied (2104-2740 against 2240-2690 ms, each winning 3 or 4
-/// rounds); 2 holds half the scratch.
+/// rounds); 2 holds half the scratch. On AVX-512 (Zen 5, 32 tiles per group,
+/// alternated call by call): G = 1 took 1.25x as long as G = 2 at P3, G = 3
+/// and 4 tied with 2.
 const GROUPS: usize = 2;
 
 /// A multiplier applied to the source while it is gathered.
