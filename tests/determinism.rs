@@ -165,7 +165,7 @@ fn same_bits_for_every_thread_count_and_isa_f64() {
     check::<f64>();
 }
 
-/// The whole DMKD loss (and MGD, FGD) forward and backward: every output
+/// The whole DMKD loss (and MGD on one level, FGD on another) forward and backward: every output
 /// (loss, per-level losses, every gradient, masks) has the same bits under
 /// 1, 2, 7 and 8 threads and on every instruction set, direct and Winograd,
 /// at a size where the kernels split their work.
@@ -182,8 +182,26 @@ fn whole_loss_same_bits_for_every_thread_count_and_isa() {
         lambda_c: 0.15,
         ..config.levels[3].clone()
     };
+    // The last level is FGD (it needs boxes: two on image 0, one on image 1).
+    config.levels[4].method = Method::Fgd;
     let config = Config {
         levels: config.levels,
+    };
+    let with_boxes = |mut m: dmkd::distill::TensorMap<f64>| {
+        let t = |shape: &[usize], v: &[f64]| dmkd::Tensor::from_vec(shape, v.to_vec()).unwrap();
+        m.insert(
+            "gt_boxes.0".into(),
+            t(
+                &[2, 4],
+                &[10.0, 20.0, 200.0, 150.0, 50.0, 60.0, 120.0, 300.0],
+            ),
+        );
+        m.insert("gt_boxes.1".into(), t(&[1, 4], &[0.0, 0.0, 90.5, 70.25]));
+        m.insert(
+            "img_shape".into(),
+            t(&[2, 2], &[250.0, 380.0, 200.0, 300.0]),
+        );
+        m
     };
     for dtype_f64 in [false, true] {
         for algo in [ConvAlgo::Auto, ConvAlgo::Direct, ConvAlgo::Winograd] {
@@ -204,14 +222,22 @@ fn whole_loss_same_bits_for_every_thread_count_and_isa() {
                             .collect()
                     };
                     if dtype_f64 {
-                        let p = Problem::new(&config, &inputs::<f64>(&preset, 1).unwrap(), opts)
-                            .unwrap();
+                        let p = Problem::new(
+                            &config,
+                            &with_boxes(inputs::<f64>(&preset, 1).unwrap()),
+                            opts,
+                        )
+                        .unwrap();
                         let e = evaluate(Arc::new(CpuBackend::with_isa(algo, isa).unwrap()), &p)
                             .unwrap();
                         bits(&e.outputs)
                     } else {
-                        let p = Problem::new(&config, &inputs::<f32>(&preset, 1).unwrap(), opts)
-                            .unwrap();
+                        let f32_inputs: dmkd::distill::TensorMap<f32> =
+                            with_boxes(inputs::<f64>(&preset, 1).unwrap())
+                                .into_iter()
+                                .map(|(k, v)| (k, v.cast()))
+                                .collect();
+                        let p = Problem::new(&config, &f32_inputs, opts).unwrap();
                         let e = evaluate(Arc::new(CpuBackend::with_isa(algo, isa).unwrap()), &p)
                             .unwrap();
                         let as64: dmkd::distill::TensorMap<f64> = e
@@ -226,6 +252,12 @@ fn whole_loss_same_bits_for_every_thread_count_and_isa() {
             let widest = Isa::available()[0];
             let one = run(1, widest);
             assert!(one.len() > 40, "every output is compared");
+            // The FGD level ran (its GcBlock parameters have gradients).
+            assert!(
+                one.iter()
+                    .any(|(k, _)| k.starts_with("grad.p4.channel_add_conv_")),
+                "the FGD level's gradients are compared"
+            );
             // Auto (the default) under every thread count; each algorithm on
             // every instruction set.
             let others = match algo {
