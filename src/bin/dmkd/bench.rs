@@ -311,7 +311,15 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
 
 #[cfg(test)]
 mod tests {
-    use super::cpu_model_of;
+    use super::{cpu_model, cpu_model_of};
+
+    #[test]
+    fn cpu_model_reads_this_machines_cpuinfo() {
+        match std::fs::read_to_string("/proc/cpuinfo") {
+            Ok(info) => assert_eq!(cpu_model(), cpu_model_of(&info)),
+            Err(_) => assert_eq!(cpu_model(), "unknown"),
+        }
+    }
 
     #[test]
     fn cpu_model_names_family_and_model_of_the_first_processor() {
