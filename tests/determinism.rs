@@ -165,10 +165,10 @@ fn same_bits_for_every_thread_count_and_isa_f64() {
     check::<f64>();
 }
 
-/// The whole DMKD loss (and MGD on one level, FGD on another) forward and backward: every output
-/// (loss, per-level losses, every gradient, masks) has the same bits under
-/// 1, 2, 7 and 8 threads and on every instruction set, direct and Winograd,
-/// at a size where the kernels split their work.
+/// The whole DMKD loss (and MGD on one level, FGD on another) forward and
+/// backward: every output (loss, per-level losses, every gradient, masks)
+/// has the same bits under 1, 2, 7 and 8 threads and on every instruction
+/// set, direct and Winograd, at a size where the kernels split their work.
 #[test]
 fn whole_loss_same_bits_for_every_thread_count_and_isa() {
     use dmkd::distill::{Config, EvalOptions, LevelConfig, MaskMode, Method, Problem, evaluate};
