@@ -3,7 +3,13 @@
 on the same machine, printed as the README's Markdown table.
 
     reference/.venv/bin/python reference/perf_table.py [--presets retinanet two-stage]
-        [--algos direct winograd auto] [--reps 5] [--threads 2] [--dmkd target/release/dmkd]
+        [--algos direct winograd auto] [--reps 5] [--rounds 1] [--threads 2]
+        [--dmkd target/release/dmkd]
+
+`--rounds N` repeats the whole comparison N times back to back: on a shared host the
+ratio of one round can move by a third between rounds, so the table then gives medians
+over rounds and the range of the per-round speed-ups (each round's PyTorch time over the
+same round's dmkd time).
 
 Each `dmkd bench` runs its own FMA peak probe; the table shows every probe, so a slow phase
 of the host (clock drift, other load) shows up beside the numbers it affected. Ratios are
@@ -33,40 +39,63 @@ def row(report, name):
     raise KeyError(name)
 
 
+def median(v):
+    v = sorted(v)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["retinanet", "two-stage"])
     ap.add_argument("--algos", nargs="+", default=["direct", "winograd", "auto"])
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the whole comparison this many times, back to back; the table then "
+                         "shows medians over rounds and the range of the per-round speed-ups")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dmkd", default=os.path.join(HERE, "..", "target", "release", "dmkd"))
     ap.add_argument("--json-out", help="also write every raw report to this file")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
 
     raw = []
+    # reports[(preset, label)] = one report per round, in round order.
+    reports = {}
+    labels = ["PyTorch eager"] + [f"dmkd cpu, {algo}" for algo in args.algos]
+    for _ in range(args.rounds):
+        for preset in args.presets:
+            torch = run_json([sys.executable, os.path.join(HERE, "bench_torch.py"), "--preset", preset,
+                              "--threads", str(args.threads), "--reps", str(args.reps), "--no-convs", "--json"])
+            raw.append(torch)
+            reports.setdefault((preset, labels[0]), []).append(torch)
+            for algo, label in zip(args.algos, labels[1:]):
+                rep = run_json([args.dmkd, "bench", "--preset", preset, "--threads", str(args.threads),
+                                "--reps", str(args.reps), "--conv-algo", algo, "--only", "loss", "--json"])
+                raw.append(rep)
+                reports.setdefault((preset, label), []).append(rep)
+
     lines = [
         "| preset | path | forward ms | fwd+bwd ms | eff. GFLOP/s | speed-up vs PyTorch | peak RSS MiB | FMA peak probe |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for preset in args.presets:
-        torch = run_json([sys.executable, os.path.join(HERE, "bench_torch.py"), "--preset", preset,
-                          "--threads", str(args.threads), "--reps", str(args.reps), "--no-convs", "--json"])
-        raw.append(torch)
-        t_both = row(torch, "dmkd.forward_backward")["ms_median"]
-        ours = []
-        for algo in args.algos:
-            rep = run_json([args.dmkd, "bench", "--preset", preset, "--threads", str(args.threads),
-                            "--reps", str(args.reps), "--conv-algo", algo, "--only", "loss", "--json"])
-            raw.append(rep)
-            ours.append((f"dmkd cpu, {algo}", rep))
-        for label, rep in [("PyTorch eager", torch)] + ours:
-            fwd = row(rep, "dmkd.forward")
-            both = row(rep, "dmkd.forward_backward")
-            peak = rep.get("fma_peak_gflops")
+        torch_ms = [row(r, "dmkd.forward_backward")["ms_median"] for r in reports[(preset, labels[0])]]
+        for label in labels:
+            reps = reports[(preset, label)]
+            fwd = median([row(r, "dmkd.forward")["ms_median"] for r in reps])
+            both = [row(r, "dmkd.forward_backward")["ms_median"] for r in reps]
+            gflops = median([row(r, "dmkd.forward_backward")["gflops"] for r in reps])
+            # Speed-ups pair each round's PyTorch time with the same round's own.
+            ups = [t / b for t, b in zip(torch_ms, both)]
+            up = f"{median(ups):.2f}x" + (f" ({min(ups):.2f}-{max(ups):.2f})" if len(ups) > 1 else "")
+            rss = max(r["peak_rss_mib"] for r in reps)
+            peaks = [r["fma_peak_gflops"] for r in reps if r.get("fma_peak_gflops") is not None]
+            peak = "-" if not peaks else (f"{peaks[0]:.0f} GFLOP/s" if len(peaks) == 1
+                                          else f"{min(peaks):.0f}-{max(peaks):.0f} GFLOP/s")
             lines.append(
-                f"| {preset} | {label} | {fwd['ms_median']:.0f} | {both['ms_median']:.0f} | "
-                f"{both['gflops']:.0f} | {t_both / both['ms_median']:.2f}x | {rep['peak_rss_mib']:.0f} | "
-                f"{'-' if peak is None else f'{peak:.0f} GFLOP/s'} |")
+                f"| {preset} | {label} | {fwd:.0f} | {median(both):.0f} | {gflops:.0f} | {up} | {rss:.0f} | {peak} |")
     # Which machine and instruction sets the table is from (dmkd names the CPU
     # with its family and model, since virtual machines often hide the name).
     ours = [r for r in raw if r.get("conv_algo") != "torch"]
@@ -74,6 +103,9 @@ def main():
     if ours:
         print(f"CPU: {ours[0]['cpu']}; dmkd instruction set: {ours[0]['isa']}"
               + (f"; PyTorch {theirs[0]['torch']}, CPU capability {theirs[0]['isa']}" if theirs else ""))
+    if args.rounds > 1:
+        print(f"{args.rounds} rounds: medians over rounds; speed-ups as median (min-max) of each round's "
+              f"PyTorch time over its own; peak RSS the largest; probes their range")
     print("\n".join(lines))
     if args.json_out:
         with open(args.json_out, "w") as f:
