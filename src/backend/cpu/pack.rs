@@ -299,7 +299,8 @@ pub(crate) fn pack_b_tile<E: Elem, S: Simd>(
         }
     };
     // Runs of consecutive offsets: one when the NR positions lie in one
-    // padded row (stride 1), two when the tile wraps to the next output row.
+    // padded row (stride 1), more when the tile wraps to the next output
+    // rows (a P7 row of 11 positions puts up to 4 runs in a 32-wide tile).
     let breaks: Vec<usize> = (1..offs.len())
         .filter(|&i| offs[i] != offs[i - 1] + 1)
         .collect();
@@ -314,27 +315,34 @@ pub(crate) fn pack_b_tile<E: Elem, S: Simd>(
             prefetch(p.wrapping_add(nr - 1), Level::L1);
         }
     };
-    if full && breaks.is_empty() {
+    let runs = breaks.len() + 1;
+    if full && runs == 1 {
         let o0 = offs[0];
         for (kk, &kb) in kbase.iter().enumerate() {
             hint(kb);
             near(kk, o0);
             copy(&mut out[kk * nr..], &src[kb + o0..kb + o0 + nr]);
         }
-    } else if full && breaks.len() == 1 {
-        // Copy NR values from the first run's start, then NR from the
-        // second run's start over positions s.., overshooting into the next
-        // row (rewritten next). The reads run past a run's end into the
-        // padded image; the largest tap must still end inside it.
-        let (s, o0, o1) = (breaks[0], offs[0], offs[breaks[0]]);
+    } else if full && runs <= MAX_RUNS {
+        // Copy NR values from each run's start `s` over positions s.., in
+        // order: each copy overshoots past its run into the next run's
+        // positions or the next row, both rewritten after it. The reads
+        // run past a run's end into the padded image; the largest tap must
+        // still end inside it.
+        let mut starts = [(0, offs[0]); MAX_RUNS];
+        for (i, &b) in breaks.iter().enumerate() {
+            starts[i + 1] = (b, offs[b]);
+        }
+        let starts = &starts[..runs];
+        let omax = starts.iter().map(|r| r.1).max().unwrap_or(0);
         let kmax = kbase.iter().copied().max().unwrap_or(0);
-        if kmax + o0.max(o1) + nr <= src.len() {
+        if kmax + omax + nr <= src.len() {
             for (kk, &kb) in kbase.iter().enumerate() {
                 hint(kb);
-                near(kk, o0);
-                near(kk, o1);
-                copy(&mut out[kk * nr..], &src[kb + o0..kb + o0 + nr]);
-                copy(&mut out[kk * nr + s..], &src[kb + o1..kb + o1 + nr]);
+                for &(s, o) in starts {
+                    near(kk, o);
+                    copy(&mut out[kk * nr + s..], &src[kb + o..kb + o + nr]);
+                }
             }
         } else {
             gather(src, kbase, offs, nr, out);
@@ -343,6 +351,11 @@ pub(crate) fn pack_b_tile<E: Elem, S: Simd>(
         gather(src, kbase, offs, nr, out);
     }
 }
+
+/// Most runs of consecutive offsets [`pack_b_tile`] copies with whole
+/// registers (each run costs NR / lanes vector copies; a strided conv,
+/// whose every position is a run, goes to the value-by-value gather).
+const MAX_RUNS: usize = 4;
 
 /// The general tile copy, one value at a time (strides > 1, rows narrower
 /// than a tile, the last partial tile).
@@ -418,5 +431,89 @@ impl<E: Float> Aligned<E> {
 
     pub fn as_mut_slice(&mut self) -> &mut [E] {
         &mut self.buf[self.off..self.off + self.len]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pulp::WithSimd;
+
+    /// One `pack_b_tile` call against the value-by-value gather, bit for bit
+    /// (the spare row past the tile is scratch and not compared), on the
+    /// first NR offsets. `tight`: the source ends right after the last value
+    /// the tile reads, so whole-register reads of a run would pass its end.
+    struct PackCase<'a> {
+        src: &'a [f32],
+        kbase: &'a [usize],
+        offs: &'a [usize],
+        tight: bool,
+    }
+
+    impl WithSimd for PackCase<'_> {
+        type Output = ();
+        fn with_simd<S: Simd>(self, simd: S) {
+            let nr = crate::backend::cpu::kernel::nr::<f32, S>();
+            let offs = &self.offs[..self.offs.len().min(nr)];
+            let last = self.kbase.iter().max().unwrap() + offs.iter().max().unwrap();
+            let src = if self.tight {
+                &self.src[..last + 1]
+            } else {
+                self.src
+            };
+            let rows = self.kbase.len();
+            let mut got = vec![f32::NAN; (rows + 1) * nr];
+            pack_b_tile(simd, src, self.kbase, offs, None, nr, &mut got);
+            let mut want = vec![f32::NAN; (rows + 1) * nr];
+            gather(src, self.kbase, offs, nr, &mut want);
+            for (i, (g, w)) in got[..rows * nr].iter().zip(&want).enumerate() {
+                assert_eq!(g.to_bits(), w.to_bits(), "row {} col {}", i / nr, i % nr);
+            }
+        }
+    }
+
+    /// Output positions `p0..p0 + n` of a stride-`stride` 3x3 conv over a
+    /// padded plane `wp` wide with `ow` outputs per row, as offsets.
+    fn offsets(p0: usize, n: usize, ow: usize, wp: usize, stride: usize) -> Vec<usize> {
+        (p0..p0 + n)
+            .map(|p| (p / ow) * stride * wp + (p % ow) * stride)
+            .collect()
+    }
+
+    #[test]
+    fn tile_packing_matches_the_value_by_value_gather() {
+        // Two channels of a padded plane, the 9 taps of each.
+        let (wp, hp) = (24, 40);
+        let plane = wp * hp;
+        let src: Vec<f32> = (0..2 * plane).map(|i| i as f32 * 0.5 - 7.0).collect();
+        let kbase: Vec<usize> = (0..2)
+            .flat_map(|c| (0..3).flat_map(move |ky| (0..3).map(move |kx| c * plane + ky * wp + kx)))
+            .collect();
+        for arch in crate::backend::cpu::Isa::every_arch() {
+            // Output rows of 22, 11, 7 and 3 positions (1 to more than
+            // MAX_RUNS runs per tile), starting mid-row; stride 2 (every
+            // position a run); a partial tile (fewer positions than NR);
+            // tiles whose whole-register reads would pass the end of the
+            // source (they take the gather).
+            for (ow, stride, p0, n, tight) in [
+                (22, 1, 0, 64, false),
+                (22, 1, 5, 64, false),
+                (11, 1, 3, 64, false),
+                (7, 1, 2, 64, false),
+                (3, 1, 1, 64, false),
+                (10, 2, 1, 64, false),
+                (22, 1, 7, 5, false),
+                (11, 1, 3, 64, true),
+                (7, 1, 2, 64, true),
+            ] {
+                let offs = offsets(p0, n, ow, wp, stride);
+                arch.dispatch(PackCase {
+                    src: &src,
+                    kbase: &kbase,
+                    offs: &offs,
+                    tight,
+                });
+            }
+        }
     }
 }
