@@ -282,7 +282,7 @@ pub(crate) fn pack_b_tile<E: Elem, S: Simd>(
     next: Option<usize>,
     nr: usize,
     out: &mut [E],
-) {
+) -> TileCopy {
     let l = E::lanes::<S>();
     let rows = kbase.len();
     assert!(out.len() >= (rows + 1) * nr);
@@ -323,6 +323,7 @@ pub(crate) fn pack_b_tile<E: Elem, S: Simd>(
             near(kk, o0);
             copy(&mut out[kk * nr..], &src[kb + o0..kb + o0 + nr]);
         }
+        TileCopy::Runs(1)
     } else if full && runs <= MAX_RUNS {
         // Copy NR values from each run's start `s` over positions s.., in
         // order: each copy overshoots past its run into the next run's
@@ -344,12 +345,25 @@ pub(crate) fn pack_b_tile<E: Elem, S: Simd>(
                     copy(&mut out[kk * nr + s..], &src[kb + o..kb + o + nr]);
                 }
             }
+            TileCopy::Runs(runs)
         } else {
             gather(src, kbase, offs, nr, out);
+            TileCopy::Gather
         }
     } else {
         gather(src, kbase, offs, nr, out);
+        TileCopy::Gather
     }
+}
+
+/// How [`pack_b_tile`] copied a tile (the values are the same either way;
+/// the tests check that the fast paths are taken where they apply).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TileCopy {
+    /// Whole registers from each of this many runs of consecutive offsets.
+    Runs(usize),
+    /// One value at a time.
+    Gather,
 }
 
 /// Most runs of consecutive offsets [`pack_b_tile`] copies with whole
@@ -357,8 +371,8 @@ pub(crate) fn pack_b_tile<E: Elem, S: Simd>(
 /// whose every position is a run, goes to the value-by-value gather).
 const MAX_RUNS: usize = 4;
 
-/// The general tile copy, one value at a time (strides > 1, rows narrower
-/// than a tile, the last partial tile).
+/// The general tile copy, one value at a time (strides > 1, more than
+/// [`MAX_RUNS`] runs, the last partial tile).
 fn gather<E: Float>(src: &[E], kbase: &[usize], offs: &[usize], nr: usize, out: &mut [E]) {
     for (d, &kb) in out.chunks_exact_mut(nr).zip(kbase) {
         for (i, v) in d.iter_mut().enumerate() {
@@ -439,15 +453,19 @@ mod tests {
     use super::*;
     use pulp::WithSimd;
 
-    /// One `pack_b_tile` call against the value-by-value gather, bit for bit
-    /// (the spare row past the tile is scratch and not compared), on the
-    /// first NR offsets. `tight`: the source ends right after the last value
-    /// the tile reads, so whole-register reads of a run would pass its end.
+    /// One `pack_b_tile` call on the first NR offsets against the
+    /// value-by-value gather, bit for bit (the spare row past the tile is
+    /// scratch and not compared), and the copy it chose.
     struct PackCase<'a> {
         src: &'a [f32],
         kbase: &'a [usize],
         offs: &'a [usize],
-        tight: bool,
+        /// How much of the source there is: all of it (None), exactly what
+        /// whole-register reads of the last run need (`Some(true)`: NR
+        /// values from its start), or one value less (`Some(false)`).
+        tight: Option<bool>,
+        /// The copy expected for a register of NR.
+        expect: &'a dyn Fn(usize) -> TileCopy,
     }
 
     impl WithSimd for PackCase<'_> {
@@ -455,15 +473,26 @@ mod tests {
         fn with_simd<S: Simd>(self, simd: S) {
             let nr = crate::backend::cpu::kernel::nr::<f32, S>();
             let offs = &self.offs[..self.offs.len().min(nr)];
-            let last = self.kbase.iter().max().unwrap() + offs.iter().max().unwrap();
-            let src = if self.tight {
-                &self.src[..last + 1]
-            } else {
-                self.src
+            let kmax = self.kbase.iter().max().unwrap();
+            let last_run = offs
+                .windows(2)
+                .rposition(|w| w[1] != w[0] + 1)
+                .map_or(0, |i| i + 1);
+            let end = kmax + offs[last_run] + nr;
+            if self.tight == Some(false) && last_run == 0 {
+                // One run: the tile itself reads up to `end`; no source can
+                // be one value shorter.
+                return;
+            }
+            let src = match self.tight {
+                Some(true) => &self.src[..end],
+                Some(false) => &self.src[..end - 1],
+                None => self.src,
             };
             let rows = self.kbase.len();
             let mut got = vec![f32::NAN; (rows + 1) * nr];
-            pack_b_tile(simd, src, self.kbase, offs, None, nr, &mut got);
+            let how = pack_b_tile(simd, src, self.kbase, offs, None, nr, &mut got);
+            assert_eq!(how, (self.expect)(nr), "{:?}", &offs[..4.min(offs.len())]);
             let mut want = vec![f32::NAN; (rows + 1) * nr];
             gather(src, self.kbase, offs, nr, &mut want);
             for (i, (g, w)) in got[..rows * nr].iter().zip(&want).enumerate() {
@@ -489,30 +518,71 @@ mod tests {
         let kbase: Vec<usize> = (0..2)
             .flat_map(|c| (0..3).flat_map(move |ky| (0..3).map(move |kx| c * plane + ky * wp + kx)))
             .collect();
+        // Runs in the first `nr` of `n` positions from `p0`, `ow` per row
+        // (stride 1); more than MAX_RUNS or a partial tile: the gather.
+        let by_rows = |p0: usize, n: usize, ow: usize| {
+            move |nr: usize| {
+                let runs = (p0 + nr - 1) / ow - p0 / ow + 1;
+                if n < nr || runs > MAX_RUNS {
+                    TileCopy::Gather
+                } else {
+                    TileCopy::Runs(runs)
+                }
+            }
+        };
+        let gathered = |_: usize| TileCopy::Gather;
+        // Stride 2: every position is a run of its own.
+        let strided = |nr: usize| {
+            if nr > MAX_RUNS {
+                TileCopy::Gather
+            } else {
+                TileCopy::Runs(nr)
+            }
+        };
         for arch in crate::backend::cpu::Isa::every_arch() {
             // Output rows of 22, 11, 7 and 3 positions (1 to more than
             // MAX_RUNS runs per tile), starting mid-row; stride 2 (every
-            // position a run); a partial tile (fewer positions than NR);
-            // tiles whose whole-register reads would pass the end of the
-            // source (they take the gather).
-            for (ow, stride, p0, n, tight) in [
-                (22, 1, 0, 64, false),
-                (22, 1, 5, 64, false),
-                (11, 1, 3, 64, false),
-                (7, 1, 2, 64, false),
-                (3, 1, 1, 64, false),
-                (10, 2, 1, 64, false),
-                (22, 1, 7, 5, false),
-                (11, 1, 3, 64, true),
-                (7, 1, 2, 64, true),
+            // position a run); a partial tile (fewer positions than NR).
+            for (ow, stride, p0, n) in [
+                (22, 1, 0, 64),
+                (22, 1, 5, 64),
+                (11, 1, 3, 64),
+                (7, 1, 2, 64),
+                (3, 1, 1, 64),
+                (22, 1, 7, 5),
             ] {
                 let offs = offsets(p0, n, ow, wp, stride);
                 arch.dispatch(PackCase {
                     src: &src,
                     kbase: &kbase,
                     offs: &offs,
-                    tight,
+                    tight: None,
+                    expect: &by_rows(p0, n, ow),
                 });
+            }
+            let offs = offsets(1, 64, 10, wp, 2);
+            arch.dispatch(PackCase {
+                src: &src,
+                kbase: &kbase,
+                offs: &offs,
+                tight: None,
+                expect: &strided,
+            });
+            // A source that ends where whole-register reads of the last run
+            // need it to (the run copy), or one value earlier (the gather).
+            for (ow, p0) in [(11, 3), (7, 2)] {
+                let offs = offsets(p0, 64, ow, wp, 1);
+                let runs = by_rows(p0, 64, ow);
+                for enough in [true, false] {
+                    let expect: &dyn Fn(usize) -> TileCopy = if enough { &runs } else { &gathered };
+                    arch.dispatch(PackCase {
+                        src: &src,
+                        kbase: &kbase,
+                        offs: &offs,
+                        tight: Some(enough),
+                        expect,
+                    });
+                }
             }
         }
     }
