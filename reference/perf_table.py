@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+from statistics import median
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -37,12 +38,6 @@ def row(report, name):
         if r["name"] == name:
             return r
     raise KeyError(name)
-
-
-def median(v):
-    v = sorted(v)
-    n = len(v)
-    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
 
 
 def main():

@@ -187,22 +187,24 @@ fn whole_loss_same_bits_for_every_thread_count_and_isa() {
     let config = Config {
         levels: config.levels,
     };
-    let with_boxes = |mut m: dmkd::distill::TensorMap<f64>| {
-        let t = |shape: &[usize], v: &[f64]| dmkd::Tensor::from_vec(shape, v.to_vec()).unwrap();
-        m.insert(
-            "gt_boxes.0".into(),
-            t(
-                &[2, 4],
-                &[10.0, 20.0, 200.0, 150.0, 50.0, 60.0, 120.0, 300.0],
-            ),
-        );
-        m.insert("gt_boxes.1".into(), t(&[1, 4], &[0.0, 0.0, 90.5, 70.25]));
-        m.insert(
-            "img_shape".into(),
-            t(&[2, 2], &[250.0, 380.0, 200.0, 300.0]),
-        );
-        m
-    };
+    let mut inputs64 = inputs::<f64>(&preset, 1).unwrap();
+    let t = |shape: &[usize], v: &[f64]| dmkd::Tensor::from_vec(shape, v.to_vec()).unwrap();
+    inputs64.insert(
+        "gt_boxes.0".into(),
+        t(
+            &[2, 4],
+            &[10.0, 20.0, 200.0, 150.0, 50.0, 60.0, 120.0, 300.0],
+        ),
+    );
+    inputs64.insert("gt_boxes.1".into(), t(&[1, 4], &[0.0, 0.0, 90.5, 70.25]));
+    inputs64.insert(
+        "img_shape".into(),
+        t(&[2, 2], &[250.0, 380.0, 200.0, 300.0]),
+    );
+    let inputs32: dmkd::distill::TensorMap<f32> = inputs64
+        .iter()
+        .map(|(k, v)| (k.clone(), v.cast()))
+        .collect();
     for dtype_f64 in [false, true] {
         for algo in [ConvAlgo::Auto, ConvAlgo::Direct, ConvAlgo::Winograd] {
             let run = |threads: usize, isa: Isa| -> Vec<(String, Vec<u64>)> {
@@ -222,22 +224,12 @@ fn whole_loss_same_bits_for_every_thread_count_and_isa() {
                             .collect()
                     };
                     if dtype_f64 {
-                        let p = Problem::new(
-                            &config,
-                            &with_boxes(inputs::<f64>(&preset, 1).unwrap()),
-                            opts,
-                        )
-                        .unwrap();
+                        let p = Problem::new(&config, &inputs64, opts).unwrap();
                         let e = evaluate(Arc::new(CpuBackend::with_isa(algo, isa).unwrap()), &p)
                             .unwrap();
                         bits(&e.outputs)
                     } else {
-                        let f32_inputs: dmkd::distill::TensorMap<f32> =
-                            with_boxes(inputs::<f64>(&preset, 1).unwrap())
-                                .into_iter()
-                                .map(|(k, v)| (k, v.cast()))
-                                .collect();
-                        let p = Problem::new(&config, &f32_inputs, opts).unwrap();
+                        let p = Problem::new(&config, &inputs32, opts).unwrap();
                         let e = evaluate(Arc::new(CpuBackend::with_isa(algo, isa).unwrap()), &p)
                             .unwrap();
                         let as64: dmkd::distill::TensorMap<f64> = e

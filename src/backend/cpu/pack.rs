@@ -298,13 +298,6 @@ pub(crate) fn pack_b_tile<E: Elem, S: Simd>(
             prefetch(p.wrapping_add(nr - 1), Level::L2);
         }
     };
-    // Runs of consecutive offsets: one when the NR positions lie in one
-    // padded row (stride 1), more when the tile wraps to the next output
-    // rows (a P7 row of 11 positions puts up to 4 runs in a 32-wide tile).
-    let breaks: Vec<usize> = (1..offs.len())
-        .filter(|&i| offs[i] != offs[i - 1] + 1)
-        .collect();
-    let full = offs.len() == nr;
     // The source rows were prefetched into L2 while the previous tile ran;
     // bring them into L1 a few rows ahead of the copy, which otherwise
     // waits on each L2 hit in turn.
@@ -315,45 +308,50 @@ pub(crate) fn pack_b_tile<E: Elem, S: Simd>(
             prefetch(p.wrapping_add(nr - 1), Level::L1);
         }
     };
-    let runs = breaks.len() + 1;
-    if full && runs == 1 {
-        let o0 = offs[0];
-        for (kk, &kb) in kbase.iter().enumerate() {
-            hint(kb);
-            near(kk, o0);
-            copy(&mut out[kk * nr..], &src[kb + o0..kb + o0 + nr]);
-        }
-        TileCopy::Runs(1)
-    } else if full && runs <= MAX_RUNS {
-        // Copy NR values from each run's start `s` over positions s.., in
-        // order: each copy overshoots past its run into the next run's
-        // positions or the next row, both rewritten after it. The reads
-        // run past a run's end into the padded image; the largest tap must
-        // still end inside it.
-        let mut starts = [(0, offs[0]); MAX_RUNS];
-        for (i, &b) in breaks.iter().enumerate() {
-            starts[i + 1] = (b, offs[b]);
-        }
-        let starts = &starts[..runs];
-        let omax = starts.iter().map(|r| r.1).max().unwrap_or(0);
-        let kmax = kbase.iter().copied().max().unwrap_or(0);
-        if kmax + omax + nr <= src.len() {
-            for (kk, &kb) in kbase.iter().enumerate() {
-                hint(kb);
-                for &(s, o) in starts {
-                    near(kk, o);
-                    copy(&mut out[kk * nr + s..], &src[kb + o..kb + o + nr]);
-                }
-            }
-            TileCopy::Runs(runs)
-        } else {
-            gather(src, kbase, offs, nr, out);
-            TileCopy::Gather
-        }
-    } else {
+    let Some((starts, runs)) = (offs.len() == nr).then(|| run_starts(offs)).flatten() else {
         gather(src, kbase, offs, nr, out);
-        TileCopy::Gather
+        return TileCopy::Gather;
+    };
+    // Copy NR values from each run's start `s` over positions s.., in
+    // order: each copy overshoots past its run into the next run's
+    // positions or the next row, both rewritten after it. The reads run
+    // past a run's end into the padded image; the largest tap must still
+    // end inside it (a single run reads exactly its own values).
+    let starts = &starts[..runs];
+    let omax = starts.iter().map(|r| r.1).max().unwrap_or(0);
+    let kmax = kbase.iter().copied().max().unwrap_or(0);
+    if kmax + omax + nr > src.len() {
+        gather(src, kbase, offs, nr, out);
+        return TileCopy::Gather;
     }
+    for (kk, &kb) in kbase.iter().enumerate() {
+        hint(kb);
+        for &(s, o) in starts {
+            near(kk, o);
+            copy(&mut out[kk * nr + s..], &src[kb + o..kb + o + nr]);
+        }
+    }
+    TileCopy::Runs(runs)
+}
+
+/// The runs of consecutive offsets in `offs` (not empty) as (position,
+/// offset) of each run's start, and how many there are: one when the
+/// positions lie in one padded row (stride 1), more when they wrap to the
+/// next output rows (a P7 row of 11 positions puts up to 4 runs in a
+/// 32-wide tile); None past [`MAX_RUNS`].
+fn run_starts(offs: &[usize]) -> Option<([(usize, usize); MAX_RUNS], usize)> {
+    let mut starts = [(0, offs[0]); MAX_RUNS];
+    let mut runs = 1;
+    for i in 1..offs.len() {
+        if offs[i] != offs[i - 1] + 1 {
+            if runs == MAX_RUNS {
+                return None;
+            }
+            starts[runs] = (i, offs[i]);
+            runs += 1;
+        }
+    }
+    Some((starts, runs))
 }
 
 /// How [`pack_b_tile`] copied a tile (the values are the same either way;
