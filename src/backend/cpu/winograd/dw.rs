@@ -411,3 +411,212 @@ impl<E: Elem> WithSimd for DwGemm<'_, '_, E> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Tensor;
+    use crate::backend::ConvGeometry;
+    use crate::backend::cpu::counters::Tally;
+    use crate::backend::cpu::isa::Isa;
+
+    const N: usize = 3;
+    const C: usize = 5;
+    const M: usize = 8;
+    /// Sides that are not multiples of 4 (partial tiles at the bottom and
+    /// right). 37 x 45 has 10 x 12 tiles per image, 360 in all: more than
+    /// one block of tiles in f32 (256) and in f64 (128), so the sums resume
+    /// from the previous block's accumulators.
+    const PLANES: [(usize, usize); 3] = [(9, 13), (5, 47), (37, 45)];
+
+    fn values(len: usize, seed: u64) -> Vec<f64> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// `dw[co][ci][t] = sum_n sum_p dy[n][co][p] (x * mask)[n][ci][p + t]`
+    /// (pad 1), in f64.
+    fn by_definition<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs<E>) -> Vec<f64> {
+        let g = &args.geom;
+        let (h, w) = (g.h, g.w);
+        let hw = h * w;
+        let mut dw = vec![0.0; M * C * 9];
+        for n in 0..N {
+            for co in 0..M {
+                for ci in 0..C {
+                    for t in 0..9 {
+                        let mut s = 0.0;
+                        for py in 0..h {
+                            for px in 0..w {
+                                let (yy, xx) =
+                                    ((py + t / 3) as isize - 1, (px + t % 3) as isize - 1);
+                                if yy < 0 || xx < 0 || yy >= h as isize || xx >= w as isize {
+                                    continue;
+                                }
+                                let at = yy as usize * w + xx as usize;
+                                let mut v = x[(n * C + ci) * hw + at].as_f64();
+                                match &args.mask {
+                                    Some(InputMask::Spatial(ms)) => {
+                                        v *= ms.as_slice()[n * hw + at].as_f64()
+                                    }
+                                    Some(InputMask::Channel(ms)) => {
+                                        v *= ms.as_slice()[n * C + ci].as_f64()
+                                    }
+                                    None => {}
+                                }
+                                s += dy[(n * M + co) * hw + py * w + px].as_f64() * v;
+                            }
+                        }
+                        dw[(co * C + ci) * 9 + t] += s;
+                    }
+                }
+            }
+        }
+        dw
+    }
+
+    /// Every input mask (none; spatial, with all-zero windows and
+    /// fractional values; channel, real-valued and 0/1 with an image whose
+    /// channels are all masked): the definition's values, the work
+    /// counters, and the same bits for 1, 2 and 3 threads on every
+    /// instruction set this CPU has; f64 and f32.
+    #[test]
+    fn every_mask_matches_the_definition_with_the_same_bits() {
+        for (h, w) in PLANES {
+            // f64: the transforms' small integer coefficients lose a few
+            // ulps per term (norm-wise about 1e-15).
+            every_case::<f64>(h, w, 1e-12);
+            // f32: the same few ulps of 6e-8 each, grown by the transforms'
+            // coefficients and the long sums over tiles; a wrong tile,
+            // lane, block or window is off by O(1).
+            every_case::<f32>(h, w, 1e-5);
+        }
+    }
+
+    fn every_case<E: Elem>(h: usize, w: usize, tol: f64) {
+        let hw = h * w;
+        let elems = |v: Vec<f64>| -> Vec<E> { v.into_iter().map(E::from_f64).collect() };
+        let x = elems(values(N * C * hw, 1));
+        let dy = elems(values(N * M * hw, 2));
+        // Image 0 nonzero only in a corner (most windows read only zeros),
+        // image 1 all zeros, image 2 a fractional checkerboard.
+        let mut sp = vec![0.0; N * hw];
+        for y in 0..h {
+            for xx in 0..w {
+                sp[y * w + xx] = f64::from(u8::from(y < 3 && xx < 5));
+                sp[(2 * h + y) * w + xx] = if (xx + y) % 2 == 0 { 0.75 } else { 0.0 };
+            }
+        }
+        let ch_real: Vec<f64> = values(N * C, 5).iter().map(|v| v + 1.5).collect();
+        // Image 1 keeps no channel at all.
+        let ch01: Vec<f64> = (0..N * C)
+            .map(|i| f64::from(u8::from(i / C != 1 && i % 3 != 1)))
+            .collect();
+        let masks = [
+            None,
+            Some(InputMask::Spatial(
+                Tensor::from_vec(&[N, h, w], elems(sp)).unwrap(),
+            )),
+            Some(InputMask::Channel(
+                Tensor::from_vec(&[N, C], elems(ch_real)).unwrap(),
+            )),
+            Some(InputMask::Channel(
+                Tensor::from_vec(&[N, C], elems(ch01.clone())).unwrap(),
+            )),
+        ];
+        let geom = ConvGeometry::new(&[N, C, h, w], &[M, C, 3, 3], [1, 1], [1, 1]).unwrap();
+        let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
+        for (case, mask) in masks.into_iter().enumerate() {
+            let args = ConvArgs {
+                geom,
+                mask,
+                relu: false,
+            };
+            let spatial = matches!(args.mask, Some(InputMask::Spatial(_)));
+            let sparse = case == 3;
+            // Channels each image keeps (all but under the 0/1 mask).
+            let kept: Vec<usize> = (0..N)
+                .map(|img| {
+                    if sparse {
+                        (0..C).filter(|&ci| ch01[img * C + ci] != 0.0).count()
+                    } else {
+                        C
+                    }
+                })
+                .collect();
+            let mut first: Option<Vec<E>> = None;
+            for arch in Isa::every_arch() {
+                for threads in [1, 2, 3] {
+                    let tally = Tally::default();
+                    let cx = Ctx {
+                        arch,
+                        tally: &tally,
+                    };
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let dw = pool.install(|| conv2d_backward_weight(&dy, &x, &args, cx));
+                    assert_eq!(dw.len(), M * C * 9, "{h}x{w} case {case}: output size");
+                    let t = tally.snapshot();
+                    // Images with no kept channel add nothing and are not visited.
+                    let visited = kept.iter().filter(|&&k| k > 0).count();
+                    assert_eq!(
+                        t.tiles + t.tiles_skipped,
+                        (visited * th * tw) as u64,
+                        "{h}x{w} case {case}: tiles"
+                    );
+                    assert_eq!(
+                        t.tiles_skipped > 0,
+                        spatial,
+                        "{h}x{w} case {case}: tiles skipped"
+                    );
+                    assert_eq!(
+                        t.spatial_skip_calls,
+                        u64::from(spatial),
+                        "{h}x{w} case {case}"
+                    );
+                    assert_eq!(
+                        t.channel_sparse_calls,
+                        u64::from(sparse),
+                        "{h}x{w} case {case}"
+                    );
+                    let skipped: usize = kept.iter().map(|&k| C - k).sum();
+                    assert_eq!(t.channels_skipped, skipped as u64, "{h}x{w} case {case}");
+                    if !spatial {
+                        let macs: usize = kept.iter().map(|&k| POS * M * k * th * tw).sum();
+                        assert_eq!(t.macs, macs as u64, "{h}x{w} case {case}: multiply-adds");
+                    }
+                    match &first {
+                        None => {
+                            let e = by_definition(&dy, &x, &args);
+                            let num: f64 = dw
+                                .iter()
+                                .zip(&e)
+                                .map(|(a, b)| (a.as_f64() - b).powi(2))
+                                .sum();
+                            let den: f64 = e.iter().map(|b| b * b).sum();
+                            assert!(den > 0.0, "{h}x{w} case {case}: all-zero expectation");
+                            let err = (num / den).sqrt();
+                            assert!(err < tol, "{h}x{w} case {case}: norm-wise error {err:e}");
+                            first = Some(dw);
+                        }
+                        Some(f) => assert!(
+                            // Bit for bit (a signed zero or a NaN payload counts).
+                            pulp::bytemuck::cast_slice::<E, u8>(f)
+                                == pulp::bytemuck::cast_slice::<E, u8>(&dw),
+                            "{h}x{w} case {case}: bits differ ({arch:?}, {threads} threads)"
+                        ),
+                    }
+                }
+            }
+        }
+    }
+}
