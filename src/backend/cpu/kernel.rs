@@ -354,8 +354,19 @@ mod tests {
     struct Case {
         walk: AWalk,
         rows: usize,
+        /// The block's first column in its matrix and its width.
+        start: usize,
         cols: usize,
         accumulate: bool,
+    }
+
+    /// One past the largest A index the walk reads (0 for an empty walk),
+    /// from the oracle's own index formula.
+    fn walk_len(w: AWalk) -> usize {
+        (0..w.nseg)
+            .flat_map(|s| (0..w.seg_len).map(move |i| w.off + s * w.seg_jump + i * w.step))
+            .max()
+            .map_or(0, |last| last + 1)
     }
 
     impl WithSimd for Case {
@@ -363,7 +374,9 @@ mod tests {
         fn with_simd<S: Simd>(self, simd: S) {
             let nr = nr::<f32, S>();
             let w = self.walk;
-            let len = w.last().unwrap() + 1;
+            // A rows exactly as long as the walk needs.
+            let len = walk_len(w);
+            assert_eq!(w.last(), len.checked_sub(1), "{w:?}: last index");
             let a: Vec<Vec<f32>> = (0..MR)
                 .map(|r| {
                     (0..len)
@@ -374,11 +387,15 @@ mod tests {
             let b: Vec<f32> = (0..w.k() * nr)
                 .map(|i| ((i * 11) % 17) as f32 * 0.125 - 1.0)
                 .collect();
-            let ld = self.cols + 3;
+            let (start, end) = (self.start, self.start + self.cols);
+            let ld = end + 3;
             let init: Vec<f32> = (0..self.rows * ld).map(|i| i as f32 * 0.5).collect();
             let mut got = init.clone();
             {
-                let mut blk = split_columns(&mut got, self.rows, ld, &[0, self.cols]).remove(0);
+                // The block between two others.
+                let mut blk =
+                    split_columns(&mut got, self.rows, ld, &[0, start, end, ld]).remove(1);
+                assert_eq!(blk.cols(), self.cols);
                 let rows: [&[f32]; MR] = std::array::from_fn(|r| a[r].as_slice());
                 run_tile::<f32, S>(
                     simd,
@@ -396,7 +413,7 @@ mod tests {
             for r in 0..self.rows.min(MR) {
                 for j in 0..self.cols.min(nr) {
                     if self.accumulate {
-                        want_full[r * nr + j] = init[r * ld + j];
+                        want_full[r * nr + j] = init[r * ld + start + j];
                     }
                 }
             }
@@ -404,8 +421,9 @@ mod tests {
             for r in 0..self.rows {
                 for j in 0..ld {
                     let g = got[r * ld + j];
-                    let want = if r < MR && j < self.cols.min(nr) {
-                        want_full[r * nr + j]
+                    let inside = (start..start + self.cols.min(nr)).contains(&j);
+                    let want = if r < MR && inside {
+                        want_full[r * nr + j - start]
                     } else {
                         init[r * ld + j]
                     };
@@ -467,11 +485,14 @@ mod tests {
     #[test]
     fn kernel_matches_fused_loops_bit_for_bit() {
         for arch in crate::backend::cpu::Isa::every_arch() {
-            for (walk, rows, cols, accumulate) in [
-                (AWalk::run(0, 1, 37), 6, 16, false),
-                (AWalk::run(3, 6, 20), 6, 16, true),
-                (AWalk::run(0, 1, 5), 4, 11, true),
-                (AWalk::run(0, 1, 1), 1, 1, false),
+            for (walk, rows, start, cols, accumulate) in [
+                (AWalk::run(0, 1, 37), 6, 0, 16, false),
+                (AWalk::run(3, 6, 20), 6, 5, 16, true),
+                (AWalk::run(0, 1, 5), 4, 2, 11, true),
+                (AWalk::run(0, 1, 1), 1, 0, 1, false),
+                // An empty walk: C is kept (accumulate) or zeroed.
+                (AWalk::run(0, 1, 0), 6, 3, 16, true),
+                (AWalk::run(0, 1, 0), 6, 0, 16, false),
                 (
                     AWalk {
                         off: 2,
@@ -481,6 +502,7 @@ mod tests {
                         seg_jump: 17,
                     },
                     6,
+                    7,
                     8,
                     true,
                 ),
@@ -488,11 +510,40 @@ mod tests {
                 arch.dispatch(Case {
                     walk,
                     rows,
+                    start,
                     cols,
                     accumulate,
                 });
             }
         }
+    }
+
+    /// The safe wrapper refuses an A row one element shorter than the walk
+    /// reads (the raw kernel would read past it).
+    #[test]
+    #[should_panic(expected = "A row too short")]
+    fn a_row_shorter_than_the_walk_is_refused() {
+        struct Short;
+        impl WithSimd for Short {
+            type Output = ();
+            fn with_simd<S: Simd>(self, simd: S) {
+                let nr = nr::<f32, S>();
+                let w = AWalk {
+                    off: 1,
+                    step: 2,
+                    seg_len: 4,
+                    nseg: 2,
+                    seg_jump: 9,
+                };
+                let a = vec![0.5f32; walk_len(w) - 1];
+                let b = vec![1.0f32; w.k() * nr];
+                let mut c = vec![0.0f32; MR * nr];
+                let mut blk = ColBlock::whole(&mut c, MR, nr);
+                let rows: [&[f32]; MR] = [&a; MR];
+                run_tile::<f32, S>(simd, rows, w, &b, &mut blk, 0, 0, false, std::ptr::null());
+            }
+        }
+        pulp::Arch::new().dispatch(Short);
     }
 }
 
