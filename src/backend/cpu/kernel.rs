@@ -353,10 +353,12 @@ mod tests {
 
     struct Case {
         walk: AWalk,
+        /// The block: its rows, its first column in the matrix, its width.
         rows: usize,
-        /// The block's first column in its matrix and its width.
         start: usize,
         cols: usize,
+        /// Where in the block the tile goes (row, column).
+        at: (usize, usize),
         accumulate: bool,
     }
 
@@ -388,8 +390,10 @@ mod tests {
                 .map(|i| ((i * 11) % 17) as f32 * 0.125 - 1.0)
                 .collect();
             let (start, end) = (self.start, self.start + self.cols);
+            let (r0, c0) = self.at;
             let ld = end + 3;
-            let init: Vec<f32> = (0..self.rows * ld).map(|i| i as f32 * 0.5).collect();
+            // The matrix, then MR guard rows that nothing may write.
+            let init: Vec<f32> = (0..(self.rows + MR) * ld).map(|i| i as f32 * 0.5).collect();
             let mut got = init.clone();
             {
                 // The block between two others.
@@ -403,27 +407,30 @@ mod tests {
                     w,
                     &b,
                     &mut blk,
-                    0,
-                    0,
+                    r0,
+                    c0,
                     self.accumulate,
                     std::ptr::null(),
                 );
             }
+            // The tile's part of the block: rows r0.., matrix columns start + c0..
+            let (tr, tc) = (MR.min(self.rows - r0), nr.min(self.cols - c0));
+            let col0 = start + c0;
             let mut want_full = vec![0.0f32; MR * nr];
-            for r in 0..self.rows.min(MR) {
-                for j in 0..self.cols.min(nr) {
-                    if self.accumulate {
-                        want_full[r * nr + j] = init[r * ld + start + j];
+            if self.accumulate {
+                for r in 0..tr {
+                    for j in 0..tc {
+                        want_full[r * nr + j] = init[(r0 + r) * ld + col0 + j];
                     }
                 }
             }
             oracle(&a, w, &b, nr, &mut want_full, nr);
-            for r in 0..self.rows {
+            for r in 0..self.rows + MR {
                 for j in 0..ld {
                     let g = got[r * ld + j];
-                    let inside = (start..start + self.cols.min(nr)).contains(&j);
-                    let want = if r < MR && inside {
-                        want_full[r * nr + j - start]
+                    let inside = (r0..r0 + tr).contains(&r) && (col0..col0 + tc).contains(&j);
+                    let want = if inside {
+                        want_full[(r - r0) * nr + j - col0]
                     } else {
                         init[r * ld + j]
                     };
@@ -485,14 +492,14 @@ mod tests {
     #[test]
     fn kernel_matches_fused_loops_bit_for_bit() {
         for arch in crate::backend::cpu::Isa::every_arch() {
-            for (walk, rows, start, cols, accumulate) in [
-                (AWalk::run(0, 1, 37), 6, 0, 16, false),
-                (AWalk::run(3, 6, 20), 6, 5, 16, true),
-                (AWalk::run(0, 1, 5), 4, 2, 11, true),
-                (AWalk::run(0, 1, 1), 1, 0, 1, false),
+            for (walk, rows, start, cols, at, accumulate) in [
+                (AWalk::run(0, 1, 37), 6, 0, 16, (0, 0), false),
+                (AWalk::run(3, 6, 20), 6, 5, 16, (0, 0), true),
+                (AWalk::run(0, 1, 5), 4, 2, 11, (0, 0), true),
+                (AWalk::run(0, 1, 1), 1, 0, 1, (0, 0), false),
                 // An empty walk: C is kept (accumulate) or zeroed.
-                (AWalk::run(0, 1, 0), 6, 3, 16, true),
-                (AWalk::run(0, 1, 0), 6, 0, 16, false),
+                (AWalk::run(0, 1, 0), 6, 3, 16, (0, 0), true),
+                (AWalk::run(0, 1, 0), 6, 0, 16, (0, 0), false),
                 (
                     AWalk {
                         off: 2,
@@ -504,14 +511,21 @@ mod tests {
                     6,
                     7,
                     8,
+                    (0, 0),
                     true,
                 ),
+                // Tiles inside a block: a full one, one cut by the block's
+                // last rows (all NR columns), one cut by its last columns.
+                (AWalk::run(2, 3, 6), 12, 1, 50, (5, 7), true),
+                (AWalk::run(0, 1, 9), 7, 4, 40, (3, 3), true),
+                (AWalk::run(0, 1, 9), 9, 4, 40, (2, 30), false),
             ] {
                 arch.dispatch(Case {
                     walk,
                     rows,
                     start,
                     cols,
+                    at,
                     accumulate,
                 });
             }
