@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The project's tests: the Rust tests (`cargo test --release`) and the Python package's tests
+# The project's tests: the Rust tests (`cargo test --profile release-checked`: the release
+# build's optimizations with debug assertions and overflow checks on) and the Python package's tests
 # (pytest python/tests) together. The Python side runs in python/.venv, made here on first use
 # with maturin, pytest, torch, numpy and safetensors at the pins of python/requirements-test.txt
 # (torch from PyPI is large: the first run downloads a few GB); the package is then built from
@@ -28,7 +29,7 @@ PATH="$PWD/$venv/bin:$PATH" "$venv/bin/python" -m pip install --quiet --disable-
 
 if [ "$rust" = 1 ]; then
     echo "== Rust tests"
-    cargo test --release
+    cargo test --profile release-checked
 fi
 
 echo "== Python tests"
