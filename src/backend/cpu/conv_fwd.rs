@@ -544,8 +544,15 @@ fn epilogue<E: Elem>(
             pairs.for_each(|(o, &v)| *o = v * s);
         }
         Epilogue::Mask(InputMask::Spatial(mk)) => {
+            // A masked position is +0, not `v * 0` (-0 for a negative
+            // sum): a tile whose positions are all masked is skipped and
+            // zero-filled, and the tile width depends on the instruction
+            // set, so `v * 0` would give the same position a different
+            // zero's sign on AVX-512, AVX2 and scalar.
             let ms = &mk.as_slice()[img * plane + pos..][..n];
-            pairs.zip(ms).for_each(|((o, &v), &s)| *o = v * s);
+            pairs
+                .zip(ms)
+                .for_each(|((o, &v), &s)| *o = if s == E::zero() { E::zero() } else { v * s });
         }
         Epilogue::RowScale(s) => {
             let s = s[m];
