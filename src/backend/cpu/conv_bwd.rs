@@ -499,39 +499,15 @@ pub(crate) fn conv2d_backward_bias<E: Elem>(dy: &[E], dims: [usize; 4]) -> Vec<E
 #[cfg(test)]
 mod tests {
     use crate::backend::cpu::isa::Isa;
+    use crate::backend::cpu::simd::Elem;
+    use crate::backend::cpu::testing::{first_near_then_same_bits, values};
     use crate::backend::{
         Backend, ConvArgs, ConvGeometry, CpuBackend, InputMask, ReferenceBackend,
     };
     use crate::{ConvAlgo, Float, Tensor};
 
-    fn values(len: usize, seed: u64) -> Vec<f64> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
-    fn tensor<T: Float>(shape: &[usize], v: Vec<f64>) -> Tensor<T> {
-        Tensor::from_vec(shape, v.into_iter().map(T::from_f64).collect()).unwrap()
-    }
-
-    /// `||got - want|| / ||want||`, in f64.
-    fn norm_err<T: Float>(got: &Tensor<T>, want: &Tensor<f64>) -> f64 {
-        assert_eq!(got.shape(), want.shape());
-        let num: f64 = got
-            .as_slice()
-            .iter()
-            .zip(want.as_slice())
-            .map(|(a, b)| (a.as_f64() - b).powi(2))
-            .sum();
-        let den: f64 = want.as_slice().iter().map(|b| b * b).sum();
-        assert!(den > 0.0, "all-zero expectation");
-        (num / den).sqrt()
+    fn tensor<T: Float>(shape: &[usize], v: &[f64]) -> Tensor<T> {
+        Tensor::from_vec(shape, v.iter().map(|&x| T::from_f64(x)).collect()).unwrap()
     }
 
     /// One convolution's shapes.
@@ -549,43 +525,22 @@ mod tests {
     /// k-block (256 f32, 128 f64); a 50 x 50 plane (2500 positions, more
     /// than one task of output positions).
     const GEOMS: [Geom; 6] = [
-        Geom {
-            x: [2, 5, 9, 13],
-            w: [7, 3, 3],
-            stride: [1, 1],
-            padding: [1, 1],
-        },
-        Geom {
-            x: [2, 3, 11, 10],
-            w: [8, 3, 3],
-            stride: [2, 2],
-            padding: [1, 1],
-        },
-        Geom {
-            x: [1, 4, 7, 17],
-            w: [6, 1, 1],
-            stride: [1, 1],
-            padding: [0, 0],
-        },
-        Geom {
-            x: [2, 6, 8, 9],
-            w: [5, 5, 3],
-            stride: [2, 1],
-            padding: [2, 0],
-        },
-        Geom {
-            x: [2, 32, 6, 7],
-            w: [13, 3, 3],
-            stride: [1, 1],
-            padding: [1, 1],
-        },
-        Geom {
-            x: [1, 3, 50, 50],
-            w: [7, 3, 3],
-            stride: [1, 1],
-            padding: [1, 1],
-        },
+        geom([2, 5, 9, 13], [7, 3, 3], [1, 1], [1, 1]),
+        geom([2, 3, 11, 10], [8, 3, 3], [2, 2], [1, 1]),
+        geom([1, 4, 7, 17], [6, 1, 1], [1, 1], [0, 0]),
+        geom([2, 6, 8, 9], [5, 5, 3], [2, 1], [2, 0]),
+        geom([2, 32, 6, 7], [13, 3, 3], [1, 1], [1, 1]),
+        geom([1, 3, 50, 50], [7, 3, 3], [1, 1], [1, 1]),
     ];
+
+    const fn geom(x: [usize; 4], w: [usize; 3], stride: [usize; 2], padding: [usize; 2]) -> Geom {
+        Geom {
+            x,
+            w,
+            stride,
+            padding,
+        }
+    }
 
     /// Every geometry under no mask, a spatial mask with zeros (image 0
     /// kept only in a corner, so whole tiles are skipped), a real channel
@@ -610,12 +565,12 @@ mod tests {
     /// The same multipliers in another precision.
     fn cast_mask<T: Float>(m: &InputMask<f64>) -> InputMask<T> {
         match m {
-            InputMask::Spatial(t) => InputMask::Spatial(tensor(t.shape(), t.to_vec())),
-            InputMask::Channel(t) => InputMask::Channel(tensor(t.shape(), t.to_vec())),
+            InputMask::Spatial(t) => InputMask::Spatial(tensor(t.shape(), t.as_slice())),
+            InputMask::Channel(t) => InputMask::Channel(tensor(t.shape(), t.as_slice())),
         }
     }
 
-    fn every_mask<T: Float>(case: usize, geom: &Geom, tol: f64) {
+    fn every_mask<T: Elem>(case: usize, geom: &Geom, tol: f64) {
         let x_shape = geom.x;
         let [n, c, h, w] = x_shape;
         let w_shape = [geom.w[0], c, geom.w[1], geom.w[2]];
@@ -648,21 +603,23 @@ mod tests {
             .collect();
         let masks = [
             None,
-            Some(InputMask::Spatial(tensor(&[n, h, w], spatial))),
-            Some(InputMask::Channel(tensor(&[n, c], real))),
-            Some(InputMask::Channel(tensor(&[n, c], zero_one))),
+            Some(InputMask::Spatial(tensor(&[n, h, w], &spatial))),
+            Some(InputMask::Channel(tensor(&[n, c], &real))),
+            Some(InputMask::Channel(tensor(&[n, c], &zero_one))),
         ];
+        let b_shape = [w_shape[0]];
+        // The operands in f64 (the reference's) and in T (the kernels').
         let (x64, w64, b64, dy64) = (
-            tensor::<f64>(&x_shape, xv.clone()),
-            tensor::<f64>(&w_shape, wv.clone()),
-            tensor::<f64>(&[w_shape[0]], bv.clone()),
-            tensor::<f64>(&y_shape, dyv.clone()),
+            tensor::<f64>(&x_shape, &xv),
+            tensor::<f64>(&w_shape, &wv),
+            tensor::<f64>(&b_shape, &bv),
+            tensor::<f64>(&y_shape, &dyv),
         );
         let (x, wt, b, dy) = (
-            tensor::<T>(&x_shape, xv),
-            tensor::<T>(&w_shape, wv),
-            tensor::<T>(&[w_shape[0]], bv),
-            tensor::<T>(&y_shape, dyv),
+            tensor::<T>(&x_shape, &xv),
+            tensor::<T>(&w_shape, &wv),
+            tensor::<T>(&b_shape, &bv),
+            tensor::<T>(&y_shape, &dyv),
         );
         for (mi, mask) in masks.iter().enumerate() {
             for relu in [false, true] {
@@ -683,7 +640,7 @@ mod tests {
                     r.conv2d_backward_weight(&dy64, &x64, &a64).unwrap(),
                     r.conv2d_backward_bias(&dy64).unwrap(),
                 ];
-                let mut first: Option<Vec<Tensor<T>>> = None;
+                let mut first: [Option<Vec<T>>; 4] = Default::default();
                 for isa in Isa::available() {
                     let be = CpuBackend::with_isa(ConvAlgo::Direct, isa).unwrap();
                     for threads in [1, 2, 3] {
@@ -699,25 +656,18 @@ mod tests {
                                 be.conv2d_backward_bias(&dy).unwrap(),
                             ]
                         });
-                        let what = format!(
-                            "geometry {case}, mask {mi}, relu {relu}, {isa:?}, {threads} threads"
-                        );
-                        match &first {
-                            None => {
-                                for (pass, (g, e)) in got.iter().zip(&want).enumerate() {
-                                    let err = norm_err(g, e);
-                                    assert!(err < tol, "{what}, pass {pass}: error {err:e}");
-                                }
-                                first = Some(got.to_vec());
-                            }
-                            Some(f) => {
-                                let bits = |t: &Tensor<T>| -> Vec<u64> {
-                                    t.as_slice().iter().map(|v| v.as_f64().to_bits()).collect()
-                                };
-                                for (pass, (g, f)) in got.iter().zip(f).enumerate() {
-                                    assert!(bits(g) == bits(f), "{what}, pass {pass}: bits differ");
-                                }
-                            }
+                        for (pass, (g, e)) in got.iter().zip(&want).enumerate() {
+                            assert_eq!(g.shape(), e.shape());
+                            first_near_then_same_bits(
+                                &mut first[pass],
+                                g.to_vec(),
+                                || e.to_vec(),
+                                tol,
+                                &format!(
+                                    "geometry {case}, mask {mi}, relu {relu}, pass {pass} \
+                                     ({isa:?}, {threads} threads)"
+                                ),
+                            );
                         }
                     }
                 }

@@ -46,6 +46,8 @@ mod pack;
 pub mod peak;
 mod reduce;
 mod simd;
+#[cfg(test)]
+mod testing;
 mod winograd;
 
 pub use conv_fwd::PACK_WEIGHTS_ABOVE;

@@ -419,7 +419,9 @@ mod tests {
     use crate::backend::ConvGeometry;
     use crate::backend::cpu::counters::Tally;
     use crate::backend::cpu::isa::Isa;
+    use crate::backend::cpu::testing::{first_near_then_same_bits, three_image_mask, values};
 
+    /// Images: the three of `three_image_mask`.
     const N: usize = 3;
     const C: usize = 5;
     const M: usize = 8;
@@ -428,18 +430,6 @@ mod tests {
     /// one block of tiles in f32 (256) and in f64 (128), so the sums resume
     /// from the previous block's accumulators.
     const PLANES: [(usize, usize); 3] = [(9, 13), (5, 47), (37, 45)];
-
-    fn values(len: usize, seed: u64) -> Vec<f64> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     /// `dw[co][ci][t] = sum_n sum_p dy[n][co][p] (x * mask)[n][ci][p + t]`
     /// (pad 1), in f64.
@@ -505,15 +495,7 @@ mod tests {
         let elems = |v: Vec<f64>| -> Vec<E> { v.into_iter().map(E::from_f64).collect() };
         let x = elems(values(N * C * hw, 1));
         let dy = elems(values(N * M * hw, 2));
-        // Image 0 nonzero only in a corner (most windows read only zeros),
-        // image 1 all zeros, image 2 a fractional checkerboard.
-        let mut sp = vec![0.0; N * hw];
-        for y in 0..h {
-            for xx in 0..w {
-                sp[y * w + xx] = f64::from(u8::from(y < 3 && xx < 5));
-                sp[(2 * h + y) * w + xx] = if (xx + y) % 2 == 0 { 0.75 } else { 0.0 };
-            }
-        }
+        let sp = three_image_mask(h, w);
         let ch_real: Vec<f64> = values(N * C, 5).iter().map(|v| v + 1.5).collect();
         // Image 1 keeps no channel at all.
         let ch01: Vec<f64> = (0..N * C)
@@ -594,27 +576,13 @@ mod tests {
                         let macs: usize = kept.iter().map(|&k| POS * M * k * th * tw).sum();
                         assert_eq!(t.macs, macs as u64, "{h}x{w} case {case}: multiply-adds");
                     }
-                    match &first {
-                        None => {
-                            let e = by_definition(&dy, &x, &args);
-                            let num: f64 = dw
-                                .iter()
-                                .zip(&e)
-                                .map(|(a, b)| (a.as_f64() - b).powi(2))
-                                .sum();
-                            let den: f64 = e.iter().map(|b| b * b).sum();
-                            assert!(den > 0.0, "{h}x{w} case {case}: all-zero expectation");
-                            let err = (num / den).sqrt();
-                            assert!(err < tol, "{h}x{w} case {case}: norm-wise error {err:e}");
-                            first = Some(dw);
-                        }
-                        Some(f) => assert!(
-                            // Bit for bit (a signed zero or a NaN payload counts).
-                            pulp::bytemuck::cast_slice::<E, u8>(f)
-                                == pulp::bytemuck::cast_slice::<E, u8>(&dw),
-                            "{h}x{w} case {case}: bits differ ({arch:?}, {threads} threads)"
-                        ),
-                    }
+                    first_near_then_same_bits(
+                        &mut first,
+                        dw,
+                        || by_definition(&dy, &x, &args),
+                        tol,
+                        &format!("{h}x{w} case {case} ({arch:?}, {threads} threads)"),
+                    );
                 }
             }
         }

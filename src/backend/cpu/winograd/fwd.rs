@@ -714,7 +714,9 @@ mod tests {
     use super::*;
     use crate::backend::cpu::counters::Tally;
     use crate::backend::cpu::isa::Isa;
+    use crate::backend::cpu::testing::{first_near_then_same_bits, three_image_mask, values};
 
+    /// Images: the three of `three_image_mask`.
     const N: usize = 3;
     const K: usize = 5;
     const M: usize = 8;
@@ -729,32 +731,6 @@ mod tests {
     /// to the last fit (vector scatter) but their windows reach the padding
     /// (scalar gather); at 47 the last tile's outputs are cut (scalar).
     const PLANES: [(usize, usize); 4] = [(9, 13), (6, 49), (5, 48), (5, 47)];
-
-    fn values(len: usize, seed: u64) -> Vec<f64> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
-    /// A `[N, h, w]` mask: image 0 nonzero only in a corner (so most
-    /// windows read only zeros), image 1 all zeros, image 2 a fractional
-    /// checkerboard.
-    fn spatial_mask(h: usize, w: usize) -> Vec<f64> {
-        let mut m = vec![0.0; N * h * w];
-        for y in 0..h {
-            for x in 0..w {
-                m[y * w + x] = f64::from(u8::from(y < 3 && x < 5));
-                m[(2 * h + y) * w + x] = if (x + y) % 2 == 0 { 0.75 } else { 0.0 };
-            }
-        }
-        m
-    }
 
     /// The convolution by definition: the forward sums `w[o][i] (x[i] *
     /// in)`, the transposed one correlates with the flipped `w[i][o]`;
@@ -831,7 +807,7 @@ mod tests {
         let dy = elems(values(N * M * h * w, 2));
         let weights = elems(values(M * K * 9, 3));
         let bias = elems(values(M, 4));
-        let sp = elems(spatial_mask(h, w));
+        let sp = elems(three_image_mask(h, w));
         let ch_real = elems(values(N * K, 5).iter().map(|v| v + 1.5).collect());
         let ch01 = elems(
             (0..N * K)
@@ -960,27 +936,13 @@ mod tests {
                         let macs = POS * per_tile * tiles / N;
                         assert_eq!(t.macs, macs as u64, "{h}x{w} case {case}: multiply-adds");
                     }
-                    match &first {
-                        None => {
-                            let e = by_definition(&conv);
-                            let num: f64 = y
-                                .iter()
-                                .zip(&e)
-                                .map(|(a, b)| (a.as_f64() - b).powi(2))
-                                .sum();
-                            let den: f64 = e.iter().map(|b| b * b).sum();
-                            assert!(den > 0.0, "{h}x{w} case {case}: all-zero expectation");
-                            let err = (num / den).sqrt();
-                            assert!(err < tol, "{h}x{w} case {case}: norm-wise error {err:e}");
-                            first = Some(y);
-                        }
-                        Some(f) => assert!(
-                            // Bit for bit (a signed zero or a NaN payload counts).
-                            pulp::bytemuck::cast_slice::<E, u8>(f)
-                                == pulp::bytemuck::cast_slice::<E, u8>(&y),
-                            "{h}x{w} case {case}: bits differ ({arch:?}, {threads} threads)"
-                        ),
-                    }
+                    first_near_then_same_bits(
+                        &mut first,
+                        y,
+                        || by_definition(&conv),
+                        tol,
+                        &format!("{h}x{w} case {case} ({arch:?}, {threads} threads)"),
+                    );
                 }
             }
         }
