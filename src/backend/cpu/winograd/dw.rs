@@ -428,8 +428,9 @@ mod tests {
     /// Sides that are not multiples of 4 (partial tiles at the bottom and
     /// right). 37 x 45 has 10 x 12 tiles per image, 360 in all: more than
     /// one block of tiles in f32 (256) and in f64 (128), so the sums resume
-    /// from the previous block's accumulators.
-    const PLANES: [(usize, usize); 3] = [(9, 13), (5, 47), (37, 45)];
+    /// from the previous block's accumulators. 3 x 9 and 9 x 3 are less
+    /// than a tile high or wide (their first tile is already partial).
+    const PLANES: [(usize, usize); 5] = [(9, 13), (5, 47), (37, 45), (3, 9), (9, 3)];
 
     /// `dw[co][ci][t] = sum_n sum_p dy[n][co][p] (x * mask)[n][ci][p + t]`
     /// (pad 1), in f64.
