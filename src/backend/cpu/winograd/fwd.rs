@@ -730,7 +730,8 @@ mod tests {
     /// outputs exactly at the right border: at 48 the outputs of tiles up
     /// to the last fit (vector scatter) but their windows reach the padding
     /// (scalar gather); at 47 the last tile's outputs are cut (scalar).
-    const PLANES: [(usize, usize); 4] = [(9, 13), (6, 49), (5, 48), (5, 47)];
+    /// 3 x 9 and 9 x 3 are less than a tile high or wide.
+    const PLANES: [(usize, usize); 6] = [(9, 13), (6, 49), (5, 48), (5, 47), (3, 9), (9, 3)];
 
     /// The convolution by definition: the forward sums `w[o][i] (x[i] *
     /// in)`, the transposed one correlates with the flipped `w[i][o]`;
