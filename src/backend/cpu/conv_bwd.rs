@@ -544,11 +544,12 @@ mod tests {
 
     /// Every geometry under no mask, a spatial mask with zeros (image 0
     /// kept only in a corner, so whole tiles are skipped), a real channel
-    /// mask and a 0/1 channel mask (image 1, where there is one, keeping no
-    /// channel), with and without ReLU: forward (with bias), input
-    /// gradient, weight gradient and bias gradient against the reference,
-    /// and the same bits on every instruction set and 1, 2 and 3 threads (a
-    /// zero's sign counts).
+    /// mask and a channel mask with exact zeros (image 0, where there are
+    /// two, keeping no channel), with and without ReLU: forward (with
+    /// bias), input gradient, weight gradient and bias gradient against the
+    /// reference, the channels the mask paths leave out, and the same bits
+    /// on every instruction set and 1, 2 and 3 threads (a zero's sign
+    /// counts).
     #[test]
     fn direct_passes_match_the_reference_with_the_same_bits() {
         for (case, geom) in GEOMS.iter().enumerate() {
@@ -598,14 +599,24 @@ mod tests {
             }
         }
         let real: Vec<f64> = values(n * c, 5).iter().map(|v| v + 1.5).collect();
-        let zero_one: Vec<f64> = (0..n * c)
-            .map(|i| f64::from(u8::from(i / c != 1 && i % 3 != 1)))
+        // Exact zeros (every third channel, and all of image 0 where there
+        // are two) and distinct kept factors, so a kept channel scaled by
+        // another's factor, or an image read at another's offset, shows.
+        let sparse: Vec<f64> = (0..n * c)
+            .map(|i| {
+                if (n > 1 && i < c) || i % 3 == 1 {
+                    0.0
+                } else {
+                    0.5 + (i % 5) as f64 * 0.25
+                }
+            })
             .collect();
+        let zeros = sparse.iter().filter(|&&v| v == 0.0).count() as u64;
         let masks = [
             None,
             Some(InputMask::Spatial(tensor(&[n, h, w], &spatial))),
             Some(InputMask::Channel(tensor(&[n, c], &real))),
-            Some(InputMask::Channel(tensor(&[n, c], &zero_one))),
+            Some(InputMask::Channel(tensor(&[n, c], &sparse))),
         ];
         let b_shape = [w_shape[0]];
         // The operands in f64 (the reference's) and in T (the kernels').
@@ -648,6 +659,7 @@ mod tests {
                             .num_threads(threads)
                             .build()
                             .unwrap();
+                        be.reset_counters();
                         let got = pool.install(|| {
                             [
                                 be.conv2d(&x, &wt, Some(&b), &at).unwrap(),
@@ -656,6 +668,14 @@ mod tests {
                                 be.conv2d_backward_bias(&dy).unwrap(),
                             ]
                         });
+                        // The forward and input-gradient passes count each
+                        // masked (image, channel) pair they leave out.
+                        let counted = be.counters();
+                        for pc in [counted.forward, counted.input_grad] {
+                            let sparse_call = u64::from(mi == 3);
+                            assert_eq!(pc.channel_sparse_calls, sparse_call, "mask {mi}");
+                            assert_eq!(pc.channels_skipped, sparse_call * zeros, "mask {mi}");
+                        }
                         for (pass, (g, e)) in got.iter().zip(&want).enumerate() {
                             assert_eq!(g.shape(), e.shape());
                             first_near_then_same_bits(
