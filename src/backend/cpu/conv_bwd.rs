@@ -669,13 +669,18 @@ mod tests {
                             ]
                         });
                         // The forward and input-gradient passes count each
-                        // masked (image, channel) pair they leave out.
+                        // masked (image, channel) pair they leave out, and
+                        // each call that skips tiles under a spatial mask;
+                        // the input gradient's first image has whole tiles
+                        // of masked positions, at every tile width here.
                         let counted = be.counters();
                         for pc in [counted.forward, counted.input_grad] {
                             let sparse_call = u64::from(mi == 3);
                             assert_eq!(pc.channel_sparse_calls, sparse_call, "mask {mi}");
                             assert_eq!(pc.channels_skipped, sparse_call * zeros, "mask {mi}");
+                            assert_eq!(pc.spatial_skip_calls, u64::from(mi == 1), "mask {mi}");
                         }
+                        assert_eq!(counted.input_grad.tiles_skipped > 0, mi == 1, "mask {mi}");
                         for (pass, (g, e)) in got.iter().zip(&want).enumerate() {
                             assert_eq!(g.shape(), e.shape());
                             first_near_then_same_bits(
