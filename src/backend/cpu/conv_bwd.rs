@@ -545,11 +545,11 @@ mod tests {
     /// Every geometry under no mask, a spatial mask with zeros (image 0
     /// kept only in a corner, so whole tiles are skipped), a real channel
     /// mask and a channel mask with exact zeros (image 0, where there are
-    /// two, keeping no channel), with and without ReLU: forward (with
-    /// bias), input gradient, weight gradient and bias gradient against the
-    /// reference, the channels the mask paths leave out, and the same bits
-    /// on every instruction set and 1, 2 and 3 threads (a zero's sign
-    /// counts).
+    /// two, keeping no channel) and a spatial mask without zeros, with and
+    /// without ReLU: forward (with bias), input gradient, weight gradient
+    /// and bias gradient against the reference, the mask paths' counters,
+    /// and the same bits on every instruction set and 1, 2 and 3 threads (a
+    /// zero's sign counts).
     #[test]
     fn direct_passes_match_the_reference_with_the_same_bits() {
         for (case, geom) in GEOMS.iter().enumerate() {
@@ -612,11 +612,14 @@ mod tests {
             })
             .collect();
         let zeros = sparse.iter().filter(|&&v| v == 0.0).count() as u64;
+        // A spatial mask with no zero skips nothing.
+        let dense: Vec<f64> = values(n * h * w, 6).iter().map(|v| v + 1.5).collect();
         let masks = [
             None,
             Some(InputMask::Spatial(tensor(&[n, h, w], &spatial))),
             Some(InputMask::Channel(tensor(&[n, c], &real))),
             Some(InputMask::Channel(tensor(&[n, c], &sparse))),
+            Some(InputMask::Spatial(tensor(&[n, h, w], &dense))),
         ];
         let b_shape = [w_shape[0]];
         // The operands in f64 (the reference's) and in T (the kernels').
@@ -669,16 +672,26 @@ mod tests {
                             ]
                         });
                         // The forward and input-gradient passes count each
-                        // masked (image, channel) pair they leave out, and
-                        // each call that skips tiles under a spatial mask;
-                        // the input gradient's first image has whole tiles
-                        // of masked positions, at every tile width here.
+                        // masked (image, channel) pair they leave out.
                         let counted = be.counters();
                         for pc in [counted.forward, counted.input_grad] {
                             let sparse_call = u64::from(mi == 3);
                             assert_eq!(pc.channel_sparse_calls, sparse_call, "mask {mi}");
                             assert_eq!(pc.channels_skipped, sparse_call * zeros, "mask {mi}");
-                            assert_eq!(pc.spatial_skip_calls, u64::from(mi == 1), "mask {mi}");
+                        }
+                        // Calls that test tiles against a spatial mask: the
+                        // input gradient under any, forward and weight
+                        // gradient only under one with zeros. The input
+                        // gradient's first image has whole tiles of masked
+                        // positions at every tile width here.
+                        let spatial_calls = [
+                            (counted.forward, mi == 1),
+                            (counted.input_grad, mi == 1 || mi == 4),
+                            (counted.weight_grad, mi == 1),
+                        ];
+                        for (pass, (pc, tested)) in spatial_calls.iter().enumerate() {
+                            let want = u64::from(*tested);
+                            assert_eq!(pc.spatial_skip_calls, want, "mask {mi}, pass {pass}");
                         }
                         assert_eq!(counted.input_grad.tiles_skipped > 0, mi == 1, "mask {mi}");
                         for (pass, (g, e)) in got.iter().zip(&want).enumerate() {
