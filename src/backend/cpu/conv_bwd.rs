@@ -523,14 +523,18 @@ mod tests {
     /// A 3x3 same conv; stride 2 with odd sides; a 1x1; a 5x3 kernel with
     /// uneven stride and padding; 32 input channels x 9 taps = 288 > one
     /// k-block (256 f32, 128 f64); a 50 x 50 plane (2500 positions, more
-    /// than one task of output positions).
-    const GEOMS: [Geom; 6] = [
+    /// than one task of output positions); no padding and 396 output
+    /// positions per image (two weight-gradient blocks of rows per image,
+    /// and under the spatial mask's second image, kept everywhere, blocks
+    /// that read no zero).
+    const GEOMS: [Geom; 7] = [
         geom([2, 5, 9, 13], [7, 3, 3], [1, 1], [1, 1]),
         geom([2, 3, 11, 10], [8, 3, 3], [2, 2], [1, 1]),
         geom([1, 4, 7, 17], [6, 1, 1], [1, 1], [0, 0]),
         geom([2, 6, 8, 9], [5, 5, 3], [2, 1], [2, 0]),
         geom([2, 32, 6, 7], [13, 3, 3], [1, 1], [1, 1]),
         geom([1, 3, 50, 50], [7, 3, 3], [1, 1], [1, 1]),
+        geom([2, 3, 24, 20], [4, 3, 3], [1, 1], [0, 0]),
     ];
 
     const fn geom(x: [usize; 4], w: [usize; 3], stride: [usize; 2], padding: [usize; 2]) -> Geom {
@@ -588,12 +592,13 @@ mod tests {
         for img in 0..n {
             for yy in 0..h {
                 for xx in 0..w {
+                    // Image 0 kept only in a corner; image 1 kept
+                    // everywhere with fractional factors (so some blocks of
+                    // the weight gradient are masked and others not).
                     spatial[(img * h + yy) * w + xx] = if img == 0 {
                         f64::from(u8::from(yy < 2 && xx < 3))
-                    } else if (yy + xx) % 3 == 0 {
-                        0.0
                     } else {
-                        0.5 + (yy % 2) as f64
+                        0.5 + ((yy + xx) % 3) as f64 * 0.5
                     };
                 }
             }
