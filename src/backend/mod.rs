@@ -79,6 +79,14 @@ impl<T: Float> InputMask<T> {
         }
     }
 
+    /// The same mask in another precision ([`Tensor::cast`] of its multipliers).
+    pub fn cast<U: Float>(&self) -> InputMask<U> {
+        match self {
+            InputMask::Spatial(t) => InputMask::Spatial(t.cast()),
+            InputMask::Channel(t) => InputMask::Channel(t.cast()),
+        }
+    }
+
     /// The multiplier of element `[n, c, h, w]` of an `[N, C, H, W]` input.
     #[inline]
     pub fn value(&self, n: usize, c: usize, hw: usize, dims: [usize; 4]) -> T {

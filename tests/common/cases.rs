@@ -67,13 +67,6 @@ pub struct OpCase {
     pub mask: Option<InputMask<f64>>,
 }
 
-fn cast_mask<T: Float>(m: &InputMask<f64>) -> InputMask<T> {
-    match m {
-        InputMask::Spatial(t) => InputMask::Spatial(t.cast()),
-        InputMask::Channel(t) => InputMask::Channel(t.cast()),
-    }
-}
-
 fn abs(t: &Tensor<f64>) -> Tensor<f64> {
     Tensor::from_vec(t.shape(), t.as_slice().iter().map(|v| v.abs()).collect()).unwrap()
 }
@@ -90,7 +83,7 @@ impl OpCase {
     /// The outputs of the op on `be` in precision `T`.
     pub fn run<T: Float>(&self, be: &dyn Backend<T>) -> Result<Vec<Tensor<T>>> {
         let x: Vec<Tensor<T>> = self.inputs.iter().map(|t| t.cast()).collect();
-        let mask = self.mask.as_ref().map(cast_mask::<T>);
+        let mask = self.mask.as_ref().map(InputMask::cast::<T>);
         let c = T::from_f64;
         Ok(match &self.op {
             Op::Conv { pass, geom } => {

@@ -567,14 +567,6 @@ mod tests {
         }
     }
 
-    /// The same multipliers in another precision.
-    fn cast_mask<T: Float>(m: &InputMask<f64>) -> InputMask<T> {
-        match m {
-            InputMask::Spatial(t) => InputMask::Spatial(tensor(t.shape(), t.as_slice())),
-            InputMask::Channel(t) => InputMask::Channel(tensor(t.shape(), t.as_slice())),
-        }
-    }
-
     fn every_mask<T: Elem>(case: usize, geom: &Geom, tol: f64) {
         let x_shape = geom.x;
         let [n, c, h, w] = x_shape;
@@ -649,7 +641,7 @@ mod tests {
                 };
                 let at: ConvArgs<T> = ConvArgs {
                     geom: g,
-                    mask: mask.as_ref().map(cast_mask),
+                    mask: mask.as_ref().map(InputMask::cast),
                     relu,
                 };
                 let r = ReferenceBackend;

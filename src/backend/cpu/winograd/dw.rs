@@ -416,10 +416,10 @@ impl<E: Elem> WithSimd for DwGemm<'_, '_, E> {
 mod tests {
     use super::*;
     use crate::Tensor;
-    use crate::backend::ConvGeometry;
     use crate::backend::cpu::counters::Tally;
     use crate::backend::cpu::isa::Isa;
     use crate::backend::cpu::testing::{first_near_then_same_bits, three_image_mask, values};
+    use crate::backend::{Backend, ConvGeometry, ReferenceBackend};
 
     /// Images: the three of `three_image_mask`.
     const N: usize = 3;
@@ -434,54 +434,31 @@ mod tests {
     /// than a tile high or wide (their first tile is already partial).
     const PLANES: [(usize, usize); 5] = [(9, 13), (5, 47), (37, 45), (3, 9), (9, 3)];
 
-    /// `dw[co][ci][t] = sum_n sum_p dy[n][co][p] (x * mask)[n][ci][p + t]`
-    /// (pad 1), in f64.
-    fn by_definition<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs<E>) -> Vec<f64> {
+    /// The reference backend's weight gradient (plain loops, in f64) of the
+    /// same values.
+    fn reference<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs<E>) -> Vec<f64> {
         let g = &args.geom;
-        let (h, w) = (g.h, g.w);
-        let hw = h * w;
-        let mut dw = vec![0.0; M * C * 9];
-        for n in 0..N {
-            for co in 0..M {
-                for ci in 0..C {
-                    for t in 0..9 {
-                        let mut s = 0.0;
-                        for py in 0..h {
-                            for px in 0..w {
-                                let (yy, xx) =
-                                    ((py + t / 3) as isize - 1, (px + t % 3) as isize - 1);
-                                if yy < 0 || xx < 0 || yy >= h as isize || xx >= w as isize {
-                                    continue;
-                                }
-                                let at = yy as usize * w + xx as usize;
-                                let mut v = x[(n * C + ci) * hw + at].as_f64();
-                                match &args.mask {
-                                    Some(InputMask::Spatial(ms)) => {
-                                        v *= ms.as_slice()[n * hw + at].as_f64()
-                                    }
-                                    Some(InputMask::Channel(ms)) => {
-                                        v *= ms.as_slice()[n * C + ci].as_f64()
-                                    }
-                                    None => {}
-                                }
-                                s += dy[(n * M + co) * hw + py * w + px].as_f64() * v;
-                            }
-                        }
-                        dw[(co * C + ci) * 9 + t] += s;
-                    }
-                }
-            }
-        }
-        dw
+        let t = |shape: [usize; 4], v: &[E]| {
+            Tensor::from_vec(&shape, v.to_vec()).unwrap().cast::<f64>()
+        };
+        let args64 = ConvArgs {
+            geom: *g,
+            mask: args.mask.as_ref().map(InputMask::cast),
+            relu: false,
+        };
+        ReferenceBackend
+            .conv2d_backward_weight(&t(g.output_shape(), dy), &t(g.input_shape(), x), &args64)
+            .unwrap()
+            .to_vec()
     }
 
     /// Every input mask (none; spatial, with all-zero windows and
     /// fractional values; channel, real-valued and 0/1 with an image whose
-    /// channels are all masked): the definition's values, the work
+    /// channels are all masked): the reference's values, the work
     /// counters, and the same bits for 1, 2, 3 and 10 threads on every
     /// instruction set this CPU has; f64 and f32.
     #[test]
-    fn every_mask_matches_the_definition_with_the_same_bits() {
+    fn every_mask_matches_the_reference_with_the_same_bits() {
         for (h, w) in PLANES {
             // f64: the transforms' small integer coefficients lose a few
             // ulps per term (norm-wise about 1e-15).
@@ -584,7 +561,7 @@ mod tests {
                     first_near_then_same_bits(
                         &mut first,
                         dw,
-                        || by_definition(&dy, &x, &args),
+                        || reference(&dy, &x, &args),
                         tol,
                         &format!("{h}x{w} case {case} ({arch:?}, {threads} threads)"),
                     );
