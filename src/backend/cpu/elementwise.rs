@@ -293,3 +293,167 @@ pub(crate) fn broadcast_to<T: Float>(x: &[T], x_shape: &[usize], shape: &[usize]
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! Every element-wise kernel against the reference backend, bit for bit:
+    //! each output is the same expression of the same inputs, so nothing
+    //! may differ, whatever the chunking, the broadcast path or the thread
+    //! count. The main shape has 37023 elements: three chunks of `CHUNK`,
+    //! the last one partial.
+
+    use crate::backend::cpu::simd::Elem;
+    use crate::backend::cpu::testing::{assert_same_bits, in_pools, values};
+    use crate::backend::{Backend, Binary, CpuBackend, InputMask, ReferenceBackend, Unary};
+    use crate::{ConvAlgo, Tensor};
+
+    const SHAPE: [usize; 4] = [3, 7, 41, 43];
+
+    /// `f` of [`values`] as a tensor of `shape`.
+    fn tensor_of<E: Elem>(shape: &[usize], seed: u64, f: impl Fn(f64) -> f64) -> Tensor<E> {
+        let n = shape.iter().product();
+        let data = values(n, seed)
+            .into_iter()
+            .map(|v| E::from_f64(f(v)))
+            .collect();
+        Tensor::from_vec(shape, data).expect("a test tensor")
+    }
+
+    fn tensor<E: Elem>(shape: &[usize], seed: u64) -> Tensor<E> {
+        tensor_of(shape, seed, |v| v)
+    }
+
+    /// `f` on the CPU backend in pools of 1, 2 and 3 threads, each result
+    /// equal to `f` on the reference backend bit for bit.
+    fn check<E: Elem>(what: &str, f: impl Fn(&dyn Backend<E>) -> Tensor<E> + Sync) {
+        let want = f(&ReferenceBackend);
+        for got in in_pools(|| f(&CpuBackend::new(ConvAlgo::Auto))) {
+            assert_same_bits(&got, &want, what);
+        }
+    }
+
+    const UNARY: [Unary; 10] = [
+        Unary::Relu,
+        Unary::Abs,
+        Unary::Neg,
+        Unary::Exp,
+        Unary::Ln,
+        Unary::Sqrt,
+        Unary::Recip,
+        Unary::Square,
+        Unary::Scale(-0.37),
+        Unary::AddScalar(0.61),
+    ];
+
+    fn unary_ops<E: Elem>() {
+        // Signed values with exact zeros (the ReLU and |x| kinks); positive
+        // ones where the op needs them.
+        let kinked = |v: f64| if v.abs() < 0.05 { 0.0 } else { v };
+        let signed = tensor_of::<E>(&SHAPE, 1, kinked);
+        let positive = tensor_of::<E>(&SHAPE, 1, |v| v.abs() + 0.1);
+        let dy = tensor::<E>(&SHAPE, 2);
+        for op in UNARY {
+            let x = if matches!(op, Unary::Ln | Unary::Sqrt | Unary::Recip) {
+                &positive
+            } else {
+                &signed
+            };
+            check(&format!("unary {op:?}"), |be| be.unary(op, x).unwrap());
+            let y = ReferenceBackend.unary(op, x).unwrap();
+            check(&format!("unary_backward {op:?}"), |be| {
+                be.unary_backward(op, x, &y, &dy).unwrap()
+            });
+        }
+    }
+
+    fn binary_ops<E: Elem>() {
+        // Operand shapes against SHAPE: equal; one broadcast per channel,
+        // per image or as a scalar (each side); a leading dim missing;
+        // both broadcast along the inner run (each output run one value);
+        // a row against a column.
+        let pairs: [(&[usize], &[usize]); 8] = [
+            (&SHAPE, &SHAPE),
+            (&SHAPE, &[1, 7, 1, 1]),
+            (&[7, 1, 1], &SHAPE),
+            (&SHAPE, &[]),
+            (&[3, 1, 41, 43], &[1, 7, 1, 43]),
+            (&[3, 7, 41, 1], &[1, 1, 1, 43]),
+            (&[3, 7, 1, 1], &[1, 7, 1, 1]),
+            (&[3, 1, 41, 1], &[3, 7, 1, 43]),
+        ];
+        for (i, (sa, sb)) in pairs.into_iter().enumerate() {
+            let a = tensor::<E>(sa, 3 + i as u64);
+            // No zero divisors; both signs.
+            let b = tensor_of::<E>(sb, 20 + i as u64, |v| v + 1.5f64.copysign(v));
+            for op in [Binary::Add, Binary::Sub, Binary::Mul, Binary::Div] {
+                check(&format!("binary {op:?} {sa:?} {sb:?}"), |be| {
+                    be.binary(op, &a, &b, &SHAPE).unwrap()
+                });
+            }
+        }
+        // An output with size-1 dims and a single element.
+        let (a, b) = (tensor::<E>(&[1, 7, 1, 43], 40), tensor::<E>(&[7, 1], 41));
+        check("binary, size-1 dims", |be| {
+            be.binary(Binary::Mul, &a, &b, &[1, 7, 1, 43]).unwrap()
+        });
+        let (a, b) = (tensor::<E>(&[1, 1], 42), tensor::<E>(&[1], 43));
+        check("binary, one element", |be| {
+            be.binary(Binary::Sub, &a, &b, &[1, 1]).unwrap()
+        });
+    }
+
+    fn masks_and_copies<E: Elem>() {
+        let x = tensor::<E>(&SHAPE, 50);
+        let channel = InputMask::Channel(tensor::<E>(&[3, 7], 51));
+        let spatial = InputMask::Spatial(tensor::<E>(&[3, 41, 43], 52));
+        for mask in [channel, spatial] {
+            check("mask_mul", |be| be.mask_mul(&x, &mask).unwrap());
+        }
+        let b = tensor::<E>(&SHAPE, 53);
+        check("sq_err_backward", |be| {
+            be.sq_err_backward(&x, &b, E::from_f64(0.37)).unwrap()
+        });
+        for (axis, start, len) in [
+            (0, 1, 2),
+            (1, 2, 4),
+            (1, 0, 7),
+            (2, 40, 1),
+            (3, 5, 30),
+            (3, 0, 0),
+        ] {
+            check(&format!("narrow {axis} {start} {len}"), |be| {
+                be.narrow(&x, axis, start, len).unwrap()
+            });
+            let mut shape = SHAPE;
+            shape[axis] = len;
+            let dy = tensor::<E>(&shape, 54);
+            check(&format!("narrow_backward {axis} {start} {len}"), |be| {
+                be.narrow_backward(&dy, &SHAPE, axis, start).unwrap()
+            });
+        }
+        for from in [&[7, 1, 1][..], &[3, 1, 41, 1], &[], &SHAPE, &[1, 1, 1, 43]] {
+            let small = tensor::<E>(from, 55);
+            check(&format!("broadcast_to from {from:?}"), |be| {
+                be.broadcast_to(&small, &SHAPE).unwrap()
+            });
+        }
+    }
+
+    #[test]
+    fn unary_ops_equal_the_reference_bit_for_bit() {
+        unary_ops::<f32>();
+        unary_ops::<f64>();
+    }
+
+    #[test]
+    fn binary_ops_and_every_broadcast_path_equal_the_reference_bit_for_bit() {
+        binary_ops::<f32>();
+        binary_ops::<f64>();
+    }
+
+    #[test]
+    fn masks_narrows_and_broadcasts_equal_the_reference_bit_for_bit() {
+        masks_and_copies::<f32>();
+        masks_and_copies::<f64>();
+    }
+}

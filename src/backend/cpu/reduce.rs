@@ -339,3 +339,155 @@ pub(crate) fn softmax_backward<T: Float>(
         });
     dx
 }
+
+#[cfg(test)]
+mod tests {
+    //! The reductions against the reference backend. The CPU sums add in
+    //! their own fixed order (partials of `LANES`, chunks of `SUM_CHUNK`)
+    //! and the reference in f64 in row-major order, so on general data they
+    //! differ by rounding; on multiples of 1/4 ([`quarters`]) every partial
+    //! sum here is exact in f32, so they must agree bit for bit, and a lost,
+    //! repeated or misplaced element shows. On general data each result
+    //! must have the same bits in pools of 1, 2 and 3 threads. The softmax
+    //! sums in f64 in the reference's order: bit for bit on any data.
+
+    use crate::backend::cpu::simd::Elem;
+    use crate::backend::cpu::testing::{assert_same_bits, in_pools, quarters, values};
+    use crate::backend::{Backend, CpuBackend, ReferenceBackend};
+    use crate::{ConvAlgo, Tensor};
+
+    /// 37023 elements: more than one `SUM_CHUNK`, a tail of 15 after the
+    /// last full `LANES` group.
+    const SHAPE: [usize; 4] = [3, 7, 41, 43];
+
+    fn tensor<E: Elem>(shape: &[usize], v: Vec<f64>) -> Tensor<E> {
+        Tensor::from_vec(shape, v.into_iter().map(E::from_f64).collect()).expect("a test tensor")
+    }
+
+    fn cpu() -> CpuBackend {
+        CpuBackend::new(ConvAlgo::Auto)
+    }
+
+    /// Every result of `f` on the CPU backend over the pools has the bits
+    /// of `want`.
+    fn all_equal<E: Elem>(want: &Tensor<E>, what: &str, f: impl Fn() -> Tensor<E> + Sync) {
+        for got in in_pools(f) {
+            assert_same_bits(&got, want, what);
+        }
+    }
+
+    fn sums<E: Elem>() {
+        // Every subset of the axes of SHAPE (including none and all: the
+        // chunked whole sum), of a shape with size-1 dims, and rows longer
+        // than the kept-inner path's column chunk.
+        let cases: [(&[usize], usize); 4] = [
+            (&SHAPE, 4),
+            (&[3, 1, 41, 1], 4),
+            (&[2, 3, 5000], 3),
+            (&[1, 1], 2),
+        ];
+        for (shape, rank) in cases {
+            let n = shape.iter().product();
+            let exact = tensor::<E>(shape, quarters(n, 1));
+            let general = tensor::<E>(shape, values(n, 2));
+            for bits in 0..1usize << rank {
+                let axes: Vec<usize> = (0..rank).filter(|a| bits >> a & 1 == 1).collect();
+                let what = format!("sum_axes {shape:?} over {axes:?}");
+                let want = ReferenceBackend.sum_axes(&exact, &axes).unwrap();
+                all_equal(&want, &what, || cpu().sum_axes(&exact, &axes).unwrap());
+                let first = cpu().sum_axes(&general, &axes).unwrap();
+                all_equal(&first, &what, || cpu().sum_axes(&general, &axes).unwrap());
+            }
+        }
+    }
+
+    fn squared_errors<E: Elem>() {
+        // One chunk (1005 elements) and several.
+        for shape in [&[3, 5, 67][..], &SHAPE] {
+            let n = shape.iter().product();
+            let (a, b) = (
+                tensor::<E>(shape, quarters(n, 3)),
+                tensor::<E>(shape, quarters(n, 4)),
+            );
+            let want = ReferenceBackend.sq_err_sum(&a, &b).unwrap();
+            all_equal(&want, "sq_err_sum", || cpu().sq_err_sum(&a, &b).unwrap());
+            let (a, b) = (
+                tensor::<E>(shape, values(n, 5)),
+                tensor::<E>(shape, values(n, 6)),
+            );
+            let first = cpu().sq_err_sum(&a, &b).unwrap();
+            all_equal(&first, "sq_err_sum", || cpu().sq_err_sum(&a, &b).unwrap());
+        }
+    }
+
+    fn pair_residuals<E: Elem>() {
+        let (wa, wb) = (E::from_f64(0.5), E::from_f64(-1.25));
+        for shape in [&[3, 5, 67][..], &SHAPE] {
+            let n = shape.iter().product();
+            for (data, seed) in [(quarters as fn(usize, u64) -> Vec<f64>, 7), (values, 8)] {
+                let [a, b, t] = [0, 1, 2].map(|i| tensor::<E>(shape, data(n, seed + 10 * i)));
+                let want = ReferenceBackend
+                    .weighted_pair_residual(&a, &b, wa, wb, &t)
+                    .unwrap();
+                let sums = |p: &crate::backend::PairResidual<E>| {
+                    Tensor::from_vec(&[3], vec![p.sq_sum, p.dot_a, p.dot_b]).unwrap()
+                };
+                let runs = in_pools(|| cpu().weighted_pair_residual(&a, &b, wa, wb, &t).unwrap());
+                for got in &runs {
+                    // The residual is the reference's expression, element by element.
+                    assert_same_bits(&got.residual, &want.residual, "residual");
+                    // Its sums: the reference's on exact data, else the first run's.
+                    let first = if seed == 7 {
+                        sums(&want)
+                    } else {
+                        sums(&runs[0])
+                    };
+                    assert_same_bits(&sums(got), &first, "residual sums");
+                }
+            }
+        }
+    }
+
+    fn softmaxes<E: Elem>() {
+        let x = tensor::<E>(
+            &SHAPE,
+            values(SHAPE.iter().product(), 9)
+                .iter()
+                .map(|v| 4.0 * v)
+                .collect(),
+        );
+        let dy = tensor::<E>(&SHAPE, values(SHAPE.iter().product(), 10));
+        for axis in 0..4 {
+            let y = ReferenceBackend.softmax(&x, axis).unwrap();
+            all_equal(&y, "softmax", || cpu().softmax(&x, axis).unwrap());
+            let want = ReferenceBackend.softmax_backward(&y, &dy, axis).unwrap();
+            all_equal(&want, "softmax_backward", || {
+                cpu().softmax_backward(&y, &dy, axis).unwrap()
+            });
+        }
+    }
+
+    #[test]
+    fn sums_over_every_axis_set_are_exact_and_the_same_bits_on_every_pool() {
+        sums::<f32>();
+        sums::<f64>();
+    }
+
+    #[test]
+    fn squared_error_sums_are_exact_and_the_same_bits_on_every_pool() {
+        squared_errors::<f32>();
+        squared_errors::<f64>();
+    }
+
+    #[test]
+    fn the_fused_pair_residual_matches_the_composed_reference() {
+        pair_residuals::<f32>();
+        pair_residuals::<f64>();
+    }
+
+    #[test]
+    fn softmax_and_its_backward_equal_the_reference_bit_for_bit() {
+        softmaxes::<f32>();
+        softmaxes::<f64>();
+    }
+}

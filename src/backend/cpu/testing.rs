@@ -3,6 +3,7 @@
 //! and the same bits every time.
 
 use super::simd::Elem;
+use crate::Tensor;
 
 /// `len` values in [-1, 1) from a 64-bit LCG seeded by `seed`: the same
 /// inputs on every run and machine.
@@ -63,6 +64,43 @@ pub(crate) fn first_near_then_same_bits<E: Elem>(
             pulp::bytemuck::cast_slice::<E, u8>(f) == pulp::bytemuck::cast_slice::<E, u8>(&got),
             "{what}: bits differ from the first run"
         ),
+    }
+}
+
+/// `len` multiples of 1/4 in [-2, 2] from [`values`]: sums of up to 2^22
+/// of them are exact in f32 whatever the order, so a reduction that adds
+/// in its own order must still equal the reference's f64 sum bit for bit,
+/// and an element dropped, repeated or misplaced shows.
+pub(crate) fn quarters(len: usize, seed: u64) -> Vec<f64> {
+    values(len, seed)
+        .into_iter()
+        .map(|v| (v * 8.0).round() / 4.0)
+        .collect()
+}
+
+/// `f()` run in rayon pools of 1, 2 and 3 threads (3: chunks split
+/// unevenly over the threads), one result per pool.
+pub(crate) fn in_pools<R: Send>(f: impl Fn() -> R + Sync) -> Vec<R> {
+    [1, 2, 3]
+        .into_iter()
+        .map(|threads| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("a test thread pool")
+                .install(&f)
+        })
+        .collect()
+}
+
+/// `got` has `want`'s shape and bits (a zero's sign and a NaN payload
+/// count).
+pub(crate) fn assert_same_bits<E: Elem>(got: &Tensor<E>, want: &Tensor<E>, what: &str) {
+    assert_eq!(got.shape(), want.shape(), "{what}: shape");
+    let (g, w) = (got.as_slice(), want.as_slice());
+    let bits = |x: &E| pulp::bytemuck::bytes_of(x).to_vec();
+    if let Some(i) = (0..g.len()).find(|&i| bits(&g[i]) != bits(&w[i])) {
+        panic!("{what}: element {i} is {:e}, want {:e}", g[i], w[i]);
     }
 }
 
