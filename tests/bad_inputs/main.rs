@@ -156,10 +156,33 @@ fn npz(members: &[(&str, Vec<u8>)], deflate: bool) -> Vec<u8> {
     buf.into_inner()
 }
 
-fn tmp(name: &str) -> PathBuf {
+/// A fresh directory under the system's temp dir, removed with everything
+/// in it when dropped (each run used to leave seven behind).
+struct TmpDir(PathBuf);
+
+impl std::ops::Deref for TmpDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TmpDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}
+
+fn tmp(name: &str) -> TmpDir {
     let d = std::env::temp_dir().join(format!("dmkd-bad-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TmpDir(d)
 }
 
 fn unit(r: Result<TensorFile>) -> Result<()> {
