@@ -498,6 +498,7 @@ pub(crate) fn conv2d_backward_bias<E: Elem>(dy: &[E], dims: [usize; 4]) -> Vec<E
 /// them).
 #[cfg(test)]
 mod tests {
+    use crate::backend::cpu::conv_fwd::PACK_WEIGHTS_ABOVE;
     use crate::backend::cpu::isa::Isa;
     use crate::backend::cpu::simd::Elem;
     use crate::backend::cpu::testing::{first_near_then_same_bits, values};
@@ -526,8 +527,9 @@ mod tests {
     /// than one task of output positions); no padding and 396 output
     /// positions per image (two weight-gradient blocks of rows per image,
     /// and under the spatial mask's second image, kept everywhere, blocks
-    /// that read no zero).
-    const GEOMS: [Geom; 7] = [
+    /// that read no zero); exactly `PACK_WEIGHTS_ABOVE` = 600 positions
+    /// (weights read in place, one more and they are packed).
+    const GEOMS: [Geom; 8] = [
         geom([2, 5, 9, 13], [7, 3, 3], [1, 1], [1, 1]),
         geom([2, 3, 11, 10], [8, 3, 3], [2, 2], [1, 1]),
         geom([1, 4, 7, 17], [6, 1, 1], [1, 1], [0, 0]),
@@ -535,6 +537,7 @@ mod tests {
         geom([2, 32, 6, 7], [13, 3, 3], [1, 1], [1, 1]),
         geom([1, 3, 50, 50], [7, 3, 3], [1, 1], [1, 1]),
         geom([2, 3, 24, 20], [4, 3, 3], [1, 1], [0, 0]),
+        geom([1, 2, 20, 30], [3, 3, 3], [1, 1], [1, 1]),
     ];
 
     const fn geom(x: [usize; 4], w: [usize; 3], stride: [usize; 2], padding: [usize; 2]) -> Geom {
@@ -609,6 +612,25 @@ mod tests {
             })
             .collect();
         let zeros = sparse.iter().filter(|&&v| v == 0.0).count() as u64;
+        // Weights packed per pass (forward, input gradient, weight
+        // gradient), dense and under the sparse channel mask: the dense
+        // passes pack all of them above `PACK_WEIGHTS_ABOVE` output
+        // positions (the input gradient's are the input's) and read them in
+        // place otherwise; the sparse ones pack each image's kept channels
+        // (columns forward, rows of the input gradient), none for an image
+        // that keeps none.
+        let (m, taps) = (w_shape[0], geom.w[1] * geom.w[2]);
+        let above = |positions: usize| u64::from(positions > PACK_WEIGHTS_ABOVE);
+        let all = (m * c * taps) as u64;
+        let kept: u64 = (0..n * c).filter(|&i| sparse[i] != 0.0).count() as u64;
+        let packed = [
+            [
+                above(n * y_shape[2] * y_shape[3]) * all,
+                above(n * h * w) * all,
+                0,
+            ],
+            [kept * (m * taps) as u64, kept * (m * taps) as u64, 0],
+        ];
         // A spatial mask with no zero skips nothing.
         let dense: Vec<f64> = values(n * h * w, 6).iter().map(|v| v + 1.5).collect();
         let masks = [
@@ -691,6 +713,15 @@ mod tests {
                             assert_eq!(pc.spatial_skip_calls, want, "mask {mi}, pass {pass}");
                         }
                         assert_eq!(counted.input_grad.tiles_skipped > 0, mi == 1, "mask {mi}");
+                        assert_eq!(
+                            [
+                                counted.forward.weights_packed,
+                                counted.input_grad.weights_packed,
+                                counted.weight_grad.weights_packed
+                            ],
+                            packed[usize::from(mi == 3)],
+                            "mask {mi}: weights packed"
+                        );
                         for (pass, (g, e)) in got.iter().zip(&want).enumerate() {
                             assert_eq!(g.shape(), e.shape());
                             first_near_then_same_bits(
