@@ -498,7 +498,7 @@ pub(crate) fn conv2d_backward_bias<E: Elem>(dy: &[E], dims: [usize; 4]) -> Vec<E
 /// them).
 #[cfg(test)]
 mod tests {
-    use crate::backend::cpu::conv_fwd::PACK_WEIGHTS_ABOVE;
+    use crate::backend::cpu::conv_fwd::{PACK_WEIGHTS_ABOVE, nr_for};
     use crate::backend::cpu::isa::Isa;
     use crate::backend::cpu::simd::Elem;
     use crate::backend::cpu::testing::{first_near_then_same_bits, values};
@@ -570,6 +570,21 @@ mod tests {
         }
     }
 
+    /// Tiles of `nr` consecutive output positions (from each image's
+    /// first, the last one cut at the image's end) whose every position `p`
+    /// of image `img` is `dead(img, p)`: what the direct conv skips.
+    fn dead_tiles(
+        n: usize,
+        positions: usize,
+        nr: usize,
+        dead: impl Fn(usize, usize) -> bool,
+    ) -> u64 {
+        let tiles = (0..n).flat_map(|img| (0..positions).step_by(nr).map(move |p0| (img, p0)));
+        tiles
+            .filter(|&(img, p0)| (p0..(p0 + nr).min(positions)).all(|p| dead(img, p)))
+            .count() as u64
+    }
+
     fn every_mask<T: Elem>(case: usize, geom: &Geom, tol: f64) {
         let x_shape = geom.x;
         let [n, c, h, w] = x_shape;
@@ -611,6 +626,23 @@ mod tests {
                 }
             })
             .collect();
+        // Whether output position `p` of image `img` reads only zeros of
+        // the spatial mask (taps in the padding read zeros too).
+        let reads_only_zeros = |img: usize, p: usize| {
+            let (oy, ox) = (p / y_shape[3], p % y_shape[3]);
+            (0..geom.w[1]).all(|ky| {
+                (0..geom.w[2]).all(|kx| {
+                    let iy = (oy * geom.stride[0] + ky).checked_sub(geom.padding[0]);
+                    let ix = (ox * geom.stride[1] + kx).checked_sub(geom.padding[1]);
+                    match (iy, ix) {
+                        (Some(iy), Some(ix)) if iy < h && ix < w => {
+                            spatial[(img * h + iy) * w + ix] == 0.0
+                        }
+                        _ => true,
+                    }
+                })
+            })
+        };
         let zeros = sparse.iter().filter(|&&v| v == 0.0).count() as u64;
         // Weights packed per pass (forward, input gradient, weight
         // gradient), dense and under the sparse channel mask: the dense
@@ -713,6 +745,27 @@ mod tests {
                             assert_eq!(pc.spatial_skip_calls, want, "mask {mi}, pass {pass}");
                         }
                         assert_eq!(counted.input_grad.tiles_skipped > 0, mi == 1, "mask {mi}");
+                        // Exactly the tiles whose positions are all dead.
+                        let nr = nr_for::<T>(isa.arch().unwrap());
+                        let (fwd_dead, dx_dead) = match mask {
+                            Some(InputMask::Spatial(_)) => (
+                                dead_tiles(n, y_shape[2] * y_shape[3], nr, |img, p| {
+                                    mi == 1 && reads_only_zeros(img, p)
+                                }),
+                                dead_tiles(n, h * w, nr, |img, p| {
+                                    [&spatial, &dense][usize::from(mi == 4)][img * h * w + p] == 0.0
+                                }),
+                            ),
+                            _ => (0, 0),
+                        };
+                        assert_eq!(
+                            [
+                                counted.forward.tiles_skipped,
+                                counted.input_grad.tiles_skipped
+                            ],
+                            [fwd_dead, dx_dead],
+                            "mask {mi}: tiles skipped"
+                        );
                         assert_eq!(
                             [
                                 counted.forward.weights_packed,
