@@ -40,11 +40,16 @@ pub const HUGE_BYTES: usize = LIMIT_BYTES / 4;
 /// only at lengths and bytes; `tensor::Float` requires this trait, so the
 /// pool knows nothing of tensors.)
 pub trait PoolElem: Copy + Default + Send + 'static {
+    /// What `take` fills its buffers with where debug assertions are on (a
+    /// NaN for floats): a kernel that reads an element before writing it
+    /// then shows in every test, where a fresh buffer would give it zeros.
+    const POISON: Self;
     /// The pool of this element type.
     fn pool() -> &'static Pool<Self>;
 }
 
 impl PoolElem for f32 {
+    const POISON: Self = f32::NAN;
     fn pool() -> &'static Pool<Self> {
         static POOL: Pool<f32> = Pool::new();
         &POOL
@@ -52,6 +57,7 @@ impl PoolElem for f32 {
 }
 
 impl PoolElem for f64 {
+    const POISON: Self = f64::NAN;
     fn pool() -> &'static Pool<Self> {
         static POOL: Pool<f64> = Pool::new();
         &POOL
@@ -152,13 +158,21 @@ pub fn tune_allocator() -> bool {
 
 /// A vector of `len` elements whose contents are unspecified (stale values
 /// of an earlier tensor, or zeros): the caller must overwrite every element.
+///
+/// With debug assertions on (the tests' `release-checked` profile) every
+/// buffer comes filled with `T::POISON`, fresh or recycled, so a kernel
+/// that leans on a small buffer being zeros fails its tests instead of
+/// waiting for a recycled one in production.
 pub fn take<T: PoolElem>(len: usize) -> Vec<T> {
-    if len * std::mem::size_of::<T>() >= MIN_POOLED_BYTES
-        && let Some(v) = T::pool().take(len)
-    {
-        return v;
+    let pooled = len * std::mem::size_of::<T>() >= MIN_POOLED_BYTES;
+    let mut v = match pooled.then(|| T::pool().take(len)).flatten() {
+        Some(v) => v,
+        None => vec![T::default(); len],
+    };
+    if cfg!(debug_assertions) {
+        v.fill(T::POISON);
     }
-    vec![T::default(); len]
+    v
 }
 
 /// A vector of `len` zeros (`T::default()`), recycled when possible.
@@ -272,9 +286,19 @@ mod tests {
         assert_eq!(again.as_ptr(), ptr, "the same buffer handed out again");
         p.give(vec![1.5f64; 10]);
         assert!(p.take(10).is_none(), "small buffers are not kept");
-        // The process-wide helpers: fresh or recycled, zeroed on request.
+        // The process-wide helpers: fresh or recycled, poisoned where debug
+        // assertions are on (the tests' profiles), zeroed on request.
         let small = take::<f64>(10);
-        assert!(small.iter().all(|&x| x == 0.0));
+        let poisoned = |x: f64| {
+            if cfg!(debug_assertions) {
+                x.is_nan()
+            } else {
+                x == 0.0
+            }
+        };
+        assert!(small.iter().all(|&x| poisoned(x)));
+        drop(Buffer::new(vec![2.5f64; len]));
+        assert!(take::<f64>(len).iter().all(|&x| poisoned(x) || x == 2.5));
         drop(Buffer::new(vec![2.5f64; len]));
         let z = take_zeroed::<f64>(len);
         assert!(z.iter().all(|&x| x == 0.0));

@@ -498,6 +498,7 @@ pub(crate) fn conv2d_backward_bias<E: Elem>(dy: &[E], dims: [usize; 4]) -> Vec<E
 /// them).
 #[cfg(test)]
 mod tests {
+    use crate::backend::cpu::PassCounters;
     use crate::backend::cpu::conv_fwd::{PACK_WEIGHTS_ABOVE, nr_for};
     use crate::backend::cpu::isa::Isa;
     use crate::backend::cpu::simd::Elem;
@@ -570,19 +571,25 @@ mod tests {
         }
     }
 
-    /// Tiles of `nr` consecutive output positions (from each image's
-    /// first, the last one cut at the image's end) whose every position `p`
-    /// of image `img` is `dead(img, p)`: what the direct conv skips.
+    /// Per image, the tiles of `nr` consecutive output positions (from the
+    /// image's first, the last one cut at the image's end) whose every
+    /// position `p` of image `img` is `dead(img, p)`, what the direct conv
+    /// skips: `(tiles, positions in them)`.
     fn dead_tiles(
         n: usize,
         positions: usize,
         nr: usize,
         dead: impl Fn(usize, usize) -> bool,
-    ) -> u64 {
-        let tiles = (0..n).flat_map(|img| (0..positions).step_by(nr).map(move |p0| (img, p0)));
-        tiles
-            .filter(|&(img, p0)| (p0..(p0 + nr).min(positions)).all(|p| dead(img, p)))
-            .count() as u64
+    ) -> Vec<(u64, u64)> {
+        (0..n)
+            .map(|img| {
+                let tiles = (0..positions)
+                    .step_by(nr)
+                    .map(|p0| p0..(p0 + nr).min(positions));
+                let dead = tiles.filter(|t| t.clone().all(|p| dead(img, p)));
+                dead.fold((0, 0), |(t, p), tile| (t + 1, p + tile.len() as u64))
+            })
+            .collect()
     }
 
     fn every_mask<T: Elem>(case: usize, geom: &Geom, tol: f64) {
@@ -745,8 +752,13 @@ mod tests {
                             assert_eq!(pc.spatial_skip_calls, want, "mask {mi}, pass {pass}");
                         }
                         assert_eq!(counted.input_grad.tiles_skipped > 0, mi == 1, "mask {mi}");
-                        // Exactly the tiles whose positions are all dead.
+                        // Exactly the tiles whose positions are all dead;
+                        // the others computed, each position's sums over the
+                        // image's kept channels (all but the sparse mask's
+                        // zeros): forward `m` outputs from `kept * taps`
+                        // terms, input gradient `kept` rows from `m * taps`.
                         let nr = nr_for::<T>(isa.arch().unwrap());
+                        let none = vec![(0, 0); n];
                         let (fwd_dead, dx_dead) = match mask {
                             Some(InputMask::Spatial(_)) => (
                                 dead_tiles(n, y_shape[2] * y_shape[3], nr, |img, p| {
@@ -756,15 +768,34 @@ mod tests {
                                     [&spatial, &dense][usize::from(mi == 4)][img * h * w + p] == 0.0
                                 }),
                             ),
-                            _ => (0, 0),
+                            _ => (none.clone(), none),
                         };
+                        let kept_in = |img: usize| {
+                            let kept = (0..c).filter(|&ci| sparse[img * c + ci] != 0.0).count();
+                            (if mi == 3 { kept } else { c }) as u64
+                        };
+                        // (An image that keeps no channel runs no tiles.)
+                        let count = |dead: &[(u64, u64)], positions: usize| {
+                            let run = (0..n).filter(|&img| kept_in(img) > 0).count();
+                            let tiles = (run * positions.div_ceil(nr)) as u64;
+                            let skipped: u64 = dead.iter().map(|d| d.0).sum();
+                            let macs = (0..n)
+                                .map(|img| {
+                                    kept_in(img)
+                                        * (m * taps) as u64
+                                        * (positions as u64 - dead[img].1)
+                                })
+                                .sum::<u64>();
+                            [tiles - skipped, skipped, macs]
+                        };
+                        let pc = |p: PassCounters| [p.tiles, p.tiles_skipped, p.macs];
                         assert_eq!(
+                            [pc(counted.forward), pc(counted.input_grad)],
                             [
-                                counted.forward.tiles_skipped,
-                                counted.input_grad.tiles_skipped
+                                count(&fwd_dead, y_shape[2] * y_shape[3]),
+                                count(&dx_dead, h * w)
                             ],
-                            [fwd_dead, dx_dead],
-                            "mask {mi}: tiles skipped"
+                            "mask {mi}: tiles computed, skipped, multiply-adds"
                         );
                         assert_eq!(
                             [

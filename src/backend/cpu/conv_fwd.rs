@@ -573,3 +573,49 @@ pub(crate) fn act_of_bias<E: Elem>(bias: Option<&[E]>, co: usize, relu: bool) ->
     let v = E::zero() + bias.map_or(E::zero(), |b| b[co]);
     if relu { relu_of(v) } else { v }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{act_of_bias, relu_of};
+    use crate::backend::Unary;
+    use crate::backend::reference::unary_fn;
+
+    /// The kernels' ReLU and all-masked output give the reference's bits,
+    /// the sign of a zero included: `relu(-0) = +0` (the reference's
+    /// `x > 0 ? x : 0`), NaN maps to 0, and `act(0 + b)` adds the bias to
+    /// +0 as the reference's sum does.
+    #[test]
+    fn relu_and_bias_only_outputs_match_the_reference_bit_for_bit() {
+        let xs = [
+            -0.0,
+            0.0,
+            -1.5,
+            2.5,
+            f64::NAN,
+            f64::MIN_POSITIVE,
+            -f64::MIN_POSITIVE,
+        ];
+        for x in xs {
+            let want = unary_fn(Unary::Relu, x);
+            assert_eq!(relu_of(x).to_bits(), want.to_bits(), "f64 relu({x})");
+            let x = x as f32;
+            let want = unary_fn(Unary::Relu, x);
+            assert_eq!(relu_of(x).to_bits(), want.to_bits(), "f32 relu({x})");
+        }
+        assert_eq!(relu_of(-0.0f64).to_bits(), 0, "relu(-0) is +0");
+        let bias = [-0.0f32, -2.0, 3.0];
+        for relu in [false, true] {
+            for co in 0..bias.len() {
+                let sum = 0.0f32 + bias[co];
+                let want = if relu {
+                    unary_fn(Unary::Relu, sum)
+                } else {
+                    sum
+                };
+                let got = act_of_bias(Some(&bias), co, relu);
+                assert_eq!(got.to_bits(), want.to_bits(), "co {co}, relu {relu}");
+            }
+            assert_eq!(act_of_bias::<f64>(None, 0, relu).to_bits(), 0);
+        }
+    }
+}
