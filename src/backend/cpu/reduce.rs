@@ -351,6 +351,7 @@ mod tests {
     //! must have the same bits in pools of 1, 2 and 3 threads. The softmax
     //! sums in f64 in the reference's order: bit for bit on any data.
 
+    use super::{LANES, SUM_CHUNK};
     use crate::backend::cpu::simd::Elem;
     use crate::backend::cpu::testing::{assert_same_bits, in_pools, quarters, values};
     use crate::backend::{Backend, CpuBackend, ReferenceBackend};
@@ -465,6 +466,77 @@ mod tests {
                 cpu().softmax_backward(&y, &dy, axis).unwrap()
             });
         }
+    }
+
+    /// The grouping the module documents, restated with plain loops: per
+    /// chunk of `SUM_CHUNK` terms, `LANES` partials (partial `i` takes the
+    /// chunk's terms `i, i + LANES, ...` up to its last whole group), added
+    /// in order from zero, then the chunk's tail; the chunks' sums added in
+    /// order from zero.
+    fn documented_sum<A: crate::Float>(len: usize, term: impl Fn(usize) -> A) -> A {
+        let mut total = A::zero();
+        for c0 in (0..len).step_by(SUM_CHUNK) {
+            let n = SUM_CHUNK.min(len - c0);
+            let full = n - n % LANES;
+            let mut part = [A::zero(); LANES];
+            for k in 0..full {
+                part[k % LANES] += term(c0 + k);
+            }
+            let mut chunk = A::zero();
+            for p in part {
+                chunk += p;
+            }
+            for k in full..n {
+                chunk += term(c0 + k);
+            }
+            total += chunk;
+        }
+        total
+    }
+
+    /// Whole sums on general data have the bits of the documented grouping
+    /// (a reordering that is also fixed by the length, such as one chunk
+    /// for everything or no `LANES` partials, would change them): the
+    /// whole-tensor sum, the squared-error sum and the fused residual's
+    /// f64 sums, at one chunk, exactly one chunk and several.
+    fn documented_grouping<E: Elem>() {
+        for len in [1005, SUM_CHUNK, SUM_CHUNK + 1, 37023] {
+            let [a, b, t] = [11, 12, 13].map(|seed| tensor::<E>(&[len], values(len, seed)));
+            let (xa, xb) = (a.as_slice(), b.as_slice());
+            let want = Tensor::from_vec(&[1], vec![documented_sum(len, |i| xa[i])]).unwrap();
+            all_equal(&want, &format!("sum of {len}"), || {
+                cpu().sum_axes(&a, &[0]).unwrap()
+            });
+            let sq = documented_sum(len, |i| (xa[i] - xb[i]) * (xa[i] - xb[i]));
+            let scalar = cpu().sq_err_sum(&a, &b).unwrap().shape().to_vec();
+            let want = Tensor::from_vec(&scalar, vec![sq]).unwrap();
+            all_equal(&want, &format!("sq_err_sum of {len}"), || {
+                cpu().sq_err_sum(&a, &b).unwrap()
+            });
+            let (wa, wb) = (E::from_f64(0.5), E::from_f64(-1.25));
+            let got = cpu().weighted_pair_residual(&a, &b, wa, wb, &t).unwrap();
+            let r = got.residual.as_slice();
+            let f = |x: E| x.as_f64();
+            let want = [
+                documented_sum(len, |i| f(r[i]) * f(r[i])),
+                documented_sum(len, |i| f(r[i]) * f(xa[i])),
+                documented_sum(len, |i| f(r[i]) * f(xb[i])),
+            ]
+            .map(E::from_f64);
+            let got = [got.sq_sum, got.dot_a, got.dot_b];
+            let what = format!("residual sums of {len}");
+            assert_same_bits(
+                &Tensor::from_vec(&[3], got.to_vec()).unwrap(),
+                &Tensor::from_vec(&[3], want.to_vec()).unwrap(),
+                &what,
+            );
+        }
+    }
+
+    #[test]
+    fn whole_sums_add_in_the_documented_order() {
+        documented_grouping::<f32>();
+        documented_grouping::<f64>();
     }
 
     #[test]
