@@ -346,9 +346,15 @@ mod tests {
     ];
 
     fn unary_ops<E: Elem>() {
-        // Signed values with exact zeros (the ReLU and |x| kinks); positive
-        // ones where the op needs them.
-        let kinked = |v: f64| if v.abs() < 0.05 { 0.0 } else { v };
+        // Signed values with exact zeros of both signs (the ReLU and |x|
+        // kinks: relu(-0) is +0); positive ones where the op needs them.
+        let kinked = |v: f64| {
+            if v.abs() < 0.05 {
+                0.0f64.copysign(v)
+            } else {
+                v
+            }
+        };
         let signed = tensor_of::<E>(&SHAPE, 1, kinked);
         let positive = tensor_of::<E>(&SHAPE, 1, |v| v.abs() + 0.1);
         let dy = tensor::<E>(&SHAPE, 2);
