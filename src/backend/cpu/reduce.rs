@@ -354,7 +354,7 @@ mod tests {
     use super::{LANES, SUM_CHUNK};
     use crate::backend::cpu::simd::Elem;
     use crate::backend::cpu::testing::{assert_same_bits, in_pools, quarters, values};
-    use crate::backend::{Backend, CpuBackend, ReferenceBackend};
+    use crate::backend::{Backend, CpuBackend, PairResidual, ReferenceBackend};
     use crate::{ConvAlgo, Tensor};
 
     /// 37023 elements: more than one `SUM_CHUNK`, a tail of 15 after the
@@ -421,6 +421,11 @@ mod tests {
         }
     }
 
+    /// `[sum r^2, <r, a>, <r, b>]` of a fused residual, as a tensor.
+    fn residual_sums<E: Elem>(p: &PairResidual<E>) -> Tensor<E> {
+        Tensor::from_vec(&[3], vec![p.sq_sum, p.dot_a, p.dot_b]).unwrap()
+    }
+
     fn pair_residuals<E: Elem>() {
         let (wa, wb) = (E::from_f64(0.5), E::from_f64(-1.25));
         for shape in [&[3, 5, 67][..], &SHAPE] {
@@ -430,20 +435,17 @@ mod tests {
                 let want = ReferenceBackend
                     .weighted_pair_residual(&a, &b, wa, wb, &t)
                     .unwrap();
-                let sums = |p: &crate::backend::PairResidual<E>| {
-                    Tensor::from_vec(&[3], vec![p.sq_sum, p.dot_a, p.dot_b]).unwrap()
-                };
                 let runs = in_pools(|| cpu().weighted_pair_residual(&a, &b, wa, wb, &t).unwrap());
                 for got in &runs {
                     // The residual is the reference's expression, element by element.
                     assert_same_bits(&got.residual, &want.residual, "residual");
                     // Its sums: the reference's on exact data, else the first run's.
                     let first = if seed == 7 {
-                        sums(&want)
+                        residual_sums(&want)
                     } else {
-                        sums(&runs[0])
+                        residual_sums(&runs[0])
                     };
-                    assert_same_bits(&sums(got), &first, "residual sums");
+                    assert_same_bits(&residual_sums(got), &first, "residual sums");
                 }
             }
         }
@@ -508,9 +510,7 @@ mod tests {
                 cpu().sum_axes(&a, &[0]).unwrap()
             });
             let sq = documented_sum(len, |i| (xa[i] - xb[i]) * (xa[i] - xb[i]));
-            let scalar = cpu().sq_err_sum(&a, &b).unwrap().shape().to_vec();
-            let want = Tensor::from_vec(&scalar, vec![sq]).unwrap();
-            all_equal(&want, &format!("sq_err_sum of {len}"), || {
+            all_equal(&Tensor::scalar(sq), &format!("sq_err_sum of {len}"), || {
                 cpu().sq_err_sum(&a, &b).unwrap()
             });
             let (wa, wb) = (E::from_f64(0.5), E::from_f64(-1.25));
@@ -523,13 +523,9 @@ mod tests {
                 documented_sum(len, |i| f(r[i]) * f(xb[i])),
             ]
             .map(E::from_f64);
-            let got = [got.sq_sum, got.dot_a, got.dot_b];
+            let want = Tensor::from_vec(&[3], want.to_vec()).unwrap();
             let what = format!("residual sums of {len}");
-            assert_same_bits(
-                &Tensor::from_vec(&[3], got.to_vec()).unwrap(),
-                &Tensor::from_vec(&[3], want.to_vec()).unwrap(),
-                &what,
-            );
+            assert_same_bits(&residual_sums(&got), &want, &what);
         }
     }
 
