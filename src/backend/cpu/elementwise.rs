@@ -406,6 +406,15 @@ mod tests {
         check("binary, one element", |be| {
             be.binary(Binary::Sub, &a, &b, &[1, 1]).unwrap()
         });
+        // One operand broadcast along a middle dim as long as its own next
+        // stride (3): only stride = length x stride may merge two dims, and
+        // here stride + length would (cargo-mutants found this untested).
+        let (full, mid) = (tensor::<E>(&[2, 3, 3], 44), tensor::<E>(&[2, 1, 3], 45));
+        for (a, b) in [(&full, &mid), (&mid, &full)] {
+            check("binary, middle broadcast", |be| {
+                be.binary(Binary::Sub, a, b, &[2, 3, 3]).unwrap()
+            });
+        }
     }
 
     fn masks_and_copies<E: Elem>() {
@@ -437,6 +446,16 @@ mod tests {
                 be.narrow_backward(&dy, &SHAPE, axis, start).unwrap()
             });
         }
+        // Zero-sized tensors: nothing to copy, and no zero-length chunks
+        // (rayon refuses a chunk size of 0).
+        let empty = tensor::<E>(&[3, 4, 0], 56);
+        check("narrow, zero-sized", |be| {
+            be.narrow(&empty, 1, 1, 2).unwrap()
+        });
+        let dy = tensor::<E>(&[3, 2, 0], 57);
+        check("narrow_backward, zero-sized", |be| {
+            be.narrow_backward(&dy, &[3, 4, 0], 1, 1).unwrap()
+        });
         for from in [&[7, 1, 1][..], &[3, 1, 41, 1], &[], &SHAPE, &[1, 1, 1, 43]] {
             let small = tensor::<E>(from, 55);
             check(&format!("broadcast_to from {from:?}"), |be| {
