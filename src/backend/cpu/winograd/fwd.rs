@@ -340,6 +340,12 @@ impl<E: Elem> WinoConv<'_, E> {
         let mut tiles: Vec<Tile> = Vec::new();
         let mut fill = vec![rows.len() < m; imgs.len()];
         for (i, &img) in imgs.iter().enumerate() {
+            if kk == 0 || rows.is_empty() {
+                // No product to compute: no tile is run or skipped (as in
+                // the direct conv); every output is filled below.
+                fill[i] = true;
+                continue;
+            }
             let (in_mask, out_mask) = (self.in_mask(img), self.out_mask(img));
             let before = tiles.len();
             for ty in 0..th {
@@ -352,11 +358,8 @@ impl<E: Elem> WinoConv<'_, E> {
                     }
                 }
             }
-            let skipped = th * tw - (tiles.len() - before);
-            if kk == 0 {
-                tiles.truncate(before);
-            }
             let computed = tiles.len() - before;
+            let skipped = th * tw - computed;
             fill[i] |= computed < th * tw;
             self.cx.tally.tiles(computed, skipped);
             self.cx.tally.macs(POS * rows.len() * kk * computed);
@@ -374,7 +377,7 @@ impl<E: Elem> WinoConv<'_, E> {
                     })
                 });
         }
-        if tiles.is_empty() || rows.is_empty() {
+        if tiles.is_empty() {
             return;
         }
         let arch = self.cx.arch;
@@ -810,15 +813,28 @@ mod tests {
         let bias = elems(values(M, 4));
         let sp = elems(three_image_mask(h, w));
         let ch_real = elems(values(N * K, 5).iter().map(|v| v + 1.5).collect());
+        // 0/1 channel masks (`[N, K]`) with every channel of image 1 zero:
+        // that image has nothing to multiply, only outputs to fill.
         let ch01 = elems(
             (0..N * K)
-                .map(|i| f64::from(u8::from(i % 3 != 1)))
+                .map(|i| f64::from(u8::from(i % 3 != 1 && i / K != 1)))
                 .collect(),
         );
         let rows_real = elems(values(N * K, 6).iter().map(|v| v - 1.5).collect());
         let rows01 = elems(
             (0..N * K)
-                .map(|i| f64::from(u8::from(i % 4 != 2)))
+                .map(|i| f64::from(u8::from(i % 4 != 2 && i / K != 1)))
+                .collect(),
+        );
+        // Ones but for the last tile's window (so that tile is left out and
+        // most are computed; the outputs of a left-out tile must be filled).
+        let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
+        let corner = elems(
+            (0..N * h * w)
+                .map(|i| {
+                    let (y, x) = ((i % (h * w)) / w, i % w);
+                    f64::from(u8::from(y + 1 < 4 * (th - 1) || x + 1 < 4 * (tw - 1)))
+                })
                 .collect(),
         );
         let forward = |input, relu| {
@@ -836,6 +852,7 @@ mod tests {
             forward(InMul::Spatial(&sp), false),
             forward(InMul::Channel(&ch_real), true),
             forward(InMul::Channel(&ch01), false),
+            forward(InMul::Spatial(&corner), true),
             (
                 true,
                 InMul::None,
@@ -847,6 +864,7 @@ mod tests {
             (true, InMul::None, Epi::Rows(&rows_real)),
             (true, InMul::None, Epi::Rows(&rows01)),
             (true, InMul::None, Epi::Spatial(&sp)),
+            (true, InMul::None, Epi::Spatial(&corner)),
         ];
         for (case, &(transposed, input, epi)) in cases.iter().enumerate() {
             let (k, m) = if transposed { (M, K) } else { (K, M) };
@@ -865,13 +883,15 @@ mod tests {
                 _ => (None, None),
             };
             let spatial = matches!(input, InMul::Spatial(_)) || matches!(epi, Epi::Spatial(_));
-            let tiles = N * h.div_ceil(4) * w.div_ceil(4);
             let kept: Vec<(usize, usize)> = (0..N)
                 .map(|img| {
                     let rows = m - sparse_m.map_or(0, |c| zeros(c, img, m));
                     (rows, k - sparse_k.map_or(0, |c| zeros(c, img, k)))
                 })
                 .collect();
+            // Tiles run or left out: those of the images with any product
+            // to compute (as in the direct conv).
+            let tiles = th * tw * kept.iter().filter(|&&(r, c)| r * c > 0).count();
             let mut first: Option<Vec<E>> = None;
             for arch in Isa::every_arch() {
                 for threads in [1, 2, 3] {
@@ -934,7 +954,7 @@ mod tests {
                     assert_eq!(t.channels_skipped, skipped as u64, "{h}x{w} case {case}");
                     if !spatial {
                         let per_tile: usize = kept.iter().map(|&(r, c)| r * c).sum();
-                        let macs = POS * per_tile * tiles / N;
+                        let macs = POS * per_tile * th * tw;
                         assert_eq!(t.macs, macs as u64, "{h}x{w} case {case}: multiply-adds");
                     }
                     first_near_then_same_bits(
