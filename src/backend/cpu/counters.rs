@@ -46,7 +46,8 @@ pub struct PassCounters {
     /// runs of [`direct_tile_positions`] positions of one image, all
     /// channels; Winograd: 4x4 outputs). Weight gradient: blocks of the
     /// reduction over positions (direct: an image's output rows of one
-    /// k-block; Winograd: 4x4 tiles).
+    /// k-block; Winograd: 4x4 tiles). An image a channel mask leaves with
+    /// nothing to multiply counts no tile, computed or skipped.
     ///
     /// [`direct_tile_positions`]: super::CpuBackend::direct_tile_positions
     pub tiles: u64,
