@@ -733,8 +733,10 @@ mod tests {
     /// outputs exactly at the right border: at 48 the outputs of tiles up
     /// to the last fit (vector scatter) but their windows reach the padding
     /// (scalar gather); at 47 the last tile's outputs are cut (scalar).
-    /// 3 x 9 and 9 x 3 are less than a tile high or wide.
-    const PLANES: [(usize, usize); 6] = [(9, 13), (6, 49), (5, 48), (5, 47), (3, 9), (9, 3)];
+    /// 3 x 9 and 9 x 3 are less than a tile high or wide. 5 x 69 has rows
+    /// of 18 tiles, so row runs of 16 lanes (f32 on AVX-512) too.
+    const PLANES: [(usize, usize); 7] =
+        [(9, 13), (6, 49), (5, 48), (5, 47), (3, 9), (9, 3), (5, 69)];
 
     /// The convolution by definition: the forward sums `w[o][i] (x[i] *
     /// in)`, the transposed one correlates with the flipped `w[i][o]`;
@@ -826,14 +828,21 @@ mod tests {
                 .map(|i| f64::from(u8::from(i % 4 != 2 && i / K != 1)))
                 .collect(),
         );
-        // Ones but for the last tile's window (so that tile is left out and
-        // most are computed; the outputs of a left-out tile must be filled).
+        // Zeros over the last tile's window only (so that tile is left out
+        // and most are computed; the outputs of a left-out tile must be
+        // filled), elsewhere values in [0.25, 2.25] that differ from
+        // position to position (the checkerboard of `sp` repeats every 2
+        // columns, so a mask read from the wrong register of a row run
+        // passed there).
         let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
         let corner = elems(
-            (0..N * h * w)
-                .map(|i| {
+            values(N * h * w, 7)
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| {
                     let (y, x) = ((i % (h * w)) / w, i % w);
-                    f64::from(u8::from(y + 1 < 4 * (th - 1) || x + 1 < 4 * (tw - 1)))
+                    let kept = y + 1 < 4 * (th - 1) || x + 1 < 4 * (tw - 1);
+                    if kept { 1.25 + v } else { 0.0 }
                 })
                 .collect(),
         );
