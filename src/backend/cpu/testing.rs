@@ -21,13 +21,19 @@ pub(crate) fn values(len: usize, seed: u64) -> Vec<f64> {
 
 /// A spatial mask of 3 images, `[3, h, w]`: image 0 nonzero only in its
 /// top-left 3 x 5 corner (so most windows read only zeros), image 1 all
-/// zeros, image 2 a checkerboard of 0.75 and 0.
+/// zeros, image 2 a checkerboard of zeros and values in 0.75..1.5 that
+/// repeat only every 7 columns (a mask value read a register or two away
+/// from where it should be, an even shift, then differs).
 pub(crate) fn three_image_mask(h: usize, w: usize) -> Vec<f64> {
     let mut m = vec![0.0; 3 * h * w];
     for y in 0..h {
         for x in 0..w {
             m[y * w + x] = f64::from(u8::from(y < 3 && x < 5));
-            m[(2 * h + y) * w + x] = if (x + y) % 2 == 0 { 0.75 } else { 0.0 };
+            m[(2 * h + y) * w + x] = if (x + y) % 2 == 0 {
+                0.75 + 0.125 * ((3 * x + 5 * y) % 7) as f64
+            } else {
+                0.0
+            };
         }
     }
     m
