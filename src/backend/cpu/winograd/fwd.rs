@@ -831,9 +831,8 @@ mod tests {
         // Zeros over the last tile's window only (so that tile is left out
         // and most are computed; the outputs of a left-out tile must be
         // filled), elsewhere values in [0.25, 2.25] that differ from
-        // position to position (the checkerboard of `sp` repeats every 2
-        // columns, so a mask read from the wrong register of a row run
-        // passed there).
+        // position to position (with a constant mask value, a mask read
+        // from the wrong register of a row run passed).
         let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
         let corner = elems(
             values(N * h * w, 7)
