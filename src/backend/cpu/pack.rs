@@ -449,7 +449,166 @@ impl<E: Float> Aligned<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Tensor;
+    use crate::backend::cpu::testing::values;
     use pulp::WithSimd;
+
+    /// `pad_planes` by its definition, one value at a time: padded plane
+    /// `i` holds source plane `planes[i]` times its mask at row `top + iy *
+    /// dil[0]`, column `left + ix * dil[1]` where that lies in the plane,
+    /// and zero everywhere else.
+    fn pad_by_definition<E: Float>(
+        x: &[E],
+        dims: [usize; 4],
+        spec: PadSpec,
+        mask: Option<&InputMask<E>>,
+        planes: &[usize],
+    ) -> Vec<E> {
+        let [_, c, h, w] = dims;
+        let plane = spec.hp * spec.wp;
+        let mut out = vec![E::zero(); planes.len() * plane];
+        for (i, &pi) in planes.iter().enumerate() {
+            let (ni, ci) = (pi / c, pi % c);
+            for iy in 0..h {
+                for ix in 0..w {
+                    let y = spec.top + (iy * spec.dil[0]) as isize;
+                    let xx = spec.left + (ix * spec.dil[1]) as isize;
+                    if y < 0 || xx < 0 || y >= spec.hp as isize || xx >= spec.wp as isize {
+                        continue;
+                    }
+                    let v = x[(pi * h + iy) * w + ix];
+                    let v = match mask {
+                        None => v,
+                        Some(InputMask::Channel(m)) => v * m.as_slice()[ni * c + ci],
+                        Some(InputMask::Spatial(m)) => v * m.as_slice()[(ni * h + iy) * w + ix],
+                    };
+                    out[i * plane + y as usize * spec.wp + xx as usize] = v;
+                }
+            }
+        }
+        out
+    }
+
+    fn spec(top: isize, left: isize, hp: usize, wp: usize, dil: [usize; 2]) -> PadSpec {
+        PadSpec {
+            top,
+            left,
+            hp,
+            wp,
+            dil,
+        }
+    }
+
+    /// The bytes of `v`: equal bytes are equal bits (a zero's sign counts).
+    fn bytes<E: Elem>(v: &[E]) -> Vec<u8> {
+        v.iter()
+            .flat_map(|x| pulp::bytemuck::bytes_of(x).to_vec())
+            .collect()
+    }
+
+    /// Every kind of placement the convolutions ask for (a border, as the
+    /// forward pads; crops on each side and dilation, as the input gradient
+    /// of a strided or over-padded conv places the output gradient), with
+    /// no mask, a channel mask and a spatial mask (both with zeros), for
+    /// all planes and for a selection out of order: the definition's
+    /// values bit for bit (a copy and at most one product per value).
+    fn pads<E: Elem>() {
+        let dims = [2, 3, 5, 7];
+        let [n, c, h, w] = dims;
+        let to_e = |v: Vec<f64>| v.into_iter().map(E::from_f64).collect::<Vec<E>>();
+        let x = to_e(values(n * c * h * w, 11));
+        let zeros_every = |v: Vec<f64>, k: usize| {
+            to_e(
+                v.into_iter()
+                    .enumerate()
+                    .map(|(i, v)| if i % k == 1 { 0.0 } else { v })
+                    .collect(),
+            )
+        };
+        let channel = Tensor::from_vec(&[n, c], zeros_every(values(n * c, 12), 4)).unwrap();
+        let spatial = Tensor::from_vec(&[n, h, w], zeros_every(values(n * h * w, 13), 5)).unwrap();
+        let masks = [
+            None,
+            Some(InputMask::Channel(channel)),
+            Some(InputMask::Spatial(spatial)),
+        ];
+        let specs = [
+            spec(1, 2, h + 3, w + 3, [1, 1]),  // a border, wider on the left
+            spec(0, 0, h, w, [1, 1]),          // the identity (copied when masked)
+            spec(-1, -2, h, w - 1, [1, 1]),    // cropped at the top and left
+            spec(0, 1, h - 1, w - 1, [1, 1]),  // cropped at the bottom and right
+            spec(-2, 1, h - 2, w + 2, [1, 1]), // cropped at the top only
+            spec(2, 2, 2 * h + 3, 2 * w + 3, [2, 2]), // dilated, in a border
+            spec(-1, -3, 9, 10, [2, 3]),       // dilated and cropped
+            spec(1, 0, h + 2, 2 * w, [1, 2]),  // columns 2 apart, rows 1
+            spec(-7, 9, 3, 4, [1, 1]),         // nothing lands in the plane
+        ];
+        let all: Vec<usize> = (0..n * c).collect();
+        for (si, &sp) in specs.iter().enumerate() {
+            for mask in &masks {
+                for planes in [&all[..], &[5, 0, 3]] {
+                    let got = pad_planes(&x, dims, sp, mask.as_ref(), planes);
+                    let want = pad_by_definition(&x, dims, sp, mask.as_ref(), planes);
+                    let what = format!(
+                        "spec {si} {sp:?}, mask {}, planes {planes:?}",
+                        mask.is_some()
+                    );
+                    assert_eq!(bytes(&got), bytes(&want), "{what}");
+                }
+                let got = pad_input(&x, dims, sp, mask.as_ref());
+                let want = pad_by_definition(&x, dims, sp, mask.as_ref(), &all);
+                assert_eq!(bytes(got.as_slice()), bytes(&want), "pad_input, spec {si}");
+            }
+        }
+    }
+
+    #[test]
+    fn padding_cropping_dilation_and_masks_match_the_definition() {
+        pads::<f32>();
+        pads::<f64>();
+    }
+
+    /// `pad_input` hands back the input itself only when nothing would
+    /// change: the identity placement and no mask. Any one difference copies.
+    #[test]
+    fn only_an_unmasked_identity_borrows_the_input() {
+        let dims = [1, 2, 3, 4];
+        let x: Vec<f64> = values(24, 14);
+        let id = spec(0, 0, 3, 4, [1, 1]);
+        let p = pad_input(&x, dims, id, None);
+        assert!(matches!(p, Padded::Borrowed(s) if s.as_ptr() == x.as_ptr()));
+        let mask = InputMask::Channel(Tensor::from_vec(&[1, 2], vec![1.0, 1.0]).unwrap());
+        assert!(matches!(
+            pad_input(&x, dims, id, Some(&mask)),
+            Padded::Owned(_)
+        ));
+        for other in [
+            spec(1, 0, 3, 4, [1, 1]),
+            spec(0, 1, 3, 4, [1, 1]),
+            spec(0, 0, 4, 4, [1, 1]),
+            spec(0, 0, 3, 5, [1, 1]),
+            spec(0, 0, 3, 4, [2, 1]),
+            spec(0, 0, 3, 4, [1, 2]),
+        ] {
+            assert!(
+                matches!(pad_input(&x, dims, other, None), Padded::Owned(_)),
+                "{other:?}"
+            );
+        }
+    }
+
+    /// A padded copy goes back to the pool when dropped, so the next conv
+    /// of the shape reuses it. (A length no other test asks for, above
+    /// the pool's 1 MiB floor: 364 x 364 f64.)
+    #[test]
+    fn a_dropped_padded_copy_returns_to_the_pool() {
+        let x = vec![0.5f64; 362 * 362];
+        let padded = pad_input(&x, [1, 1, 362, 362], spec(1, 1, 364, 364, [1, 1]), None);
+        let at = padded.as_slice().as_ptr();
+        drop(padded);
+        let again = pool::take::<f64>(364 * 364);
+        assert_eq!(again.as_ptr(), at, "the pool handed out another buffer");
+    }
 
     /// One `pack_b_tile` call on the first NR offsets against the
     /// value-by-value gather, bit for bit (the spare row past the tile is
