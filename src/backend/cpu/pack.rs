@@ -597,6 +597,47 @@ mod tests {
         }
     }
 
+    /// `pack_dy_t` against its definition, `out[t][kk][i] = dy[t * NR +
+    /// i][pos(kk)]` (zeros past `m`), for blocks of whole rows and blocks
+    /// that start inside a row (the weight gradient cuts rows of at least
+    /// `kc_dw` positions, wider than any conv test's plane).
+    #[test]
+    fn transposed_dy_tiles_match_the_definition() {
+        let (m, oh, ow, nr) = (11, 5, 9, 8);
+        let plane = oh * ow;
+        let dy: Vec<f32> = values(m * plane, 15)
+            .into_iter()
+            .map(|v| v as f32)
+            .collect();
+        for (oy0, nrows, ox0, ncols) in [(0, 5, 0, 9), (1, 2, 0, 9), (3, 1, 4, 5), (2, 1, 1, 3)] {
+            let kc = nrows * ncols;
+            let mut out = vec![f32::NAN; m.div_ceil(nr) * kc * nr];
+            pack_dy_t(&dy, m, ow, (oy0, nrows, ox0, ncols), nr, &mut out);
+            for (j, &got) in out.iter().enumerate() {
+                let (t, kk, i) = (j / (kc * nr), j / nr % kc, j % nr);
+                let co = t * nr + i;
+                let pos = (oy0 + kk / ncols) * ow + ox0 + kk % ncols;
+                let want = if co < m { dy[co * plane + pos] } else { 0.0 };
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "block ({oy0}, {nrows}, {ox0}, {ncols}): tile {t}, k {kk}, lane {i}"
+                );
+            }
+        }
+    }
+
+    /// Packed weights go back to the pool when dropped (a length no other
+    /// test asks for, above the pool's 1 MiB floor: 6 x 21855 f64).
+    #[test]
+    fn dropped_packed_weights_return_to_the_pool() {
+        let packed = PackedA::<f64>::new(MR, 21855, 256, |r, k| (r * 7 + k) as f64);
+        let at = packed.panel(0, 0).as_ptr();
+        drop(packed);
+        let again = pool::take::<f64>(MR * 21855);
+        assert_eq!(again.as_ptr(), at, "the pool handed out another buffer");
+    }
+
     /// A padded copy goes back to the pool when dropped, so the next conv
     /// of the shape reuses it. (A length no other test asks for, above
     /// the pool's 1 MiB floor: 364 x 364 f64.)
