@@ -513,7 +513,28 @@ mod tests {
     /// all planes and for a selection out of order: the definition's
     /// values bit for bit (a copy and at most one product per value).
     fn pads<E: Elem>() {
-        let dims = [2, 3, 5, 7];
+        let [h, w] = [5, 7];
+        let specs = [
+            spec(1, 2, h + 3, w + 3, [1, 1]),   // a border, wider on the left
+            spec(0, 0, h, w, [1, 1]),           // the identity (copied when masked)
+            spec(-1, -2, h, w - 1, [1, 1]),     // cropped at the top and left
+            spec(0, 1, h - 1, w - 1, [1, 1]),   // cropped at the bottom and right
+            spec(-2, 1, h - 2, w + 2, [1, 1]),  // cropped at the top only
+            spec(1, -2, h + 2, w, [1, 1]),      // cropped at the left only
+            spec(12, 1, h + 13, w + 3, [1, 1]), // a top border taller than a row is long
+            spec(2, 2, 2 * h + 3, 2 * w + 3, [2, 2]), // dilated, in a border
+            spec(-1, -3, 9, 10, [2, 3]),        // dilated and cropped
+            spec(1, 0, h + 2, 2 * w, [1, 2]),   // columns 2 apart, rows 1
+            spec(-7, 9, 3, 4, [1, 1]),          // nothing lands in the plane
+        ];
+        pads_of::<E>([2, 3, h, w], &specs);
+        // One input row with a border below: the bottom border starts at
+        // padded row `top + h` = 1 (its offset `(top + h) * wp` against
+        // `+`), in a plane one column wider than the input.
+        pads_of::<E>([2, 3, 1, 3], &[spec(0, 1, 3, 5, [1, 1])]);
+    }
+
+    fn pads_of<E: Elem>(dims: [usize; 4], specs: &[PadSpec]) {
         let [n, c, h, w] = dims;
         let to_e = |v: Vec<f64>| v.into_iter().map(E::from_f64).collect::<Vec<E>>();
         let x = to_e(values(n * c * h * w, 11));
@@ -532,17 +553,6 @@ mod tests {
             Some(InputMask::Channel(channel)),
             Some(InputMask::Spatial(spatial)),
         ];
-        let specs = [
-            spec(1, 2, h + 3, w + 3, [1, 1]),  // a border, wider on the left
-            spec(0, 0, h, w, [1, 1]),          // the identity (copied when masked)
-            spec(-1, -2, h, w - 1, [1, 1]),    // cropped at the top and left
-            spec(0, 1, h - 1, w - 1, [1, 1]),  // cropped at the bottom and right
-            spec(-2, 1, h - 2, w + 2, [1, 1]), // cropped at the top only
-            spec(2, 2, 2 * h + 3, 2 * w + 3, [2, 2]), // dilated, in a border
-            spec(-1, -3, 9, 10, [2, 3]),       // dilated and cropped
-            spec(1, 0, h + 2, 2 * w, [1, 2]),  // columns 2 apart, rows 1
-            spec(-7, 9, 3, 4, [1, 1]),         // nothing lands in the plane
-        ];
         let all: Vec<usize> = (0..n * c).collect();
         for (si, &sp) in specs.iter().enumerate() {
             for mask in &masks {
@@ -550,14 +560,18 @@ mod tests {
                     let got = pad_planes(&x, dims, sp, mask.as_ref(), planes);
                     let want = pad_by_definition(&x, dims, sp, mask.as_ref(), planes);
                     let what = format!(
-                        "spec {si} {sp:?}, mask {}, planes {planes:?}",
+                        "dims {dims:?}, spec {si} {sp:?}, mask {}, planes {planes:?}",
                         mask.is_some()
                     );
                     assert_eq!(bytes(&got), bytes(&want), "{what}");
                 }
                 let got = pad_input(&x, dims, sp, mask.as_ref());
                 let want = pad_by_definition(&x, dims, sp, mask.as_ref(), &all);
-                assert_eq!(bytes(got.as_slice()), bytes(&want), "pad_input, spec {si}");
+                assert_eq!(
+                    bytes(got.as_slice()),
+                    bytes(&want),
+                    "pad_input, dims {dims:?}, spec {si}"
+                );
             }
         }
     }
