@@ -184,6 +184,16 @@ pub fn take_zeroed<T: PoolElem>(len: usize) -> Vec<T> {
     v
 }
 
+/// Whether the process-wide pool holds a buffer of exactly `len` elements:
+/// how a test sees that something returned its buffer (the allocator may
+/// hand a freed block's address out again, so a pointer compared after a
+/// `take` cannot tell a recycled buffer from a fresh one).
+#[cfg(test)]
+pub fn holds<T: PoolElem>(len: usize) -> bool {
+    let free = T::pool().free.lock().unwrap_or_else(|e| e.into_inner());
+    free.iter().any(|v| v.len() == len)
+}
+
 /// Owned tensor storage that returns itself to the pool when dropped.
 pub struct Buffer<T: PoolElem> {
     data: Vec<T>,
