@@ -37,10 +37,12 @@ use super::conv_fwd::{
     pack_weights, sparse_channels,
 };
 use super::kernel::{AWalk, ColBlock, MR, nr, run_tile};
-use super::pack::{PadSpec, align_offset, pack_dy_t, pad_input, pad_planes};
+use super::pack::{PadSpec, Padded, align_offset, pack_dy_t, pad_input, pad_planes};
 use super::simd::Elem;
+use crate::Tensor;
 use crate::backend::{ConvArgs, ConvGeometry, InputMask};
 use crate::pool;
+use std::ops::Range;
 
 /// `dx = mask * conv_transpose(dy, w)`, `[N, Cin, H, W]`.
 pub(crate) fn conv2d_backward_input<E: Elem>(
@@ -58,7 +60,8 @@ pub(crate) fn conv2d_backward_input<E: Elem>(
         wp: g.w + g.kw - 1,
         dil: g.stride,
     };
-    let src = pad_input(dy, g.output_shape(), spec, None);
+    let out_shape = g.output_shape();
+    let batches = image_batches::<E>(out_shape, spec, false, cx);
     let (kh, kw, cin) = (g.kh, g.kw, g.c_in);
     let k = g.c_out * kh * kw;
     // A[ci][(co, t)] = W[co][ci][taps-1-t] (t = ky*kw + kx, so reversing
@@ -73,45 +76,49 @@ pub(crate) fn conv2d_backward_input<E: Elem>(
                 .for_each(|(d, &v)| *d = v);
         }
     });
+    let hw = g.h * g.w;
+    let mut dx = pool::take::<E>(g.n * cin * hw);
     if let Some(ms) = sparse_channels(args.mask.as_ref()) {
         // Under a channel mask with exact zeros, only the kept channels'
         // rows are computed (the others are `0 * ...`); per image, since
         // the masks differ.
         cx.tally.channel_sparse_call();
-        let hw = g.h * g.w;
         let img_len = g.c_out * spec.hp * spec.wp;
-        let mut dx = pool::take::<E>(g.n * cin * hw);
-        for (img, dximg) in dx.chunks_mut(cin * hw).enumerate() {
-            let kept = kept_channels(ms, img, cin);
-            cx.tally.channels_skipped(cin - kept.len());
-            dximg.fill(E::zero());
-            if kept.is_empty() {
-                continue;
+        for imgs in batches {
+            let src = pad_images(dy, out_shape, spec, None, imgs.clone());
+            for img in imgs.clone() {
+                let dximg = &mut dx[img * cin * hw..][..cin * hw];
+                let kept = kept_channels(ms, img, cin);
+                cx.tally.channels_skipped(cin - kept.len());
+                dximg.fill(E::zero());
+                if kept.is_empty() {
+                    continue;
+                }
+                let scale: Vec<E> = kept.iter().map(|&ci| ms[img * cin + ci]).collect();
+                let a = ASource::packed(kept.len(), k, |r, kk| wt[kept[r] * k + kk], cx);
+                let rows = ImplicitConv {
+                    src: &src.as_slice()[(img - imgs.start) * img_len..][..img_len],
+                    n: 1,
+                    c: g.c_out,
+                    hp: spec.hp,
+                    wp: spec.wp,
+                    kh,
+                    kw,
+                    stride: [1, 1],
+                    oh: g.h,
+                    ow: g.w,
+                    a: &a,
+                    m: kept.len(),
+                    epilogue: Epilogue::RowScale(&scale),
+                    skip: Skip::None,
+                    cx,
+                }
+                .run();
+                for (r, &ci) in kept.iter().enumerate() {
+                    dximg[ci * hw..(ci + 1) * hw].copy_from_slice(&rows[r * hw..(r + 1) * hw]);
+                }
+                drop(pool::Buffer::new(rows));
             }
-            let scale: Vec<E> = kept.iter().map(|&ci| ms[img * cin + ci]).collect();
-            let a = ASource::packed(kept.len(), k, |r, kk| wt[kept[r] * k + kk], cx);
-            let rows = ImplicitConv {
-                src: &src.as_slice()[img * img_len..][..img_len],
-                n: 1,
-                c: g.c_out,
-                hp: spec.hp,
-                wp: spec.wp,
-                kh,
-                kw,
-                stride: [1, 1],
-                oh: g.h,
-                ow: g.w,
-                a: &a,
-                m: kept.len(),
-                epilogue: Epilogue::RowScale(&scale),
-                skip: Skip::None,
-                cx,
-            }
-            .run();
-            for (r, &ci) in kept.iter().enumerate() {
-                dximg[ci * hw..(ci + 1) * hw].copy_from_slice(&rows[r * hw..(r + 1) * hw]);
-            }
-            drop(pool::Buffer::new(rows));
         }
         drop(pool::Buffer::new(wt));
         return dx;
@@ -126,42 +133,111 @@ pub(crate) fn conv2d_backward_input<E: Elem>(
             kblocks: super::pack::even_blocks(k, kc_for::<E>()),
         }
     };
-    let epilogue = match &args.mask {
-        Some(m) => Epilogue::Mask(m),
-        None => Epilogue::Bias {
-            bias: None,
-            relu: false,
-        },
-    };
-    // Under a spatial mask, the positions it zeroes need no sums.
-    let skip = match &args.mask {
-        Some(InputMask::Spatial(m)) => {
-            cx.tally.spatial_skip_call();
-            Skip::Output(m.as_slice())
-        }
-        _ => Skip::None,
-    };
-    let dx = ImplicitConv {
-        src: src.as_slice(),
-        n: g.n,
-        c: g.c_out,
-        hp: spec.hp,
-        wp: spec.wp,
-        kh,
-        kw,
-        stride: [1, 1],
-        oh: g.h,
-        ow: g.w,
-        a: &a,
-        m: cin,
-        epilogue,
-        skip,
-        cx,
+    if matches!(args.mask, Some(InputMask::Spatial(_))) {
+        cx.tally.spatial_skip_call();
     }
-    .run();
+    for imgs in batches {
+        let src = pad_images(dy, out_shape, spec, None, imgs.clone());
+        // The mask of these images: borrowed for the whole batch, a copy
+        // of their rows (a small `[k, H, W]` or `[k, C]`) otherwise.
+        let part;
+        let mask = if imgs.len() == g.n {
+            args.mask.as_ref()
+        } else {
+            part = args.mask.as_ref().map(|m| mask_rows(m, imgs.clone()));
+            part.as_ref()
+        };
+        let epilogue = match mask {
+            Some(m) => Epilogue::Mask(m),
+            None => Epilogue::Bias {
+                bias: None,
+                relu: false,
+            },
+        };
+        // Under a spatial mask, the positions it zeroes need no sums.
+        let skip = match mask {
+            Some(InputMask::Spatial(m)) => Skip::Output(m.as_slice()),
+            _ => Skip::None,
+        };
+        ImplicitConv {
+            src: src.as_slice(),
+            n: imgs.len(),
+            c: g.c_out,
+            hp: spec.hp,
+            wp: spec.wp,
+            kh,
+            kw,
+            stride: [1, 1],
+            oh: g.h,
+            ow: g.w,
+            a: &a,
+            m: cin,
+            epilogue,
+            skip,
+            cx,
+        }
+        .run_into(&mut dx[imgs.start * cin * hw..imgs.end * cin * hw]);
+    }
     drop(a);
     drop(pool::Buffer::new(wt));
     dx
+}
+
+/// The image ranges a direct gradient pads and runs at a time: the whole
+/// batch, or one image at a time where the padded copy of the batch
+/// (`dims` padded by `spec`) would take at least `cx.pad_per_image_above`
+/// bytes (see [`PAD_PER_IMAGE_ABOVE`]). No split where nothing is copied:
+/// an unmasked identity placement borrows the operand itself.
+///
+/// [`PAD_PER_IMAGE_ABOVE`]: super::PAD_PER_IMAGE_ABOVE
+fn image_batches<E>(
+    dims: [usize; 4],
+    spec: PadSpec,
+    masked: bool,
+    cx: Ctx<'_>,
+) -> Vec<Range<usize>> {
+    let [n, c, h, w] = dims;
+    let copied = masked || !spec.is_identity(h, w);
+    let bytes = n * c * spec.hp * spec.wp * std::mem::size_of::<E>();
+    if copied && bytes >= cx.pad_per_image_above {
+        (0..n).map(|i| i..i + 1).collect()
+    } else {
+        std::iter::once(0..n).collect()
+    }
+}
+
+/// Images `imgs` of `x` (`dims`) times `mask`, padded by `spec`: the
+/// planes of those images only, or [`pad_input`] for the whole batch.
+fn pad_images<'a, E: Elem>(
+    x: &'a [E],
+    dims: [usize; 4],
+    spec: PadSpec,
+    mask: Option<&InputMask<E>>,
+    imgs: Range<usize>,
+) -> Padded<'a, E> {
+    let [n, c, _, _] = dims;
+    if imgs == (0..n) {
+        pad_input(x, dims, spec, mask)
+    } else {
+        let planes: Vec<usize> = (imgs.start * c..imgs.end * c).collect();
+        Padded::Owned(pad_planes(x, dims, spec, mask, &planes))
+    }
+}
+
+/// The multipliers of images `imgs` of a mask, as a mask of those images.
+fn mask_rows<E: Elem>(m: &InputMask<E>, imgs: Range<usize>) -> InputMask<E> {
+    let t = m.tensor();
+    let mut shape = t.shape().to_vec();
+    let row = shape[1..].iter().product::<usize>();
+    shape[0] = imgs.len();
+    let rows = Tensor::from_parts(
+        &shape,
+        t.as_slice()[imgs.start * row..imgs.end * row].to_vec(),
+    );
+    match m {
+        InputMask::Spatial(_) => InputMask::Spatial(rows),
+        InputMask::Channel(_) => InputMask::Channel(rows),
+    }
 }
 
 /// Positions per weight-gradient k-block (about; whole output rows).
@@ -221,7 +297,7 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
 ) -> Vec<E> {
     let g = &args.geom;
     let spec = forward_pad(g);
-    let src = pad_input(x, g.input_shape(), spec, args.mask.as_ref());
+    let batches = image_batches::<E>(g.input_shape(), spec, args.mask.is_some(), cx);
     let arch = cx.arch;
     let nr = super::conv_fwd::nr_for::<E>(arch);
     let j_len = g.c_in * g.kh * g.kw;
@@ -293,50 +369,62 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
     if zero_start {
         ct.par_chunks_mut(tile_len).for_each(|t| t.fill(E::zero()));
     }
-    let job = DwJob {
-        src: src.as_slice(),
-        g: *g,
-        hp: spec.hp,
-        wp: spec.wp,
-        skip,
-        cx,
-    };
     // dY^T is packed once per group of k-blocks, in parallel, and shared
     // by all row tasks (packing it per task repeated the transpose for each
     // task and cost 2-4% at 2 threads); a group is ~4 MiB of packed data.
     let packed_len = |r: &Rect| r.nrows * r.ncols * tiles * nr;
     let kb_bytes = blocks.first().map_or(1, packed_len) * std::mem::size_of::<E>();
     let per_group = ((4 << 20) / kb_bytes.max(1)).max(1);
-    for (gi, group) in blocks.chunks(per_group).enumerate() {
-        // 64-byte aligned, like the forward's B tiles (no split loads).
-        let total: usize = group.iter().map(packed_len).sum();
-        let mut buf = pool::take::<E>(total + 64 / std::mem::size_of::<E>());
-        let off = align_offset(&buf);
-        let packed = &mut buf[off..off + total];
-        let mut parts = Vec::with_capacity(group.len());
-        let mut rest = &mut *packed;
-        for r in group {
-            let (head, tail) = rest.split_at_mut(packed_len(r));
-            parts.push((r, head));
-            rest = tail;
+    let mut first = !zero_start;
+    for imgs in batches {
+        // The k-blocks of these images (blocks are in image order).
+        let lo = blocks.partition_point(|r| r.img < imgs.start);
+        let hi = blocks.partition_point(|r| r.img < imgs.end);
+        if lo == hi {
+            continue;
         }
-        parts.into_par_iter().for_each(|(r, out)| {
-            let dy_img = &dy[r.img * m * p_img..][..m * p_img];
-            pack_dy_t(dy_img, m, g.ow, (r.oy0, r.nrows, r.ox0, r.ncols), nr, out);
-        });
-        ct.par_chunks_mut(panels_per * tiles * tile_len)
-            .enumerate()
-            .for_each(|(t, tiles_out)| {
-                arch.dispatch(DwTask {
-                    job: &job,
-                    blocks: group,
-                    packed,
-                    first: gi == 0 && !zero_start,
-                    j0: t * panels_per * MR,
-                    c: tiles_out,
-                })
+        let src = pad_images(x, g.input_shape(), spec, args.mask.as_ref(), imgs.clone());
+        let job = DwJob {
+            src: src.as_slice(),
+            img0: imgs.start,
+            g: *g,
+            hp: spec.hp,
+            wp: spec.wp,
+            skip,
+            cx,
+        };
+        for group in blocks[lo..hi].chunks(per_group) {
+            // 64-byte aligned, like the forward's B tiles (no split loads).
+            let total: usize = group.iter().map(packed_len).sum();
+            let mut buf = pool::take::<E>(total + 64 / std::mem::size_of::<E>());
+            let off = align_offset(&buf);
+            let packed = &mut buf[off..off + total];
+            let mut parts = Vec::with_capacity(group.len());
+            let mut rest = &mut *packed;
+            for r in group {
+                let (head, tail) = rest.split_at_mut(packed_len(r));
+                parts.push((r, head));
+                rest = tail;
+            }
+            parts.into_par_iter().for_each(|(r, out)| {
+                let dy_img = &dy[r.img * m * p_img..][..m * p_img];
+                pack_dy_t(dy_img, m, g.ow, (r.oy0, r.nrows, r.ox0, r.ncols), nr, out);
             });
-        drop(pool::Buffer::new(buf));
+            ct.par_chunks_mut(panels_per * tiles * tile_len)
+                .enumerate()
+                .for_each(|(t, tiles_out)| {
+                    arch.dispatch(DwTask {
+                        job: &job,
+                        blocks: group,
+                        packed,
+                        first,
+                        j0: t * panels_per * MR,
+                        c: tiles_out,
+                    })
+                });
+            first = false;
+            drop(pool::Buffer::new(buf));
+        }
     }
     // dW[co][j] = C'[j][co].
     let mut dw = pool::take::<E>(m * j_len);
@@ -353,7 +441,9 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
 }
 
 struct DwJob<'a, E> {
+    /// Images `img0 ..` of the masked input, padded.
     src: &'a [E],
+    img0: usize,
     g: ConvGeometry,
     hp: usize,
     wp: usize,
@@ -425,7 +515,7 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
             let kc = r.nrows * r.ncols;
             let bt = &packed[at..at + kc * tiles * nr];
             at += kc * tiles * nr;
-            let src = &job.src[r.img * img_len..][..img_len];
+            let src = &job.src[(r.img - job.img0) * img_len..][..img_len];
             let walk = AWalk {
                 off: r.oy0 * sh * wp + r.ox0 * sw,
                 step: sw,
@@ -571,6 +661,70 @@ mod tests {
         }
     }
 
+    /// Where the batch's padded copy reaches the threshold, the direct
+    /// gradients pad one image at a time: the pool then gets back a copy of
+    /// one image's planes, never the batch's; below it, the batch's. (The
+    /// bits are the same either way: the test above runs both.) f64 planes
+    /// of 129 x 133 with 8 channels are just above the pool's 1 MiB floor
+    /// per image, sizes no other test asks for. A 1x1 conv without a mask
+    /// copies nothing, so it never splits; with one it does.
+    #[test]
+    fn gradients_pad_one_image_at_a_time_from_the_threshold_on() {
+        use crate::pool;
+        let [n, c, h, w] = [2, 8, 127, 131];
+        let x_shape = [n, c, h, w];
+        let len = |s: &[usize]| s.iter().product::<usize>();
+        let x = tensor::<f64>(&x_shape, &values(len(&x_shape), 7));
+        let spatial = InputMask::Spatial(tensor(&[n, h, w], &values(n * h * w, 8)));
+        let channel = InputMask::Channel(tensor(&[n, c], &values(n * c, 9)));
+        for (kernel, pad, mask) in [
+            (3, 1, None),
+            (3, 1, Some(spatial)),
+            (1, 0, None),
+            (1, 0, Some(channel)),
+        ] {
+            let w_shape = [c, c, kernel, kernel];
+            let g = ConvGeometry::new(&x_shape, &w_shape, [1, 1], [pad, pad]).unwrap();
+            let wt = tensor::<f64>(&w_shape, &values(len(&w_shape), 10));
+            let dy = tensor::<f64>(&g.output_shape(), &values(len(&g.output_shape()), 11));
+            let args = ConvArgs {
+                geom: g,
+                mask: mask.clone(),
+                relu: false,
+            };
+            // Both gradients' padded planes are (h + 2 pad) x (w + 2 pad).
+            let one = c * (h + 2 * pad) * (w + 2 * pad);
+            let batch = n * one;
+            let copies = pad > 0 || mask.is_some();
+            let bytes = batch * std::mem::size_of::<f64>();
+            for (threshold, split) in [(bytes, copies), (bytes + 1, false)] {
+                let be = CpuBackend::with_isa(ConvAlgo::Direct, Isa::Scalar)
+                    .unwrap()
+                    .with_pad_per_image_above(threshold);
+                let what = format!(
+                    "{kernel}x{kernel}, mask {}, threshold {threshold}",
+                    mask.is_some()
+                );
+                be.conv2d_backward_input(&dy, &wt, &args).unwrap();
+                be.conv2d_backward_weight(&dy, &x, &args).unwrap();
+                // (Without padding the batch's copy has the length of the
+                // tensors themselves, which return to the pool too: only
+                // one image's copy tells there.)
+                let one_held = pool::holds::<f64>(one);
+                assert_eq!(one_held, copies && split, "{what}: one image's copy held");
+                if pad > 0 {
+                    let batch_held = pool::holds::<f64>(batch);
+                    assert_eq!(batch_held, !split, "{what}: the batch's copy held");
+                }
+                for l in [one, batch] {
+                    while pool::holds::<f64>(l) {
+                        drop(pool::take::<f64>(l));
+                    }
+                }
+            }
+        }
+    }
+
     /// Per image, the tiles of `nr` consecutive output positions (from the
     /// image's first, the last one cut at the image's end) whose every
     /// position `p` of image `img` is `dead(img, p)`, what the direct conv
@@ -713,8 +867,15 @@ mod tests {
                     r.conv2d_backward_bias(&dy64).unwrap(),
                 ];
                 let mut first: [Option<Vec<T>>; 4] = Default::default();
-                for isa in Isa::available() {
+                // Each instruction set, with the gradients' padded copies
+                // batch-wide (the default at these sizes) and one image at
+                // a time (any size: see `PAD_PER_IMAGE_ABOVE`).
+                let backends = Isa::available().into_iter().flat_map(|isa| {
                     let be = CpuBackend::with_isa(ConvAlgo::Direct, isa).unwrap();
+                    [be.clone(), be.with_pad_per_image_above(0)]
+                });
+                for be in backends {
+                    let isa = be.isa();
                     for threads in [1, 2, 3] {
                         let pool = rayon::ThreadPoolBuilder::new()
                             .num_threads(threads)

@@ -331,8 +331,17 @@ pub(crate) enum Skip<'a, E> {
 impl<E: Elem> ImplicitConv<'_, E> {
     /// `[n, m, oh, ow]`, row-major.
     pub fn run(&self) -> Vec<E> {
+        let mut y = pool::take::<E>(self.n * self.m * self.oh * self.ow);
+        self.run_into(&mut y);
+        y
+    }
+
+    /// [`run`](Self::run) into `y` (`n * m * oh * ow` values, every one
+    /// written).
+    pub fn run_into(&self, y: &mut [E]) {
         let arch = self.cx.arch;
         let p = self.oh * self.ow;
+        debug_assert_eq!(y.len(), self.n * self.m * p);
         let nr = nr_for::<E>(arch);
         // Tap offsets in the padded image, k = (c, ky, kx).
         let plane = self.hp * self.wp;
@@ -356,7 +365,6 @@ impl<E: Elem> ImplicitConv<'_, E> {
             .map(|i| (i * chunk).min(p))
             .collect();
 
-        let mut y = pool::take::<E>(self.n * self.m * p);
         let mut tasks = Vec::new();
         for (img, yimg) in y.chunks_mut(self.m * p).enumerate() {
             for (ci, block) in split_columns(yimg, self.m, p, &bounds)
@@ -375,7 +383,6 @@ impl<E: Elem> ImplicitConv<'_, E> {
                 block,
             })
         });
-        y
     }
 }
 

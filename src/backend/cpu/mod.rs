@@ -145,7 +145,23 @@ pub struct CpuBackend {
     isa: Isa,
     arch: pulp::Arch,
     counters: Arc<counters::Counters>,
+    /// See [`PAD_PER_IMAGE_ABOVE`] (lowered by tests to reach that path).
+    pad_per_image_above: usize,
 }
+
+/// The direct convolution's gradients read a zero-padded copy of their
+/// operand (the output gradient for dX, the masked input for dW). Where
+/// that copy of the whole batch would take at least this many bytes, they
+/// pad and run one image at a time instead: the copy is then one image's,
+/// alive while the gradient it feeds is being written. Such operands are
+/// the high-resolution levels' (a two-stage P2 batch, 131 MiB), whose
+/// backward makes the peak of a step: the batch-wide copy added 133 MiB to
+/// it (peak RSS 1309 MiB against 1196 for Winograd, which pads nothing;
+/// `docs/engineering.md`, "Peak memory of the direct path"). Smaller
+/// operands keep one batch-wide copy (fewer, larger parallel tasks). Each
+/// output is the same fixed-order chain either way: the bits do not
+/// depend on it.
+pub const PAD_PER_IMAGE_ABOVE: usize = crate::pool::HUGE_BYTES;
 
 impl Default for CpuBackend {
     fn default() -> Self {
@@ -159,6 +175,8 @@ impl Default for CpuBackend {
 pub(crate) struct Ctx<'a> {
     pub arch: pulp::Arch,
     pub tally: &'a counters::Tally,
+    /// See [`PAD_PER_IMAGE_ABOVE`].
+    pub pad_per_image_above: usize,
 }
 
 impl CpuBackend {
@@ -179,7 +197,16 @@ impl CpuBackend {
             isa,
             arch: isa.arch()?,
             counters: Arc::default(),
+            pad_per_image_above: PAD_PER_IMAGE_ABOVE,
         })
+    }
+
+    /// This backend with the direct gradients padding one image at a time
+    /// above `bytes` instead of [`PAD_PER_IMAGE_ABOVE`].
+    #[cfg(test)]
+    pub(crate) fn with_pad_per_image_above(mut self, bytes: usize) -> Self {
+        self.pad_per_image_above = bytes;
+        self
     }
 
     /// The instruction set the kernels run on (what `Auto` resolved to).
@@ -224,6 +251,7 @@ impl CpuBackend {
         Ctx {
             arch: self.arch,
             tally,
+            pad_per_image_above: self.pad_per_image_above,
         }
     }
 }

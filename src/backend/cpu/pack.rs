@@ -38,7 +38,7 @@ pub(crate) struct PadSpec {
 
 impl PadSpec {
     /// True when the padded plane is the input itself.
-    fn is_identity(&self, h: usize, w: usize) -> bool {
+    pub(crate) fn is_identity(&self, h: usize, w: usize) -> bool {
         self.top == 0 && self.left == 0 && self.hp == h && self.wp == w && self.dil == [1, 1]
     }
 }

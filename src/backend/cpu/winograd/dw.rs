@@ -522,6 +522,7 @@ mod tests {
                     let cx = Ctx {
                         arch,
                         tally: &tally,
+                        pad_per_image_above: crate::backend::cpu::PAD_PER_IMAGE_ABOVE,
                     };
                     let pool = rayon::ThreadPoolBuilder::new()
                         .num_threads(threads)

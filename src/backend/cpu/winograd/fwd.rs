@@ -918,6 +918,7 @@ mod tests {
                         cx: Ctx {
                             arch,
                             tally: &tally,
+                            pad_per_image_above: crate::backend::cpu::PAD_PER_IMAGE_ABOVE,
                         },
                     };
                     let pool = rayon::ThreadPoolBuilder::new()
