@@ -308,9 +308,10 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
     let all_blocks = blocks.len();
     // Under a spatial mask with zeros, a k-block whose positions all have a
     // fully masked receptive field reads only zeros from the masked input:
-    // it is dropped (the sums then start from zeroed tiles). The others keep
-    // their order, so the result stays one fixed-order chain per output.
-    let dropped = match &args.mask {
+    // it is dropped. The others keep their order, so the result stays one
+    // fixed-order chain per output, started by the first block kept (or
+    // zeros where every block is dropped).
+    match &args.mask {
         Some(InputMask::Spatial(m)) if m.as_slice().contains(&E::zero()) => {
             cx.tally.spatial_skip_call();
             let mpad = pad_planes(
@@ -333,13 +334,11 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
                     })
                 })
             };
-            let before = blocks.len();
             blocks.retain(|r| !masked(r));
             drop(pool::Buffer::new(mpad));
-            before != blocks.len()
         }
-        _ => false,
-    };
+        _ => {}
+    }
     cx.tally.tiles(blocks.len(), all_blocks - blocks.len());
     // C' = dW^T in whole MR x NR tiles, `[row panel][co tile][MR][NR]`, the
     // order the kernels visit them (contiguous C tiles, one sequential
@@ -365,7 +364,7 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
         cx.tally
             .channels_skipped(skipped_channels(ms, g.n, g.c_in, g.kh * g.kw));
     }
-    let zero_start = skip.is_some() || dropped || blocks.is_empty();
+    let zero_start = skip.is_some() || blocks.is_empty();
     if zero_start {
         ct.par_chunks_mut(tile_len).for_each(|t| t.fill(E::zero()));
     }
@@ -591,6 +590,7 @@ mod tests {
     use crate::backend::cpu::PassCounters;
     use crate::backend::cpu::conv_fwd::{PACK_WEIGHTS_ABOVE, nr_for};
     use crate::backend::cpu::isa::Isa;
+    use crate::backend::cpu::kernel::MR;
     use crate::backend::cpu::simd::Elem;
     use crate::backend::cpu::testing::{first_near_then_same_bits, values};
     use crate::backend::{
@@ -619,8 +619,10 @@ mod tests {
     /// positions per image (two weight-gradient blocks of rows per image,
     /// and under the spatial mask's second image, kept everywhere, blocks
     /// that read no zero); exactly `PACK_WEIGHTS_ABOVE` = 600 positions
-    /// (weights read in place, one more and they are packed).
-    const GEOMS: [Geom; 8] = [
+    /// (weights read in place, one more and they are packed); stride 2 with
+    /// 360 output positions per image (two or three weight-gradient blocks
+    /// of rows per image, which read the input 2 rows and columns apart).
+    const GEOMS: [Geom; 9] = [
         geom([2, 5, 9, 13], [7, 3, 3], [1, 1], [1, 1]),
         geom([2, 3, 11, 10], [8, 3, 3], [2, 2], [1, 1]),
         geom([1, 4, 7, 17], [6, 1, 1], [1, 1], [0, 0]),
@@ -629,6 +631,7 @@ mod tests {
         geom([1, 3, 50, 50], [7, 3, 3], [1, 1], [1, 1]),
         geom([2, 3, 24, 20], [4, 3, 3], [1, 1], [0, 0]),
         geom([1, 2, 20, 30], [3, 3, 3], [1, 1], [1, 1]),
+        geom([2, 3, 40, 36], [4, 3, 3], [2, 2], [1, 1]),
     ];
 
     const fn geom(x: [usize; 4], w: [usize; 3], stride: [usize; 2], padding: [usize; 2]) -> Geom {
@@ -763,11 +766,13 @@ mod tests {
         for img in 0..n {
             for yy in 0..h {
                 for xx in 0..w {
-                    // Image 0 kept only in a corner; image 1 kept
-                    // everywhere with fractional factors (so some blocks of
-                    // the weight gradient are masked and others not).
+                    // Image 0 kept only in a corner and at its last
+                    // position; image 1 kept everywhere with fractional
+                    // factors (so some blocks of the weight gradient are
+                    // masked and others not, and the last block of image 0
+                    // is kept by its last position's receptive field alone).
                     spatial[(img * h + yy) * w + xx] = if img == 0 {
-                        f64::from(u8::from(yy < 2 && xx < 3))
+                        f64::from(u8::from(yy < 2 && xx < 3 || yy == h - 1 && xx == w - 1))
                     } else {
                         0.5 + ((yy + xx) % 3) as f64 * 0.5
                     };
@@ -788,8 +793,8 @@ mod tests {
             })
             .collect();
         // Whether output position `p` of image `img` reads only zeros of
-        // the spatial mask (taps in the padding read zeros too).
-        let reads_only_zeros = |img: usize, p: usize| {
+        // spatial mask `spatial` (taps in the padding read zeros too).
+        let reads_only_zeros = |spatial: &[f64], img: usize, p: usize| {
             let (oy, ox) = (p / y_shape[3], p % y_shape[3]);
             (0..geom.w[1]).all(|ky| {
                 (0..geom.w[2]).all(|kx| {
@@ -826,13 +831,49 @@ mod tests {
         ];
         // A spatial mask with no zero skips nothing.
         let dense: Vec<f64> = values(n * h * w, 6).iter().map(|v| v + 1.5).collect();
+        // And one that keeps nothing: every tile and block skipped.
+        let nothing = vec![0.0; n * h * w];
         let masks = [
             None,
             Some(InputMask::Spatial(tensor(&[n, h, w], &spatial))),
             Some(InputMask::Channel(tensor(&[n, c], &real))),
             Some(InputMask::Channel(tensor(&[n, c], &sparse))),
             Some(InputMask::Spatial(tensor(&[n, h, w], &dense))),
+            Some(InputMask::Spatial(tensor(&[n, h, w], &nothing))),
         ];
+        // The spatial masks' values, and which of them have zeros.
+        let spatial_values = |mi: usize| match mi {
+            1 => Some(&spatial),
+            4 => Some(&dense),
+            5 => Some(&nothing),
+            _ => None,
+        };
+        let with_zeros = |mi: usize| mi == 1 || mi == 5;
+        // The weight gradient's k-blocks: (image, output positions) of each.
+        let (oh, ow) = (y_shape[2], y_shape[3]);
+        let dw_blocks: Vec<(usize, Vec<usize>)> = super::dw_blocks(n, oh, ow, super::kc_dw::<T>())
+            .iter()
+            .map(|r| {
+                let rows = r.oy0..r.oy0 + r.nrows;
+                let pos = rows.flat_map(|oy| (r.ox0..r.ox0 + r.ncols).map(move |ox| oy * ow + ox));
+                (r.img, pos.collect())
+            })
+            .collect();
+        // Under the sparse channel mask, the (image, channel) pairs whose
+        // weight-gradient rows `(ci, ky, kx)` all lie in panels of MR rows
+        // whose every row's channel is masked in that image.
+        let dw_channels_skipped = {
+            let rows = c * taps;
+            let masked = |img: usize, j: usize| sparse[img * c + j / taps] == 0.0;
+            let panel_masked =
+                |img: usize, p: usize| (p * MR..((p + 1) * MR).min(rows)).all(|j| masked(img, j));
+            (0..n)
+                .flat_map(|img| (0..c).map(move |ci| (img, ci)))
+                .filter(|&(img, ci)| {
+                    (ci * taps..(ci + 1) * taps).all(|j| panel_masked(img, j / MR))
+                })
+                .count() as u64
+        };
         let b_shape = [w_shape[0]];
         // The operands in f64 (the reference's) and in T (the kernels').
         let (x64, w64, b64, dy64) = (
@@ -898,21 +939,48 @@ mod tests {
                             assert_eq!(pc.channel_sparse_calls, sparse_call, "mask {mi}");
                             assert_eq!(pc.channels_skipped, sparse_call * zeros, "mask {mi}");
                         }
+                        let dw = counted.weight_grad;
+                        assert_eq!(dw.channel_sparse_calls, u64::from(mi == 3), "mask {mi}");
+                        assert_eq!(
+                            dw.channels_skipped,
+                            u64::from(mi == 3) * dw_channels_skipped,
+                            "mask {mi}"
+                        );
+                        // Weight-gradient blocks: dropped where every
+                        // position's receptive field is masked.
+                        let dropped = dw_blocks
+                            .iter()
+                            .filter(|(img, pos)| {
+                                with_zeros(mi)
+                                    && pos.iter().all(|&p| {
+                                        reads_only_zeros(spatial_values(mi).unwrap(), *img, p)
+                                    })
+                            })
+                            .count() as u64;
+                        let blocks = dw_blocks.len() as u64;
+                        assert_eq!(
+                            [dw.tiles, dw.tiles_skipped],
+                            [blocks - dropped, dropped],
+                            "mask {mi}: weight-gradient blocks run, dropped"
+                        );
                         // Calls that test tiles against a spatial mask: the
                         // input gradient under any, forward and weight
-                        // gradient only under one with zeros. The input
-                        // gradient's first image has whole tiles of masked
-                        // positions at every tile width here.
+                        // gradient only under one with zeros.
                         let spatial_calls = [
-                            (counted.forward, mi == 1),
-                            (counted.input_grad, mi == 1 || mi == 4),
-                            (counted.weight_grad, mi == 1),
+                            (counted.forward, with_zeros(mi)),
+                            (counted.input_grad, spatial_values(mi).is_some()),
+                            (counted.weight_grad, with_zeros(mi)),
                         ];
                         for (pass, (pc, tested)) in spatial_calls.iter().enumerate() {
                             let want = u64::from(*tested);
                             assert_eq!(pc.spatial_skip_calls, want, "mask {mi}, pass {pass}");
                         }
-                        assert_eq!(counted.input_grad.tiles_skipped > 0, mi == 1, "mask {mi}");
+                        // (Skipped tiles are counted exactly below; the
+                        // mask of nothing makes sure there are some.)
+                        let dx_skipped = counted.input_grad.tiles_skipped;
+                        if mi == 5 || !with_zeros(mi) {
+                            assert_eq!(dx_skipped > 0, with_zeros(mi), "mask {mi}");
+                        }
                         // Exactly the tiles whose positions are all dead;
                         // the others computed, each position's sums over the
                         // image's kept channels (all but the sparse mask's
@@ -923,10 +991,11 @@ mod tests {
                         let (fwd_dead, dx_dead) = match mask {
                             Some(InputMask::Spatial(_)) => (
                                 dead_tiles(n, y_shape[2] * y_shape[3], nr, |img, p| {
-                                    mi == 1 && reads_only_zeros(img, p)
+                                    with_zeros(mi)
+                                        && reads_only_zeros(spatial_values(mi).unwrap(), img, p)
                                 }),
                                 dead_tiles(n, h * w, nr, |img, p| {
-                                    [&spatial, &dense][usize::from(mi == 4)][img * h * w + p] == 0.0
+                                    spatial_values(mi).unwrap()[img * h * w + p] == 0.0
                                 }),
                             ),
                             _ => (none.clone(), none),
