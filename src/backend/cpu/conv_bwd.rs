@@ -780,12 +780,16 @@ mod tests {
             }
         }
         let real: Vec<f64> = values(n * c, 5).iter().map(|v| v + 1.5).collect();
-        // Exact zeros (every third channel, and all of image 0 where there
-        // are two) and distinct kept factors, so a kept channel scaled by
-        // another's factor, or an image read at another's offset, shows.
+        // Exact zeros (every third channel, channels 2 and 3, and all of
+        // image 0 where there are two) and distinct kept factors, so a kept
+        // channel scaled by another's factor, or an image read at another's
+        // offset, shows. (With 32 channels, channel 3's 9 weight-gradient
+        // rows end a panel of MR = 6 whose other rows are channel 2's, and
+        // the next panel starts with channel 4, kept: the weight gradient
+        // skips channel 3 through exactly its own panels.)
         let sparse: Vec<f64> = (0..n * c)
             .map(|i| {
-                if (n > 1 && i < c) || i % 3 == 1 {
+                if (n > 1 && i < c) || i % 3 == 1 || matches!(i % c, 2 | 3) {
                     0.0
                 } else {
                     0.5 + (i % 5) as f64 * 0.25
