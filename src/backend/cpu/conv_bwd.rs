@@ -621,8 +621,11 @@ mod tests {
     /// that read no zero); exactly `PACK_WEIGHTS_ABOVE` = 600 positions
     /// (weights read in place, one more and they are packed); stride 2 with
     /// 360 output positions per image (two or three weight-gradient blocks
-    /// of rows per image, which read the input 2 rows and columns apart).
-    const GEOMS: [Geom; 9] = [
+    /// of rows per image, which read the input 2 rows and columns apart);
+    /// output rows of 140 positions, columns 2 apart (in f64 the weight
+    /// gradient cuts each row into two blocks, the second starting at
+    /// column 70).
+    const GEOMS: [Geom; 10] = [
         geom([2, 5, 9, 13], [7, 3, 3], [1, 1], [1, 1]),
         geom([2, 3, 11, 10], [8, 3, 3], [2, 2], [1, 1]),
         geom([1, 4, 7, 17], [6, 1, 1], [1, 1], [0, 0]),
@@ -632,6 +635,7 @@ mod tests {
         geom([2, 3, 24, 20], [4, 3, 3], [1, 1], [0, 0]),
         geom([1, 2, 20, 30], [3, 3, 3], [1, 1], [1, 1]),
         geom([2, 3, 40, 36], [4, 3, 3], [2, 2], [1, 1]),
+        geom([1, 2, 5, 280], [3, 3, 3], [1, 2], [1, 1]),
     ];
 
     const fn geom(x: [usize; 4], w: [usize; 3], stride: [usize; 2], padding: [usize; 2]) -> Geom {
