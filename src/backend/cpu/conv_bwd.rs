@@ -524,8 +524,10 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
             };
             for p in 0..panels {
                 if let Some(ms) = job.skip {
-                    let j_first = (j0 + p * MR).min(j_len - 1);
-                    let j_last = (j0 + p * MR + MR - 1).min(j_len - 1);
+                    // (A panel's first row is a real one; the last panel
+                    // may end early.)
+                    let j_first = j0 + p * MR;
+                    let j_last = (j_first + MR - 1).min(j_len - 1);
                     let chans = j_first / taps..=j_last / taps;
                     if chans
                         .into_iter()
@@ -956,20 +958,42 @@ mod tests {
                         );
                         // Weight-gradient blocks: dropped where every
                         // position's receptive field is masked.
+                        let is_dropped = |img: usize, pos: &[usize]| {
+                            with_zeros(mi)
+                                && pos
+                                    .iter()
+                                    .all(|&p| reads_only_zeros(spatial_values(mi).unwrap(), img, p))
+                        };
                         let dropped = dw_blocks
                             .iter()
-                            .filter(|(img, pos)| {
-                                with_zeros(mi)
-                                    && pos.iter().all(|&p| {
-                                        reads_only_zeros(spatial_values(mi).unwrap(), *img, p)
-                                    })
-                            })
+                            .filter(|(img, pos)| is_dropped(*img, pos))
                             .count() as u64;
                         let blocks = dw_blocks.len() as u64;
+                        // Multiply-adds: per block run, the rows of every
+                        // panel of MR rows not skipped (under the sparse
+                        // mask, a panel whose rows' channels are all masked
+                        // in the block's image) x output channels x the
+                        // block's positions.
+                        let rows = c * taps;
+                        let dw_macs: u64 = dw_blocks
+                            .iter()
+                            .filter(|(img, pos)| !is_dropped(*img, pos))
+                            .map(|(img, pos)| {
+                                let run: usize = (0..rows.div_ceil(MR))
+                                    .filter(|&p| {
+                                        mi != 3
+                                            || (p * MR..((p + 1) * MR).min(rows))
+                                                .any(|j| sparse[img * c + j / taps] != 0.0)
+                                    })
+                                    .map(|p| MR.min(rows - p * MR))
+                                    .sum();
+                                (run * m * pos.len()) as u64
+                            })
+                            .sum();
                         assert_eq!(
-                            [dw.tiles, dw.tiles_skipped],
-                            [blocks - dropped, dropped],
-                            "mask {mi}: weight-gradient blocks run, dropped"
+                            [dw.tiles, dw.tiles_skipped, dw.macs],
+                            [blocks - dropped, dropped, dw_macs],
+                            "mask {mi}: weight-gradient blocks run, dropped, multiply-adds"
                         );
                         // Calls that test tiles against a spatial mask: the
                         // input gradient under any, forward and weight
