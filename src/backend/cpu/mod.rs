@@ -156,8 +156,9 @@ pub struct CpuBackend {
 /// alive while the gradient it feeds is being written. Such operands are
 /// the high-resolution levels' (a two-stage P2 batch, 131 MiB), whose
 /// backward makes the peak of a step: the batch-wide copy added 133 MiB to
-/// it (peak RSS 1309 MiB against 1196 for Winograd, which pads nothing;
-/// `docs/engineering.md`, "Peak memory of the direct path"). Smaller
+/// it (two-stage peak RSS 1309 MiB against 1196 for Winograd, which pads
+/// nothing; 1252 per image; `docs/engineering.md`, "Peak memory of the
+/// direct path"). Smaller
 /// operands keep one batch-wide copy (fewer, larger parallel tasks). Each
 /// output is the same fixed-order chain either way: the bits do not
 /// depend on it.
