@@ -158,10 +158,9 @@ pub struct CpuBackend {
 /// backward makes the peak of a step: the batch-wide copy added 133 MiB to
 /// it (two-stage peak RSS 1309 MiB against 1196 for Winograd, which pads
 /// nothing; 1252 per image; `docs/engineering.md`, "Peak memory of the
-/// direct path"). Smaller
-/// operands keep one batch-wide copy (fewer, larger parallel tasks). Each
-/// output is the same fixed-order chain either way: the bits do not
-/// depend on it.
+/// direct path"). Smaller operands keep one batch-wide copy (fewer, larger
+/// parallel tasks). Each output is the same fixed-order chain either way:
+/// the bits do not depend on it.
 pub const PAD_PER_IMAGE_ABOVE: usize = crate::pool::HUGE_BYTES;
 
 impl Default for CpuBackend {

@@ -337,15 +337,13 @@ impl<E: Elem> WinoConv<'_, E> {
         // The tiles to compute: under a spatial mask with zeros, a tile
         // that reads only zeros (forward) or whose outputs are all masked
         // (input gradient) is left out, and its outputs are filled below.
+        // With no kept input channel or output row there is no product to
+        // compute: no tile is run or skipped (as in the direct conv), and
+        // every output is filled below.
+        let nothing = kk == 0 || rows.is_empty();
         let mut tiles: Vec<Tile> = Vec::new();
-        let mut fill = vec![rows.len() < m; imgs.len()];
-        for (i, &img) in imgs.iter().enumerate() {
-            if kk == 0 || rows.is_empty() {
-                // No product to compute: no tile is run or skipped (as in
-                // the direct conv); every output is filled below.
-                fill[i] = true;
-                continue;
-            }
+        let mut fill = vec![rows.len() < m || nothing; imgs.len()];
+        for (i, &img) in imgs.iter().enumerate().filter(|_| !nothing) {
             let (in_mask, out_mask) = (self.in_mask(img), self.out_mask(img));
             let before = tiles.len();
             for ty in 0..th {
