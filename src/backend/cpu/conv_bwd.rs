@@ -869,21 +869,18 @@ mod tests {
                 (r.img, pos.collect())
             })
             .collect();
-        // Under the sparse channel mask, the (image, channel) pairs whose
-        // weight-gradient rows `(ci, ky, kx)` all lie in panels of MR rows
-        // whose every row's channel is masked in that image.
-        let dw_channels_skipped = {
-            let rows = c * taps;
-            let masked = |img: usize, j: usize| sparse[img * c + j / taps] == 0.0;
-            let panel_masked =
-                |img: usize, p: usize| (p * MR..((p + 1) * MR).min(rows)).all(|j| masked(img, j));
-            (0..n)
-                .flat_map(|img| (0..c).map(move |ci| (img, ci)))
-                .filter(|&(img, ci)| {
-                    (ci * taps..(ci + 1) * taps).all(|j| panel_masked(img, j / MR))
-                })
-                .count() as u64
+        // Under the sparse channel mask, whether panel `p` (MR of the
+        // weight gradient's rows `(ci, ky, kx)`) has only channels masked
+        // in image `img`; and the (image, channel) pairs whose rows all lie
+        // in such panels.
+        let rows = c * taps;
+        let panel_masked = |img: usize, p: usize| {
+            (p * MR..((p + 1) * MR).min(rows)).all(|j| sparse[img * c + j / taps] == 0.0)
         };
+        let dw_channels_skipped = (0..n)
+            .flat_map(|img| (0..c).map(move |ci| (img, ci)))
+            .filter(|&(img, ci)| (ci * taps..(ci + 1) * taps).all(|j| panel_masked(img, j / MR)))
+            .count() as u64;
         let b_shape = [w_shape[0]];
         // The operands in f64 (the reference's) and in T (the kernels').
         let (x64, w64, b64, dy64) = (
@@ -899,6 +896,33 @@ mod tests {
             tensor::<T>(&y_shape, &dyv),
         );
         for (mi, mask) in masks.iter().enumerate() {
+            // Weight-gradient blocks: dropped where every position's
+            // receptive field is masked. Multiply-adds: per block run, the
+            // rows of every panel not skipped (under the sparse mask, a
+            // panel of masked channels only) x output channels x the
+            // block's positions.
+            let is_dropped = |img: usize, pos: &[usize]| {
+                with_zeros(mi)
+                    && pos
+                        .iter()
+                        .all(|&p| reads_only_zeros(spatial_values(mi).unwrap(), img, p))
+            };
+            let dropped = dw_blocks
+                .iter()
+                .filter(|(img, pos)| is_dropped(*img, pos))
+                .count() as u64;
+            let dw_macs: u64 = dw_blocks
+                .iter()
+                .filter(|(img, pos)| !is_dropped(*img, pos))
+                .map(|(img, pos)| {
+                    let run: usize = (0..rows.div_ceil(MR))
+                        .filter(|&p| mi != 3 || !panel_masked(*img, p))
+                        .map(|p| MR.min(rows - p * MR))
+                        .sum();
+                    (run * m * pos.len()) as u64
+                })
+                .sum();
+            let dw_work = [dw_blocks.len() as u64 - dropped, dropped, dw_macs];
             for relu in [false, true] {
                 let a64 = ConvArgs {
                     geom: g,
@@ -956,43 +980,9 @@ mod tests {
                             u64::from(mi == 3) * dw_channels_skipped,
                             "mask {mi}"
                         );
-                        // Weight-gradient blocks: dropped where every
-                        // position's receptive field is masked.
-                        let is_dropped = |img: usize, pos: &[usize]| {
-                            with_zeros(mi)
-                                && pos
-                                    .iter()
-                                    .all(|&p| reads_only_zeros(spatial_values(mi).unwrap(), img, p))
-                        };
-                        let dropped = dw_blocks
-                            .iter()
-                            .filter(|(img, pos)| is_dropped(*img, pos))
-                            .count() as u64;
-                        let blocks = dw_blocks.len() as u64;
-                        // Multiply-adds: per block run, the rows of every
-                        // panel of MR rows not skipped (under the sparse
-                        // mask, a panel whose rows' channels are all masked
-                        // in the block's image) x output channels x the
-                        // block's positions.
-                        let rows = c * taps;
-                        let dw_macs: u64 = dw_blocks
-                            .iter()
-                            .filter(|(img, pos)| !is_dropped(*img, pos))
-                            .map(|(img, pos)| {
-                                let run: usize = (0..rows.div_ceil(MR))
-                                    .filter(|&p| {
-                                        mi != 3
-                                            || (p * MR..((p + 1) * MR).min(rows))
-                                                .any(|j| sparse[img * c + j / taps] != 0.0)
-                                    })
-                                    .map(|p| MR.min(rows - p * MR))
-                                    .sum();
-                                (run * m * pos.len()) as u64
-                            })
-                            .sum();
                         assert_eq!(
                             [dw.tiles, dw.tiles_skipped, dw.macs],
-                            [blocks - dropped, dropped, dw_macs],
+                            dw_work,
                             "mask {mi}: weight-gradient blocks run, dropped, multiply-adds"
                         );
                         // Calls that test tiles against a spatial mask: the
