@@ -450,7 +450,7 @@ impl<E: Float> Aligned<E> {
 mod tests {
     use super::*;
     use crate::Tensor;
-    use crate::backend::cpu::testing::values;
+    use crate::backend::cpu::testing::{assert_slices_same_bits, values};
     use pulp::WithSimd;
 
     /// `pad_planes` by its definition, one value at a time: padded plane
@@ -497,13 +497,6 @@ mod tests {
             wp,
             dil,
         }
-    }
-
-    /// The bytes of `v`: equal bytes are equal bits (a zero's sign counts).
-    fn bytes<E: Elem>(v: &[E]) -> Vec<u8> {
-        v.iter()
-            .flat_map(|x| pulp::bytemuck::bytes_of(x).to_vec())
-            .collect()
     }
 
     /// Every kind of placement the convolutions ask for (a border, as the
@@ -563,15 +556,12 @@ mod tests {
                         "dims {dims:?}, spec {si} {sp:?}, mask {}, planes {planes:?}",
                         mask.is_some()
                     );
-                    assert_eq!(bytes(&got), bytes(&want), "{what}");
+                    assert_slices_same_bits(&got, &want, &what);
                 }
                 let got = pad_input(&x, dims, sp, mask.as_ref());
                 let want = pad_by_definition(&x, dims, sp, mask.as_ref(), &all);
-                assert_eq!(
-                    bytes(got.as_slice()),
-                    bytes(&want),
-                    "pad_input, dims {dims:?}, spec {si}"
-                );
+                let what = format!("pad_input, dims {dims:?}, spec {si}");
+                assert_slices_same_bits(got.as_slice(), &want, &what);
             }
         }
     }

@@ -108,7 +108,12 @@ pub(crate) fn in_pools<R: Send>(f: impl Fn() -> R + Sync) -> Vec<R> {
 /// count).
 pub(crate) fn assert_same_bits<E: Elem>(got: &Tensor<E>, want: &Tensor<E>, what: &str) {
     assert_eq!(got.shape(), want.shape(), "{what}: shape");
-    let (g, w) = (got.as_slice(), want.as_slice());
+    assert_slices_same_bits(got.as_slice(), want.as_slice(), what);
+}
+
+/// [`assert_same_bits`] for plain slices: the same length and bits.
+pub(crate) fn assert_slices_same_bits<E: Elem>(g: &[E], w: &[E], what: &str) {
+    assert_eq!(g.len(), w.len(), "{what}: length");
     let bits = |x: &E| pulp::bytemuck::bytes_of(x).to_vec();
     if let Some(i) = (0..g.len()).find(|&i| bits(&g[i]) != bits(&w[i])) {
         panic!("{what}: element {i} is {:e}, want {:e}", g[i], w[i]);
