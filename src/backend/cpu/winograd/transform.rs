@@ -178,8 +178,8 @@ fn g3<E: Elem>(a: E, b: E, c: E) -> [E; 6] {
     let b12 = b * f(1.0 / 12.0);
     [
         a * f(0.25),
-        -(ac + b) * f(1.0 / 6.0),
-        -(ac - b) * f(1.0 / 6.0),
+        (ac + b) * f(-1.0 / 6.0),
+        (ac - b) * f(-1.0 / 6.0),
         e + b12,
         e - b12,
         c,
@@ -410,23 +410,25 @@ pub(crate) fn tile_is_zero<E: Elem>(m: &[E], h: usize, w: usize, ty: usize, tx: 
 }
 
 /// [`g3`] on registers (the same operations in the same order, so a lane
-/// gets the bits the scalar version gives).
+/// gets the bits the scalar version gives, a zero's sign included: the
+/// negated rows multiply by -1/6 in both, where `0 - x` here against `-x`
+/// there gave +0 against -0 for a zero sum).
 #[inline(always)]
 fn g3v<E: Elem, S: Simd>(s: S, a: E::V<S>, b: E::V<S>, c: E::V<S>) -> [E::V<S>; 6] {
-    let (q, s6, s12, s24) = (
+    let (q, s6, m6, s12, s24) = (
         k::<E, S>(s, 0.25),
         k::<E, S>(s, 1.0 / 6.0),
+        k::<E, S>(s, -1.0 / 6.0),
         k::<E, S>(s, 1.0 / 12.0),
         k::<E, S>(s, 1.0 / 24.0),
     );
-    let zero = E::splat(s, E::zero());
     let ac = E::vadd(s, a, c);
     let e = E::vadd(s, E::vmul(s, a, s24), E::vmul(s, c, s6));
     let b12 = E::vmul(s, b, s12);
     [
         E::vmul(s, a, q),
-        E::vmul(s, E::vsub(s, zero, E::vadd(s, ac, b)), s6),
-        E::vmul(s, E::vsub(s, zero, E::vsub(s, ac, b)), s6),
+        E::vmul(s, E::vadd(s, ac, b), m6),
+        E::vmul(s, E::vsub(s, ac, b), m6),
         E::vadd(s, e, b12),
         E::vsub(s, e, b12),
         c,
@@ -641,6 +643,39 @@ mod tests {
     fn row_runs_gather_every_lane_s_window() {
         for arch in crate::backend::cpu::Isa::every_arch() {
             assert!(arch.dispatch(RowRuns) > 0, "{arch:?}: no run checked");
+        }
+    }
+
+    /// The vector weight transform gives the scalar one's bits for filters
+    /// whose transformed rows are exact zeros (a dead filter; columns with
+    /// `a + c + b` or `a + c - b` zero): a zero's sign included, since the
+    /// ISA decides which columns take which (`k / lanes` registers, then
+    /// the scalar tail).
+    #[test]
+    fn vector_weight_transform_keeps_a_zero_s_sign() {
+        let filters: [[f64; 9]; 3] = [
+            [0.0; 9],
+            // Column sums a + c + b = 0 (first column), a + c - b = 0 (second).
+            [0.5, 1.0, 0.25, -1.0, 0.5, -2.0, 0.5, -0.5, 0.75],
+            [-0.0, 0.0, -0.0, 0.0, -0.0, 0.0, -0.0, 0.0, -0.0],
+        ];
+        for g in filters {
+            let u = weight_tile(&g);
+            assert!(
+                u.iter().any(|v| *v == 0.0 && v.is_sign_negative()),
+                "{g:?}: no negative zero to compare"
+            );
+            for arch in crate::backend::cpu::Isa::every_arch() {
+                let (_, _, same) = arch.dispatch(OneTile {
+                    d: [1.0; POS],
+                    g,
+                    dy: [1.0; 16],
+                });
+                assert!(
+                    same,
+                    "{arch:?}, {g:?}: vector and scalar weight transforms differ"
+                );
+            }
         }
     }
 
