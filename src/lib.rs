@@ -52,6 +52,7 @@ pub mod rng;
 mod shape;
 pub mod synthetic;
 pub mod tensor;
+pub mod threads;
 pub mod verify;
 
 pub use autograd::{Gradients, Tape, Var};

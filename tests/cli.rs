@@ -295,6 +295,9 @@ fn bad_arguments_are_one_line_each() {
         (&["bench", "--only", "gemm"], "--only"),
         (&["bench", "--reps", "0"], "--reps"),
         (&["bench", "--threads", "0"], "--threads"),
+        // Started, 100000 threads exhaust the process's memory mappings and
+        // abort it; refused at parsing.
+        (&["bench", "--threads", "100000"], "at most 1024 threads"),
         (&["demo", "--backend", "tpu"], "unknown backend `tpu`"),
         (
             &["demo", "--conv-algo", "fft"],
@@ -308,6 +311,29 @@ fn bad_arguments_are_one_line_each() {
         assert_eq!(err.lines().count(), 1, "{args:?}: {err:?}");
         assert!(err.starts_with("error: "), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: `{needle}` not in {err}");
+    }
+    // RAYON_NUM_THREADS sizes the global pool, checked before it starts:
+    // one line and exit status 1 (a rayon that could not start the threads
+    // aborted the process; one that could not parse the value used every
+    // CPU instead).
+    for (value, needle) in [
+        ("100000", "at most 1024"),
+        ("abc", "`abc` is not a thread count"),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_dmkd"))
+            .args(["gradcheck", "--cases", "1"])
+            .env("RAYON_NUM_THREADS", value)
+            .output()
+            .expect("the dmkd binary runs");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{value}: {err}");
+        assert_eq!(err.lines().count(), 1, "{value}: {err:?}");
+        assert!(err.starts_with("error: "), "{value}: {err}");
+        assert!(
+            err.contains("RAYON_NUM_THREADS") && err.contains(needle),
+            "{value}: {err}"
+        );
+        assert!(o.stdout.is_empty(), "{value}: computed anyway");
     }
     let o = dmkd(&["bench", "--help"]);
     assert!(o.status.success());

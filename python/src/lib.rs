@@ -570,16 +570,14 @@ fn bench_loss(
 ) -> PyResult<Vec<(String, f64)>> {
     let preset = Preset::named(preset).map_err(py_err)?;
     let opts = backend_options("cpu", conv_algo)?;
-    if reps == 0 || threads == 0 {
-        return Err(PyValueError::new_err("reps and threads must be at least 1"));
+    if reps == 0 {
+        return Err(PyValueError::new_err("reps must be at least 1"));
     }
+    dmkd::threads::check_count("bench_loss", threads).map_err(py_err)?;
     engine(py, || {
         let problem = dmkd::synthetic::problem::<f32>(&preset, 0)?;
         let be = make_backend::<f32>(opts)?;
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .map_err(|e| Error::arg("bench_loss", e.to_string()))?;
+        let pool = dmkd::threads::pool("bench_loss", threads)?;
         pool.install(|| {
             let median = |f: &dyn Fn() -> dmkd::Result<()>| -> dmkd::Result<f64> {
                 f()?;
@@ -617,6 +615,10 @@ fn _panic_for_test(py: Python<'_>) -> PyResult<()> {
 
 #[pymodule]
 fn _dmkd(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Every call computes on rayon's global pool; a RAYON_NUM_THREADS it
+    // could not start would abort the interpreter at the first call, so
+    // the import fails instead, with the reason.
+    dmkd::threads::check_env().map_err(py_err)?;
     m.add_function(wrap_pyfunction!(canonical_config, m)?)?;
     m.add_function(wrap_pyfunction!(preset_config, m)?)?;
     m.add_function(wrap_pyfunction!(evaluate_arrays, m)?)?;

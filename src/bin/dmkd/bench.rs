@@ -245,15 +245,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
             "--counters needs --backend cpu (only the CPU backend counts its work)",
         ));
     }
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.threads)
-        .build()
-        .map_err(|e| {
-            Error::arg(
-                "bench",
-                format!("cannot start {} threads: {e}", opts.threads),
-            )
-        })?;
+    let pool = dmkd::threads::pool("bench", opts.threads)?;
     pool.install(|| {
         // The instruction set the kernels run on: the one asked for (an
         // error if this CPU lacks it), `Auto` resolved.

@@ -83,6 +83,13 @@ fn at_least_one(s: &str) -> std::result::Result<usize, String> {
     }
 }
 
+/// A worker-thread count: 1 to `dmkd::threads::MAX_THREADS`.
+fn thread_count(s: &str) -> std::result::Result<usize, String> {
+    let n = at_least_one(s)?;
+    dmkd::threads::check_count("--threads", n)
+        .map_err(|_| format!("at most {} threads", dmkd::threads::MAX_THREADS))
+}
+
 /// A tolerance: finite and >= 0.
 fn tolerance(s: &str) -> std::result::Result<f64, String> {
     let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
@@ -166,7 +173,7 @@ enum Command {
         #[arg(long, default_value = "retinanet", value_parser = Preset::named)]
         preset: Preset,
         /// Worker threads (the FMA peak probe uses as many).
-        #[arg(long, default_value_t = 2, value_parser = at_least_one)]
+        #[arg(long, default_value_t = 2, value_parser = thread_count)]
         threads: usize,
         /// Timed repetitions per row (median reported), after one warm-up.
         #[arg(long, default_value_t = 5, value_parser = at_least_one)]
@@ -250,6 +257,9 @@ macro_rules! with_dtype {
 pub(crate) use with_dtype;
 
 fn run(cli: Cli) -> Result<bool> {
+    // Before rayon's global pool starts: a count it could not start would
+    // abort the process instead of failing.
+    dmkd::threads::check_env()?;
     match cli.command {
         Command::Demo {
             steps,
