@@ -167,3 +167,59 @@ fn heavy_tailed_channels_give_the_same_masks_in_f32_and_f64() {
 fn gaussian_features_with_a_tiny_tau_give_the_same_masks_in_f32_and_f64() {
     check_case(false, 0.02);
 }
+
+/// tau = 1e-300: the logits `mean|T| / tau` (about 1e300) lie far beyond
+/// f32's range, but the masks and the reported attention maps come from the
+/// f64 logits, so the f32 run still gets the f64 answer: the same masks and
+/// gradients (`check_case`), and maps equal to the f64 maps rounded once to
+/// f32, bit for bit (here one-hot: `K` at each sample's largest logit).
+/// The engine's own attention op, which FGD differentiates, cannot hold
+/// such logits in f32: it refuses with the reason, and computes in f64.
+#[test]
+fn a_tau_beyond_f32_range_gives_f32_the_f64_masks_and_maps() {
+    let tau = 1e-300;
+    check_case(false, tau);
+    let (p64, p32) = problems(false, tau, MaskMode::Topk);
+    let (e64, e32) = (run(CPU, &p64), run(CPU, &p32));
+    for l in 0..LEVELS.len() {
+        for map in ["attn_s", "attn_c"] {
+            let name = format!("p{l}.{map}");
+            let want: Tensor<f32> = e64.outputs[&name].cast();
+            let got = &e32.outputs[&name];
+            let same = want.as_slice().iter().zip(got.as_slice());
+            assert!(
+                same.clone().all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name}: f32 map is not the f64 map rounded"
+            );
+            assert!(want.as_slice().iter().all(|a| a.is_finite()));
+            let per = if map == "attn_s" {
+                LEVELS[l].0 * LEVELS[l].1
+            } else {
+                C
+            };
+            for sample in got.as_slice().chunks(per) {
+                let top = sample.iter().filter(|&&a| a > 0.0).count();
+                let sum: f32 = sample.iter().sum();
+                assert!(
+                    top >= 1 && sum == per as f32,
+                    "{name}: not one-hot: {sample:?}"
+                );
+            }
+        }
+    }
+    use dmkd::Tape;
+    use dmkd::distill::attention::{channel_attention, spatial_attention};
+    let be32 = make_backend::<f32>(CPU).unwrap();
+    let t32 = Tape::new(be32).constant(p32.teachers[0].clone());
+    for e in [
+        spatial_attention(&t32, tau).err(),
+        channel_attention(&t32, tau).err(),
+    ] {
+        let e = e.expect("f32 attention with tau = 1e-300 must be refused");
+        assert_eq!(e.kind(), "invalid_argument");
+        assert!(e.to_string().contains("too small for f32"), "{e}");
+    }
+    let be64 = make_backend::<f64>(CPU).unwrap();
+    let t64 = Tape::new(be64).constant(p64.teachers[0].clone());
+    assert!(spatial_attention(&t64, tau).is_ok() && channel_attention(&t64, tau).is_ok());
+}

@@ -7,7 +7,11 @@
 //!
 //! The masks do not read `A`: they are chosen from the logits `z = g / tau`
 //! and `z = q / tau` in f64 ([`attention_logits`]), which order the entries
-//! exactly as `A` does but cannot underflow (see `distill::mask`).
+//! exactly as `A` does but cannot underflow (see `distill::mask`). Where `A`
+//! is only reported (DMKD's teacher maps), it is computed from those logits
+//! too ([`attention_from_logits`]): the f64 maps rounded once, whatever the
+//! compute type, so a tau too small for f32 (logits beyond its range) still
+//! gives f32 the f64 answer.
 
 use rayon::prelude::*;
 
@@ -36,11 +40,35 @@ pub fn attention_maps<T: Float>(x: &Var<T>, tau: f64) -> Result<(Var<T>, Var<T>)
     ))
 }
 
+/// Refuses a `tau` whose logits `mean / tau` (or `1 / tau` itself) lie
+/// beyond `T`'s range: the map computed in `T` would be NaN, and the error
+/// says why instead of a non-finite output later.
+fn check_logits_fit<T: Float>(mean: &Tensor<T>, tau: f64) -> Result<()> {
+    let top = mean
+        .as_slice()
+        .iter()
+        .fold(0.0f64, |m, v| m.max(v.as_f64().abs()));
+    let (zmax, inv) = (top / tau, 1.0 / tau);
+    if T::from_f64(zmax).as_f64().is_finite() && T::from_f64(inv).as_f64().is_finite() {
+        return Ok(());
+    }
+    Err(Error::arg(
+        "attention",
+        format!(
+            "tau = {tau:e} is too small for {}: the logits mean|x| / tau reach {:e} \
+             (1 / tau = {inv:e}), beyond its range; use f64 or a larger tau",
+            T::DTYPE,
+            zmax.max(inv)
+        ),
+    ))
+}
+
 fn spatial_attention_of_abs<T: Float>(abs: &Var<T>, tau: f64) -> Result<Var<T>> {
     check_tau(tau)?;
     let [n, _, h, w] = abs.value().dims4("spatial_attention")?;
-    abs.mean(&[1], false)?
-        .scale(1.0 / tau)?
+    let mean = abs.mean(&[1], false)?;
+    check_logits_fit(mean.value(), tau)?;
+    mean.scale(1.0 / tau)?
         .reshape(&[n, h * w])?
         .softmax(1)?
         .scale((h * w) as f64)?
@@ -55,10 +83,9 @@ pub fn channel_attention<T: Float>(x: &Var<T>, tau: f64) -> Result<Var<T>> {
 fn channel_attention_of_abs<T: Float>(abs: &Var<T>, tau: f64) -> Result<Var<T>> {
     check_tau(tau)?;
     let [_, c, _, _] = abs.value().dims4("channel_attention")?;
-    abs.mean(&[2, 3], false)?
-        .scale(1.0 / tau)?
-        .softmax(1)?
-        .scale(c as f64)
+    let mean = abs.mean(&[2, 3], false)?;
+    check_logits_fit(mean.value(), tau)?;
+    mean.scale(1.0 / tau)?.softmax(1)?.scale(c as f64)
 }
 
 /// The attention logits of a (teacher) feature `[N, C, H, W]`, in f64
@@ -106,10 +133,48 @@ pub fn attention_logits<T: Float>(x: &Tensor<T>, tau: f64) -> Result<(Tensor<f64
         zs.extend(s);
         zc.extend(ch);
     }
+    // Means of finite inputs are finite; only the division can overflow.
+    if let Some(z) = zs.iter().chain(&zc).find(|z| !z.is_finite()) {
+        return Err(Error::arg(
+            "attention",
+            format!(
+                "tau = {tau:e} is too small for these features: a logit mean|x| / tau is {z} \
+                 even in f64; use a larger tau"
+            ),
+        ));
+    }
     Ok((
         Tensor::from_vec(&[n, h, w], zs)?,
         Tensor::from_vec(&[n, c], zc)?,
     ))
+}
+
+/// `A = K * softmax(z)` over each sample of the f64 logits `z` (`[N, ...]`,
+/// `K` entries per sample), computed in f64 and rounded once to `T`: the
+/// attention map of [`spatial_attention`] (logits `[N, H, W]`) or
+/// [`channel_attention`] (`[N, C]`) as f64 gives it, for any compute type.
+/// The sums run in index order, one sample per task (the same bits on every
+/// backend and thread count).
+pub fn attention_from_logits<T: Float>(z: &Tensor<f64>) -> Result<Tensor<T>> {
+    let shape = z.shape();
+    if shape.len() < 2 || z.numel() == 0 {
+        return Err(Error::ZeroSized {
+            what: "attention logits (or no entry dim)".into(),
+            shape: shape.to_vec(),
+        });
+    }
+    let k = z.numel() / shape[0];
+    let mut out = vec![T::from_f64(0.0); z.numel()];
+    out.par_chunks_mut(k)
+        .zip(z.as_slice().par_chunks(k))
+        .for_each(|(a, z)| {
+            let top = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let den: f64 = z.iter().map(|v| (v - top).exp()).sum();
+            for (a, v) in a.iter_mut().zip(z) {
+                *a = T::from_f64(k as f64 * (v - top).exp() / den);
+            }
+        });
+    Tensor::from_vec(shape, out)
 }
 
 #[cfg(test)]
@@ -202,6 +267,49 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// [`attention_from_logits`] is the engine's map (f64, to rounding),
+    /// sums to `K` per sample, is the f64 map rounded once in f32, and
+    /// refuses logits without an entry dim; logits that overflow even f64
+    /// are refused by [`attention_logits`], naming tau.
+    #[test]
+    fn maps_from_logits_are_the_engine_s_maps() {
+        let x = Tensor::from_fn(&[2, 3, 4, 5], |i| ((i * 7919 % 61) as f64 - 30.0) * 0.1).unwrap();
+        let (zs, zc) = attention_logits(&x, 0.3).unwrap();
+        let (a_s, a_c) = attention_maps(&tape().constant(x.clone()), 0.3).unwrap();
+        for (z, engine, k) in [(&zs, a_s.value(), 20usize), (&zc, a_c.value(), 3)] {
+            let a = attention_from_logits::<f64>(z).unwrap();
+            assert_eq!(a.shape(), engine.shape());
+            for (g, w) in a.as_slice().iter().zip(engine.as_slice()) {
+                assert!((g - w).abs() <= 1e-13 * w.max(1.0), "{g} vs {w}");
+            }
+            for sample in a.as_slice().chunks(k) {
+                let sum: f64 = sample.iter().sum();
+                assert!((sum - k as f64).abs() < 1e-12, "{sum}");
+            }
+            let a32 = attention_from_logits::<f32>(z).unwrap();
+            for (g, w) in a32.as_slice().iter().zip(a.as_slice()) {
+                assert_eq!(g.to_bits(), (*w as f32).to_bits());
+            }
+        }
+        let flat = Tensor::from_vec(&[3], vec![1.0, 2.0, 3.0]).unwrap();
+        assert_eq!(
+            attention_from_logits::<f64>(&flat).unwrap_err().kind(),
+            "zero_sized"
+        );
+        let big = Tensor::from_vec(&[1, 2, 1, 1], vec![1e10f64, 1.0]).unwrap();
+        let e = attention_logits(&big, 1e-300).unwrap_err();
+        assert!(e.to_string().contains("tau = 1e-300"), "{e}");
+        // The engine's map refuses what its type cannot hold: 1 / tau
+        // beyond f32 (even for logits that fit), or logits beyond it.
+        let t32 = Tape::new(Arc::new(ReferenceBackend));
+        let small = t32.constant(Tensor::from_vec(&[1, 2, 1, 1], vec![1e-30f32, 1.0]).unwrap());
+        assert!(spatial_attention(&small, 1e-30).is_ok());
+        assert!(channel_attention(&small, 1e-39).is_err());
+        let large = t32.constant(Tensor::from_vec(&[1, 2, 1, 1], vec![1e37f32, 1.0]).unwrap());
+        assert!(channel_attention(&large, 1.0).is_ok());
+        assert!(channel_attention(&large, 0.01).is_err());
     }
 
     #[test]

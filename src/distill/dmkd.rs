@@ -6,7 +6,7 @@
 
 use crate::autograd::Var;
 use crate::backend::InputMask;
-use crate::distill::attention::{attention_logits, attention_maps};
+use crate::distill::attention::{attention_from_logits, attention_logits};
 use crate::distill::config::LevelConfig;
 use crate::distill::generator::{align, align_specs, generation_block, generator_specs};
 use crate::distill::mask::{Branch, attention_mask};
@@ -41,10 +41,14 @@ pub fn level_loss<T: Float>(
     let l = vars.level;
     let n = teacher.shape()[0];
     let s = align(student, vars)?;
-    let (attn_s, attn_c) = attention_maps(teacher, cfg.tau)?;
-    let (attn_s, attn_c) = (attn_s.value().clone(), attn_c.value().clone());
-    // The masks follow the logits in f64, not A (which underflows in f32).
+    // The masks follow the logits in f64, not A (which underflows in f32);
+    // A itself is only reported here, so it comes from them too (the f64
+    // maps rounded once: no overflow in f32 for a tiny tau).
     let (logits_s, logits_c) = attention_logits(teacher.value(), cfg.tau)?;
+    let (attn_s, attn_c) = (
+        attention_from_logits::<T>(&logits_s)?,
+        attention_from_logits::<T>(&logits_c)?,
+    );
     let mask_s = attention_mask(
         &logits_s,
         cfg.mask_mode,
