@@ -42,6 +42,28 @@ impl AnyTensor {
             AnyTensor::F64(t) => t.cast(),
         }
     }
+    /// [`AnyTensor::to`], refusing a finite value that `T` cannot hold
+    /// (an f64 tensor read as f32: 1e300 would become infinity, and the
+    /// error would later blame the file for holding one). `name` names the
+    /// tensor in the error.
+    pub fn try_to<T: Float>(&self, name: &str) -> Result<Tensor<T>> {
+        let t = self.to::<T>();
+        if let AnyTensor::F64(src) = self
+            && let Some((i, _)) = t.first_non_finite()
+            && src.as_slice()[i].is_finite()
+        {
+            return Err(Error::arg(
+                "precision conversion",
+                format!(
+                    "{name}: {:e} at index {:?} is beyond {}'s range; compute in f64",
+                    src.as_slice()[i],
+                    crate::tensor::unravel(i, src.shape()),
+                    T::DTYPE
+                ),
+            ));
+        }
+        Ok(t)
+    }
     /// The values as f64 (exact for both precisions).
     pub fn to_f64(&self) -> Tensor<f64> {
         self.to()
@@ -85,6 +107,15 @@ impl TensorFile {
             .map(|(k, v)| (k.clone(), v.to::<T>()))
             .collect()
     }
+
+    /// Every tensor converted to `T` by [`AnyTensor::try_to`]: an error
+    /// names the first finite value `T` cannot hold.
+    pub fn try_to_map<T: Float>(&self) -> Result<TensorMap<T>> {
+        self.tensors
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.try_to::<T>(k)?)))
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -105,10 +136,45 @@ mod tests {
         assert!(e.to_string().contains("f: b"), "{e}");
         let m = f.to_map::<f64>();
         assert_eq!((m["a"].item().unwrap(), m["b"].item().unwrap()), (1.5, 2.0));
+        let checked = f.try_to_map::<f64>().unwrap();
+        assert!(
+            checked.len() == m.len()
+                && checked
+                    .iter()
+                    .all(|(k, v)| v.as_slice() == m[k].as_slice() && v.shape() == m[k].shape())
+        );
         assert_eq!(f.tensors["a"].shape(), &[] as &[usize]);
         let t = AnyTensor::F32(Tensor::from_vec(&[2, 1], vec![0.25, -3.0]).unwrap());
         assert_eq!(t.shape(), &[2, 1]);
         assert_eq!(t.to_f64().as_slice(), &[0.25, -3.0]);
         assert_eq!(t.to::<f32>().as_slice(), &[0.25, -3.0]);
+    }
+
+    #[test]
+    fn narrowing_refuses_values_beyond_f32_and_reports_the_file_s_own_infinities_later() {
+        let big = AnyTensor::F64(Tensor::from_vec(&[2, 2], vec![1.0, -2.0, -1e300, 4e38]).unwrap());
+        let e = big.try_to::<f32>("x").unwrap_err();
+        assert_eq!(e.kind(), "invalid_argument");
+        assert!(
+            e.to_string()
+                .contains("x: -1e300 at index [1, 0] is beyond f32's range"),
+            "{e}"
+        );
+        assert_eq!(big.try_to::<f64>("x").unwrap().as_slice()[2], -1e300);
+        // The largest f32 passes; a subnormal rounds (to zero), as any
+        // narrowing rounds.
+        let fits = AnyTensor::F64(Tensor::from_vec(&[2], vec![f32::MAX as f64, 1e-320]).unwrap());
+        assert_eq!(
+            fits.try_to::<f32>("x").unwrap().as_slice(),
+            &[f32::MAX, 0.0]
+        );
+        // A value that is already infinite is the file's own: left for the
+        // finiteness check, which names it as such.
+        let inf = AnyTensor::F64(Tensor::from_vec(&[2], vec![f64::INFINITY, 1e300]).unwrap());
+        assert!(inf.try_to::<f32>("x").unwrap().as_slice()[0].is_infinite());
+        let mut f = TensorFile::default();
+        f.tensors.insert("x".into(), big);
+        assert!(f.try_to_map::<f32>().is_err());
+        assert!(f.try_to_map::<f64>().is_ok());
     }
 }

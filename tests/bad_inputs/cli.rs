@@ -52,6 +52,34 @@ fn cli_reports_each_bad_input_in_one_line() {
         "p0.student holds a non-finite value (NaN) at index [0, 0, 0, 3]",
     );
 
+    // An f64 value beyond f32's range, evaluated in f32: the conversion is
+    // named, not blamed on the file as an infinity it does not hold. The
+    // same file in f64 evaluates.
+    let mut m = small();
+    let mut d = m["p0.student"].to_vec();
+    d[3] = 1e40;
+    set(&mut m, "p0.student", &[2, 3, 3, 5], d);
+    let huge = dir.join("huge.safetensors");
+    write_safetensors(&huge, &m, &meta).unwrap();
+    let o = dmkd(
+        &[
+            "eval",
+            "--inputs",
+            &s(&huge),
+            "--out",
+            &out,
+            "--dtype",
+            "f32",
+        ],
+        &[],
+    );
+    assert_one_error_line(
+        &o,
+        "p0.student: 1e40 at index [0, 0, 0, 3] is beyond f32's range; compute in f64",
+    );
+    let o = dmkd(&["eval", "--inputs", &s(&huge), "--out", &out], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
     // A tensor name with a newline and an escape sequence stays on one line.
     let mut m = small();
     m.insert("evil\nname\x1b[2J".into(), values(&[1], 0));

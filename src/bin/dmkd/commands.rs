@@ -96,12 +96,12 @@ pub(crate) fn demo(opts: DemoOptions, dtype: DType) -> Result<bool> {
 }
 
 /// Inputs (and parameters) from files, in the compute precision.
-fn load_problem_tensors<T: dmkd::Float>(files: &[&TensorFile]) -> TensorMap<T> {
+fn load_problem_tensors<T: dmkd::Float>(files: &[&TensorFile]) -> Result<TensorMap<T>> {
     let mut m = TensorMap::new();
     for f in files {
-        m.extend(f.to_map::<T>());
+        m.extend(f.try_to_map::<T>()?);
     }
-    m
+    Ok(m)
 }
 
 fn eval_typed<T: BackendFloat>(
@@ -111,7 +111,7 @@ fn eval_typed<T: BackendFloat>(
     opts: EvalOptions,
     backend: BackendOptions,
 ) -> Result<bool> {
-    let tensors = load_problem_tensors::<T>(files);
+    let tensors = load_problem_tensors::<T>(files)?;
     let problem = Problem::new(config, &tensors, opts)?;
     let eval = evaluate(make_backend::<T>(backend)?, &problem)?;
     let mut outputs = eval.outputs;
