@@ -181,7 +181,7 @@ fn a_tau_beyond_f32_range_gives_f32_the_f64_masks_and_maps() {
     check_case(false, tau);
     let (p64, p32) = problems(false, tau, MaskMode::Topk);
     let (e64, e32) = (run(CPU, &p64), run(CPU, &p32));
-    for l in 0..LEVELS.len() {
+    for (l, &(h, w)) in LEVELS.iter().enumerate() {
         for map in ["attn_s", "attn_c"] {
             let name = format!("p{l}.{map}");
             let want: Tensor<f32> = e64.outputs[&name].cast();
