@@ -192,11 +192,7 @@ fn a_tau_beyond_f32_range_gives_f32_the_f64_masks_and_maps() {
                 "{name}: f32 map is not the f64 map rounded"
             );
             assert!(want.as_slice().iter().all(|a| a.is_finite()));
-            let per = if map == "attn_s" {
-                LEVELS[l].0 * LEVELS[l].1
-            } else {
-                C
-            };
+            let per = if map == "attn_s" { h * w } else { C };
             for sample in got.as_slice().chunks(per) {
                 let top = sample.iter().filter(|&&a| a > 0.0).count();
                 let sum: f32 = sample.iter().sum();
