@@ -65,6 +65,12 @@ pub fn run_demo<T: BackendFloat>(
     opts: &DemoOptions,
     mut progress: impl FnMut(usize, f64),
 ) -> Result<DemoReport> {
+    // The output directory first: a path that cannot be one (a file of
+    // that name) fails now, not after the whole training run.
+    std::fs::create_dir_all(&opts.out_dir).map_err(|e| dmkd::Error::Io {
+        path: opts.out_dir.display().to_string(),
+        source: e,
+    })?;
     let backend = make_backend::<T>(opts.backend)?;
     let preset = &opts.preset;
     let config = preset.config();
@@ -125,10 +131,6 @@ pub fn run_demo<T: BackendFloat>(
     }
     let seconds = start.elapsed().as_secs_f64();
     let (initial_loss, initial_level_losses) = first.expect("at least one step runs");
-    std::fs::create_dir_all(&opts.out_dir).map_err(|e| dmkd::Error::Io {
-        path: opts.out_dir.display().to_string(),
-        source: e,
-    })?;
     let mut series = vec![Series {
         name: "total".into(),
         points: curves[0].clone(),
@@ -159,4 +161,29 @@ pub fn run_demo<T: BackendFloat>(
         csv,
         png,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An output path that cannot be a directory fails before the first
+    /// step (it used to fail after the whole run), naming the path.
+    #[test]
+    fn an_unusable_output_directory_fails_before_training() {
+        let file = std::env::temp_dir().join(format!("dmkd-demo-out-{}", std::process::id()));
+        std::fs::write(&file, b"not a directory").unwrap();
+        let opts = DemoOptions {
+            preset: Preset::named("tiny").unwrap(),
+            steps: 2,
+            out_dir: file.clone(),
+            ..DemoOptions::default()
+        };
+        let mut steps = 0;
+        let e = run_demo::<f64>(&opts, |_, _| steps += 1).unwrap_err();
+        std::fs::remove_file(&file).ok();
+        assert_eq!(e.kind(), "io", "{e}");
+        assert!(e.to_string().contains(&file.display().to_string()), "{e}");
+        assert_eq!(steps, 0, "trained before checking the output directory");
+    }
 }
