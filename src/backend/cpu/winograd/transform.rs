@@ -522,6 +522,35 @@ mod tests {
         })
     }
 
+    /// [`tile_is_zero`] against its definition on every tile of planes up
+    /// to 13 x 13 (three and more tile rows and columns, partial last
+    /// tiles), under masks zero except for one nonzero value, placed at
+    /// every position in turn: exactly the tile holding it is not zero.
+    #[test]
+    fn tile_is_zero_sees_exactly_its_own_outputs() {
+        for h in 1..=13 {
+            for w in 1..=13 {
+                for hot in 0..h * w {
+                    let mut m = vec![0.0f32; h * w];
+                    m[hot] = 0.5;
+                    let (hy, hx) = (hot / w, hot % w);
+                    for ty in 0..h.div_ceil(4) {
+                        for tx in 0..w.div_ceil(4) {
+                            let holds = hy / 4 == ty && hx / 4 == tx;
+                            assert_eq!(
+                                tile_is_zero(&m, h, w, ty, tx),
+                                !holds,
+                                "{h}x{w} tile ({ty}, {tx}), nonzero at ({hy}, {hx})"
+                            );
+                        }
+                    }
+                }
+                let zeros = vec![0.0f32; h * w];
+                assert!(tile_is_zero(&zeros, h, w, 0, 0));
+            }
+        }
+    }
+
     #[test]
     fn window_spans_gather_the_padded_window() {
         let mut zero_windows = 0;
