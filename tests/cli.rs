@@ -88,7 +88,7 @@ fn verify_reports_and_fails_on_a_wrong_gradient() {
     let dir = tmp("verify");
     let fx = fixture("dmkd_f64_basic.safetensors");
     let file = read_safetensors(Path::new(&fx)).unwrap();
-    let mut m = file.to_map::<f64>();
+    let mut m = file.to_map::<f64>().unwrap();
     let g = m["grad.p0.gen_c.2.bias"].clone();
     let mut v = g.to_vec();
     v[3] *= 1.001;
@@ -196,6 +196,7 @@ fn eval_initialises_and_writes_missing_parameters() {
     let file = read_safetensors(Path::new(&fx)).unwrap();
     let inputs: dmkd::distill::TensorMap<f64> = file
         .to_map::<f64>()
+        .unwrap()
         .into_iter()
         .filter(|(k, _)| {
             k.ends_with(".student") && !k.starts_with("grad.") || k.ends_with(".teacher")

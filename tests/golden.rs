@@ -67,7 +67,7 @@ fn check_fixture<T: BackendFloat>(
     backend: BackendRef<T>,
 ) -> Vec<String> {
     let config = Config::from_json(&file.metadata["config"]).unwrap();
-    let tensors = file.to_map::<T>();
+    let tensors = file.to_map::<T>().unwrap();
     let opts = EvalOptions {
         init_seed: None,
         allow_extra: true,

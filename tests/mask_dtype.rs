@@ -12,6 +12,8 @@
 //!
 //! Checks: identical `mask_s` / `mask_c` in f32 and f64 in all three modes
 //! and on every backend under test (`tests/common/backends.rs`); the f32
+//! attention maps equal to the f64 ones rounded once (both come from the
+//! f64 logits); the f32
 //! gradients within 1e-4 norm-wise of the f64 ones (the engine's f32
 //! accuracy bound, as in `tests/common/rules.rs`: measured errors are ~1e-6,
 //! so 1e-4 leaves margin for the heavy tails and still fails on any wrong
@@ -108,7 +110,9 @@ fn masks_of<T: dmkd::Float>(e: &Evaluation<T>) -> Vec<(String, Vec<f64>)> {
         .collect()
 }
 
-fn check_case(heavy: bool, tau: f64) {
+/// Checks every mask mode; returns the top-k mode's f64 and f32 runs.
+fn check_case(heavy: bool, tau: f64) -> (Evaluation<f64>, Evaluation<f32>) {
+    let mut topk = None;
     for mode in [MaskMode::Topk, MaskMode::Sampled, MaskMode::Random] {
         let (p64, p32) = problems(heavy, tau, mode);
         let e64 = run(CPU, &p64);
@@ -116,6 +120,19 @@ fn check_case(heavy: bool, tau: f64) {
         let m64 = masks_of(&e64);
         assert_eq!(m64.len(), 2 * LEVELS.len());
         assert_eq!(m64, masks_of(&e32), "{mode:?}: f32 and f64 masks differ");
+        // The reported attention maps come from the same f64 logits: the
+        // f32 maps are the f64 maps rounded once, bit for bit.
+        for (name, a64) in e64.outputs.iter().filter(|(k, _)| k.contains(".attn_")) {
+            let want: Tensor<f32> = a64.cast();
+            let got = &e32.outputs[name];
+            assert!(
+                want.as_slice()
+                    .iter()
+                    .zip(got.as_slice())
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{mode:?} {name}: the f32 map is not the f64 map rounded"
+            );
+        }
         // Every host backend selects the same masks in both types.
         for s in all_backends::<f64>() {
             let e = evaluate(s.backend, &p64).unwrap();
@@ -136,7 +153,11 @@ fn check_case(heavy: bool, tau: f64) {
         println!(
             "heavy={heavy} tau={tau} {mode:?}: worst gradient {worst:.2e}, loss {loss_err:.2e}"
         );
+        if mode == MaskMode::Topk {
+            topk = Some((e64, e32));
+        }
     }
+    topk.expect("the top-k mode ran")
 }
 
 #[test]
@@ -178,20 +199,13 @@ fn gaussian_features_with_a_tiny_tau_give_the_same_masks_in_f32_and_f64() {
 #[test]
 fn a_tau_beyond_f32_range_gives_f32_the_f64_masks_and_maps() {
     let tau = 1e-300;
-    check_case(false, tau);
-    let (p64, p32) = problems(false, tau, MaskMode::Topk);
-    let (e64, e32) = (run(CPU, &p64), run(CPU, &p32));
+    // Masks, gradients, and maps equal to the f64 maps rounded.
+    let (_, e32) = check_case(false, tau);
     for (l, &(h, w)) in LEVELS.iter().enumerate() {
         for map in ["attn_s", "attn_c"] {
             let name = format!("p{l}.{map}");
-            let want: Tensor<f32> = e64.outputs[&name].cast();
             let got = &e32.outputs[&name];
-            let same = want.as_slice().iter().zip(got.as_slice());
-            assert!(
-                same.clone().all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{name}: f32 map is not the f64 map rounded"
-            );
-            assert!(want.as_slice().iter().all(|a| a.is_finite()));
+            assert!(got.as_slice().iter().all(|a| a.is_finite()));
             let per = if map == "attn_s" { h * w } else { C };
             for sample in got.as_slice().chunks(per) {
                 let top = sample.iter().filter(|&&a| a > 0.0).count();
@@ -205,6 +219,7 @@ fn a_tau_beyond_f32_range_gives_f32_the_f64_masks_and_maps() {
     }
     use dmkd::Tape;
     use dmkd::distill::attention::{channel_attention, spatial_attention};
+    let (p64, p32) = problems(false, tau, MaskMode::Topk);
     let be32 = make_backend::<f32>(CPU).unwrap();
     let t32 = Tape::new(be32).constant(p32.teachers[0].clone());
     for e in [

@@ -573,11 +573,11 @@ fn bench_loss(
     if reps == 0 {
         return Err(PyValueError::new_err("reps must be at least 1"));
     }
-    dmkd::threads::check_count("bench_loss", threads).map_err(py_err)?;
     engine(py, || {
+        // The pool first: a thread count it refuses fails before any work.
+        let pool = dmkd::threads::pool("bench_loss", threads)?;
         let problem = dmkd::synthetic::problem::<f32>(&preset, 0)?;
         let be = make_backend::<f32>(opts)?;
-        let pool = dmkd::threads::pool("bench_loss", threads)?;
         pool.install(|| {
             let median = |f: &dyn Fn() -> dmkd::Result<()>| -> dmkd::Result<f64> {
                 f()?;

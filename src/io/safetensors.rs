@@ -153,7 +153,7 @@ mod tests {
         let back = read_safetensors(&path).unwrap();
         assert_eq!(back.metadata["config"], "{}");
         assert_eq!(back.dtype("x").unwrap(), Some(DType::F64));
-        let b = back.to_map::<f64>();
+        let b = back.to_map::<f64>().unwrap();
         assert_eq!(b["a"].shape(), &[2, 2]);
         assert_eq!(b["loss"].shape(), &[] as &[usize]);
         for (x, y) in b["a"].as_slice().iter().zip(m["a"].as_slice()) {
@@ -191,7 +191,7 @@ mod tests {
         // The safetensors crate reads it back: names, shapes, bits, metadata.
         let back = parse_safetensors(bytes, "r0").unwrap();
         assert_eq!(back.metadata, meta());
-        let b = back.to_map::<f32>();
+        let b = back.to_map::<f32>().unwrap();
         assert_eq!(b.len(), m.len());
         for (name, t) in &m {
             assert_eq!(b[name].shape(), t.shape(), "{name}");

@@ -298,7 +298,7 @@ fn npy_directories_and_npz_round_trip_through_eval() {
     let z = npz(&members, true);
     let zf = parse_npz(&z, "x", 1 << 20).unwrap();
     for file in [f, zf] {
-        let p = Problem::new(&dmkd1(), &file.to_map::<f64>(), INIT).unwrap();
+        let p = Problem::new(&dmkd1(), &file.to_map::<f64>().unwrap(), INIT).unwrap();
         let got = evaluate(Arc::new(ReferenceBackend), &p).unwrap().loss;
         assert_eq!(got.to_bits(), want.to_bits());
     }

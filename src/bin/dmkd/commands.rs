@@ -99,7 +99,7 @@ pub(crate) fn demo(opts: DemoOptions, dtype: DType) -> Result<bool> {
 fn load_problem_tensors<T: dmkd::Float>(files: &[&TensorFile]) -> Result<TensorMap<T>> {
     let mut m = TensorMap::new();
     for f in files {
-        m.extend(f.try_to_map::<T>()?);
+        m.extend(f.to_map::<T>()?);
     }
     Ok(m)
 }
