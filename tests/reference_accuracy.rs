@@ -133,7 +133,7 @@ fn full_size_f32_loss_on_the_reference_backend_is_within_1e_6_of_f64() {
     };
     let reference = BackendOptions {
         kind: BackendKind::Reference,
-        conv_algo: ConvAlgo::Direct,
+        conv_algo: ConvAlgo::Auto,
         isa: Isa::Auto,
     };
     let (l64, lv64) = forward(make_backend::<f64>(cpu).unwrap(), &p64).unwrap();

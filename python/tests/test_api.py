@@ -33,6 +33,17 @@ def test_golden_is_reproduced_by_evaluate_bit_for_bit():
     assert float(cpu["loss"]) == pytest.approx(float(g["loss"]), rel=1e-12)
 
 
+def test_a_cpu_option_with_the_reference_backend_is_refused():
+    # conv_algo chooses among the cpu backend's kernels; the reference backend
+    # has one algorithm, so asking it for another is an error, not a no-op.
+    _, inputs = tiny(seed=3)
+    with pytest.raises(ValueError, match="conv algo `direct` applies to the cpu backend only") as e:
+        dmkd.evaluate(inputs, config="tiny", init_seed=3, backend="reference", conv_algo="direct")
+    assert e.value.kind == "invalid_argument"
+    out = dmkd.evaluate(inputs, config="tiny", init_seed=3, backend="cpu", conv_algo="direct")
+    assert np.isfinite(out["loss"])
+
+
 def test_golden_f32_and_config():
     g = dmkd.golden("tiny", config={"levels": [{"method": "mgd"}, {}, {"mask_mode": "random"}]}, dtype="f32")
     assert g["loss"].dtype == np.float32

@@ -446,6 +446,7 @@ macro_rules! impl_backend_float {
     ($t:ty) => {
         impl BackendFloat for $t {
             fn make_backend(opts: BackendOptions) -> Result<BackendRef<Self>> {
+                opts.check()?;
                 if let Some(b) = make_host_backend::<$t>(opts) {
                     return b;
                 }
@@ -470,6 +471,38 @@ pub fn make_backend<T: BackendFloat>(opts: BackendOptions) -> Result<BackendRef<
 }
 
 impl BackendOptions {
+    /// Refuses options that the chosen backend would ignore: a
+    /// convolution algorithm or an instruction set other than `Auto`
+    /// means the CPU backend, and asking for either with the reference or
+    /// the CUDA backend is an error rather than a silent no-op (a user who
+    /// asked for `--backend reference --isa avx512` would otherwise believe
+    /// that the AVX-512 kernels ran).
+    pub fn check(&self) -> Result<()> {
+        if self.kind == BackendKind::Cpu {
+            return Ok(());
+        }
+        let backend = format!("{:?}", self.kind).to_lowercase();
+        if self.conv_algo != ConvAlgo::Auto {
+            return Err(Error::arg(
+                "backend",
+                format!(
+                    "conv algo `{}` applies to the cpu backend only; the {backend} backend has one algorithm (leave it at auto)",
+                    format!("{:?}", self.conv_algo).to_lowercase()
+                ),
+            ));
+        }
+        if self.isa != Isa::Auto {
+            return Err(Error::arg(
+                "backend",
+                format!(
+                    "isa `{}` applies to the cpu backend only; the {backend} backend does not use it (leave it at auto)",
+                    self.isa
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// A short label, e.g. `cpu/auto`, `cpu/direct/avx2` (a named
     /// instruction set) or `reference`.
     pub fn kind_name(&self) -> String {

@@ -52,6 +52,51 @@ fn cli_reports_each_bad_input_in_one_line() {
         "p0.student holds a non-finite value (NaN) at index [0, 0, 0, 3]",
     );
 
+    // A cpu-backend option with another backend: refused, not ignored
+    // (the reference backend would otherwise run while the user believes
+    // the AVX2 kernels or the direct conv did), on every command that
+    // builds a backend, before any work or output.
+    let valid = dir.join("valid.safetensors");
+    write_safetensors(&valid, &small(), &meta).unwrap();
+    let golden_dir = dir.join("golden.safetensors");
+    let golden_path = s(&golden_dir);
+    let valid_path = s(&valid);
+    for args in [
+        vec!["eval", "--inputs", &valid_path, "--out", &out],
+        vec!["golden", "--out", &golden_path],
+        vec!["bench", "--reps", "1", "--only", "conv"],
+    ] {
+        let mut a = args.clone();
+        a.extend(["--backend", "reference", "--isa", "avx2"]);
+        assert_one_error_line(
+            &dmkd(&a, &[]),
+            "isa `avx2` applies to the cpu backend only; the reference backend does not use it",
+        );
+    }
+    assert!(!golden_dir.exists(), "golden wrote a file before refusing");
+    let eval_with = |backend: &str| {
+        dmkd(
+            &[
+                "eval",
+                "--inputs",
+                &valid_path,
+                "--out",
+                &out,
+                "--backend",
+                backend,
+                "--conv-algo",
+                "direct",
+            ],
+            &[],
+        )
+    };
+    assert_one_error_line(
+        &eval_with("reference"),
+        "conv algo `direct` applies to the cpu backend only; the reference backend has one algorithm",
+    );
+    let o = eval_with("cpu");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
     // An f64 value beyond f32's range, evaluated in f32: the conversion is
     // named, not blamed on the file as an infinity it does not hold. The
     // same file in f64 evaluates.

@@ -239,6 +239,7 @@ fn loss_rows(
 /// Run the benchmark in a pool of `opts.threads` threads.
 pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
     // `--reps` and `--threads` are at least 1 (the CLI's value parsers).
+    opts.backend.check()?;
     if opts.counters && opts.backend.kind != BackendKind::Cpu {
         return Err(Error::arg(
             "bench",

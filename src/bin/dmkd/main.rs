@@ -37,11 +37,13 @@ struct BackendArgs {
     /// Kernels: cpu (fast, default), reference (plain loops) or cuda.
     #[arg(long, default_value = "cpu")]
     backend: BackendKind,
-    /// Convolution algorithm of the cpu backend: direct, winograd or auto.
+    /// Convolution algorithm of the cpu backend: direct, winograd or auto
+    /// (another backend refuses anything but auto).
     #[arg(long, default_value = "auto")]
     conv_algo: ConvAlgo,
     /// Instruction set of the cpu backend: auto (the widest this CPU has),
-    /// avx512, avx2 or scalar; every choice gives the same bits.
+    /// avx512, avx2 or scalar; every choice gives the same bits (another
+    /// backend refuses anything but auto).
     #[arg(long, default_value = "auto")]
     isa: Isa,
 }
@@ -163,7 +165,8 @@ enum Command {
         /// Golden files come from the reference backend unless told otherwise.
         #[arg(long, default_value = "reference")]
         backend: BackendKind,
-        /// Instruction set when --backend cpu (auto, avx512, avx2, scalar).
+        /// Instruction set with --backend cpu (auto, avx512, avx2, scalar;
+        /// the other backends refuse anything but auto).
         #[arg(long, default_value = "auto")]
         isa: Isa,
     },

@@ -380,6 +380,12 @@ fn check_file_name(name: &str, dir: &str) -> Result<()> {
 }
 
 /// Write every tensor as `<dir>/<name>.npy` and the metadata as `<dir>/metadata.json`.
+///
+/// A directory that already holds `.npy` files of other names is refused
+/// before anything is written: [`read_npy_dir`] reads every `.npy` of a
+/// directory, so a stale tensor left beside the new ones (a golden set of
+/// five levels overwritten by one of three) would be read back as part of
+/// the set. Files of the same names are overwritten.
 pub fn write_npy_dir<T: Float>(
     dir: &Path,
     tensors: &TensorMap<T>,
@@ -392,6 +398,38 @@ pub fn write_npy_dir<T: Float>(
     };
     for name in tensors.keys() {
         check_file_name(name, &shown)?;
+    }
+    if dir.is_dir() {
+        let mut stale = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+            let p = entry.map_err(|e| io(dir, e))?.path();
+            let name = p.file_stem().and_then(|s| s.to_str());
+            if p.extension().is_some_and(|e| e == "npy")
+                && !name.is_some_and(|n| tensors.contains_key(n))
+            {
+                stale.push(
+                    p.file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+        }
+        if !stale.is_empty() {
+            stale.sort();
+            let more = match stale.len() {
+                n if n > 3 => format!(" and {} more", n - 3),
+                _ => String::new(),
+            };
+            stale.truncate(3);
+            return Err(Error::Format {
+                path: shown,
+                detail: format!(
+                    "the directory already holds {}{more}, which this set does not write; a reader would take them as part of it (write into a new or empty directory)",
+                    stale.join(", ")
+                ),
+            });
+        }
     }
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     for (name, t) in tensors {
