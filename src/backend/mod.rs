@@ -516,3 +516,60 @@ impl BackendOptions {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every cpu option is accepted by the cpu backend; the other backends
+    /// accept only `auto` for each, and name the option they refuse.
+    #[test]
+    fn cpu_options_are_refused_by_the_other_backends() {
+        let algos = [ConvAlgo::Auto, ConvAlgo::Direct, ConvAlgo::Winograd];
+        let isas = [Isa::Auto, Isa::Avx512, Isa::Avx2, Isa::Scalar];
+        for kind in [BackendKind::Cpu, BackendKind::Reference, BackendKind::Cuda] {
+            for conv_algo in algos {
+                for isa in isas {
+                    let opts = BackendOptions {
+                        kind,
+                        conv_algo,
+                        isa,
+                    };
+                    let r = opts.check();
+                    let plain = conv_algo == ConvAlgo::Auto && isa == Isa::Auto;
+                    if kind == BackendKind::Cpu || plain {
+                        assert!(r.is_ok(), "{opts:?}: {r:?}");
+                        continue;
+                    }
+                    let msg = r.unwrap_err().to_string();
+                    let name = format!("{kind:?}").to_lowercase();
+                    let want = match conv_algo {
+                        ConvAlgo::Auto => format!(
+                            "isa `{isa}` applies to the cpu backend only; the {name} backend does not use it"
+                        ),
+                        a => format!(
+                            "conv algo `{}` applies to the cpu backend only; the {name} backend has one algorithm",
+                            format!("{a:?}").to_lowercase()
+                        ),
+                    };
+                    assert!(msg.contains(&want), "{opts:?}: {msg}");
+                }
+            }
+        }
+        // make_backend runs the check: the reference backend with a cpu
+        // option is refused there too.
+        let opts = BackendOptions {
+            kind: BackendKind::Reference,
+            conv_algo: ConvAlgo::Direct,
+            isa: Isa::Auto,
+        };
+        assert!(make_backend::<f64>(opts).is_err());
+        assert!(
+            make_backend::<f32>(BackendOptions {
+                conv_algo: ConvAlgo::Auto,
+                ..opts
+            })
+            .is_ok()
+        );
+    }
+}

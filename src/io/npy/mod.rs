@@ -450,6 +450,62 @@ pub fn write_npy_dir<T: Float>(
 mod tests {
     use super::*;
 
+    /// An npy directory that holds `.npy` files of other names is refused
+    /// before anything is written (a reader would take the stale files as part
+    /// of the new set); the same names are overwritten.
+    #[test]
+    fn npy_directory_with_stale_tensors_is_refused_before_writing() {
+        let dir = std::env::temp_dir().join(format!("dmkd-npy-stale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let t = |v: f64| Tensor::<f64>::from_vec(&[2], vec![v, -v]).unwrap();
+        let six: TensorMap<f64> = (0..6).map(|i| (format!("t{i}"), t(i as f64))).collect();
+        let meta = |v: &str| HashMap::from([("run".to_string(), v.to_string())]);
+        write_npy_dir(&dir, &six, &meta("first")).unwrap();
+        // The same names again: overwritten.
+        let mut again = six.clone();
+        again.insert("t0".into(), t(10.0));
+        write_npy_dir(&dir, &again, &meta("second")).unwrap();
+        let back = crate::io::read_tensor_file(&dir).unwrap();
+        assert_eq!(back.metadata["run"], "second");
+        assert_eq!(back.tensors.len(), 6);
+        assert_eq!(back.tensors["t0"].to_f64().as_slice(), &[10.0, -10.0]);
+        // One name: five stale files, three named and the rest counted.
+        let one: TensorMap<f64> = again
+            .iter()
+            .take(1)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let e = write_npy_dir(&dir, &one, &meta("third")).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains(
+                "already holds t1.npy, t2.npy, t3.npy and 2 more, which this set does not write"
+            ),
+            "{msg}"
+        );
+        // Nothing was written: the metadata is the second run's.
+        assert_eq!(
+            crate::io::read_tensor_file(&dir).unwrap().metadata["run"],
+            "second"
+        );
+        // Exactly one stale file: named, with no count.
+        for i in 2..6 {
+            std::fs::remove_file(dir.join(format!("t{i}.npy"))).unwrap();
+        }
+        let msg = write_npy_dir(&dir, &one, &meta("third"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("already holds t1.npy, which"), "{msg}");
+        // Other files (not .npy) are not the reader's and do not count.
+        std::fs::remove_file(dir.join("t1.npy")).unwrap();
+        std::fs::write(dir.join("notes.txt"), b"kept").unwrap();
+        write_npy_dir(&dir, &one, &meta("third")).unwrap();
+        let back = crate::io::read_tensor_file(&dir).unwrap();
+        assert_eq!(back.metadata["run"], "third");
+        assert_eq!(back.tensors.len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     fn header(dict: &str) -> Vec<u8> {
         let mut v = NPY_MAGIC.to_vec();
         v.extend_from_slice(&[1, 0]);
