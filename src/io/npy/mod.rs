@@ -488,8 +488,19 @@ mod tests {
             crate::io::read_tensor_file(&dir).unwrap().metadata["run"],
             "second"
         );
+        // Exactly three stale files: all named, with no count.
+        for i in 4..6 {
+            std::fs::remove_file(dir.join(format!("t{i}.npy"))).unwrap();
+        }
+        let msg = write_npy_dir(&dir, &one, &meta("third"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("already holds t1.npy, t2.npy, t3.npy, which"),
+            "{msg}"
+        );
         // Exactly one stale file: named, with no count.
-        for i in 2..6 {
+        for i in 2..4 {
             std::fs::remove_file(dir.join(format!("t{i}.npy"))).unwrap();
         }
         let msg = write_npy_dir(&dir, &one, &meta("third"))
