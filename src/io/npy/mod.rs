@@ -488,25 +488,19 @@ mod tests {
             crate::io::read_tensor_file(&dir).unwrap().metadata["run"],
             "second"
         );
-        // Exactly three stale files: all named, with no count.
-        for i in 4..6 {
-            std::fs::remove_file(dir.join(format!("t{i}.npy"))).unwrap();
+        // Exactly three stale files, then one: all named, with no count.
+        for (gone, named) in [(4..6, "t1.npy, t2.npy, t3.npy"), (2..4, "t1.npy")] {
+            for i in gone {
+                std::fs::remove_file(dir.join(format!("t{i}.npy"))).unwrap();
+            }
+            let msg = write_npy_dir(&dir, &one, &meta("third"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains(&format!("already holds {named}, which")),
+                "{msg}"
+            );
         }
-        let msg = write_npy_dir(&dir, &one, &meta("third"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            msg.contains("already holds t1.npy, t2.npy, t3.npy, which"),
-            "{msg}"
-        );
-        // Exactly one stale file: named, with no count.
-        for i in 2..4 {
-            std::fs::remove_file(dir.join(format!("t{i}.npy"))).unwrap();
-        }
-        let msg = write_npy_dir(&dir, &one, &meta("third"))
-            .unwrap_err()
-            .to_string();
-        assert!(msg.contains("already holds t1.npy, which"), "{msg}");
         // Other files (not .npy) are not the reader's and do not count.
         std::fs::remove_file(dir.join("t1.npy")).unwrap();
         std::fs::write(dir.join("notes.txt"), b"kept").unwrap();
