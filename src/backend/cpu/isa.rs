@@ -165,4 +165,33 @@ mod tests {
         };
         assert_eq!(widest, avail[0]);
     }
+
+    /// The f32 lanes of the registers a dispatch runs on.
+    struct F32Lanes;
+
+    impl pulp::WithSimd for F32Lanes {
+        type Output = usize;
+        fn with_simd<S: pulp::Simd>(self, _simd: S) -> usize {
+            S::F32_LANES
+        }
+    }
+
+    /// Each instruction set dispatches to registers of its own width: the
+    /// determinism tests compare the ISAs' bits, so an ISA that quietly
+    /// ran another's kernels (`--isa avx2` on AVX-512 registers) would pass
+    /// them all.
+    #[test]
+    fn each_isa_dispatches_to_its_own_register_width() {
+        let lanes = |isa: Isa| match isa {
+            Isa::Avx512 => 16,
+            Isa::Avx2 => 8,
+            Isa::Scalar => 1,
+            Isa::Auto => unreachable!("resolved"),
+        };
+        for isa in Isa::available() {
+            assert_eq!(isa.arch().unwrap().dispatch(F32Lanes), lanes(isa), "{isa}");
+        }
+        let widest = Isa::Auto.resolve().unwrap();
+        assert_eq!(Isa::Auto.arch().unwrap().dispatch(F32Lanes), lanes(widest));
+    }
 }

@@ -614,4 +614,22 @@ mod tests {
         assert!(auto.winograd_for(&at(2, 16, 32, 32), Pass::Forward));
         assert!(!auto.winograd_for(&at(2, 15, 32, 32), Pass::Forward));
     }
+
+    /// `--conv-algo` names parse to their algorithms (a parser that
+    /// returned the default would quietly run `auto` for `direct`); the
+    /// backend reports itself as `cpu` (bench's `backend` field).
+    #[test]
+    fn conv_algo_names_parse_and_the_backend_is_named_cpu() {
+        for (name, algo) in [
+            ("direct", ConvAlgo::Direct),
+            ("winograd", ConvAlgo::Winograd),
+            ("auto", ConvAlgo::Auto),
+        ] {
+            assert_eq!(name.parse::<ConvAlgo>().unwrap(), algo);
+        }
+        let e = "fft".parse::<ConvAlgo>().unwrap_err().to_string();
+        assert!(e.contains("unknown conv algorithm `fft`"), "{e}");
+        let be = CpuBackend::new(ConvAlgo::Auto);
+        assert_eq!(Backend::<f32>::name(&be), "cpu");
+    }
 }
