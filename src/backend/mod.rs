@@ -481,13 +481,13 @@ impl BackendOptions {
         if self.kind == BackendKind::Cpu {
             return Ok(());
         }
-        let backend = format!("{:?}", self.kind).to_lowercase();
+        let backend = self.kind_name();
         if self.conv_algo != ConvAlgo::Auto {
             return Err(Error::arg(
                 "backend",
                 format!(
                     "conv algo `{}` applies to the cpu backend only; the {backend} backend has one algorithm (leave it at auto)",
-                    format!("{:?}", self.conv_algo).to_lowercase()
+                    self.conv_algo
                 ),
             ));
         }
@@ -508,9 +508,9 @@ impl BackendOptions {
     pub fn kind_name(&self) -> String {
         match self.kind {
             BackendKind::Cpu if self.isa != Isa::Auto => {
-                format!("cpu/{:?}/{}", self.conv_algo, self.isa).to_lowercase()
+                format!("cpu/{}/{}", self.conv_algo, self.isa)
             }
-            BackendKind::Cpu => format!("cpu/{:?}", self.conv_algo).to_lowercase(),
+            BackendKind::Cpu => format!("cpu/{}", self.conv_algo),
             BackendKind::Reference => "reference".into(),
             BackendKind::Cuda => "cuda".into(),
         }
@@ -542,14 +542,16 @@ mod tests {
                         continue;
                     }
                     let msg = r.unwrap_err().to_string();
-                    let name = format!("{kind:?}").to_lowercase();
+                    let name = match kind {
+                        BackendKind::Reference => "reference",
+                        _ => "cuda",
+                    };
                     let want = match conv_algo {
                         ConvAlgo::Auto => format!(
                             "isa `{isa}` applies to the cpu backend only; the {name} backend does not use it"
                         ),
                         a => format!(
-                            "conv algo `{}` applies to the cpu backend only; the {name} backend has one algorithm",
-                            format!("{a:?}").to_lowercase()
+                            "conv algo `{a}` applies to the cpu backend only; the {name} backend has one algorithm"
                         ),
                     };
                     assert!(msg.contains(&want), "{opts:?}: {msg}");

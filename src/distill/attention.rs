@@ -316,8 +316,7 @@ mod tests {
             t32.constant(Tensor::from_vec(&[1, 2, 1, 1], tiny.map(|v| v as f32).to_vec()).unwrap());
         let e = channel_attention(&t32_tiny, 1e-39).unwrap_err().to_string();
         assert!(e.contains(&format!("(1 / tau = {:e})", 1.0 / 1e-39)), "{e}");
-        let t64 = Tape::new(Arc::new(ReferenceBackend));
-        let t64_tiny = t64.constant(Tensor::from_vec(&[1, 2, 1, 1], tiny.to_vec()).unwrap());
+        let t64_tiny = tape().constant(Tensor::from_vec(&[1, 2, 1, 1], tiny.to_vec()).unwrap());
         assert!(channel_attention(&t64_tiny, 1e-39).is_ok());
         let large = t32.constant(Tensor::from_vec(&[1, 2, 1, 1], vec![1e37f32, 1.0]).unwrap());
         assert!(channel_attention(&large, 1.0).is_ok());

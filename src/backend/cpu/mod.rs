@@ -116,6 +116,17 @@ enum Pass {
     Weight,
 }
 
+impl std::fmt::Display for ConvAlgo {
+    /// The lower-case name `--conv-algo` takes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConvAlgo::Direct => "direct",
+            ConvAlgo::Winograd => "winograd",
+            ConvAlgo::Auto => "auto",
+        })
+    }
+}
+
 impl std::str::FromStr for ConvAlgo {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -616,7 +627,8 @@ mod tests {
     }
 
     /// `--conv-algo` names parse to their algorithms (a parser that
-    /// returned the default would quietly run `auto` for `direct`); the
+    /// returned the default would quietly run `auto` for `direct`) and
+    /// print back as the same names; the
     /// backend reports itself as `cpu` (bench's `backend` field).
     #[test]
     fn conv_algo_names_parse_and_the_backend_is_named_cpu() {
@@ -626,6 +638,7 @@ mod tests {
             ("auto", ConvAlgo::Auto),
         ] {
             assert_eq!(name.parse::<ConvAlgo>().unwrap(), algo);
+            assert_eq!(algo.to_string(), name);
         }
         let e = "fft".parse::<ConvAlgo>().unwrap_err().to_string();
         assert!(e.contains("unknown conv algorithm `fft`"), "{e}");

@@ -238,8 +238,9 @@ fn loss_rows(
 
 /// Run the benchmark in a pool of `opts.threads` threads.
 pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
-    // `--reps` and `--threads` are at least 1 (the CLI's value parsers).
+    // Options the backend would refuse, refused before the peak probe.
     opts.backend.check()?;
+    // `--reps` and `--threads` are at least 1 (the CLI's value parsers).
     if opts.counters && opts.backend.kind != BackendKind::Cpu {
         return Err(Error::arg(
             "bench",
@@ -289,7 +290,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
             threads: opts.threads,
             backend: be.name(),
             conv_algo: match opts.backend.kind {
-                BackendKind::Cpu => format!("{:?}", opts.backend.conv_algo).to_lowercase(),
+                BackendKind::Cpu => opts.backend.conv_algo.to_string(),
                 _ => "-".into(),
             },
             cpu: cpu_model(),

@@ -29,7 +29,7 @@ mod header;
 use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Cursor, Read};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ndarray_npy::WriteNpyExt;
 
@@ -297,13 +297,12 @@ pub fn read_npy_or_npz(path: &Path) -> Result<TensorFile> {
     )
 }
 
-/// Read a directory: every `*.npy` in it (not recursing) plus an optional
-/// `metadata.json`. Other files are ignored; a directory without any `.npy`
-/// is an error (it is almost certainly the wrong directory).
-pub fn read_npy_dir(dir: &Path) -> Result<TensorFile> {
-    let shown = dir.display().to_string();
+/// The `*.npy` files of `dir` (not recursing), sorted: what
+/// [`read_npy_dir`] reads, and what [`write_npy_dir`] would leave beside
+/// a set it writes.
+fn npy_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let io = |e: std::io::Error| Error::Io {
-        path: shown.clone(),
+        path: dir.display().to_string(),
         source: e,
     };
     let mut files = Vec::new();
@@ -314,6 +313,15 @@ pub fn read_npy_dir(dir: &Path) -> Result<TensorFile> {
         }
     }
     files.sort();
+    Ok(files)
+}
+
+/// Read a directory: every `*.npy` in it (not recursing) plus an optional
+/// `metadata.json`. Other files are ignored; a directory without any `.npy`
+/// is an error (it is almost certainly the wrong directory).
+pub fn read_npy_dir(dir: &Path) -> Result<TensorFile> {
+    let shown = dir.display().to_string();
+    let files = npy_files(dir)?;
     if files.is_empty() {
         return Err(format_err(&shown, "the directory holds no .npy files"));
     }
@@ -400,23 +408,21 @@ pub fn write_npy_dir<T: Float>(
         check_file_name(name, &shown)?;
     }
     if dir.is_dir() {
-        let mut stale = Vec::new();
-        for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
-            let p = entry.map_err(|e| io(dir, e))?.path();
-            let name = p.file_stem().and_then(|s| s.to_str());
-            if p.extension().is_some_and(|e| e == "npy")
-                && !name.is_some_and(|n| tensors.contains_key(n))
-            {
-                stale.push(
-                    p.file_name()
-                        .unwrap_or_default()
-                        .to_string_lossy()
-                        .into_owned(),
-                );
-            }
-        }
+        let mut stale: Vec<String> = npy_files(dir)?
+            .iter()
+            .filter(|p| {
+                !p.file_stem()
+                    .and_then(|s| s.to_str())
+                    .is_some_and(|n| tensors.contains_key(n))
+            })
+            .map(|p| {
+                p.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
         if !stale.is_empty() {
-            stale.sort();
             let more = match stale.len() {
                 n if n > 3 => format!(" and {} more", n - 3),
                 _ => String::new(),
