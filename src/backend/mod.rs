@@ -482,25 +482,22 @@ impl BackendOptions {
             return Ok(());
         }
         let backend = self.kind_name();
-        if self.conv_algo != ConvAlgo::Auto {
-            return Err(Error::arg(
-                "backend",
-                format!(
-                    "conv algo `{}` applies to the cpu backend only; the {backend} backend has one algorithm (leave it at auto)",
-                    self.conv_algo
-                ),
-            ));
-        }
-        if self.isa != Isa::Auto {
-            return Err(Error::arg(
-                "backend",
-                format!(
-                    "isa `{}` applies to the cpu backend only; the {backend} backend does not use it (leave it at auto)",
-                    self.isa
-                ),
-            ));
-        }
-        Ok(())
+        let (option, why) = if self.conv_algo != ConvAlgo::Auto {
+            (
+                format!("conv algo `{}`", self.conv_algo),
+                "has one algorithm",
+            )
+        } else if self.isa != Isa::Auto {
+            (format!("isa `{}`", self.isa), "does not use it")
+        } else {
+            return Ok(());
+        };
+        Err(Error::arg(
+            "backend",
+            format!(
+                "{option} applies to the cpu backend only; the {backend} backend {why} (leave it at auto)"
+            ),
+        ))
     }
 
     /// A short label, e.g. `cpu/auto`, `cpu/direct/avx2` (a named
