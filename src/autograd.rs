@@ -289,6 +289,7 @@ mod tests {
         let x = t.leaf(Tensor::from_vec(&[2], vec![0.5, -1.0]).unwrap());
         assert!(x.requires_grad());
         assert_eq!(t.len(), 1);
+        assert!(!t.is_empty());
         let y = x.mul(&k).unwrap();
         assert!(y.requires_grad());
         assert_eq!(t.len(), 2);

@@ -169,6 +169,36 @@ mod tests {
         assert_eq!(mask_uniform(seed, 2, 1, 11, 1), want);
     }
 
+    /// The stream layout of `docs/spec.md`: block counter in words 0 (low)
+    /// and 1 (high), the stream id in word 2, the tag in word 3, the four
+    /// outputs used in order; an f64 from two words, 27 high bits then 26.
+    #[test]
+    fn stream_words_follow_the_spec_counter_layout() {
+        let (seed, stream) = (0x0000_0009_0000_0004u64, 77);
+        let mut s = PhiloxStream::new(seed, stream);
+        // Past 2^32 blocks, so the high counter word is in use.
+        s.block = (3 << 32) + 5;
+        let block = |lo, hi| philox4x32_10([lo, hi, stream, 0xA5A5_0000], [4, 9]);
+        let (b0, b1) = (block(5, 3), block(6, 3));
+        let words: Vec<u32> = (0..6).map(|_| s.next_u32()).collect();
+        assert_eq!(words, [b0[0], b0[1], b0[2], b0[3], b1[0], b1[1]]);
+        let x = s.next_f64();
+        let want = (b1[2] >> 5) as f64 / 2f64.powi(27) + (b1[3] >> 6) as f64 / 2f64.powi(53);
+        assert_eq!(x, want);
+        // The largest words give the largest value below 1.
+        let mut t = PhiloxStream::new(0, 0);
+        t.buf = [u32::MAX; 4];
+        t.used = 2;
+        assert_eq!(t.next_f64(), 1.0 - 2f64.powi(-53));
+        // Box-Muller: cos, then sin, of the same two uniforms.
+        let (mut a, mut b) = (PhiloxStream::new(seed, 3), PhiloxStream::new(seed, 3));
+        let (u1, u2) = (1.0 - b.next_f64(), b.next_f64());
+        let r = (-2.0 * u1.ln()).sqrt();
+        let t = std::f64::consts::TAU * u2;
+        assert_eq!([a.normal(), a.normal()], [r * t.cos(), r * t.sin()]);
+        assert_ne!(a.normal(), r * t.cos(), "the next pair draws new uniforms");
+    }
+
     #[test]
     fn stream_moments_are_plausible() {
         let mut s = PhiloxStream::new(42, 0);

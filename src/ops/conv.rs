@@ -134,3 +134,47 @@ impl<T: Float> Var<T> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{each_subset_of_leaves, values};
+    use super::*;
+
+    #[test]
+    fn options_builders_set_what_they_name() {
+        let mask = InputMask::Channel(values(&[1, 2], 0));
+        let o = Conv2dOptions::<f64>::same(2)
+            .with_stride([3, 1])
+            .with_relu(true)
+            .with_mask(mask);
+        assert_eq!((o.stride, o.padding, o.relu), ([3, 1], [2, 2], true));
+        assert!(matches!(o.mask, Some(InputMask::Channel(_))));
+        assert!(!o.with_relu(false).relu);
+        let d = Conv2dOptions::<f64>::default();
+        assert_eq!((d.stride, d.padding, d.relu), ([1, 1], [0, 0], false));
+        assert!(d.mask.is_none());
+    }
+
+    #[test]
+    fn conv2d_gradients_for_every_subset_of_leaves() {
+        let inputs = [
+            values(&[2, 2, 5, 4], 0),
+            values(&[3, 2, 3, 3], 1),
+            values(&[3], 2),
+        ];
+        let spatial = InputMask::Spatial(values(&[2, 5, 4], 3));
+        for opts in [
+            Conv2dOptions::same(1).with_relu(true),
+            Conv2dOptions::same(1)
+                .with_stride([2, 1])
+                .with_mask(spatial),
+        ] {
+            each_subset_of_leaves(&inputs, |v| {
+                v[0].conv2d(&v[1], Some(&v[2]), &opts)?.square()?.sum_all()
+            });
+            each_subset_of_leaves(&inputs[..2], |v| {
+                v[0].conv2d(&v[1], None, &opts)?.square()?.sum_all()
+            });
+        }
+    }
+}

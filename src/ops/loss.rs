@@ -119,3 +119,26 @@ impl<T: Float> Var<T> {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{each_subset_of_leaves, values};
+    use crate::tensor::Tensor;
+
+    #[test]
+    fn sq_err_sum_gradients_for_every_subset_of_leaves() {
+        each_subset_of_leaves(&[values(&[2, 3], 0), values(&[2, 3], 1)], |v| {
+            v[0].sq_err_sum(&v[1])
+        });
+    }
+
+    #[test]
+    fn weighted_pair_sq_err_gradients_for_every_subset_of_leaves() {
+        let (wa, wb) = (Tensor::scalar(0.75), Tensor::scalar(-1.25));
+        let s = [2, 4];
+        let inputs = [values(&s, 0), values(&s, 1), wa, wb, values(&s, 2)];
+        each_subset_of_leaves(&inputs, |v| {
+            v[0].weighted_pair_sq_err(&v[1], &v[2], &v[3], &v[4])
+        });
+    }
+}

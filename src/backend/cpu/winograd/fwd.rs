@@ -343,7 +343,8 @@ impl<E: Elem> WinoConv<'_, E> {
         let nothing = kk == 0 || rows.is_empty();
         let mut tiles: Vec<Tile> = Vec::new();
         let mut fill = vec![rows.len() < m || nothing; imgs.len()];
-        for (i, &img) in imgs.iter().enumerate().filter(|_| !nothing) {
+        let scanned = if nothing { &imgs[..0] } else { imgs };
+        for (i, &img) in scanned.iter().enumerate() {
             let (in_mask, out_mask) = (self.in_mask(img), self.out_mask(img));
             let before = tiles.len();
             for ty in 0..th {
