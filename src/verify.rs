@@ -205,10 +205,25 @@ pub fn compare_tensor(
     }
     row.max_abs_error = max_abs;
     row.max_rel_error = max_rel;
+    // Both norms are summed in units of the largest finite magnitude among
+    // the values and their differences, so that neither squares of
+    // 1e-200 (underflow: a difference reported as none) nor of 1e200
+    // (overflow: inf / inf) lose the ratio.
+    let scale = e
+        .as_slice()
+        .iter()
+        .zip(a.as_slice())
+        .flat_map(|(&ev, &av)| [ev.abs(), (av - ev).abs()])
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max);
+    let unit = if scale > 0.0 { 1.0 / scale } else { 1.0 };
     let (mut num, mut den) = (0.0f64, 0.0f64);
     for (&ev, &av) in e.as_slice().iter().zip(a.as_slice()) {
-        num += (av - ev) * (av - ev);
-        den += ev * ev;
+        // Equal values (equal infinities too) differ by nothing.
+        let d = if av == ev { 0.0 } else { (av - ev) * unit };
+        let x = ev * unit;
+        num += d * d;
+        den += x * x;
     }
     row.norm_rel_error = if den > 0.0 {
         (num / den).sqrt()
@@ -428,6 +443,99 @@ mod tests {
         assert_eq!(compare_tensor("x", &e, &a, scaled).status, Status::Pass);
         let far = f64t(&[3], vec![100.0, 1e-7, -50.0]);
         assert_eq!(compare_tensor("x", &e, &far, scaled).status, Status::Fail);
+    }
+
+    #[test]
+    fn ulps_in_f64_and_across_zero() {
+        let next = |x: f64, k: u64| f64::from_bits(x.to_bits() + k);
+        assert_eq!(ulp_distance(next(1.0, 5), 1.0, DType::F64), 5);
+        assert_eq!(ulp_distance(1.0, next(1.0, 5), DType::F64), 5);
+        assert_eq!(ulp_distance(-next(2.0, 7), -2.0, DType::F64), 7);
+        assert_eq!(ulp_distance(-0.0, 0.0, DType::F64), 0);
+        let tiny = f64::from_bits(3);
+        assert_eq!(ulp_distance(tiny, -tiny, DType::F64), 6);
+        // The widest finite span still fits 64 bits: 2 (2^63 - 2^52 - 1).
+        assert_eq!(
+            ulp_distance(f64::MAX, -f64::MAX, DType::F64),
+            0xFFDF_FFFF_FFFF_FFFE
+        );
+        assert_eq!(ulp_distance(f64::NAN, f64::NAN, DType::F64), 0);
+        assert_eq!(ulp_distance(f64::NAN, 1.0, DType::F32), u64::MAX);
+        assert_eq!(ulp_distance(1.0, f64::NAN, DType::F64), u64::MAX);
+        let f = |x: f32| x as f64;
+        assert_eq!(
+            ulp_distance(
+                f(-1.0),
+                f(-f32::from_bits(1.0f32.to_bits() + 4)),
+                DType::F32
+            ),
+            4
+        );
+    }
+
+    #[test]
+    fn norm_wise_error_and_its_zero_cases() {
+        let r = compare_tensor(
+            "x",
+            &f64t(&[2], vec![3.0, 4.0]),
+            &f64t(&[2], vec![3.0, 4.5]),
+            TOL,
+        );
+        assert_eq!(r.norm_rel_error, 0.1);
+        let zeros = f64t(&[2], vec![0.0, 0.0]);
+        let r = compare_tensor("x", &zeros, &zeros, TOL);
+        assert_eq!((r.norm_rel_error, r.status), (0.0, Status::Pass));
+        let r = compare_tensor("x", &zeros, &f64t(&[2], vec![0.0, 1e-300]), TOL);
+        assert_eq!(
+            r.norm_rel_error,
+            f64::INFINITY,
+            "a difference of 1e-300 is not none"
+        );
+        assert_eq!((r.max_rel_error, r.status), (f64::INFINITY, Status::Fail));
+        // Squares that would overflow: the ratio is still 0.1.
+        let r = compare_tensor(
+            "x",
+            &f64t(&[2], vec![3e200, 4e200]),
+            &f64t(&[2], vec![3e200, 4.5e200]),
+            TOL,
+        );
+        assert!(
+            (r.norm_rel_error - 0.1).abs() < 1e-15,
+            "{}",
+            r.norm_rel_error
+        );
+        let r = compare_tensor(
+            "x",
+            &f64t(&[2], vec![3e-200, 4e-200]),
+            &f64t(&[2], vec![3e-200, 4.5e-200]),
+            TOL,
+        );
+        assert!(
+            (r.norm_rel_error - 0.1).abs() < 1e-15,
+            "{}",
+            r.norm_rel_error
+        );
+    }
+
+    #[test]
+    fn the_scaled_floor_ignores_infinite_expected_values() {
+        // max|e| over finite values is 1, so stol = 1 forgives 1, not 2;
+        // equal infinities pass.
+        let e = f64t(&[2], vec![f64::INFINITY, 1.0]);
+        let tol = Tolerance {
+            rtol: 0.0,
+            atol: 0.0,
+            stol: 1.0,
+        };
+        let near = compare_tensor("x", &e, &f64t(&[2], vec![f64::INFINITY, 1.9]), tol);
+        assert_eq!(near.status, Status::Pass);
+        let far = compare_tensor("x", &e, &f64t(&[2], vec![f64::INFINITY, 3.0]), tol);
+        assert_eq!((far.status, far.failures), (Status::Fail, 1));
+        assert_eq!((far.worst_index.clone(), far.worst_actual), (vec![1], 3.0));
+        // Equal infinities add nothing to the norm-wise error (inf - inf is NaN).
+        assert_eq!(near.norm_rel_error, 0.0);
+        let other_inf = compare_tensor("x", &e, &f64t(&[2], vec![f64::NEG_INFINITY, 1.0]), tol);
+        assert_eq!(other_inf.status, Status::Fail);
     }
 
     #[test]
