@@ -31,6 +31,21 @@ pub struct Tolerance {
     pub stol: f64,
 }
 
+impl Tolerance {
+    /// The tolerance that is not finite and >= 0, by name, if any. A negative
+    /// tolerance would pass every element (a negative bound makes every
+    /// ratio negative), so [`compare_tensor`] fails every tensor under one.
+    pub fn invalid(&self) -> Option<(&'static str, f64)> {
+        [
+            ("rtol", self.rtol),
+            ("atol", self.atol),
+            ("stol", self.stol),
+        ]
+        .into_iter()
+        .find(|(_, v)| !(v.is_finite() && *v >= 0.0))
+    }
+}
+
 /// Outcome of one tensor's comparison.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -164,6 +179,11 @@ pub fn compare_tensor(
             expected.shape(),
             actual.shape()
         );
+        return row;
+    }
+    if let Some((what, v)) = tol.invalid() {
+        row.status = Status::Fail;
+        row.detail = format!("{what} {v} is not finite and >= 0");
         return row;
     }
     let (e, a) = (expected.to_f64(), actual.to_f64());
@@ -536,6 +556,49 @@ mod tests {
         assert_eq!(near.norm_rel_error, 0.0);
         let other_inf = compare_tensor("x", &e, &f64t(&[2], vec![f64::NEG_INFINITY, 1.0]), tol);
         assert_eq!(other_inf.status, Status::Fail);
+    }
+
+    #[test]
+    fn a_negative_or_nan_tolerance_fails_every_tensor() {
+        let e = f64t(&[2], vec![1.0, 2.0]);
+        let a = f64t(&[2], vec![5.0, 2.0]);
+        for (bad, what) in [
+            (Tolerance { rtol: -1.0, ..TOL }, "rtol -1"),
+            (
+                Tolerance {
+                    atol: f64::NAN,
+                    ..TOL
+                },
+                "atol NaN",
+            ),
+            (
+                Tolerance {
+                    stol: f64::INFINITY,
+                    ..TOL
+                },
+                "stol inf",
+            ),
+        ] {
+            let r = compare_tensor("x", &e, &e, bad);
+            assert_eq!(r.status, Status::Fail);
+            assert_eq!(r.detail, format!("{what} is not finite and >= 0"));
+            assert!(
+                !compare(
+                    &file(vec![("loss", e.clone())]),
+                    &file(vec![("loss", a.clone())]),
+                    bad,
+                    false
+                )
+                .passed
+            );
+        }
+        let edge = Tolerance {
+            rtol: 0.0,
+            atol: 0.0,
+            stol: 0.0,
+        };
+        assert_eq!(edge.invalid(), None);
+        assert_eq!(compare_tensor("x", &e, &e, edge).status, Status::Pass);
     }
 
     #[test]

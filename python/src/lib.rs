@@ -542,15 +542,13 @@ fn verify_arrays<'py>(
     stol: f64,
     allow_extra: bool,
 ) -> PyResult<Report> {
-    for (name, v) in [("rtol", rtol), ("atol", atol), ("stol", stol)] {
-        if !(v.is_finite() && v >= 0.0) {
-            return Err(value_err(format!("{name} must be finite and >= 0")));
-        }
+    let tol = Tolerance { rtol, atol, stol };
+    if let Some((name, _)) = tol.invalid() {
+        return Err(value_err(format!("{name} must be finite and >= 0")));
     }
     let (mut g32, mut g64) = (Vec::new(), Vec::new());
     let e = tensor_file(expected, &mut g32, &mut g64)?;
     let a = tensor_file(actual, &mut g32, &mut g64)?;
-    let tol = Tolerance { rtol, atol, stol };
     let report = engine(py, || Ok(compare(&e, &a, tol, allow_extra)))?;
     Ok(Report { report })
 }
