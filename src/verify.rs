@@ -225,10 +225,12 @@ pub fn compare_tensor(
     }
     row.max_abs_error = max_abs;
     row.max_rel_error = max_rel;
-    // Both norms are summed in units of the largest finite magnitude among
-    // the values and their differences, so that neither squares of
-    // 1e-200 (underflow: a difference reported as none) nor of 1e200
-    // (overflow: inf / inf) lose the ratio.
+    // Both norms are summed in units of the power of two at the largest
+    // finite magnitude among the values and their differences, so that
+    // neither squares of 1e-200 (underflow: a difference reported as none)
+    // nor of 1e200 (overflow: inf / inf) lose the ratio. A power of two
+    // scales exactly: in the normal range the sums are those of the
+    // unscaled values, bit for bit.
     let scale = e
         .as_slice()
         .iter()
@@ -236,7 +238,13 @@ pub fn compare_tensor(
         .flat_map(|(&ev, &av)| [ev.abs(), (av - ev).abs()])
         .filter(|v| v.is_finite())
         .fold(0.0f64, f64::max);
-    let unit = if scale > 0.0 { 1.0 / scale } else { 1.0 };
+    let unit = if scale > 0.0 {
+        // The biased exponent field; 0 (subnormal) is 2^-1022's.
+        let exp = ((scale.to_bits() >> 52) as i32).max(1) - 1023;
+        2f64.powi(-exp)
+    } else {
+        1.0
+    };
     let (mut num, mut den) = (0.0f64, 0.0f64);
     for (&ev, &av) in e.as_slice().iter().zip(a.as_slice()) {
         // Equal values (equal infinities too) differ by nothing.
@@ -599,6 +607,58 @@ mod tests {
         };
         assert_eq!(edge.invalid(), None);
         assert_eq!(compare_tensor("x", &e, &e, edge).status, Status::Pass);
+    }
+
+    #[test]
+    fn the_bound_is_inclusive_and_the_worst_is_reported_when_all_pass() {
+        let tol = Tolerance {
+            rtol: 0.0,
+            atol: 0.5,
+            stol: 0.0,
+        };
+        // |a - e| = atol exactly passes; the worst element is the one
+        // nearest its bound even when every element passes; ties go to the
+        // first.
+        let e = f64t(&[4], vec![1.0, 1.0, 1.0, 1.0]);
+        let r = compare_tensor("x", &e, &f64t(&[4], vec![1.25, 1.5, 0.5, 1.0]), tol);
+        assert_eq!((r.status, r.failures), (Status::Pass, 0));
+        assert_eq!((r.worst_index.clone(), r.worst_actual), (vec![1], 1.5));
+        let r = compare_tensor("x", &e, &f64t(&[4], vec![1.0, 1.25, 1.0, 1.0]), tol);
+        assert_eq!(r.worst_index, vec![1]);
+    }
+
+    #[test]
+    fn the_norm_wise_error_scales_by_powers_of_two_only() {
+        // In the normal range, the same bits as the unscaled sums.
+        let (ev, av) = (vec![0.3, -1.7, 2.9], vec![0.31, -1.69, 2.95]);
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for (e, a) in ev.iter().zip(&av) {
+            num += (a - e) * (a - e);
+            den += e * e;
+        }
+        let r = compare_tensor("x", &f64t(&[3], ev), &f64t(&[3], av), TOL);
+        assert_eq!(r.norm_rel_error, (num / den).sqrt());
+        // Subnormal values: 2^-1074 against 3 * 2^-1074.
+        let tiny = f64::from_bits(1);
+        let r = compare_tensor(
+            "x",
+            &f64t(&[1], vec![tiny]),
+            &f64t(&[1], vec![3.0 * tiny]),
+            TOL,
+        );
+        assert_eq!(r.norm_rel_error, 2.0);
+    }
+
+    #[test]
+    fn empty_tensors_compare_equal() {
+        let empty = f64t(&[2, 0], vec![]);
+        let r = compare_tensor("x", &empty, &empty, TOL);
+        assert_eq!(r.status, Status::Pass);
+        assert!(r.worst_index.is_empty() && r.worst_expected.is_nan());
+        assert_eq!(
+            (r.norm_rel_error, r.max_abs_error, r.failures),
+            (0.0, 0.0, 0)
+        );
     }
 
     #[test]
