@@ -520,7 +520,10 @@ mod tests {
             "a difference of 1e-300 is not none"
         );
         assert_eq!((r.max_rel_error, r.status), (f64::INFINITY, Status::Fail));
-        // Squares that would overflow: the ratio is still 0.1.
+        // Squares that would overflow (and below, underflow): the ratio is
+        // still 0.1, up to the few roundings of two squares, a sum and a
+        // square root (an ulp of 0.1 is 1.4e-17; 1e-15 leaves a wide margin
+        // while an unscaled sum would give NaN or 0).
         let r = compare_tensor(
             "x",
             &f64t(&[2], vec![3e200, 4e200]),
