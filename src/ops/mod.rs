@@ -24,14 +24,11 @@ pub(crate) mod testing {
     use crate::backend::ReferenceBackend;
     use crate::tensor::Tensor;
 
-    /// A tensor of `shape` holding multiples of 1/4 in [-1.25, 1.25] (zeros
-    /// included), a different pattern per seed.
-    pub fn values(shape: &[usize], seed: usize) -> Tensor<f64> {
+    /// A tensor of `shape` holding the CPU kernel tests' fixed values in
+    /// [-1, 1) for `seed`.
+    pub fn values(shape: &[usize], seed: u64) -> Tensor<f64> {
         let n = shape.iter().product::<usize>();
-        let v = (0..n)
-            .map(|i| (((i * 7 + seed * 13) % 11) as f64 - 5.0) / 4.0)
-            .collect();
-        Tensor::from_vec(shape, v).unwrap()
+        Tensor::from_vec(shape, crate::backend::cpu::testing::values(n, seed)).unwrap()
     }
 
     /// Runs `f` for every subset of its operands being leaves (the others

@@ -47,7 +47,7 @@ pub mod peak;
 mod reduce;
 mod simd;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 mod winograd;
 
 pub use conv_fwd::PACK_WEIGHTS_ABOVE;
