@@ -31,6 +31,11 @@ pub struct Tolerance {
     pub stol: f64,
 }
 
+/// What every tolerance must be: finite and >= 0.
+pub fn valid_tolerance(v: f64) -> bool {
+    v.is_finite() && v >= 0.0
+}
+
 impl Tolerance {
     /// The tolerance that is not finite and >= 0, by name, if any. A negative
     /// tolerance would pass every element (a negative bound makes every
@@ -42,7 +47,7 @@ impl Tolerance {
             ("stol", self.stol),
         ]
         .into_iter()
-        .find(|(_, v)| !(v.is_finite() && *v >= 0.0))
+        .find(|&(_, v)| !valid_tolerance(v))
     }
 }
 

@@ -95,7 +95,7 @@ fn thread_count(s: &str) -> std::result::Result<usize, String> {
 /// A tolerance: finite and >= 0.
 fn tolerance(s: &str) -> std::result::Result<f64, String> {
     let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
-    if v.is_finite() && v >= 0.0 {
+    if dmkd::verify::valid_tolerance(v) {
         Ok(v)
     } else {
         Err(format!("{v} must be finite and >= 0"))
