@@ -60,8 +60,18 @@ impl OptimizerKind {
 pub struct Optimizer {
     kind: OptimizerKind,
     step: u64,
-    /// First moment (or momentum buffer) and second moment, per name.
-    state: BTreeMap<String, (Vec<f64>, Vec<f64>)>,
+    /// Per name: the first moment (or momentum buffer), the second moment,
+    /// and the steps that tensor has taken. PyTorch keeps the step count per
+    /// parameter too, so a tensor that first gets a gradient at step 3 is
+    /// bias-corrected as at its own first step.
+    state: BTreeMap<String, Moments>,
+}
+
+/// One tensor's optimizer state, in f64.
+struct Moments {
+    m: Vec<f64>,
+    v: Vec<f64>,
+    steps: u64,
 }
 
 impl Optimizer {
@@ -80,31 +90,41 @@ impl Optimizer {
     }
 
     /// Update every tensor of `params` whose gradient is in `grads` under
-    /// `grad_prefix + name`. State is kept in f64.
+    /// `grad_prefix + name`. State is kept in f64. Every gradient's shape is
+    /// checked before anything changes: on an error no tensor, moment or
+    /// step count has moved.
     pub fn step<T: Float>(
         &mut self,
         params: &mut TensorMap<T>,
         grads: &TensorMap<T>,
         grad_prefix: &str,
     ) -> Result<()> {
-        self.step += 1;
-        let t = self.step as f64;
-        for (name, p) in params.iter_mut() {
-            let Some(g) = grads.get(&format!("{grad_prefix}{name}")) else {
-                continue;
-            };
-            if g.shape() != p.shape() {
+        let grad_of = |name: &str| grads.get(&format!("{grad_prefix}{name}"));
+        for (name, p) in params.iter() {
+            if let Some(g) = grad_of(name)
+                && g.shape() != p.shape()
+            {
                 return Err(Error::TensorShape {
                     name: format!("{grad_prefix}{name}"),
                     expected: p.shape().to_vec(),
                     got: g.shape().to_vec(),
                 });
             }
+        }
+        self.step += 1;
+        for (name, p) in params.iter_mut() {
+            let Some(g) = grad_of(name) else {
+                continue;
+            };
             let n = p.numel();
-            let (m, v) = self
-                .state
-                .entry(name.clone())
-                .or_insert_with(|| (vec![0.0; n], vec![0.0; n]));
+            let Moments { m, v, steps } =
+                self.state.entry(name.clone()).or_insert_with(|| Moments {
+                    m: vec![0.0; n],
+                    v: vec![0.0; n],
+                    steps: 0,
+                });
+            *steps += 1;
+            let t = *steps as f64;
             let mut out: Vec<T> = Vec::with_capacity(n);
             match self.kind {
                 OptimizerKind::Sgd {
@@ -176,13 +196,98 @@ mod tests {
     }
 
     #[test]
-    fn a_gradient_of_the_wrong_shape_is_an_error() {
+    fn adamw_second_step_matches_pytorch_written_out() {
+        // torch.optim.AdamW's step as PyTorch writes it (single-tensor path):
+        // p *= 1 - lr wd; m, v updated; step_size = lr / (1 - b1^t);
+        // denom = sqrt(v) / sqrt(1 - b2^t) + eps; p -= step_size m / denom.
+        let (lr, b1, b2, eps, wd) = (0.01, 0.9, 0.999, 1e-8, 0.01);
+        let (mut pw, mut m, mut v) = (2.0f64, 0.0f64, 0.0f64);
+        let mut p = one("w", pw);
+        let mut opt = Optimizer::new(OptimizerKind::adamw(lr));
+        for (t, g) in [(1, -3.0f64), (2, 0.5)] {
+            pw *= 1.0 - lr * wd;
+            m = b1 * m + (1.0 - b1) * g;
+            v = b2 * v + (1.0 - b2) * g * g;
+            let step_size = lr / (1.0 - b1.powi(t));
+            let denom = v.sqrt() / (1.0 - b2.powi(t)).sqrt() + eps;
+            pw -= step_size * m / denom;
+            opt.step(&mut p, &one("grad.w", g), "grad.").unwrap();
+            // The two forms differ only in rounding: a few ulps of p ~ 2.
+            assert!((p["w"].as_slice()[0] - pw).abs() < 1e-14, "step {t}");
+        }
+        assert_eq!(opt.steps(), 2);
+    }
+
+    #[test]
+    fn each_tensor_counts_its_own_steps() {
+        // "b" first gets a gradient at the second step: it takes its own
+        // first step (full bias correction), as PyTorch's per-parameter
+        // state does, and "a" its second.
+        for kind in [OptimizerKind::adamw(0.01), OptimizerKind::sgd(0.1, 0.9)] {
+            let mut p = TensorMap::from([
+                ("a".to_string(), Tensor::from_vec(&[1], vec![1.0]).unwrap()),
+                ("b".to_string(), Tensor::from_vec(&[1], vec![1.0]).unwrap()),
+            ]);
+            let mut opt = Optimizer::new(kind);
+            opt.step(&mut p, &one("grad.a", 2.0), "grad.").unwrap();
+            assert_eq!(p["b"].as_slice()[0], 1.0, "{kind:?}: b has no gradient yet");
+            let both = TensorMap::from([
+                (
+                    "grad.a".to_string(),
+                    Tensor::from_vec(&[1], vec![2.0]).unwrap(),
+                ),
+                (
+                    "grad.b".to_string(),
+                    Tensor::from_vec(&[1], vec![2.0]).unwrap(),
+                ),
+            ]);
+            opt.step(&mut p, &both, "grad.").unwrap();
+            let mut fresh = one("b", 1.0);
+            Optimizer::new(kind)
+                .step(&mut fresh, &one("grad.b", 2.0), "grad.")
+                .unwrap();
+            assert_eq!(p["b"].as_slice()[0], fresh["b"].as_slice()[0], "{kind:?}");
+            // "a" took a second step, which is not its first again.
+            let mut a_twice = one("a", 1.0);
+            let mut other = Optimizer::new(kind);
+            for _ in 0..2 {
+                other
+                    .step(&mut a_twice, &one("grad.a", 2.0), "grad.")
+                    .unwrap();
+            }
+            assert_eq!(p["a"].as_slice()[0], a_twice["a"].as_slice()[0], "{kind:?}");
+            assert_ne!(p["a"].as_slice()[0], p["b"].as_slice()[0], "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn a_gradient_of_the_wrong_shape_is_an_error_and_changes_nothing() {
+        // "a" sorts before "w": its update would have been applied before
+        // the bad shape of "w" was seen.
         let mut p = one("w", 2.0);
-        let g = TensorMap::from([("grad.w".to_string(), Tensor::zeros(&[2]).unwrap())]);
+        p.insert("a".into(), Tensor::from_vec(&[1], vec![3.0]).unwrap());
+        let g = TensorMap::from([
+            (
+                "grad.a".to_string(),
+                Tensor::from_vec(&[1], vec![1.0]).unwrap(),
+            ),
+            ("grad.w".to_string(), Tensor::zeros(&[2]).unwrap()),
+        ]);
         let mut opt = Optimizer::new(OptimizerKind::adamw(0.01));
         assert_eq!(
             opt.step(&mut p, &g, "grad.").unwrap_err().kind(),
             "tensor_shape"
         );
+        assert_eq!(p["a"].as_slice()[0], 3.0);
+        assert_eq!(p["w"].as_slice()[0], 2.0);
+        assert_eq!(opt.steps(), 0);
+        // The failed call left no state: the next good step is a first step.
+        let mut fresh = p.clone();
+        let good = one("grad.a", 1.0);
+        opt.step(&mut p, &good, "grad.").unwrap();
+        Optimizer::new(OptimizerKind::adamw(0.01))
+            .step(&mut fresh, &good, "grad.")
+            .unwrap();
+        assert_eq!(p["a"].as_slice()[0], fresh["a"].as_slice()[0]);
     }
 }

@@ -474,3 +474,35 @@ impl<T: Float> Backend<T> for ReferenceBackend {
         Ok(Tensor::from_parts(a.shape(), out))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kinks, where a finite difference cannot be the oracle (it
+    /// measures the kink): relu'(0) = 0 and abs'(0) = sign(0) = 0, for both
+    /// zeros, as in PyTorch; the CPU backend calls these same functions.
+    fn kinks<T: Float>() {
+        for x in [T::zero(), -T::zero()] {
+            for op in [Unary::Relu, Unary::Abs] {
+                let d = unary_derivative(op, x, unary_fn(op, x));
+                assert_eq!(d.as_f64().to_bits(), 0.0f64.to_bits(), "{op:?}'({x:?})");
+            }
+            // relu(-0) is +0, as max(x, 0) in PyTorch.
+            let y = unary_fn(Unary::Relu, x).as_f64();
+            assert_eq!(y.to_bits(), 0.0f64.to_bits(), "relu({x:?})");
+        }
+        let (half, neg_half) = (T::from_f64(0.5), T::from_f64(-0.5));
+        let d = |op, x: T| unary_derivative(op, x, unary_fn(op, x)).as_f64();
+        assert_eq!(d(Unary::Abs, half), 1.0);
+        assert_eq!(d(Unary::Abs, neg_half), -1.0);
+        assert_eq!(d(Unary::Relu, half), 1.0);
+        assert_eq!(d(Unary::Relu, neg_half), 0.0);
+    }
+
+    #[test]
+    fn derivatives_at_the_kinks_are_zero() {
+        kinks::<f32>();
+        kinks::<f64>();
+    }
+}
