@@ -109,6 +109,30 @@ mod tests {
     }
 
     #[test]
+    fn broadcasting_edges() {
+        // Equal shapes, and a longer `from` (never broadcasts).
+        assert!(broadcasts_to(&[2, 3], &[2, 3]));
+        assert!(broadcasts_to(&[], &[2, 3]));
+        assert!(!broadcasts_to(&[1, 2, 3], &[2, 3]));
+        assert!(!broadcasts_to(&[3], &[3, 2]));
+        // A zero-sized dim broadcasts against 1 only (NumPy).
+        assert_eq!(broadcast_shapes("t", &[0, 3], &[1, 3]).unwrap(), vec![0, 3]);
+        assert_eq!(broadcast_shapes("t", &[4, 1], &[5]).unwrap(), vec![4, 5]);
+        assert!(broadcast_shapes("t", &[0], &[2]).is_err());
+        let e = broadcast_shapes("add", &[2], &[3]).unwrap_err().to_string();
+        assert!(e.contains("[2] and [3] do not broadcast"), "{e}");
+        // Strides: scalars and vectors, and broadcast dims read at stride 0.
+        assert_eq!(strides(&[]), Vec::<usize>::new());
+        assert_eq!(strides(&[5]), vec![1]);
+        assert_eq!(broadcast_strides(&[2, 3], &[2, 3]), vec![3, 1]);
+        assert_eq!(
+            broadcast_strides(&[4, 1, 3], &[2, 4, 5, 3]),
+            vec![0, 3, 0, 1]
+        );
+        assert_eq!(broadcast_strides(&[], &[2, 2]), vec![0, 0]);
+    }
+
+    #[test]
     fn axes_are_validated() {
         assert!(check_axes("t", &[0, 2], 3).is_ok());
         assert!(check_axes("t", &[3], 3).is_err());

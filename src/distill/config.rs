@@ -238,6 +238,49 @@ mod tests {
     }
 
     #[test]
+    fn every_range_is_checked_at_both_ends() {
+        // Zero is a legal weight and a legal ratio (nothing masked).
+        let edge = Config::from_json(
+            r#"{"levels":[{"alpha":0,"lambda_s":0,"lambda_c":0,"alpha_fgd":0,
+                "beta_fgd":0,"gamma_fgd":0,"lambda_fgd":0,"tau":1e-300}]}"#,
+        );
+        assert!(edge.is_ok(), "{edge:?}");
+        // Values JSON cannot carry (inf, NaN) reach `validate` from Rust
+        // and Python; each message names the key.
+        let keys = [
+            "tau",
+            "lambda_s",
+            "lambda_c",
+            "alpha",
+            "alpha_fgd",
+            "beta_fgd",
+            "gamma_fgd",
+            "lambda_fgd",
+        ];
+        for key in keys {
+            for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -1e-300] {
+                let mut lc = LevelConfig::default();
+                let field = match key {
+                    "tau" => &mut lc.tau,
+                    "lambda_s" => &mut lc.lambda_s,
+                    "lambda_c" => &mut lc.lambda_c,
+                    "alpha" => &mut lc.alpha,
+                    "alpha_fgd" => &mut lc.alpha_fgd,
+                    "beta_fgd" => &mut lc.beta_fgd,
+                    "gamma_fgd" => &mut lc.gamma_fgd,
+                    _ => &mut lc.lambda_fgd,
+                };
+                *field = v;
+                let e = lc.validate(3).unwrap_err().to_string();
+                assert!(
+                    e.contains(&format!("level 3: {key} = ")),
+                    "{key} = {v}: {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn fgd_defaults_are_its_retinanet_config() {
         let c = Config::from_json(r#"{"levels":[{"method":"fgd"}]}"#).unwrap();
         let l = &c.levels[0];
