@@ -110,6 +110,20 @@ impl Optimizer {
                     got: g.shape().to_vec(),
                 });
             }
+            // A tensor that changed size under the same name would zip its
+            // old moments short or index past them.
+            if let Some(st) = self.state.get(name)
+                && st.m.len() != p.numel()
+            {
+                return Err(Error::shape(
+                    "Optimizer::step",
+                    format!(
+                        "{name} has {} elements but its optimizer state has {}",
+                        p.numel(),
+                        st.m.len()
+                    ),
+                ));
+            }
         }
         self.step += 1;
         for (name, p) in params.iter_mut() {
@@ -289,5 +303,25 @@ mod tests {
             .step(&mut fresh, &good, "grad.")
             .unwrap();
         assert_eq!(p["a"].as_slice()[0], fresh["a"].as_slice()[0]);
+    }
+
+    #[test]
+    fn a_tensor_that_changed_size_is_an_error() {
+        for kind in [OptimizerKind::adamw(0.01), OptimizerKind::sgd(0.1, 0.9)] {
+            let mut opt = Optimizer::new(kind);
+            opt.step(&mut one("w", 1.0), &one("grad.w", 1.0), "grad.")
+                .unwrap();
+            let mut p = TensorMap::from([("w".to_string(), Tensor::<f64>::zeros(&[3]).unwrap())]);
+            let g = TensorMap::from([("grad.w".to_string(), Tensor::<f64>::ones(&[3]).unwrap())]);
+            let e = opt.step(&mut p, &g, "grad.").unwrap_err();
+            assert_eq!(e.kind(), "shape_mismatch", "{kind:?}");
+            assert!(
+                e.to_string()
+                    .contains("w has 3 elements but its optimizer state has 1"),
+                "{e}"
+            );
+            assert_eq!(p["w"].as_slice(), &[0.0; 3]);
+            assert_eq!(opt.steps(), 1);
+        }
     }
 }
