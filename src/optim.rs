@@ -198,6 +198,24 @@ mod tests {
     }
 
     #[test]
+    fn sgd_weight_decay_matches_pytorch_by_hand() {
+        // torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=0.5), p=1,
+        // grads 2 then 4: step 1: d = 2 + 0.5 = 2.5, buf = 2.5, p = 0.75;
+        // step 2: d = 4 + 0.375 = 4.375, buf = 2.25 + 4.375 = 6.625,
+        // p = 0.75 - 0.6625 = 0.0875.
+        let mut p = one("w", 1.0);
+        let mut opt = Optimizer::new(OptimizerKind::Sgd {
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 0.5,
+        });
+        opt.step(&mut p, &one("grad.w", 2.0), "grad.").unwrap();
+        assert!((p["w"].as_slice()[0] - 0.75).abs() < 1e-15);
+        opt.step(&mut p, &one("grad.w", 4.0), "grad.").unwrap();
+        assert!((p["w"].as_slice()[0] - 0.0875).abs() < 1e-15);
+    }
+
+    #[test]
     fn adamw_first_step_moves_by_lr() {
         // Bias-corrected Adam's first step is lr * g / (|g| + eps) ~ lr * sign(g),
         // after decoupled decay p *= 1 - lr * wd.
