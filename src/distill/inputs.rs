@@ -99,3 +99,36 @@ pub fn read_boxes<T: Float>(tensors: &TensorMap<T>, n: usize) -> Result<Boxes> {
     boxes.validate(n)?;
     Ok(boxes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Tensor;
+
+    #[test]
+    fn boxes_are_read_per_image_with_height_then_width() {
+        // Two images of different, non-square sizes: a height and width read
+        // from the wrong slots, or image 1 read as image 0, changes them.
+        let map: TensorMap<f32> = TensorMap::from([
+            (
+                "img_shape".to_string(),
+                Tensor::from_vec(&[2, 2], vec![30.0, 40.0, 50.0, 60.0]).unwrap(),
+            ),
+            (
+                "gt_boxes.0".to_string(),
+                Tensor::from_vec(&[1, 4], vec![1.0, 2.0, 3.0, 4.0]).unwrap(),
+            ),
+            (
+                "gt_boxes.1".to_string(),
+                Tensor::from_vec(&[2, 4], vec![0.0, 0.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]).unwrap(),
+            ),
+        ]);
+        let b = read_boxes(&map, 2).unwrap();
+        assert_eq!(b.img_shape, vec![[30.0, 40.0], [50.0, 60.0]]);
+        assert_eq!(b.per_image[0], vec![[1.0, 2.0, 3.0, 4.0]]);
+        assert_eq!(
+            b.per_image[1],
+            vec![[0.0, 0.0, 5.0, 6.0], [7.0, 8.0, 9.0, 10.0]]
+        );
+    }
+}
