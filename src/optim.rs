@@ -256,23 +256,13 @@ mod tests {
         // first step (full bias correction), as PyTorch's per-parameter
         // state does, and "a" its second.
         for kind in [OptimizerKind::adamw(0.01), OptimizerKind::sgd(0.1, 0.9)] {
-            let mut p = TensorMap::from([
-                ("a".to_string(), Tensor::from_vec(&[1], vec![1.0]).unwrap()),
-                ("b".to_string(), Tensor::from_vec(&[1], vec![1.0]).unwrap()),
-            ]);
+            let mut p = one("a", 1.0);
+            p.extend(one("b", 1.0));
             let mut opt = Optimizer::new(kind);
             opt.step(&mut p, &one("grad.a", 2.0), "grad.").unwrap();
             assert_eq!(p["b"].as_slice()[0], 1.0, "{kind:?}: b has no gradient yet");
-            let both = TensorMap::from([
-                (
-                    "grad.a".to_string(),
-                    Tensor::from_vec(&[1], vec![2.0]).unwrap(),
-                ),
-                (
-                    "grad.b".to_string(),
-                    Tensor::from_vec(&[1], vec![2.0]).unwrap(),
-                ),
-            ]);
+            let mut both = one("grad.a", 2.0);
+            both.extend(one("grad.b", 2.0));
             opt.step(&mut p, &both, "grad.").unwrap();
             let mut fresh = one("b", 1.0);
             Optimizer::new(kind)
@@ -297,14 +287,9 @@ mod tests {
         // "a" sorts before "w": its update would have been applied before
         // the bad shape of "w" was seen.
         let mut p = one("w", 2.0);
-        p.insert("a".into(), Tensor::from_vec(&[1], vec![3.0]).unwrap());
-        let g = TensorMap::from([
-            (
-                "grad.a".to_string(),
-                Tensor::from_vec(&[1], vec![1.0]).unwrap(),
-            ),
-            ("grad.w".to_string(), Tensor::zeros(&[2]).unwrap()),
-        ]);
+        p.extend(one("a", 3.0));
+        let mut g = one("grad.a", 1.0);
+        g.insert("grad.w".into(), Tensor::zeros(&[2]).unwrap());
         let mut opt = Optimizer::new(OptimizerKind::adamw(0.01));
         assert_eq!(
             opt.step(&mut p, &g, "grad.").unwrap_err().kind(),

@@ -247,30 +247,21 @@ mod tests {
         assert!(edge.is_ok(), "{edge:?}");
         // Values JSON cannot carry (inf, NaN) reach `validate` from Rust
         // and Python; each message names the key.
-        let keys = [
-            "tau",
-            "lambda_s",
-            "lambda_c",
-            "alpha",
-            "alpha_fgd",
-            "beta_fgd",
-            "gamma_fgd",
-            "lambda_fgd",
+        type Field = fn(&mut LevelConfig) -> &mut f64;
+        let fields: [(&str, Field); 8] = [
+            ("tau", |c| &mut c.tau),
+            ("lambda_s", |c| &mut c.lambda_s),
+            ("lambda_c", |c| &mut c.lambda_c),
+            ("alpha", |c| &mut c.alpha),
+            ("alpha_fgd", |c| &mut c.alpha_fgd),
+            ("beta_fgd", |c| &mut c.beta_fgd),
+            ("gamma_fgd", |c| &mut c.gamma_fgd),
+            ("lambda_fgd", |c| &mut c.lambda_fgd),
         ];
-        for key in keys {
+        for (key, field) in fields {
             for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -1e-300] {
                 let mut lc = LevelConfig::default();
-                let field = match key {
-                    "tau" => &mut lc.tau,
-                    "lambda_s" => &mut lc.lambda_s,
-                    "lambda_c" => &mut lc.lambda_c,
-                    "alpha" => &mut lc.alpha,
-                    "alpha_fgd" => &mut lc.alpha_fgd,
-                    "beta_fgd" => &mut lc.beta_fgd,
-                    "gamma_fgd" => &mut lc.gamma_fgd,
-                    _ => &mut lc.lambda_fgd,
-                };
-                *field = v;
+                *field(&mut lc) = v;
                 let e = lc.validate(3).unwrap_err().to_string();
                 assert!(
                     e.contains(&format!("level 3: {key} = ")),
