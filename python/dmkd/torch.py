@@ -54,7 +54,12 @@ class _EngineLoss(torch.autograd.Function):
     The gradients are saved with ``save_for_backward``: autograd then frees them after a
     backward pass without ``retain_graph`` (before the gradients reach the leaves, which may then
     take the engine's buffers as their ``.grad`` without a copy), and keeps them for repeated
-    backward passes with it (``gradcheck``)."""
+    backward passes with it (``gradcheck``).
+
+    First order only: the engine computes no second derivatives. Under ``create_graph=True`` the
+    gradients handed out pass through ``_FirstOrderOnly``, tied to the loss's inputs, so that
+    differentiating them again raises instead of treating them as constants (which would make
+    every second derivative zero: a gradient penalty through this loss would silently vanish)."""
 
     @staticmethod
     def forward(ctx, plan, *tensors):
@@ -65,16 +70,37 @@ class _EngineLoss(torch.autograd.Function):
             plan["config"], arrays, plan["dtype"], plan["backend"], plan["conv_algo"],
             None, False, plan["sample_offset"],
         )
-        ctx.save_for_backward(*[torch.from_numpy(outputs["grad." + n]) for n in plan["names"]])
+        ctx.save_for_backward(*[torch.from_numpy(outputs["grad." + n]) for n in plan["names"]],
+                              *tensors)
         plan["level_losses"] = [float(outputs[f"p{l}.loss"]) for l in range(plan["levels"])]
         return torch.from_numpy(outputs["loss"])
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grads = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        grads, inputs = saved[: len(saved) // 2], saved[len(saved) // 2:]
+        if torch.is_grad_enabled():  # create_graph=True: the gradients may be differentiated
+            grads = _FirstOrderOnly.apply(len(grads), *grads, *inputs)
         if not bool(grad_loss == 1):  # loss.backward() passes exactly 1: no extra pass
             grads = [g * grad_loss for g in grads]
         return (None, *grads)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """The engine's gradients, unchanged, as outputs of the loss's inputs: autograd then knows
+    they depend on them, and differentiating them raises (the engine has no second
+    derivatives)."""
+
+    @staticmethod
+    def forward(ctx, n, *grads_and_inputs):
+        return tuple(g.view_as(g) for g in grads_and_inputs[:n])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            "dmkd.torch.DMKDLoss computes first derivatives only: its gradients cannot be "
+            "differentiated again (create_graph=True, e.g. a gradient penalty)"
+        )
 
 
 def _per_level(value, levels, what):

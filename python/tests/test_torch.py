@@ -226,6 +226,20 @@ def test_backward_scales_by_the_incoming_gradient():
     assert torch.allclose(students[0].grad, 3.0 * g1, rtol=1e-14, atol=0)
 
 
+def test_a_second_derivative_is_refused_not_silently_zero():
+    """The engine's gradients are first order; a gradient penalty (differentiating a gradient of
+    this loss again) must raise, not give the stored gradients' derivative, zero."""
+    config, levels = CASES["dmkd_sampled"]
+    module = DMKDLoss(config, [l[0] for l in levels], [l[1] for l in levels], dtype=D)
+    students, teachers = features(levels, 2, 4)
+    (g,) = torch.autograd.grad(module(students, teachers), students[0], create_graph=True)
+    first = torch.autograd.grad(module(students, teachers), students[0])[0]
+    assert torch.equal(g.detach(), first), "create_graph leaves the first derivative as it was"
+    # Before: g was a constant to autograd, and this backward ran, leaving out the penalty's part.
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        (module(students, teachers) + (g * g).sum()).backward()
+
+
 def test_training_lowers_the_loss():
     """A tiny student conv net and the loss's own parameters, trained with Adam against a
     frozen teacher net on fixed images: the loss falls."""

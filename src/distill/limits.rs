@@ -107,6 +107,17 @@ mod tests {
     }
 
     #[test]
+    fn the_default_cap_is_max_elements_of_f32() {
+        // The documented fallback: 2^34 f32 values, 64 GiB, so a problem
+        // whose tensors each fit `MAX_ELEMENTS` in f32 is not refused by it;
+        // MemTotal is capped by it.
+        assert_eq!(DEFAULT_MAX_PROBLEM_BYTES, 64 << 30);
+        if std::env::var_os("DMKD_MAX_PROBLEM_BYTES").is_none() {
+            assert!(max_problem_bytes() <= DEFAULT_MAX_PROBLEM_BYTES);
+        }
+    }
+
+    #[test]
     fn the_memory_limit_is_inclusive() {
         assert!(within_limit(100, 100).is_ok());
         assert_eq!(within_limit(101, 100).unwrap_err().kind(), "too_large");
