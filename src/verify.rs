@@ -82,9 +82,11 @@ pub struct TensorReport {
     pub actual_dtype: Option<DType>,
     /// `max |a - e|`.
     pub max_abs_error: f64,
-    /// `max |a - e| / |e|` over nonzero `e`.
+    /// `max |a - e| / |e|` over the elements that differ (inf where `e = 0`).
     pub max_rel_error: f64,
-    /// `||a - e||_2 / ||e||_2`: robust where elements are near zero.
+    /// `||a - e||_2 / ||e||_2`: robust where elements are near zero. Elements
+    /// NaN on both sides (a match) are left out of both norms; a NaN on one
+    /// side only makes it NaN or inf.
     pub norm_rel_error: f64,
     /// Multi-index of the element furthest outside its tolerance.
     pub worst_index: Vec<usize>,
@@ -106,10 +108,22 @@ pub struct TensorReport {
 pub struct Report {
     /// The tolerances applied.
     pub tolerance: Tolerance,
-    /// Every tensor passed.
+    /// Every tensor passed, and at least one was in both files.
     pub passed: bool,
     /// One row per tensor.
     pub tensors: Vec<TensorReport>,
+}
+
+impl Report {
+    /// The tensors both files have (the comparisons made): missing and
+    /// extra tensors are rows too, but compare nothing.
+    pub fn compared(&self) -> usize {
+        compared(&self.tensors)
+    }
+}
+
+fn compared(rows: &[TensorReport]) -> usize {
+    rows.iter().filter(|r| r.expected_dtype.is_some()).count()
 }
 
 /// True for names an implementation must produce.
@@ -252,6 +266,10 @@ pub fn compare_tensor(
     };
     let (mut num, mut den) = (0.0f64, 0.0f64);
     for (&ev, &av) in e.as_slice().iter().zip(a.as_slice()) {
+        if ev.is_nan() && av.is_nan() {
+            // A match (as element by element); it has no magnitude to add.
+            continue;
+        }
         // Equal values (equal infinities too) differ by nothing.
         let d = if av == ev { 0.0 } else { (av - ev) * unit };
         let x = ev * unit;
@@ -326,12 +344,16 @@ pub fn table(report: &Report, expected: &str, actual: &str) -> String {
         .iter()
         .filter(|r| r.status != Status::Pass)
         .count();
-    let _ = writeln!(
-        out,
-        "{}: {} tensors compared, {failed} failed",
-        if report.passed { "PASS" } else { "FAIL" },
-        report.tensors.len()
-    );
+    if report.compared() == 0 {
+        let _ = writeln!(out, "FAIL: no tensor is in both files, nothing compared");
+    } else {
+        let _ = writeln!(
+            out,
+            "{}: {} tensors compared, {failed} failed",
+            if report.passed { "PASS" } else { "FAIL" },
+            report.tensors.len()
+        );
+    }
     out
 }
 
@@ -364,7 +386,9 @@ pub fn compare(
             rows.push(empty_row(name, status, "not in the expected file".into()));
         }
     }
-    let passed = !rows.is_empty() && rows.iter().all(|r| r.status == Status::Pass);
+    // Allowed extras pass, so files with no tensor in common would read as a
+    // pass with nothing compared: that is a failure.
+    let passed = compared(&rows) > 0 && rows.iter().all(|r| r.status == Status::Pass);
     Report {
         tolerance: tol,
         passed,
@@ -676,6 +700,44 @@ mod tests {
         let r = compare_tensor("x", &e, &a, TOL);
         assert_eq!(r.status, Status::Fail);
         assert_eq!(r.worst_index, vec![1]);
+        // Matching NaNs are left out of the norms: the rest gives the ratio
+        // (it read inf before, NaN poisoning both sums).
+        let e = f64t(&[3], vec![f64::NAN, 3.0, 4.0]);
+        let r = compare_tensor("x", &e, &e, TOL);
+        assert_eq!((r.norm_rel_error, r.status), (0.0, Status::Pass));
+        let a = f64t(&[3], vec![f64::NAN, 3.0, 4.5]);
+        assert_eq!(compare_tensor("x", &e, &a, TOL).norm_rel_error, 0.1);
+        // A NaN on one side only: not a finite error.
+        let one = compare_tensor("x", &f64t(&[3], vec![1.0, 3.0, 4.0]), &a, TOL);
+        assert!(one.norm_rel_error.is_nan(), "{}", one.norm_rel_error);
+        let other = compare_tensor("x", &a, &f64t(&[3], vec![1.0, 3.0, 4.5]), TOL);
+        assert_eq!(other.norm_rel_error, f64::INFINITY);
+    }
+
+    #[test]
+    fn files_with_no_tensor_in_common_do_not_pass() {
+        let e = file(vec![("p0.student", f64t(&[1], vec![1.0]))]);
+        let a = file(vec![("p1.student", f64t(&[1], vec![1.0]))]);
+        // The allowed extra passes, but nothing was compared.
+        let r = compare(&e, &a, TOL, true);
+        assert_eq!(r.tensors.len(), 1);
+        assert_eq!(r.tensors[0].status, Status::Pass);
+        assert_eq!(r.compared(), 0);
+        assert!(!r.passed);
+        let text = table(&r, "E", "A");
+        assert!(
+            text.ends_with("FAIL: no tensor is in both files, nothing compared\n"),
+            "{text}"
+        );
+        // One tensor in common is enough, the extra allowed.
+        let both = file(vec![
+            ("p0.student", f64t(&[1], vec![1.0])),
+            ("p1.student", f64t(&[1], vec![1.0])),
+        ]);
+        let r = compare(&e, &both, TOL, true);
+        assert_eq!(r.compared(), 1);
+        assert!(r.passed);
+        assert!(!compare(&e, &both, TOL, false).passed);
     }
 
     #[test]

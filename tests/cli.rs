@@ -242,6 +242,67 @@ fn eval_initialises_and_writes_missing_parameters() {
 }
 
 #[test]
+fn eval_reads_parameters_from_a_second_file_and_refuses_a_tensor_in_both() {
+    let dir = tmp("params");
+    let fx = fixture("mgd_f64.safetensors");
+    let file = read_safetensors(Path::new(&fx)).unwrap();
+    let all: dmkd::distill::TensorMap<f64> = file.to_map::<f64>().unwrap();
+    let is_input =
+        |k: &str| k.ends_with(".student") && !k.starts_with("grad.") || k.ends_with(".teacher");
+    let is_param =
+        |k: &str| !k.starts_with("grad.") && (k.contains(".gen.") || k.contains(".align."));
+    let pick = |keep: &dyn Fn(&str) -> bool| -> dmkd::distill::TensorMap<f64> {
+        all.iter()
+            .filter(|(k, _)| keep(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    let (inputs, params) = (pick(&is_input), pick(&is_param));
+    assert!(
+        params.contains_key("p0.gen.0.weight"),
+        "{:?}",
+        params.keys()
+    );
+    let meta = HashMap::from([("config".to_string(), file.metadata["config"].clone())]);
+    let inp = dir.join("in.safetensors");
+    write_safetensors(&inp, &inputs, &meta).unwrap();
+    let par = dir.join("params.safetensors");
+    write_safetensors(&par, &params, &HashMap::new()).unwrap();
+    let out = dir.join("out.safetensors");
+    let run = |params: &Path| {
+        dmkd(&[
+            "eval",
+            "--inputs",
+            &inp.display().to_string(),
+            "--params",
+            &params.display().to_string(),
+            "--out",
+            &out.display().to_string(),
+            "--no-init",
+        ])
+    };
+    // The fixture's parameters, read from the second file, give its loss.
+    let o = run(&par);
+    assert!(o.status.success(), "{}", text(&o));
+    let written = read_safetensors(&out).unwrap().to_map::<f64>().unwrap();
+    // f64 against the PyTorch reference's loss: 1e-10 relative, as in
+    // `eval_on_a_fixture_reproduces_its_outputs` (see tests/golden.rs).
+    let (got, want) = (written["loss"].item().unwrap(), all["loss"].item().unwrap());
+    assert!((got - want).abs() <= 1e-10 * want.abs(), "{got} vs {want}");
+    // A student in the parameter file too: refused, not silently replaced.
+    let mut both = params.clone();
+    both.insert("p0.student".into(), inputs["p0.student"].clone());
+    let bad = dir.join("both.safetensors");
+    write_safetensors(&bad, &both, &HashMap::new()).unwrap();
+    let o = run(&bad);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("tensor `p0.student` is in both"), "{err}");
+    assert_eq!(err.lines().count(), 1);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
 fn gradcheck_and_demo_run() {
     let o = dmkd(&["gradcheck", "--cases", "2"]);
     let t = text(&o);

@@ -140,8 +140,8 @@ def evaluate(inputs, params=None, config=None, *, dtype="f64", backend="cpu", co
         if not 0 <= init_seed < 2**64:
             raise ValueError(f"init_seed {init_seed} is not in [0, 2^64)")
     sample_offset = int(sample_offset)
-    if sample_offset < 0:
-        raise ValueError(f"sample_offset {sample_offset} is negative")
+    if not 0 <= sample_offset < 2**64:
+        raise ValueError(f"sample_offset {sample_offset} is not in [0, 2^64)")
     outputs, initialised, param_names = _dmkd.evaluate_arrays(
         cfg, tensors, dtype, backend, conv_algo, init_seed, bool(allow_extra), sample_offset
     )

@@ -13,6 +13,7 @@ one dtype (``module.double()`` for f64). CUDA tensors are refused with an error 
 
 import functools
 import json
+import operator
 
 import numpy as np
 import torch
@@ -70,17 +71,19 @@ class _EngineLoss(torch.autograd.Function):
             plan["config"], arrays, plan["dtype"], plan["backend"], plan["conv_algo"],
             None, False, plan["sample_offset"],
         )
-        ctx.save_for_backward(*[torch.from_numpy(outputs["grad." + n]) for n in plan["names"]],
-                              *tensors)
+        ctx.save_for_backward(*[torch.from_numpy(outputs["grad." + n]) for n in plan["names"]])
+        # Kept for create_graph only, and not through save_for_backward: the gradients are
+        # computed already, so an in-place change of an input after the forward (which
+        # save_for_backward would turn into an error at backward) changes nothing here.
+        ctx.inputs = tensors
         plan["level_losses"] = [float(outputs[f"p{l}.loss"]) for l in range(plan["levels"])]
         return torch.from_numpy(outputs["loss"])
 
     @staticmethod
     def backward(ctx, grad_loss):
-        saved = ctx.saved_tensors
-        grads, inputs = saved[: len(saved) // 2], saved[len(saved) // 2:]
+        grads = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the gradients may be differentiated
-            grads = _FirstOrderOnly.apply(len(grads), *grads, *inputs)
+            grads = _FirstOrderOnly.apply(len(grads), *grads, *ctx.inputs)
         if not bool(grad_loss == 1):  # loss.backward() passes exactly 1: no extra pass
             grads = [g * grad_loss for g in grads]
         return (None, *grads)
@@ -104,11 +107,14 @@ class _FirstOrderOnly(torch.autograd.Function):
 
 
 def _per_level(value, levels, what):
-    if isinstance(value, int):
-        return [value] * levels
-    value = [int(v) for v in value]
+    if not isinstance(value, (list, tuple)):  # one count for every level (int, np.int64, ...)
+        value = [value] * levels
+    value = [operator.index(v) for v in value]
     if len(value) != levels:
         raise ValueError(f"{what}: {len(value)} values for {levels} levels")
+    for v in value:
+        if v <= 0:
+            raise ValueError(f"{what}: {v} is not a positive channel count")
     return value
 
 
@@ -132,7 +138,7 @@ class DMKDLoss(torch.nn.Module):
         super().__init__()
         if config is None:
             levels = next((len(c) for c in (student_channels, teacher_channels)
-                           if not isinstance(c, int)), 1)
+                           if isinstance(c, (list, tuple))), 1)
         else:
             levels = None
         self.config_json = config_json(config, levels=levels)
@@ -179,6 +185,7 @@ class DMKDLoss(torch.nn.Module):
         if isinstance(teachers, torch.Tensor):
             teachers = [teachers]
         students, teachers = list(students), list(teachers)
+        self.last_level_losses = None  # not the previous call's if this one raises
         n = len(self.levels)
         if len(students) != n or len(teachers) != n:
             raise ValueError(
@@ -197,11 +204,20 @@ class DMKDLoss(torch.nn.Module):
             raise ValueError(f"p0.student has dtype {tdtype}; DMKDLoss computes in float32 or float64")
         fixed = {}
         for l, t in enumerate(teachers):
+            if torch.is_grad_enabled() and isinstance(t, torch.Tensor) and t.requires_grad:
+                raise ValueError(
+                    f"p{l}.teacher requires grad, but the loss hands out no teacher gradient "
+                    f"(the teacher is the target); pass teacher.detach()"
+                )
             fixed[f"p{l}.teacher"] = _numpy_view(f"p{l}.teacher", t, tdtype)
         if self.uses_boxes:
             if gt_boxes is None or img_shape is None:
                 raise ValueError("an fgd level needs gt_boxes (one [K, 4] per image) and img_shape [N, 2]")
             np_dtype = np.float32 if tdtype == torch.float32 else np.float64
+            gt_boxes = list(gt_boxes)
+            if len(gt_boxes) != students[0].shape[0]:
+                raise ValueError(f"{len(gt_boxes)} gt_boxes for {students[0].shape[0]} images "
+                                 f"(one [K, 4] per image of this call's batch)")
             for i, b in enumerate(gt_boxes):
                 b = b.detach().cpu().numpy() if isinstance(b, torch.Tensor) else b
                 fixed[f"gt_boxes.{i}"] = np.ascontiguousarray(b, dtype=np_dtype)
@@ -210,8 +226,8 @@ class DMKDLoss(torch.nn.Module):
         elif gt_boxes is not None or img_shape is not None:
             raise ValueError("gt_boxes / img_shape given but no level is fgd")
         offset = self.sample_offset if sample_offset is None else int(sample_offset)
-        if offset < 0:
-            raise ValueError(f"sample_offset {offset} is negative")
+        if not 0 <= offset < 2**64:
+            raise ValueError(f"sample_offset {offset} is not in [0, 2^64)")
         # Attribute lookup rather than get_parameter: torch.func.functional_call swaps the
         # parameters for plain tensors.
         params = [functools.reduce(getattr, name.split("."), self) for name in self._param_names]

@@ -3,7 +3,10 @@
 Two processes on this machine (gloo backend, DistributedDataParallel), each on its half of every
 batch. The random masks (here `sampled` and `random` levels) draw from a Philox counter that is
 the sample's index in the whole batch, so rank r, holding samples [r*n, (r+1)*n), passes
-`sample_offset=r*n` and the two ranks together use exactly the masks one process would. Each
+`sample_offset=r*n` and the two ranks together use exactly the masks one process would. The
+masks depend only on the seed and that index, so each step adds the global batch size to it
+(`step * BATCH`): every step draws fresh masks, as a framework's own random masks would, and
+the two ranks still draw the ones one process would. Each
 rank's loss is normalised by its own batch (N/2); DDP averages the gradients over the two ranks,
 which gives the gradient of the whole-batch loss (normalised by N).
 
@@ -67,8 +70,10 @@ class Distiller(torch.nn.Module):
         self.student = Student()
         self.loss = DMKDLoss(CONFIG, CS, C, init_seed=0, sample_offset=sample_offset)
 
-    def forward(self, images, teacher_features):
-        return self.loss(self.student(images), teacher_features)
+    def forward(self, images, teacher_features, step=0):
+        # Samples of step s are the global indices s*BATCH .. (s+1)*BATCH - 1: fresh masks.
+        offset = self.loss.sample_offset + step * BATCH
+        return self.loss(self.student(images), teacher_features, sample_offset=offset)
 
 
 def build(dtype, sample_offset):
@@ -98,7 +103,7 @@ def rank_main(rank, port, dtype_name, steps, offsets, out_dir):
         mine = images[lo:lo + n]
         mine_targets = [t[lo:lo + n] for t in targets]
         for step in range(steps):
-            loss = ddp(mine, mine_targets)
+            loss = ddp(mine, mine_targets, step=step)
             opt.zero_grad()
             loss.backward()  # DDP averages every gradient over the ranks here
             if out_dir is not None:  # --check: keep the averaged gradients and the loss

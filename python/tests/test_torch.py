@@ -288,6 +288,67 @@ def test_cpu_tensors_of_one_float_dtype_only():
     fgd = DMKDLoss({"levels": [{"method": "fgd"}]}, 4, 4, dtype=D)
     with pytest.raises(ValueError, match="gt_boxes"):
         fgd([torch.zeros(1, 4, 3, 3, dtype=D)], [torch.ones(1, 4, 3, 3, dtype=D)])
+    box, shape = torch.tensor([[0.0, 0.0, 2.0, 2.0]], dtype=D), torch.tensor([[3.0, 3.0]], dtype=D)
+    fgd([torch.zeros(1, 4, 3, 3, dtype=D)], [torch.ones(1, 4, 3, 3, dtype=D)], [box], shape)
+    with pytest.raises(ValueError, match="2 gt_boxes for 1 images"):
+        fgd([torch.zeros(1, 4, 3, 3, dtype=D)], [torch.ones(1, 4, 3, 3, dtype=D)], [box, box], shape)
+    # The engine itself refuses the boxes of an image past the batch, not ignores them.
+    arrays = {"p0.student": np.zeros((1, 4, 3, 3)), "p0.teacher": np.ones((1, 4, 3, 3)),
+              "img_shape": shape.numpy(), "gt_boxes.0": box.numpy(), "gt_boxes.1": box.numpy()}
+    with pytest.raises(ValueError, match="unexpected tensor `gt_boxes.1`"):
+        dmkd.evaluate(arrays, config={"levels": [{"method": "fgd"}]})
+    # A teacher that requires grad would silently get none: refused (and fine under no_grad).
+    with pytest.raises(ValueError, match="p0.teacher requires grad"):
+        module(s, [t[0].clone().requires_grad_(True)])
+    with torch.no_grad():
+        module(s, [t[0].clone().requires_grad_(True)])
+    # A failed call leaves no stale per-level losses behind.
+    module(s, t)
+    assert module.last_level_losses is not None
+    with pytest.raises(ValueError, match="non-finite"):
+        module([s[0].detach().clone().fill_(float("nan"))], t)
+    assert module.last_level_losses is None
+    for bad in (-1, 2**64):
+        with pytest.raises(ValueError, match=r"sample_offset .* is not in \[0, 2\^64\)"):
+            module(s, t, sample_offset=bad)
+        with pytest.raises(ValueError, match=r"sample_offset .* is not in \[0, 2\^64\)"):
+            dmkd.evaluate({"p0.student": np.ones((1, 3, 2, 2)), "p0.teacher": np.ones((1, 3, 2, 2))},
+                          sample_offset=bad)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=f"student_channels: {bad} is not a positive"):
+            DMKDLoss(None, bad, 4)
+
+
+def test_channel_counts_may_be_numpy_integers():
+    a = DMKDLoss(None, np.int64(3), np.int32(4), dtype=D)
+    b = DMKDLoss(None, [np.int64(3)], (4,), dtype=D)
+    assert a.student_channels == b.student_channels == [3]
+    assert a.teacher_channels == b.teacher_channels == [4]
+    with pytest.raises(TypeError):
+        DMKDLoss(None, 3.0, 4)
+
+
+def test_inputs_changed_in_place_after_the_forward_do_not_break_backward():
+    """The gradients are computed in the forward; PyTorch's own modules allow an in-place
+    change of a parameter or of the features between forward and backward when the backward
+    does not read them, and so does this one (saving the inputs for backward made it raise)."""
+    config, levels = CASES["dmkd_sampled"]
+    module = DMKDLoss(config, [l[0] for l in levels], [l[1] for l in levels], dtype=D)
+    students, teachers = features(levels, 2, 4)
+    module(students, teachers).backward()
+    want = students[0].grad.clone()
+    students[0].grad = None
+    conv = torch.nn.Conv2d(levels[0][0], levels[0][0], 1).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(levels[0][0], dtype=D)[:, :, None, None])
+        conv.bias.zero_()
+    f = conv(students[0])
+    loss = module([f], teachers)
+    f.mul_(2.0)  # after the forward: the loss was computed from the values before
+    with torch.no_grad():
+        module.get_parameter("p0.fusion").add_(0.1)
+    loss.backward()
+    assert torch.equal(students[0].grad, want)
 
 
 def test_non_contiguous_features_give_the_same_result():

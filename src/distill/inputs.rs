@@ -16,6 +16,20 @@ pub fn teacher_name(level: usize) -> String {
     format!("p{level}.teacher")
 }
 
+/// The exchange-format name of image `i`'s FGD boxes, `gt_boxes.{i}`.
+pub fn box_name(image: usize) -> String {
+    format!("gt_boxes.{image}")
+}
+
+/// Is `name` the boxes of one of the batch's `n` images? Boxes of an image
+/// past the batch (a rank given the whole batch's boxes with its shard of
+/// features) are not, so they are refused as unexpected, not ignored.
+pub fn is_box_name(name: &str, n: usize) -> bool {
+    name.strip_prefix("gt_boxes.")
+        .and_then(|i| i.parse::<usize>().ok())
+        .is_some_and(|i| i < n && box_name(i) == name)
+}
+
 /// The parameters a level expects.
 pub fn level_param_specs(level: usize, cfg: &LevelConfig, shape: &LevelShape) -> Vec<ParamSpec> {
     match cfg.method {
@@ -77,7 +91,7 @@ pub fn read_boxes<T: Float>(tensors: &TensorMap<T>, n: usize) -> Result<Boxes> {
         boxes
             .img_shape
             .push([s[2 * i].as_f64(), s[2 * i + 1].as_f64()]);
-        let name = format!("gt_boxes.{i}");
+        let name = box_name(i);
         let b = tensors
             .get(&name)
             .ok_or_else(|| Error::MissingTensor(name.clone()))?;
@@ -104,6 +118,23 @@ pub fn read_boxes<T: Float>(tensors: &TensorMap<T>, n: usize) -> Result<Boxes> {
 mod tests {
     use super::*;
     use crate::tensor::Tensor;
+
+    #[test]
+    fn box_names_are_those_of_the_batch_only() {
+        assert_eq!(box_name(3), "gt_boxes.3");
+        assert!(is_box_name("gt_boxes.0", 2) && is_box_name("gt_boxes.1", 2));
+        for name in [
+            "gt_boxes.2",
+            "gt_boxes.01",
+            "gt_boxes.+1",
+            "gt_boxes.",
+            "gt_boxes.x",
+            "boxes.0",
+        ] {
+            assert!(!is_box_name(name, 2), "{name}");
+        }
+        assert!(!is_box_name("gt_boxes.0", 0));
+    }
 
     #[test]
     fn boxes_are_read_per_image_with_height_then_width() {

@@ -10,24 +10,21 @@ use crate::tensor::Float;
 /// `MAX_ELEMENTS` f32 values (64 GiB).
 pub const DEFAULT_MAX_PROBLEM_BYTES: u64 = (crate::tensor::MAX_ELEMENTS as u64) * 4;
 
-/// The memory a problem may need: `DMKD_MAX_PROBLEM_BYTES` if set, else the
-/// machine's physical memory (MemTotal), capped at
-/// [`DEFAULT_MAX_PROBLEM_BYTES`].
-pub fn max_problem_bytes() -> u64 {
-    if let Some(v) = std::env::var("DMKD_MAX_PROBLEM_BYTES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
-        return v;
+/// The memory a problem may need: `DMKD_MAX_PROBLEM_BYTES` if set (a value
+/// that is not a byte count is an error), else the machine's physical
+/// memory (MemTotal), capped at [`DEFAULT_MAX_PROBLEM_BYTES`].
+pub fn max_problem_bytes() -> Result<u64> {
+    if let Some(v) = crate::io::bounded::byte_limit_from_env("DMKD_MAX_PROBLEM_BYTES")? {
+        return Ok(v);
     }
     let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
         let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
         let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
         kib.checked_mul(1024)
     });
-    total.map_or(DEFAULT_MAX_PROBLEM_BYTES, |t| {
+    Ok(total.map_or(DEFAULT_MAX_PROBLEM_BYTES, |t| {
         t.min(DEFAULT_MAX_PROBLEM_BYTES)
-    })
+    }))
 }
 
 /// A lower bound on a problem's memory, in bytes: each parameter and its
@@ -62,7 +59,7 @@ pub(crate) fn check_footprint<T: Float>(
     specs: &[Vec<ParamSpec>],
 ) -> Result<()> {
     let bytes = footprint_bytes(shapes, specs, T::DTYPE.size_of());
-    within_limit(bytes, max_problem_bytes() as u128)
+    within_limit(bytes, max_problem_bytes()? as u128)
 }
 
 /// `bytes` may use up to `limit` bytes, inclusive.
@@ -113,7 +110,7 @@ mod tests {
         // MemTotal is capped by it.
         assert_eq!(DEFAULT_MAX_PROBLEM_BYTES, 64 << 30);
         if std::env::var_os("DMKD_MAX_PROBLEM_BYTES").is_none() {
-            assert!(max_problem_bytes() <= DEFAULT_MAX_PROBLEM_BYTES);
+            assert!(max_problem_bytes().unwrap() <= DEFAULT_MAX_PROBLEM_BYTES);
         }
     }
 

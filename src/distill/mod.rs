@@ -25,7 +25,9 @@ use crate::tensor::{Float, Tensor};
 pub use crate::named::TensorMap;
 pub use config::{Config, LevelConfig, MaskMode, Method};
 pub use fgd::Boxes;
-pub use inputs::{level_param_specs, level_shape, read_boxes, student_name, teacher_name};
+pub use inputs::{
+    box_name, is_box_name, level_param_specs, level_shape, read_boxes, student_name, teacher_name,
+};
 pub use limits::{DEFAULT_MAX_PROBLEM_BYTES, footprint_bytes, max_problem_bytes};
 pub use params::ParamSpec;
 
@@ -194,7 +196,7 @@ impl<T: Float> Problem<T> {
             for name in tensors.keys() {
                 let known = params.contains_key(name)
                     || (0..levels).any(|l| *name == student_name(l) || *name == teacher_name(l))
-                    || (needs_boxes && (name == "img_shape" || name.starts_with("gt_boxes.")));
+                    || (needs_boxes && (name == "img_shape" || is_box_name(name, shapes[0].n)));
                 if !known {
                     return Err(Error::UnexpectedTensor(name.clone()));
                 }

@@ -9,12 +9,35 @@ use crate::error::{Error, Result};
 pub const DEFAULT_MAX_FILE_BYTES: u64 = 8 << 30;
 
 /// The bound on a file's size: `DMKD_MAX_FILE_BYTES` if set, else
-/// [`DEFAULT_MAX_FILE_BYTES`].
-pub fn max_file_bytes() -> u64 {
-    std::env::var("DMKD_MAX_FILE_BYTES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(DEFAULT_MAX_FILE_BYTES)
+/// [`DEFAULT_MAX_FILE_BYTES`]. A value that is not a byte count is an error
+/// (ignoring it would silently apply the default).
+pub fn max_file_bytes() -> Result<u64> {
+    Ok(byte_limit_from_env("DMKD_MAX_FILE_BYTES")?.unwrap_or(DEFAULT_MAX_FILE_BYTES))
+}
+
+/// The byte count in the environment variable `var`, if it is set.
+pub(crate) fn byte_limit_from_env(var: &'static str) -> Result<Option<u64>> {
+    parse_byte_limit(var, std::env::var_os(var))
+}
+
+/// `value` of the variable `var` as a byte count: decimal digits, nothing
+/// else (no unit suffix).
+fn parse_byte_limit(var: &'static str, value: Option<std::ffi::OsString>) -> Result<Option<u64>> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            Error::arg(
+                var,
+                format!(
+                    "{value:?} is not a byte count (decimal digits, e.g. 1073741824 for 1 GiB)"
+                ),
+            )
+        })
 }
 
 pub(crate) fn io_err(path: &Path, source: std::io::Error) -> Error {
@@ -31,7 +54,7 @@ pub(crate) fn io_err(path: &Path, source: std::io::Error) -> Error {
 /// FIFO) reports size 0 and would otherwise be read forever.
 pub fn read_bounded(path: &Path) -> Result<Vec<u8>> {
     use std::io::Read;
-    let limit = max_file_bytes();
+    let limit = max_file_bytes()?;
     let too_large = |bytes: u64| Error::TooLarge {
         what: format!("file {}", path.display()),
         bytes: bytes as u128,
@@ -56,4 +79,22 @@ pub fn read_bounded(path: &Path) -> Result<Vec<u8>> {
         return Err(too_large(bytes.len() as u64));
     }
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_byte_limit_is_decimal_digits_or_an_error() {
+        let parse = |v: Option<&str>| parse_byte_limit("DMKD_X", v.map(Into::into));
+        assert_eq!(parse(None).unwrap(), None);
+        assert_eq!(parse(Some("0")).unwrap(), Some(0));
+        assert_eq!(parse(Some("1073741824")).unwrap(), Some(1 << 30));
+        for bad in ["4k", "", " 12", "-1", "1e9", "18446744073709551616"] {
+            let e = parse(Some(bad)).unwrap_err();
+            assert_eq!(e.kind(), "invalid_argument", "{bad}");
+            assert!(e.to_string().contains("DMKD_X"), "{e}");
+        }
+    }
 }

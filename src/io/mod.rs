@@ -6,7 +6,7 @@
 //! ([`read_bounded`]), and nothing is allocated from a size the file merely
 //! claims. Every malformed file is a typed [`Error`](crate::Error).
 
-mod bounded;
+pub(crate) mod bounded;
 pub mod npy;
 mod safetensors;
 

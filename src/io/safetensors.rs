@@ -23,7 +23,12 @@ pub fn parse_safetensors(bytes: &[u8], path: &str) -> Result<TensorFile> {
     };
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| fmt(format!("not a valid safetensors file: {e}")))?;
-    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| fmt(e.to_string()))?;
+    let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| fmt(e.to_string()))?;
+    // The crate reads the header into maps, where a repeated name keeps its
+    // last entry only: refuse instead of reading one of two tensors.
+    if let Some(key) = repeated_header_key(&bytes[8..8 + header_len]) {
+        return Err(fmt(format!("`{key}` appears twice in the header")));
+    }
     let mut out = TensorFile {
         tensors: BTreeMap::new(),
         metadata: meta.metadata().clone().unwrap_or_default(),
@@ -51,6 +56,52 @@ pub fn parse_safetensors(bytes: &[u8], path: &str) -> Result<TensorFile> {
         out.tensors.insert(name.to_string(), t);
     }
     Ok(out)
+}
+
+/// The first key the header's JSON object, or its `__metadata__` object,
+/// has twice. The header has been parsed already, so it is valid JSON.
+fn repeated_header_key(header: &[u8]) -> Option<String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+
+    /// Walks an object's keys, looking into the value of `__metadata__`.
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut repeated = None;
+            while let Some(key) = map.next_key::<String>()? {
+                let inner = if key == "__metadata__" {
+                    map.next_value::<RepeatedKey>()?.0
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                    None
+                };
+                if repeated.is_none() {
+                    repeated = inner.map(|k| format!("__metadata__.{k}"));
+                }
+                if !seen.insert(key.clone()) && repeated.is_none() {
+                    repeated = Some(key);
+                }
+            }
+            Ok(repeated)
+        }
+    }
+    struct RepeatedKey(Option<String>);
+    impl<'de> serde::Deserialize<'de> for RepeatedKey {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+            d.deserialize_map(Keys).map(RepeatedKey)
+        }
+    }
+    serde_json::from_slice::<RepeatedKey>(header)
+        .ok()
+        .and_then(|r| r.0)
 }
 
 /// Read a `.safetensors` file.
@@ -198,6 +249,58 @@ mod tests {
             assert_eq!(b[name].as_slice(), t.as_slice(), "{name}");
         }
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// A safetensors file by hand: the header text, padded, then `data`.
+    fn by_hand(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut h = header.as_bytes().to_vec();
+        h.resize(h.len().div_ceil(8) * 8, b' ');
+        let mut out = (h.len() as u64).to_le_bytes().to_vec();
+        out.extend(h);
+        out.extend_from_slice(data);
+        out
+    }
+
+    #[test]
+    fn a_name_twice_in_the_header_is_refused_not_replaced() {
+        let one = 1.0f32.to_le_bytes();
+        let entry =
+            |name: &str| format!(r#""{name}":{{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#);
+        let good = by_hand(&format!("{{{}}}", entry("a")), &one);
+        assert_eq!(parse_safetensors(&good, "f").unwrap().tensors.len(), 1);
+        // The crate alone accepts both (its map keeps one `a`).
+        let twice = by_hand(&format!("{{{},{}}}", entry("a"), entry("a")), &one);
+        let e = parse_safetensors(&twice, "f").unwrap_err();
+        assert_eq!(e.kind(), "format");
+        assert!(e.to_string().contains("`a` appears twice"), "{e}");
+        let meta = |m: &str| {
+            by_hand(
+                &format!(r#"{{"__metadata__":{{{m}}},{}}}"#, entry("a")),
+                &one,
+            )
+        };
+        let f = parse_safetensors(&meta(r#""config":"x","dtype":"f32""#), "f").unwrap();
+        assert_eq!(f.metadata["config"], "x");
+        let e = parse_safetensors(&meta(r#""config":"x","config":"y""#), "f").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("`__metadata__.config` appears twice"),
+            "{e}"
+        );
+        // The first repeat is named, whichever object it is in.
+        let both = by_hand(
+            &format!(
+                r#"{{"__metadata__":{{"k":"1","k":"2"}},{},{}}}"#,
+                entry("a"),
+                entry("a")
+            ),
+            &one,
+        );
+        let e = parse_safetensors(&both, "f").unwrap_err();
+        assert!(
+            e.to_string().contains("`__metadata__.k` appears twice"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -191,6 +191,42 @@ fn cli_reports_each_bad_input_in_one_line() {
         &[("DMKD_MAX_FILE_BYTES", "100")],
     );
     assert_one_error_line(&o, "over the limit of 100 bytes");
+    // A bound that is not a byte count: refused, not silently the default.
+    let o = dmkd(
+        &["verify", "--expected", &s(&good), "--actual", &s(&good)],
+        &[("DMKD_MAX_FILE_BYTES", "4k")],
+    );
+    assert_one_error_line(&o, "DMKD_MAX_FILE_BYTES: \"4k\" is not a byte count");
+    let o = dmkd(
+        &["eval", "--inputs", &s(&good), "--out", &out],
+        &[("DMKD_MAX_PROBLEM_BYTES", "lots")],
+    );
+    assert_one_error_line(&o, "DMKD_MAX_PROBLEM_BYTES: \"lots\" is not a byte count");
+    // Files with no tensor in common: nothing compared is no pass, even
+    // with the extra tensors allowed.
+    let other = dir.join("other.safetensors");
+    let renamed: TensorMap<f64> = small()
+        .into_iter()
+        .map(|(k, v)| (format!("x.{k}"), v))
+        .collect();
+    write_safetensors(&other, &renamed, &HashMap::new()).unwrap();
+    let o = dmkd(
+        &[
+            "verify",
+            "--expected",
+            &s(&good),
+            "--actual",
+            &s(&other),
+            "--allow-extra",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        t.ends_with("FAIL: no tensor is in both files, nothing compared\n"),
+        "{t}"
+    );
     // Garbage for verify.
     let junk = dir.join("junk.safetensors");
     std::fs::write(&junk, b"\x01\x02\x03 not a tensor file").unwrap();

@@ -295,6 +295,32 @@ pub(super) fn cases() -> Vec<(&'static str, Builder, &'static str)> {
             "tensor_shape",
         ),
         (
+            "fgd boxes of an image past the batch (N = 2)",
+            Box::new(|| {
+                run(
+                    &fgd1(),
+                    &with(fgd_inputs(), |m| {
+                        set(m, "gt_boxes.2", &[1, 4], vec![1.0, 2.0, 3.0, 4.0])
+                    }),
+                    INIT,
+                )
+            }),
+            "unexpected_tensor",
+        ),
+        (
+            "fgd boxes under a non-canonical index",
+            Box::new(|| {
+                run(
+                    &fgd1(),
+                    &with(fgd_inputs(), |m| {
+                        set(m, "gt_boxes.01", &[1, 4], vec![1.0, 2.0, 3.0, 4.0])
+                    }),
+                    INIT,
+                )
+            }),
+            "unexpected_tensor",
+        ),
+        (
             "fgd boxes of width 5",
             Box::new(|| {
                 run(

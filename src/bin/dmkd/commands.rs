@@ -147,6 +147,21 @@ pub(crate) fn eval(args: EvalArgs) -> Result<bool> {
     let file_dtype = input_file.dtype(&args.inputs.display().to_string())?;
     if let (Some(pf), Some(path)) = (&param_file, &args.params) {
         pf.dtype(&path.display().to_string())?;
+        // One file's tensor would silently replace the other's: refuse.
+        if let Some(name) = pf
+            .tensors
+            .keys()
+            .find(|k| input_file.tensors.contains_key(*k))
+        {
+            return Err(Error::arg(
+                "eval",
+                format!(
+                    "tensor `{name}` is in both {} and {}; give each tensor in one file",
+                    args.inputs.display(),
+                    path.display()
+                ),
+            ));
+        }
     }
     let dtype = args.dtype.or(file_dtype).unwrap_or(DType::F32);
     let mut files = vec![&input_file];

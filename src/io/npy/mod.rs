@@ -210,6 +210,30 @@ fn insert_unique(out: &mut TensorFile, name: String, t: AnyTensor, path: &str) -
     Ok(())
 }
 
+/// The first member name the archive's central directory lists twice, if
+/// any. The zip crate keeps the members in a map by name, so a second
+/// `loss.npy` would silently replace the first; the directory still has
+/// both. `dir_start` is where the directory begins (the zip crate has read
+/// it already, so its entries are well formed; the walk checks bounds anyway).
+fn repeated_member(bytes: &[u8], dir_start: u64) -> Option<String> {
+    const ENTRY: usize = 46; // fixed part of a central directory header
+    let mut seen = std::collections::HashSet::new();
+    let mut at = usize::try_from(dir_start).ok()?;
+    while let Some(h) = bytes.get(at..at.checked_add(ENTRY)?) {
+        if h[..4] != *b"PK\x01\x02" {
+            break;
+        }
+        let field = |i: usize| u16::from_le_bytes([h[i], h[i + 1]]) as usize;
+        let (name_len, extra_len, comment_len) = (field(28), field(30), field(32));
+        let name = bytes.get(at + ENTRY..at + ENTRY + name_len)?;
+        if !seen.insert(name) {
+            return Some(String::from_utf8_lossy(name).into_owned());
+        }
+        at += ENTRY + name_len + extra_len + comment_len;
+    }
+    None
+}
+
 /// Parse the bytes of an `.npz` archive. `max_total` bounds the sum of the
 /// members' decompressed sizes (a deflated member can expand about 1000-fold,
 /// so the archive's own size bounds nothing).
@@ -221,6 +245,9 @@ pub fn parse_npz(bytes: &[u8], path: &str, max_total: u64) -> Result<TensorFile>
             path,
             format!("{} members, over the limit of {MAX_NPZ_MEMBERS}", zip.len()),
         ));
+    }
+    if let Some(name) = repeated_member(bytes, zip.central_directory_start()) {
+        return Err(format_err(path, format!("member `{name}` appears twice")));
     }
     let mut out = TensorFile::default();
     let mut budget = max_total;
@@ -240,6 +267,13 @@ pub fn parse_npz(bytes: &[u8], path: &str, max_total: u64) -> Result<TensorFile>
                 .take(MAX_METADATA_BYTES as u64 + 1)
                 .read_to_end(&mut text)
                 .map_err(|e| format_err(&where_, e.to_string()))?;
+            if text.len() > MAX_METADATA_BYTES {
+                return Err(Error::TooLarge {
+                    what: format!("{where_} (the npz metadata)"),
+                    bytes: member.size() as u128,
+                    limit: MAX_METADATA_BYTES as u128,
+                });
+            }
             out.metadata = parse_metadata(&text, &where_)?;
             continue;
         }
@@ -293,7 +327,7 @@ pub fn read_npy_or_npz(path: &Path) -> Result<TensorFile> {
         &bytes,
         &path.display().to_string(),
         &stem(path)?,
-        max_file_bytes(),
+        max_file_bytes()?,
     )
 }
 
@@ -327,7 +361,7 @@ pub fn read_npy_dir(dir: &Path) -> Result<TensorFile> {
     }
     let mut out = TensorFile::default();
     let mut total = 0u64;
-    let limit = max_file_bytes();
+    let limit = max_file_bytes()?;
     for p in files {
         let bytes = read_bounded(&p)?;
         total += bytes.len() as u64;
@@ -650,5 +684,78 @@ mod tests {
         // A budget smaller than the member's data: refused, typed.
         let e = parse_npz(&bytes, "a.npz", 4).unwrap_err();
         assert_eq!(e.kind(), "too_large");
+    }
+
+    /// An archive of stored members (any bytes) under the given names.
+    fn npz_of(members: &[(&str, &[u8])]) -> Vec<u8> {
+        use std::io::Write;
+        let mut buf = Cursor::new(Vec::new());
+        {
+            let mut z = zip::ZipWriter::new(&mut buf);
+            let opts = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Stored);
+            for (name, data) in members {
+                z.start_file(*name, opts).unwrap();
+                z.write_all(data).unwrap();
+            }
+            z.finish().unwrap();
+        }
+        buf.into_inner()
+    }
+
+    /// Every occurrence of `from` in `bytes` replaced by `to` (same length).
+    fn patched(bytes: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+        let mut out = bytes.to_vec();
+        let mut i = 0;
+        while i + from.len() <= out.len() {
+            if &out[i..i + from.len()] == from {
+                out[i..i + from.len()].copy_from_slice(to);
+            }
+            i += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn a_member_named_twice_is_refused_not_replaced() {
+        let one = npy_bytes(&Tensor::<f64>::from_vec(&[1], vec![1.0]).unwrap()).unwrap();
+        let five = npy_bytes(&Tensor::<f64>::from_vec(&[1], vec![5.0]).unwrap()).unwrap();
+        let good = npz_of(&[("loss.npy", &one), ("lose.npy", &five)]);
+        assert_eq!(parse_npz(&good, "a.npz", 1 << 20).unwrap().tensors.len(), 2);
+        // The same archive with the second name made the first's: the zip
+        // crate alone would read one `loss`, worth 5.
+        let twice = patched(&good, b"lose.npy", b"loss.npy");
+        let e = parse_npz(&twice, "a.npz", 1 << 20).unwrap_err();
+        assert_eq!(e.kind(), "format");
+        assert!(
+            e.to_string().contains("member `loss.npy` appears twice"),
+            "{e}"
+        );
+        // Two metadata members: which config holds is not for the reader to guess.
+        let meta = npz_of(&[("metadata.json", b"{}"), ("metadata.jsom", b"{}")]);
+        let meta = patched(&meta, b"metadata.jsom", b"metadata.json");
+        let e = parse_npz(&meta, "a.npz", 1 << 20).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("member `metadata.json` appears twice"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn metadata_over_its_limit_is_refused_not_cut() {
+        // Valid JSON padded past the limit with spaces, then garbage: read
+        // up to the limit, it used to parse as a truncated text.
+        let mut text = b"{}".to_vec();
+        text.resize(MAX_METADATA_BYTES + 10, b' ');
+        let ok = npz_of(&[("metadata.json", &text[..MAX_METADATA_BYTES])]);
+        assert!(
+            parse_npz(&ok, "a.npz", 1 << 20).is_ok(),
+            "the limit itself is allowed"
+        );
+        text.extend_from_slice(b"garbage");
+        let e = parse_npz(&npz_of(&[("metadata.json", &text)]), "a.npz", 1 << 20).unwrap_err();
+        assert_eq!(e.kind(), "too_large");
+        assert!(e.to_string().contains("metadata"), "{e}");
     }
 }
