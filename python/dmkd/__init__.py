@@ -85,6 +85,9 @@ def _as_array(name, value, np_dtype):
             value = value.detach().numpy()
         except (TypeError, RuntimeError) as e:  # bfloat16, conjugate views, ...
             raise ValueError(f"tensor `{name}` cannot be read as an array: {e}") from None
+    if isinstance(value, np.ma.MaskedArray):  # np.require would drop the mask silently
+        raise ValueError(f"tensor `{name}` is a masked array; pass plain values "
+                         f"(np.ma.filled(x, fill_value))")
     if isinstance(value, np.ndarray) and value.dtype.kind not in "fiub":
         raise ValueError(f"tensor `{name}` has dtype {value.dtype}, not a real number type")
     try:

@@ -18,7 +18,7 @@ import operator
 import numpy as np
 import torch
 
-from . import _dmkd, config_json
+from . import _as_array, _dmkd, config_json
 
 __all__ = ["DMKDLoss"]
 
@@ -218,11 +218,12 @@ class DMKDLoss(torch.nn.Module):
             if len(gt_boxes) != students[0].shape[0]:
                 raise ValueError(f"{len(gt_boxes)} gt_boxes for {students[0].shape[0]} images "
                                  f"(one [K, 4] per image of this call's batch)")
+            # Boxes are small: a tensor on another device is brought over. Then the checks of
+            # `dmkd.evaluate` (real dtypes only, no masked arrays, readable as np_dtype).
+            to_host = lambda v: v.detach().cpu() if isinstance(v, torch.Tensor) else v
             for i, b in enumerate(gt_boxes):
-                b = b.detach().cpu().numpy() if isinstance(b, torch.Tensor) else b
-                fixed[f"gt_boxes.{i}"] = np.ascontiguousarray(b, dtype=np_dtype)
-            shape = img_shape.detach().cpu().numpy() if isinstance(img_shape, torch.Tensor) else img_shape
-            fixed["img_shape"] = np.ascontiguousarray(shape, dtype=np_dtype)
+                fixed[f"gt_boxes.{i}"] = _as_array(f"gt_boxes.{i}", to_host(b), np_dtype)
+            fixed["img_shape"] = _as_array("img_shape", to_host(img_shape), np_dtype)
         elif gt_boxes is not None or img_shape is not None:
             raise ValueError("gt_boxes / img_shape given but no level is fgd")
         offset = self.sample_offset if sample_offset is None else int(sample_offset)

@@ -290,6 +290,12 @@ def test_cpu_tensors_of_one_float_dtype_only():
         fgd([torch.zeros(1, 4, 3, 3, dtype=D)], [torch.ones(1, 4, 3, 3, dtype=D)])
     box, shape = torch.tensor([[0.0, 0.0, 2.0, 2.0]], dtype=D), torch.tensor([[3.0, 3.0]], dtype=D)
     fgd([torch.zeros(1, 4, 3, 3, dtype=D)], [torch.ones(1, 4, 3, 3, dtype=D)], [box], shape)
+    with pytest.raises(ValueError, match="`gt_boxes.0` cannot be read"):
+        fgd([torch.zeros(1, 4, 3, 3, dtype=D)], [torch.ones(1, 4, 3, 3, dtype=D)],
+            [box.bfloat16()], shape)
+    with pytest.raises(ValueError, match="`img_shape` has dtype complex128"):
+        fgd([torch.zeros(1, 4, 3, 3, dtype=D)], [torch.ones(1, 4, 3, 3, dtype=D)],
+            [box], shape.to(torch.complex128))
     with pytest.raises(ValueError, match="2 gt_boxes for 1 images"):
         fgd([torch.zeros(1, 4, 3, 3, dtype=D)], [torch.ones(1, 4, 3, 3, dtype=D)], [box, box], shape)
     # The engine itself refuses the boxes of an image past the batch, not ignores them.
