@@ -37,7 +37,13 @@ struct Node<T: Float> {
 struct TapeInner<T: Float> {
     backend: BackendRef<T>,
     nodes: RefCell<Vec<Node<T>>>,
+    /// Unique to this tape in the process: node ids are per tape, so
+    /// [`Gradients`] checks it before reading a Var's node id.
+    id: u64,
 }
+
+/// Source of [`TapeInner::id`].
+static NEXT_TAPE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// A recording of operations, bound to one backend. Cheap to clone (shared).
 #[derive(Clone)]
@@ -66,6 +72,7 @@ impl<T: Float> Tape<T> {
             inner: Rc::new(TapeInner {
                 backend,
                 nodes: RefCell::new(Vec::new()),
+                id: NEXT_TAPE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             }),
         }
     }
@@ -234,13 +241,19 @@ impl<T: Float> Var<T> {
                 });
             }
         }
-        Ok(Gradients { grads: leaf_grads })
+        Ok(Gradients {
+            grads: leaf_grads,
+            tape_id: self.tape.inner.id,
+        })
     }
 }
 
 /// Gradients of the leaves, from one backward pass.
 pub struct Gradients<T: Float> {
     grads: Vec<Option<Tensor<T>>>,
+    /// The tape of the pass: a Var of another tape has node ids that mean
+    /// nothing here.
+    tape_id: u64,
 }
 
 impl<T: Float> std::fmt::Debug for Gradients<T> {
@@ -251,10 +264,11 @@ impl<T: Float> std::fmt::Debug for Gradients<T> {
 }
 
 impl<T: Float> Gradients<T> {
-    /// The gradient of a leaf; None if it is not a leaf of this pass or the
-    /// output does not depend on it.
+    /// The gradient of a leaf; None if it is not a leaf of this pass (of
+    /// another tape, say) or the output does not depend on it.
     pub fn get(&self, v: &Var<T>) -> Option<&Tensor<T>> {
         v.node
+            .filter(|_| v.tape.inner.id == self.tape_id)
             .and_then(|i| self.grads.get(i))
             .and_then(Option::as_ref)
     }

@@ -12,7 +12,8 @@ pub fn strides(shape: &[usize]) -> Vec<usize> {
 }
 
 /// NumPy broadcasting: align shapes on the right; each pair of dims must be
-/// equal or one of them 1.
+/// equal or one of them 1. An output too large to allocate is refused
+/// (`[2^18, 1] + [1, 2^17]` asks for 2^35 elements).
 pub fn broadcast_shapes(op: &'static str, a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
     let r = a.len().max(b.len());
     let mut out = vec![0; r];
@@ -31,6 +32,7 @@ pub fn broadcast_shapes(op: &'static str, a: &[usize], b: &[usize]) -> Result<Ve
             }
         };
     }
+    crate::tensor::checked_numel(&out)?;
     Ok(out)
 }
 
@@ -121,6 +123,10 @@ mod tests {
         assert!(broadcast_shapes("t", &[0], &[2]).is_err());
         let e = broadcast_shapes("add", &[2], &[3]).unwrap_err().to_string();
         assert!(e.contains("[2] and [3] do not broadcast"), "{e}");
+        // Each operand fits, the broadcast output would not.
+        let e = broadcast_shapes("add", &[1 << 18, 1], &[1, 1 << 17]).unwrap_err();
+        assert_eq!(e.kind(), "too_large");
+        assert!(broadcast_shapes("add", &[1 << 17, 1], &[1, 1 << 17]).is_ok());
         // Strides: scalars and vectors, and broadcast dims read at stride 0.
         assert_eq!(strides(&[]), Vec::<usize>::new());
         assert_eq!(strides(&[5]), vec![1]);

@@ -146,15 +146,24 @@ impl Float for f64 {
 pub const MAX_ELEMENTS: usize = 1 << 34;
 
 /// Number of elements of a shape, refusing overflow and absurd sizes.
+///
+/// The bound applies to the product of the nonzero dims too: an empty
+/// tensor of shape `[0, 2^40, 2^40]` holds nothing, but its strides and
+/// index arithmetic would overflow.
 pub fn checked_numel(shape: &[usize]) -> Result<usize> {
-    let mut n: u128 = 1;
+    let (mut n, mut span): (u128, u128) = (1, 1);
     for &d in shape {
         n = n.saturating_mul(d as u128);
+        span = span.saturating_mul(d.max(1) as u128);
     }
-    if n > MAX_ELEMENTS as u128 {
+    if span > MAX_ELEMENTS as u128 {
         return Err(Error::TooLarge {
-            what: format!("a tensor of shape {shape:?}"),
-            bytes: n.saturating_mul(4),
+            what: if n == 0 {
+                format!("a tensor of shape {shape:?} (empty, but its other dims are that large)")
+            } else {
+                format!("a tensor of shape {shape:?}")
+            },
+            bytes: span.saturating_mul(4),
             limit: (MAX_ELEMENTS as u128) * 4,
         });
     }
@@ -537,6 +546,13 @@ mod tests {
         assert_eq!(e.kind(), "too_large");
         let e = checked_numel(&[usize::MAX, usize::MAX]).unwrap_err();
         assert_eq!(e.kind(), "too_large");
+        // Empty, but the other dims multiply past the bound (strides overflow).
+        let e = Tensor::<f32>::zeros(&[0, 1 << 40, 1 << 40]).unwrap_err();
+        assert_eq!(e.kind(), "too_large");
+        assert!(e.to_string().contains("empty"), "{e}");
+        assert_eq!(checked_numel(&[0, 1 << 17, 1 << 17]).unwrap(), 0);
+        assert_eq!(checked_numel(&[1 << 17, 1 << 17]).unwrap(), 1 << 34);
+        assert!(checked_numel(&[1 << 17, (1 << 17) + 1]).is_err());
     }
 
     #[test]

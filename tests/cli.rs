@@ -366,6 +366,30 @@ fn bad_arguments_are_one_line_each() {
             "unknown conv algorithm `fft`",
         ),
         (&["gradcheck", "--cases", "0"], "--cases"),
+        // Counts are bounded: near 2^64 they overflowed `cases * 4` (a
+        // wrong verdict), sized the timing vector (abort) or ran for ever.
+        (
+            &["gradcheck", "--cases", "4611686018427387905"],
+            "must be in 1..=100000",
+        ),
+        (
+            &["bench", "--reps", "18446744073709551615"],
+            "must be in 1..=10000",
+        ),
+        (&["demo", "--steps", "1000001"], "must be in 0..=1000000"),
+        (
+            &[
+                "eval",
+                "--inputs",
+                "a",
+                "--out",
+                "b",
+                "--no-init",
+                "--init-seed",
+                "5",
+            ],
+            "--init-seed",
+        ),
     ] {
         let o = dmkd(args);
         let err = String::from_utf8_lossy(&o.stderr);

@@ -101,6 +101,8 @@ fn layout_ops() {
     assert_eq!(kind(a.narrow(2, 0, 1)), "invalid_argument");
     assert_eq!(kind(a.narrow(1, 2, 2)), "invalid_argument");
     assert_eq!(kind(a.narrow(1, 0, 0)), "invalid_argument");
+    let e = a.narrow(1, 3, 0).unwrap_err().to_string();
+    assert!(e.contains("length 0 along axis 1"), "{e}");
     assert_eq!(kind(a.narrow(1, usize::MAX, 2)), "invalid_argument");
     assert!(a.narrow(1, 1, 2).is_ok());
     assert_eq!(kind(a.index1(0)), "shape_mismatch");
@@ -143,6 +145,14 @@ fn autograd_misuse() {
     assert!(l.backward().is_ok());
     // The backward closures were consumed: a second pass is an error, not a panic.
     assert_eq!(kind(l.backward()), "autograd");
+    // Another tape's leaf with the same node id (0) has no gradient in this
+    // pass (its id was looked up as if it were this tape's: [2] for a [3]).
+    let (t1, t2) = (tape(), tape());
+    let (a, b) = (leaf(&t1, &[2]), leaf(&t2, &[3]));
+    let g = a.sum_all().unwrap().backward().unwrap();
+    assert!(g.get(&a).is_some());
+    assert!(g.get(&b).is_none());
+    assert_eq!(g.get_or_zeros(&b).unwrap().shape(), &[3]);
 }
 
 /// `Problem`'s fields are public: a hand-built one that disagrees with

@@ -568,8 +568,11 @@ fn bench_loss(
 ) -> PyResult<Vec<(String, f64)>> {
     let preset = Preset::named(preset).map_err(py_err)?;
     let opts = backend_options("cpu", conv_algo)?;
-    if reps == 0 {
-        return Err(PyValueError::new_err("reps must be at least 1"));
+    // As `dmkd bench --reps`: a huge count would size the timing vector.
+    if !(1..=10_000).contains(&reps) {
+        return Err(PyValueError::new_err(format!(
+            "reps {reps} is not in 1..=10000"
+        )));
     }
     engine(py, || {
         // The pool first: a thread count it refuses fails before any work.

@@ -176,18 +176,26 @@ impl ConvGeometry {
         if stride.contains(&0) {
             return Err(Error::arg("conv2d", "stride must be at least 1"));
         }
-        let span = |size: usize, pad: usize, k: usize, s: usize| -> Result<usize> {
-            let padded = size + 2 * pad;
+        // (padded size, output size) along one axis.
+        let span = |size: usize, pad: usize, k: usize, s: usize| -> Result<(usize, usize)> {
+            let padded = pad
+                .checked_mul(2)
+                .and_then(|p| p.checked_add(size))
+                .ok_or_else(|| Error::arg("conv2d", format!("padding {pad} is absurdly large")))?;
             if padded < k {
                 return Err(Error::shape(
                     "conv2d",
                     format!("kernel {k} larger than padded input {padded}"),
                 ));
             }
-            Ok((padded - k) / s + 1)
+            Ok((padded, (padded - k) / s + 1))
         };
-        let oh = span(h, padding[0], kh, stride[0])?;
-        let ow = span(w, padding[1], kw, stride[1])?;
+        let (hp, oh) = span(h, padding[0], kh, stride[0])?;
+        let (wp, ow) = span(w, padding[1], kw, stride[1])?;
+        // The output, and the padded input the kernels may copy, are refused
+        // here if too large to allocate (not left to abort the process).
+        crate::tensor::checked_numel(&[n, c_out, oh, ow])?;
+        crate::tensor::checked_numel(&[n, c_in, hp, wp])?;
         Ok(ConvGeometry {
             n,
             c_in,

@@ -192,6 +192,29 @@ impl<T: Float> Problem<T> {
             params.insert(spec.name.clone(), t);
         }
         let levels = config.levels.len();
+        // Features of a level the config does not have: even where extra
+        // tensors are allowed (a golden file's debug tensors), these mean
+        // the config and the inputs disagree, and the level would be
+        // silently left out of the loss.
+        let level_of = |name: &str| {
+            let level = |suffix: &str| {
+                name.strip_prefix('p')
+                    .and_then(|r| r.strip_suffix(suffix))
+                    .and_then(|l| l.parse::<usize>().ok())
+            };
+            level(".student").or_else(|| level(".teacher"))
+        };
+        if let Some((name, l)) = tensors
+            .keys()
+            .find_map(|name| level_of(name).filter(|&l| l >= levels).map(|l| (name, l)))
+        {
+            return Err(Error::arg(
+                "inputs",
+                format!(
+                    "tensor `{name}` is a feature of level {l}, but the config has {levels} level(s)"
+                ),
+            ));
+        }
         if !opts.allow_extra {
             for name in tensors.keys() {
                 let known = params.contains_key(name)

@@ -321,7 +321,7 @@ pub fn run_suite(
         let mut rng = PhiloxStream::new(seed, k as u32);
         let (mut worst, mut passed, mut done) = (0.0f64, true, 0);
         // Skipped draws are redrawn, up to a bound.
-        for _ in 0..cases * 4 {
+        for _ in 0..cases.saturating_mul(4) {
             if done == cases {
                 break;
             }

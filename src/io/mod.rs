@@ -7,6 +7,7 @@
 //! claims. Every malformed file is a typed [`Error`](crate::Error).
 
 pub(crate) mod bounded;
+pub(crate) mod json_keys;
 pub mod npy;
 mod safetensors;
 

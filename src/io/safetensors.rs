@@ -26,7 +26,7 @@ pub fn parse_safetensors(bytes: &[u8], path: &str) -> Result<TensorFile> {
     let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| fmt(e.to_string()))?;
     // The crate reads the header into maps, where a repeated name keeps its
     // last entry only: refuse instead of reading one of two tensors.
-    if let Some(key) = repeated_header_key(&bytes[8..8 + header_len]) {
+    if let Some(key) = super::json_keys::repeated_key(&bytes[8..8 + header_len]) {
         return Err(fmt(format!("`{key}` appears twice in the header")));
     }
     let mut out = TensorFile {
@@ -56,52 +56,6 @@ pub fn parse_safetensors(bytes: &[u8], path: &str) -> Result<TensorFile> {
         out.tensors.insert(name.to_string(), t);
     }
     Ok(out)
-}
-
-/// The first key the header's JSON object, or its `__metadata__` object,
-/// has twice. The header has been parsed already, so it is valid JSON.
-fn repeated_header_key(header: &[u8]) -> Option<String> {
-    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
-
-    /// Walks an object's keys, looking into the value of `__metadata__`.
-    struct Keys;
-    impl<'de> Visitor<'de> for Keys {
-        type Value = Option<String>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a JSON object")
-        }
-        fn visit_map<A: MapAccess<'de>>(
-            self,
-            mut map: A,
-        ) -> std::result::Result<Self::Value, A::Error> {
-            let mut seen = std::collections::HashSet::new();
-            let mut repeated = None;
-            while let Some(key) = map.next_key::<String>()? {
-                let inner = if key == "__metadata__" {
-                    map.next_value::<RepeatedKey>()?.0
-                } else {
-                    map.next_value::<IgnoredAny>()?;
-                    None
-                };
-                if repeated.is_none() {
-                    repeated = inner.map(|k| format!("__metadata__.{k}"));
-                }
-                if !seen.insert(key.clone()) && repeated.is_none() {
-                    repeated = Some(key);
-                }
-            }
-            Ok(repeated)
-        }
-    }
-    struct RepeatedKey(Option<String>);
-    impl<'de> serde::Deserialize<'de> for RepeatedKey {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-            d.deserialize_map(Keys).map(RepeatedKey)
-        }
-    }
-    serde_json::from_slice::<RepeatedKey>(header)
-        .ok()
-        .and_then(|r| r.0)
 }
 
 /// Read a `.safetensors` file.

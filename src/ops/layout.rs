@@ -26,7 +26,13 @@ impl<T: Float> Var<T> {
                 format!("axis {axis} out of range for shape {shape:?}"),
             ));
         }
-        if len == 0 || start.checked_add(len).is_none_or(|end| end > shape[axis]) {
+        if len == 0 {
+            return Err(Error::arg(
+                "narrow",
+                format!("length 0 along axis {axis}: a slice keeps at least one element"),
+            ));
+        }
+        if start.checked_add(len).is_none_or(|end| end > shape[axis]) {
             return Err(Error::arg(
                 "narrow",
                 format!(

@@ -54,6 +54,24 @@ pub(super) fn cases() -> Vec<(&'static str, Builder, &'static str)> {
             "missing_tensor",
         ),
         (
+            "a level's features beyond the config, extra tensors allowed",
+            Box::new(|| {
+                run(
+                    &dmkd1(),
+                    &with(small(), |m| {
+                        let (s, t) = (m["p0.student"].clone(), m["p0.teacher"].clone());
+                        m.insert("p1.student".into(), s);
+                        m.insert("p1.teacher".into(), t);
+                    }),
+                    EvalOptions {
+                        allow_extra: true,
+                        ..INIT
+                    },
+                )
+            }),
+            "invalid_argument",
+        ),
+        (
             "misspelt input name",
             Box::new(|| {
                 run(

@@ -85,6 +85,32 @@ fn at_least_one(s: &str) -> std::result::Result<usize, String> {
     }
 }
 
+/// A count in `lo..=hi`. The upper bounds are far above any use and keep a
+/// mistyped count from running for ever or sizing an allocation (a count
+/// near 2^64 overflowed `cases * 4` and aborted on `Vec::with_capacity`).
+fn count_in(s: &str, lo: usize, hi: usize) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(v) if (lo..=hi).contains(&v) => Ok(v),
+        Ok(_) => Err(format!("must be in {lo}..={hi}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `demo --steps`: 0 to a million.
+fn step_count(s: &str) -> std::result::Result<usize, String> {
+    count_in(s, 0, 1_000_000)
+}
+
+/// `bench --reps`: 1 to 10000.
+fn rep_count(s: &str) -> std::result::Result<usize, String> {
+    count_in(s, 1, 10_000)
+}
+
+/// `gradcheck --cases`: 1 to 100000.
+fn case_count(s: &str) -> std::result::Result<usize, String> {
+    count_in(s, 1, 100_000)
+}
+
 /// A worker-thread count: 1 to `dmkd::threads::MAX_THREADS`.
 fn thread_count(s: &str) -> std::result::Result<usize, String> {
     let n = at_least_one(s)?;
@@ -106,7 +132,7 @@ fn tolerance(s: &str) -> std::result::Result<f64, String> {
 enum Command {
     /// Train with DMKD on built-in synthetic FPN features (the main job).
     Demo {
-        #[arg(long, default_value_t = 300)]
+        #[arg(long, default_value_t = 300, value_parser = step_count)]
         steps: usize,
         /// Problem size: demo (default), tiny, retinanet, two-stage, non-square.
         #[arg(long, default_value = "demo", value_parser = Preset::named)]
@@ -179,7 +205,7 @@ enum Command {
         #[arg(long, default_value_t = 2, value_parser = thread_count)]
         threads: usize,
         /// Timed repetitions per row (median reported), after one warm-up.
-        #[arg(long, default_value_t = 5, value_parser = at_least_one)]
+        #[arg(long, default_value_t = 5, value_parser = rep_count)]
         reps: usize,
         /// Only the conv rows, or only the loss rows.
         #[arg(long, value_enum)]
@@ -198,7 +224,7 @@ enum Command {
     /// Check every op's and loss's gradient against central finite differences (f64).
     Gradcheck {
         /// Random cases per op.
-        #[arg(long, default_value_t = 8, value_parser = at_least_one)]
+        #[arg(long, default_value_t = 8, value_parser = case_count)]
         cases: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -232,7 +258,7 @@ struct EvalArgs {
     #[arg(long, default_value_t = 0)]
     init_seed: u64,
     /// Fail instead of initialising missing parameters.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "init_seed")]
     no_init: bool,
     /// Ignore tensors that are neither inputs nor parameters.
     #[arg(long)]

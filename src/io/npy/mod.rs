@@ -192,6 +192,13 @@ pub fn parse_npy(bytes: &[u8], path: &str) -> Result<AnyTensor> {
 }
 
 fn parse_metadata(bytes: &[u8], path: &str) -> Result<HashMap<String, String>> {
+    // A map keeps the last of a repeated key (a second `config`): refuse.
+    if let Some(key) = crate::io::json_keys::repeated_key(bytes) {
+        return Err(format_err(
+            path,
+            format!("metadata.json has the key `{key}` twice"),
+        ));
+    }
     serde_json::from_slice(bytes).map_err(|e| {
         format_err(
             path,
@@ -740,6 +747,19 @@ mod tests {
                 .contains("member `metadata.json` appears twice"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_metadata_key_twice_is_refused_not_replaced() {
+        let ok = npz_of(&[("metadata.json", br#"{"config":"a","dtype":"f32"}"#)]);
+        assert_eq!(
+            parse_npz(&ok, "a.npz", 1 << 20).unwrap().metadata["config"],
+            "a"
+        );
+        let twice = npz_of(&[("metadata.json", br#"{"config":"a","config":"b"}"#)]);
+        let e = parse_npz(&twice, "a.npz", 1 << 20).unwrap_err();
+        assert_eq!(e.kind(), "format");
+        assert!(e.to_string().contains("the key `config` twice"), "{e}");
     }
 
     #[test]
