@@ -597,6 +597,33 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_does_not_share_storage() {
+        let t = Tensor::<f32>::from_vec(&[2], vec![1.0, 2.0]).unwrap();
+        let c = Tensor::<f32>::from_vec(&[2], t.as_slice().to_vec()).unwrap();
+        assert!(t.shares_storage(&t.clone()));
+        assert!(!t.shares_storage(&c));
+    }
+
+    #[test]
+    fn debug_shows_dtype_shape_and_values_and_elides_long_data() {
+        let t = Tensor::<f32>::from_vec(&[2], vec![1.5, -2.0]).unwrap();
+        assert_eq!(format!("{t:?}"), "Tensor<f32>[2] [1.5, -2.0]");
+        let data: Vec<f64> = (0..17).map(f64::from).collect();
+        let t = Tensor::<f64>::from_vec(&[17], data).unwrap();
+        assert_eq!(format!("{t:?}"), "Tensor<f64>[17] [0, 1, ..., 16]");
+        let t = Tensor::<f64>::zeros(&[4, 4]).unwrap();
+        assert!(format!("{t:?}").ends_with(&format!("{:?}", vec![0.0f64; 16])));
+    }
+
+    #[test]
+    fn unravel_is_row_major_and_skips_zero_dims() {
+        assert_eq!(unravel(5, &[2, 3]), vec![1, 2]);
+        assert_eq!(unravel(7, &[2, 2, 2]), vec![1, 1, 1]);
+        // A zero dim takes no part (no division by zero).
+        assert_eq!(unravel(1, &[0, 3]), vec![0, 1]);
+    }
+
+    #[test]
     fn reshape_shares_storage_and_checks_count() {
         let t = Tensor::<f32>::zeros(&[2, 3]).unwrap();
         let r = t.reshape(&[3, 2]).unwrap();

@@ -355,9 +355,18 @@ mod tests {
     fn a_bad_temperature_is_an_error() {
         let t = tape();
         let x = t.constant(Tensor::zeros(&[1, 1, 2, 2]).unwrap());
-        assert!(spatial_attention(&x, 0.0).is_err());
-        assert!(channel_attention(&x, f64::NAN).is_err());
-        assert!(attention_logits(x.value(), -1.0).is_err());
+        // The message names the bad temperature: an error from elsewhere
+        // (a division by zero caught later) would not pass.
+        let says = |r: Result<Var<f64>>, tau: &str| {
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains(&format!("tau = {tau} must be > 0")), "{e}");
+        };
+        says(spatial_attention(&x, 0.0), "0");
+        says(channel_attention(&x, f64::NAN), "NaN");
+        says(spatial_attention(&x, -0.0), "-0");
+        says(channel_attention(&x, f64::INFINITY), "inf");
+        let e = attention_logits(x.value(), -1.0).unwrap_err().to_string();
+        assert!(e.contains("tau = -1 must be > 0"), "{e}");
         assert!(attention_logits(&Tensor::<f64>::zeros(&[2, 3]).unwrap(), 1.0).is_err());
     }
 }
