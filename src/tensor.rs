@@ -145,12 +145,23 @@ impl Float for f64 {
 /// configs; a lying header must be refused before any allocation.
 pub const MAX_ELEMENTS: usize = 1 << 34;
 
-/// Number of elements of a shape, refusing overflow and absurd sizes.
+/// Number of elements of a shape, refusing overflow and absurd sizes
+/// (more than [`MAX_ELEMENTS`]). Where the dtype is not known (a shape
+/// computed before any tensor exists), the error counts 4 bytes per
+/// element, the smallest float held; [`checked_numel_sized`] counts a
+/// known dtype's.
+pub fn checked_numel(shape: &[usize]) -> Result<usize> {
+    checked_numel_sized(shape, 4)
+}
+
+/// [`checked_numel`] for elements of `elem_bytes` bytes each: the bound
+/// is the same number of elements, and the error reports bytes at that
+/// size.
 ///
 /// The bound applies to the product of the nonzero dims too: an empty
 /// tensor of shape `[0, 2^40, 2^40]` holds nothing, but its strides and
 /// index arithmetic would overflow.
-pub fn checked_numel(shape: &[usize]) -> Result<usize> {
+pub fn checked_numel_sized(shape: &[usize], elem_bytes: usize) -> Result<usize> {
     let (mut n, mut span): (u128, u128) = (1, 1);
     for &d in shape {
         n = n.saturating_mul(d as u128);
@@ -163,8 +174,8 @@ pub fn checked_numel(shape: &[usize]) -> Result<usize> {
             } else {
                 format!("a tensor of shape {shape:?}")
             },
-            bytes: span.saturating_mul(4),
-            limit: (MAX_ELEMENTS as u128) * 4,
+            bytes: span.saturating_mul(elem_bytes as u128),
+            limit: (MAX_ELEMENTS as u128) * elem_bytes as u128,
         });
     }
     Ok(n as usize)
@@ -258,7 +269,7 @@ impl<T: Float> fmt::Debug for Tensor<T> {
 impl<T: Float> Tensor<T> {
     /// A tensor from a shape and row-major data.
     pub fn from_vec(shape: &[usize], data: Vec<T>) -> Result<Self> {
-        let n = checked_numel(shape)?;
+        let n = checked_numel_sized(shape, std::mem::size_of::<T>())?;
         if n != data.len() {
             return Err(Error::shape(
                 "Tensor::from_vec",
@@ -274,7 +285,7 @@ impl<T: Float> Tensor<T> {
     /// A tensor over elements owned elsewhere, read in place (no copy).
     /// The slice must hold exactly the shape's element count.
     pub fn from_external(shape: &[usize], data: Arc<dyn ExternalData<T>>) -> Result<Self> {
-        let n = checked_numel(shape)?;
+        let n = checked_numel_sized(shape, std::mem::size_of::<T>())?;
         let len = data.as_slice().len();
         if n != len {
             return Err(Error::shape(
@@ -301,7 +312,7 @@ impl<T: Float> Tensor<T> {
 
     /// A tensor filled with `value`.
     pub fn full(shape: &[usize], value: T) -> Result<Self> {
-        let n = checked_numel(shape)?;
+        let n = checked_numel_sized(shape, std::mem::size_of::<T>())?;
         let mut v = pool::take::<T>(n);
         v.fill(value);
         Ok(Self::from_parts(shape, v))
@@ -324,7 +335,7 @@ impl<T: Float> Tensor<T> {
 
     /// A tensor whose element at flat index `i` is `f(i)`.
     pub fn from_fn(shape: &[usize], f: impl FnMut(usize) -> T) -> Result<Self> {
-        let n = checked_numel(shape)?;
+        let n = checked_numel_sized(shape, std::mem::size_of::<T>())?;
         Ok(Self::from_parts(shape, (0..n).map(f).collect()))
     }
 
@@ -428,7 +439,7 @@ impl<T: Float> Tensor<T> {
 
     /// The same data under another shape with the same element count (no copy).
     pub fn reshape(&self, shape: &[usize]) -> Result<Self> {
-        let n = checked_numel(shape)?;
+        let n = checked_numel_sized(shape, std::mem::size_of::<T>())?;
         if n != self.numel() {
             return Err(Error::shape(
                 "reshape",
@@ -553,6 +564,20 @@ mod tests {
         assert_eq!(checked_numel(&[0, 1 << 17, 1 << 17]).unwrap(), 0);
         assert_eq!(checked_numel(&[1 << 17, 1 << 17]).unwrap(), 1 << 34);
         assert!(checked_numel(&[1 << 17, (1 << 17) + 1]).is_err());
+        // The error counts the bytes of the dtype asked for.
+        let bytes_of = |e: Error| match e {
+            Error::TooLarge { bytes, limit, .. } => (bytes, limit),
+            e => panic!("{e}"),
+        };
+        let over = [3usize, 1 << 33];
+        let e = Tensor::<f64>::zeros(&over).unwrap_err();
+        assert_eq!(bytes_of(e), (3 << 36, 1 << 37));
+        let e = Tensor::<f32>::zeros(&over).unwrap_err();
+        assert_eq!(bytes_of(e), (3 << 35, 1 << 36));
+        assert_eq!(
+            bytes_of(checked_numel(&over).unwrap_err()),
+            (3 << 35, 1 << 36)
+        );
     }
 
     #[test]

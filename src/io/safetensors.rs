@@ -35,7 +35,9 @@ pub fn parse_safetensors(bytes: &[u8], path: &str) -> Result<TensorFile> {
     };
     for (name, view) in st.iter() {
         let shape = view.shape().to_vec();
-        crate::tensor::checked_numel(&shape)?;
+        // Bytes in the error at the file's element size (a byte for the
+        // sub-byte dtypes, which are refused below anyway).
+        crate::tensor::checked_numel_sized(&shape, view.dtype().bitsize().div_ceil(8))?;
         let t = match view.dtype() {
             Dtype::F32 => AnyTensor::F32(Tensor::from_vec(
                 &shape,

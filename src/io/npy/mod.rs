@@ -38,7 +38,7 @@ pub use self::header::{MAX_HEADER_BYTES, MAX_RANK, NpyHeader, parse_header_dict}
 use super::bounded::{max_file_bytes, read_bounded};
 use crate::error::{Error, Result};
 use crate::named::{AnyTensor, TensorFile, TensorMap};
-use crate::tensor::{DType, Float, Tensor, checked_numel};
+use crate::tensor::{DType, Float, Tensor, checked_numel_sized};
 
 /// The first six bytes of every `.npy` file.
 pub const NPY_MAGIC: &[u8; 6] = b"\x93NUMPY";
@@ -121,7 +121,7 @@ pub fn read_npy_stream(
     let mut header = vec![0u8; header_len];
     read_exact_or(r, &mut header, path, ".npy header")?;
     let h = parse_header_dict(&header, path)?;
-    let numel = checked_numel(&h.shape)?;
+    let numel = checked_numel_sized(&h.shape, h.dtype.size_of())?;
     // numel <= MAX_ELEMENTS (2^34) and the item size is 8 at most: no overflow in u64.
     let data_bytes = numel as u64 * h.dtype.size_of() as u64;
     match bound {
