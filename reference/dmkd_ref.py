@@ -210,8 +210,11 @@ def dmkd_level(s, t, p, cfg, level):
     t = t.detach()
     n, c, h, w = t.shape
     with torch.no_grad():  # teacher attention and masks are constants
-        a_s, a_c = attention(t, cfg["tau"])  # debug outputs; the masks follow the f64 logits
         z_s, z_c = attention_logits(t, cfg["tau"])
+        # Debug outputs, computed in f64 from the f64 logits and rounded once (docs/spec.md,
+        # step 2): an f32 run reports the f64 maps even where g / tau overflows f32.
+        a_s = ((h * w) * torch.softmax(z_s, dim=1)).reshape(n, h, w).to(t.dtype)
+        a_c = (c * torch.softmax(z_c, dim=1)).to(t.dtype)
         m_s = make_mask(cfg["mask_mode"], z_s, cfg["lambda_s"], cfg["seed"], level, 0)
         m_c = make_mask(cfg["mask_mode"], z_c, cfg["lambda_c"], cfg["seed"], level, 1)
     # Masks are built on the CPU in f64; move them to the feature's device and dtype (exact: 0/1).
@@ -264,9 +267,13 @@ def fgd_masks(boxes, img_shape, n, h, w, dtype, device="cpu"):
         for j in range(b.shape[0]):
             size = int(hmax[j] + 1 - hmin[j]) * int(wmax[j] + 1 - wmin[j])  # exact integer
             area = torch.tensor(1.0, dtype=dtype, device=device) / size
-            r0, c0 = max(int(hmin[j]), 0), max(int(wmin[j]), 0)
-            r1, c1 = int(hmax[j]) + 1, int(wmax[j]) + 1  # slicing clips the end to H / W
-            fg[i, r0:r1, c0:c1] = torch.maximum(fg[i, r0:r1, c0:c1], area)
+            # Rows hmin..=hmax and columns wmin..=wmax clipped to the map. Both ends are
+            # clamped: a negative end would count from the back in a Python slice, and a box
+            # left of or above the image would mark the far side of the map.
+            r0, r1 = max(int(hmin[j]), 0), min(max(int(hmax[j]) + 1, 0), h)
+            c0, c1 = max(int(wmin[j]), 0), min(max(int(wmax[j]) + 1, 0), w)
+            if r0 < r1 and c0 < c1:
+                fg[i, r0:r1, c0:c1] = torch.maximum(fg[i, r0:r1, c0:c1], area)
     bg = (fg == 0).to(dtype)
     for i in range(n):
         total = bg[i].sum()
@@ -350,21 +357,31 @@ def parse_config(config):
         method = raw.get("method", "dmkd")
         if method not in DEFAULTS:
             raise ValueError(f"level {i}: unknown method {method!r}")
-        cfg = dict(DEFAULTS[method])
-        cfg.update({k: v for k, v in raw.items() if k != "method" and k in DEFAULTS[method]})
-        cfg["method"] = method
-        if "tau" in cfg and not float(cfg["tau"]) > 0:
-            raise ValueError(f"level {i}: tau must be positive, got {cfg['tau']!r}")
-        for key in ("lambda_s", "lambda_c"):
-            if key in cfg and not 0.0 <= float(cfg[key]) <= 1.0:
-                raise ValueError(f"level {i}: {key} must lie in [0, 1], got {cfg[key]!r}")
-        if cfg.get("mask_mode", "topk") not in ("topk", "sampled", "random"):
-            raise ValueError(f"level {i}: unknown mask_mode {cfg['mask_mode']!r}")
-        if "seed" in cfg:
-            seed = cfg["seed"]
+        # Every key given is checked, whether or not the level's method reads it (as
+        # docs/spec.md's ranges say and the Rust engine does): a bad value is an error, not
+        # silently ignored.
+        for key, v in raw.items():
+            if key in ("method", "mask_mode", "seed"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"level {i}: {key} must be a number, got {v!r}")
+            v = float(v)
+            if key == "tau" and not (math.isfinite(v) and v > 0):
+                raise ValueError(f"level {i}: tau must be finite and > 0, got {v!r}")
+            if key in ("lambda_s", "lambda_c") and not 0.0 <= v < 1.0:
+                raise ValueError(f"level {i}: {key} must lie in [0, 1), got {v!r}")
+            if key in ("alpha", "alpha_fgd", "beta_fgd", "gamma_fgd", "lambda_fgd") and not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"level {i}: {key} must be finite and >= 0, got {v!r}")
+        if raw.get("mask_mode", "topk") not in ("topk", "sampled", "random"):
+            raise ValueError(f"level {i}: unknown mask_mode {raw['mask_mode']!r}")
+        if "seed" in raw:
+            seed = raw["seed"]
             if isinstance(seed, bool) or not isinstance(seed, int):
                 raise ValueError(f"level {i}: seed must be an integer, got {seed!r}")
             seed_key(seed)  # range check
+        cfg = dict(DEFAULTS[method])
+        cfg.update({k: v for k, v in raw.items() if k != "method" and k in DEFAULTS[method]})
+        cfg["method"] = method
         levels.append(cfg)
     return levels
 

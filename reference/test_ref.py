@@ -115,7 +115,7 @@ class Masks(unittest.TestCase):
 
     def test_counts_topk_and_sampled(self):
         for mode in ("topk", "sampled"):
-            for lam_s, lam_c in ((0.65, 0.15), (0.0, 1.0), (0.45, 0.99)):
+            for lam_s, lam_c in ((0.65, 0.15), (0.0, 0.99), (0.45, 0.99)):
                 levels = [((4, 5, 3, 5), dict(lambda_s=lam_s, lambda_c=lam_c, mask_mode=mode, seed=0x0000000500000007)),
                           ((4, 5, 1, 1), dict(lambda_s=lam_s, lambda_c=lam_c, mask_mode=mode, seed=3))]
                 out = ref.evaluate({"levels": [c for _, c in levels]}, rand_tensors(levels, 2, 5), "f64")
@@ -175,6 +175,18 @@ class Masks(unittest.TestCase):
         # index among underflowed ones differ from the f64 choice.
         by_a = ref.zero_top_k(a_c32.double().numpy(), ref.mask_count(0.65, c))
         self.assertTrue((by_a != ref.make_mask("topk", z_c, 0.65, 0, 0, 1)).any())
+
+    def test_f32_attention_is_the_f64_map_rounded_even_for_a_tiny_tau(self):
+        # tau = 1e-39: g / tau overflows f32, the f64 logits do not; the reported maps are the
+        # f64 maps rounded once (docs/spec.md, step 2), not NaN.
+        levels = [((3, 3, 2, 3), dict(method="dmkd", tau=1e-39))]
+        t = rand_tensors(levels, 2, 21)
+        cfg = {"levels": [cfg for _, cfg in levels]}
+        out32 = ref.evaluate(cfg, {k: v.float() for k, v in t.items()}, "f32")
+        out64 = ref.evaluate(cfg, t, "f64")
+        for k in ("p0.attn_s", "p0.attn_c", "p0.mask_s", "p0.mask_c"):
+            self.assertTrue(bool(torch.isfinite(out32[k]).all()), k)
+            torch.testing.assert_close(out32[k], out64[k].float(), rtol=0, atol=0, msg=k)
 
     def test_random_mode_and_mgd(self):
         seed = 0x9E3779B97F4A7C15
@@ -289,7 +301,11 @@ class Forward(unittest.TestCase):
         self.assertEqual(ref.parse_config('{"levels":[{"seed":18446744073709551615}]}')[0]["seed"], 2**64 - 1)
         for bad in ('{"levels":[{"lamda_s":0.5}]}', '{"levels":[{"method":"kd"}]}', '{"levels":[{"seed":-1}]}',
                     '{"levels":[{"seed":18446744073709551616}]}', '{"levels":[{"seed":1.0}]}',
-                    '{"levels":[{"tau":0}]}', '{"levels":[{"lambda_c":1.5}]}', '{"levels":[{"mask_mode":"gumbel"}]}'):
+                    '{"levels":[{"tau":0}]}', '{"levels":[{"lambda_c":1.5}]}', '{"levels":[{"mask_mode":"gumbel"}]}',
+                    # Ranges as the Rust engine checks them, for keys the method does not read too.
+                    '{"levels":[{"lambda_s":1.0}]}', '{"levels":[{"tau":1e999}]}', '{"levels":[{"alpha":-1}]}',
+                    '{"levels":[{"method":"mgd","tau":0}]}', '{"levels":[{"method":"mgd","mask_mode":"best"}]}',
+                    '{"levels":[{"method":"fgd","seed":-1}]}', '{"levels":[{"alpha_fgd":"0.1"}]}'):
             with self.assertRaises(ValueError, msg=bad):
                 ref.parse_config(bad)
 
@@ -308,6 +324,20 @@ class FgdMasks(unittest.TestCase):
                 [0, 0, b, b, b]]
         np.testing.assert_array_equal(fg[0].numpy(), np.array(want))
         np.testing.assert_array_equal(bg[0].numpy(), np.where(np.array(want) == 0, 1 / 5, 0.0))  # 5 bg pixels
+
+    def test_boxes_off_the_image_mark_nothing_outside_the_map(self):
+        # Image (h, w) = (40, 40), map 4 x 8. A box wholly above-left has inclusive ends at -2
+        # and -4: a Python slice would count those from the back and mark the far corner.
+        img = torch.tensor([[40.0, 40.0]], dtype=F64)
+        fg, bg = ref.fgd_masks([torch.tensor([[-30.0, -30.0, -20.0, -20.0]], dtype=F64)], img, 1, 4, 8, F64)
+        self.assertTrue(bool((fg == 0).all()))
+        self.assertTrue(bool((bg == 1 / 32).all()))
+        # Starting left of the image: columns floor(-10 / 40 * 8) = -2 ..= ceil(10 / 40 * 8) = 2,
+        # clipped to 0..=2; rows 0..=1; the value uses the unclipped size 2 x 5.
+        fg, _ = ref.fgd_masks([torch.tensor([[-10.0, 0.0, 10.0, 5.0]], dtype=F64)], img, 1, 4, 8, F64)
+        want = np.zeros((4, 8))
+        want[0:2, 0:3] = 1 / 10
+        np.testing.assert_array_equal(fg[0].numpy(), want)
 
     def test_no_background(self):
         fg, bg = ref.fgd_masks([torch.tensor([[0.0, 0.0, 10.0, 10.0]], dtype=F64)], torch.tensor([[10.0, 10.0]], dtype=F64), 1, 2, 2, F64)
@@ -336,8 +366,8 @@ class Gradients(unittest.TestCase):
         self.assertTrue(gradcheck_config(levels, 2, 21))
 
     def test_dmkd_edge_k_n1(self):
-        levels = [((3, 3, 2, 2), dict(alpha=1.0, lambda_s=0.0, lambda_c=1.0)),
-                  ((3, 3, 1, 2), dict(alpha=1.0, lambda_s=1.0, lambda_c=0.0))]
+        levels = [((3, 3, 2, 2), dict(alpha=1.0, lambda_s=0.0, lambda_c=0.99)),
+                  ((3, 3, 1, 2), dict(alpha=1.0, lambda_s=0.99, lambda_c=0.0))]
         self.assertTrue(gradcheck_config(levels, 1, 22))
 
     def test_dmkd_sampled_random(self):

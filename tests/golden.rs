@@ -18,6 +18,8 @@
 //!   norm-wise, with single elements near zero worse relative to themselves
 //!   but not relative to the tensor's largest (hence the max-norm bound).
 //! - masks: exactly equal (the fixtures keep every decision away from ties).
+//!   FGD's `mask_fg` / `mask_bg` hold values (`1 / area`, `1 / count`), not
+//!   decisions, and are compared as values.
 //! - gradients that are exactly zero in exact arithmetic (FGD's context-conv
 //!   bias: softmax ignores a shift) come out as rounding noise on both
 //!   sides; a tensor whose entries all lie below `tol` times the largest
@@ -145,6 +147,13 @@ fn check_fixture<T: BackendFloat>(
             ));
         }
     }
+    // And nothing we output is missing from the fixture (a debug output
+    // or gradient the reference does not produce would go unchecked).
+    for key in eval.outputs.keys() {
+        if !file.tensors.contains_key(key) {
+            failures.push(format!("{name} {}: {key} not in the fixture", path.display()));
+        }
+    }
     assert!(
         compared > 10,
         "{}: too few outputs to compare",
@@ -157,7 +166,7 @@ fn check_fixture<T: BackendFloat>(
 fn every_fixture_matches_on_every_backend() {
     let paths = fixtures();
     assert!(
-        paths.len() >= 8,
+        paths.len() >= 12,
         "expected the committed fixtures, found {}",
         paths.len()
     );
