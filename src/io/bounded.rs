@@ -53,8 +53,12 @@ pub(crate) fn io_err(path: &Path, source: std::io::Error) -> Error {
 /// itself stops one byte past the bound: a device or pipe (`/dev/zero`, a
 /// FIFO) reports size 0 and would otherwise be read forever.
 pub fn read_bounded(path: &Path) -> Result<Vec<u8>> {
+    read_bounded_to(path, max_file_bytes()?)
+}
+
+/// [`read_bounded`] under an explicit limit in bytes.
+fn read_bounded_to(path: &Path, limit: u64) -> Result<Vec<u8>> {
     use std::io::Read;
-    let limit = max_file_bytes()?;
     let too_large = |bytes: u64| Error::TooLarge {
         what: format!("file {}", path.display()),
         bytes: bytes as u128,
@@ -84,6 +88,28 @@ pub fn read_bounded(path: &Path) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_at_the_limit_is_read_and_one_byte_more_is_refused() {
+        let dir = std::env::temp_dir().join(format!("dmkd-bounded-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ten.bin");
+        std::fs::write(&path, b"0123456789").unwrap();
+        assert_eq!(read_bounded_to(&path, 10).unwrap(), b"0123456789");
+        let bytes_of = |e: Error| match e {
+            Error::TooLarge { bytes, limit, .. } => (bytes, limit),
+            e => panic!("{e}"),
+        };
+        // Refused from its size, before reading: the error names the whole size.
+        assert_eq!(bytes_of(read_bounded_to(&path, 9).unwrap_err()), (10, 9));
+        assert_eq!(bytes_of(read_bounded_to(&path, 3).unwrap_err()), (10, 3));
+        // A file whose size reads 0 (procfs) is bounded while it is read.
+        let status = Path::new("/proc/self/status");
+        if status.metadata().is_ok_and(|m| m.len() == 0) {
+            assert_eq!(bytes_of(read_bounded_to(status, 16).unwrap_err()), (17, 16));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_byte_limit_is_decimal_digits_or_an_error() {
