@@ -64,14 +64,20 @@ def seed_key(seed):
     return seed & 0xFFFFFFFF, seed >> 32
 
 
-def uniforms(seed, level, n_samples, count, branch):
+def uniforms(seed, level, n_samples, count, branch, sample_offset=0):
     """Mask uniforms u[n, i] in float64 for one level and branch (0 spatial, 1 channel).
 
     Counter (i, n, l, b), key from the seed; u = (x0 + 0.5) / 2^32 lies strictly in (0, 1) and is
-    exact in f64 (x0 + 0.5 needs 33 significant bits).
+    exact in f64 (x0 + 0.5 needs 33 significant bits). The samples are n = sample_offset ..
+    sample_offset + n_samples - 1 (their indices in the whole batch, docs/spec.md "Data
+    parallel"); every word must hold its values and one past the last.
     """
+    if not (0 <= sample_offset and sample_offset + n_samples <= 0xFFFFFFFF
+            and count <= 0xFFFFFFFF and level <= 0xFFFFFFFF):
+        raise ValueError(f"samples {sample_offset} + {n_samples}, count {count}, level {level}: "
+                         "past the 32-bit Philox counter words")
     i = np.arange(count, dtype=np.uint64)[None, :]
-    n = np.arange(n_samples, dtype=np.uint64)[:, None]
+    n = np.arange(sample_offset, sample_offset + n_samples, dtype=np.uint64)[:, None]
     x0, _, _, _ = philox4x32_10((i, n, level, branch), seed_key(seed))
     return (x0.astype(np.float64) + 0.5) / 2.0**32
 
@@ -152,7 +158,7 @@ def gumbel_keys(logits, u):
     return z + (-np.log(-np.log(u)))
 
 
-def make_mask(mode, logits, lam, seed, level, branch):
+def make_mask(mode, logits, lam, seed, level, branch, sample_offset=0):
     """One branch's mask [N, K] in float64 from its attention logits [N, K] (float64).
 
     topk:    zero the k = floor(lam*K + 0.5) largest logits, i.e. the highest attention entries
@@ -164,7 +170,7 @@ def make_mask(mode, logits, lam, seed, level, branch):
     n, width = z.shape
     if mode == "topk":
         return zero_top_k(z, mask_count(lam, width))
-    u = uniforms(seed, level, n, width, branch)
+    u = uniforms(seed, level, n, width, branch, sample_offset)
     if mode == "sampled":
         return zero_top_k(gumbel_keys(z, u), mask_count(lam, width))
     if mode == "random":
@@ -206,7 +212,7 @@ def generation_block(x, p, name):
 # without the `p{l}.` prefix), its config `cfg` and index `level`; returns (loss, debug dict).
 # --------------------------------------------------------------------------------------------
 
-def dmkd_level(s, t, p, cfg, level):
+def dmkd_level(s, t, p, cfg, level, sample_offset=0):
     t = t.detach()
     n, c, h, w = t.shape
     with torch.no_grad():  # teacher attention and masks are constants
@@ -215,8 +221,8 @@ def dmkd_level(s, t, p, cfg, level):
         # step 2): an f32 run reports the f64 maps even where g / tau overflows f32.
         a_s = ((h * w) * torch.softmax(z_s, dim=1)).reshape(n, h, w).to(t.dtype)
         a_c = (c * torch.softmax(z_c, dim=1)).to(t.dtype)
-        m_s = make_mask(cfg["mask_mode"], z_s, cfg["lambda_s"], cfg["seed"], level, 0)
-        m_c = make_mask(cfg["mask_mode"], z_c, cfg["lambda_c"], cfg["seed"], level, 1)
+        m_s = make_mask(cfg["mask_mode"], z_s, cfg["lambda_s"], cfg["seed"], level, 0, sample_offset)
+        m_c = make_mask(cfg["mask_mode"], z_c, cfg["lambda_c"], cfg["seed"], level, 1, sample_offset)
     # Masks are built on the CPU in f64; move them to the feature's device and dtype (exact: 0/1).
     m_s = torch.from_numpy(m_s).to(device=t.device, dtype=t.dtype).reshape(n, h, w)
     m_c = torch.from_numpy(m_c).to(device=t.device, dtype=t.dtype)
@@ -230,11 +236,11 @@ def dmkd_level(s, t, p, cfg, level):
     return loss, {"attn_s": a_s, "attn_c": a_c, "mask_s": m_s, "mask_c": m_c}
 
 
-def mgd_level(s, t, p, cfg, level):
+def mgd_level(s, t, p, cfg, level, sample_offset=0):
     t = t.detach()
     n, c, h, w = t.shape
     # MGD: random spatial mask with lambda_s and the branch-0 uniforms, whatever mask_mode says.
-    m = random_mask(uniforms(cfg["seed"], level, n, h * w, 0), cfg["lambda_s"])
+    m = random_mask(uniforms(cfg["seed"], level, n, h * w, 0, sample_offset), cfg["lambda_s"])
     m = torch.from_numpy(m).to(device=t.device, dtype=t.dtype).reshape(n, h, w)
     s_al = align(s, p, c)
     g = generation_block(s_al * m[:, None, :, :], p, "gen")
@@ -421,16 +427,20 @@ DTYPES = {"f32": torch.float32, "f64": torch.float64}
 # The entry point
 # --------------------------------------------------------------------------------------------
 
-def evaluate(config, tensors, dtype="f64"):
+def evaluate(config, tensors, dtype="f64", sample_offset=0):
     """Loss, per-level losses, gradients and debug tensors, named as in the exchange format.
 
     config:  JSON text or dict {"levels": [...]}
     tensors: name -> tensor: inputs (`p{l}.student`, `p{l}.teacher`, FGD's `gt_boxes.{n}` and
              `img_shape`) and parameters (`p{l}.<param>`). Extra or missing names are errors.
     dtype:   "f32" / "f64" (or a torch dtype): the working dtype; every tensor is cast to it.
+    sample_offset: the batch's first sample in a larger batch (a data-parallel shard): the
+             sampled and random masks draw the uniforms of samples offset .. offset + N - 1.
     """
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     levels = parse_config(config)
+    if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
+        raise ValueError(f"sample_offset must be an integer >= 0, got {sample_offset!r}")
     x = {k: v.detach().to(dt).clone() for k, v in tensors.items()}
     used = set()
 
@@ -472,9 +482,9 @@ def evaluate(config, tensors, dtype="f64"):
     total = None
     for l, (cfg, (s, t, p)) in enumerate(zip(levels, level_inputs)):
         if cfg["method"] == "dmkd":
-            loss, debug = dmkd_level(s, t, p, cfg, l)
+            loss, debug = dmkd_level(s, t, p, cfg, l, sample_offset)
         elif cfg["method"] == "mgd":
-            loss, debug = mgd_level(s, t, p, cfg, l)
+            loss, debug = mgd_level(s, t, p, cfg, l, sample_offset)
         else:
             loss, debug = fgd_level(s, t, p, cfg, l, boxes, img_shape)
         out[f"p{l}.loss"] = loss.detach().clone()

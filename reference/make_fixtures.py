@@ -83,6 +83,14 @@ CASES = {
         ((5, 6, 5, 7), dict(method="fgd", tau=0.5, alpha_fgd=0.001, beta_fgd=0.0005, gamma_fgd=0.0005, lambda_fgd=0.000005)),
         ((8, 8, 3, 4), dict(method="fgd", tau=1.0, alpha_fgd=0.002, beta_fgd=0.001, gamma_fgd=0.01, lambda_fgd=0.0001)),
     ]),
+    # A data-parallel shard at the end of the 32-bit sample counter: samples 2^32 - 3 and
+    # 2^32 - 2 of a larger batch (sample_offset in the metadata; the counter's end, 2^32 - 1,
+    # is the largest allowed). Sampled and random masks and MGD draw those samples' uniforms.
+    "dmkd_f64_offset": dict(dtype="f64", n=2, seed=113, sample_offset=2**32 - 3, levels=[
+        ((4, 4, 5, 7), dict(method="dmkd", lambda_s=0.65, lambda_c=0.5, mask_mode="sampled", seed=S1)),
+        ((3, 5, 3, 4), dict(method="mgd", lambda_s=0.5, alpha=1e-3, seed=S2)),
+        ((4, 4, 2, 3), dict(method="dmkd", lambda_s=0.5, lambda_c=0.5, alpha=1e-2, mask_mode="random", seed=S3)),
+    ]),
     # f32 FGD (box arithmetic in f32) with boxes off the image: wholly left of and above it
     # (a negative inclusive end), starting left of it, past its bottom-right corner, one of zero
     # width (x1 == x2), and an image whose only box misses the map (no foreground: the
@@ -196,8 +204,9 @@ def check_case(name, case, tensors, out):
                 check_k_gap(z_s, ref.mask_count(cfg["lambda_s"], h * w), f"{name} p{l} z_s", tol)
                 check_k_gap(z_c, ref.mask_count(cfg["lambda_c"], c), f"{name} p{l} z_c", tol)
             elif cfg["mask_mode"] == "sampled":
-                ks = ref.gumbel_keys(z_s, ref.uniforms(cfg["seed"], l, n, h * w, 0))
-                kc = ref.gumbel_keys(z_c, ref.uniforms(cfg["seed"], l, n, c, 1))
+                off = case.get("sample_offset", 0)
+                ks = ref.gumbel_keys(z_s, ref.uniforms(cfg["seed"], l, n, h * w, 0, off))
+                kc = ref.gumbel_keys(z_c, ref.uniforms(cfg["seed"], l, n, c, 1, off))
                 check_k_gap(ks, ref.mask_count(cfg["lambda_s"], h * w), f"{name} p{l} Gumbel s", tol)
                 check_k_gap(kc, ref.mask_count(cfg["lambda_c"], c), f"{name} p{l} Gumbel c", tol)
         if cfg["method"] in ("dmkd", "mgd"):
@@ -281,7 +290,7 @@ def write_safetensors(path, tensors, metadata):
 def build(name, case):
     config = {"levels": [cfg for _, cfg in case["levels"]]}
     tensors = make_tensors(case)
-    out = ref.evaluate(config, tensors, case["dtype"])
+    out = ref.evaluate(config, tensors, case["dtype"], case.get("sample_offset", 0))
     with torch.no_grad():
         check_case(name, case, tensors, out)
     everything = dict(tensors)
@@ -293,6 +302,8 @@ def build(name, case):
         "dtype": case["dtype"],
         "generator": "reference/make_fixtures.py (PyTorch reference dmkd_ref.py)",
     }
+    if "sample_offset" in case:
+        meta["sample_offset"] = str(case["sample_offset"])
     return {k: v.contiguous() for k, v in everything.items()}, meta
 
 

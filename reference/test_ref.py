@@ -188,6 +188,26 @@ class Masks(unittest.TestCase):
             self.assertTrue(bool(torch.isfinite(out32[k]).all()), k)
             torch.testing.assert_close(out32[k], out64[k].float(), rtol=0, atol=0, msg=k)
 
+    def test_shards_with_sample_offsets_draw_the_whole_batch_masks(self):
+        levels = [((3, 4, 3, 5), dict(mask_mode="sampled", seed=7)),
+                  ((3, 4, 3, 5), dict(mask_mode="random", seed=2**63 + 5)),
+                  ((3, 4, 3, 5), dict(method="mgd", seed=3))]
+        cfg = {"levels": [c for _, c in levels]}
+        t = rand_tensors(levels, 4, 23)
+        whole = ref.evaluate(cfg, t, "f64")
+        for a, b in ((0, 1), (1, 3), (3, 4)):
+            part = ref.evaluate(cfg, {k: v[a:b] if k.endswith(("student", "teacher")) else v
+                                      for k, v in t.items()}, "f64", sample_offset=a)
+            for k in whole:
+                if ".mask_" in k:
+                    np.testing.assert_array_equal(part[k].numpy(), whole[k][a:b].numpy(), err_msg=k)
+        # Without the offset, a shard draws the first samples' masks: different ones.
+        part = ref.evaluate(cfg, {k: v[2:4] if k.endswith(("student", "teacher")) else v
+                                  for k, v in t.items()}, "f64")
+        self.assertFalse(torch.equal(part["p2.mask_s"], whole["p2.mask_s"][2:4]))
+        with self.assertRaises(ValueError):
+            ref.evaluate(cfg, t, "f64", sample_offset=2**32 - 4)  # samples end past 2^32 - 1
+
     def test_random_mode_and_mgd(self):
         seed = 0x9E3779B97F4A7C15
         levels = [((3, 4, 5, 7), dict(lambda_s=0.65, lambda_c=0.3, mask_mode="random", seed=seed)),
@@ -418,7 +438,7 @@ class Fixtures(unittest.TestCase):
                 stored = {k: f.get_tensor(k) for k in f.keys()}
             config = json.loads(meta["config"])
             inputs = {k: v for k, v in stored.items() if not eval_ref.is_output(k)}
-            out = ref.evaluate(config, inputs, meta["dtype"])
+            out = ref.evaluate(config, inputs, meta["dtype"], int(meta.get("sample_offset", "0")))
             self.assertEqual(set(out) | set(inputs), set(stored), path)
             tol = dict(rtol=1e-5, atol=1e-6) if meta["dtype"] == "f32" else dict(rtol=1e-12, atol=1e-15)
             for k, v in out.items():

@@ -83,6 +83,57 @@ fn eval_on_a_fixture_reproduces_its_outputs() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// A data-parallel shard's fixture: eval takes its sample offset from the
+/// metadata (or --sample-offset) and writes it into the outputs' metadata.
+#[test]
+fn eval_takes_the_sample_offset_of_a_shard() {
+    let dir = tmp("offset");
+    let fx = fixture("dmkd_f64_offset.safetensors");
+    let run = |out: &str, extra: &[&str]| {
+        let mut args = vec!["eval", "--inputs", &fx, "--out", out, "--no-init"];
+        args.push("--allow-extra");
+        args.extend_from_slice(extra);
+        dmkd(&args)
+    };
+    let verify = |out: &str| {
+        let o = dmkd(&[
+            "verify",
+            "--expected",
+            &fx,
+            "--actual",
+            out,
+            "--rtol",
+            "1e-10",
+            "--stol",
+            "1e-10",
+        ]);
+        (o.status.success(), text(&o))
+    };
+    let from_meta = dir.join("meta.safetensors").display().to_string();
+    let o = run(&from_meta, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let (ok, t) = verify(&from_meta);
+    assert!(ok, "{t}");
+    let written = dmkd::io::read_safetensors(Path::new(&from_meta)).unwrap();
+    assert_eq!(written.metadata["sample_offset"], "4294967293");
+    // The flag wins: offset 0 draws other samples' masks.
+    let zero = dir.join("zero.safetensors").display().to_string();
+    assert!(run(&zero, &["--sample-offset", "0"]).status.success());
+    let (ok, t) = verify(&zero);
+    assert!(!ok && t.contains("p0.mask_s") && t.contains("FAIL"), "{t}");
+    let written = dmkd::io::read_safetensors(Path::new(&zero)).unwrap();
+    assert!(!written.metadata.contains_key("sample_offset"));
+    // Past the 32-bit sample counter: one line, exit 1.
+    let o = run(&zero, &["--sample-offset", "4294967294"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("32-bit Philox sample counter"),
+        "{}",
+        text(&o)
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
 #[test]
 fn verify_reports_and_fails_on_a_wrong_gradient() {
     let dir = tmp("verify");

@@ -74,7 +74,16 @@ fn check_fixture<T: BackendFloat>(
         init_seed: None,
         allow_extra: true,
     };
-    let problem = Problem::new(&config, &tensors, opts).unwrap();
+    // A data-parallel shard's first sample in the whole batch, if the
+    // fixture is one (its sampled and random masks depend on it).
+    let offset: usize = file
+        .metadata
+        .get("sample_offset")
+        .map_or(0, |v| v.parse().unwrap());
+    let problem = Problem::new(&config, &tensors, opts)
+        .unwrap()
+        .with_sample_offset(offset)
+        .unwrap();
     let name = backend.name();
     let eval = evaluate(backend, &problem).unwrap();
     let (norm_tol, max_tol) = match T::DTYPE {
@@ -151,7 +160,10 @@ fn check_fixture<T: BackendFloat>(
     // or gradient the reference does not produce would go unchecked).
     for key in eval.outputs.keys() {
         if !file.tensors.contains_key(key) {
-            failures.push(format!("{name} {}: {key} not in the fixture", path.display()));
+            failures.push(format!(
+                "{name} {}: {key} not in the fixture",
+                path.display()
+            ));
         }
     }
     assert!(
@@ -166,7 +178,7 @@ fn check_fixture<T: BackendFloat>(
 fn every_fixture_matches_on_every_backend() {
     let paths = fixtures();
     assert!(
-        paths.len() >= 12,
+        paths.len() >= 13,
         "expected the committed fixtures, found {}",
         paths.len()
     );

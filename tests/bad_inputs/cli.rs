@@ -235,6 +235,13 @@ fn cli_reports_each_bad_input_in_one_line() {
         &[],
     );
     assert_one_error_line(&o, "malformed file");
+    // A sample offset in the metadata that is not a u64.
+    let lying = dir.join("bad_offset.safetensors");
+    let mut bad_meta = meta.clone();
+    bad_meta.insert("sample_offset".into(), "-3".into());
+    write_safetensors(&lying, &small(), &bad_meta).unwrap();
+    let o = dmkd(&["eval", "--inputs", &s(&lying), "--out", &out], &[]);
+    assert_one_error_line(&o, "`sample_offset` metadata \"-3\" is not an integer");
     // An npy directory without metadata and without --config.
     let d = dir.join("npydir");
     write_npy_dir(&d, &small(), &HashMap::new()).unwrap();

@@ -109,17 +109,28 @@ fn eval_typed<T: BackendFloat>(
     files: &[&TensorFile],
     out: &Path,
     opts: EvalOptions,
+    sample_offset: u64,
     backend: BackendOptions,
 ) -> Result<bool> {
     let tensors = load_problem_tensors::<T>(files)?;
-    let problem = Problem::new(config, &tensors, opts)?;
+    let offset = usize::try_from(sample_offset).map_err(|_| {
+        Error::arg(
+            "sample_offset",
+            format!("{sample_offset} does not fit this machine's usize"),
+        )
+    })?;
+    let problem = Problem::new(config, &tensors, opts)?.with_sample_offset(offset)?;
     let eval = evaluate(make_backend::<T>(backend)?, &problem)?;
     let mut outputs = eval.outputs;
     outputs.extend(eval.params);
-    let meta = HashMap::from([
+    let mut meta = HashMap::from([
         ("config".to_string(), config.to_json()),
         ("dtype".to_string(), T::DTYPE.to_string()),
     ]);
+    // The masks depend on it: a file of outputs says which shard it is.
+    if sample_offset != 0 {
+        meta.insert("sample_offset".to_string(), sample_offset.to_string());
+    }
     write_safetensors(out, &outputs, &meta)?;
     println!("loss {:.10e}", eval.loss);
     for (l, v) in eval.level_losses.iter().enumerate() {
@@ -164,6 +175,16 @@ pub(crate) fn eval(args: EvalArgs) -> Result<bool> {
         }
     }
     let dtype = args.dtype.or(file_dtype).unwrap_or(DType::F32);
+    // As the config: from the flag, else from the inputs' metadata (a
+    // data-parallel shard's golden file), else 0.
+    let sample_offset = match (args.sample_offset, input_file.metadata.get("sample_offset")) {
+        (Some(v), _) => v,
+        (None, Some(text)) => text.parse::<u64>().map_err(|_| Error::Format {
+            path: args.inputs.display().to_string(),
+            detail: format!("`sample_offset` metadata {text:?} is not an integer in [0, 2^64)"),
+        })?,
+        (None, None) => 0,
+    };
     let mut files = vec![&input_file];
     files.extend(param_file.as_ref());
     let opts = EvalOptions {
@@ -171,7 +192,7 @@ pub(crate) fn eval(args: EvalArgs) -> Result<bool> {
         allow_extra: args.allow_extra,
     };
     let backend = args.backend.options();
-    with_dtype!(dtype, T => eval_typed::<T>(&config, &files, &args.out, opts, backend))
+    with_dtype!(dtype, T => eval_typed::<T>(&config, &files, &args.out, opts, sample_offset, backend))
 }
 
 /// `dmkd verify`: the per-tensor error table; false when anything fails.

@@ -263,6 +263,11 @@ struct EvalArgs {
     /// Ignore tensors that are neither inputs nor parameters.
     #[arg(long)]
     allow_extra: bool,
+    /// The batch's first sample in a larger batch (a data-parallel shard): the
+    /// sampled and random masks draw those samples' uniforms. Default: the
+    /// `sample_offset` metadata of --inputs, else 0.
+    #[arg(long)]
+    sample_offset: Option<u64>,
     #[command(flatten)]
     backend: BackendArgs,
 }
