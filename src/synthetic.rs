@@ -6,7 +6,7 @@
 //! teacher.
 
 use crate::backend::BackendRef;
-use crate::distill::{Config, EvalOptions, LevelConfig, Problem, TensorMap, evaluate};
+use crate::distill::{Config, EvalOptions, LevelConfig, Method, Problem, TensorMap, evaluate};
 use crate::error::{Error, Result};
 use crate::rng::PhiloxStream;
 use crate::tensor::{Float, Tensor};
@@ -214,6 +214,45 @@ pub fn inputs<T: Float>(p: &Preset, seed: u64) -> Result<TensorMap<T>> {
     Ok(m)
 }
 
+/// Stride of a preset's first level in image pixels (P3 of RetinaNet, P2 of
+/// the two-stage presets: 8 or 4; 8 is used for all, the boxes only need a
+/// plausible image).
+const FIRST_LEVEL_STRIDE: f64 = 8.0;
+
+/// Boxes per synthetic image.
+const BOXES_PER_IMAGE: usize = 3;
+
+/// FGD's extra inputs for `n` images whose first level is `h x w`:
+/// `img_shape` `[n, 2]` and `gt_boxes.{i}` `[3, 4]`. Each image is the
+/// padded canvas (`8h x 8w` pixels) less up to an eighth of it at the bottom
+/// and right, as a resized image padded to a multiple of the stride is; its
+/// boxes are `(x1, y1, x2, y2)` inside it, 10-50% of its size on each side.
+/// Drawn from their own Philox stream (id `0x6278_0000`), so the features of
+/// the same seed do not change with them.
+pub fn fgd_boxes<T: Float>(n: usize, h: usize, w: usize, seed: u64) -> Result<TensorMap<T>> {
+    let mut rng = PhiloxStream::new(seed, 0x6278_0000);
+    let (canvas_h, canvas_w) = (h as f64 * FIRST_LEVEL_STRIDE, w as f64 * FIRST_LEVEL_STRIDE);
+    let mut m = TensorMap::new();
+    let mut shapes = Vec::with_capacity(2 * n);
+    for i in 0..n {
+        let img_h = (canvas_h * rng.uniform(0.875, 1.0)).floor().max(1.0);
+        let img_w = (canvas_w * rng.uniform(0.875, 1.0)).floor().max(1.0);
+        shapes.extend([img_h, img_w].map(T::from_f64));
+        let mut boxes = Vec::with_capacity(4 * BOXES_PER_IMAGE);
+        for _ in 0..BOXES_PER_IMAGE {
+            let (bw, bh) = (img_w * rng.uniform(0.1, 0.5), img_h * rng.uniform(0.1, 0.5));
+            let (x1, y1) = (rng.uniform(0.0, img_w - bw), rng.uniform(0.0, img_h - bh));
+            boxes.extend([x1, y1, x1 + bw, y1 + bh].map(T::from_f64));
+        }
+        m.insert(
+            crate::distill::box_name(i),
+            Tensor::from_vec(&[BOXES_PER_IMAGE, 4], boxes)?,
+        );
+    }
+    m.insert("img_shape".to_string(), Tensor::from_vec(&[n, 2], shapes)?);
+    Ok(m)
+}
+
 /// The loss problem of a preset as the benchmarks time it: its default
 /// config, its synthetic inputs drawn from `seed`, every parameter
 /// initialised from `seed`.
@@ -232,14 +271,19 @@ pub fn problem<T: Float>(p: &Preset, seed: u64) -> Result<Problem<T>> {
 /// Golden vectors of a preset (what `dmkd golden` writes): its synthetic
 /// inputs drawn from `seed`, every parameter initialised from `seed`, and
 /// the loss, per-level losses, every gradient and the debug tensors computed
-/// on `backend`, all by exchange-format name. Also returns the loss.
+/// on `backend`, all by exchange-format name. Also returns the loss. A
+/// config with an FGD level adds synthetic boxes ([`fgd_boxes`]).
 pub fn golden<T: Float>(
     preset: &Preset,
     config: &Config,
     seed: u64,
     backend: BackendRef<T>,
 ) -> Result<(TensorMap<T>, T)> {
-    let tensors: TensorMap<T> = inputs(preset, seed)?;
+    let mut tensors: TensorMap<T> = inputs(preset, seed)?;
+    if config.levels.iter().any(|l| l.method == Method::Fgd) {
+        let (h, w) = preset.levels.first().copied().unwrap_or((1, 1));
+        tensors.extend(fgd_boxes(preset.n, h, w, seed)?);
+    }
     let problem = Problem::new(
         config,
         &tensors,
@@ -269,6 +313,60 @@ mod tests {
         assert_eq!(t.levels[0], (200, 336));
         assert_eq!(t.config().levels[0].lambda_c, 0.45);
         assert!(Preset::named("huge").is_err());
+    }
+
+    #[test]
+    fn fgd_boxes_lie_inside_their_images_and_golden_uses_them() {
+        let (n, h, w) = (3, 7, 9);
+        let b = fgd_boxes::<f64>(n, h, w, 5).unwrap();
+        assert_eq!(b.len(), n + 1);
+        let shapes = b["img_shape"].as_slice();
+        assert_eq!(b["img_shape"].shape(), &[n, 2]);
+        for i in 0..n {
+            let (img_h, img_w) = (shapes[2 * i], shapes[2 * i + 1]);
+            // The canvas less at most an eighth, whole pixels.
+            assert!(
+                (49.0..=56.0).contains(&img_h) && img_h.fract() == 0.0,
+                "{img_h}"
+            );
+            assert!(
+                (63.0..=72.0).contains(&img_w) && img_w.fract() == 0.0,
+                "{img_w}"
+            );
+            let boxes = &b[&crate::distill::box_name(i)];
+            assert_eq!(boxes.shape(), &[BOXES_PER_IMAGE, 4]);
+            for r in boxes.as_slice().chunks(4) {
+                let (bw, bh) = (r[2] - r[0], r[3] - r[1]);
+                assert!(
+                    r[0] >= 0.0 && r[1] >= 0.0 && r[2] <= img_w && r[3] <= img_h,
+                    "{r:?}"
+                );
+                assert!((0.1 * img_w..=0.5 * img_w).contains(&bw), "{r:?}");
+                assert!((0.1 * img_h..=0.5 * img_h).contains(&bh), "{r:?}");
+            }
+        }
+        // Deterministic in the seed, and the seed matters.
+        let flat = |m: &TensorMap<f64>| -> Vec<f64> {
+            m.values().flat_map(|t| t.as_slice().to_vec()).collect()
+        };
+        assert_eq!(flat(&b), flat(&fgd_boxes::<f64>(n, h, w, 5).unwrap()));
+        assert_ne!(flat(&b), flat(&fgd_boxes::<f64>(n, h, w, 6).unwrap()));
+        // A config with an FGD level: golden adds the boxes its preset's
+        // batch needs, and the masks it writes have foreground.
+        let p = Preset::named("tiny").unwrap();
+        let mut config = p.config();
+        config.levels[1].method = Method::Fgd;
+        let be: BackendRef<f64> = std::sync::Arc::new(crate::backend::ReferenceBackend);
+        let (all, _) = golden(&p, &config, 4, be).unwrap();
+        let (h0, w0) = p.levels[0];
+        for (k, v) in fgd_boxes::<f64>(p.n, h0, w0, 4).unwrap() {
+            assert_eq!(all[&k].as_slice(), v.as_slice(), "{k}");
+        }
+        assert!(all["p1.mask_fg"].as_slice().iter().any(|&v| v > 0.0));
+        // Without one, no boxes (they would be unexpected tensors).
+        let be: BackendRef<f64> = std::sync::Arc::new(crate::backend::ReferenceBackend);
+        let (all, _) = golden(&p, &p.config(), 4, be).unwrap();
+        assert!(!all.contains_key("img_shape"));
     }
 
     #[test]

@@ -240,6 +240,71 @@ fn golden_then_eval_round_trips() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// `golden --config` with FGD and MGD levels: synthetic boxes are added
+/// and eval reproduces the file; a config whose level count is not the
+/// preset's is one line naming both counts.
+#[test]
+fn golden_with_an_fgd_level_writes_boxes_and_round_trips() {
+    let dir = tmp("golden-fgd");
+    let cfg = dir.join("cfg.json");
+    std::fs::write(&cfg, r#"{"levels":[{},{"method":"fgd"},{"method":"mgd"}]}"#).unwrap();
+    let cfg = cfg.display().to_string();
+    let g = dir.join("g.safetensors").display().to_string();
+    let o = dmkd(&["golden", "--preset", "tiny", "--config", &cfg, "--out", &g]);
+    assert!(o.status.success(), "{}", text(&o));
+    let file = read_safetensors(Path::new(&g)).unwrap();
+    for k in [
+        "img_shape",
+        "gt_boxes.0",
+        "gt_boxes.1",
+        "p1.mask_fg",
+        "grad.p1.conv_mask_s.weight",
+    ] {
+        assert!(file.tensors.contains_key(k), "{k}");
+    }
+    let out = dir.join("e.safetensors").display().to_string();
+    let o = dmkd(&[
+        "eval",
+        "--inputs",
+        &g,
+        "--out",
+        &out,
+        "--no-init",
+        "--allow-extra",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = dmkd(&[
+        "verify",
+        "--expected",
+        &g,
+        "--actual",
+        &out,
+        "--rtol",
+        "1e-12",
+        "--stol",
+        "1e-12",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let two = dir.join("two.json");
+    std::fs::write(&two, r#"{"levels":[{},{"method":"fgd"}]}"#).unwrap();
+    let o = dmkd(&[
+        "golden",
+        "--preset",
+        "tiny",
+        "--config",
+        &two.display().to_string(),
+        "--out",
+        &g,
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let t = text(&o);
+    assert!(
+        t.contains("the config has 2 level(s) and the preset tiny has 3") && t.lines().count() == 1,
+        "{t}"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
 #[test]
 fn eval_initialises_and_writes_missing_parameters() {
     let dir = tmp("init");

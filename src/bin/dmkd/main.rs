@@ -343,6 +343,16 @@ fn run(cli: Cli) -> Result<bool> {
                 Some(p) => commands::read_config(&p)?,
                 None => preset.config(),
             };
+            // One config level per preset level, said in the user's terms
+            // (the inputs would refuse it later, naming a tensor).
+            if config.levels.len() != preset.levels.len() {
+                return Err(dmkd::Error::Config(format!(
+                    "the config has {} level(s) and the preset {} has {}",
+                    config.levels.len(),
+                    preset.name,
+                    preset.levels.len()
+                )));
+            }
             let opts = BackendOptions {
                 kind: backend,
                 conv_algo: ConvAlgo::Auto,
