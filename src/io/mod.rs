@@ -29,3 +29,32 @@ pub fn read_tensor_file(path: &Path) -> Result<TensorFile> {
         _ => read_safetensors(path),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Tensor;
+
+    /// The extension picks the reader: `.npy` and `.npz` by NumPy's format
+    /// (a `.npy` read as safetensors would be a format error), anything
+    /// else as safetensors, a directory as `.npy` files.
+    #[test]
+    fn the_reader_follows_the_extension() {
+        let dir = std::env::temp_dir().join(format!("dmkd-io-ext-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let t = Tensor::<f32>::from_vec(&[2], vec![1.5, -2.0]).unwrap();
+        let npy = dir.join("x.npy");
+        std::fs::write(&npy, npy::npy_bytes(&t).unwrap()).unwrap();
+        let f = read_tensor_file(&npy).unwrap();
+        assert_eq!(f.tensors["x"].shape(), &[2]);
+        let m = TensorMap::from([("y".to_string(), t.clone())]);
+        let st = dir.join("y.bin");
+        write_safetensors(&st, &m, &Default::default()).unwrap();
+        assert_eq!(read_tensor_file(&st).unwrap().tensors["y"].shape(), &[2]);
+        // The same safetensors bytes under a .npy name: read as NumPy's, refused.
+        let lying = dir.join("z.npy");
+        std::fs::copy(&st, &lying).unwrap();
+        assert_eq!(read_tensor_file(&lying).unwrap_err().kind(), "format");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -616,6 +616,75 @@ mod tests {
     }
 
     #[test]
+    fn stream_edges_have_their_own_messages() {
+        let dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }";
+        let versioned = |major: u8, dict: &str, len: u32| {
+            let mut v = NPY_MAGIC.to_vec();
+            v.extend_from_slice(&[major, 0]);
+            v.extend_from_slice(&len.to_le_bytes());
+            v.extend_from_slice(dict.as_bytes());
+            v
+        };
+        // Versions 2 and 3 carry a 4-byte header length.
+        for major in [2, 3] {
+            let mut b = versioned(major, dict, dict.len() as u32);
+            b.extend_from_slice(&[0u8; 8]);
+            assert_eq!(parse_npy(&b, "x").unwrap().shape(), &[2]);
+        }
+        let msg = |b: &[u8]| parse_npy(b, "x").unwrap_err().to_string();
+        // A header of exactly the limit is read (here: cut short); one byte
+        // more is refused before reading.
+        let at_limit = versioned(2, "", MAX_HEADER_BYTES as u32);
+        assert!(
+            msg(&at_limit).contains("truncated .npy header"),
+            "{}",
+            msg(&at_limit)
+        );
+        let over = versioned(2, "", MAX_HEADER_BYTES as u32 + 1);
+        assert!(msg(&over).contains("over the limit"), "{}", msg(&over));
+        let mut v4 = versioned(4, dict, dict.len() as u32);
+        v4.extend_from_slice(&[0u8; 8]);
+        assert!(
+            msg(&v4).contains("unsupported .npy version 4.0"),
+            "{}",
+            msg(&v4)
+        );
+        // Cut inside the preamble: truncation, not a read failure.
+        assert!(msg(&NPY_MAGIC[..5]).contains("truncated .npy preamble"));
+        // A reader that fails: its error, named.
+        struct Broken;
+        impl Read for Broken {
+            fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::other("disk on fire"))
+            }
+        }
+        let e = read_npy_stream(&mut Broken, "x", DataBound::Present(100)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("cannot read .npy preamble: disk on fire"),
+            "{e}"
+        );
+        // Data exactly as long as the header says is read; one element more
+        // claimed than the file holds is a lying header, refused before
+        // reading (not a truncated read).
+        let mut exact = header(dict);
+        exact.extend_from_slice(&[0u8; 8]);
+        assert_eq!(parse_npy(&exact, "x").unwrap().shape(), &[2]);
+        let mut short = header(dict);
+        short.extend_from_slice(&[0u8; 7]);
+        assert!(
+            msg(&short).contains("header claims 8 bytes"),
+            "{}",
+            msg(&short)
+        );
+        // Under a decompression budget: exactly the budget is read, a byte
+        // less refuses the member as too large.
+        let budget = |n: u64| read_npy_stream(&mut &exact[..], "x", DataBound::Budget(n));
+        assert_eq!(budget(8).unwrap().1, 8);
+        assert_eq!(budget(7).unwrap_err().kind(), "too_large");
+    }
+
+    #[test]
     fn bad_headers_have_typed_errors() {
         for (dict, kind) in [
             (
