@@ -793,6 +793,38 @@ mod tests {
     }
 
     #[test]
+    fn member_count_and_decompression_budget_at_their_bounds() {
+        // Directories only (skipped by the reader): MAX_NPZ_MEMBERS entries
+        // are read, one more is refused before any is.
+        let dirs = |count: usize| {
+            let mut buf = Cursor::new(Vec::new());
+            let mut z = zip::ZipWriter::new(&mut buf);
+            for i in 0..count {
+                z.add_directory(format!("{i}/"), zip::write::SimpleFileOptions::default())
+                    .unwrap();
+            }
+            z.finish().unwrap();
+            buf.into_inner()
+        };
+        let f = parse_npz(&dirs(MAX_NPZ_MEMBERS), "a.npz", 1 << 20).unwrap();
+        assert!(f.tensors.is_empty());
+        let e = parse_npz(&dirs(MAX_NPZ_MEMBERS + 1), "a.npz", 1 << 20).unwrap_err();
+        assert!(
+            e.to_string().contains("65537 members, over the limit"),
+            "{e}"
+        );
+        // The budget is shared: two members of 8 data bytes fit 16 exactly,
+        // not 15 (the second is refused).
+        let two = |v: f32| npy_bytes(&Tensor::<f32>::from_vec(&[2], vec![v, v]).unwrap()).unwrap();
+        let (a, b) = (two(1.0), two(2.0));
+        let z = npz_of(&[("a.npy", &a), ("b.npy", &b)]);
+        assert_eq!(parse_npz(&z, "a.npz", 16).unwrap().tensors.len(), 2);
+        let e = parse_npz(&z, "a.npz", 15).unwrap_err();
+        assert_eq!(e.kind(), "too_large");
+        assert!(e.to_string().contains("b.npy"), "{e}");
+    }
+
+    #[test]
     fn a_member_named_twice_is_refused_not_replaced() {
         let one = npy_bytes(&Tensor::<f64>::from_vec(&[1], vec![1.0]).unwrap()).unwrap();
         let five = npy_bytes(&Tensor::<f64>::from_vec(&[1], vec![5.0]).unwrap()).unwrap();
@@ -806,6 +838,40 @@ mod tests {
         assert!(
             e.to_string().contains("member `loss.npy` appears twice"),
             "{e}"
+        );
+        // The walk steps over each entry's name, extra field and comment:
+        // first two members with 300-byte names (their length's high byte is
+        // 1) that differ only in their last letter, the first with a central
+        // extra field, then the two of the same name.
+        let long = format!("{}.npy", "n".repeat(296));
+        let long2 = format!("{}m.npy", "n".repeat(295));
+        let mut buf = Cursor::new(Vec::new());
+        {
+            use std::io::Write;
+            let mut z = zip::ZipWriter::new(&mut buf);
+            let mut opts = zip::write::FullFileOptions::default()
+                .compression_method(zip::CompressionMethod::Stored);
+            opts.add_extra_data(0xCAFE, vec![7u8; 300], true).unwrap();
+            z.start_file(long.as_str(), opts).unwrap();
+            z.write_all(&one).unwrap();
+            z.start_file(long2.as_str(), zip::write::FullFileOptions::default())
+                .unwrap();
+            z.write_all(&one).unwrap();
+            let plain = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Stored);
+            for name in ["loss.npy", "lose.npy"] {
+                z.start_file(name, plain).unwrap();
+                z.write_all(&five).unwrap();
+            }
+            z.finish().unwrap();
+        }
+        let good = buf.into_inner();
+        assert_eq!(parse_npz(&good, "a.npz", 1 << 20).unwrap().tensors.len(), 4);
+        let e = parse_npz(&patched(&good, b"lose.npy", b"loss.npy"), "a.npz", 1 << 20);
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .contains("member `loss.npy` appears twice")
         );
         // Two metadata members: which config holds is not for the reader to guess.
         let meta = npz_of(&[("metadata.json", b"{}"), ("metadata.jsom", b"{}")]);
