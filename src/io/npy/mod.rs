@@ -361,6 +361,11 @@ fn npy_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// `metadata.json`. Other files are ignored; a directory without any `.npy`
 /// is an error (it is almost certainly the wrong directory).
 pub fn read_npy_dir(dir: &Path) -> Result<TensorFile> {
+    read_npy_dir_to(dir, max_file_bytes()?)
+}
+
+/// [`read_npy_dir`] with `limit` bytes for all its `.npy` files together.
+fn read_npy_dir_to(dir: &Path, limit: u64) -> Result<TensorFile> {
     let shown = dir.display().to_string();
     let files = npy_files(dir)?;
     if files.is_empty() {
@@ -368,7 +373,6 @@ pub fn read_npy_dir(dir: &Path) -> Result<TensorFile> {
     }
     let mut out = TensorFile::default();
     let mut total = 0u64;
-    let limit = max_file_bytes()?;
     for p in files {
         let bytes = read_bounded(&p)?;
         total += bytes.len() as u64;
@@ -790,6 +794,40 @@ mod tests {
             i += 1;
         }
         out
+    }
+
+    #[test]
+    fn a_directory_is_bounded_in_total_and_names_must_be_file_names() {
+        let dir = std::env::temp_dir().join(format!("dmkd-npydir-{}", std::process::id()));
+        let t = Tensor::<f32>::from_vec(&[2], vec![1.0, 2.0]).unwrap();
+        let m = TensorMap::from([("a".to_string(), t.clone()), ("b".to_string(), t.clone())]);
+        write_npy_dir(&dir, &m, &HashMap::new()).unwrap();
+        let each = npy_bytes(&t).unwrap().len() as u64;
+        // The two files together: exactly the limit is read, a byte less
+        // refused, naming the total.
+        assert_eq!(read_npy_dir_to(&dir, 2 * each).unwrap().tensors.len(), 2);
+        match read_npy_dir_to(&dir, 2 * each - 1).unwrap_err() {
+            Error::TooLarge { bytes, limit, .. } => {
+                assert_eq!((bytes, limit), (2 * each as u128, 2 * each as u128 - 1))
+            }
+            e => panic!("{e}"),
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        for bad in ["", ".", "..", "a/b", "a\\b", "a\0b", "metadata.json"] {
+            let e = check_file_name(bad, "d").unwrap_err();
+            assert!(
+                e.to_string().contains("cannot be a file name"),
+                "{bad:?}: {e}"
+            );
+        }
+        for good in [
+            "p0.student",
+            "grad.p0.gen_s.0.weight",
+            "...",
+            "metadata.jso",
+        ] {
+            check_file_name(good, "d").unwrap();
+        }
     }
 
     #[test]
