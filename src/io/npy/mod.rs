@@ -737,6 +737,16 @@ mod tests {
                 "{'descr': '<f4', 'fortran_order': False, 'shape': (1,) } junk",
                 "format",
             ),
+            // No escapes or line breaks inside header strings (read as a
+            // dtype code they would be a dtype error, not a format one).
+            (
+                "{'descr': '<f\\4', 'fortran_order': False, 'shape': (1,), }",
+                "format",
+            ),
+            (
+                "{'descr': '<f4\n', 'fortran_order': False, 'shape': (1,), }",
+                "format",
+            ),
         ] {
             let mut b = header(dict);
             b.extend_from_slice(&[0u8; 4]);
