@@ -611,6 +611,11 @@ mod tests {
                 "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2, 1), }",
                 vec![1, 2, 1],
             ),
+            // Fortran order with one axis longer than 1: the C layout.
+            (
+                "{'descr': '<f4', 'fortran_order': True, 'shape': (1, 2, 1), }",
+                vec![1, 2, 1],
+            ),
         ] {
             let mut b = header(dict);
             b.extend_from_slice(&[0u8; 8]);
@@ -686,6 +691,14 @@ mod tests {
         let budget = |n: u64| read_npy_stream(&mut &exact[..], "x", DataBound::Budget(n));
         assert_eq!(budget(8).unwrap().1, 8);
         assert_eq!(budget(7).unwrap_err().kind(), "too_large");
+    }
+
+    #[test]
+    fn fortran_order_with_two_long_axes_is_refused_even_with_its_data() {
+        let mut b = header("{'descr': '<f4', 'fortran_order': True, 'shape': (2, 2), }");
+        b.extend_from_slice(&[0u8; 16]);
+        let e = parse_npy(&b, "x").unwrap_err();
+        assert!(e.to_string().contains("Fortran-order arrays"), "{e}");
     }
 
     #[test]
