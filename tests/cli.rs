@@ -38,6 +38,29 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// `dmkd eval` of a golden file (its config from the metadata, its outputs
+/// extra tensors) into `out` with `extra` arguments, then `verify` at 1e-12:
+/// both must succeed (f64 on one backend, only the summation order differs).
+fn eval_reproduces_golden(golden: &str, out: &str, extra: &[&str]) {
+    let mut args = vec!["eval", "--inputs", golden, "--out", out, "--no-init"];
+    args.push("--allow-extra");
+    args.extend_from_slice(extra);
+    let o = dmkd(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = dmkd(&[
+        "verify",
+        "--expected",
+        golden,
+        "--actual",
+        out,
+        "--rtol",
+        "1e-12",
+        "--stol",
+        "1e-12",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
 #[test]
 fn eval_on_a_fixture_reproduces_its_outputs() {
     let dir = tmp("eval");
@@ -192,30 +215,7 @@ fn golden_then_eval_round_trips() {
     assert!(file.tensors.contains_key("grad.p2.gen_s.0.weight"));
     assert!(file.tensors.contains_key("p0.align.weight"));
     let out = dir.join("eval.safetensors").display().to_string();
-    let o = dmkd(&[
-        "eval",
-        "--inputs",
-        &g,
-        "--out",
-        &out,
-        "--no-init",
-        "--allow-extra",
-        "--backend",
-        "cpu",
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
-    let o = dmkd(&[
-        "verify",
-        "--expected",
-        &g,
-        "--actual",
-        &out,
-        "--rtol",
-        "1e-12",
-        "--stol",
-        "1e-12",
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
+    eval_reproduces_golden(&g, &out, &["--backend", "cpu"]);
     // Output files are byte for byte reproducible: a second golden and a
     // second eval (separate processes, so separately seeded hash maps)
     // write the same bytes.
@@ -263,28 +263,7 @@ fn golden_with_an_fgd_level_writes_boxes_and_round_trips() {
         assert!(file.tensors.contains_key(k), "{k}");
     }
     let out = dir.join("e.safetensors").display().to_string();
-    let o = dmkd(&[
-        "eval",
-        "--inputs",
-        &g,
-        "--out",
-        &out,
-        "--no-init",
-        "--allow-extra",
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
-    let o = dmkd(&[
-        "verify",
-        "--expected",
-        &g,
-        "--actual",
-        &out,
-        "--rtol",
-        "1e-12",
-        "--stol",
-        "1e-12",
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
+    eval_reproduces_golden(&g, &out, &[]);
     let two = dir.join("two.json");
     std::fs::write(&two, r#"{"levels":[{},{"method":"fgd"}]}"#).unwrap();
     let o = dmkd(&[
