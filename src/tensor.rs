@@ -181,6 +181,11 @@ pub fn checked_numel_sized(shape: &[usize], elem_bytes: usize) -> Result<usize> 
     Ok(n as usize)
 }
 
+/// [`checked_numel_sized`] at `T`'s size: what every tensor constructor checks.
+fn checked_numel_of<T: Float>(shape: &[usize]) -> Result<usize> {
+    checked_numel_sized(shape, std::mem::size_of::<T>())
+}
+
 /// Elements that live outside the engine's own buffers (a NumPy array, for
 /// the Python package), read in place instead of copied.
 ///
@@ -269,7 +274,7 @@ impl<T: Float> fmt::Debug for Tensor<T> {
 impl<T: Float> Tensor<T> {
     /// A tensor from a shape and row-major data.
     pub fn from_vec(shape: &[usize], data: Vec<T>) -> Result<Self> {
-        let n = checked_numel_sized(shape, std::mem::size_of::<T>())?;
+        let n = checked_numel_of::<T>(shape)?;
         if n != data.len() {
             return Err(Error::shape(
                 "Tensor::from_vec",
@@ -285,7 +290,7 @@ impl<T: Float> Tensor<T> {
     /// A tensor over elements owned elsewhere, read in place (no copy).
     /// The slice must hold exactly the shape's element count.
     pub fn from_external(shape: &[usize], data: Arc<dyn ExternalData<T>>) -> Result<Self> {
-        let n = checked_numel_sized(shape, std::mem::size_of::<T>())?;
+        let n = checked_numel_of::<T>(shape)?;
         let len = data.as_slice().len();
         if n != len {
             return Err(Error::shape(
@@ -312,7 +317,7 @@ impl<T: Float> Tensor<T> {
 
     /// A tensor filled with `value`.
     pub fn full(shape: &[usize], value: T) -> Result<Self> {
-        let n = checked_numel_sized(shape, std::mem::size_of::<T>())?;
+        let n = checked_numel_of::<T>(shape)?;
         let mut v = pool::take::<T>(n);
         v.fill(value);
         Ok(Self::from_parts(shape, v))
@@ -335,7 +340,7 @@ impl<T: Float> Tensor<T> {
 
     /// A tensor whose element at flat index `i` is `f(i)`.
     pub fn from_fn(shape: &[usize], f: impl FnMut(usize) -> T) -> Result<Self> {
-        let n = checked_numel_sized(shape, std::mem::size_of::<T>())?;
+        let n = checked_numel_of::<T>(shape)?;
         Ok(Self::from_parts(shape, (0..n).map(f).collect()))
     }
 
@@ -439,7 +444,7 @@ impl<T: Float> Tensor<T> {
 
     /// The same data under another shape with the same element count (no copy).
     pub fn reshape(&self, shape: &[usize]) -> Result<Self> {
-        let n = checked_numel_sized(shape, std::mem::size_of::<T>())?;
+        let n = checked_numel_of::<T>(shape)?;
         if n != self.numel() {
             return Err(Error::shape(
                 "reshape",

@@ -91,8 +91,7 @@ mod tests {
 
     #[test]
     fn a_file_at_the_limit_is_read_and_one_byte_more_is_refused() {
-        let dir = std::env::temp_dir().join(format!("dmkd-bounded-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::io::scratch_dir("bounded");
         let path = dir.join("ten.bin");
         std::fs::write(&path, b"0123456789").unwrap();
         assert_eq!(read_bounded_to(&path, 10).unwrap(), b"0123456789");

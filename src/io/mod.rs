@@ -30,6 +30,16 @@ pub fn read_tensor_file(path: &Path) -> Result<TensorFile> {
     }
 }
 
+/// A fresh, empty directory for one test's files, per process and `tag`
+/// (what an earlier, aborted run left there is removed first).
+#[cfg(test)]
+pub(crate) fn scratch_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("dmkd-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -40,8 +50,7 @@ mod tests {
     /// else as safetensors, a directory as `.npy` files.
     #[test]
     fn the_reader_follows_the_extension() {
-        let dir = std::env::temp_dir().join(format!("dmkd-io-ext-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir("io-ext");
         let t = Tensor::<f32>::from_vec(&[2], vec![1.5, -2.0]).unwrap();
         let npy = dir.join("x.npy");
         std::fs::write(&npy, npy::npy_bytes(&t).unwrap()).unwrap();

@@ -147,7 +147,7 @@ mod tests {
 
     #[test]
     fn round_trip_keeps_bits_names_and_metadata() {
-        let dir = std::env::temp_dir().join(format!("dmkd-io-{}", std::process::id()));
+        let dir = crate::io::scratch_dir("io");
         let path = dir.join("rt.safetensors");
         let mut m = TensorMap::<f64>::new();
         m.insert(
@@ -171,7 +171,7 @@ mod tests {
 
     #[test]
     fn equal_inputs_give_byte_identical_files_the_crate_reads() {
-        let dir = std::env::temp_dir().join(format!("dmkd-io3-{}", std::process::id()));
+        let dir = crate::io::scratch_dir("io3");
         let mut m = TensorMap::<f32>::new();
         for (i, name) in ["p1.x", "grad.a", "loss", "z", "a.b.c"].iter().enumerate() {
             let shape: Vec<usize> = vec![i + 1; i % 3];
@@ -266,7 +266,7 @@ mod tests {
             "x".into(),
             Tensor::from_vec(&[3], vec![1.0, 2.0, 3.0]).unwrap(),
         );
-        let dir = std::env::temp_dir().join(format!("dmkd-io2-{}", std::process::id()));
+        let dir = crate::io::scratch_dir("io2");
         let path = dir.join("t.safetensors");
         write_safetensors(&path, &m, &HashMap::new()).unwrap();
         let bytes = std::fs::read(&path).unwrap();

@@ -109,17 +109,11 @@ fn eval_typed<T: BackendFloat>(
     files: &[&TensorFile],
     out: &Path,
     opts: EvalOptions,
-    sample_offset: u64,
+    sample_offset: usize,
     backend: BackendOptions,
 ) -> Result<bool> {
     let tensors = load_problem_tensors::<T>(files)?;
-    let offset = usize::try_from(sample_offset).map_err(|_| {
-        Error::arg(
-            "sample_offset",
-            format!("{sample_offset} does not fit this machine's usize"),
-        )
-    })?;
-    let problem = Problem::new(config, &tensors, opts)?.with_sample_offset(offset)?;
+    let problem = Problem::new(config, &tensors, opts)?.with_sample_offset(sample_offset)?;
     let eval = evaluate(make_backend::<T>(backend)?, &problem)?;
     let mut outputs = eval.outputs;
     outputs.extend(eval.params);
@@ -179,7 +173,7 @@ pub(crate) fn eval(args: EvalArgs) -> Result<bool> {
     // data-parallel shard's golden file), else 0.
     let sample_offset = match (args.sample_offset, input_file.metadata.get("sample_offset")) {
         (Some(v), _) => v,
-        (None, Some(text)) => text.parse::<u64>().map_err(|_| Error::Format {
+        (None, Some(text)) => text.parse::<usize>().map_err(|_| Error::Format {
             path: args.inputs.display().to_string(),
             detail: format!("`sample_offset` metadata {text:?} is not an integer in [0, 2^64)"),
         })?,

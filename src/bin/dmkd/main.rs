@@ -267,7 +267,7 @@ struct EvalArgs {
     /// sampled and random masks draw those samples' uniforms. Default: the
     /// `sample_offset` metadata of --inputs, else 0.
     #[arg(long)]
-    sample_offset: Option<u64>,
+    sample_offset: Option<usize>,
     #[command(flatten)]
     backend: BackendArgs,
 }

@@ -506,8 +506,7 @@ mod tests {
     /// of the new set); the same names are overwritten.
     #[test]
     fn npy_directory_with_stale_tensors_is_refused_before_writing() {
-        let dir = std::env::temp_dir().join(format!("dmkd-npy-stale-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = crate::io::scratch_dir("npy-stale");
         let t = |v: f64| Tensor::<f64>::from_vec(&[2], vec![v, -v]).unwrap();
         let six: TensorMap<f64> = (0..6).map(|i| (format!("t{i}"), t(i as f64))).collect();
         let meta = |v: &str| HashMap::from([("run".to_string(), v.to_string())]);
@@ -821,7 +820,7 @@ mod tests {
 
     #[test]
     fn a_directory_is_bounded_in_total_and_names_must_be_file_names() {
-        let dir = std::env::temp_dir().join(format!("dmkd-npydir-{}", std::process::id()));
+        let dir = crate::io::scratch_dir("npydir");
         let t = Tensor::<f32>::from_vec(&[2], vec![1.0, 2.0]).unwrap();
         let m = TensorMap::from([("a".to_string(), t.clone()), ("b".to_string(), t.clone())]);
         write_npy_dir(&dir, &m, &HashMap::new()).unwrap();
