@@ -54,6 +54,58 @@ impl OptimizerKind {
             weight_decay: 0.0,
         }
     }
+
+    /// Error unless every setting is in the range PyTorch's optimizers
+    /// accept (learning rate, momentum and weight decay finite and >= 0;
+    /// betas in [0, 1)), with one difference: `eps` must be > 0, because
+    /// with `eps = 0` a tensor whose gradient is all zero at its first step
+    /// gets `0 / 0`, a NaN weight, where PyTorch would go on silently.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str, v: f64, range: &str| {
+            Err(Error::InvalidArgument {
+                op: "Optimizer::step",
+                detail: format!("{what} = {v} is outside {range}"),
+            })
+        };
+        let non_negative = |what: &str, v: f64| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                bad(what, v, "[0, inf)")
+            }
+        };
+        match *self {
+            OptimizerKind::Sgd {
+                lr,
+                momentum,
+                weight_decay,
+            } => {
+                non_negative("lr", lr)?;
+                non_negative("momentum", momentum)?;
+                non_negative("weight_decay", weight_decay)
+            }
+            OptimizerKind::AdamW {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => {
+                non_negative("lr", lr)?;
+                non_negative("weight_decay", weight_decay)?;
+                for (what, b) in [("beta1", beta1), ("beta2", beta2)] {
+                    if !(0.0..1.0).contains(&b) {
+                        return bad(what, b, "[0, 1)");
+                    }
+                }
+                if eps.is_finite() && eps > 0.0 {
+                    Ok(())
+                } else {
+                    bad("eps", eps, "(0, inf)")
+                }
+            }
+        }
+    }
 }
 
 /// An optimizer with per-tensor state.
@@ -90,26 +142,33 @@ impl Optimizer {
     }
 
     /// Update every tensor of `params` whose gradient is in `grads` under
-    /// `grad_prefix + name`. State is kept in f64. Every gradient's shape is
-    /// checked before anything changes: on an error no tensor, moment or
-    /// step count has moved.
+    /// `grad_prefix + name`. State is kept in f64. The settings
+    /// ([`OptimizerKind::validate`]), every gradient's shape and every value
+    /// of the tensors it updates and their gradients (NaN or infinity is an
+    /// error naming the tensor, not a step that spreads it) are checked
+    /// before anything changes: on an error no tensor, moment or step count
+    /// has moved.
     pub fn step<T: Float>(
         &mut self,
         params: &mut TensorMap<T>,
         grads: &TensorMap<T>,
         grad_prefix: &str,
     ) -> Result<()> {
+        self.kind.validate()?;
         let grad_of = |name: &str| grads.get(&format!("{grad_prefix}{name}"));
         for (name, p) in params.iter() {
-            if let Some(g) = grad_of(name)
-                && g.shape() != p.shape()
-            {
+            let Some(g) = grad_of(name) else {
+                continue;
+            };
+            if g.shape() != p.shape() {
                 return Err(Error::TensorShape {
                     name: format!("{grad_prefix}{name}"),
                     expected: p.shape().to_vec(),
                     got: g.shape().to_vec(),
                 });
             }
+            g.check_finite(&format!("{grad_prefix}{name}"))?;
+            p.check_finite(name)?;
             // A tensor that changed size under the same name would zip its
             // old moments short or index past them.
             if let Some(st) = self.state.get(name)
@@ -325,6 +384,107 @@ mod tests {
             );
             assert_eq!(p["w"].as_slice(), &[0.0; 3]);
             assert_eq!(opt.steps(), 1);
+        }
+    }
+
+    #[test]
+    fn a_non_finite_gradient_or_weight_is_an_error_and_changes_nothing() {
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            for kind in [OptimizerKind::adamw(0.01), OptimizerKind::sgd(0.1, 0.9)] {
+                // "a" sorts first and is good: nothing of it may move either.
+                let mut p = one("a", 3.0);
+                p.extend(one("w", 2.0));
+                let mut g = one("grad.a", 1.0);
+                g.extend(one("grad.w", bad));
+                let mut opt = Optimizer::new(kind);
+                let e = opt.step(&mut p, &g, "grad.").unwrap_err();
+                assert_eq!(e.kind(), "non_finite", "{kind:?} {bad}");
+                assert!(e.to_string().starts_with("grad.w holds"), "{e}");
+                assert_eq!((p["a"].as_slice()[0], p["w"].as_slice()[0]), (3.0, 2.0));
+                assert_eq!(opt.steps(), 0);
+                // A bad weight (with a good gradient) is refused the same way.
+                let mut p = one("a", 3.0);
+                p.extend(one("w", bad));
+                let mut g = one("grad.a", 1.0);
+                g.extend(one("grad.w", 1.0));
+                let e = opt.step(&mut p, &g, "grad.").unwrap_err();
+                assert!(e.to_string().starts_with("w holds"), "{e}");
+                assert_eq!(p["a"].as_slice()[0], 3.0);
+                assert_eq!(opt.steps(), 0);
+            }
+        }
+        // A tensor with no gradient is not updated, so it is not checked.
+        let mut p = one("a", 3.0);
+        p.extend(one("frozen", f64::NAN));
+        let mut opt = Optimizer::new(OptimizerKind::sgd(0.1, 0.0));
+        opt.step(&mut p, &one("grad.a", 1.0), "grad.").unwrap();
+        assert_eq!(p["a"].as_slice()[0], 2.9);
+    }
+
+    #[test]
+    fn settings_outside_pytorchs_ranges_are_refused_before_anything_moves() {
+        let adamw = |lr, beta1, beta2, eps, weight_decay| OptimizerKind::AdamW {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        };
+        let sgd = |lr, momentum, weight_decay| OptimizerKind::Sgd {
+            lr,
+            momentum,
+            weight_decay,
+        };
+        let refused = [
+            (sgd(-0.1, 0.9, 0.0), "lr = -0.1 is outside [0, inf)"),
+            (sgd(f64::INFINITY, 0.9, 0.0), "lr = inf"),
+            (sgd(f64::NAN, 0.9, 0.0), "lr = NaN"),
+            (sgd(0.1, -0.5, 0.0), "momentum = -0.5"),
+            (sgd(0.1, f64::INFINITY, 0.0), "momentum = inf"),
+            (sgd(0.1, 0.9, -1e-4), "weight_decay = -0.0001"),
+            (sgd(0.1, 0.9, f64::NAN), "weight_decay = NaN"),
+            (adamw(-1.0, 0.9, 0.999, 1e-8, 0.0), "lr = -1"),
+            (adamw(f64::INFINITY, 0.9, 0.999, 1e-8, 0.0), "lr = inf"),
+            (
+                adamw(0.1, 1.0, 0.999, 1e-8, 0.0),
+                "beta1 = 1 is outside [0, 1)",
+            ),
+            (adamw(0.1, -0.1, 0.999, 1e-8, 0.0), "beta1 = -0.1"),
+            (
+                adamw(0.1, 0.9, 1.0, 1e-8, 0.0),
+                "beta2 = 1 is outside [0, 1)",
+            ),
+            (adamw(0.1, 0.9, f64::NAN, 1e-8, 0.0), "beta2 = NaN"),
+            (
+                adamw(0.1, 0.9, 0.999, 0.0, 0.0),
+                "eps = 0 is outside (0, inf)",
+            ),
+            (adamw(0.1, 0.9, 0.999, f64::INFINITY, 0.0), "eps = inf"),
+            (adamw(0.1, 0.9, 0.999, 1e-8, -0.01), "weight_decay = -0.01"),
+            (
+                adamw(0.1, 0.9, 0.999, 1e-8, f64::INFINITY),
+                "weight_decay = inf",
+            ),
+        ];
+        for (kind, says) in refused {
+            let mut p = one("w", 1.0);
+            let mut opt = Optimizer::new(kind);
+            let e = opt.step(&mut p, &one("grad.w", 1.0), "grad.").unwrap_err();
+            assert_eq!(e.kind(), "invalid_argument", "{kind:?}");
+            assert!(e.to_string().contains(says), "{kind:?}: {e}");
+            assert_eq!((p["w"].as_slice()[0], opt.steps()), (1.0, 0));
+        }
+        // The edges of the ranges are accepted: they are legal in PyTorch
+        // and give finite steps here.
+        for kind in [
+            sgd(0.0, 0.0, 0.0),
+            adamw(0.0, 0.0, 0.0, f64::MIN_POSITIVE, 0.0),
+        ] {
+            let mut p = one("w", 1.0);
+            Optimizer::new(kind)
+                .step(&mut p, &one("grad.w", 1.0), "grad.")
+                .unwrap();
+            assert_eq!(p["w"].as_slice()[0], 1.0, "{kind:?}: lr 0 moves nothing");
         }
     }
 }
