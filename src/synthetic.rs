@@ -272,11 +272,15 @@ pub fn problem<T: Float>(p: &Preset, seed: u64) -> Result<Problem<T>> {
 /// inputs drawn from `seed`, every parameter initialised from `seed`, and
 /// the loss, per-level losses, every gradient and the debug tensors computed
 /// on `backend`, all by exchange-format name. Also returns the loss. A
-/// config with an FGD level adds synthetic boxes ([`fgd_boxes`]).
+/// config with an FGD level adds synthetic boxes ([`fgd_boxes`]). The
+/// masks are drawn as for a data-parallel shard whose first sample is
+/// `sample_offset` of the global batch (0: a whole batch; see
+/// [`Problem::with_sample_offset`]).
 pub fn golden<T: Float>(
     preset: &Preset,
     config: &Config,
     seed: u64,
+    sample_offset: usize,
     backend: BackendRef<T>,
 ) -> Result<(TensorMap<T>, T)> {
     let mut tensors: TensorMap<T> = inputs(preset, seed)?;
@@ -291,7 +295,8 @@ pub fn golden<T: Float>(
             init_seed: Some(seed),
             allow_extra: false,
         },
-    )?;
+    )?
+    .with_sample_offset(sample_offset)?;
     let eval = evaluate(backend, &problem)?;
     let mut all = tensors;
     all.extend(eval.params);
@@ -357,7 +362,7 @@ mod tests {
         let mut config = p.config();
         config.levels[1].method = Method::Fgd;
         let be: BackendRef<f64> = std::sync::Arc::new(crate::backend::ReferenceBackend);
-        let (all, _) = golden(&p, &config, 4, be).unwrap();
+        let (all, _) = golden(&p, &config, 4, 0, be).unwrap();
         let (h0, w0) = p.levels[0];
         for (k, v) in fgd_boxes::<f64>(p.n, h0, w0, 4).unwrap() {
             assert_eq!(all[&k].as_slice(), v.as_slice(), "{k}");
@@ -365,7 +370,7 @@ mod tests {
         assert!(all["p1.mask_fg"].as_slice().iter().any(|&v| v > 0.0));
         // Without one, no boxes (they would be unexpected tensors).
         let be: BackendRef<f64> = std::sync::Arc::new(crate::backend::ReferenceBackend);
-        let (all, _) = golden(&p, &p.config(), 4, be).unwrap();
+        let (all, _) = golden(&p, &p.config(), 4, 0, be).unwrap();
         assert!(!all.contains_key("img_shape"));
     }
 
@@ -373,7 +378,7 @@ mod tests {
     fn golden_holds_inputs_params_and_outputs() {
         let p = Preset::named("tiny").unwrap();
         let be: BackendRef<f64> = std::sync::Arc::new(crate::backend::ReferenceBackend);
-        let (all, loss) = golden(&p, &p.config(), 4, be).unwrap();
+        let (all, loss) = golden(&p, &p.config(), 4, 0, be).unwrap();
         let ins = inputs::<f64>(&p, 4).unwrap();
         for (k, v) in &ins {
             assert_eq!(all[k].as_slice(), v.as_slice(), "{k}");

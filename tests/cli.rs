@@ -240,6 +240,59 @@ fn golden_then_eval_round_trips() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// `golden --sample-offset`: a shard's golden file, its offset in the
+/// metadata, which `eval` reads back to reproduce it; its masks are not the
+/// whole batch's; past the 32-bit sample counter is one line, exit 1.
+#[test]
+fn golden_of_a_shard_records_its_offset_and_round_trips() {
+    let dir = tmp("golden-offset");
+    // Masks that draw uniforms per sample (the default top-k ones do not).
+    let cfg = dir.join("cfg.json");
+    std::fs::write(
+        &cfg,
+        r#"{"levels":[{"mask_mode":"sampled"},{"method":"mgd"},{"mask_mode":"random"}]}"#,
+    )
+    .unwrap();
+    let cfg = cfg.display().to_string();
+    let g = dir.join("shard.safetensors").display().to_string();
+    let o = dmkd(&[
+        "golden",
+        "--config",
+        &cfg,
+        "--out",
+        &g,
+        "--sample-offset",
+        "6",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let file = read_safetensors(Path::new(&g)).unwrap();
+    assert_eq!(file.metadata["sample_offset"], "6");
+    let out = dir.join("eval.safetensors").display().to_string();
+    eval_reproduces_golden(&g, &out, &[]);
+    let whole = dir.join("whole.safetensors").display().to_string();
+    let o = dmkd(&["golden", "--config", &cfg, "--out", &whole]);
+    assert!(o.status.success(), "{}", text(&o));
+    let file = read_safetensors(Path::new(&whole)).unwrap();
+    assert!(!file.metadata.contains_key("sample_offset"));
+    let o = dmkd(&["verify", "--expected", &whole, "--actual", &g]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    // Each level's masks (sampled, MGD random, random) are other samples'.
+    for bad in ["p0.mask_s ", "p1.mask_s ", "p2.mask_c "] {
+        let row = t.lines().find(|l| l.starts_with(bad));
+        assert!(row.is_some_and(|r| r.contains("FAIL")), "{bad}: {t}");
+    }
+    let o = dmkd(&["golden", "--out", &g, "--sample-offset", "4294967294"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("32-bit Philox sample counter"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(text(&o).trim().lines().count(), 1, "{}", text(&o));
+    std::fs::remove_dir_all(dir).ok();
+}
+
 /// `golden --config` with FGD and MGD levels: synthetic boxes are added
 /// and eval reproduces the file; a config whose level count is not the
 /// preset's is one line naming both counts.

@@ -351,13 +351,13 @@ fn golden_arrays<'py>(
     match parse_dtype(dtype)? {
         DType::F32 => {
             let (all, _) = engine(py, || {
-                golden::<f32>(&preset, &config, seed, make_backend(opts)?)
+                golden::<f32>(&preset, &config, seed, 0, make_backend(opts)?)
             })?;
             map_to_dict(py, all)
         }
         DType::F64 => {
             let (all, _) = engine(py, || {
-                golden::<f64>(&preset, &config, seed, make_backend(opts)?)
+                golden::<f64>(&preset, &config, seed, 0, make_backend(opts)?)
             })?;
             map_to_dict(py, all)
         }

@@ -221,16 +221,22 @@ pub(crate) fn golden<T: BackendFloat>(
     preset: &Preset,
     config: &Config,
     seed: u64,
+    sample_offset: usize,
     out: &Path,
     format: GoldenFormat,
     backend: BackendOptions,
 ) -> Result<bool> {
-    let (all, loss) = synthetic::golden(preset, config, seed, make_backend::<T>(backend)?)?;
-    let meta = HashMap::from([
+    let backend = make_backend::<T>(backend)?;
+    let (all, loss) = synthetic::golden(preset, config, seed, sample_offset, backend)?;
+    let mut meta = HashMap::from([
         ("config".to_string(), config.to_json()),
         ("dtype".to_string(), T::DTYPE.to_string()),
         ("preset".to_string(), preset.name.to_string()),
     ]);
+    // As `eval` writes it: `eval` on this file then draws the same masks.
+    if sample_offset != 0 {
+        meta.insert("sample_offset".to_string(), sample_offset.to_string());
+    }
     match format {
         GoldenFormat::Safetensors => write_safetensors(out, &all, &meta)?,
         GoldenFormat::Npy => dmkd::io::npy::write_npy_dir(out, &all, &meta)?,

@@ -181,6 +181,11 @@ enum Command {
         config: Option<PathBuf>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Draw the masks of a data-parallel shard whose first sample is
+        /// this one of the global batch (written to the file's metadata,
+        /// where `eval` finds it).
+        #[arg(long, default_value_t = 0)]
+        sample_offset: usize,
         #[arg(long, default_value = "f64")]
         dtype: DType,
         /// A .safetensors file, or a directory of .npy files (one per tensor).
@@ -333,6 +338,7 @@ fn run(cli: Cli) -> Result<bool> {
             preset,
             config,
             seed,
+            sample_offset,
             dtype,
             out,
             format,
@@ -359,7 +365,7 @@ fn run(cli: Cli) -> Result<bool> {
                 isa,
             };
             with_dtype!(dtype, T => {
-                commands::golden::<T>(&preset, &config, seed, &out, format, opts)
+                commands::golden::<T>(&preset, &config, seed, sample_offset, &out, format, opts)
             })
         }
         Command::Bench {
