@@ -100,6 +100,23 @@ impl TensorFile {
         Ok(Some(first.dtype()))
     }
 
+    /// The `sample_offset` metadata (a data-parallel shard's first sample
+    /// in the whole batch, as `dmkd eval` and `dmkd golden` write it), or
+    /// None when the file has none; text that is not a decimal integer a
+    /// `usize` holds is a format error naming `path`.
+    pub fn sample_offset(&self, path: &str) -> Result<Option<usize>> {
+        let Some(text) = self.metadata.get("sample_offset") else {
+            return Ok(None);
+        };
+        text.parse::<usize>().map(Some).map_err(|_| Error::Format {
+            path: path.to_string(),
+            detail: format!(
+                "`sample_offset` metadata {text:?} is not an integer in [0, {}]",
+                usize::MAX
+            ),
+        })
+    }
+
     /// Every tensor converted to `T` by [`AnyTensor::try_to`]: an error
     /// names the first finite value `T` cannot hold.
     pub fn to_map<T: Float>(&self) -> Result<TensorMap<T>> {
@@ -133,6 +150,25 @@ mod tests {
         assert_eq!(t.shape(), &[2, 1]);
         assert_eq!(t.to_f64().as_slice(), &[0.25, -3.0]);
         assert_eq!(t.to::<f32>().as_slice(), &[0.25, -3.0]);
+    }
+
+    #[test]
+    fn sample_offset_metadata_is_read_or_refused_naming_the_file() {
+        let mut f = TensorFile::default();
+        assert_eq!(f.sample_offset("f").unwrap(), None);
+        for (text, want) in [("0", 0), ("4294967293", 4294967293), ("+7", 7)] {
+            f.metadata.insert("sample_offset".into(), text.into());
+            assert_eq!(f.sample_offset("f").unwrap(), Some(want), "{text}");
+        }
+        let past = format!("{}0", usize::MAX);
+        for text in ["-1", "x", "1e3", "", " 3", past.as_str()] {
+            f.metadata.insert("sample_offset".into(), text.into());
+            let e = f.sample_offset("in.safetensors").unwrap_err();
+            assert_eq!(e.kind(), "format", "{text}");
+            let says =
+                format!("in.safetensors: `sample_offset` metadata {text:?} is not an integer");
+            assert!(e.to_string().contains(&says), "{e}");
+        }
     }
 
     #[test]

@@ -76,10 +76,7 @@ fn check_fixture<T: BackendFloat>(
     };
     // A data-parallel shard's first sample in the whole batch, if the
     // fixture is one (its sampled and random masks depend on it).
-    let offset: usize = file
-        .metadata
-        .get("sample_offset")
-        .map_or(0, |v| v.parse().unwrap());
+    let offset = file.sample_offset("fixture").unwrap().unwrap_or(0);
     let problem = Problem::new(&config, &tensors, opts)
         .unwrap()
         .with_sample_offset(offset)

@@ -171,13 +171,11 @@ pub(crate) fn eval(args: EvalArgs) -> Result<bool> {
     let dtype = args.dtype.or(file_dtype).unwrap_or(DType::F32);
     // As the config: from the flag, else from the inputs' metadata (a
     // data-parallel shard's golden file), else 0.
-    let sample_offset = match (args.sample_offset, input_file.metadata.get("sample_offset")) {
-        (Some(v), _) => v,
-        (None, Some(text)) => text.parse::<usize>().map_err(|_| Error::Format {
-            path: args.inputs.display().to_string(),
-            detail: format!("`sample_offset` metadata {text:?} is not an integer in [0, 2^64)"),
-        })?,
-        (None, None) => 0,
+    let sample_offset = match args.sample_offset {
+        Some(v) => v,
+        None => input_file
+            .sample_offset(&args.inputs.display().to_string())?
+            .unwrap_or(0),
     };
     let mut files = vec![&input_file];
     files.extend(param_file.as_ref());
