@@ -262,6 +262,18 @@ mod tests {
     }
 
     #[test]
+    fn each_element_type_has_one_process_wide_pool() {
+        // A fresh pool per call would hold every buffer given to it where
+        // no `take` can find it: nothing would ever be recycled.
+        assert!(std::ptr::eq(f32::pool(), f32::pool()));
+        assert!(std::ptr::eq(f64::pool(), f64::pool()));
+        assert!(!std::ptr::eq(
+            f32::pool() as *const Pool<f32> as *const u8,
+            f64::pool() as *const Pool<f64> as *const u8
+        ));
+    }
+
+    #[test]
     fn the_allocator_tuning_applies_on_glibc() {
         assert_eq!(
             tune_allocator(),
