@@ -295,6 +295,10 @@ mod tests {
         p.give(vec![0.0; 10]);
         p.give(vec![0.0; LIMIT_BYTES / 4 + 1]);
         assert_eq!(held(&p), [big, big, big + 1]);
+        // Exactly the limit is kept, in place of everything else.
+        p.give(vec![0.0; LIMIT_BYTES / 4]);
+        assert_eq!(held(&p), [LIMIT_BYTES / 4]);
+        assert_eq!(p.held_bytes.load(Ordering::Relaxed), LIMIT_BYTES);
     }
 
     #[test]
