@@ -318,6 +318,78 @@ mod tests {
         assert_eq!(t.levels[0], (200, 336));
         assert_eq!(t.config().levels[0].lambda_c, 0.45);
         assert!(Preset::named("huge").is_err());
+        // Level names follow the FPN's: P3-P7 for RetinaNet, P2-P5 for a
+        // two-stage detector's RoI levels; one per level in every preset.
+        assert_eq!(r.level_names, ["P3", "P4", "P5", "P6", "P7"]);
+        assert_eq!(t.level_names, ["P2", "P3", "P4", "P5"]);
+        for name in ["retinanet", "two-stage", "non-square", "demo", "tiny"] {
+            let p = Preset::named(name).unwrap();
+            assert_eq!(p.level_names.len(), p.levels.len(), "{name}");
+        }
+        // The default config carries the preset's weights and ratios, and a
+        // mask seed per level.
+        for p in [r, t] {
+            let config = p.config();
+            assert_eq!(config.levels.len(), p.levels.len());
+            for (l, lc) in config.levels.iter().enumerate() {
+                assert_eq!(lc.method, Method::Dmkd);
+                assert_eq!(
+                    (lc.alpha, lc.lambda_s, lc.lambda_c, lc.seed),
+                    (p.alpha, p.lambda_s, p.lambda_c, l as u64)
+                );
+            }
+        }
+    }
+
+    /// The synthetic features as `docs/spec.md` ("Synthetic inputs") words
+    /// them, written out from there: another implementation reading the
+    /// spec gets the same tensors.
+    #[test]
+    fn synthetic_features_follow_the_spec() {
+        let (n, c, h, w, seed) = (2, 3, 5, 4, 11);
+        for level in [0, 2] {
+            let mut rng = PhiloxStream::new(seed, 0x7374_0000 + level as u32);
+            let student = student_feature::<f64>(n, c, h, w, seed, level).unwrap();
+            for &v in student.as_slice() {
+                assert_eq!(v, rng.normal());
+            }
+            let mut rng = PhiloxStream::new(seed, 0x7465_0000 + level as u32);
+            let teacher = teacher_feature::<f64>(n, c, h, w, seed, level).unwrap();
+            let got = teacher.as_slice();
+            let mut at = 0;
+            for _ in 0..n {
+                // Four objects: centre (y, x) uniform over the plane, width
+                // U(0.08, 0.25) * max(H, W).
+                let objects: Vec<[f64; 3]> = (0..4)
+                    .map(|_| {
+                        let (cy, cx) = (rng.uniform(0.0, h as f64), rng.uniform(0.0, w as f64));
+                        [cy, cx, rng.uniform(0.08, 0.25) * h.max(w) as f64]
+                    })
+                    .collect();
+                for _ in 0..c {
+                    let weights: Vec<f64> = (0..4).map(|_| rng.uniform(-2.0, 3.0)).collect();
+                    for y in 0..h {
+                        for x in 0..w {
+                            let signal: f64 = objects
+                                .iter()
+                                .zip(&weights)
+                                .map(|(&[cy, cx, s], a)| {
+                                    let d2 = (y as f64 - cy).powi(2) + (x as f64 - cx).powi(2);
+                                    a * (-d2 / (2.0 * s * s)).exp()
+                                })
+                                .sum();
+                            assert_eq!(
+                                got[at],
+                                signal + 0.1 * rng.normal(),
+                                "level {level} [{at}]"
+                            );
+                            at += 1;
+                        }
+                    }
+                }
+            }
+            assert_eq!(at, got.len());
+        }
     }
 
     #[test]
