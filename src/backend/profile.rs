@@ -268,7 +268,7 @@ impl<T: Float> Backend<T> for Profiled<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::ReferenceBackend;
+    use crate::backend::{ConvGeometry, ReferenceBackend};
     use std::sync::Arc;
 
     #[test]
@@ -292,8 +292,49 @@ mod tests {
         assert_eq!(find("softmax 2x3 axis 1"), 1);
         assert_eq!(rows.len(), 3);
         assert!(rows.windows(2).all(|w| w[0].seconds >= w[1].seconds));
+        // Every call's wall time is added (a clock read takes some
+        // nanoseconds, so no row is at zero).
+        assert!(rows.iter().all(|r| r.seconds > 0.0), "{rows:?}");
         assert!(p.name().starts_with("reference"));
         p.reset();
         assert!(p.rows().is_empty());
+    }
+
+    #[test]
+    fn conv_rows_name_the_pass_geometry_and_mask() {
+        let p = Profiled::<f64>::new(Arc::new(ReferenceBackend));
+        let x = Tensor::<f64>::ones(&[2, 3, 5, 6]).unwrap();
+        let w = Tensor::<f64>::ones(&[4, 3, 3, 3]).unwrap();
+        let geom = ConvGeometry::new(x.shape(), w.shape(), [1, 1], [1, 1]).unwrap();
+        let masks = [
+            None,
+            Some(InputMask::Spatial(Tensor::ones(&[2, 5, 6]).unwrap())),
+            Some(InputMask::Channel(Tensor::ones(&[2, 3]).unwrap())),
+        ];
+        for mask in masks {
+            let args = ConvArgs {
+                geom: geom.clone(),
+                mask,
+                relu: false,
+            };
+            let y = p.conv2d(&x, &w, None, &args).unwrap();
+            assert_eq!(
+                y.as_slice(),
+                ReferenceBackend
+                    .conv2d(&x, &w, None, &args)
+                    .unwrap()
+                    .as_slice()
+            );
+        }
+        let mut kernels: Vec<String> = p.rows().into_iter().map(|r| r.kernel).collect();
+        kernels.sort();
+        assert_eq!(
+            kernels,
+            [
+                "conv.forward 3x3 3->4 2x5x6",
+                "conv.forward 3x3 3->4 2x5x6 mask=channel",
+                "conv.forward 3x3 3->4 2x5x6 mask=spatial",
+            ]
+        );
     }
 }
