@@ -313,7 +313,7 @@ mod tests {
         ];
         for mask in masks {
             let args = ConvArgs {
-                geom: geom.clone(),
+                geom,
                 mask,
                 relu: false,
             };
