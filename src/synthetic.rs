@@ -422,6 +422,22 @@ mod tests {
                 assert!((0.1 * img_h..=0.5 * img_h).contains(&bh), "{r:?}");
             }
         }
+        // As the doc words it, from stream 0x6278_0000: per image its height
+        // and width (the canvas times U(0.875, 1), whole pixels), then per
+        // box its width and height (10-50% of the image's) and its corner.
+        let mut rng = PhiloxStream::new(5, 0x6278_0000);
+        for i in 0..n {
+            let img_h = (8.0 * h as f64 * rng.uniform(0.875, 1.0)).floor();
+            let img_w = (8.0 * w as f64 * rng.uniform(0.875, 1.0)).floor();
+            assert_eq!(&shapes[2 * i..2 * i + 2], &[img_h, img_w]);
+            let mut want = Vec::new();
+            for _ in 0..BOXES_PER_IMAGE {
+                let (bw, bh) = (img_w * rng.uniform(0.1, 0.5), img_h * rng.uniform(0.1, 0.5));
+                let (x1, y1) = (rng.uniform(0.0, img_w - bw), rng.uniform(0.0, img_h - bh));
+                want.extend([x1, y1, x1 + bw, y1 + bh]);
+            }
+            assert_eq!(b[&crate::distill::box_name(i)].as_slice(), want.as_slice());
+        }
         // Deterministic in the seed, and the seed matters.
         let flat = |m: &TensorMap<f64>| -> Vec<f64> {
             m.values().flat_map(|t| t.as_slice().to_vec()).collect()
