@@ -155,13 +155,23 @@ def evaluate(inputs, params=None, config=None, *, dtype="f64", backend="cpu", co
     return result
 
 
-def golden(preset="tiny", config=None, dtype="f64", seed=0, *, backend="reference"):
+def golden(preset="tiny", config=None, dtype="f64", seed=0, *, backend="reference",
+           sample_offset=0):
     """Golden vectors, as ``dmkd golden``: the preset's synthetic inputs (from ``seed``), every
     parameter initialised from ``seed``, and the loss, per-level losses, every gradient and the
-    debug tensors (reference backend unless told), as a dict of NumPy arrays."""
+    debug tensors (reference backend unless told), as a dict of NumPy arrays.
+    ``sample_offset``: the global index of the first sample, as in ``evaluate`` and ``dmkd
+    golden --sample-offset`` (a data-parallel shard's vectors: the random masks move with it,
+    the inputs do not)."""
     _np_dtype(dtype)
     cfg = None if config is None else config_json(config)
-    return dict(_dmkd.golden_arrays(preset, cfg, dtype, int(seed), backend))
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed {seed} is not in [0, 2^64)")
+    sample_offset = int(sample_offset)
+    if not 0 <= sample_offset < 2**64:
+        raise ValueError(f"sample_offset {sample_offset} is not in [0, 2^64)")
+    return dict(_dmkd.golden_arrays(preset, cfg, dtype, seed, backend, sample_offset))
 
 
 def load(path):

@@ -331,9 +331,10 @@ fn evaluate_arrays<'py>(
 }
 
 /// Golden vectors of a preset: inputs, parameters and outputs (what `dmkd
-/// golden` writes; reference backend).
+/// golden` writes), with the random masks drawn as for samples from
+/// `sample_offset` on (a data-parallel shard's golden file).
 #[pyfunction]
-#[pyo3(signature = (preset, config, dtype, seed, backend))]
+#[pyo3(signature = (preset, config, dtype, seed, backend, sample_offset))]
 fn golden_arrays<'py>(
     py: Python<'py>,
     preset: &str,
@@ -341,6 +342,7 @@ fn golden_arrays<'py>(
     dtype: &str,
     seed: u64,
     backend: &str,
+    sample_offset: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
     let preset = Preset::named(preset).map_err(py_err)?;
     let config = match config {
@@ -351,13 +353,13 @@ fn golden_arrays<'py>(
     match parse_dtype(dtype)? {
         DType::F32 => {
             let (all, _) = engine(py, || {
-                golden::<f32>(&preset, &config, seed, 0, make_backend(opts)?)
+                golden::<f32>(&preset, &config, seed, sample_offset, make_backend(opts)?)
             })?;
             map_to_dict(py, all)
         }
         DType::F64 => {
             let (all, _) = engine(py, || {
-                golden::<f64>(&preset, &config, seed, 0, make_backend(opts)?)
+                golden::<f64>(&preset, &config, seed, sample_offset, make_backend(opts)?)
             })?;
             map_to_dict(py, all)
         }

@@ -318,3 +318,27 @@ def test_sample_offset_shards_draw_the_whole_batch_masks():
             assert np.array_equal(part[k], whole[k][offset:offset + 2]), (offset, k)
     unshifted = dmkd.evaluate({k: v[2:] for k, v in full.items()}, config=cfg)
     assert not np.array_equal(unshifted["p0.mask_s"], whole["p0.mask_s"][2:])
+
+
+def test_golden_of_a_shard_moves_the_random_masks_not_the_inputs():
+    cfg = {"levels": [{"mask_mode": "sampled", "seed": 3}, {"mask_mode": "random", "seed": 4}, {}]}
+    base = dmkd.golden("tiny", config=cfg, seed=2)
+    shard = dmkd.golden("tiny", config=cfg, seed=2, sample_offset=5)
+    inputs = {k: v for k, v in shard.items() if INPUT.match(k)}
+    for k, v in inputs.items():
+        assert np.array_equal(v, base[k]), k
+    # The shard's vectors are what `evaluate` gives those inputs at that offset, bit for bit.
+    out = dmkd.evaluate(inputs, config=cfg, init_seed=2, sample_offset=5, backend="reference")
+    for k in out:
+        assert np.array_equal(out[k], shard[k]), k
+    # Only the random masks (and what follows from them) moved; level 2 is deterministic.
+    assert not np.array_equal(shard["p0.mask_s"], base["p0.mask_s"])
+    assert not np.array_equal(shard["p1.mask_c"], base["p1.mask_c"])
+    assert np.array_equal(shard["p2.mask_s"], base["p2.mask_s"])
+    assert shard["loss"] != base["loss"]
+    with pytest.raises(ValueError, match=r"sample_offset -1 is not in \[0, 2\^64\)"):
+        dmkd.golden("tiny", sample_offset=-1)
+    with pytest.raises(ValueError, match="32-bit Philox"):
+        dmkd.golden("tiny", config=cfg, sample_offset=2**32 - 1)
+    with pytest.raises(ValueError, match=r"seed -1 is not in \[0, 2\^64\)"):
+        dmkd.golden("tiny", seed=-1)
