@@ -86,7 +86,9 @@ def main():
             ups = [t / b for t, b in zip(torch_ms, both)]
             up = f"{median(ups):.2f}x" + (f" ({min(ups):.2f}-{max(ups):.2f})" if len(ups) > 1 else "")
             rss = max(r["peak_rss_mib"] for r in reps)
-            peaks = [r["fma_peak_gflops"] for r in reps if r.get("fma_peak_gflops") is not None]
+            # Each run probes before its rows and (since the probe after was added) after them.
+            peaks = [r[k] for r in reps for k in ("fma_peak_gflops", "fma_peak_gflops_after")
+                     if r.get(k) is not None]
             peak = "-" if not peaks else (f"{peaks[0]:.0f} GFLOP/s" if len(peaks) == 1
                                           else f"{min(peaks):.0f}-{max(peaks):.0f} GFLOP/s")
             lines.append(

@@ -574,3 +574,43 @@ fn bad_arguments_are_one_line_each() {
     let t = String::from_utf8_lossy(&o.stdout);
     assert!(t.contains("--reps") && t.lines().count() > 5, "{t}");
 }
+
+/// `dmkd bench --json` on a small preset: every row has its median between
+/// the fastest and the slowest run and GFLOP/s at the median, and the report
+/// names the CPU and instruction set and probes the FMA peak before and
+/// after the rows. The text table shows the same rows.
+#[test]
+fn bench_reports_each_rows_spread_and_probes_before_and_after() {
+    let o = dmkd(&["bench", "--preset", "tiny", "--reps", "3", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["preset"], "tiny");
+    assert!(!j["cpu"].as_str().unwrap().is_empty());
+    assert_ne!(j["isa"], "-");
+    for key in ["fma_peak_gflops", "fma_peak_gflops_after"] {
+        assert!(j[key].as_f64().unwrap() > 0.0, "{key}: {j}");
+    }
+    let rows = j["rows"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    // tiny has three levels: three passes each, then the two loss rows.
+    assert_eq!(names.len(), 3 * 3 + 2, "{names:?}");
+    assert_eq!(names[0], "conv3x3.P3.forward");
+    assert_eq!(names[10], "dmkd.forward_backward");
+    for r in rows {
+        let f = |k: &str| r[k].as_f64().unwrap();
+        assert!(
+            0.0 < f("ms_min") && f("ms_min") <= f("ms_median") && f("ms_median") <= f("ms_max"),
+            "{r}"
+        );
+        assert!(f("gflops") > 0.0, "{r}");
+    }
+    let o = dmkd(&["bench", "--preset", "tiny", "--reps", "1", "--only", "loss"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(t.contains("before the rows") && t.contains("after"), "{t}");
+    assert!(
+        t.contains("ms median") && t.contains("dmkd.forward_backward"),
+        "{t}"
+    );
+    assert!(!t.contains("conv3x3."), "{t}");
+}

@@ -1,7 +1,9 @@
 //! `dmkd bench`: timings of the conv kernels and the whole loss at the
 //! FPN presets, with an FMA peak probe in the same process.
 //!
-//! Every row is the median of `reps` timed runs after one warm-up. GFLOP/s
+//! Every row is the median of `reps` timed runs after one warm-up, with the
+//! fastest and slowest of them (a wide spread says the host was busy). The
+//! FMA peak is probed before the rows and again after them. GFLOP/s
 //! use the direct-conv FLOP model, `2 * 9 * N * H * W * Cin * Cout` per
 //! conv3x3 pass, whatever the algorithm (so Winograd or mask-aware
 //! kernels may show more than the FMA peak: "effective" GFLOP/s). The
@@ -48,6 +50,11 @@ pub struct BenchOptions {
 pub struct BenchRow {
     pub name: String,
     pub ms_median: f64,
+    /// The fastest of the timed runs.
+    pub ms_min: f64,
+    /// The slowest of the timed runs.
+    pub ms_max: f64,
+    /// At the median time.
     pub gflops: f64,
     /// The work of one call, when counting.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -69,6 +76,9 @@ pub struct BenchReport {
     /// The FMA peak probe on that instruction set (the widest one for the
     /// reference backend; none for CUDA).
     pub fma_peak_gflops: Option<f64>,
+    /// The same probe again after the rows: a host that slowed down (or
+    /// sped up) while the rows ran shows as a difference between the two.
+    pub fma_peak_gflops_after: Option<f64>,
     /// The probe on the widest instruction set, when `--isa` named a
     /// narrower one: the machine's peak, for comparison.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -126,13 +136,44 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Milliseconds of `f`, median of `reps` after one warm-up. `sync` waits
+/// Milliseconds of `reps` timed runs: their median, fastest and slowest.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Timing {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Timing {
+    /// Of a non-empty set of run times.
+    fn of(v: Vec<f64>) -> Timing {
+        Timing {
+            min: v.iter().copied().fold(f64::INFINITY, f64::min),
+            max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            median: median(v),
+        }
+    }
+
+    /// A row of `gflop` per run.
+    fn row(self, name: String, gflop: f64, counters: Option<WorkCounters>) -> BenchRow {
+        BenchRow {
+            name,
+            ms_median: self.median,
+            ms_min: self.min,
+            ms_max: self.max,
+            gflops: gflop / (self.median / 1e3),
+            counters,
+        }
+    }
+}
+
+/// Milliseconds of `f` over `reps` runs after one warm-up. `sync` waits
 /// for a device backend to finish before the clock is read.
 fn time_ms(
     reps: usize,
     sync: &dyn Fn() -> Result<()>,
     mut f: impl FnMut() -> Result<()>,
-) -> Result<f64> {
+) -> Result<Timing> {
     f()?;
     sync()?;
     let mut v = Vec::with_capacity(reps);
@@ -142,7 +183,7 @@ fn time_ms(
         sync()?;
         v.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    Ok(median(v))
+    Ok(Timing::of(v))
 }
 
 /// The counters of one more, untimed call of `f`, when counting.
@@ -193,13 +234,8 @@ fn conv_rows(
         let passes: [(&str, &dyn Fn() -> Result<()>); 3] =
             [("forward", &fwd), ("input_grad", &dx), ("weight_grad", &dw)];
         for (kind, f) in passes {
-            let ms = time_ms(opts.reps, sync, f)?;
-            rows.push(BenchRow {
-                name: format!("conv3x3.{name}.{kind}"),
-                ms_median: ms,
-                gflops: gflop / (ms / 1e3),
-                counters: count(cpu, f)?,
-            });
+            let t = time_ms(opts.reps, sync, f)?;
+            rows.push(t.row(format!("conv3x3.{name}.{kind}"), gflop, count(cpu, f)?));
         }
     }
     Ok(rows)
@@ -221,18 +257,12 @@ fn loss_rows(
     let both = time_ms(opts.reps, sync, run_both)?;
     let both_counters = count(cpu, run_both)?;
     Ok(vec![
-        BenchRow {
-            name: "dmkd.forward".into(),
-            ms_median: fwd,
-            gflops: 4.0 * pass_gflop / (fwd / 1e3),
-            counters: fwd_counters,
-        },
-        BenchRow {
-            name: "dmkd.forward_backward".into(),
-            ms_median: both,
-            gflops: 12.0 * pass_gflop / (both / 1e3),
-            counters: both_counters,
-        },
+        fwd.row("dmkd.forward".into(), 4.0 * pass_gflop, fwd_counters),
+        both.row(
+            "dmkd.forward_backward".into(),
+            12.0 * pass_gflop,
+            both_counters,
+        ),
     ])
 }
 
@@ -256,10 +286,11 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
             _ => None,
         };
         let widest = Isa::Auto.resolve()?;
-        let peak = match opts.backend.kind {
-            BackendKind::Cuda => None,
-            _ => Some(fma_peak_gflops_on(isa.unwrap_or(widest), opts.threads)?),
+        let probe = || match opts.backend.kind {
+            BackendKind::Cuda => Ok(None),
+            _ => fma_peak_gflops_on(isa.unwrap_or(widest), opts.threads).map(Some),
         };
+        let peak = probe()?;
         let widest_peak = match isa {
             Some(isa) if isa != widest => Some(fma_peak_gflops_on(widest, opts.threads)?),
             _ => None,
@@ -285,6 +316,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
         if opts.loss {
             rows.extend(loss_rows(opts, &be, cpu.as_deref(), &*sync)?);
         }
+        let peak_after = probe()?;
         Ok(BenchReport {
             preset: opts.preset.name.to_string(),
             threads: opts.threads,
@@ -296,6 +328,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
             cpu: cpu_model(),
             isa: isa.map_or("-".into(), |i| i.to_string()),
             fma_peak_gflops: peak,
+            fma_peak_gflops_after: peak_after,
             widest_fma_peak_gflops: widest_peak,
             peak_rss_mib: peak_rss_mib(),
             rows,
@@ -305,7 +338,44 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
 
 #[cfg(test)]
 mod tests {
-    use super::{cpu_model, cpu_model_of};
+    use super::{Timing, cpu_model, cpu_model_of};
+
+    #[test]
+    fn a_timing_holds_the_median_the_fastest_and_the_slowest_run() {
+        let t = Timing::of(vec![4.0, 1.0, 9.0, 2.0, 3.0]);
+        assert_eq!(
+            t,
+            Timing {
+                median: 3.0,
+                min: 1.0,
+                max: 9.0
+            }
+        );
+        // An even count: the mean of the middle two.
+        let t = Timing::of(vec![4.0, 1.0, 9.0, 2.0]);
+        assert_eq!(
+            t,
+            Timing {
+                median: 3.0,
+                min: 1.0,
+                max: 9.0
+            }
+        );
+        let one = Timing::of(vec![2.5]);
+        assert_eq!(
+            one,
+            Timing {
+                median: 2.5,
+                min: 2.5,
+                max: 2.5
+            }
+        );
+        // GFLOP/s at the median: 3 GFLOP in 3 ms.
+        let row = Timing::of(vec![1.0, 3.0, 5.0]).row("r".into(), 3.0, None);
+        assert_eq!((row.ms_min, row.ms_median, row.ms_max), (1.0, 3.0, 5.0));
+        assert_eq!(row.gflops, 1000.0);
+        assert_eq!(row.name, "r");
+    }
 
     #[test]
     fn cpu_model_reads_this_machines_cpuinfo() {

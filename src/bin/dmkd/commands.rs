@@ -266,22 +266,24 @@ pub(crate) fn bench(opts: BenchOptions, json: bool) -> Result<bool> {
         report.preset, report.threads, report.backend, report.conv_algo
     );
     println!("cpu: {}, instruction set: {}", report.cpu, report.isa);
-    match peak {
-        Some(p) => println!("FMA peak probe: {p:.1} GFLOP/s (same process)"),
-        None => println!("FMA peak probe: n/a on this backend"),
+    match (peak, report.fma_peak_gflops_after) {
+        (Some(p), Some(a)) => {
+            println!("FMA peak probe: {p:.1} GFLOP/s before the rows, {a:.1} after (same process)")
+        }
+        _ => println!("FMA peak probe: n/a on this backend"),
     }
     if let Some(w) = report.widest_fma_peak_gflops {
         println!("FMA peak of the widest instruction set: {w:.1} GFLOP/s");
     }
     println!(
-        "{:<28} {:>10} {:>10} {:>8}",
-        "row", "ms", "GFLOP/s", "% peak"
+        "{:<28} {:>10} {:>10} {:>10} {:>10} {:>8}",
+        "row", "ms median", "min", "max", "GFLOP/s", "% peak"
     );
     for r in &report.rows {
         let pct = peak.map_or("-".to_string(), |p| format!("{:.0}%", 100.0 * r.gflops / p));
         println!(
-            "{:<28} {:>10.2} {:>10.1} {:>8}",
-            r.name, r.ms_median, r.gflops, pct
+            "{:<28} {:>10.2} {:>10.2} {:>10.2} {:>10.1} {:>8}",
+            r.name, r.ms_median, r.ms_min, r.ms_max, r.gflops, pct
         );
     }
     println!("peak RSS: {:.0} MiB", report.peak_rss_mib);
