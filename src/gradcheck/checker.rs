@@ -164,15 +164,80 @@ mod tests {
 
     /// `y = x^2` with the wrong derivative `3x`: the checker must reject it.
     fn wrong_square(x: &Var<f64>) -> Result<Var<f64>> {
+        square_with_derivative(x, 3.0)
+    }
+
+    /// `y = x^2` whose backward multiplies by `factor * x` (2 is right).
+    fn square_with_derivative(x: &Var<f64>, factor: f64) -> Result<Var<f64>> {
         let y = x
             .backend()
             .unary(crate::backend::Unary::Square, x.value())?;
         let xv = x.value().clone();
         x.tape().record(&[x], y, move |be, g, _| {
-            let d = be.unary(crate::backend::Unary::Scale(3.0), &xv)?;
+            let d = be.unary(crate::backend::Unary::Scale(factor), &xv)?;
             let gx = be.binary(crate::backend::Binary::Mul, &g, &d, g.shape())?;
             Ok(vec![Some(gx)])
         })
+    }
+
+    fn small_x() -> Tensor<f64> {
+        Tensor::from_vec(&[2, 3], vec![1.3e-4, -2.1e-4, 0.7e-4, 2e-4, -0.4e-4, 1.1e-4]).unwrap()
+    }
+
+    /// The relative test decides on its own where the error is above the
+    /// noise floor: near x = 0, `phi` (~x^2) is small against the derivative
+    /// (~x), so an error of 1e-8 of the derivative is far above the floor,
+    /// and is accepted only because it is below `RTOL`; 1e-5 is rejected.
+    #[test]
+    fn the_relative_tolerance_decides_above_the_noise_floor() {
+        for (off, pass) in [(1e-8, true), (-1e-8, true), (1e-5, false), (-1e-5, false)] {
+            let factor = 2.0 * (1.0 + off);
+            let r = check(be(), &[small_x()], 5, |_, v| {
+                square_with_derivative(&v[0], factor)
+            })
+            .unwrap();
+            let c = &r.inputs[0];
+            assert!(c.abs_error > 10.0 * c.noise_floor, "{off}: {c:?}");
+            // The central difference of a quadratic is exact up to rounding.
+            assert!((c.rel_error / off.abs() - 1.0).abs() < 1e-3, "{off}: {c:?}");
+            assert_eq!(c.passed, pass, "{off}: {c:?}");
+        }
+    }
+
+    /// The noise floor is proportional to the function's value: scaling the
+    /// function by 2^20 (exact in binary) scales the floor by exactly 2^20.
+    #[test]
+    fn the_noise_floor_scales_with_the_function_value() {
+        let run = |s: f64| {
+            check(be(), &[small_x()], 2, |_, v| v[0].square()?.scale(s))
+                .unwrap()
+                .inputs[0]
+                .clone()
+        };
+        let (one, big) = (run(1.0), run(1048576.0));
+        assert!(one.noise_floor > 0.0, "{one:?}");
+        assert_eq!(
+            big.noise_floor,
+            one.noise_floor * 1048576.0,
+            "{one:?} {big:?}"
+        );
+        assert!(one.passed && big.passed, "{one:?} {big:?}");
+    }
+
+    /// A function that is zero everywhere: every estimate and the floor are
+    /// 0, and the relative error is 0 (not 0 / 0).
+    #[test]
+    fn an_identically_zero_function_passes_with_zero_error() {
+        let r = check(be(), &[small_x()], 3, |_, v| v[0].scale(0.0)).unwrap();
+        let c = &r.inputs[0];
+        assert_eq!(
+            (c.analytic, c.numeric, c.noise_floor),
+            (0.0, 0.0, 0.0),
+            "{c:?}"
+        );
+        assert_eq!(c.rel_error, 0.0, "{c:?}");
+        assert_eq!(c.abs_error, 0.0, "{c:?}");
+        assert!(c.passed && r.passed(), "{c:?}");
     }
 
     #[test]
