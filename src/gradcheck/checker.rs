@@ -181,7 +181,11 @@ mod tests {
     }
 
     fn small_x() -> Tensor<f64> {
-        Tensor::from_vec(&[2, 3], vec![1.3e-4, -2.1e-4, 0.7e-4, 2e-4, -0.4e-4, 1.1e-4]).unwrap()
+        Tensor::from_vec(
+            &[2, 3],
+            vec![1.3e-4, -2.1e-4, 0.7e-4, 2e-4, -0.4e-4, 1.1e-4],
+        )
+        .unwrap()
     }
 
     /// The relative test decides on its own where the error is above the
