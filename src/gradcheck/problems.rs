@@ -269,3 +269,148 @@ pub fn loss_cases() -> Vec<Box<dyn Checkable>> {
         }),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn level(method: Method, mode: MaskMode, tau: f64, seed: u64) -> LossLevel {
+        LossLevel {
+            method,
+            cs: 4,
+            c: 5,
+            h: 6,
+            w: 7,
+            mode,
+            lambda_s: 0.45,
+            lambda_c: 0.15,
+            tau,
+            seed,
+        }
+    }
+
+    /// The config is the levels' own settings (alpha 0.3), the features
+    /// and parameters fill their documented ranges, and FGD's boxes lie in
+    /// the 30 x 40 image with sides of 1 to 10 pixels, 1 to 3 per image.
+    #[test]
+    fn a_random_problem_follows_its_levels_and_documented_ranges() {
+        let levels = [
+            level(Method::Dmkd, MaskMode::Sampled, 0.7, 11),
+            level(Method::Fgd, MaskMode::Topk, 0.25, 1 << 40),
+        ];
+        let p = random_problem(&levels, 2, 9).unwrap();
+        for (lc, cfg) in levels.iter().zip(&p.config.levels) {
+            assert_eq!(cfg.method, lc.method);
+            assert_eq!((cfg.tau, cfg.lambda_s, cfg.lambda_c), (lc.tau, 0.45, 0.15));
+            assert_eq!(
+                (cfg.mask_mode, cfg.seed, cfg.alpha),
+                (lc.mode, lc.seed, 0.3)
+            );
+        }
+        let range = |t: &Tensor<f64>| {
+            let v = t.as_slice();
+            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+            (lo, v.iter().copied().fold(f64::NEG_INFINITY, f64::max))
+        };
+        for (l, (s, t)) in p.students.iter().zip(&p.teachers).enumerate() {
+            assert_eq!(s.shape(), &[2, 4, 6, 7]);
+            assert_eq!(t.shape(), &[2, 5, 6, 7]);
+            for x in [s, t] {
+                let (lo, hi) = range(x);
+                assert!(
+                    -2.0 <= lo && lo < -1.5 && 1.5 < hi && hi <= 2.0,
+                    "p{l}: {lo} {hi}"
+                );
+            }
+        }
+        assert!(!p.params.is_empty());
+        for (name, v) in &p.params {
+            let (lo, hi) = range(v);
+            let (a, b) = if name.ends_with(".1.weight") {
+                (0.5, 1.5)
+            } else {
+                (-0.6, 0.6)
+            };
+            assert!(a <= lo && hi <= b, "{name}: {lo} {hi}");
+        }
+        let boxes = p.boxes.as_ref().unwrap();
+        assert_eq!(boxes.img_shape, vec![[30.0, 40.0]; 2]);
+        for b in boxes.per_image.iter().flatten() {
+            let [x1, y1, x2, y2] = *b;
+            assert!(
+                (0.0..30.0).contains(&x1) && (0.0..20.0).contains(&y1),
+                "{b:?}"
+            );
+            assert!(
+                (1.0..10.0).contains(&(x2 - x1)) && (1.0..10.0).contains(&(y2 - y1)),
+                "{b:?}"
+            );
+        }
+        let counts: BTreeSet<usize> = (0..12)
+            .flat_map(|seed| {
+                let p = random_problem(&levels[1..], 2, seed).unwrap();
+                p.boxes.unwrap().per_image.into_iter().map(|b| b.len())
+            })
+            .collect();
+        assert_eq!(counts, BTreeSet::from([1, 2, 3]));
+        // The same seed gives the same problem; another seed other data.
+        let again = random_problem(&levels, 2, 9).unwrap();
+        assert_eq!(again.students[0].as_slice(), p.students[0].as_slice());
+        let other = random_problem(&levels, 2, 10).unwrap();
+        assert_ne!(other.students[0].as_slice(), p.students[0].as_slice());
+    }
+
+    /// The whole-loss cases draw one or two levels of their own method,
+    /// over every listed size, ratio and mask mode, at tau 0.5, with
+    /// student and teacher channels sometimes equal and sometimes not.
+    #[test]
+    fn loss_case_draws_cover_every_listed_setting() {
+        let case = LossCase {
+            name: "loss:mgd",
+            method: Method::Mgd,
+        };
+        let mut rng = PhiloxStream::new(6, 0);
+        let (mut counts, mut ns, mut dims, mut ratios) = (
+            BTreeSet::new(),
+            BTreeSet::new(),
+            BTreeSet::new(),
+            BTreeSet::new(),
+        );
+        let (mut modes, mut chans, mut same_c) = (Vec::new(), BTreeSet::new(), [0, 0]);
+        let mut seeds = BTreeSet::new();
+        for _ in 0..300 {
+            let (levels, n, _) = case.draw(&mut rng);
+            counts.insert(levels.len());
+            ns.insert(n);
+            for l in &levels {
+                assert_eq!((l.method, l.tau), (Method::Mgd, 0.5));
+                dims.extend([l.h, l.w]);
+                ratios.extend([l.lambda_s.to_bits(), l.lambda_c.to_bits()]);
+                if !modes.contains(&l.mode) {
+                    modes.push(l.mode);
+                }
+                chans.extend([l.c, l.cs]);
+                same_c[usize::from(l.cs == l.c)] += 1;
+                seeds.insert(l.seed >> 32);
+            }
+        }
+        assert_eq!(counts, BTreeSet::from([1, 2]));
+        assert_eq!(ns, BTreeSet::from([1, 2]));
+        assert_eq!(dims, BTreeSet::from([1, 2, 3, 5, 7]));
+        let want: BTreeSet<u64> = [0.0f64, 0.15, 0.45, 0.65, 0.99].map(f64::to_bits).into();
+        assert_eq!(ratios, want);
+        assert_eq!(modes.len(), 3, "{modes:?}");
+        assert_eq!(chans, (3..=8).collect());
+        assert!(same_c[0] > 50 && same_c[1] > 50, "{same_c:?}");
+        // Both halves of the 64-bit mask seed are drawn.
+        assert!(seeds.len() > 100, "{}", seeds.len());
+    }
+
+    /// The table names DMKD, MGD and FGD, in that order.
+    #[test]
+    fn loss_cases_name_the_three_methods() {
+        let names: Vec<String> = loss_cases().iter().map(|c| c.name().to_string()).collect();
+        assert_eq!(names, ["loss:dmkd", "loss:mgd", "loss:fgd"]);
+    }
+}
