@@ -325,15 +325,19 @@ mod tests {
             }
         }
         assert!(!p.params.is_empty());
+        // Each kind of parameter within its range, and the kind as a whole
+        // spread over it.
+        let mut spread = [(f64::INFINITY, f64::NEG_INFINITY); 2];
         for (name, v) in &p.params {
             let (lo, hi) = range(v);
-            let (a, b) = if name.ends_with(".1.weight") {
-                (0.5, 1.5)
-            } else {
-                (-0.6, 0.6)
-            };
+            let ln = name.ends_with(".1.weight");
+            let (a, b) = if ln { (0.5, 1.5) } else { (-0.6, 0.6) };
             assert!(a <= lo && hi <= b, "{name}: {lo} {hi}");
+            let s = &mut spread[usize::from(ln)];
+            *s = (s.0.min(lo), s.1.max(hi));
         }
+        assert!(spread[0].0 < -0.5 && spread[0].1 > 0.5, "{spread:?}");
+        assert!(spread[1].0 < 0.8 && spread[1].1 > 1.2, "{spread:?}");
         let boxes = p.boxes.as_ref().unwrap();
         assert_eq!(boxes.img_shape, vec![[30.0, 40.0]; 2]);
         for b in boxes.per_image.iter().flatten() {
@@ -359,6 +363,17 @@ mod tests {
         assert_eq!(again.students[0].as_slice(), p.students[0].as_slice());
         let other = random_problem(&levels, 2, 10).unwrap();
         assert_ne!(other.students[0].as_slice(), p.students[0].as_slice());
+    }
+
+    /// The distance to the nearest kink is the smallest |x| over many
+    /// values drawn from ranges that straddle 0: positive and small.
+    #[test]
+    fn kink_distance_is_small_and_positive_on_a_random_problem() {
+        for method in [Method::Dmkd, Method::Mgd, Method::Fgd] {
+            let p = random_problem(&[level(method, MaskMode::Topk, 0.5, 3)], 2, 4).unwrap();
+            let d = kink_distance(&p).unwrap();
+            assert!(d > 0.0 && d < 0.05, "{method:?}: {d}");
+        }
     }
 
     /// The whole-loss cases draw one or two levels of their own method,
