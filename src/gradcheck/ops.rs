@@ -351,7 +351,9 @@ pub fn run_suite(
 mod tests {
     use super::*;
     use crate::backend::ReferenceBackend;
+    use std::cell::Cell;
     use std::collections::BTreeSet;
+    use std::rc::Rc;
     use std::sync::Arc;
 
     /// Every op of the catalogue runs, passes and is named in the table; a
@@ -393,6 +395,79 @@ mod tests {
             assert!(r.passed && r.cases == 2, "{r:?}");
             assert!(r.max_rel_error < crate::gradcheck::RTOL, "{r:?}");
         }
+    }
+
+    /// A scripted case: each call takes the next entry, `None` a skipped
+    /// draw, `Some((rel_error, passed))` a report; it counts its calls.
+    struct Scripted {
+        script: Vec<Option<(f64, bool)>>,
+        calls: Rc<Cell<usize>>,
+    }
+
+    impl Checkable for Scripted {
+        fn name(&self) -> &str {
+            "scripted"
+        }
+        fn check_once(&self, _: BackendRef<f64>, _: &mut PhiloxStream) -> Result<Option<Report>> {
+            let i = self.calls.get();
+            self.calls.set(i + 1);
+            Ok(
+                self.script[i % self.script.len()].map(|(rel_error, passed)| Report {
+                    inputs: vec![crate::gradcheck::InputCheck {
+                        input: 0,
+                        analytic: 1.0,
+                        numeric: 1.0,
+                        rel_error,
+                        abs_error: rel_error,
+                        noise_floor: 0.0,
+                        passed,
+                    }],
+                }),
+            )
+        }
+    }
+
+    /// The row of a scripted case run for `cases` cases, and its calls.
+    fn run_scripted(script: Vec<Option<(f64, bool)>>, cases: usize) -> (SuiteRow, usize) {
+        let calls = Rc::new(Cell::new(0));
+        let suite: Vec<Box<dyn Checkable>> = vec![Box::new(Scripted {
+            script,
+            calls: calls.clone(),
+        })];
+        let mut rows = run_suite(Arc::new(ReferenceBackend), &suite, cases, 0).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].op, "scripted");
+        (rows.remove(0), calls.get())
+    }
+
+    /// A row is the worst error over its cases, fails if any case failed or
+    /// none ran, counts only the draws that were not skipped, stops once
+    /// enough ran, and redraws skipped ones up to four draws per case.
+    #[test]
+    fn run_suite_summarises_worst_error_failures_and_skips() {
+        let ok = |e: f64| Some((e, true));
+        let (row, calls) = run_scripted(vec![ok(1e-9), ok(3e-7), ok(2e-8)], 3);
+        assert_eq!(
+            (row.cases, row.passed, row.max_rel_error, calls),
+            (3, true, 3e-7, 3)
+        );
+        let (row, _) = run_scripted(vec![ok(1e-9), Some((0.5, false)), ok(1e-8)], 3);
+        assert_eq!((row.cases, row.passed, row.max_rel_error), (3, false, 0.5));
+        // Skipped draws are redrawn and not counted.
+        let (row, calls) = run_scripted(vec![None, ok(1e-9), None, None, ok(2e-9)], 2);
+        assert_eq!(
+            (row.cases, row.passed, row.max_rel_error, calls),
+            (2, true, 2e-9, 5)
+        );
+        // Every draw skipped: four draws per case, none counted, a failure.
+        let (row, calls) = run_scripted(vec![None], 3);
+        assert_eq!(
+            (row.cases, row.passed, row.max_rel_error, calls),
+            (0, false, 0.0, 12)
+        );
+        // Enough passing draws stop the loop.
+        let (row, calls) = run_scripted(vec![ok(0.0)], 5);
+        assert_eq!((row.cases, row.passed, calls), (5, true, 5));
     }
 
     /// `dim` draws every value of `lo..=hi` and nothing else.
