@@ -504,25 +504,25 @@ mod tests {
     fn conv_cases_pad_and_apply_their_masks() {
         let suite = op_suite();
         let be: BackendRef<f64> = Arc::new(ReferenceBackend);
-        for k in 0..3 {
+        for (k, case) in suite.iter().enumerate().take(3) {
             let mut rng = PhiloxStream::new(4, k as u32);
-            let (v, c) = (suite[k].inputs)(&mut rng);
+            let (v, c) = (case.inputs)(&mut rng);
             let run = |c: &[Tensor<f64>]| {
                 let tape = Tape::new(be.clone());
                 let vars: Vec<Var<f64>> = v.iter().map(|x| tape.leaf(x.clone())).collect();
-                (suite[k].graph)(&tape, &vars, c).unwrap().value().clone()
+                (case.graph)(&tape, &vars, c).unwrap().value().clone()
             };
             let y = run(&c);
             let (x, w) = (v[0].shape(), v[1].shape());
-            assert_eq!(y.shape(), &[x[0], w[0], x[2], x[3]], "{}", suite[k].name);
+            assert_eq!(y.shape(), &[x[0], w[0], x[2], x[3]], "{}", case.name);
             if k > 0 {
                 let ones = Tensor::from_fn(c[0].shape(), |_| 1.0).unwrap();
                 assert!(
                     c[0].as_slice().contains(&0.0),
                     "{}: no zero drawn",
-                    suite[k].name
+                    case.name
                 );
-                assert_ne!(run(&[ones]).as_slice(), y.as_slice(), "{}", suite[k].name);
+                assert_ne!(run(&[ones]).as_slice(), y.as_slice(), "{}", case.name);
             }
         }
     }

@@ -319,7 +319,7 @@ mod tests {
             for x in [s, t] {
                 let (lo, hi) = range(x);
                 assert!(
-                    -2.0 <= lo && lo < -1.5 && 1.5 < hi && hi <= 2.0,
+                    (-2.0..-1.5).contains(&lo) && 1.5 < hi && hi <= 2.0,
                     "p{l}: {lo} {hi}"
                 );
             }
