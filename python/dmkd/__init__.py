@@ -117,6 +117,14 @@ def _level_count(names):
     return n
 
 
+def _u64(name, value):
+    """``value`` as an int in [0, 2^64) (a seed or a sample index), or a ValueError naming it."""
+    value = int(value)
+    if not 0 <= value < 2**64:
+        raise ValueError(f"{name} {value} is not in [0, 2^64)")
+    return value
+
+
 def evaluate(inputs, params=None, config=None, *, dtype="f64", backend="cpu", conv_algo="auto",
              init_seed=0, sample_offset=0, allow_extra=False):
     """The loss, per-level losses, every gradient, debug tensors and parameters, as ``dmkd eval``.
@@ -139,12 +147,8 @@ def evaluate(inputs, params=None, config=None, *, dtype="f64", backend="cpu", co
         tensors[name] = v
     cfg = config_json(config, levels=_level_count(tensors))
     if init_seed is not None:
-        init_seed = int(init_seed)
-        if not 0 <= init_seed < 2**64:
-            raise ValueError(f"init_seed {init_seed} is not in [0, 2^64)")
-    sample_offset = int(sample_offset)
-    if not 0 <= sample_offset < 2**64:
-        raise ValueError(f"sample_offset {sample_offset} is not in [0, 2^64)")
+        init_seed = _u64("init_seed", init_seed)
+    sample_offset = _u64("sample_offset", sample_offset)
     outputs, initialised, param_names = _dmkd.evaluate_arrays(
         cfg, tensors, dtype, backend, conv_algo, init_seed, bool(allow_extra), sample_offset
     )
@@ -165,12 +169,7 @@ def golden(preset="tiny", config=None, dtype="f64", seed=0, *, backend="referenc
     the inputs do not)."""
     _np_dtype(dtype)
     cfg = None if config is None else config_json(config)
-    seed = int(seed)
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed {seed} is not in [0, 2^64)")
-    sample_offset = int(sample_offset)
-    if not 0 <= sample_offset < 2**64:
-        raise ValueError(f"sample_offset {sample_offset} is not in [0, 2^64)")
+    seed, sample_offset = _u64("seed", seed), _u64("sample_offset", sample_offset)
     return dict(_dmkd.golden_arrays(preset, cfg, dtype, seed, backend, sample_offset))
 
 

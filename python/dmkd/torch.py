@@ -18,7 +18,7 @@ import operator
 import numpy as np
 import torch
 
-from . import _as_array, _dmkd, config_json
+from . import _as_array, _dmkd, _u64, config_json
 
 __all__ = ["DMKDLoss"]
 
@@ -226,9 +226,8 @@ class DMKDLoss(torch.nn.Module):
             fixed["img_shape"] = _as_array("img_shape", to_host(img_shape), np_dtype)
         elif gt_boxes is not None or img_shape is not None:
             raise ValueError("gt_boxes / img_shape given but no level is fgd")
-        offset = self.sample_offset if sample_offset is None else int(sample_offset)
-        if not 0 <= offset < 2**64:
-            raise ValueError(f"sample_offset {offset} is not in [0, 2^64)")
+        offset = self.sample_offset if sample_offset is None else sample_offset
+        offset = _u64("sample_offset", offset)
         # Attribute lookup rather than get_parameter: torch.func.functional_call swaps the
         # parameters for plain tensors.
         params = [functools.reduce(getattr, name.split("."), self) for name in self._param_names]
