@@ -614,3 +614,220 @@ fn bench_reports_each_rows_spread_and_probes_before_and_after() {
     );
     assert!(!t.contains("conv3x3."), "{t}");
 }
+
+/// The first level's `loss@0` of a demo's table.
+fn demo_first_loss(t: &str) -> f64 {
+    let line = t
+        .lines()
+        .find(|l| l.starts_with("P3 "))
+        .unwrap_or_else(|| panic!("no P3 row: {t}"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// `demo`'s `--preset`, `--seed` and `--backend` reach the run: the header
+/// names them, and another seed draws other features (another first loss).
+#[test]
+fn demo_runs_the_preset_seed_and_backend_it_is_given() {
+    let dir = tmp("demo-options");
+    let out = dir.display().to_string();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["demo", "--preset", "tiny", "--steps", "1", "--out", &out];
+        args.extend_from_slice(extra);
+        let o = dmkd(&args);
+        let t = text(&o);
+        assert!(o.status.success(), "{t}");
+        t
+    };
+    let a = run(&["--seed", "1"]);
+    assert!(a.contains("preset tiny, 1 steps, cpu/auto backend"), "{a}");
+    let b = run(&["--seed", "1", "--backend", "reference"]);
+    assert!(b.contains("preset tiny, 1 steps, reference backend"), "{b}");
+    let c = run(&["--seed", "2"]);
+    let (la, lb, lc) = (
+        demo_first_loss(&a),
+        demo_first_loss(&b),
+        demo_first_loss(&c),
+    );
+    // The same seed on two backends: the same problem (f32 sums in another
+    // order: a relative difference far below 1e-3); another seed: another one.
+    assert!((la - lb).abs() <= 1e-3 * la, "{la} vs {lb}");
+    assert!(
+        (la - lc).abs() > 1e-2 * la,
+        "seeds 1 and 2 gave {la} and {lc}"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// `gradcheck --backend` picks the backend whose kernels are checked
+/// (default: the reference).
+#[test]
+fn gradcheck_checks_the_backend_it_is_given() {
+    for (args, name) in [
+        (&["gradcheck", "--cases", "1"][..], "reference backend"),
+        (
+            &["gradcheck", "--cases", "1", "--backend", "cpu"][..],
+            "cpu backend",
+        ),
+    ] {
+        let o = dmkd(args);
+        let t = text(&o);
+        assert!(o.status.success(), "{t}");
+        assert!(t.lines().next().unwrap().contains(name), "{t}");
+    }
+}
+
+/// A config of exactly the size limit (valid JSON padded with spaces) is
+/// read; one byte more is refused with the limit in the message.
+#[test]
+fn a_config_file_at_the_size_limit_is_read_and_one_byte_more_refused() {
+    let dir = tmp("config-limit");
+    let write = |name: &str, len: usize| {
+        let cfg = dmkd::synthetic::Preset::named("tiny")
+            .unwrap()
+            .config()
+            .to_json();
+        let mut text = cfg.into_bytes();
+        assert!(text.len() < len);
+        text.resize(len, b' ');
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let limit = dmkd::distill::config::MAX_CONFIG_BYTES;
+    let at = write("at.json", limit);
+    let over = write("over.json", limit + 1);
+    let out = dir.join("g.safetensors").display().to_string();
+    let o = dmkd(&["golden", "--preset", "tiny", "--config", &at, "--out", &out]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = dmkd(&[
+        "golden", "--preset", "tiny", "--config", &over, "--out", &out,
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains(&format!("config is {} bytes, over the limit", limit + 1))
+            && t.lines().count() == 1,
+        "{t}"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// `bench --json`: each row's GFLOP/s is the direct-conv FLOP model over
+/// its median time (one conv3x3 pass per conv row; 4 passes per level for
+/// the loss forward, 12 forward and backward), the conv algorithm and peak
+/// RSS are reported, and the widest ISA's probe appears only when `--isa`
+/// named a narrower one.
+#[test]
+fn bench_rows_follow_the_flop_model_and_name_the_isa_probed() {
+    let bench = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["bench", "--preset", "tiny", "--reps", "1", "--json"];
+        args.extend_from_slice(extra);
+        let o = dmkd(&args);
+        assert!(o.status.success(), "{}", text(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let p = dmkd::synthetic::Preset::named("tiny").unwrap();
+    let j = bench(&[]);
+    assert_eq!(j["conv_algo"], "auto");
+    assert_eq!(j["backend"], "cpu");
+    let rss = j["peak_rss_mib"].as_f64().unwrap();
+    assert!(rss > 2.0 && rss < 1e6, "{rss}");
+    assert!(j.get("widest_fma_peak_gflops").is_none(), "{j}");
+    let rows = j["rows"].as_array().unwrap();
+    let gflop_of = |r: &serde_json::Value| {
+        r["gflops"].as_f64().unwrap() * r["ms_median"].as_f64().unwrap() / 1e3
+    };
+    let pass = |h: usize, w: usize| 2.0 * (p.n * h * w * p.c * p.c * 9) as f64 / 1e9;
+    for (l, &(h, w)) in p.levels.iter().enumerate() {
+        for k in 0..3 {
+            let r = &rows[3 * l + k];
+            let (got, want) = (gflop_of(r), pass(h, w));
+            assert!((got - want).abs() <= 1e-9 * want, "{r}: {got} vs {want}");
+        }
+    }
+    let all = 2.0 * p.conv3x3_macs() as f64 / 1e9;
+    for (r, passes) in [(&rows[9], 4.0), (&rows[10], 12.0)] {
+        let (got, want) = (gflop_of(r), passes * all);
+        assert!((got - want).abs() <= 1e-9 * want, "{r}: {got} vs {want}");
+    }
+    // A narrower ISA than the widest: both probes, the widest faster.
+    if j["isa"] != "scalar" {
+        let s = bench(&["--only", "conv", "--isa", "scalar"]);
+        assert_eq!(s["isa"], "scalar");
+        let (narrow, widest) = (
+            s["fma_peak_gflops"].as_f64().unwrap(),
+            s["widest_fma_peak_gflops"].as_f64().unwrap(),
+        );
+        assert!(widest > narrow && narrow > 0.0, "{s}");
+    }
+    // The reference backend: no ISA or conv algorithm of its own.
+    let r = bench(&["--only", "conv", "--backend", "reference"]);
+    assert_eq!(
+        (&r["backend"], &r["conv_algo"], &r["isa"]),
+        (&"reference".into(), &"-".into(), &"-".into())
+    );
+    assert_eq!(r["rows"].as_array().unwrap().len(), 9);
+}
+
+/// `bench --counters`: the work of one call per row, in the JSON and as a
+/// table with one line per pass that ran.
+#[test]
+fn bench_counters_report_each_rows_work() {
+    let o = dmkd(&[
+        "bench",
+        "--preset",
+        "tiny",
+        "--reps",
+        "1",
+        "--counters",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let p = dmkd::synthetic::Preset::named("tiny").unwrap();
+    let passes = ["forward", "input_grad", "weight_grad"];
+    for (i, r) in j["rows"].as_array().unwrap().iter().enumerate() {
+        let c = &r["counters"];
+        let calls = |pass: &str| {
+            c[pass]["direct_calls"].as_u64().unwrap() + c[pass]["winograd_calls"].as_u64().unwrap()
+        };
+        let ran: Vec<&str> = passes.iter().copied().filter(|&q| calls(q) > 0).collect();
+        match i {
+            0..9 => {
+                // A conv row: its own pass, once, with the dense conv's work.
+                assert_eq!(ran, [passes[i % 3]], "{r}");
+                assert_eq!(calls(passes[i % 3]), 1, "{r}");
+                let (h, w) = p.levels[i / 3];
+                let macs = c[passes[i % 3]]["macs"].as_u64().unwrap();
+                assert!(
+                    macs > 0 && macs <= (p.n * h * w * p.c * p.c * 9) as u64,
+                    "{r}"
+                );
+            }
+            9 => assert_eq!(ran, ["forward"], "{r}"),
+            _ => assert_eq!(ran, passes, "{r}"),
+        }
+    }
+    let o = dmkd(&["bench", "--preset", "tiny", "--reps", "1", "--counters"]);
+    let t = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success() && t.contains("work of one call per row"),
+        "{t}"
+    );
+    let lines: Vec<Vec<&str>> = t
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() == 11 && passes.contains(&f[1]))
+        .collect();
+    // 9 conv rows with one pass each, the forward row one, the forward and
+    // backward row three.
+    assert_eq!(lines.len(), 9 + 1 + 3, "{t}");
+    assert_eq!(
+        (lines[0][0], lines[0][1]),
+        ("conv3x3.P3.forward", "forward")
+    );
+    assert_eq!(
+        (lines[12][0], lines[12][1]),
+        ("dmkd.forward_backward", "weight_grad")
+    );
+}

@@ -113,16 +113,19 @@ fn cpu_model_of(cpuinfo: &str) -> String {
     }
 }
 
-/// Peak resident set size of this process in MiB (Linux `VmHWM`).
+/// Peak resident set size of this process in MiB (Linux `VmHWM`; NaN
+/// where there is none).
 pub fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
+    std::fs::read_to_string("/proc/self/status").map_or(f64::NAN, |s| peak_rss_mib_of(&s))
+}
+
+/// The `VmHWM` line of a `/proc/<pid>/status` text (kB) in MiB, or NaN.
+fn peak_rss_mib_of(status: &str) -> f64 {
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
@@ -335,7 +338,76 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Timing, cpu_model, cpu_model_of};
+    use super::{Timing, count, cpu_model, cpu_model_of, peak_rss_mib, peak_rss_mib_of, time_ms};
+    use dmkd::ConvAlgo;
+    use dmkd::backend::{Backend, ConvArgs, ConvGeometry, CpuBackend};
+    use dmkd::tensor::Tensor;
+
+    #[test]
+    fn peak_rss_is_the_vmhwm_line_in_mib() {
+        let status = "Name:\tdmkd\nVmPeak:\t  999999 kB\nVmHWM:\t  204800 kB\nVmRSS:\t 1024 kB\n";
+        assert_eq!(peak_rss_mib_of(status), 200.0);
+        assert_eq!(peak_rss_mib_of("VmHWM:\t 1536 kB"), 1.5);
+        assert!(peak_rss_mib_of("VmRSS:\t 1024 kB\n").is_nan());
+        assert!(peak_rss_mib_of("VmHWM:\t lots kB\n").is_nan());
+        // This process: a test binary with its threads holds more than 2 MiB
+        // and far less than a terabyte.
+        if std::path::Path::new("/proc/self/status").exists() {
+            let mib = peak_rss_mib();
+            assert!(mib > 2.0 && mib < 1e6, "{mib}");
+        }
+    }
+
+    #[test]
+    fn time_ms_warms_up_once_then_times_each_run_in_milliseconds() {
+        let calls = std::cell::Cell::new(0);
+        let synced = std::cell::Cell::new(0);
+        let sync = || {
+            synced.set(synced.get() + 1);
+            Ok(())
+        };
+        let t = time_ms(3, &sync, || {
+            calls.set(calls.get() + 1);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((calls.get(), synced.get()), (4, 4));
+        // Each run sleeps 5 ms: at least 5 in milliseconds (seconds, or
+        // seconds scaled wrongly, would read far less or far more).
+        assert!(t.min >= 5.0 && t.max < 5000.0, "{t:?}");
+        // An error of the function stops the timing.
+        let e = time_ms(3, &sync, || Err(dmkd::Error::arg("f", "no"))).unwrap_err();
+        assert!(e.to_string().contains("no"), "{e}");
+    }
+
+    #[test]
+    fn count_reports_the_work_of_one_call_only_when_counting() {
+        let cpu = CpuBackend::new(ConvAlgo::Direct);
+        let x = Tensor::<f32>::from_fn(&[1, 2, 4, 4], |i| i as f32).unwrap();
+        let w = Tensor::<f32>::from_fn(&[3, 2, 3, 3], |i| i as f32).unwrap();
+        let args = ConvArgs {
+            geom: ConvGeometry::new(x.shape(), w.shape(), [1, 1], [1, 1]).unwrap(),
+            mask: None,
+            relu: false,
+        };
+        let call = || cpu.conv2d(&x, &w, None, &args).map(drop);
+        call().unwrap(); // counted work before `count` is not reported
+        let c = count(Some(&cpu), call).unwrap().expect("counting");
+        assert_eq!(c.forward.direct_calls, 1);
+        assert_eq!(c.forward.macs, args.geom.macs());
+        assert_eq!(c.input_grad.direct_calls + c.weight_grad.direct_calls, 0);
+        let mut ran = false;
+        assert!(
+            count(None, || {
+                ran = true;
+                Ok(())
+            })
+            .unwrap()
+            .is_none()
+        );
+        assert!(!ran, "an uncounted extra call ran");
+    }
 
     #[test]
     fn a_timing_holds_the_median_the_fastest_and_the_slowest_run() {

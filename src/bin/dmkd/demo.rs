@@ -60,6 +60,14 @@ pub struct DemoReport {
     pub png: PathBuf,
 }
 
+/// The fusion weights `softmax(theta)` of a level's two logits, `(w_s,
+/// w_c)`, shifted by the larger logit so that no exponential overflows.
+fn fusion_weights(a: f64, b: f64) -> (f64, f64) {
+    let m = a.max(b);
+    let (ea, eb) = ((a - m).exp(), (b - m).exp());
+    (ea / (ea + eb), eb / (ea + eb))
+}
+
 /// Run the demo; `progress(step, loss)` is called after every step.
 pub fn run_demo<T: BackendFloat>(
     opts: &DemoOptions,
@@ -115,10 +123,7 @@ pub fn run_demo<T: BackendFloat>(
         let fusion = (0..levels)
             .map(|l| {
                 let th = params[&format!("p{l}.fusion")].as_slice();
-                let (a, b) = (th[0].as_f64(), th[1].as_f64());
-                let m = a.max(b);
-                let (ea, eb) = ((a - m).exp(), (b - m).exp());
-                (ea / (ea + eb), eb / (ea + eb))
+                fusion_weights(th[0].as_f64(), th[1].as_f64())
             })
             .collect();
         last = (loss, per_level, fusion);
@@ -166,6 +171,76 @@ pub fn run_demo<T: BackendFloat>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fusion_weights_are_the_softmax_of_the_two_logits() {
+        let close = |a: (f64, f64), b: (f64, f64)| {
+            assert!(
+                (a.0 - b.0).abs() < 1e-15 && (a.1 - b.1).abs() < 1e-15,
+                "{a:?} vs {b:?}"
+            );
+        };
+        close(fusion_weights(0.0, 0.0), (0.5, 0.5));
+        close(fusion_weights(0.0, 3f64.ln()), (0.25, 0.75));
+        close(fusion_weights(3f64.ln(), 0.0), (0.75, 0.25));
+        // Shifted by the larger logit: no overflow at 1000 (e^1000 is inf).
+        let e = (-1f64).exp();
+        close(
+            fusion_weights(1000.0, 999.0),
+            (1.0 / (1.0 + e), e / (1.0 + e)),
+        );
+        close(
+            fusion_weights(-1000.0, -1001.0),
+            (1.0 / (1.0 + e), e / (1.0 + e)),
+        );
+    }
+
+    /// The report, the CSV and the level losses agree: the total is the sum
+    /// of the levels, each CSV column is its series, and the fusion
+    /// weights of every level sum to 1.
+    #[test]
+    fn a_demo_reports_what_it_wrote() {
+        let dir = std::env::temp_dir().join(format!("dmkd-demo-report-{}", std::process::id()));
+        let opts = DemoOptions {
+            preset: Preset::named("tiny").unwrap(),
+            steps: 3,
+            out_dir: dir.clone(),
+            ..DemoOptions::default()
+        };
+        let mut seen = Vec::new();
+        let r = run_demo::<f64>(&opts, |step, loss| seen.push((step, loss))).unwrap();
+        assert_eq!(r.steps, 3);
+        assert_eq!(r.level_names, ["P3", "P4", "P5"]);
+        assert_eq!(seen.len(), 4);
+        assert_eq!((seen[0].1, seen[3].1), (r.initial_loss, r.final_loss));
+        assert!(r.final_loss < r.initial_loss, "{r:?}");
+        for (total, levels) in [
+            (r.initial_loss, &r.initial_level_losses),
+            (r.final_loss, &r.final_level_losses),
+        ] {
+            let sum: f64 = levels.iter().sum();
+            assert!((sum - total).abs() <= 1e-12 * total, "{sum} vs {total}");
+        }
+        for &(ws, wc) in &r.fusion_weights {
+            assert!(
+                ws > 0.0 && wc > 0.0 && (ws + wc - 1.0).abs() < 1e-15,
+                "{ws} {wc}"
+            );
+        }
+        let csv = std::fs::read_to_string(&r.csv).unwrap();
+        let rows: Vec<Vec<&str>> = csv.lines().map(|l| l.split(',').collect()).collect();
+        assert_eq!(rows[0], ["step", "total", "P3", "P4", "P5"]);
+        let num = |s: &str| s.parse::<f64>().unwrap();
+        let first: Vec<f64> = rows[1][1..].iter().map(|s| num(s)).collect();
+        let last: Vec<f64> = rows[4][1..].iter().map(|s| num(s)).collect();
+        assert_eq!((rows[1][0], rows[4][0]), ("0", "3"));
+        assert_eq!(first[0], r.initial_loss);
+        assert_eq!(&first[1..], &r.initial_level_losses[..]);
+        assert_eq!(last[0], r.final_loss);
+        assert_eq!(&last[1..], &r.final_level_losses[..]);
+        assert!(std::fs::metadata(&r.png).unwrap().len() > 1000);
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     /// An output path that cannot be a directory fails before the first
     /// step (it used to fail after the whole run), naming the path.

@@ -46,11 +46,10 @@ pub fn write_csv(path: &Path, series: &[Series]) -> Result<()> {
     f.flush().map_err(io)
 }
 
-/// Draw series on a log-scale y axis into a PNG.
-pub fn write_png(path: &Path, title: &str, series: &[Series]) -> Result<()> {
-    // Registering twice is harmless; it replaces the same entry.
-    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
-        .map_err(|_| plot_err(path, "bundled font"))?;
+/// The smallest and largest finite positive value of all series: the
+/// log-scale y axis's range (zeros, negatives, NaN and infinities cannot be
+/// drawn on it and are left out). `None` when there is no such value.
+fn positive_range(series: &[Series]) -> Option<(f64, f64)> {
     let positive = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.1))
@@ -58,9 +57,17 @@ pub fn write_png(path: &Path, title: &str, series: &[Series]) -> Result<()> {
     let (lo, hi) = positive.fold((f64::INFINITY, 0.0f64), |(lo, hi), v| {
         (lo.min(v), hi.max(v))
     });
-    if !(lo.is_finite() && hi > 0.0) {
+    (lo.is_finite() && hi > 0.0).then_some((lo, hi))
+}
+
+/// Draw series on a log-scale y axis into a PNG.
+pub fn write_png(path: &Path, title: &str, series: &[Series]) -> Result<()> {
+    // Registering twice is harmless; it replaces the same entry.
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| plot_err(path, "bundled font"))?;
+    let Some((lo, hi)) = positive_range(series) else {
         return Err(plot_err(path, "no positive values to plot"));
-    }
+    };
     let max_step = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.0))
@@ -104,4 +111,54 @@ pub fn write_png(path: &Path, title: &str, series: &[Series]) -> Result<()> {
         .draw()
         .map_err(|e| plot_err(path, e))?;
     root.present().map_err(|e| plot_err(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Series, positive_range, write_png};
+
+    fn series(values: &[f64]) -> Vec<Series> {
+        vec![
+            Series {
+                name: "a".into(),
+                points: values.iter().copied().enumerate().collect(),
+            },
+            Series {
+                name: "b".into(),
+                points: vec![(0, 3.0)],
+            },
+        ]
+    }
+
+    #[test]
+    fn the_log_axis_spans_the_finite_positive_values_only() {
+        let s = series(&[0.0, -5.0, 0.5, f64::NAN, f64::INFINITY, 7.0, 1e-300]);
+        assert_eq!(positive_range(&s), Some((1e-300, 7.0)));
+        // One positive value is a range of one point.
+        assert_eq!(positive_range(&series(&[0.0])), Some((3.0, 3.0)));
+        let none = vec![Series {
+            name: "z".into(),
+            points: vec![(0, 0.0), (1, -1.0), (2, f64::NAN), (3, f64::INFINITY)],
+        }];
+        assert_eq!(positive_range(&none), None);
+        assert_eq!(positive_range(&[]), None);
+    }
+
+    #[test]
+    fn a_plot_of_nothing_positive_is_an_error_naming_the_file() {
+        let path = std::env::temp_dir().join(format!("dmkd-plot-{}.png", std::process::id()));
+        let none = vec![Series {
+            name: "z".into(),
+            points: vec![(0, 0.0), (1, -2.0)],
+        }];
+        let e = write_png(&path, "t", &none).unwrap_err();
+        assert!(
+            e.to_string().contains("no positive values") && e.to_string().contains("dmkd-plot-"),
+            "{e}"
+        );
+        // With zeros and a NaN among positive values it draws.
+        write_png(&path, "t", &series(&[0.0, 2.0, f64::NAN, 4.0])).unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() > 1000);
+        std::fs::remove_file(&path).ok();
+    }
 }
