@@ -322,7 +322,7 @@ fn print_counters(rows: &[BenchRow]) {
             ("input_grad", &c.input_grad),
             ("weight_grad", &c.weight_grad),
         ] {
-            if p.direct_calls + p.winograd_calls == 0 {
+            if p.direct_calls == 0 && p.winograd_calls == 0 {
                 continue;
             }
             println!(

@@ -57,7 +57,8 @@ fn positive_range(series: &[Series]) -> Option<(f64, f64)> {
     let (lo, hi) = positive.fold((f64::INFINITY, 0.0f64), |(lo, hi), v| {
         (lo.min(v), hi.max(v))
     });
-    (lo.is_finite() && hi > 0.0).then_some((lo, hi))
+    // `lo` stays infinite only when no value was positive and finite.
+    lo.is_finite().then_some((lo, hi))
 }
 
 /// Draw series on a log-scale y axis into a PNG.
