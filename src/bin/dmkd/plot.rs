@@ -63,6 +63,21 @@ fn positive_range(series: &[Series]) -> Option<(f64, f64)> {
 
 /// Draw series on a log-scale y axis into a PNG.
 pub fn write_png(path: &Path, title: &str, series: &[Series]) -> Result<()> {
+    draw(
+        BitMapBackend::new(path, (960, 600)).into_drawing_area(),
+        path,
+        title,
+        series,
+    )
+}
+
+/// [`write_png`]'s drawing onto `root` (`path` names the file in errors).
+fn draw<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    path: &Path,
+    title: &str,
+    series: &[Series],
+) -> Result<()> {
     // Registering twice is harmless; it replaces the same entry.
     plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
         .map_err(|_| plot_err(path, "bundled font"))?;
@@ -75,7 +90,6 @@ pub fn write_png(path: &Path, title: &str, series: &[Series]) -> Result<()> {
         .max()
         .unwrap_or(1)
         .max(1);
-    let root = BitMapBackend::new(path, (960, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 22))
@@ -116,7 +130,55 @@ pub fn write_png(path: &Path, title: &str, series: &[Series]) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Series, positive_range, write_png};
+    use super::{Series, draw, positive_range, write_png};
+    use plotters::prelude::*;
+
+    /// The pixels of `color` in `series` drawn on a 480 x 300 RGB canvas.
+    fn pixels_of(series: &[Series], color: RGBColor) -> usize {
+        let (w, h) = (480u32, 300u32);
+        let mut buf = vec![0u8; (w * h * 3) as usize];
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        draw(root, std::path::Path::new("memory"), "t", series).unwrap();
+        // Near the color: a 1-pixel line is anti-aliased, few of its pixels
+        // carry the exact color.
+        let near = |a: u8, b: u8| a.abs_diff(b) < 48;
+        buf.chunks_exact(3)
+            .filter(|p| near(p[0], color.0) && near(p[1], color.1) && near(p[2], color.2))
+            .count()
+    }
+
+    /// The total (the first series) is drawn 3 pixels wide, the levels 1;
+    /// only positive values are drawn (a level of non-positive values
+    /// leaves only its legend entry).
+    #[test]
+    fn the_total_is_drawn_wider_and_non_positive_points_not_at_all() {
+        let line = |name: &str, scale: f64| Series {
+            name: name.into(),
+            points: (0..=20)
+                .map(|i| (i, scale * 10f64.powf(-(i as f64) / 10.0)))
+                .collect(),
+        };
+        let c = |i: usize| Palette99::pick(i).to_rgba();
+        let rgb = |i: usize| RGBColor(c(i).0, c(i).1, c(i).2);
+        let both = [line("total", 4.0), line("P3", 1.0)];
+        let (total, level) = (pixels_of(&both, rgb(0)), pixels_of(&both, rgb(1)));
+        assert!(total > 2 * level && level > 100, "{total} vs {level}");
+        // A level whose values are all zero or negative: its legend only
+        // (a 20-pixel stroke, 3 wide), no line.
+        let dead = Series {
+            name: "P4".into(),
+            points: (0..=20).map(|i| (i, -(i as f64))).collect(),
+        };
+        let with_dead = [line("total", 4.0), line("P3", 1.0), dead];
+        let legend_only = pixels_of(&with_dead, rgb(2));
+        let live = pixels_of(&with_dead, rgb(1));
+        // Measured: the legend entry 80 pixels, the same entry with its
+        // 1-pixel line about 270, the 3-pixel total about 1230.
+        assert!(
+            legend_only < 100 && live > legend_only + 100,
+            "{legend_only} vs {live}"
+        );
+    }
 
     fn series(values: &[f64]) -> Vec<Series> {
         vec![
