@@ -575,15 +575,21 @@ fn bad_arguments_are_one_line_each() {
     assert!(t.contains("--reps") && t.lines().count() > 5, "{t}");
 }
 
+/// `dmkd bench --preset tiny --json` with `args`: it must succeed; its
+/// report parsed.
+fn bench_tiny_json(args: &[&str]) -> serde_json::Value {
+    let o = dmkd(&[&["bench", "--preset", "tiny", "--json"], args].concat());
+    assert!(o.status.success(), "{}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
 /// `dmkd bench --json` on a small preset: every row has its median between
 /// the fastest and the slowest run and GFLOP/s at the median, and the report
 /// names the CPU and instruction set and probes the FMA peak before and
 /// after the rows. The text table shows the same rows.
 #[test]
 fn bench_reports_each_rows_spread_and_probes_before_and_after() {
-    let o = dmkd(&["bench", "--preset", "tiny", "--reps", "3", "--json"]);
-    assert!(o.status.success(), "{}", text(&o));
-    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let j = bench_tiny_json(&["--reps", "3"]);
     assert_eq!(j["preset"], "tiny");
     assert!(!j["cpu"].as_str().unwrap().is_empty());
     assert_ne!(j["isa"], "-");
@@ -719,13 +725,7 @@ fn a_config_file_at_the_size_limit_is_read_and_one_byte_more_refused() {
 /// named a narrower one.
 #[test]
 fn bench_rows_follow_the_flop_model_and_name_the_isa_probed() {
-    let bench = |extra: &[&str]| -> serde_json::Value {
-        let mut args = vec!["bench", "--preset", "tiny", "--reps", "1", "--json"];
-        args.extend_from_slice(extra);
-        let o = dmkd(&args);
-        assert!(o.status.success(), "{}", text(&o));
-        serde_json::from_slice(&o.stdout).unwrap()
-    };
+    let bench = |extra: &[&str]| bench_tiny_json(&[&["--reps", "1"], extra].concat());
     let p = dmkd::synthetic::Preset::named("tiny").unwrap();
     let j = bench(&[]);
     assert_eq!(j["conv_algo"], "auto");
@@ -773,17 +773,7 @@ fn bench_rows_follow_the_flop_model_and_name_the_isa_probed() {
 /// table with one line per pass that ran.
 #[test]
 fn bench_counters_report_each_rows_work() {
-    let o = dmkd(&[
-        "bench",
-        "--preset",
-        "tiny",
-        "--reps",
-        "1",
-        "--counters",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
-    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let j = bench_tiny_json(&["--reps", "1", "--counters"]);
     let p = dmkd::synthetic::Preset::named("tiny").unwrap();
     let passes = ["forward", "input_grad", "weight_grad"];
     for (i, r) in j["rows"].as_array().unwrap().iter().enumerate() {
