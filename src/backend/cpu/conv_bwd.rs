@@ -256,12 +256,21 @@ struct Rect {
     ncols: usize,
 }
 
+/// Output columns per weight-gradient k-block under a spatial mask with
+/// zeros (about; a row is cut into even pieces, never joined to the next).
+/// Narrow blocks let each row panel skip the columns where it reads only
+/// masked zeros (see [`tap_hulls`]); below about 40 columns the kernel's
+/// per-call cost (loading and storing its C tile) outweighs the columns
+/// saved. Measured in `docs/engineering.md`, "What the masks make cheap".
+const SPARSE_DW_COLS: usize = 32;
+
 /// The fixed k-blocks of an `n x oh x ow` position space, in (n, oy, ox)
-/// order. They depend on the shape only.
-fn dw_blocks(n: usize, oh: usize, ow: usize, kc: usize) -> Vec<Rect> {
+/// order. They depend on the shape only (and on `one_row`: blocks of at
+/// most `kc` columns of one row, for the spatially masked pass).
+fn dw_blocks(n: usize, oh: usize, ow: usize, kc: usize, one_row: bool) -> Vec<Rect> {
     let mut out = Vec::new();
     for img in 0..n {
-        if ow >= kc {
+        if ow >= kc || one_row {
             for oy in 0..oh {
                 for (ox0, ncols) in super::pack::even_blocks(ow, kc) {
                     out.push(Rect {
@@ -304,41 +313,44 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
     let m = g.c_out;
     let tiles = m.div_ceil(nr);
     let p_img = g.oh * g.ow;
-    let mut blocks = dw_blocks(g.n, g.oh, g.ow, kc_dw::<E>());
+    let taps = g.kh * g.kw;
+    let spatial = match &args.mask {
+        Some(InputMask::Spatial(m)) if m.as_slice().contains(&E::zero()) => Some(m.as_slice()),
+        _ => None,
+    };
+    let mut blocks = match spatial {
+        Some(_) => dw_blocks(g.n, g.oh, g.ow, SPARSE_DW_COLS, true),
+        None => dw_blocks(g.n, g.oh, g.ow, kc_dw::<E>(), false),
+    };
     let all_blocks = blocks.len();
-    // Under a spatial mask with zeros, a k-block whose positions all have a
-    // fully masked receptive field reads only zeros from the masked input:
-    // it is dropped. The others keep their order, so the result stays one
-    // fixed-order chain per output, started by the first block kept (or
-    // zeros where every block is dropped).
-    match &args.mask {
-        Some(InputMask::Spatial(m)) if m.as_slice().contains(&E::zero()) => {
-            cx.tally.spatial_skip_call();
-            let mpad = pad_planes(
-                m.as_slice(),
-                [g.n, 1, g.h, g.w],
-                spec,
-                None,
-                &(0..g.n).collect::<Vec<_>>(),
-            );
-            let plane = spec.hp * spec.wp;
-            let [sh, sw] = g.stride;
-            let masked = |r: &Rect| {
-                let mp = &mpad[r.img * plane..][..plane];
-                (r.oy0..r.oy0 + r.nrows).all(|oy| {
-                    (r.ox0..r.ox0 + r.ncols).all(|ox| {
-                        (0..g.kh).all(|ky| {
-                            (0..g.kw)
-                                .all(|kx| mp[(oy * sh + ky) * spec.wp + ox * sw + kx] == E::zero())
-                        })
-                    })
-                })
-            };
-            blocks.retain(|r| !masked(r));
-            drop(pool::Buffer::new(mpad));
+    // Under a spatial mask with zeros, each block of one row's columns
+    // records, per tap, the columns whose input is not masked (`tap_hulls`);
+    // a row panel then runs only over the union of its taps' ranges, and a
+    // block where every tap's range is empty (every position's receptive
+    // field masked) is dropped. The terms left out are exact zeros and the
+    // others keep their order, so the result stays one fixed-order chain
+    // per output, started from zeroed tiles.
+    let mut hulls = Vec::new();
+    if let Some(m) = spatial {
+        cx.tally.spatial_skip_call();
+        let mpad = pad_planes(
+            m,
+            [g.n, 1, g.h, g.w],
+            spec,
+            None,
+            &(0..g.n).collect::<Vec<_>>(),
+        );
+        let all = std::mem::take(&mut blocks);
+        for r in all {
+            let h = tap_hulls(&mpad[r.img * spec.hp * spec.wp..], spec.wp, g, &r);
+            if h.iter().any(|t| !t.is_empty()) {
+                blocks.push(r);
+                hulls.extend(h);
+            }
         }
-        _ => {}
+        drop(pool::Buffer::new(mpad));
     }
+    let hulls = spatial.map(|_| hulls.as_slice());
     cx.tally.tiles(blocks.len(), all_blocks - blocks.len());
     // C' = dW^T in whole MR x NR tiles, `[row panel][co tile][MR][NR]`, the
     // order the kernels visit them (contiguous C tiles, one sequential
@@ -364,7 +376,7 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
         cx.tally
             .channels_skipped(skipped_channels(ms, g.n, g.c_in, g.kh * g.kw));
     }
-    let zero_start = skip.is_some() || blocks.is_empty();
+    let zero_start = skip.is_some() || hulls.is_some() || blocks.is_empty();
     if zero_start {
         ct.par_chunks_mut(tile_len).for_each(|t| t.fill(E::zero()));
     }
@@ -392,7 +404,8 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
             skip,
             cx,
         };
-        for group in blocks[lo..hi].chunks(per_group) {
+        for (gi, group) in blocks[lo..hi].chunks(per_group).enumerate() {
+            let first_block = lo + gi * per_group;
             // 64-byte aligned, like the forward's B tiles (no split loads).
             let total: usize = group.iter().map(packed_len).sum();
             let mut buf = pool::take::<E>(total + 64 / std::mem::size_of::<E>());
@@ -415,6 +428,7 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
                     arch.dispatch(DwTask {
                         job: &job,
                         blocks: group,
+                        hulls: hulls.map(|h| &h[first_block * taps..][..group.len() * taps]),
                         packed,
                         first,
                         j0: t * panels_per * MR,
@@ -469,10 +483,34 @@ fn skipped_channels<E: Elem>(ms: &[E], n: usize, c: usize, taps: usize) -> usize
         .sum()
 }
 
+/// Per tap `(ky, kx)` of a one-row block `r`, the block's columns
+/// (`0 .. r.ncols`) from the first to the last whose input under the
+/// padded spatial mask `mp` (one image's plane, `wp` wide) is nonzero;
+/// empty where the tap reads only zeros there.
+fn tap_hulls<E: Elem>(mp: &[E], wp: usize, g: &ConvGeometry, r: &Rect) -> Vec<Range<usize>> {
+    debug_assert_eq!(r.nrows, 1);
+    let [sh, sw] = g.stride;
+    let mut out = Vec::with_capacity(g.kh * g.kw);
+    for ky in 0..g.kh {
+        for kx in 0..g.kw {
+            let row = (r.oy0 * sh + ky) * wp + r.ox0 * sw + kx;
+            let kept = |i: &usize| mp[row + i * sw] != E::zero();
+            match (0..r.ncols).find(kept) {
+                Some(a) => out.push(a..(0..r.ncols).rev().find(kept).unwrap_or(a) + 1),
+                None => out.push(0..0),
+            }
+        }
+    }
+    out
+}
+
 /// Rows `j0 ..` of C' over one group of k-blocks.
 struct DwTask<'a, 'b, E: Elem> {
     job: &'a DwJob<'a, E>,
     blocks: &'a [Rect],
+    /// Under a spatial mask with zeros, per block and tap the columns that
+    /// read unmasked input ([`tap_hulls`]; `kh * kw` ranges per block).
+    hulls: Option<&'a [Range<usize>]>,
     /// The group's packed dY^T, k-block after k-block, `[tile][k][NR]` each.
     packed: &'a [E],
     /// True for the first group: its first k-block starts the sums.
@@ -491,6 +529,7 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
         let DwTask {
             job,
             blocks,
+            hulls,
             packed,
             first,
             j0,
@@ -536,7 +575,34 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                         continue;
                     }
                 }
-                macs += MR.min(j_len - (j0 + p * MR)) * m * kc;
+                // The columns this panel's taps read unmasked input in:
+                // the union of their ranges (all columns without a mask).
+                let cols = match hulls {
+                    Some(h) => {
+                        let h = &h[kb * taps..][..taps];
+                        let j_first = j0 + p * MR;
+                        let j_last = (j_first + MR - 1).min(j_len - 1);
+                        let mut u = r.ncols..0;
+                        for j in j_first..=j_last {
+                            let t = &h[j % taps];
+                            if !t.is_empty() {
+                                u = u.start.min(t.start)..u.end.max(t.end);
+                            }
+                        }
+                        u
+                    }
+                    None => 0..kc,
+                };
+                if cols.is_empty() {
+                    continue;
+                }
+                macs += MR.min(j_len - (j0 + p * MR)) * m * cols.len();
+                // (A block under a spatial mask is one row: its k is its
+                // columns.)
+                let walk = match hulls {
+                    Some(_) => AWalk::run(walk.off + cols.start * sw, sw, cols.len()),
+                    None => walk,
+                };
                 // Row j = (ci, ky, kx) reads the image shifted by (ky, kx);
                 // rows past the end repeat the last valid one (dropped).
                 let a: [&[E]; MR] = std::array::from_fn(|i| {
@@ -552,7 +618,7 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                         simd,
                         a,
                         walk,
-                        &bt[t * kc * nr..][..kc * nr],
+                        &bt[(t * kc + cols.start) * nr..][..cols.len() * nr],
                         &mut tile,
                         0,
                         0,
@@ -859,16 +925,37 @@ mod tests {
             _ => None,
         };
         let with_zeros = |mi: usize| mi == 1 || mi == 5;
-        // The weight gradient's k-blocks: (image, output positions) of each.
+        // The weight gradient's k-blocks: (image, output positions) of each;
+        // under a spatial mask with zeros, pieces of one row each.
         let (oh, ow) = (y_shape[2], y_shape[3]);
-        let dw_blocks: Vec<(usize, Vec<usize>)> = super::dw_blocks(n, oh, ow, super::kc_dw::<T>())
-            .iter()
-            .map(|r| {
-                let rows = r.oy0..r.oy0 + r.nrows;
-                let pos = rows.flat_map(|oy| (r.ox0..r.ox0 + r.ncols).map(move |ox| oy * ow + ox));
-                (r.img, pos.collect())
-            })
-            .collect();
+        let dw_blocks_of = |one_row: bool| -> Vec<(usize, Vec<usize>)> {
+            let kc = if one_row {
+                super::SPARSE_DW_COLS
+            } else {
+                super::kc_dw::<T>()
+            };
+            super::dw_blocks(n, oh, ow, kc, one_row)
+                .iter()
+                .map(|r| {
+                    let rows = r.oy0..r.oy0 + r.nrows;
+                    let pos =
+                        rows.flat_map(|oy| (r.ox0..r.ox0 + r.ncols).map(move |ox| oy * ow + ox));
+                    (r.img, pos.collect())
+                })
+                .collect()
+        };
+        // Whether output position `p` of image `img` reads a nonzero of
+        // spatial mask `spatial` through tap `t` (`ky * kw + kx`).
+        let reads_kept = |spatial: &[f64], img: usize, p: usize, t: usize| {
+            let (oy, ox) = (p / ow, p % ow);
+            let (ky, kx) = (t / geom.w[2], t % geom.w[2]);
+            let iy = (oy * geom.stride[0] + ky).checked_sub(geom.padding[0]);
+            let ix = (ox * geom.stride[1] + kx).checked_sub(geom.padding[1]);
+            match (iy, ix) {
+                (Some(iy), Some(ix)) if iy < h && ix < w => spatial[(img * h + iy) * w + ix] != 0.0,
+                _ => false,
+            }
+        };
         // Under the sparse channel mask, whether panel `p` (MR of the
         // weight gradient's rows `(ci, ky, kx)`) has only channels masked
         // in image `img`; and the (image, channel) pairs whose rows all lie
@@ -900,7 +987,10 @@ mod tests {
             // receptive field is masked. Multiply-adds: per block run, the
             // rows of every panel not skipped (under the sparse mask, a
             // panel of masked channels only) x output channels x the
-            // block's positions.
+            // block's positions; under a spatial mask with zeros, only the
+            // positions from the first to the last where one of the
+            // panel's rows reads a nonzero (none: the panel is skipped).
+            let dw_blocks = dw_blocks_of(with_zeros(mi));
             let is_dropped = |img: usize, pos: &[usize]| {
                 with_zeros(mi)
                     && pos
@@ -911,15 +1001,28 @@ mod tests {
                 .iter()
                 .filter(|(img, pos)| is_dropped(*img, pos))
                 .count() as u64;
+            let panel_positions = |img: usize, pos: &[usize], p: usize| {
+                if !with_zeros(mi) {
+                    return pos.len();
+                }
+                let panel_rows = p * MR..((p + 1) * MR).min(rows);
+                let live: Vec<usize> = (0..pos.len())
+                    .filter(|&i| {
+                        panel_rows
+                            .clone()
+                            .any(|j| reads_kept(spatial_values(mi).unwrap(), img, pos[i], j % taps))
+                    })
+                    .collect();
+                live.last().map_or(0, |&last| last + 1 - live[0])
+            };
             let dw_macs: u64 = dw_blocks
                 .iter()
                 .filter(|(img, pos)| !is_dropped(*img, pos))
                 .map(|(img, pos)| {
-                    let run: usize = (0..rows.div_ceil(MR))
+                    (0..rows.div_ceil(MR))
                         .filter(|&p| mi != 3 || !panel_masked(*img, p))
-                        .map(|p| MR.min(rows - p * MR))
-                        .sum();
-                    (run * m * pos.len()) as u64
+                        .map(|p| (MR.min(rows - p * MR) * m * panel_positions(*img, pos, p)) as u64)
+                        .sum::<u64>()
                 })
                 .sum();
             let dw_work = [dw_blocks.len() as u64 - dropped, dropped, dw_macs];
