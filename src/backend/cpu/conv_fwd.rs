@@ -12,6 +12,11 @@
 //! runs the shape the GEMM experiment of `docs/engineering.md` measured at 80-90%
 //! of peak; this conv measured 86-90% at P3/P4 (see examples/conv_speed.rs).
 //!
+//! Under a spatial mask with zeros only the positions the mask leaves live
+//! are computed ([`Skip`]): a task's B tiles gather them side by side, so a
+//! tile is never half empty because of the mask, and the tasks split each
+//! image's live positions evenly.
+//!
 //! Loop nest of one task (an image and a range of output positions):
 //! for each k-block (~256 k, the A block then fits L2): for each NR-position
 //! tile: pack the B tile (L1), for each MR-row panel: kernel. C accumulates
@@ -315,9 +320,13 @@ pub(crate) struct ImplicitConv<'a, E: Elem> {
     pub cx: Ctx<'a>,
 }
 
-/// Which output tiles a spatial mask's exact zeros make zero (their kernels
-/// are skipped and the tile is zero-filled; the dense path would only add
-/// exact zeros, which leave a fused sum unchanged but for a zero's sign).
+/// Which output positions a spatial mask's exact zeros make zero before the
+/// epilogue. Only the others (the live ones) are computed, packed side by
+/// side into whole tiles, so the work follows the mask position by
+/// position rather than tile by tile; the dead ones get +0. (The dense
+/// path would add only exact zeros there, which leave a fused sum
+/// unchanged but for a zero's sign, and a live position's chain does not
+/// depend on the tile or lane it lands in.)
 #[derive(Clone, Copy)]
 pub(crate) enum Skip<'a, E> {
     None,
@@ -359,30 +368,100 @@ impl<E: Elem> ImplicitConv<'_, E> {
         // per tile, the A block is streamed per tile anyway). The split
         // never changes a bit.
         let want = (TASKS_PER_THREAD * rayon::current_num_threads()).div_ceil(self.n);
-        let chunks = p.div_ceil(NC_MAX).max(want).min(p.div_ceil(nr)).max(1);
-        let chunk = p.div_ceil(chunks).div_ceil(nr) * nr;
-        let bounds: Vec<usize> = (0..=p.div_ceil(chunk))
-            .map(|i| (i * chunk).min(p))
-            .collect();
-
+        let bounds = |work: usize| -> Vec<usize> {
+            let chunks = work
+                .div_ceil(NC_MAX)
+                .max(want)
+                .min(work.div_ceil(nr))
+                .max(1);
+            let chunk = work.div_ceil(chunks).div_ceil(nr) * nr;
+            (0..=work.div_ceil(chunk))
+                .map(|i| (i * chunk).min(work))
+                .collect()
+        };
+        // Under a spatial mask with zeros, only the live positions are
+        // computed, packed side by side into whole tiles; the chunks then
+        // split each image's live positions evenly (a chunk of the image's
+        // positions runs from its first live position to the next chunk's).
+        let live = self.live_positions();
+        let dense = bounds(p);
         let mut tasks = Vec::new();
         for (img, yimg) in y.chunks_mut(self.m * p).enumerate() {
-            for (ci, block) in split_columns(yimg, self.m, p, &bounds)
+            let Some(live) = &live else {
+                for (ci, block) in split_columns(yimg, self.m, p, &dense)
+                    .into_iter()
+                    .enumerate()
+                {
+                    tasks.push((img, dense[ci], block, None));
+                }
+                continue;
+            };
+            let lv = live[img].as_slice();
+            let computed = lv.len().div_ceil(nr);
+            self.cx.tally.tiles(computed, p.div_ceil(nr) - computed);
+            self.cx.tally.macs(self.m * kbase.len() * lv.len());
+            // Chunks of the live list, and where each starts in the image.
+            let idx = if lv.is_empty() {
+                vec![0, 0]
+            } else {
+                bounds(lv.len())
+            };
+            let last = idx.len() - 1;
+            let cuts: Vec<usize> = idx
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| match i {
+                    0 => 0,
+                    i if i == last => p,
+                    _ => lv[l],
+                })
+                .collect();
+            for (ci, block) in split_columns(yimg, self.m, p, &cuts)
                 .into_iter()
                 .enumerate()
             {
-                tasks.push((img, bounds[ci], block));
+                tasks.push((img, cuts[ci], block, Some(&lv[idx[ci]..idx[ci + 1]])));
             }
         }
-        tasks.into_par_iter().for_each(|(img, p0, block)| {
+        tasks.into_par_iter().for_each(|(img, p0, block, live)| {
             arch.dispatch(FwdTask {
                 conv: self,
                 kbase: &kbase,
                 img,
                 p0,
+                live,
                 block,
             })
         });
+    }
+
+    /// Per image, the output positions that can be nonzero before the
+    /// epilogue under `skip` (`None` without a mask): the others read only
+    /// masked zeros (forward) or are masked themselves (input gradient).
+    fn live_positions(&self) -> Option<Vec<Vec<usize>>> {
+        let p = self.oh * self.ow;
+        let [sh, sw] = self.stride;
+        let live_in = |img: usize| -> Vec<usize> {
+            match self.skip {
+                Skip::None => (0..p).collect(),
+                Skip::Receptive(m) => {
+                    let m = &m[img * self.hp * self.wp..][..self.hp * self.wp];
+                    (0..p)
+                        .filter(|q| {
+                            let o = (q / self.ow) * sh * self.wp + (q % self.ow) * sw;
+                            (0..self.kh).any(|ky| {
+                                (0..self.kw).any(|kx| m[o + ky * self.wp + kx] != E::zero())
+                            })
+                        })
+                        .collect()
+                }
+                Skip::Output(m) => (0..p).filter(|&q| m[img * p + q] != E::zero()).collect(),
+            }
+        };
+        match self.skip {
+            Skip::None => None,
+            _ => Some((0..self.n).map(live_in).collect()),
+        }
     }
 }
 
@@ -404,7 +483,12 @@ struct FwdTask<'a, 'b, E: Elem> {
     conv: &'a ImplicitConv<'a, E>,
     kbase: &'a [usize],
     img: usize,
+    /// The task's first output position; `block` holds its columns.
     p0: usize,
+    /// Under a spatial mask with zeros, the live positions of the task's
+    /// columns (ascending; [`ImplicitConv::live_positions`]): only they are
+    /// computed, the others get zeros before the epilogue.
+    live: Option<&'a [usize]>,
     block: ColBlock<'b, E>,
 }
 
@@ -418,15 +502,19 @@ impl<E: Elem> WithSimd for FwdTask<'_, '_, E> {
             kbase,
             img,
             p0,
+            live,
             mut block,
         } = self;
         let nr = nr::<E, S>();
         let cols = block.cols();
-        let tiles = cols.div_ceil(nr);
         let [sh, sw] = conv.stride;
-        let offs: Vec<usize> = (p0..p0 + cols)
-            .map(|p| (p / conv.ow) * sh * conv.wp + (p % conv.ow) * sw)
-            .collect();
+        let offset = |p: usize| (p / conv.ow) * sh * conv.wp + (p % conv.ow) * sw;
+        // The computed positions' offsets in the padded image, side by side.
+        let offs: Vec<usize> = match live {
+            Some(lv) => lv.iter().map(|&p| offset(p)).collect(),
+            None => (p0..p0 + cols).map(offset).collect(),
+        };
+        let tiles = offs.len().div_ceil(nr);
         let img_len = conv.c * conv.hp * conv.wp;
         let src = &conv.src[conv.img_offset(img)..][..img_len];
         let kmax = conv.a.kblocks().iter().map(|b| b.1).max().unwrap_or(0);
@@ -446,36 +534,16 @@ impl<E: Elem> WithSimd for FwdTask<'_, '_, E> {
         let off = super::pack::align_offset(&cbuf);
         let cp = &mut cbuf[off..off + len];
         let plane = conv.oh * conv.ow;
-        let skip: Vec<bool> = (0..tiles)
-            .map(|t| {
-                let pos = t * nr..(t * nr + nr).min(cols);
-                match conv.skip {
-                    Skip::None => false,
-                    Skip::Receptive(m) => {
-                        let m = &m[img * conv.hp * conv.wp..][..conv.hp * conv.wp];
-                        offs[pos].iter().all(|&o| {
-                            (0..conv.kh).all(|ky| {
-                                (0..conv.kw).all(|kx| m[o + ky * conv.wp + kx] == E::zero())
-                            })
-                        })
-                    }
-                    Skip::Output(m) => m[img * plane + p0..][pos].iter().all(|&v| v == E::zero()),
-                }
-            })
-            .collect();
-        let mut skipped = (0, 0);
-        for (t, _) in skip.iter().enumerate().filter(|s| *s.1) {
-            cp[t * panels * tile_len..(t + 1) * panels * tile_len].fill(E::zero());
-            skipped = (skipped.0 + 1, skipped.1 + nr.min(cols - t * nr));
+        if live.is_none() {
+            let k_len: usize = kbase.len();
+            conv.cx.tally.tiles(tiles, 0);
+            conv.cx.tally.macs(conv.m * k_len * cols);
         }
-        let k_len: usize = conv.a.kblocks().iter().map(|b| b.1).sum();
-        conv.cx.tally.tiles(tiles - skipped.0, skipped.0);
-        conv.cx.tally.macs(conv.m * k_len * (cols - skipped.1));
         for (kb, &(k0, klen)) in conv.a.kblocks().iter().enumerate() {
             let bt = &mut bt.as_mut_slice()[..(klen + 1) * nr];
-            for t in (0..tiles).filter(|&t| !skip[t]) {
+            for t in 0..tiles {
                 let j0 = t * nr;
-                let j1 = (j0 + nr).min(cols);
+                let j1 = (j0 + nr).min(offs.len());
                 let next = offs.get(j0 + nr).copied();
                 pack_b_tile(
                     simd,
@@ -503,18 +571,83 @@ impl<E: Elem> WithSimd for FwdTask<'_, '_, E> {
                 }
             }
         }
-        for t in 0..tiles {
-            let j0 = t * nr;
-            let w = nr.min(cols - j0);
+        // Column `i` of C holds position `p0 + i` (dense), or live position
+        // `i` (masked). The epilogue runs over segments of the task's
+        // columns that are all computed and side by side in one C tile, or
+        // all dead (zeros), cut at every NR columns of the output so that
+        // the writes of a few tiles' columns go out together.
+        let segs = match live {
+            None => (0..cols)
+                .step_by(nr)
+                .map(|j| (j, nr.min(cols - j), Some(j)))
+                .collect(),
+            Some(lv) => live_segments(p0, cols, lv, nr),
+        };
+        let zeros = vec![E::zero(); nr];
+        let mut s0 = 0;
+        while s0 < segs.len() {
+            let t = segs[s0].0 / nr;
+            let s1 = s0 + segs[s0..].iter().take_while(|s| s.0 / nr == t).count();
             for m in 0..conv.m {
                 let (p, r) = (m / MR, m % MR);
-                let from = &cp[(t * panels + p) * tile_len + r * nr..][..w];
-                let to = &mut block.row_mut(m)[j0..j0 + w];
-                epilogue(&conv.epilogue, to, from, conv.m, m, img, p0 + j0, plane);
+                let row = block.row_mut(m);
+                for &(j, w, c) in &segs[s0..s1] {
+                    let from = match c {
+                        Some(c) => &cp[((c / nr) * panels + p) * tile_len + r * nr + c % nr..][..w],
+                        None => &zeros[..w],
+                    };
+                    epilogue(
+                        &conv.epilogue,
+                        &mut row[j..j + w],
+                        from,
+                        conv.m,
+                        m,
+                        img,
+                        p0 + j,
+                        plane,
+                    );
+                }
             }
+            s0 = s1;
         }
         drop(pool::Buffer::new(cbuf));
     }
+}
+
+/// The epilogue's segments of a masked task's columns `0 .. cols`
+/// (positions `p0 ..`) given its live positions `lv` (ascending, inside
+/// the range, computed side by side in C): `(column, length, C column of
+/// the first, or None for dead columns)`. A segment never crosses a
+/// multiple of `nr` in the output's columns or in C's.
+fn live_segments(
+    p0: usize,
+    cols: usize,
+    lv: &[usize],
+    nr: usize,
+) -> Vec<(usize, usize, Option<usize>)> {
+    let mut segs = Vec::new();
+    let (mut j, mut li) = (0, 0);
+    while j < cols {
+        let end_max = cols.min((j / nr + 1) * nr);
+        let is_live = |li: usize, j: usize| li < lv.len() && lv[li] == p0 + j;
+        let mut end = j + 1;
+        if is_live(li, j) {
+            let (c0, c_max) = (li, (li / nr + 1) * nr);
+            li += 1;
+            while end < end_max && li < c_max && is_live(li, end) {
+                end += 1;
+                li += 1;
+            }
+            segs.push((j, end - j, Some(c0)));
+        } else {
+            while end < end_max && !is_live(li, end) {
+                end += 1;
+            }
+            segs.push((j, end - j, None));
+        }
+        j = end;
+    }
+    segs
 }
 
 impl<E: Elem> ImplicitConv<'_, E> {
