@@ -265,9 +265,11 @@ struct Rect {
 /// Output columns per weight-gradient k-block under a spatial mask with
 /// zeros (about; a row is cut into even pieces, never joined to the next).
 /// Narrow blocks let each row panel skip the columns where it reads only
-/// masked zeros (see [`tap_hulls`]); below about 40 columns the kernel's
-/// per-call cost (loading and storing its C tile) outweighs the columns
-/// saved. Measured in `docs/engineering.md`, "What the masks make cheap".
+/// masked zeros (see [`tap_hulls`]), but each kernel call then loads and
+/// stores its C tile for fewer FMAs. Widths from 24 to 96 timed alike at
+/// P3 and P4 (whole rows were 1.6x slower at P3); 32 also splits P5's 42
+/// columns in two. Measured in `docs/engineering.md`, "What the masks make
+/// cheap: the direct conv under a spatial mask".
 const SPARSE_DW_COLS: usize = 32;
 
 /// The fixed k-blocks of an `n x oh x ow` position space, in (n, oy, ox)

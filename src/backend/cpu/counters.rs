@@ -43,15 +43,21 @@ pub struct PassCounters {
     /// Winograd: 36 x rows x channels x tiles).
     pub macs: u64,
     /// Tiles computed. Forward and input gradient: output tiles (direct:
-    /// runs of [`direct_tile_positions`] positions of one image, all
-    /// channels; Winograd: 4x4 outputs). Weight gradient: blocks of the
-    /// reduction over positions (direct: an image's output rows of one
-    /// k-block; Winograd: 4x4 tiles). An image a channel mask leaves with
-    /// nothing to multiply counts no tile, computed or skipped.
+    /// [`direct_tile_positions`] positions of one image, all channels; under
+    /// a spatial mask with zeros only the live positions are computed,
+    /// packed side by side, so an image with `l` of them counts
+    /// `ceil(l / w)`; Winograd: 4x4 outputs). Weight gradient: blocks of
+    /// the reduction over positions (direct: an image's output rows of one
+    /// k-block, or under a spatial mask with zeros a piece of one row;
+    /// Winograd: 4x4 tiles). An image a channel mask leaves with nothing to
+    /// multiply counts no tile, computed or skipped.
     ///
     /// [`direct_tile_positions`]: super::CpuBackend::direct_tile_positions
     pub tiles: u64,
-    /// Tiles a spatial mask's zeros made all zero, not computed.
+    /// Tiles a spatial mask's zeros spared: the dense pass's tiles less
+    /// those computed (direct forward and input gradient, per image), or
+    /// the tiles and blocks whose inputs are all masked (Winograd; the
+    /// direct weight gradient).
     pub tiles_skipped: u64,
     /// (image, channel) pairs a channel mask's zeros left out of the work:
     /// input channels (forward, weight gradient) or input-gradient rows.

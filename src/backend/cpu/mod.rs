@@ -246,9 +246,10 @@ impl CpuBackend {
     /// Output positions per tile of the direct forward pass and input
     /// gradient for element type `T` on this machine (the kernel width,
     /// which depends on the instruction set), or None for a `Float` the
-    /// kernels do not cover. Tile `t` of an image holds positions `t * w ..
-    /// (t + 1) * w` (row-major over the output plane, the last tile
-    /// partial); a spatial mask skips whole tiles.
+    /// kernels do not cover. Without a spatial mask, tile `t` of an image
+    /// holds positions `t * w .. (t + 1) * w` (row-major over the output
+    /// plane, the last tile partial); under one with zeros, the image's
+    /// live positions are packed `w` to a tile instead.
     pub fn direct_tile_positions<T: Float>(&self) -> Option<usize> {
         per_elem!(T, E => conv_fwd::nr_for::<E>(self.arch))
     }
