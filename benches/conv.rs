@@ -4,7 +4,11 @@
 //! - `wino/{fwd,dx,dw}/P3..P7`: the same by Winograd F(4x4, 3x3);
 //! - `mm_im2col/fwd/P4,P5`: the baseline, im2col + `matrixmultiply::sgemm`
 //!   (its own thread pool, `MATMUL_NUM_THREADS`, default = cores up to 4);
-//! - `reference/{fwd,dx,dw}/P6,P7`: the plain loops (slow: small levels only).
+//! - `reference/{fwd,dx,dw}/P6,P7`: the plain loops (slow: small levels only);
+//! - `conv3x3_256_masked`, `{cpu,wino}/{fwd,dx,dw}_{spatial,channel}/P3,P4`:
+//!   the first conv of a DMKD generator under the loss's own masks (`topk`
+//!   at `lambda = 0.65` on the retinanet preset's synthetic teacher, as the
+//!   whole loss draws them), where the kernels leave the masked work out.
 //!
 //! Throughput is reported in elements = multiply-adds of the pass
 //! (2 FLOP each, the direct-conv model 9*N*H*W*Cin*Cout). Sample counts are
@@ -14,8 +18,10 @@
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use dmkd::backend::{Backend, ConvArgs, ConvGeometry, CpuBackend, ReferenceBackend};
-use dmkd::synthetic::Preset;
+use dmkd::backend::{Backend, ConvArgs, ConvGeometry, CpuBackend, InputMask, ReferenceBackend};
+use dmkd::distill::attention::attention_logits;
+use dmkd::distill::mask::{Branch, attention_mask};
+use dmkd::synthetic::{Preset, teacher_feature};
 use dmkd::{ConvAlgo, Tensor};
 
 const N: usize = 2;
@@ -170,12 +176,66 @@ fn bench(c: &mut Criterion) {
     }
 }
 
+/// The spatial and channel masks the loss draws at level `level` (`h x w`)
+/// of `preset` with its default config, from its synthetic teacher.
+fn loss_masks(preset: &Preset, level: usize, h: usize, w: usize) -> [InputMask<f32>; 2] {
+    let cfg = &preset.config().levels[level];
+    let teacher = teacher_feature::<f32>(N, C, h, w, 0, level).unwrap();
+    let (zs, zc) = attention_logits(&teacher, cfg.tau).unwrap();
+    let mask = |z: &Tensor<f64>, lambda, branch| {
+        attention_mask::<f32>(z, cfg.mask_mode, lambda, cfg.seed, level, branch, 0).unwrap()
+    };
+    [
+        InputMask::Spatial(mask(&zs, cfg.lambda_s, Branch::Spatial)),
+        InputMask::Channel(mask(&zc, cfg.lambda_c, Branch::Channel)),
+    ]
+}
+
+fn bench_masked(c: &mut Criterion) {
+    let preset = Preset::named("retinanet").unwrap();
+    let algos = [
+        ("cpu", CpuBackend::new(ConvAlgo::Direct)),
+        ("wino", CpuBackend::new(ConvAlgo::Winograd)),
+    ];
+    for (level, (name, &(h, w))) in preset.level_names.iter().zip(&preset.levels).enumerate() {
+        if name != "P3" && name != "P4" {
+            continue;
+        }
+        let mut g = c.benchmark_group("conv3x3_256_masked");
+        g.sample_size(10)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(2));
+        for (kind, mask) in ["spatial", "channel"]
+            .into_iter()
+            .zip(loss_masks(&preset, level, h, w))
+        {
+            let mut p = problem(h, w);
+            // The generator's first conv: masked input, ReLU after it.
+            p.args.mask = Some(mask);
+            g.throughput(Throughput::Elements(p.args.geom.macs()));
+            for (algo, be) in &algos {
+                g.bench_function(
+                    BenchmarkId::new(format!("{algo}/fwd_{kind}"), name),
+                    |bch| bch.iter(|| be.conv2d(&p.x, &p.w, Some(&p.b), &p.args).unwrap()),
+                );
+                g.bench_function(BenchmarkId::new(format!("{algo}/dx_{kind}"), name), |bch| {
+                    bch.iter(|| be.conv2d_backward_input(&p.dy, &p.w, &p.args).unwrap())
+                });
+                g.bench_function(BenchmarkId::new(format!("{algo}/dw_{kind}"), name), |bch| {
+                    bch.iter(|| be.conv2d_backward_weight(&p.dy, &p.x, &p.args).unwrap())
+                });
+            }
+        }
+        g.finish();
+    }
+}
+
 // No plots: criterion's plotters backend needs system fonts this machine
 // (and CI) lack, and panics without them; the numbers go to the terminal
 // and target/criterion/*/estimates.json.
 criterion_group! {
     name = benches;
     config = Criterion::default().without_plots();
-    targets = bench
+    targets = bench, bench_masked
 }
 criterion_main!(benches);

@@ -441,27 +441,20 @@ impl<E: Elem> ImplicitConv<'_, E> {
     fn live_positions(&self) -> Option<Vec<Vec<usize>>> {
         let p = self.oh * self.ow;
         let [sh, sw] = self.stride;
-        let live_in = |img: usize| -> Vec<usize> {
-            match self.skip {
-                Skip::None => (0..p).collect(),
-                Skip::Receptive(m) => {
-                    let m = &m[img * self.hp * self.wp..][..self.hp * self.wp];
-                    (0..p)
-                        .filter(|q| {
-                            let o = (q / self.ow) * sh * self.wp + (q % self.ow) * sw;
-                            (0..self.kh).any(|ky| {
-                                (0..self.kw).any(|kx| m[o + ky * self.wp + kx] != E::zero())
-                            })
-                        })
-                        .collect()
-                }
-                Skip::Output(m) => (0..p).filter(|&q| m[img * p + q] != E::zero()).collect(),
-            }
+        let plane = self.hp * self.wp;
+        let live: Box<dyn Fn(usize, usize) -> bool + '_> = match self.skip {
+            Skip::None => return None,
+            Skip::Receptive(m) => Box::new(move |img, q| {
+                let o = img * plane + (q / self.ow) * sh * self.wp + (q % self.ow) * sw;
+                (0..self.kh).any(|ky| (0..self.kw).any(|kx| m[o + ky * self.wp + kx] != E::zero()))
+            }),
+            Skip::Output(m) => Box::new(move |img, q| m[img * p + q] != E::zero()),
         };
-        match self.skip {
-            Skip::None => None,
-            _ => Some((0..self.n).map(live_in).collect()),
-        }
+        Some(
+            (0..self.n)
+                .map(|img| (0..p).filter(|&q| live(img, q)).collect())
+                .collect(),
+        )
     }
 }
 
