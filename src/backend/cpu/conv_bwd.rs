@@ -834,12 +834,17 @@ mod tests {
             for yy in 0..h {
                 for xx in 0..w {
                     // Image 0 kept only in a corner and at its last
-                    // position; image 1 kept everywhere with fractional
-                    // factors (so some blocks of the weight gradient are
-                    // masked and others not, and the last block of image 0
-                    // is kept by its last position's receptive field alone).
+                    // position; image 1 masked on its first two rows and
+                    // kept elsewhere with fractional factors (so some blocks
+                    // of the weight gradient are masked and others not, the
+                    // last block of image 0 is kept by its last position's
+                    // receptive field alone, and image 1's live positions
+                    // start past its first tiles: packed side by side,
+                    // their tiles no longer line up with the output's).
                     spatial[(img * h + yy) * w + xx] = if img == 0 {
                         f64::from(u8::from(yy < 2 && xx < 3 || yy == h - 1 && xx == w - 1))
+                    } else if yy < 2 {
+                        0.0
                     } else {
                         0.5 + ((yy + xx) % 3) as f64 * 0.5
                     };

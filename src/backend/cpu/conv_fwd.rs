@@ -709,7 +709,51 @@ pub(crate) fn act_of_bias<E: Elem>(bias: Option<&[E]>, co: usize, relu: bool) ->
 
 #[cfg(test)]
 mod tests {
-    use super::{act_of_bias, relu_of};
+    use super::{act_of_bias, live_segments, relu_of};
+    use crate::backend::cpu::testing::values;
+
+    /// The epilogue's segments against their definition: in order, they
+    /// cover the task's columns once; a new segment starts exactly where a
+    /// column is a multiple of `nr`, where live turns dead or back, or where
+    /// a live column's C column is a multiple of `nr` (a new C tile); and a
+    /// live segment names the C column of its first. Live sets from every
+    /// other column to runs that start past the first tile, so C's tiles
+    /// and the output's fall out of step (as after dead positions).
+    #[test]
+    fn live_segments_are_the_maximal_runs_within_both_tilings() {
+        for (case, nr) in [1usize, 2, 4, 8, 16, 32].into_iter().enumerate() {
+            for (pi, density) in [0.1, 0.5, 0.9, 1.0].into_iter().enumerate() {
+                let (p0, cols) = (7 * pi + case, 3 * nr + 5);
+                // Dead for the first `pi + 1` columns, then live with the
+                // given density; the task's live list from that.
+                let v = values(cols, (case * 10 + pi) as u64);
+                let live: Vec<bool> = (0..cols)
+                    .map(|j| j > pi && (v[j] + 1.0) / 2.0 < density)
+                    .collect();
+                let lv: Vec<usize> = (0..cols).filter(|&j| live[j]).map(|j| p0 + j).collect();
+                let mut c_of = vec![None; cols];
+                for (c, &p) in lv.iter().enumerate() {
+                    c_of[p - p0] = Some(c);
+                }
+                let mut want: Vec<(usize, usize, Option<usize>)> = Vec::new();
+                for j in 0..cols {
+                    let starts = j == 0
+                        || j % nr == 0
+                        || live[j] != live[j - 1]
+                        || c_of[j].is_some_and(|c| c % nr == 0);
+                    match want.last_mut() {
+                        Some(last) if !starts => last.1 += 1,
+                        _ => want.push((j, 1, c_of[j])),
+                    }
+                }
+                assert_eq!(
+                    live_segments(p0, cols, &lv, nr),
+                    want,
+                    "nr {nr}, density {density}"
+                );
+            }
+        }
+    }
     use crate::backend::Unary;
     use crate::backend::reference::unary_fn;
 
