@@ -205,12 +205,12 @@ fn bench_masked(c: &mut Criterion) {
         g.sample_size(10)
             .warm_up_time(Duration::from_millis(500))
             .measurement_time(Duration::from_secs(2));
+        // The generator's first conv: masked input, ReLU after it.
+        let mut p = problem(h, w);
         for (kind, mask) in ["spatial", "channel"]
             .into_iter()
             .zip(loss_masks(&preset, level, h, w))
         {
-            let mut p = problem(h, w);
-            // The generator's first conv: masked input, ReLU after it.
             p.args.mask = Some(mask);
             g.throughput(Throughput::Elements(p.args.geom.macs()));
             for (algo, be) in &algos {

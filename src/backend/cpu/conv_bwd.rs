@@ -868,22 +868,22 @@ mod tests {
                 }
             })
             .collect();
-        // Whether output position `p` of image `img` reads only zeros of
-        // spatial mask `spatial` (taps in the padding read zeros too).
+        // Whether output position `p` of image `img` reads a nonzero of
+        // spatial mask `spatial` through tap `t` (`ky * kw + kx`; taps in
+        // the padding read zeros), and whether it reads only zeros.
+        let ow = y_shape[3];
+        let reads_kept = |spatial: &[f64], img: usize, p: usize, t: usize| {
+            let (oy, ox) = (p / ow, p % ow);
+            let (ky, kx) = (t / geom.w[2], t % geom.w[2]);
+            let iy = (oy * geom.stride[0] + ky).checked_sub(geom.padding[0]);
+            let ix = (ox * geom.stride[1] + kx).checked_sub(geom.padding[1]);
+            match (iy, ix) {
+                (Some(iy), Some(ix)) if iy < h && ix < w => spatial[(img * h + iy) * w + ix] != 0.0,
+                _ => false,
+            }
+        };
         let reads_only_zeros = |spatial: &[f64], img: usize, p: usize| {
-            let (oy, ox) = (p / y_shape[3], p % y_shape[3]);
-            (0..geom.w[1]).all(|ky| {
-                (0..geom.w[2]).all(|kx| {
-                    let iy = (oy * geom.stride[0] + ky).checked_sub(geom.padding[0]);
-                    let ix = (ox * geom.stride[1] + kx).checked_sub(geom.padding[1]);
-                    match (iy, ix) {
-                        (Some(iy), Some(ix)) if iy < h && ix < w => {
-                            spatial[(img * h + iy) * w + ix] == 0.0
-                        }
-                        _ => true,
-                    }
-                })
-            })
+            (0..geom.w[1] * geom.w[2]).all(|t| !reads_kept(spatial, img, p, t))
         };
         let zeros = sparse.iter().filter(|&&v| v == 0.0).count() as u64;
         // Weights packed per pass (forward, input gradient, weight
@@ -927,7 +927,7 @@ mod tests {
         let with_zeros = |mi: usize| mi == 1 || mi == 5;
         // The weight gradient's k-blocks: (image, output positions) of each;
         // under a spatial mask with zeros, pieces of one row each.
-        let (oh, ow) = (y_shape[2], y_shape[3]);
+        let oh = y_shape[2];
         let dw_blocks_of = |one_row: bool| -> Vec<(usize, Vec<usize>)> {
             let kc = if one_row {
                 super::SPARSE_DW_COLS
@@ -943,18 +943,6 @@ mod tests {
                     (r.img, pos.collect())
                 })
                 .collect()
-        };
-        // Whether output position `p` of image `img` reads a nonzero of
-        // spatial mask `spatial` through tap `t` (`ky * kw + kx`).
-        let reads_kept = |spatial: &[f64], img: usize, p: usize, t: usize| {
-            let (oy, ox) = (p / ow, p % ow);
-            let (ky, kx) = (t / geom.w[2], t % geom.w[2]);
-            let iy = (oy * geom.stride[0] + ky).checked_sub(geom.padding[0]);
-            let ix = (ox * geom.stride[1] + kx).checked_sub(geom.padding[1]);
-            match (iy, ix) {
-                (Some(iy), Some(ix)) if iy < h && ix < w => spatial[(img * h + iy) * w + ix] != 0.0,
-                _ => false,
-            }
         };
         // Under the sparse channel mask, whether panel `p` (MR of the
         // weight gradient's rows `(ci, ky, kx)`) has only channels masked
