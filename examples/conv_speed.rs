@@ -7,14 +7,18 @@
 //! (default 5) after one warm-up; use the thread count of
 //! `RAYON_NUM_THREADS` (default: all cores). `DMKD_CHMASK=0.65` times the
 //! convs under a channel mask, `DMKD_SPMASK=0.65` under a spatial one
-//! (GFLOP/s then count the dense work). `DMKD_ALGO=winograd` (or `auto`)
+//! (GFLOP/s then count the dense work); `DMKD_SPMASK=loss` and
+//! `DMKD_CHMASK=loss` use the masks the retinanet loss draws at that level
+//! (from the synthetic teacher). `DMKD_ALGO=winograd` (or `auto`)
 //! picks the conv algorithm (default `direct`).
 
 use std::time::Instant;
 
 use dmkd::backend::cpu::fma_peak_gflops;
 use dmkd::backend::{Backend, ConvArgs, ConvGeometry, CpuBackend};
-use dmkd::synthetic::Preset;
+use dmkd::distill::attention::attention_logits;
+use dmkd::distill::mask::{Branch, attention_mask};
+use dmkd::synthetic::{Preset, teacher_feature};
 use dmkd::{ConvAlgo, Float, Tensor};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -110,6 +114,24 @@ fn time(reps: usize, mut f: impl FnMut()) -> (f64, bool) {
     }
 }
 
+/// The mask the `preset` loss draws for `branch` at `level`, from the
+/// synthetic teacher (N = 2, 256 channels).
+fn loss_mask<T: Float>(preset: &Preset, level: usize, branch: Branch) -> dmkd::InputMask<T> {
+    let cfg = &preset.config().levels[level];
+    let (h, w) = preset.levels[level];
+    let teacher = teacher_feature::<T>(2, 256, h, w, 0, level).unwrap();
+    let (zs, zc) = attention_logits(&teacher, cfg.tau).unwrap();
+    let (z, lambda) = match branch {
+        Branch::Spatial => (zs, cfg.lambda_s),
+        Branch::Channel => (zc, cfg.lambda_c),
+    };
+    let m = attention_mask::<T>(&z, cfg.mask_mode, lambda, cfg.seed, level, branch, 0).unwrap();
+    match branch {
+        Branch::Spatial => dmkd::InputMask::Spatial(m),
+        Branch::Channel => dmkd::InputMask::Channel(m),
+    }
+}
+
 /// Level, flops, median seconds of (fwd, dX, dW) and whether each was quiet.
 type Row = (String, f64, [(f64, bool); 3]);
 
@@ -147,35 +169,41 @@ fn run<T: Float>(reps: usize, levels: &[&str]) -> Vec<Row> {
         // image's channels (the DMKD channel branch's first conv).
         // DMKD_SPMASK=0.65: a spatial mask zeroing that fraction of the rows
         // (a blob, as attention masks are; a best case for tile skipping).
+        // `loss` instead of a fraction: the loss's own mask at this level.
+        let level = preset.level_names.iter().position(|l| l == name).unwrap();
         let spmask = std::env::var("DMKD_SPMASK")
             .ok()
-            .and_then(|v| v.parse::<f64>().ok())
-            .map(|ratio| {
-                let m = Tensor::from_fn(&[n, h, w], |i| {
-                    let row = (i % (h * w)) / w;
-                    T::from_f64(if (row as f64) < ratio * h as f64 {
-                        0.0
-                    } else {
-                        1.0
+            .map(|v| match v.parse::<f64>() {
+                Ok(ratio) => {
+                    let m = Tensor::from_fn(&[n, h, w], |i| {
+                        let row = (i % (h * w)) / w;
+                        T::from_f64(if (row as f64) < ratio * h as f64 {
+                            0.0
+                        } else {
+                            1.0
+                        })
                     })
-                })
-                .unwrap();
-                dmkd::InputMask::Spatial(m)
+                    .unwrap();
+                    dmkd::InputMask::Spatial(m)
+                }
+                Err(_) => loss_mask::<T>(&preset, level, Branch::Spatial),
             });
         let mask = std::env::var("DMKD_CHMASK")
             .ok()
-            .and_then(|v| v.parse::<f64>().ok())
-            .map(|ratio| {
-                let m = Tensor::from_fn(&[n, c], |i| {
-                    let k = ((i % c) * 7919 + i / c * 31) % c;
-                    T::from_f64(if (k as f64) < ratio * c as f64 {
-                        0.0
-                    } else {
-                        1.0
+            .map(|v| match v.parse::<f64>() {
+                Ok(ratio) => {
+                    let m = Tensor::from_fn(&[n, c], |i| {
+                        let k = ((i % c) * 7919 + i / c * 31) % c;
+                        T::from_f64(if (k as f64) < ratio * c as f64 {
+                            0.0
+                        } else {
+                            1.0
+                        })
                     })
-                })
-                .unwrap();
-                dmkd::InputMask::Channel(m)
+                    .unwrap();
+                    dmkd::InputMask::Channel(m)
+                }
+                Err(_) => loss_mask::<T>(&preset, level, Branch::Channel),
             })
             .or(spmask);
         let args = ConvArgs {
