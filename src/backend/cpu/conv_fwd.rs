@@ -177,7 +177,7 @@ fn conv2d_channel_sparse<E: Elem>(
             .flat_map(|&ci| (0..taps).map(move |t| ci * taps + t))
             .collect();
         let a = ASource::packed(g.c_out, cols.len(), |m, j| w[m * k_full + cols[j]], cx);
-        let yk = ImplicitConv {
+        ImplicitConv {
             src: &src,
             n: 1,
             c: kept.len(),
@@ -197,9 +197,7 @@ fn conv2d_channel_sparse<E: Elem>(
             skip: Skip::None,
             cx,
         }
-        .run();
-        yimg.copy_from_slice(&yk);
-        drop(pool::Buffer::new(yk));
+        .run_into(yimg);
         drop(pool::Buffer::new(src));
     }
     y
@@ -362,18 +360,10 @@ impl<E: Elem> ImplicitConv<'_, E> {
                 }
             }
         }
-        // Position chunks: at most NC_MAX, a multiple of NR, and about four
-        // per thread, so that a thread slowed by the rest of the machine
-        // leaves a short tail (a task costs no extra packing: B tiles are
-        // per tile, the A block is streamed per tile anyway). The split
-        // never changes a bit.
-        let want = (TASKS_PER_THREAD * rayon::current_num_threads()).div_ceil(self.n);
+        // Position chunks ([`chunks_for`]); the split never changes a bit.
+        let threads = rayon::current_num_threads();
         let bounds = |work: usize| -> Vec<usize> {
-            let chunks = work
-                .div_ceil(NC_MAX)
-                .max(want)
-                .min(work.div_ceil(nr))
-                .max(1);
+            let chunks = chunks_for(work, nr, self.n, threads);
             let chunk = work.div_ceil(chunks).div_ceil(nr) * nr;
             (0..=work.div_ceil(chunk))
                 .map(|i| (i * chunk).min(work))
@@ -456,6 +446,28 @@ impl<E: Elem> ImplicitConv<'_, E> {
                 .collect(),
         )
     }
+}
+
+/// How many chunks a task list cuts `work` positions of each of `n` images
+/// into, for `threads` threads: at most [`NC_MAX`] positions each (rounded
+/// up to whole NR tiles by the caller), about [`TASKS_PER_THREAD`] per
+/// thread, so that a thread slowed by the rest of the machine leaves a
+/// short tail (a task costs no extra packing: B tiles are per tile, the A
+/// block is streamed per tile anyway), and, where there are enough tiles,
+/// `n * chunks` a multiple of `threads`: equal tasks then end together.
+/// (The channel-sparse passes run one image at a time: at P3, 16800
+/// positions made 9 chunks, and 2 threads ran the ninth alone, 10% of the
+/// pass. Rounding up to 10, AVX-512, 2 threads, three alternating rounds
+/// under the loss's channel mask: forward 57-59 -> 51-55 ms, input
+/// gradient 66-68 -> 57-61 ms.)
+fn chunks_for(work: usize, nr: usize, n: usize, threads: usize) -> usize {
+    let most = work.div_ceil(nr).max(1);
+    let want = (TASKS_PER_THREAD * threads).div_ceil(n);
+    let mut chunks = work.div_ceil(NC_MAX).max(want).min(most);
+    while (chunks * n) % threads != 0 && chunks < most {
+        chunks += 1;
+    }
+    chunks
 }
 
 /// NR of an instruction set: output positions per micro-kernel tile.
@@ -709,8 +721,42 @@ pub(crate) fn act_of_bias<E: Elem>(bias: Option<&[E]>, co: usize, relu: bool) ->
 
 #[cfg(test)]
 mod tests {
-    use super::{act_of_bias, live_segments, relu_of};
+    use super::{NC_MAX, TASKS_PER_THREAD, act_of_bias, chunks_for, live_segments, relu_of};
     use crate::backend::cpu::testing::values;
+
+    /// Task counts: the one-image P3 pass that left a thread idle now makes
+    /// 10 chunks; in general at least the wanted tasks per thread (or one
+    /// per tile, when there are fewer tiles), at most `NC_MAX` positions
+    /// each, and a total over the images that the threads share evenly
+    /// unless the tiles run out first.
+    #[test]
+    fn task_counts_fill_every_thread() {
+        assert_eq!(chunks_for(16800, 32, 1, 2), 10);
+        assert_eq!(chunks_for(16800, 32, 2, 2), 9);
+        for threads in 1..=8 {
+            for n in 1..=4 {
+                for work in [0, 1, 31, 100, 1000, 4200, 16800, 67200] {
+                    for nr in [1, 8, 32] {
+                        let c = chunks_for(work, nr, n, threads);
+                        let most = work.div_ceil(nr).max(1);
+                        let want = (TASKS_PER_THREAD * threads).div_ceil(n);
+                        let case = format!("work {work}, nr {nr}, n {n}, threads {threads}");
+                        assert!(c >= want.min(most) && c <= most, "{case}: {c}");
+                        assert!(work.div_ceil(c) <= NC_MAX, "{case}: {c}");
+                        assert!((c * n) % threads == 0 || c == most, "{case}: {c}");
+                        // The fewest chunks that do all that.
+                        let fewer = c - 1;
+                        assert!(
+                            fewer < want.min(most)
+                                || work.div_ceil(fewer.max(1)) > NC_MAX
+                                || (fewer * n) % threads != 0,
+                            "{case}: {c}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     /// The epilogue's segments against their definition: in order, they
     /// cover the task's columns once; a new segment starts exactly where a
