@@ -1,5 +1,6 @@
 //! GFLOP/s of the CPU backend's conv3x3 256->256 kernels (N = 2) at the
-//! retinanet FPN levels, against the FMA peak probed in the same process.
+//! FPN levels of a preset (`DMKD_PRESET`, default retinanet), against the
+//! FMA peak probed in the same process.
 //!
 //! `cargo run --release --example conv_speed [-- REPS [LEVELS] [f64]]`,
 //! e.g. `-- 7 P3,P4`. FLOP model: the direct conv, 2*9*N*H*W*Cin*Cout per
@@ -8,7 +9,7 @@
 //! `RAYON_NUM_THREADS` (default: all cores). `DMKD_CHMASK=0.65` times the
 //! convs under a channel mask, `DMKD_SPMASK=0.65` under a spatial one
 //! (GFLOP/s then count the dense work); `DMKD_SPMASK=loss` and
-//! `DMKD_CHMASK=loss` use the masks the retinanet loss draws at that level
+//! `DMKD_CHMASK=loss` use the masks the preset's loss draws at that level
 //! (from the synthetic teacher). `DMKD_ALGO=winograd` (or `auto`)
 //! picks the conv algorithm (default `direct`).
 
@@ -114,6 +115,12 @@ fn time(reps: usize, mut f: impl FnMut()) -> (f64, bool) {
     }
 }
 
+/// The preset whose levels are timed: `DMKD_PRESET` (default retinanet).
+fn preset() -> Preset {
+    let name = std::env::var("DMKD_PRESET").unwrap_or_else(|_| "retinanet".into());
+    Preset::named(&name).expect("DMKD_PRESET: a preset name")
+}
+
 /// The mask the `preset` loss draws for `branch` at `level`, from the
 /// synthetic teacher (N = 2, 256 channels).
 fn loss_mask<T: Float>(preset: &Preset, level: usize, branch: Branch) -> dmkd::InputMask<T> {
@@ -148,7 +155,7 @@ fn run<T: Float>(reps: usize, levels: &[&str]) -> Vec<Row> {
     let be = CpuBackend::new(algo);
     let (n, c) = (2, 256);
     let mut out = Vec::new();
-    let preset = Preset::named("retinanet").unwrap();
+    let preset = preset();
     for (name, &(h, w)) in preset.level_names.iter().zip(&preset.levels) {
         if !levels.contains(&name.as_str()) {
             continue;
@@ -229,6 +236,22 @@ fn run<T: Float>(reps: usize, levels: &[&str]) -> Vec<Row> {
                 drop(be.conv2d_backward_weight(&dy, &x, &args).unwrap())
             });
         }
+        if args.mask.is_some() {
+            // The work the mask leaves, per pass: the multiply-adds of one
+            // call over the dense pass's (`CpuBackend::counters`).
+            be.take_counters();
+            drop(be.conv2d(&x, &wt, Some(&b), &args).unwrap());
+            drop(be.conv2d_backward_input(&dy, &wt, &args).unwrap());
+            drop(be.conv2d_backward_weight(&dy, &x, &args).unwrap());
+            let c = be.take_counters();
+            let dense = geom.macs() as f64;
+            println!(
+                "{name}: work left by the mask: forward {:.3}, input gradient {:.3}, weight gradient {:.3} of dense",
+                c.forward.macs as f64 / dense,
+                c.input_grad.macs as f64 / dense,
+                c.weight_grad.macs as f64 / dense
+            );
+        }
         out.push((name.clone(), flops, row));
     }
     out
@@ -267,7 +290,7 @@ fn print(rows: &[Row], peak: f64) {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let reps = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5);
-    let all = Preset::named("retinanet").unwrap().level_names;
+    let all = preset().level_names;
     let levels: Vec<&str> = args
         .get(2)
         .map(|s| s.split(',').collect())

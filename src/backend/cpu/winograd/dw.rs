@@ -260,9 +260,15 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
                 // tile may have written them.
                 d[..POS * nr].fill(E::zero());
             }
+            // Under a spatial mask, the window's factors are read once for
+            // all the lanes (channels).
+            let factors = ms.map(|m| span.factors(m));
             for j in 0..lanes {
                 let plane = &x[(img * c + cols[j]) * hw..][..hw];
-                span.gather(plane, ms, &mut d, nr, j);
+                match &factors {
+                    Some(f) => span.gather_scaled(plane, f, &mut d, nr, j),
+                    None => span.gather(plane, &mut d, nr, j),
+                }
             }
             // The channel mask's factors, per lane (`x * m` as the
             // reference rounds it).

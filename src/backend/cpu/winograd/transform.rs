@@ -299,43 +299,66 @@ impl WindowSpan {
     }
 
     /// Writes the window's in-plane values into `d[(r * 6 + c) * stride +
-    /// lane]`, times the multiplier plane `m` when given (exactly the
-    /// reference's `x * m`). Entries outside the plane are not written: the
-    /// caller keeps them zero.
+    /// lane]`. Entries outside the plane are not written: the caller keeps
+    /// them zero.
     #[inline(always)]
-    pub(crate) fn gather<E: Elem>(
+    pub(crate) fn gather<E: Elem>(&self, plane: &[E], d: &mut [E], stride: usize, lane: usize) {
+        if self.is_full() {
+            // The common case, unrolled: 36 loads and stores.
+            let src = &plane[self.base..][..5 * self.w + 6];
+            for r in 0..6 {
+                let row = &src[r * self.w..][..6];
+                for c in 0..6 {
+                    d[(r * 6 + c) * stride + lane] = row[c];
+                }
+            }
+        } else {
+            for (r, row) in self.rows(plane).enumerate() {
+                let at = (self.r0 + r) * 6 + self.c0;
+                for (c, &x) in row.iter().enumerate() {
+                    d[(at + c) * stride + lane] = x;
+                }
+            }
+        }
+    }
+
+    /// The window's 36 values of the multiplier plane `m`, row-major
+    /// (zeros outside the plane), for [`WindowSpan::gather_scaled`].
+    pub(crate) fn factors<E: Elem>(&self, m: &[E]) -> [E; POS] {
+        let mut f = [E::zero(); POS];
+        for (r, row) in self.rows(m).enumerate() {
+            let at = (self.r0 + r) * 6 + self.c0;
+            f[at..at + row.len()].copy_from_slice(row);
+        }
+        f
+    }
+
+    /// [`WindowSpan::gather`] of the products `x * m` (exactly the
+    /// reference's) with a multiplier plane `m`, given as the window's
+    /// factors ([`WindowSpan::factors`]): read once per tile rather than
+    /// once per channel (the mask is the same for every channel).
+    #[inline(always)]
+    pub(crate) fn gather_scaled<E: Elem>(
         &self,
         plane: &[E],
-        m: Option<&[E]>,
+        f: &[E; POS],
         d: &mut [E],
         stride: usize,
         lane: usize,
     ) {
-        match m {
-            None if self.is_full() => {
-                // The common case, unrolled: 36 loads and stores.
-                let src = &plane[self.base..][..5 * self.w + 6];
-                for r in 0..6 {
-                    let row = &src[r * self.w..][..6];
-                    for c in 0..6 {
-                        d[(r * 6 + c) * stride + lane] = row[c];
-                    }
+        if self.is_full() {
+            let src = &plane[self.base..][..5 * self.w + 6];
+            for r in 0..6 {
+                let row = &src[r * self.w..][..6];
+                for c in 0..6 {
+                    d[(r * 6 + c) * stride + lane] = row[c] * f[r * 6 + c];
                 }
             }
-            None => {
-                for (r, row) in self.rows(plane).enumerate() {
-                    let at = (self.r0 + r) * 6 + self.c0;
-                    for (c, &x) in row.iter().enumerate() {
-                        d[(at + c) * stride + lane] = x;
-                    }
-                }
-            }
-            Some(m) => {
-                for (r, (row, mr)) in self.rows(plane).zip(self.rows(m)).enumerate() {
-                    let at = (self.r0 + r) * 6 + self.c0;
-                    for (c, (&x, &f)) in row.iter().zip(mr).enumerate() {
-                        d[(at + c) * stride + lane] = x * f;
-                    }
+        } else {
+            for (r, row) in self.rows(plane).enumerate() {
+                let at = (self.r0 + r) * 6 + self.c0;
+                for (c, &x) in row.iter().enumerate() {
+                    d[(at + c) * stride + lane] = x * f[at + c];
                 }
             }
         }
@@ -571,15 +594,22 @@ mod tests {
                             // Lane 1 of 3, so a stride or lane slip shows;
                             // NaN marks entries the gather must not write.
                             let mut d = vec![f32::NAN; POS * 3];
-                            span.gather(&plane, m, &mut d, 3, 1);
                             let want = window_by_definition(&plane, m, h, w, ty, tx);
-                            if let Some(m) = m {
-                                // The mask's own window, by definition.
-                                let zeros = window_by_definition(m, None, h, w, ty, tx)
-                                    .iter()
-                                    .all(|v| v.is_none_or(|v| v == 0.0));
-                                assert_eq!(span.reads_only_zeros(m), zeros);
-                                zero_windows += usize::from(zeros);
+                            match m {
+                                None => span.gather(&plane, &mut d, 3, 1),
+                                Some(m) => {
+                                    // The mask's own window, by definition:
+                                    // the factors, zeros outside the plane.
+                                    let mw = window_by_definition(m, None, h, w, ty, tx);
+                                    let f = span.factors(m);
+                                    for (i, v) in mw.iter().enumerate() {
+                                        assert_eq!(f[i], v.unwrap_or(0.0), "factor {i}");
+                                    }
+                                    span.gather_scaled(&plane, &f, &mut d, 3, 1);
+                                    let zeros = mw.iter().all(|v| v.is_none_or(|v| v == 0.0));
+                                    assert_eq!(span.reads_only_zeros(m), zeros);
+                                    zero_windows += usize::from(zeros);
+                                }
                             }
                             for (i, &x) in want.iter().enumerate() {
                                 let got = d[i * 3 + 1];
