@@ -464,7 +464,7 @@ fn chunks_for(work: usize, nr: usize, n: usize, threads: usize) -> usize {
     let most = work.div_ceil(nr).max(1);
     let want = (TASKS_PER_THREAD * threads).div_ceil(n);
     let mut chunks = work.div_ceil(NC_MAX).max(want).min(most);
-    while (chunks * n) % threads != 0 && chunks < most {
+    while !(chunks * n).is_multiple_of(threads) && chunks < most {
         chunks += 1;
     }
     chunks
@@ -743,13 +743,13 @@ mod tests {
                         let case = format!("work {work}, nr {nr}, n {n}, threads {threads}");
                         assert!(c >= want.min(most) && c <= most, "{case}: {c}");
                         assert!(work.div_ceil(c) <= NC_MAX, "{case}: {c}");
-                        assert!((c * n) % threads == 0 || c == most, "{case}: {c}");
+                        assert!((c * n).is_multiple_of(threads) || c == most, "{case}: {c}");
                         // The fewest chunks that do all that.
                         let fewer = c - 1;
                         assert!(
                             fewer < want.min(most)
                                 || work.div_ceil(fewer.max(1)) > NC_MAX
-                                || (fewer * n) % threads != 0,
+                                || !(fewer * n).is_multiple_of(threads),
                             "{case}: {c}"
                         );
                     }
