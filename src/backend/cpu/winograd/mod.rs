@@ -340,8 +340,9 @@ mod tests {
             assert_eq!(gather_runs(&run_order(&tiles, 16, w), 16, w), after);
         }
         let dense = |_: usize, _: usize, _: usize| true;
-        let holes = |img: usize, ty: usize, tx: usize| (img * 7 + ty * 3 + tx / 5) % 4 != 0;
-        let sparse = |img: usize, ty: usize, tx: usize| (img + ty * tx) % 3 == 0;
+        let holes =
+            |img: usize, ty: usize, tx: usize| !(img * 7 + ty * 3 + tx / 5).is_multiple_of(4);
+        let sparse = |img: usize, ty: usize, tx: usize| (img + ty * tx).is_multiple_of(3);
         for l in [1, 2, 4, 8, 16] {
             for (h, w) in [(1, 1), (9, 13), (25, 42), (50, 84), (21, 257)] {
                 for keep in [
