@@ -36,7 +36,7 @@ use super::simd::{self, Elem, Level};
 pub(crate) const MR: usize = 6;
 
 /// Largest NR of any instruction set (AVX-512 f32 would be 32).
-const NR_MAX: usize = 32;
+pub(crate) const NR_MAX: usize = 32;
 
 /// Columns of the register tile under `S`: two registers.
 #[inline(always)]

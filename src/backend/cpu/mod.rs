@@ -57,8 +57,8 @@ pub use peak::{fma_peak_gflops, fma_peak_gflops_on};
 
 /// Rows per kernel panel of the direct convolutions: output channels of
 /// the forward pass, input channels of the input gradient, taps
-/// `(ci, ky, kx)` of the weight gradient (whose channel-mask skipping
-/// works per panel).
+/// `(ci, ky, kx)` of the weight gradient (under a channel mask with zeros,
+/// its kept taps, whatever panels they lie in).
 pub const PANEL_ROWS: usize = kernel::MR;
 
 /// Output tile side of Winograd F(4x4, 3x3): tile `(ty, tx)` holds outputs
