@@ -120,9 +120,8 @@ impl Lanes {
             let reg = &group[hv..];
             let (i, ty, tx) = reg[0];
             if reg.len() >= l && (1..l).all(|t| reg[t] == (i, ty, tx + t)) {
-                // Window columns 4 tx - 1 ..= 4 (tx + l - 1) + 4; output
-                // columns 4 tx .. 4 (tx + l).
-                lanes.gather_run[hv / l] = tx >= 1 && 4 * (tx + l) < w;
+                // Output columns 4 tx .. 4 (tx + l).
+                lanes.gather_run[hv / l] = windows_inside(tx, l, w);
                 lanes.scatter_run[hv / l] = 4 * (tx + l) <= w;
             }
         }
@@ -130,11 +129,18 @@ impl Lanes {
     }
 }
 
+/// True when the input windows of tile columns `tx .. tx + l` lie inside a
+/// `w`-wide plane horizontally: window columns `4 tx - 1 ..= 4 (tx + l - 1)
+/// + 4`, what a register of one row run needs for the vector gather.
+fn windows_inside(tx: usize, l: usize, w: usize) -> bool {
+    tx >= 1 && 4 * (tx + l) < w
+}
+
 /// `tiles` (in (image, tile row, tile column) order, as a call lists them)
 /// reordered so that as many registers of `l` lanes as possible hold
 /// [`Lanes::gather_run`]s: `l` consecutive tiles of one tile row whose
-/// windows lie inside a `w`-wide plane horizontally (tile columns `tx >= 1`
-/// and `4 (tx + l) < w`). Row by row, each maximal run of consecutive tiles
+/// windows lie inside a `w`-wide plane horizontally ([`windows_inside`]).
+/// Row by row, each maximal run of consecutive tiles
 /// gives its runs of `l` greedily from the left (from its second tile in
 /// the plane's first tile column) at the next register boundary; the
 /// other tiles wait and go out `l` at a time between them, and the last
@@ -153,14 +159,14 @@ pub(super) fn run_order(tiles: &[Tile], l: usize, w: usize) -> Vec<Tile> {
     while i < tiles.len() {
         // The maximal run of consecutive tiles from i.
         let (img, ty, tx) = tiles[i];
-        let mut end = i + 1;
+        let mut end = i;
         while end < tiles.len() && tiles[end] == (img, ty, tx + (end - i)) {
             end += 1;
         }
         let mut j = i;
         while j < end {
             let (_, _, t) = tiles[j];
-            if t >= 1 && j + l <= end && 4 * (t + l) < w {
+            if j + l <= end && windows_inside(t, l, w) {
                 out.extend_from_slice(&tiles[j..j + l]);
                 j += l;
             } else {
@@ -278,7 +284,23 @@ impl<E: crate::tensor::Float> Drop for Scratch<E> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Lanes, Tile, run_order};
+    use super::{Lanes, Tile, run_order, windows_inside};
+
+    /// The windows of tile columns `tx .. tx + l` (columns `4 tx - 1` to
+    /// `4 (tx + l - 1) + 4`) inside `0 .. w`, by definition.
+    #[test]
+    fn windows_inside_means_every_window_column_in_the_plane() {
+        for w in 1usize..80 {
+            for l in 1..=16 {
+                for tx in 0..w.div_ceil(4) {
+                    let first = 4 * tx as isize - 1;
+                    let last = 4 * (tx + l - 1) as isize + 4;
+                    let inside = first >= 0 && last < w as isize;
+                    assert_eq!(windows_inside(tx, l, w), inside, "tx {tx}, l {l}, w {w}");
+                }
+            }
+        }
+    }
 
     /// The registers of `tiles` whose lanes take the vector gather, for an
     /// identity lane order of `l` lanes and groups of two registers.
