@@ -139,6 +139,22 @@ fn loss_mask<T: Float>(preset: &Preset, level: usize, branch: Branch) -> dmkd::I
     }
 }
 
+/// The mask the environment variable `var` asks for: a fraction (the
+/// synthetic pattern `by_ratio` makes of it) or `loss` (any other value:
+/// the preset loss's own mask at `level`); None when it is not set.
+fn env_mask<T: Float>(
+    var: &str,
+    preset: &Preset,
+    level: usize,
+    branch: Branch,
+    by_ratio: impl Fn(f64) -> dmkd::InputMask<T>,
+) -> Option<dmkd::InputMask<T>> {
+    std::env::var(var).ok().map(|v| match v.parse::<f64>() {
+        Ok(ratio) => by_ratio(ratio),
+        Err(_) => loss_mask::<T>(preset, level, branch),
+    })
+}
+
 /// Level, flops, median seconds of (fwd, dX, dW) and whether each was quiet.
 type Row = (String, f64, [(f64, bool); 3]);
 
@@ -178,41 +194,21 @@ fn run<T: Float>(reps: usize, levels: &[&str]) -> Vec<Row> {
         // (a blob, as attention masks are; a best case for tile skipping).
         // `loss` instead of a fraction: the loss's own mask at this level.
         let level = preset.level_names.iter().position(|l| l == name).unwrap();
-        let spmask = std::env::var("DMKD_SPMASK")
-            .ok()
-            .map(|v| match v.parse::<f64>() {
-                Ok(ratio) => {
-                    let m = Tensor::from_fn(&[n, h, w], |i| {
-                        let row = (i % (h * w)) / w;
-                        T::from_f64(if (row as f64) < ratio * h as f64 {
-                            0.0
-                        } else {
-                            1.0
-                        })
-                    })
-                    .unwrap();
-                    dmkd::InputMask::Spatial(m)
-                }
-                Err(_) => loss_mask::<T>(&preset, level, Branch::Spatial),
+        // 0 where `x < limit`, 1 elsewhere.
+        let zero_below = |x: f64, limit: f64| T::from_f64(if x < limit { 0.0 } else { 1.0 });
+        let spmask = env_mask::<T>("DMKD_SPMASK", &preset, level, Branch::Spatial, |ratio| {
+            let m = Tensor::from_fn(&[n, h, w], |i| {
+                zero_below(((i % (h * w)) / w) as f64, ratio * h as f64)
             });
-        let mask = std::env::var("DMKD_CHMASK")
-            .ok()
-            .map(|v| match v.parse::<f64>() {
-                Ok(ratio) => {
-                    let m = Tensor::from_fn(&[n, c], |i| {
-                        let k = ((i % c) * 7919 + i / c * 31) % c;
-                        T::from_f64(if (k as f64) < ratio * c as f64 {
-                            0.0
-                        } else {
-                            1.0
-                        })
-                    })
-                    .unwrap();
-                    dmkd::InputMask::Channel(m)
-                }
-                Err(_) => loss_mask::<T>(&preset, level, Branch::Channel),
-            })
-            .or(spmask);
+            dmkd::InputMask::Spatial(m.unwrap())
+        });
+        let mask = env_mask::<T>("DMKD_CHMASK", &preset, level, Branch::Channel, |ratio| {
+            let m = Tensor::from_fn(&[n, c], |i| {
+                zero_below((((i % c) * 7919 + i / c * 31) % c) as f64, ratio * c as f64)
+            });
+            dmkd::InputMask::Channel(m.unwrap())
+        })
+        .or(spmask);
         let args = ConvArgs {
             geom,
             mask,
@@ -238,7 +234,8 @@ fn run<T: Float>(reps: usize, levels: &[&str]) -> Vec<Row> {
         }
         if args.mask.is_some() {
             // The work the mask leaves, per pass: the multiply-adds of one
-            // call over the dense pass's (`CpuBackend::counters`).
+            // call (`CpuBackend::counters`) over the dense direct conv's
+            // (Winograd's dense passes keep 36/144 = 0.25 of those).
             be.take_counters();
             drop(be.conv2d(&x, &wt, Some(&b), &args).unwrap());
             drop(be.conv2d_backward_input(&dy, &wt, &args).unwrap());
@@ -246,7 +243,7 @@ fn run<T: Float>(reps: usize, levels: &[&str]) -> Vec<Row> {
             let c = be.take_counters();
             let dense = geom.macs() as f64;
             println!(
-                "{name}: work left by the mask: forward {:.3}, input gradient {:.3}, weight gradient {:.3} of dense",
+                "{name}: multiply-adds under the mask over the dense direct conv's: forward {:.3}, input gradient {:.3}, weight gradient {:.3}",
                 c.forward.macs as f64 / dense,
                 c.input_grad.macs as f64 / dense,
                 c.weight_grad.macs as f64 / dense
