@@ -303,23 +303,7 @@ impl WindowSpan {
     /// them zero.
     #[inline(always)]
     pub(crate) fn gather<E: Elem>(&self, plane: &[E], d: &mut [E], stride: usize, lane: usize) {
-        if self.is_full() {
-            // The common case, unrolled: 36 loads and stores.
-            let src = &plane[self.base..][..5 * self.w + 6];
-            for r in 0..6 {
-                let row = &src[r * self.w..][..6];
-                for c in 0..6 {
-                    d[(r * 6 + c) * stride + lane] = row[c];
-                }
-            }
-        } else {
-            for (r, row) in self.rows(plane).enumerate() {
-                let at = (self.r0 + r) * 6 + self.c0;
-                for (c, &x) in row.iter().enumerate() {
-                    d[(at + c) * stride + lane] = x;
-                }
-            }
-        }
+        self.gather_with(plane, d, stride, lane, |x, _| x);
     }
 
     /// The window's 36 values of the multiplier plane `m`, row-major
@@ -346,19 +330,34 @@ impl WindowSpan {
         stride: usize,
         lane: usize,
     ) {
+        self.gather_with(plane, d, stride, lane, |x, i| x * f[i]);
+    }
+
+    /// `d[i * stride + lane] = map(x, i)` for the window's in-plane values
+    /// `x` at window entry `i = r * 6 + c`.
+    #[inline(always)]
+    fn gather_with<E: Elem>(
+        &self,
+        plane: &[E],
+        d: &mut [E],
+        stride: usize,
+        lane: usize,
+        map: impl Fn(E, usize) -> E,
+    ) {
         if self.is_full() {
+            // The common case, unrolled: 36 loads and stores.
             let src = &plane[self.base..][..5 * self.w + 6];
             for r in 0..6 {
                 let row = &src[r * self.w..][..6];
                 for c in 0..6 {
-                    d[(r * 6 + c) * stride + lane] = row[c] * f[r * 6 + c];
+                    d[(r * 6 + c) * stride + lane] = map(row[c], r * 6 + c);
                 }
             }
         } else {
             for (r, row) in self.rows(plane).enumerate() {
                 let at = (self.r0 + r) * 6 + self.c0;
                 for (c, &x) in row.iter().enumerate() {
-                    d[(at + c) * stride + lane] = x * f[at + c];
+                    d[(at + c) * stride + lane] = map(x, at + c);
                 }
             }
         }
