@@ -19,9 +19,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use dmkd::backend::{Backend, ConvArgs, ConvGeometry, CpuBackend, InputMask, ReferenceBackend};
-use dmkd::distill::attention::attention_logits;
-use dmkd::distill::mask::{Branch, attention_mask};
-use dmkd::synthetic::{Preset, teacher_feature};
+use dmkd::synthetic::{Preset, loss_masks};
 use dmkd::{ConvAlgo, Tensor};
 
 const N: usize = 2;
@@ -176,21 +174,6 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-/// The spatial and channel masks the loss draws at level `level` (`h x w`)
-/// of `preset` with its default config, from its synthetic teacher.
-fn loss_masks(preset: &Preset, level: usize, h: usize, w: usize) -> [InputMask<f32>; 2] {
-    let cfg = &preset.config().levels[level];
-    let teacher = teacher_feature::<f32>(N, C, h, w, 0, level).unwrap();
-    let (zs, zc) = attention_logits(&teacher, cfg.tau).unwrap();
-    let mask = |z: &Tensor<f64>, lambda, branch| {
-        attention_mask::<f32>(z, cfg.mask_mode, lambda, cfg.seed, level, branch, 0).unwrap()
-    };
-    [
-        InputMask::Spatial(mask(&zs, cfg.lambda_s, Branch::Spatial)),
-        InputMask::Channel(mask(&zc, cfg.lambda_c, Branch::Channel)),
-    ]
-}
-
 fn bench_masked(c: &mut Criterion) {
     let preset = Preset::named("retinanet").unwrap();
     let algos = [
@@ -207,10 +190,13 @@ fn bench_masked(c: &mut Criterion) {
             .measurement_time(Duration::from_secs(2));
         // The generator's first conv: masked input, ReLU after it.
         let mut p = problem(h, w);
-        for (kind, mask) in ["spatial", "channel"]
-            .into_iter()
-            .zip(loss_masks(&preset, level, h, w))
-        {
+        // The masks the loss draws at this level (N = 2, 256 channels: the
+        // preset's own), from its synthetic teacher.
+        let (ms, mc) = loss_masks::<f32>(&preset, level, 0).unwrap();
+        for (kind, mask) in [
+            ("spatial", InputMask::Spatial(ms)),
+            ("channel", InputMask::Channel(mc)),
+        ] {
             p.args.mask = Some(mask);
             g.throughput(Throughput::Elements(p.args.geom.macs()));
             for (algo, be) in &algos {

@@ -17,9 +17,8 @@ use std::time::Instant;
 
 use dmkd::backend::cpu::fma_peak_gflops;
 use dmkd::backend::{Backend, ConvArgs, ConvGeometry, CpuBackend};
-use dmkd::distill::attention::attention_logits;
-use dmkd::distill::mask::{Branch, attention_mask};
-use dmkd::synthetic::{Preset, teacher_feature};
+use dmkd::distill::mask::Branch;
+use dmkd::synthetic::{Preset, loss_masks};
 use dmkd::{ConvAlgo, Float, Tensor};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -121,21 +120,13 @@ fn preset() -> Preset {
     Preset::named(&name).expect("DMKD_PRESET: a preset name")
 }
 
-/// The mask the `preset` loss draws for `branch` at `level`, from the
-/// synthetic teacher (N = 2, 256 channels).
+/// The mask the `preset` loss draws for `branch` at `level`, from its
+/// synthetic teacher (N = 2, 256 channels, as `run` times).
 fn loss_mask<T: Float>(preset: &Preset, level: usize, branch: Branch) -> dmkd::InputMask<T> {
-    let cfg = &preset.config().levels[level];
-    let (h, w) = preset.levels[level];
-    let teacher = teacher_feature::<T>(2, 256, h, w, 0, level).unwrap();
-    let (zs, zc) = attention_logits(&teacher, cfg.tau).unwrap();
-    let (z, lambda) = match branch {
-        Branch::Spatial => (zs, cfg.lambda_s),
-        Branch::Channel => (zc, cfg.lambda_c),
-    };
-    let m = attention_mask::<T>(&z, cfg.mask_mode, lambda, cfg.seed, level, branch, 0).unwrap();
+    let (ms, mc) = loss_masks::<T>(preset, level, 0).unwrap();
     match branch {
-        Branch::Spatial => dmkd::InputMask::Spatial(m),
-        Branch::Channel => dmkd::InputMask::Channel(m),
+        Branch::Spatial => dmkd::InputMask::Spatial(ms),
+        Branch::Channel => dmkd::InputMask::Channel(mc),
     }
 }
 

@@ -6,6 +6,8 @@
 //! teacher.
 
 use crate::backend::BackendRef;
+use crate::distill::attention::attention_logits;
+use crate::distill::dmkd::level_masks;
 use crate::distill::{Config, EvalOptions, LevelConfig, Method, Problem, TensorMap, evaluate};
 use crate::error::{Error, Result};
 use crate::rng::PhiloxStream;
@@ -214,6 +216,27 @@ pub fn inputs<T: Float>(p: &Preset, seed: u64) -> Result<TensorMap<T>> {
     Ok(m)
 }
 
+/// The spatial and channel masks `(M_s, M_c)` the preset's loss draws at
+/// `level` for its synthetic teacher of `seed` (as [`inputs`] draws it),
+/// with the preset's default config and a whole batch (sample offset 0):
+/// the masks a benchmark of one masked conv wants.
+pub fn loss_masks<T: Float>(p: &Preset, level: usize, seed: u64) -> Result<(Tensor<T>, Tensor<T>)> {
+    let &(h, w) = p.levels.get(level).ok_or_else(|| {
+        Error::arg(
+            "loss_masks",
+            format!(
+                "preset `{}` has no level {level} (it has {})",
+                p.name,
+                p.levels.len()
+            ),
+        )
+    })?;
+    let cfg = &p.config().levels[level];
+    let teacher = teacher_feature::<T>(p.n, p.c, h, w, seed, level)?;
+    let (logits_s, logits_c) = attention_logits(&teacher, cfg.tau)?;
+    level_masks(&logits_s, &logits_c, cfg, level, 0)
+}
+
 /// Stride of a preset's first level in image pixels (P3 of RetinaNet, P2 of
 /// the two-stage presets: 8 or 4; 8 is used for all, the boxes only need a
 /// plausible image).
@@ -307,6 +330,36 @@ pub fn golden<T: Float>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `loss_masks` gives the masks the loss itself reports for the same
+    /// inputs (the golden vectors' `p{l}.mask_s` / `p{l}.mask_c`), bit for
+    /// bit, and refuses a level the preset lacks.
+    #[test]
+    fn loss_masks_are_the_loss_s_own() {
+        let p = Preset::named("tiny").unwrap();
+        let be: BackendRef<f64> = std::sync::Arc::new(crate::backend::ReferenceBackend);
+        let (g, _) = golden(&p, &p.config(), 3, 0, be).unwrap();
+        for level in 0..p.levels.len() {
+            let (ms, mc) = loss_masks::<f64>(&p, level, 3).unwrap();
+            assert_eq!(
+                ms.as_slice(),
+                g[&format!("p{level}.mask_s")].as_slice(),
+                "{level}"
+            );
+            assert_eq!(
+                mc.as_slice(),
+                g[&format!("p{level}.mask_c")].as_slice(),
+                "{level}"
+            );
+        }
+        let (other, _) = loss_masks::<f64>(&p, 0, 4).unwrap();
+        assert_ne!(
+            other.as_slice(),
+            g["p0.mask_s"].as_slice(),
+            "the seed matters"
+        );
+        assert!(loss_masks::<f64>(&p, 3, 3).is_err());
+    }
 
     #[test]
     fn presets_match_the_spec() {

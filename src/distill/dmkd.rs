@@ -13,7 +13,7 @@ use crate::distill::mask::{Branch, attention_mask};
 use crate::distill::params::{Init, LevelVars, ParamSpec};
 use crate::distill::{LevelOutput, LevelShape};
 use crate::error::Result;
-use crate::tensor::Float;
+use crate::tensor::{Float, Tensor};
 
 /// Parameters of a DMKD level, in the exchange format's names.
 pub fn param_specs(level: usize, shape: &LevelShape) -> Vec<ParamSpec> {
@@ -26,6 +26,33 @@ pub fn param_specs(level: usize, shape: &LevelShape) -> Vec<ParamSpec> {
         Init::Zeros,
     ));
     v
+}
+
+/// The spatial and channel masks `(M_s, M_c)` of level `level` from the
+/// teacher's attention logits ([`attention_logits`]), with the level's
+/// mode, ratios and seed; `sample_offset` as in [`attention_mask`].
+pub fn level_masks<T: Float>(
+    logits_s: &Tensor<f64>,
+    logits_c: &Tensor<f64>,
+    cfg: &LevelConfig,
+    level: usize,
+    sample_offset: usize,
+) -> Result<(Tensor<T>, Tensor<T>)> {
+    let mask = |logits, lambda, branch| {
+        attention_mask(
+            logits,
+            cfg.mask_mode,
+            lambda,
+            cfg.seed,
+            level,
+            branch,
+            sample_offset,
+        )
+    };
+    Ok((
+        mask(logits_s, cfg.lambda_s, Branch::Spatial)?,
+        mask(logits_c, cfg.lambda_c, Branch::Channel)?,
+    ))
 }
 
 /// The DMKD loss of one level; `teacher` must be a constant.
@@ -49,24 +76,7 @@ pub fn level_loss<T: Float>(
         attention_from_logits::<T>(&logits_s)?,
         attention_from_logits::<T>(&logits_c)?,
     );
-    let mask_s = attention_mask(
-        &logits_s,
-        cfg.mask_mode,
-        cfg.lambda_s,
-        cfg.seed,
-        l,
-        Branch::Spatial,
-        sample_offset,
-    )?;
-    let mask_c = attention_mask(
-        &logits_c,
-        cfg.mask_mode,
-        cfg.lambda_c,
-        cfg.seed,
-        l,
-        Branch::Channel,
-        sample_offset,
-    )?;
+    let (mask_s, mask_c) = level_masks(&logits_s, &logits_c, cfg, l, sample_offset)?;
     let f_s = generation_block(&s, vars, "gen_s", Some(InputMask::Spatial(mask_s.clone())))?;
     let f_c = generation_block(&s, vars, "gen_c", Some(InputMask::Channel(mask_c.clone())))?;
     let w = vars.get("fusion")?.softmax(0)?;
