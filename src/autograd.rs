@@ -235,9 +235,10 @@ impl<T: Float> Var<T> {
                         ig.shape()
                     )));
                 }
+                // The sum may go into the running total's own buffer.
                 grads[j] = Some(match grads[j].take() {
                     None => ig,
-                    Some(acc) => backend.binary(Binary::Add, &acc, &ig, want)?,
+                    Some(acc) => backend.binary_owned(Binary::Add, acc, &ig, want)?,
                 });
             }
         }

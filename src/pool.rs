@@ -208,6 +208,11 @@ impl<T: PoolElem> Buffer<T> {
     pub fn as_slice(&self) -> &[T] {
         &self.data
     }
+    /// The elements, taken out of the buffer (they no longer go back to
+    /// the pool on their own).
+    pub fn into_vec(mut self) -> Vec<T> {
+        std::mem::take(&mut self.data)
+    }
 }
 
 impl<T: PoolElem> Drop for Buffer<T> {

@@ -315,6 +315,30 @@ impl<T: Float> Tensor<T> {
         }
     }
 
+    /// The elements as an owned vector, without a copy, when this tensor
+    /// is the only handle on an engine buffer (no clone, no device copy,
+    /// not external memory); otherwise the tensor back, untouched. How a
+    /// backend writes a result into an operand the caller gives up
+    /// (`Backend::unary_owned` and friends): tensors stay immutable,
+    /// since no other handle can see the change.
+    pub(crate) fn try_into_vec(mut self) -> std::result::Result<Vec<T>, Self> {
+        let Some(s) = Arc::get_mut(&mut self.data) else {
+            return Err(self);
+        };
+        if s.device.get().is_some() {
+            return Err(self);
+        }
+        match s.host.take() {
+            Some(HostData::Owned(buf)) => Ok(buf.into_vec()),
+            other => {
+                if let Some(h) = other {
+                    let _ = s.host.set(h);
+                }
+                Err(self)
+            }
+        }
+    }
+
     /// A tensor filled with `value`.
     pub fn full(shape: &[usize], value: T) -> Result<Self> {
         let n = checked_numel_of::<T>(shape)?;
@@ -736,6 +760,40 @@ mod tests {
         assert_eq!(uploads, 1);
         let e = h.device_or_upload(|_| Err(Error::Device("x".into())));
         assert!(e.is_ok(), "the cached copy is returned without uploading");
+    }
+
+    #[test]
+    fn only_the_sole_handle_on_an_engine_buffer_gives_up_its_elements() {
+        let t = Tensor::<f32>::from_vec(&[2, 2], vec![1.0, 2.0, 3.0, 4.0]).unwrap();
+        let ptr = t.as_slice().as_ptr();
+        // Shared with a clone or a reshape: refused, and nothing changes.
+        for other in [t.clone(), t.reshape(&[4]).unwrap()] {
+            let back = t.clone().try_into_vec().unwrap_err();
+            assert_eq!(back.as_slice().as_ptr(), ptr);
+            assert_eq!(other.as_slice(), &[1.0, 2.0, 3.0, 4.0]);
+        }
+        // The only handle: its own buffer, no copy.
+        let v = t.try_into_vec().unwrap();
+        assert_eq!((v.as_ptr(), v), (ptr, vec![1.0, 2.0, 3.0, 4.0]));
+        // External memory is not the engine's to give away, nor is a
+        // tensor with a device copy (the copy would go stale), downloaded
+        // or not.
+        let e = Tensor::from_external(&[2], Arc::new(Borrowed(vec![5.0, 6.0]))).unwrap();
+        let e = e.try_into_vec().unwrap_err();
+        assert_eq!(e.as_slice(), &[5.0, 6.0]);
+        let device = || {
+            Tensor::from_device(
+                &[1],
+                Box::new(FakeDevice {
+                    data: vec![7.0],
+                    downloads: Default::default(),
+                }),
+            )
+        };
+        let d = device().try_into_vec().unwrap_err();
+        assert_eq!(d.as_slice(), &[7.0]);
+        let d = d.try_into_vec().unwrap_err();
+        assert_eq!(d.as_slice(), &[7.0]);
     }
 
     #[test]

@@ -296,6 +296,35 @@ pub trait Backend<T: Float>: Send + Sync {
         b: &Tensor<T>,
         out_shape: &[usize],
     ) -> Result<Tensor<T>>;
+    /// [`unary`](Self::unary) of a tensor the caller gives up: a backend
+    /// may write the result into `x`'s buffer when nothing else holds it
+    /// (same values; one big buffer less to allocate and page in).
+    fn unary_owned(&self, op: Unary, x: Tensor<T>) -> Result<Tensor<T>> {
+        self.unary(op, &x)
+    }
+    /// [`unary_backward`](Self::unary_backward) of a `dy` the caller gives
+    /// up, which may hold the result (as [`unary_owned`](Self::unary_owned)).
+    fn unary_backward_owned(
+        &self,
+        op: Unary,
+        x: &Tensor<T>,
+        y: &Tensor<T>,
+        dy: Tensor<T>,
+    ) -> Result<Tensor<T>> {
+        self.unary_backward(op, x, y, &dy)
+    }
+    /// [`binary`](Self::binary) with an `a` the caller gives up, which may
+    /// hold the result (as [`unary_owned`](Self::unary_owned)); the CPU
+    /// backend does so where `a` and `b` both have `out_shape`.
+    fn binary_owned(
+        &self,
+        op: Binary,
+        a: Tensor<T>,
+        b: &Tensor<T>,
+        out_shape: &[usize],
+    ) -> Result<Tensor<T>> {
+        self.binary(op, &a, b, out_shape)
+    }
     /// `x * mask` broadcast as `InputMask` describes.
     fn mask_mul(&self, x: &Tensor<T>, mask: &InputMask<T>) -> Result<Tensor<T>>;
 

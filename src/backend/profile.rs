@@ -181,6 +181,40 @@ impl<T: Float> Backend<T> for Profiled<T> {
         )
     }
 
+    fn unary_owned(&self, op: Unary, x: Tensor<T>) -> Result<Tensor<T>> {
+        let label = format!("unary.{op:?} {}", shape(x.shape()));
+        self.time(|| label, || self.inner.unary_owned(op, x))
+    }
+
+    fn unary_backward_owned(
+        &self,
+        op: Unary,
+        x: &Tensor<T>,
+        y: &Tensor<T>,
+        dy: Tensor<T>,
+    ) -> Result<Tensor<T>> {
+        self.time(
+            || format!("unary_backward.{op:?} {}", shape(x.shape())),
+            || self.inner.unary_backward_owned(op, x, y, dy),
+        )
+    }
+
+    fn binary_owned(
+        &self,
+        op: Binary,
+        a: Tensor<T>,
+        b: &Tensor<T>,
+        out_shape: &[usize],
+    ) -> Result<Tensor<T>> {
+        let label = format!(
+            "binary.{op:?} {} {} -> {}",
+            shape(a.shape()),
+            shape(b.shape()),
+            shape(out_shape)
+        );
+        self.time(|| label, || self.inner.binary_owned(op, a, b, out_shape))
+    }
+
     fn mask_mul(&self, x: &Tensor<T>, mask: &InputMask<T>) -> Result<Tensor<T>> {
         self.time(
             || format!("mask_mul {}", shape(x.shape())),
@@ -298,6 +332,39 @@ mod tests {
         assert!(p.name().starts_with("reference"));
         p.reset();
         assert!(p.rows().is_empty());
+    }
+
+    #[test]
+    fn operands_given_up_are_passed_on_and_counted_as_the_borrowing_calls() {
+        let p = Profiled::<f32>::new(Arc::new(crate::backend::CpuBackend::new(
+            crate::ConvAlgo::Auto,
+        )));
+        let t = |v: Vec<f32>| Tensor::from_vec(&[2, 2], v).unwrap();
+        let x = t(vec![1.0, -2.0, 3.0, -4.0]);
+        // Each result lands in the operand's own buffer: the wrapped
+        // backend got the operand itself, not a borrowed copy.
+        let a = t(vec![1.0, -2.0, 3.0, -4.0]);
+        let at = a.as_slice().as_ptr();
+        let y = p.unary_owned(Unary::Neg, a).unwrap();
+        assert_eq!(
+            (y.as_slice().as_ptr(), y.as_slice()),
+            (at, &[-1.0, 2.0, -3.0, 4.0][..])
+        );
+        let y = p.unary_backward_owned(Unary::Relu, &x, &x, y).unwrap();
+        assert_eq!(
+            (y.as_slice().as_ptr(), y.as_slice()),
+            (at, &[-1.0, 0.0, -3.0, 0.0][..])
+        );
+        let y = p.binary_owned(Binary::Add, y, &x, &[2, 2]).unwrap();
+        assert_eq!(
+            (y.as_slice().as_ptr(), y.as_slice()),
+            (at, &[0.0, -2.0, 0.0, -4.0][..])
+        );
+        let rows = p.rows();
+        let find = |k: &str| rows.iter().find(|r| r.kernel == k).map(|r| r.calls);
+        assert_eq!(find("unary.Neg 2x2"), Some(1));
+        assert_eq!(find("unary_backward.Relu 2x2"), Some(1));
+        assert_eq!(find("binary.Add 2x2 2x2 -> 2x2"), Some(1));
     }
 
     #[test]

@@ -105,11 +105,12 @@ impl<T: Float> Var<T> {
         let mut inputs = vec![self, w];
         inputs.extend(b);
         self.tape().record(&inputs, y, move |be, dy, needs| {
-            // The output and its gradient are dropped as soon as the ReLU's
-            // derivative is applied: one activation and one gradient less
-            // at the peak of the backward pass.
+            // The output is dropped as soon as the ReLU's derivative is
+            // applied, which the backend may write into the gradient's own
+            // buffer: one activation and one gradient less at the peak of
+            // the backward pass.
             let dz = match y_val {
-                Some(y) => be.unary_backward(Unary::Relu, &y, &y, &dy)?,
+                Some(y) => be.unary_backward_owned(Unary::Relu, &y, &y, dy)?,
                 None => dy,
             };
             let dx = if needs[0] {

@@ -91,23 +91,27 @@ impl<T: Float> Var<T> {
             .record(&[self, b, wa, wb, t], y, move |be, g, needs| {
                 let g = g.item()?;
                 let two_g = (g + g).as_f64();
-                let scaled = |c: f64| -> Result<Option<Tensor<T>>> {
-                    let r = r.as_ref().ok_or_else(|| {
+                // da, db and dt are r scaled; the last one wanted is
+                // written into r's own buffer (the backend may, as r is
+                // not needed after it), the others are new tensors.
+                let coeffs = [
+                    (0, two_g * wa_v.as_f64()),
+                    (1, two_g * wb_v.as_f64()),
+                    (4, -two_g),
+                ];
+                let wanted: Vec<(usize, f64)> =
+                    coeffs.into_iter().filter(|&(i, _)| needs[i]).collect();
+                let mut scaled: [Option<Tensor<T>>; 5] = Default::default();
+                if let Some((&(last, c_last), rest)) = wanted.split_last() {
+                    let r = r.ok_or_else(|| {
                         Error::Autograd("weighted_pair_sq_err: residual not kept".into())
                     })?;
-                    be.unary(Unary::Scale(c), r).map(Some)
-                };
-                let da = if needs[0] {
-                    scaled(two_g * wa_v.as_f64())?
-                } else {
-                    None
-                };
-                let db = if needs[1] {
-                    scaled(two_g * wb_v.as_f64())?
-                } else {
-                    None
-                };
-                let dt = if needs[4] { scaled(-two_g)? } else { None };
+                    for &(i, c) in rest {
+                        scaled[i] = Some(be.unary(Unary::Scale(c), &r)?);
+                    }
+                    scaled[last] = Some(be.unary_owned(Unary::Scale(c_last), r)?);
+                }
+                let [da, db, _, _, dt] = scaled;
                 let two_g = T::from_f64(two_g);
                 Ok(vec![
                     da,

@@ -21,59 +21,108 @@ pub(crate) const CHUNK: usize = 1 << 14;
 /// `start..start + chunk.len()`.
 pub(crate) fn fill_chunks<T: Float>(len: usize, f: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
     let mut out = pool::take::<T>(len);
-    if len <= CHUNK {
-        f(0, &mut out);
+    for_chunks(&mut out, f);
+    out
+}
+
+/// `f(start, chunk)` over `out` by [`CHUNK`]s, in parallel.
+fn for_chunks<T: Float>(out: &mut [T], f: impl Fn(usize, &mut [T]) + Sync) {
+    if out.len() <= CHUNK {
+        f(0, out);
     } else {
         out.par_chunks_mut(CHUNK)
             .enumerate()
             .for_each(|(i, c)| f(i * CHUNK, c));
     }
-    out
+}
+
+/// `out[i] = f(src[i])`, or `out[i] = f(out[i])` in place (`src` None):
+/// each formula below is written once for both.
+#[inline(always)]
+fn map1<T: Float>(out: &mut [T], src: Option<&[T]>, f: impl Fn(T) -> T) {
+    match src {
+        Some(xs) => out.iter_mut().zip(xs).for_each(|(o, &v)| *o = f(v)),
+        None => out.iter_mut().for_each(|o| *o = f(*o)),
+    }
+}
+
+/// `out[i] = f(a[i], b[i])`, or `f(out[i], b[i])` in place (`a` None).
+#[inline(always)]
+fn map2<T: Float>(out: &mut [T], a: Option<&[T]>, b: &[T], f: impl Fn(T, T) -> T) {
+    match a {
+        Some(a) => out
+            .iter_mut()
+            .zip(a.iter().zip(b))
+            .for_each(|(o, (&x, &y))| *o = f(x, y)),
+        None => out.iter_mut().zip(b).for_each(|(o, &y)| *o = f(*o, y)),
+    }
+}
+
+/// `out = op(xs)`, or `out = op(out)` (`xs` None).
+fn unary_run<T: Float>(op: Unary, out: &mut [T], xs: Option<&[T]>) {
+    // Monomorphic inner loops for the cheap ops so they vectorise.
+    match op {
+        Unary::Relu => map1(out, xs, |v| if v > T::zero() { v } else { T::zero() }),
+        Unary::Abs => map1(out, xs, |v| v.abs()),
+        Unary::Neg => map1(out, xs, |v| -v),
+        Unary::Square => map1(out, xs, |v| v * v),
+        Unary::Scale(c) => {
+            let c = T::from_f64(c);
+            map1(out, xs, |v| c * v)
+        }
+        Unary::AddScalar(c) => {
+            let c = T::from_f64(c);
+            map1(out, xs, |v| v + c)
+        }
+        _ => map1(out, xs, |v| unary_fn(op, v)),
+    }
 }
 
 pub(crate) fn unary<T: Float>(op: Unary, x: &[T]) -> Vec<T> {
     fill_chunks(x.len(), |s, out| {
         let xs = &x[s..s + out.len()];
-        // Monomorphic inner loops for the cheap ops so they vectorise.
-        match op {
-            Unary::Relu => out
-                .iter_mut()
-                .zip(xs)
-                .for_each(|(o, &v)| *o = if v > T::zero() { v } else { T::zero() }),
-            Unary::Abs => out.iter_mut().zip(xs).for_each(|(o, &v)| *o = v.abs()),
-            Unary::Neg => out.iter_mut().zip(xs).for_each(|(o, &v)| *o = -v),
-            Unary::Square => out.iter_mut().zip(xs).for_each(|(o, &v)| *o = v * v),
-            Unary::Scale(c) => {
-                let c = T::from_f64(c);
-                out.iter_mut().zip(xs).for_each(|(o, &v)| *o = c * v)
-            }
-            Unary::AddScalar(c) => {
-                let c = T::from_f64(c);
-                out.iter_mut().zip(xs).for_each(|(o, &v)| *o = v + c)
-            }
-            _ => out
-                .iter_mut()
-                .zip(xs)
-                .for_each(|(o, &v)| *o = unary_fn(op, v)),
-        }
+        unary_run(op, out, Some(xs))
     })
+}
+
+/// [`unary`] into `x` itself.
+pub(crate) fn unary_in_place<T: Float>(op: Unary, x: &mut [T]) {
+    for_chunks(x, |_, c| unary_run(op, c, None))
+}
+
+/// `out = gs * op'(xs, ys)`, or `out = out * op'(xs, ys)` (`gs` None).
+fn unary_backward_run<T: Float>(op: Unary, out: &mut [T], gs: Option<&[T]>, xs: &[T], ys: &[T]) {
+    match op {
+        Unary::Relu => map2(
+            out,
+            gs,
+            xs,
+            |g, xv| {
+                if xv > T::zero() { g } else { g * T::zero() }
+            },
+        ),
+        _ => {
+            for i in 0..out.len() {
+                let g = gs.map_or(out[i], |gs| gs[i]);
+                out[i] = g * unary_derivative(op, xs[i], ys[i]);
+            }
+        }
+    }
 }
 
 pub(crate) fn unary_backward<T: Float>(op: Unary, x: &[T], y: &[T], dy: &[T]) -> Vec<T> {
     fill_chunks(x.len(), |s, out| {
         let n = out.len();
         let (xs, ys, gs) = (&x[s..s + n], &y[s..s + n], &dy[s..s + n]);
-        match op {
-            Unary::Relu => out
-                .iter_mut()
-                .zip(xs.iter().zip(gs))
-                .for_each(|(o, (&xv, &g))| *o = if xv > T::zero() { g } else { g * T::zero() }),
-            _ => {
-                for i in 0..n {
-                    out[i] = gs[i] * unary_derivative(op, xs[i], ys[i]);
-                }
-            }
-        }
+        unary_backward_run(op, out, Some(gs), xs, ys)
+    })
+}
+
+/// [`unary_backward`] into `dy` itself.
+pub(crate) fn unary_backward_in_place<T: Float>(op: Unary, x: &[T], y: &[T], dy: &mut [T]) {
+    for_chunks(dy, |s, c| {
+        let n = c.len();
+        unary_backward_run(op, c, None, &x[s..s + n], &y[s..s + n])
     })
 }
 
@@ -113,7 +162,7 @@ pub(crate) fn binary<T: Float>(
     if a_shape == out_shape && b_shape == out_shape {
         return fill_chunks(n, |s, out| {
             let (xa, xb) = (&a[s..s + out.len()], &b[s..s + out.len()]);
-            binary_run(op, out, xa, xb);
+            binary_run(op, out, Some(xa), xb);
         });
     }
     let dims = merge_dims(
@@ -141,7 +190,7 @@ pub(crate) fn binary<T: Float>(
             // Monomorphic loops for contiguous / broadcast operands so they
             // vectorise (a broadcast mask multiply ran 2.5x slower without).
             match (ia, ib) {
-                (1, 1) => binary_run(op, o, &a[oa..oa + run], &b[ob..ob + run]),
+                (1, 1) => binary_run(op, o, Some(&a[oa..oa + run]), &b[ob..ob + run]),
                 (1, 0) => {
                     let bv = b[ob];
                     let xa = &a[oa..oa + run];
@@ -173,22 +222,24 @@ pub(crate) fn binary<T: Float>(
     })
 }
 
-/// `out = a op b` on equal-length runs.
+/// `out = a op b` on equal-length runs, or `out = out op b` (`a` None).
 #[inline(always)]
-fn binary_run<T: Float>(op: Binary, out: &mut [T], a: &[T], b: &[T]) {
+fn binary_run<T: Float>(op: Binary, out: &mut [T], a: Option<&[T]>, b: &[T]) {
     match op {
-        Binary::Add => zip3(out, a, b, |x, y| x + y),
-        Binary::Sub => zip3(out, a, b, |x, y| x - y),
-        Binary::Mul => zip3(out, a, b, |x, y| x * y),
-        Binary::Div => zip3(out, a, b, |x, y| x / y),
+        Binary::Add => map2(out, a, b, |x, y| x + y),
+        Binary::Sub => map2(out, a, b, |x, y| x - y),
+        Binary::Mul => map2(out, a, b, |x, y| x * y),
+        Binary::Div => map2(out, a, b, |x, y| x / y),
     }
 }
 
-#[inline(always)]
-fn zip3<T: Float>(out: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T) -> T) {
-    out.iter_mut()
-        .zip(a.iter().zip(b))
-        .for_each(|(o, (&x, &y))| *o = f(x, y));
+/// [`binary`] of equal shapes into `a` itself.
+pub(crate) fn binary_in_place<T: Float>(op: Binary, a: &mut [T], b: &[T]) {
+    debug_assert_eq!(a.len(), b.len());
+    for_chunks(a, |s, c| {
+        let n = c.len();
+        binary_run(op, c, None, &b[s..s + n])
+    })
 }
 
 pub(crate) fn mask_mul<T: Float>(x: &[T], dims: [usize; 4], mask: &InputMask<T>) -> Vec<T> {
@@ -209,7 +260,7 @@ pub(crate) fn mask_mul<T: Float>(x: &[T], dims: [usize; 4], mask: &InputMask<T>)
                 }
                 InputMask::Spatial(_) => {
                     let ms = &m[ni * p..][..p];
-                    zip3(o, xs, ms, |v, s| v * s);
+                    map2(o, Some(xs), ms, |v, s| v * s);
                 }
             }
         });
@@ -220,7 +271,7 @@ pub(crate) fn sq_err_backward<T: Float>(a: &[T], b: &[T], g: T) -> Vec<T> {
     let two_g = g + g;
     fill_chunks(a.len(), |s, out| {
         let (xa, xb) = (&a[s..s + out.len()], &b[s..s + out.len()]);
-        zip3(out, xa, xb, |x, y| two_g * (x - y));
+        map2(out, Some(xa), xb, |x, y| two_g * (x - y));
     })
 }
 
@@ -323,6 +374,58 @@ mod tests {
         tensor_of(shape, seed, |v| v)
     }
 
+    /// A copy of `t` in a buffer of its own, which an `_owned` op may
+    /// write into.
+    fn sole_copy<E: Elem>(t: &Tensor<E>) -> Tensor<E> {
+        Tensor::from_vec(t.shape(), t.to_vec()).expect("a copy")
+    }
+
+    #[test]
+    fn owned_operands_hold_the_result_only_when_nothing_else_holds_them() {
+        let be = CpuBackend::new(ConvAlgo::Auto);
+        let x = tensor::<f32>(&SHAPE, 60);
+        let b = tensor::<f32>(&SHAPE, 61);
+        let row = tensor::<f32>(&[1, 1, 1, 43], 62);
+        let old = x.to_vec();
+        type Op<'a> = Box<dyn Fn(Tensor<f32>) -> Tensor<f32> + 'a>;
+        let ops: [(&str, Op); 3] = [
+            (
+                "unary_owned",
+                Box::new(|t| be.unary_owned(Unary::Neg, t).unwrap()),
+            ),
+            (
+                "unary_backward_owned",
+                Box::new(|t| be.unary_backward_owned(Unary::Relu, &b, &b, t).unwrap()),
+            ),
+            (
+                "binary_owned",
+                Box::new(|t| be.binary_owned(Binary::Sub, t, &b, &SHAPE).unwrap()),
+            ),
+        ];
+        for (what, op) in &ops {
+            // The only handle: the result is written into its buffer.
+            let sole = sole_copy(&x);
+            let at = sole.as_slice().as_ptr();
+            assert_eq!(op(sole).as_slice().as_ptr(), at, "{what}");
+            // Another handle is kept: a new buffer, and the kept one is
+            // left as it was.
+            let kept = sole_copy(&x);
+            let y = op(kept.clone());
+            assert_ne!(y.as_slice().as_ptr(), kept.as_slice().as_ptr(), "{what}");
+            assert_eq!(kept.to_vec(), old, "{what}");
+        }
+        // Broadcasts take the general path, into a new buffer: `a`
+        // smaller than the output cannot hold it, and the in-place loop
+        // is for operands of one shape (all the tape's sums need).
+        for (a, b) in [(&row, &x), (&x, &row)] {
+            let sole = sole_copy(a);
+            let at = sole.as_slice().as_ptr();
+            let y = be.binary_owned(Binary::Add, sole, b, &SHAPE).unwrap();
+            assert_ne!(y.as_slice().as_ptr(), at);
+            assert_eq!(y.shape(), SHAPE);
+        }
+    }
+
     /// `f` on the CPU backend in pools of 1, 2 and 3 threads, each result
     /// equal to `f` on the reference backend bit for bit.
     fn check<E: Elem>(what: &str, f: impl Fn(&dyn Backend<E>) -> Tensor<E> + Sync) {
@@ -365,9 +468,16 @@ mod tests {
                 &signed
             };
             check(&format!("unary {op:?}"), |be| be.unary(op, x).unwrap());
+            // The in-place variants (given a tensor no one else holds).
+            check(&format!("unary_owned {op:?}"), |be| {
+                be.unary_owned(op, sole_copy(x)).unwrap()
+            });
             let y = ReferenceBackend.unary(op, x).unwrap();
             check(&format!("unary_backward {op:?}"), |be| {
                 be.unary_backward(op, x, &y, &dy).unwrap()
+            });
+            check(&format!("unary_backward_owned {op:?}"), |be| {
+                be.unary_backward_owned(op, x, &y, sole_copy(&dy)).unwrap()
             });
         }
     }
@@ -394,6 +504,10 @@ mod tests {
             for op in [Binary::Add, Binary::Sub, Binary::Mul, Binary::Div] {
                 check(&format!("binary {op:?} {sa:?} {sb:?}"), |be| {
                     be.binary(op, &a, &b, &SHAPE).unwrap()
+                });
+                // In place where `a` has the output's shape, else a copy.
+                check(&format!("binary_owned {op:?} {sa:?} {sb:?}"), |be| {
+                    be.binary_owned(op, sole_copy(&a), &b, &SHAPE).unwrap()
                 });
             }
         }

@@ -475,6 +475,53 @@ impl<T: Float> Backend<T> for CpuBackend {
         Ok(Tensor::from_parts(out_shape, out))
     }
 
+    fn unary_owned(&self, op: Unary, x: Tensor<T>) -> Result<Tensor<T>> {
+        let shape = x.shape().to_vec();
+        match x.try_into_vec() {
+            Ok(mut v) => {
+                elementwise::unary_in_place(op, &mut v);
+                Ok(Tensor::from_parts(&shape, v))
+            }
+            Err(x) => self.unary(op, &x),
+        }
+    }
+
+    fn unary_backward_owned(
+        &self,
+        op: Unary,
+        x: &Tensor<T>,
+        y: &Tensor<T>,
+        dy: Tensor<T>,
+    ) -> Result<Tensor<T>> {
+        let shape = dy.shape().to_vec();
+        match dy.try_into_vec() {
+            Ok(mut g) => {
+                elementwise::unary_backward_in_place(op, x.as_slice(), y.as_slice(), &mut g);
+                Ok(Tensor::from_parts(&shape, g))
+            }
+            Err(dy) => self.unary_backward(op, x, y, &dy),
+        }
+    }
+
+    fn binary_owned(
+        &self,
+        op: Binary,
+        a: Tensor<T>,
+        b: &Tensor<T>,
+        out_shape: &[usize],
+    ) -> Result<Tensor<T>> {
+        if a.shape() != out_shape || b.shape() != out_shape {
+            return self.binary(op, &a, b, out_shape);
+        }
+        match a.try_into_vec() {
+            Ok(mut v) => {
+                elementwise::binary_in_place(op, &mut v, b.as_slice());
+                Ok(Tensor::from_parts(out_shape, v))
+            }
+            Err(a) => self.binary(op, &a, b, out_shape),
+        }
+    }
+
     fn mask_mul(&self, x: &Tensor<T>, mask: &InputMask<T>) -> Result<Tensor<T>> {
         let dims = x.dims4("mask_mul")?;
         Ok(Tensor::from_parts(
