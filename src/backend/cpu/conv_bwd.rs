@@ -43,7 +43,7 @@ use super::conv_fwd::{
     pack_weights, sparse_channels,
 };
 use super::kernel::{AWalk, ColBlock, MR, NR_MAX, nr, run_tile};
-use super::pack::{PadSpec, Padded, align_offset, pack_dy_t, pad_input, pad_planes};
+use super::pack::{PadSpec, align_offset, image_batches, pack_dy_t, pad_images, pad_planes};
 use super::simd::Elem;
 use crate::Tensor;
 use crate::backend::{ConvArgs, ConvGeometry, InputMask};
@@ -187,47 +187,6 @@ pub(crate) fn conv2d_backward_input<E: Elem>(
     drop(a);
     drop(pool::Buffer::new(wt));
     dx
-}
-
-/// The image ranges a direct gradient pads and runs at a time: the whole
-/// batch, or one image at a time where the padded copy of the batch
-/// (`dims` padded by `spec`) would take at least `cx.pad_per_image_above`
-/// bytes (see [`PAD_PER_IMAGE_ABOVE`]). No split where nothing is copied:
-/// an unmasked identity placement borrows the operand itself.
-///
-/// [`PAD_PER_IMAGE_ABOVE`]: super::PAD_PER_IMAGE_ABOVE
-fn image_batches<E>(
-    dims: [usize; 4],
-    spec: PadSpec,
-    masked: bool,
-    cx: Ctx<'_>,
-) -> Vec<Range<usize>> {
-    let [n, c, h, w] = dims;
-    let copied = masked || !spec.is_identity(h, w);
-    let bytes = n * c * spec.hp * spec.wp * std::mem::size_of::<E>();
-    if copied && bytes >= cx.pad_per_image_above {
-        (0..n).map(|i| i..i + 1).collect()
-    } else {
-        std::iter::once(0..n).collect()
-    }
-}
-
-/// Images `imgs` of `x` (`dims`) times `mask`, padded by `spec`: the
-/// planes of those images only, or [`pad_input`] for the whole batch.
-fn pad_images<'a, E: Elem>(
-    x: &'a [E],
-    dims: [usize; 4],
-    spec: PadSpec,
-    mask: Option<&InputMask<E>>,
-    imgs: Range<usize>,
-) -> Padded<'a, E> {
-    let [n, c, _, _] = dims;
-    if imgs == (0..n) {
-        pad_input(x, dims, spec, mask)
-    } else {
-        let planes: Vec<usize> = (imgs.start * c..imgs.end * c).collect();
-        Padded::Owned(pad_planes(x, dims, spec, mask, &planes))
-    }
 }
 
 /// The multipliers of images `imgs` of a mask, as a mask of those images.
@@ -696,7 +655,7 @@ mod tests {
     use crate::backend::cpu::isa::Isa;
     use crate::backend::cpu::kernel::MR;
     use crate::backend::cpu::simd::Elem;
-    use crate::backend::cpu::testing::{first_near_then_same_bits, values};
+    use crate::backend::cpu::testing::{assert_same_bits, first_near_then_same_bits, values};
     use crate::backend::{
         Backend, ConvArgs, ConvGeometry, CpuBackend, InputMask, ReferenceBackend,
     };
@@ -780,7 +739,7 @@ mod tests {
     /// per image, sizes no other test asks for. A 1x1 conv without a mask
     /// copies nothing, so it never splits; with one it does.
     #[test]
-    fn gradients_pad_one_image_at_a_time_from_the_threshold_on() {
+    fn passes_pad_one_image_at_a_time_from_the_threshold_on() {
         use crate::pool;
         let [n, c, h, w] = [2, 8, 127, 131];
         let x_shape = [n, c, h, w];
@@ -788,9 +747,22 @@ mod tests {
         let x = tensor::<f64>(&x_shape, &values(len(&x_shape), 7));
         let spatial = InputMask::Spatial(tensor(&[n, h, w], &values(n * h * w, 8)));
         let channel = InputMask::Channel(tensor(&[n, c], &values(n * c, 9)));
+        // With exact zeros, the top half of image 0 and the bottom half
+        // of image 1: the passes then skip positions, reading each
+        // image's own mask.
+        let zeros: Vec<f64> = values(n * h * w, 12)
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let (img, row) = (i / (h * w), (i / w) % h);
+                if (row < h / 2) == (img == 0) { 0.0 } else { v }
+            })
+            .collect();
+        let holed = InputMask::Spatial(tensor(&[n, h, w], &zeros));
         for (kernel, pad, mask) in [
             (3, 1, None),
             (3, 1, Some(spatial)),
+            (3, 1, Some(holed)),
             (1, 0, None),
             (1, 0, Some(channel)),
         ] {
@@ -803,11 +775,12 @@ mod tests {
                 mask: mask.clone(),
                 relu: false,
             };
-            // Both gradients' padded planes are (h + 2 pad) x (w + 2 pad).
+            // Every pass's padded planes are (h + 2 pad) x (w + 2 pad).
             let one = c * (h + 2 * pad) * (w + 2 * pad);
             let batch = n * one;
             let copies = pad > 0 || mask.is_some();
             let bytes = batch * std::mem::size_of::<f64>();
+            let mut outputs = Vec::new();
             for (threshold, split) in [(bytes, copies), (bytes + 1, false)] {
                 let be = CpuBackend::with_isa(ConvAlgo::Direct, Isa::Scalar)
                     .unwrap()
@@ -816,8 +789,11 @@ mod tests {
                     "{kernel}x{kernel}, mask {}, threshold {threshold}",
                     mask.is_some()
                 );
-                be.conv2d_backward_input(&dy, &wt, &args).unwrap();
-                be.conv2d_backward_weight(&dy, &x, &args).unwrap();
+                outputs.push([
+                    be.conv2d(&x, &wt, None, &args).unwrap(),
+                    be.conv2d_backward_input(&dy, &wt, &args).unwrap(),
+                    be.conv2d_backward_weight(&dy, &x, &args).unwrap(),
+                ]);
                 // (Without padding the batch's copy has the length of the
                 // tensors themselves, which return to the pool too: only
                 // one image's copy tells there.)
@@ -832,6 +808,10 @@ mod tests {
                         drop(pool::take::<f64>(l));
                     }
                 }
+            }
+            // Per image or per batch, the same bits.
+            for (split, whole) in outputs[0].iter().zip(&outputs[1]) {
+                assert_same_bits(split, whole, &format!("{kernel}x{kernel}"));
             }
         }
     }

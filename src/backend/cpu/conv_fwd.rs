@@ -34,7 +34,9 @@ use rayon::prelude::*;
 
 use super::Ctx;
 use super::kernel::{AWalk, ColBlock, MR, nr, run_packed_tile, run_tile, split_columns};
-use super::pack::{Aligned, PackedA, PadSpec, even_blocks, pack_b_tile, pad_input, pad_planes};
+use super::pack::{
+    Aligned, PackedA, PadSpec, even_blocks, image_batches, pack_b_tile, pad_images, pad_planes,
+};
 use super::simd::Elem;
 use crate::backend::{ConvArgs, ConvGeometry, InputMask};
 use crate::pool;
@@ -88,7 +90,10 @@ pub(crate) fn conv2d<E: Elem>(
         return conv2d_channel_sparse(x, w, b, args, ms, cx);
     }
     let spec = forward_pad(g);
-    let src = pad_input(x, g.input_shape(), spec, args.mask.as_ref());
+    // One image at a time where the padded batch is big (as the
+    // gradients do): the copy is then one image's, which the pool can
+    // hand from the first image to the next.
+    let batches = image_batches::<E>(g.input_shape(), spec, args.mask.is_some(), cx);
     // A spatial mask with zeros, padded like the input (one channel).
     let mpad = match &args.mask {
         Some(InputMask::Spatial(m)) if m.as_slice().contains(&E::zero()) => Some(pad_planes(
@@ -114,27 +119,34 @@ pub(crate) fn conv2d<E: Elem>(
             kblocks: even_blocks(k, kc_for::<E>()),
         }
     };
-    let y = ImplicitConv {
-        src: src.as_slice(),
-        n: g.n,
-        c: g.c_in,
-        hp: spec.hp,
-        wp: spec.wp,
-        kh: g.kh,
-        kw: g.kw,
-        stride: g.stride,
-        oh: g.oh,
-        ow: g.ow,
-        a: &a,
-        m: g.c_out,
-        epilogue: Epilogue::Bias {
-            bias: b,
-            relu: args.relu,
-        },
-        skip: mpad.as_deref().map_or(Skip::None, Skip::Receptive),
-        cx,
+    let (plane, y_img) = (spec.hp * spec.wp, g.c_out * g.oh * g.ow);
+    let mut y = pool::take::<E>(g.n * y_img);
+    for imgs in batches {
+        let src = pad_images(x, g.input_shape(), spec, args.mask.as_ref(), imgs.clone());
+        ImplicitConv {
+            src: src.as_slice(),
+            n: imgs.len(),
+            c: g.c_in,
+            hp: spec.hp,
+            wp: spec.wp,
+            kh: g.kh,
+            kw: g.kw,
+            stride: g.stride,
+            oh: g.oh,
+            ow: g.ow,
+            a: &a,
+            m: g.c_out,
+            epilogue: Epilogue::Bias {
+                bias: b,
+                relu: args.relu,
+            },
+            skip: mpad.as_deref().map_or(Skip::None, |m| {
+                Skip::Receptive(&m[imgs.start * plane..imgs.end * plane])
+            }),
+            cx,
+        }
+        .run_into(&mut y[imgs.start * y_img..imgs.end * y_img]);
     }
-    .run();
     if let Some(m) = mpad {
         drop(pool::Buffer::new(m));
     }

@@ -15,6 +15,9 @@
 use pulp::Simd;
 use rayon::prelude::*;
 
+use std::ops::Range;
+
+use super::Ctx;
 use super::kernel::MR;
 use super::simd::{Elem, Level, prefetch};
 use crate::backend::InputMask;
@@ -81,6 +84,47 @@ pub(crate) fn pad_input<'a, E: Float>(
     }
     let all: Vec<usize> = (0..n * c).collect();
     Padded::Owned(pad_planes(x, dims, spec, mask, &all))
+}
+
+/// The image ranges a direct conv pass pads and runs at a time: the whole
+/// batch, or one image at a time where the padded copy of the batch
+/// (`dims` padded by `spec`) would take at least `cx.pad_per_image_above`
+/// bytes (see [`PAD_PER_IMAGE_ABOVE`]). No split where nothing is copied:
+/// an unmasked identity placement borrows the operand itself.
+///
+/// [`PAD_PER_IMAGE_ABOVE`]: super::PAD_PER_IMAGE_ABOVE
+pub(crate) fn image_batches<E>(
+    dims: [usize; 4],
+    spec: PadSpec,
+    masked: bool,
+    cx: Ctx<'_>,
+) -> Vec<Range<usize>> {
+    let [n, c, h, w] = dims;
+    let copied = masked || !spec.is_identity(h, w);
+    let bytes = n * c * spec.hp * spec.wp * std::mem::size_of::<E>();
+    if copied && bytes >= cx.pad_per_image_above {
+        (0..n).map(|i| i..i + 1).collect()
+    } else {
+        std::iter::once(0..n).collect()
+    }
+}
+
+/// Images `imgs` of `x` (`dims`) times `mask`, padded by `spec`: the
+/// planes of those images only, or [`pad_input`] for the whole batch.
+pub(crate) fn pad_images<'a, E: Float>(
+    x: &'a [E],
+    dims: [usize; 4],
+    spec: PadSpec,
+    mask: Option<&InputMask<E>>,
+    imgs: Range<usize>,
+) -> Padded<'a, E> {
+    let [n, c, _, _] = dims;
+    if imgs == (0..n) {
+        pad_input(x, dims, spec, mask)
+    } else {
+        let planes: Vec<usize> = (imgs.start * c..imgs.end * c).collect();
+        Padded::Owned(pad_planes(x, dims, spec, mask, &planes))
+    }
 }
 
 /// [`pad_input`] for a selection of planes: destination plane `i` is
