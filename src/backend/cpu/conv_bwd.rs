@@ -504,6 +504,11 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
         // channel the block's image keeps (rebuilt when the image changes).
         let mut kept: Vec<usize> = Vec::new();
         let mut kept_img = None;
+        // Their C rows, gathered into one tile per group. (A short last
+        // group leaves the rows past its end stale; they are summed on
+        // like rows past the end of a panel, and never copied back.)
+        let mut local = [E::zero(); MR * NR_MAX];
+        let local = &mut local[..tile_len];
         for (kb, r) in blocks.iter().enumerate() {
             let kc = r.nrows * r.ncols;
             let bt = &packed[at..at + kc * tiles * nr];
@@ -542,8 +547,6 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                     macs += group.len() * m * kc;
                     // Rows past the group's end repeat its last (dropped).
                     let a: [&[E]; MR] = std::array::from_fn(|i| row(group[i.min(group.len() - 1)]));
-                    let mut local = [E::zero(); MR * NR_MAX];
-                    let local = &mut local[..tile_len];
                     let c_row = |j: usize, t: usize| {
                         let q = j - j0;
                         ((q / MR) * tiles + t) * tile_len + (q % MR) * nr

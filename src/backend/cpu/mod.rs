@@ -338,6 +338,19 @@ fn same_owned<A: Any, B: Any>(a: A) -> B {
     }
 }
 
+/// `t` with `update` applied to its own elements, when `t` is the only
+/// handle on them ([`Tensor::try_into_vec`]); otherwise `t` back, untouched,
+/// for the caller to compute into a new buffer.
+fn in_place<T: Float>(
+    t: Tensor<T>,
+    update: impl FnOnce(&mut [T]),
+) -> std::result::Result<Tensor<T>, Tensor<T>> {
+    let shape = t.shape().to_vec();
+    let mut v = t.try_into_vec()?;
+    update(&mut v);
+    Ok(Tensor::from_parts(&shape, v))
+}
+
 impl<T: Float> Backend<T> for CpuBackend {
     fn name(&self) -> String {
         "cpu".into()
@@ -476,14 +489,7 @@ impl<T: Float> Backend<T> for CpuBackend {
     }
 
     fn unary_owned(&self, op: Unary, x: Tensor<T>) -> Result<Tensor<T>> {
-        let shape = x.shape().to_vec();
-        match x.try_into_vec() {
-            Ok(mut v) => {
-                elementwise::unary_in_place(op, &mut v);
-                Ok(Tensor::from_parts(&shape, v))
-            }
-            Err(x) => self.unary(op, &x),
-        }
+        in_place(x, |v| elementwise::unary_in_place(op, v)).or_else(|x| self.unary(op, &x))
     }
 
     fn unary_backward_owned(
@@ -493,14 +499,10 @@ impl<T: Float> Backend<T> for CpuBackend {
         y: &Tensor<T>,
         dy: Tensor<T>,
     ) -> Result<Tensor<T>> {
-        let shape = dy.shape().to_vec();
-        match dy.try_into_vec() {
-            Ok(mut g) => {
-                elementwise::unary_backward_in_place(op, x.as_slice(), y.as_slice(), &mut g);
-                Ok(Tensor::from_parts(&shape, g))
-            }
-            Err(dy) => self.unary_backward(op, x, y, &dy),
-        }
+        in_place(dy, |g| {
+            elementwise::unary_backward_in_place(op, x.as_slice(), y.as_slice(), g)
+        })
+        .or_else(|dy| self.unary_backward(op, x, y, &dy))
     }
 
     fn binary_owned(
@@ -513,13 +515,8 @@ impl<T: Float> Backend<T> for CpuBackend {
         if a.shape() != out_shape || b.shape() != out_shape {
             return self.binary(op, &a, b, out_shape);
         }
-        match a.try_into_vec() {
-            Ok(mut v) => {
-                elementwise::binary_in_place(op, &mut v, b.as_slice());
-                Ok(Tensor::from_parts(out_shape, v))
-            }
-            Err(a) => self.binary(op, &a, b, out_shape),
-        }
+        in_place(a, |v| elementwise::binary_in_place(op, v, b.as_slice()))
+            .or_else(|a| self.binary(op, &a, b, out_shape))
     }
 
     fn mask_mul(&self, x: &Tensor<T>, mask: &InputMask<T>) -> Result<Tensor<T>> {
