@@ -11,15 +11,16 @@
 //! (GFLOP/s then count the dense work); `DMKD_SPMASK=loss` and
 //! `DMKD_CHMASK=loss` use the masks the preset's loss draws at that level
 //! (from the synthetic teacher). `DMKD_ALGO=winograd` (or `auto`)
-//! picks the conv algorithm (default `direct`).
+//! picks the conv algorithm (default `direct`); `DMKD_ISA=avx2` (or `avx512`,
+//! `scalar`, default `auto`) the instruction set of the kernels and the probe.
 
 use std::time::Instant;
 
-use dmkd::backend::cpu::fma_peak_gflops;
+use dmkd::backend::cpu::fma_peak_gflops_on;
 use dmkd::backend::{Backend, ConvArgs, ConvGeometry, CpuBackend};
 use dmkd::distill::mask::Branch;
 use dmkd::synthetic::{Preset, loss_masks};
-use dmkd::{ConvAlgo, Float, Tensor};
+use dmkd::{ConvAlgo, Float, Isa, Tensor};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -149,6 +150,14 @@ fn env_mask<T: Float>(
 /// Level, flops, median seconds of (fwd, dX, dW) and whether each was quiet.
 type Row = (String, f64, [(f64, bool); 3]);
 
+/// `DMKD_ISA=auto|avx512|avx2|scalar` (default auto): the instruction set
+/// the kernels run on and the peak probe uses.
+fn isa() -> Isa {
+    std::env::var("DMKD_ISA").map_or(Isa::Auto, |s| {
+        s.parse().expect("DMKD_ISA: auto, avx512, avx2 or scalar")
+    })
+}
+
 /// Median seconds of (fwd, dX, dW) per level.
 fn run<T: Float>(reps: usize, levels: &[&str]) -> Vec<Row> {
     // DMKD_ALGO=direct|winograd|auto (default direct).
@@ -159,7 +168,7 @@ fn run<T: Float>(reps: usize, levels: &[&str]) -> Vec<Row> {
                 .expect("DMKD_ALGO: direct, winograd or auto")
         })
         .unwrap_or(ConvAlgo::Direct);
-    let be = CpuBackend::new(algo);
+    let be = CpuBackend::with_isa(algo, isa()).expect("DMKD_ISA: this CPU runs it");
     let (n, c) = (2, 256);
     let mut out = Vec::new();
     let preset = preset();
@@ -285,7 +294,7 @@ fn main() {
         .unwrap_or_else(|| all.iter().map(String::as_str).collect());
     let f64_too = args.iter().any(|a| a == "f64");
     let threads = rayon::current_num_threads();
-    let peak_before = fma_peak_gflops(threads);
+    let peak_before = fma_peak_gflops_on(isa(), threads).expect("DMKD_ISA: this CPU runs it");
     // Let the probe's threads be reaped before CPU times are read.
     std::thread::sleep(std::time::Duration::from_millis(100));
     let r32 = run::<f32>(reps, &levels);
@@ -294,7 +303,7 @@ fn main() {
     } else {
         Vec::new()
     };
-    let peak_after = fma_peak_gflops(threads);
+    let peak_after = fma_peak_gflops_on(isa(), threads).expect("DMKD_ISA: this CPU runs it");
     // The higher probe: percentages are then never flattered by a probe
     // that happened to run while the machine was busy.
     let peak = peak_before.max(peak_after);

@@ -14,21 +14,27 @@ use crate::backend::cpu::kernel::{MR, nr, run_packed_tile};
 use crate::backend::cpu::simd::{Elem, lane_order_for};
 use crate::pool;
 
-/// Register groups (NR tiles each) per block. The block's transformed
-/// input, `36 x K x G*NR`, and its products, `36 x M x G*NR`, are 1.2 MB
-/// each at K = M = 256 in f32 for G = 2; all threads work on the same
-/// block (see [`WinoConv::run_images`]), so these and the packed weights
-/// (9.4 MB) are the working set. Each GEMM reads its B tile from L1 once
-/// per 6-row panel and its panels' weights at one position from L2.
-/// Measured when each thread had a block of its own (P3 forward, 2
-/// threads, quiet phase): G = 1: 95 ms, 2: 81-84, 4: 90, 8: 93. With the
-/// shared block, in a slow phase of the host (AMD EPYC Zen 3, AVX2, 2
-/// threads, seven alternating rounds of `dmkd bench --only loss`): G = 2
-/// and G = 4 tied (2104-2740 against 2240-2690 ms, each winning 3 or 4
-/// rounds); 2 holds half the scratch. On AVX-512 (Zen 5, 32 tiles per group,
-/// alternated call by call): G = 1 took 1.25x as long as G = 2 at P3, G = 3
-/// and 4 tied with 2.
-const GROUPS: usize = 2;
+/// Register groups (NR tiles each) per block. Each GEMM reads its B tile
+/// (one group's `K x NR` at one position) from L1 once per 6-row panel,
+/// and each panel's weights at one position once per group: the packed
+/// weights (9.4 MB at K = M = 256 in f32) are streamed from beyond L2 once
+/// per block, so the groups per block are how often each weight byte is
+/// used per stream. The block's transformed input, `36 x K x G*NR`, and
+/// its products, `36 x M x G*NR`, are 9.4 MB each at G = 8 (f32,
+/// AVX-512), shared by all threads (see [`WinoConv::run_images`]).
+///
+/// Measured (Intel Xeon family 6 model 207, AVX-512 and AVX2, 2 threads,
+/// `examples/conv_speed`, medians of 7, alternating runs in one session):
+/// dense P3 forward, AVX-512, G = 2: 63.1-63.7 ms, 4: 60.5-61.7, 6:
+/// 58.1-58.8, 8: 57.8-59.4, 12: 57.8-58.1, 16: 58.0-60.6 (P4 16.9-17.2
+/// against 15.8-16.8 at 8); AVX2, G = 2: 101.6-101.7, 4: 95.4-97.7, 8:
+/// 90.3-93.0, 16: 90.5-93.0. Under the retinanet loss's masks (AVX-512, G
+/// = 2 against 8): P3 forward, channel mask 33.0-34.4 -> 27.2-28.9 ms,
+/// spatial 34.6-38.7 -> 32.0-33.6; input gradient, channel 39.5-40.6 ->
+/// 33.2-36.7, spatial 33.9-36.8 -> 30.7-35.1. Earlier, on an AMD EPYC Zen 3
+/// (AVX2) and a Zen 5 (AVX-512), G = 3 and 4 had tied with 2; 8 was not
+/// timed there.
+const GROUPS: usize = 8;
 
 /// A multiplier applied to the source while it is gathered.
 #[derive(Clone, Copy)]
@@ -746,8 +752,11 @@ mod tests {
     const K: usize = 5;
     const M: usize = 8;
     /// The planes the tests run: sides not multiples of 4 (partial tiles).
-    /// 9 x 13 has 3 x 4 tiles per image, so blocks span images at every
-    /// register width (16 tiles per f64 block on AVX2, 4 on scalar); 6 x 49
+    /// 9 x 13 has 3 x 4 tiles per image, so one block spans the three
+    /// images (several blocks on scalar, 16 tiles each); 17 x 70 has 5 x 18
+    /// tiles per image, 270 in all, so every register width has more than
+    /// one block, the last one short (a block is 256 f32 tiles on AVX-512,
+    /// 128 on AVX2 or for f64 on AVX-512, 64 for f64 on AVX2); 6 x 49
     /// has rows of 13 tiles, so registers of consecutive tiles in one tile
     /// row (the vector gather and scatter), with and without a left or
     /// right border tile, and registers across tile rows occur at 1, 4 and
@@ -757,8 +766,16 @@ mod tests {
     /// (scalar gather); at 47 the last tile's outputs are cut (scalar).
     /// 3 x 9 and 9 x 3 are less than a tile high or wide. 5 x 69 has rows
     /// of 18 tiles, so row runs of 16 lanes (f32 on AVX-512) too.
-    const PLANES: [(usize, usize); 7] =
-        [(9, 13), (6, 49), (5, 48), (5, 47), (3, 9), (9, 3), (5, 69)];
+    const PLANES: [(usize, usize); 8] = [
+        (9, 13),
+        (17, 70),
+        (6, 49),
+        (5, 48),
+        (5, 47),
+        (3, 9),
+        (9, 3),
+        (5, 69),
+    ];
 
     /// The convolution by definition: the forward sums `w[o][i] (x[i] *
     /// in)`, the transposed one correlates with the flipped `w[i][o]`;

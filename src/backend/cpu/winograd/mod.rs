@@ -9,8 +9,8 @@
 //! +-1, +-2, inf keep the data transforms to small integer coefficients
 //! ([`transform`]).
 //!
-//! Forward ([`fwd`]): per block of `GROUPS x NR` tiles (32 in f32 on
-//! AVX2), gather each tile's 6 x 6 window (the mask multiplied in, pad 1
+//! Forward ([`fwd`]): per block of `GROUPS x NR` tiles (256 in f32 on
+//! AVX-512), gather each tile's 6 x 6 window (the mask multiplied in, pad 1
 //! read as zeros) into registers whose lanes are tiles (a register of
 //! consecutive tiles of one tile row is two vector loads and a deinterleave
 //! per window row, [`transform::WindowSpan::gather_row_run`]; lanes in the
@@ -36,7 +36,7 @@
 //!
 //! Memory: nothing is materialised per level beyond the output; the
 //! forward holds one block of transformed input and one of products,
-//! shared by all threads (2 x 1.2 MB at C = 256, f32; the threads split
+//! shared by all threads (2 x 9.4 MB at C = 256, f32, AVX-512; the threads split
 //! each block's phases, not the tiles), and the transformed weights twice
 //! (36 x M x K, 9.4 MB, as transformed and as packed); the weight gradient
 //! holds one block of transformed operands (2 x 9.4 MB) and the
