@@ -442,25 +442,41 @@ pub(crate) fn pack_dy_t<E: Float>(
     let kc = nrows * ncols;
     let plane = dy.len() / m.max(1);
     for (t, tile) in out.chunks_exact_mut(kc * nr).enumerate() {
-        for i in 0..nr {
-            let co = t * nr + i;
-            if co >= m {
-                for kk in 0..kc {
-                    tile[kk * nr + i] = E::zero();
-                }
-                continue;
+        // Channels past m: zero lanes.
+        let rows = m.saturating_sub(t * nr).min(nr);
+        if rows < nr {
+            for row in tile.chunks_exact_mut(nr) {
+                row[rows..].fill(E::zero());
             }
-            let row = &dy[co * plane..][..plane];
-            let mut kk = 0;
-            for oy in oy0..oy0 + nrows {
-                for &v in &row[oy * ow + ox0..oy * ow + ox0 + ncols] {
-                    tile[kk * nr + i] = v;
-                    kk += 1;
+        }
+        // Blocks of POS_BLOCK positions, all channels of each: the block's
+        // destination rows stay in L1 while its columns are written. (One
+        // channel at a time wrote a column down the whole `kc x NR` tile per
+        // channel. P3 weight gradient, Intel Xeon AVX-512, 2 threads: this
+        // function's share of `perf` samples 4.4% -> 2.7%; the pass's time
+        // moved within the host's noise, 136.8-145.8 against 140.2-146.5 ms
+        // in four alternating rounds.)
+        let mut kk = 0;
+        for oy in oy0..oy0 + nrows {
+            let mut ox = ox0;
+            while ox < ox0 + ncols {
+                let w = POS_BLOCK.min(ox0 + ncols - ox);
+                let dst = &mut tile[kk * nr..][..w * nr];
+                for i in 0..rows {
+                    let src = &dy[(t * nr + i) * plane + oy * ow + ox..][..w];
+                    for (j, &v) in src.iter().enumerate() {
+                        dst[j * nr + i] = v;
+                    }
                 }
+                kk += w;
+                ox += w;
             }
         }
     }
 }
+
+/// Positions per block of [`pack_dy_t`].
+const POS_BLOCK: usize = 8;
 
 /// A zeroed scratch buffer whose slice starts on a 64-byte boundary, so
 /// that a packed B row of 16 f32 is one cache line and no vector load of
