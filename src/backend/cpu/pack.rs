@@ -442,11 +442,11 @@ pub(crate) fn pack_dy_t<E: Float>(
     let kc = nrows * ncols;
     let plane = dy.len() / m.max(1);
     for (t, tile) in out.chunks_exact_mut(kc * nr).enumerate() {
-        // Channels past m: zero lanes.
-        let rows = m.saturating_sub(t * nr).min(nr);
-        if rows < nr {
+        // The tile's channels below m; the lanes past them are zeros.
+        let channels = m.saturating_sub(t * nr).min(nr);
+        if channels < nr {
             for row in tile.chunks_exact_mut(nr) {
-                row[rows..].fill(E::zero());
+                row[channels..].fill(E::zero());
             }
         }
         // Blocks of POS_BLOCK positions, all channels of each: the block's
@@ -462,7 +462,7 @@ pub(crate) fn pack_dy_t<E: Float>(
             while ox < ox0 + ncols {
                 let w = POS_BLOCK.min(ox0 + ncols - ox);
                 let dst = &mut tile[kk * nr..][..w * nr];
-                for i in 0..rows {
+                for i in 0..channels {
                     let src = &dy[(t * nr + i) * plane + oy * ow + ox..][..w];
                     for (j, &v) in src.iter().enumerate() {
                         dst[j * nr + i] = v;
