@@ -31,9 +31,10 @@ use crate::pool;
 /// 90.3-93.0, 16: 90.5-93.0. Under the retinanet loss's masks (AVX-512, G
 /// = 2 against 8): P3 forward, channel mask 33.0-34.4 -> 27.2-28.9 ms,
 /// spatial 34.6-38.7 -> 32.0-33.6; input gradient, channel 39.5-40.6 ->
-/// 33.2-36.7, spatial 33.9-36.8 -> 30.7-35.1. Earlier, on an AMD EPYC Zen 3
-/// (AVX2) and a Zen 5 (AVX-512), G = 3 and 4 had tied with 2; 8 was not
-/// timed there.
+/// 33.2-36.7, spatial 33.9-36.8 -> 30.7-35.1. Earlier machines did not
+/// show it: on an AMD EPYC Zen 3 (AVX2), G = 4 and 8 tied with 2 on the
+/// whole loss (six rounds, medians 1622 and 1543 against 1484 ms, each
+/// spread 1394-1893); on a Zen 5 (AVX-512), 3 and 4 tied with 2.
 const GROUPS: usize = 8;
 
 /// A multiplier applied to the source while it is gathered.
