@@ -630,11 +630,7 @@ impl<E: Elem> WithSimd for Products<'_, '_, E> {
                 // panel's 6 KB) was slower: in one burst, GEMM phase
                 // 35.9-37.4 -> 37.0-38.9 ms; spread over the groups, P3
                 // forward 57.1-57.5 -> 57.8-58.2 (three rounds).
-                let next = if g + 1 < groups {
-                    Some(b_tile(g + 1, pos))
-                } else {
-                    (pos + 1 < POS).then(|| b_tile(0, pos + 1))
-                };
+                let next = next_b_tile(g, pos, groups).map(|(g, pos)| b_tile(g, pos));
                 for (pi, p) in panels.clone().enumerate() {
                     if let Some(next) = next {
                         prefetch_share(next, pi, panels.len(), Level::L2);
@@ -647,6 +643,17 @@ impl<E: Elem> WithSimd for Products<'_, '_, E> {
                 }
             }
         }
+    }
+}
+
+/// The B tile, `(group, position)`, that [`Products`] reads after `(g,
+/// pos)`: the next group at the same position, else the first group at the
+/// next position; none after the last.
+fn next_b_tile(g: usize, pos: usize, groups: usize) -> Option<(usize, usize)> {
+    if g + 1 < groups {
+        Some((g + 1, pos))
+    } else {
+        (pos + 1 < POS).then_some((0, pos + 1))
     }
 }
 
@@ -857,6 +864,32 @@ mod tests {
     /// definition's values, and the same bits for 1, 2 and 3 threads on
     /// every instruction set this CPU has; f64 and f32 (their lane orders
     /// differ: identity for f64 on AVX2, shuffled for f32).
+    /// Following `next_b_tile` from the first tile visits every B tile of
+    /// a block once, in the order `Products` reads them, then stops.
+    #[test]
+    fn next_b_tile_follows_the_products_loop() {
+        for groups in 1..=GROUPS {
+            let mut order = Vec::new();
+            for pos in 0..POS {
+                for g in 0..groups {
+                    order.push((g, pos));
+                }
+            }
+            let mut walk = vec![(0, 0)];
+            while let Some(&(g, pos)) = walk.last() {
+                match next_b_tile(g, pos, groups) {
+                    Some(next) => walk.push(next),
+                    None => break,
+                }
+                assert!(
+                    walk.len() <= order.len(),
+                    "{groups} groups: past the last tile"
+                );
+            }
+            assert_eq!(walk, order, "{groups} groups");
+        }
+    }
+
     #[test]
     fn every_mask_and_epilogue_matches_the_definition_with_the_same_bits() {
         for (h, w) in PLANES {
