@@ -616,10 +616,10 @@ impl<E: Elem> WithSimd for Products<'_, '_, E> {
             for g in 0..groups {
                 let b = b_tile(g, pos);
                 // The B tile read after this one, fetched into L2 a share
-                // per panel call. Each B tile is a new 32 KB stream (8
-                // pages) from beyond L2 (the block's V is 9.4 MB), which
-                // the hardware prefetchers take up only after its first
-                // misses. Intel Xeon family 6 model 207, AVX-512, 2
+                // per panel call. Each B tile is a new stream (32 KB, 8
+                // pages, at K = 256 in f32 on AVX-512) from beyond L2 (the
+                // block's V is 9.4 MB), which the hardware prefetchers take
+                // up only after its first misses. Intel Xeon family 6 model 207, AVX-512, 2
                 // threads, P3, alternating runs: the GEMM phase (temporary
                 // timers, medians of 7, four rounds) forward 36.4-36.8 ->
                 // 34.8-35.1 ms, input gradient 36.4-36.7 -> 34.5-35.1; the
@@ -859,11 +859,6 @@ mod tests {
         y
     }
 
-    /// Every input multiplier and epilogue, forward and transposed, with
-    /// blocks that span images and tiles left out by spatial masks: the
-    /// definition's values, and the same bits for 1, 2 and 3 threads on
-    /// every instruction set this CPU has; f64 and f32 (their lane orders
-    /// differ: identity for f64 on AVX2, shuffled for f32).
     /// Following `next_b_tile` from the first tile visits every B tile of
     /// a block once, in the order `Products` reads them, then stops.
     #[test]
@@ -890,6 +885,11 @@ mod tests {
         }
     }
 
+    /// Every input multiplier and epilogue, forward and transposed, with
+    /// blocks that span images and tiles left out by spatial masks: the
+    /// definition's values, and the same bits for 1, 2 and 3 threads on
+    /// every instruction set this CPU has; f64 and f32 (their lane orders
+    /// differ: identity for f64 on AVX2, shuffled for f32).
     #[test]
     fn every_mask_and_epilogue_matches_the_definition_with_the_same_bits() {
         for (h, w) in PLANES {
