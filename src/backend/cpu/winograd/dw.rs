@@ -49,15 +49,19 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
                     continue;
                 }
                 let part = Sums::new(dy, x, args, img..img + 1, &cols, cx);
-                dw.par_chunks_mut(c * 9).enumerate().for_each(|(co, row)| {
-                    let mut d = vec![E::zero(); cols.len() * 9];
-                    part.weight_grad_row(co, &mut d);
-                    for (&ci, d) in cols.iter().zip(d.chunks_exact(9)) {
-                        for (o, &v) in row[ci * 9..ci * 9 + 9].iter_mut().zip(d) {
-                            *o += v;
+                // One buffer per rayon job, reused across its output
+                // channels (`weight_grad_row` writes all of it each time).
+                dw.par_chunks_mut(c * 9).enumerate().for_each_init(
+                    || vec![E::zero(); cols.len() * 9],
+                    |d, (co, row)| {
+                        part.weight_grad_row(co, d);
+                        for (&ci, d) in cols.iter().zip(d.chunks_exact(9)) {
+                            for (o, &v) in row[ci * 9..ci * 9 + 9].iter_mut().zip(d) {
+                                *o += v;
+                            }
                         }
-                    }
-                });
+                    },
+                );
             }
         }
         _ => {

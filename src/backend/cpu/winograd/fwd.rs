@@ -615,21 +615,20 @@ impl<E: Elem> WithSimd for Products<'_, '_, E> {
         for pos in 0..POS {
             for g in 0..groups {
                 let b = b_tile(g, pos);
-                // The B tile read after this one, fetched into L2 a share
-                // per panel call. Each B tile is a new stream (32 KB, 8
-                // pages, at K = 256 in f32 on AVX-512) from beyond L2 (the
-                // block's V is 9.4 MB), which the hardware prefetchers take
-                // up only after its first misses. Intel Xeon family 6 model 207, AVX-512, 2
+                // The B tile read after this one, fetched into L2 a share per
+                // panel call. Each B tile is a new stream (32 KB, 8 pages, at K
+                // = 256 in f32 on AVX-512) from beyond L2 (the block's V is 9.4
+                // MB), which the hardware prefetchers take up only after its
+                // first misses. Intel Xeon family 6 model 207, AVX-512, 2
                 // threads, P3, alternating runs: the GEMM phase (temporary
                 // timers, medians of 7, four rounds) forward 36.4-36.8 ->
                 // 34.8-35.1 ms, input gradient 36.4-36.7 -> 34.5-35.1; the
-                // whole pass (`examples/conv_speed`, medians of 9, five
-                // rounds) forward 58.0-59.3 -> 56.0-61.1 ms (faster in
-                // four), input gradient 56.7-59.1 -> 56.1-57.9 (in all
-                // five). Also fetching the next position's weights (a
-                // panel's 6 KB) was slower: in one burst, GEMM phase
-                // 35.9-37.4 -> 37.0-38.9 ms; spread over the groups, P3
-                // forward 57.1-57.5 -> 57.8-58.2 (three rounds).
+                // whole pass (`examples/conv_speed`, medians of 9, five rounds)
+                // forward 58.0-59.3 -> 56.0-61.1 ms (faster in four), input
+                // gradient 56.7-59.1 -> 56.1-57.9 (in all five). Also fetching
+                // the next position's weights (a panel's 6 KB) was slower: in
+                // one burst, GEMM phase 35.9-37.4 -> 37.0-38.9 ms; spread over
+                // the groups, P3 forward 57.1-57.5 -> 57.8-58.2 (three rounds).
                 let next = next_b_tile(g, pos, groups).map(|(g, pos)| b_tile(g, pos));
                 for (pi, p) in panels.clone().enumerate() {
                     if let Some(next) = next {
