@@ -420,6 +420,97 @@ impl WindowSpan {
     }
 }
 
+/// The most windows [`WindowSpan::gather_channels4`] gathers per call:
+/// three windows of one tile row span 14 columns, one register of f32 on
+/// AVX-512 (two on AVX2).
+pub(crate) const RUN_WINDOWS: usize = 3;
+
+impl WindowSpan {
+    /// True when [`WindowSpan::gather_channels4`] may gather `run` windows
+    /// from this one rightwards with `lanes`-wide loads from `plane_len`-long
+    /// planes: this window is whole, and its last row's loads (`4 run + 2`
+    /// columns rounded up to whole registers) end inside the plane. (The
+    /// other windows must be whole too: the caller checks.)
+    #[inline(always)]
+    pub(crate) fn channels4_fit(&self, run: usize, lanes: usize, plane_len: usize) -> bool {
+        self.is_full()
+            && self.base + 5 * self.w + (4 * run + 2).div_ceil(lanes) * lanes <= plane_len
+    }
+
+    /// [`WindowSpan::gather`] of four channels at once into lanes `lane ..
+    /// lane + 4` of registers of `nr` lanes, for the `RUN` whole windows of
+    /// one tile row from this one rightwards (window `t`'s entries go to
+    /// `d[t * POS * nr..]`). Why: the weight gradient's transformed inputs
+    /// have channels in their lanes, so the scalar gather moves every value
+    /// on its own (36 loads and 36 stores per window and channel). Here each
+    /// window row of the four planes is loaded a register at a time,
+    /// [`Elem::interleave4`] turns the four registers into records of the
+    /// four channels' values at one column, and each record is one 4-value
+    /// copy per window holding its column. `records` says where: column
+    /// `col` of the run's `4 RUN + 2` is record `records[col]` of the
+    /// row's loads ([`channel_records`]). A row's loads serve every window
+    /// of the run (they overlap by two columns). The products `x * m` are
+    /// the scalar path's. The caller checks [`WindowSpan::channels4_fit`]
+    /// and that the run's windows are whole.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub(crate) fn gather_channels4<E: Elem, S: Simd, const RUN: usize>(
+        &self,
+        s: S,
+        records: &[usize; 4 * RUN_WINDOWS + 2],
+        planes: [&[E]; 4],
+        m: Option<&[E]>,
+        d: &mut [E],
+        lane: usize,
+    ) {
+        debug_assert!(self.is_full() && (1..=RUN_WINDOWS).contains(&RUN));
+        let l = E::lanes::<S>();
+        let nr = crate::backend::cpu::kernel::nr::<E, S>();
+        assert!(lane + 4 <= nr);
+        // One bounds check for every copy below (their offsets are
+        // constants once `nr` is).
+        let d = &mut d[lane..][..(RUN - 1) * POS * nr + (POS - 1) * nr + 4];
+        let mut rec = [E::zero(); 4 * MAX_RUN_COLS];
+        for r in 0..6 {
+            let row = self.base + r * self.w;
+            for k in 0..(4 * RUN + 2).div_ceil(l) {
+                let at = row + k * l;
+                let mut v: [E::V<S>; 4] = std::array::from_fn(|f| E::load(s, &planes[f][at..]));
+                if let Some(m) = m {
+                    let mv = E::load(s, &m[at..]);
+                    for x in &mut v {
+                        *x = E::vmul(s, *x, mv);
+                    }
+                }
+                for (q, &x) in E::interleave4(s, v).iter().enumerate() {
+                    E::store(s, &mut rec[(4 * k + q) * l..], x);
+                }
+            }
+            for t in 0..RUN {
+                for c in 0..6 {
+                    let src = 4 * records[4 * t + c];
+                    let at = t * POS * nr + (r * 6 + c) * nr;
+                    d[at..at + 4].copy_from_slice(&rec[src..src + 4]);
+                }
+            }
+        }
+    }
+}
+
+/// The most columns a run of windows spans, rounded up to whole registers
+/// on every ISA (14 columns: 16 for 8- and 16-lane registers).
+const MAX_RUN_COLS: usize = 16;
+
+/// Where [`WindowSpan::gather_channels4`] finds each column of a run: its
+/// row's loads of `lanes` columns each, interleaved, are records (4 values)
+/// in a row; column `k lanes + i` (load `k`, lane `i`) is record `k lanes +
+/// order[i]`, where `order` is [`Elem::deinterleave4`]'s lane order
+/// (interleaving undoes it: lane `i` goes to record `order[i]`).
+pub(crate) fn channel_records(order: &[usize]) -> [usize; 4 * RUN_WINDOWS + 2] {
+    let l = order.len();
+    std::array::from_fn(|col| (col / l) * l + order[col % l])
+}
+
 /// True when the 4 x 4 outputs of tile `(ty, tx)` of the mask plane `m` are
 /// all exact zeros.
 pub(crate) fn tile_is_zero<E: Elem>(m: &[E], h: usize, w: usize, ty: usize, tx: usize) -> bool {
@@ -701,6 +792,114 @@ mod tests {
     fn row_runs_gather_every_lane_s_window() {
         for arch in crate::backend::cpu::Isa::every_arch() {
             assert!(arch.dispatch(RowRuns) > 0, "{arch:?}: no run checked");
+        }
+    }
+
+    /// [`WindowSpan::gather_channels4`] on every run of 1 to 3 whole
+    /// windows whose loads fit, into lanes `lane .. lane + 4` for every
+    /// lane: window `t` of the run, lane `lane + f` must hold channel `f`'s
+    /// window of tile `tx + t` by definition (with and without a mask), and
+    /// nothing else is written. Also: [`channel_records`] on hand-worked lane
+    /// orders.
+    struct Channels4;
+
+    impl WithSimd for Channels4 {
+        type Output = (usize, usize);
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, s: S) -> (usize, usize) {
+            let l = f32::lanes::<S>();
+            let nr = crate::backend::cpu::kernel::nr::<f32, S>();
+            let records = channel_records(&crate::backend::cpu::simd::lane_order::<f32, S>(s)[..l]);
+            let mut runs = 0;
+            for h in 6..=10 {
+                for w in [9, 13, 14, 17, 21, 30, 33] {
+                    let hw = h * w;
+                    let planes: Vec<Vec<f32>> = (0..4)
+                        .map(|f| {
+                            (0..hw)
+                                .map(|i| 1.0 + i as f32 + 1000.0 * f as f32)
+                                .collect()
+                        })
+                        .collect();
+                    let mask: Vec<f32> = (0..hw).map(|i| [0.5, 0.0, 2.0, 0.75][i % 4]).collect();
+                    let planes = std::array::from_fn(|f| &planes[f][..]);
+                    for ty in 0..h.div_ceil(4) {
+                        for tx in 0..w.div_ceil(4) {
+                            let span = WindowSpan::new(h, w, ty, tx);
+                            for run in 1..=RUN_WINDOWS {
+                                let whole = (0..run).all(|t| {
+                                    4 * (tx + t) < w && WindowSpan::new(h, w, ty, tx + t).is_full()
+                                });
+                                if !whole || !span.channels4_fit(run, l, hw) {
+                                    continue;
+                                }
+                                for m in [None, Some(&mask[..])] {
+                                    for lane in (0..nr).filter(|lane| lane + 4 <= nr) {
+                                        let mut d = vec![f32::NAN; RUN_WINDOWS * POS * nr];
+                                        let (p, d_) = (planes, &mut d[..]);
+                                        match run {
+                                            1 => span.gather_channels4::<f32, S, 1>(
+                                                s, &records, p, m, d_, lane,
+                                            ),
+                                            2 => span.gather_channels4::<f32, S, 2>(
+                                                s, &records, p, m, d_, lane,
+                                            ),
+                                            _ => span.gather_channels4::<f32, S, 3>(
+                                                s, &records, p, m, d_, lane,
+                                            ),
+                                        }
+                                        for t in 0..RUN_WINDOWS {
+                                            for f in 0..4 {
+                                                let want = (t < run).then(|| {
+                                                    window_by_definition(
+                                                        planes[f],
+                                                        m,
+                                                        h,
+                                                        w,
+                                                        ty,
+                                                        tx + t,
+                                                    )
+                                                });
+                                                for i in 0..POS {
+                                                    let got = d[t * POS * nr + i * nr + lane + f];
+                                                    let want = want.map(|v| v[i].unwrap());
+                                                    assert!(
+                                                        want.map_or(got.is_nan(), |x| got == x),
+                                                        "{h}x{w} ({ty}, {tx}) run {run} window {t} lane {lane}+{f} entry {i}: {got} vs {want:?}"
+                                                    );
+                                                }
+                                            }
+                                            let others = (0..POS * nr)
+                                                .filter(|j| !(lane..lane + 4).contains(&(j % nr)));
+                                            for j in others {
+                                                assert!(d[t * POS * nr + j].is_nan());
+                                            }
+                                        }
+                                        runs += 1;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            (runs, nr)
+        }
+    }
+
+    #[test]
+    fn channels4_gathers_every_window_of_a_run() {
+        // AVX2 f32 (0, 2, 4, 6, 1, 3, 5, 7): column 9 is load 1's lane 1,
+        // record 8 + 2; identity: column c is record c.
+        let r = channel_records(&[0, 2, 4, 6, 1, 3, 5, 7]);
+        assert_eq!(r, [0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11]);
+        assert_eq!(channel_records(&[0]), std::array::from_fn(|c| c));
+        assert_eq!(channel_records(&[0, 1, 2, 3]), std::array::from_fn(|c| c));
+        for arch in crate::backend::cpu::Isa::every_arch() {
+            // Registers of 2 lanes (scalar) have no 4 lanes to fill: the
+            // weight gradient gathers them value by value.
+            let (runs, nr) = arch.dispatch(Channels4);
+            assert!(runs > 0 || nr < 4, "{arch:?}: no run checked");
         }
     }
 
