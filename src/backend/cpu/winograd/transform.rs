@@ -810,7 +810,7 @@ mod tests {
             let l = f32::lanes::<S>();
             let nr = crate::backend::cpu::kernel::nr::<f32, S>();
             let records = channel_records(&crate::backend::cpu::simd::lane_order::<f32, S>(s)[..l]);
-            let mut runs = 0;
+            let (mut runs, mut unfit) = (0, 0);
             for h in 6..=10 {
                 for w in [9, 13, 14, 17, 21, 30, 33] {
                     let hw = h * w;
@@ -821,7 +821,9 @@ mod tests {
                                 .collect()
                         })
                         .collect();
-                    let mask: Vec<f32> = (0..hw).map(|i| [0.5, 0.0, 2.0, 0.75][i % 4]).collect();
+                    // Period 5, so a factor read 4 columns off shows.
+                    let mask: Vec<f32> =
+                        (0..hw).map(|i| [0.5, 0.0, 2.0, 0.75, 1.5][i % 5]).collect();
                     let planes = std::array::from_fn(|f| &planes[f][..]);
                     for ty in 0..h.div_ceil(4) {
                         for tx in 0..w.div_ceil(4) {
@@ -830,7 +832,19 @@ mod tests {
                                 let whole = (0..run).all(|t| {
                                     4 * (tx + t) < w && WindowSpan::new(h, w, ty, tx + t).is_full()
                                 });
-                                if !whole || !span.channels4_fit(run, l, hw) {
+                                // By definition: the last window row's loads,
+                                // from column 4 tx - 1 of row 4 ty + 4, end in
+                                // the plane.
+                                let loads = (4 * run + 2).div_ceil(l) * l;
+                                let fit =
+                                    span.is_full() && (4 * ty + 4) * w + 4 * tx - 1 + loads <= hw;
+                                assert_eq!(
+                                    span.channels4_fit(run, l, hw),
+                                    fit,
+                                    "{h}x{w} ({ty}, {tx}) run {run}"
+                                );
+                                unfit += usize::from(whole && !fit && span.is_full());
+                                if !whole || !fit {
                                     continue;
                                 }
                                 for m in [None, Some(&mask[..])] {
@@ -883,6 +897,8 @@ mod tests {
                     }
                 }
             }
+            // Both answers of `channels4_fit` for whole windows were seen.
+            assert!(unfit > 0 || nr < 4, "{l} lanes: every run fit");
             (runs, nr)
         }
     }
