@@ -285,13 +285,7 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
             let span = WindowSpan::new(h, w, ty, tx);
             // A run of whole windows of one tile row takes the 4-channel
             // vector gather (its loads shared by the run's windows).
-            let mut run = 1;
-            while run < RUN_WINDOWS
-                && tiles.get(t + run) == Some(&(img, ty, tx + run))
-                && WindowSpan::new(h, w, ty, tx + run).is_full()
-            {
-                run += 1;
-            }
+            let run = window_run(tiles, t, h, w);
             let vector = span.channels4_fit(run, l, hw);
             let (run, by4) = if vector { (run, lanes / 4 * 4) } else { (1, 0) };
             if !span.is_full() {
@@ -346,6 +340,23 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
             t += run;
         }
     }
+}
+
+/// How many windows from `tiles[t]` on [`XTransform`] gathers together:
+/// the tiles that follow it in its tile row without a gap (at most
+/// [`RUN_WINDOWS`] in all) while their windows are whole. (Whether the
+/// first window is whole, and the loads fit, is
+/// [`WindowSpan::channels4_fit`]'s to say.)
+fn window_run(tiles: &[Tile], t: usize, h: usize, w: usize) -> usize {
+    let (img, ty, tx) = tiles[t];
+    let mut run = 1;
+    while run < RUN_WINDOWS
+        && tiles.get(t + run) == Some(&(img, ty, tx + run))
+        && WindowSpan::new(h, w, ty, tx + run).is_full()
+    {
+        run += 1;
+    }
+    run
 }
 
 /// Transformed output gradients of one block for output channel `co`.
@@ -504,6 +515,38 @@ mod tests {
     /// from the previous block's accumulators. 3 x 9 and 9 x 3 are less
     /// than a tile high or wide (their first tile is already partial).
     const PLANES: [(usize, usize); 5] = [(9, 13), (5, 47), (37, 45), (3, 9), (9, 3)];
+
+    /// `window_run` on every tile of two images' grids with gaps (tiles a
+    /// spatial mask left out) against its definition: the longest run of
+    /// at most 3 tiles `(img, ty, tx + q)` in a row of the list whose
+    /// windows after the first lie inside the plane (rows `4 ty - 1 ..= 4
+    /// ty + 4`, columns likewise); runs of each length were seen.
+    #[test]
+    fn window_runs_are_the_whole_windows_that_follow_in_the_row() {
+        let mut seen = [0; RUN_WINDOWS + 1];
+        for (h, w) in [(9usize, 13usize), (13, 33), (21, 30), (10, 45)] {
+            let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
+            let tiles: Vec<Tile> = (0..2)
+                .flat_map(|img| (0..th).flat_map(move |ty| (0..tw).map(move |tx| (img, ty, tx))))
+                .filter(|&(img, ty, tx)| (img + 2 * ty + 3 * tx) % 7 != 3)
+                .collect();
+            let whole =
+                |ty: usize, tx: usize| ty >= 1 && 4 * ty + 5 <= h && tx >= 1 && 4 * tx + 5 <= w;
+            for t in 0..tiles.len() {
+                let (img, ty, tx) = tiles[t];
+                let want = (1..RUN_WINDOWS)
+                    .take_while(|&q| {
+                        tiles.get(t + q) == Some(&(img, ty, tx + q)) && whole(ty, tx + q)
+                    })
+                    .count()
+                    + 1;
+                let got = window_run(&tiles, t, h, w);
+                assert_eq!(got, want, "{h}x{w} tile {:?}", tiles[t]);
+                seen[got] += 1;
+            }
+        }
+        assert!(seen[1..].iter().all(|&n| n > 0), "{seen:?}");
+    }
 
     /// The reference backend's weight gradient (plain loops, in f64) of the
     /// same values.
