@@ -514,7 +514,9 @@ mod tests {
     /// one block of tiles in f32 (256) and in f64 (128), so the sums resume
     /// from the previous block's accumulators. 3 x 9 and 9 x 3 are less
     /// than a tile high or wide (their first tile is already partial).
-    const PLANES: [(usize, usize); 5] = [(9, 13), (5, 47), (37, 45), (3, 9), (9, 3)];
+    /// The input's 4-channel gather takes runs of 3 whole windows and a
+    /// last one alone in 37 x 45's rows, runs of 3 and 2 in 13 x 25's.
+    const PLANES: [(usize, usize); 6] = [(9, 13), (5, 47), (37, 45), (13, 25), (3, 9), (9, 3)];
 
     /// `window_run` on every tile of two images' grids with gaps (tiles a
     /// spatial mask left out) against its definition: the longest run of
