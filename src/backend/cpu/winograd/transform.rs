@@ -452,7 +452,6 @@ impl WindowSpan {
     /// of the run (they overlap by two columns). The products `x * m` are
     /// the scalar path's. The caller checks [`WindowSpan::channels4_fit`]
     /// and that the run's windows are whole.
-    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub(crate) fn gather_channels4<E: Elem, S: Simd, const RUN: usize>(
         &self,
