@@ -28,8 +28,9 @@
 //! B)) G`, 36 GEMMs `(Cout x tiles) (tiles x Cin)` over fixed blocks of
 //! 256 tiles (f32; 1 KiB of each A row), accumulated in C in block order.
 //! There the input transform's lanes are channels (B is `[tile][NR
-//! channels]`, the kernel's packed layout) and the output gradient's are
-//! tiles (A rows, read in place). Under a channel mask with zeros the sums
+//! channels]`, the kernel's packed layout; whole windows are gathered four
+//! channels at a time, [`transform::WindowSpan::gather_channels4`]) and
+//! the output gradient's are tiles (A rows, read in place). Under a channel mask with zeros the sums
 //! run per image over its kept channels only and the images' gradients
 //! are added in image order; under a spatial mask, tiles whose input
 //! window is all masked are left out of the sums.
