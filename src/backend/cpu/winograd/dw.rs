@@ -293,7 +293,8 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
                 // tile may have written them.
                 d[..POS * nr].fill(E::zero());
             }
-            let plane = |j: usize| &x[(img * c + cols[j]) * hw..][..hw];
+            // Lane `j`'s plane (its channel) of image `img`.
+            let plane = |img: usize, j: usize| &x[(img * c + cols[j]) * hw..][..hw];
             // The next run's window rows, into L1 for all the lanes' planes
             // (each lane reads its own plane, 6 rows a window: 192 streams
             // on AVX-512, which no hardware prefetcher follows). Neither
@@ -303,11 +304,11 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
             if let Some(&(ni, nty, ntx)) = tiles.get(t + run) {
                 let next = WindowSpan::new(h, w, nty, ntx);
                 for j in 0..lanes {
-                    next.prefetch_rows(&x[(ni * c + cols[j]) * hw..][..hw], 4 * RUN_WINDOWS + 2);
+                    next.prefetch_rows(plane(ni, j), 4 * RUN_WINDOWS + 2);
                 }
             }
             for j in (0..by4).step_by(4) {
-                let planes = std::array::from_fn(|f| plane(j + f));
+                let planes = std::array::from_fn(|f| plane(img, j + f));
                 match run {
                     3 => span.gather_channels4::<E, S, 3>(simd, &records, planes, ms, &mut d, j),
                     2 => span.gather_channels4::<E, S, 2>(simd, &records, planes, ms, &mut d, j),
@@ -329,8 +330,8 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
                 let factors = ms.filter(|_| by4 < lanes).map(|m| span.factors(m));
                 for j in by4..lanes {
                     match &factors {
-                        Some(f) => span.gather_scaled(plane(j), f, d, nr, j),
-                        None => span.gather(plane(j), d, nr, j),
+                        Some(f) => span.gather_scaled(plane(img, j), f, d, nr, j),
+                        None => span.gather(plane(img, j), d, nr, j),
                     }
                 }
                 input_tiles::<E, S>(simd, d, nr, cmask.map(|_| &scale[..]), |pos, hv, v| {

@@ -30,10 +30,10 @@
 //! There the input transform's lanes are channels (B is `[tile][NR
 //! channels]`, the kernel's packed layout; whole windows are gathered four
 //! channels at a time, [`transform::WindowSpan::gather_channels4`]) and
-//! the output gradient's are tiles (A rows, read in place). Under a channel mask with zeros the sums
-//! run per image over its kept channels only and the images' gradients
-//! are added in image order; under a spatial mask, tiles whose input
-//! window is all masked are left out of the sums.
+//! the output gradient's are tiles (A rows, read in place). Under a channel
+//! mask with zeros the sums run per image over its kept channels only and
+//! the images' gradients are added in image order; under a spatial mask,
+//! tiles whose input window is all masked are left out of the sums.
 //!
 //! Memory: nothing is materialised per level beyond the output; the
 //! forward holds one block of transformed input and one of products,

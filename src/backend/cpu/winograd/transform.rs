@@ -810,95 +810,89 @@ mod tests {
             let nr = crate::backend::cpu::kernel::nr::<f32, S>();
             let records = channel_records(&crate::backend::cpu::simd::lane_order::<f32, S>(s)[..l]);
             let (mut runs, mut unfit) = (0, 0);
-            for h in 6..=10 {
-                for w in [9, 13, 14, 17, 21, 30, 33] {
-                    let hw = h * w;
-                    let planes: Vec<Vec<f32>> = (0..4)
-                        .map(|f| {
-                            (0..hw)
-                                .map(|i| 1.0 + i as f32 + 1000.0 * f as f32)
-                                .collect()
-                        })
-                        .collect();
-                    // Period 5, so a factor read 4 columns off shows.
-                    let mask: Vec<f32> =
-                        (0..hw).map(|i| [0.5, 0.0, 2.0, 0.75, 1.5][i % 5]).collect();
-                    let planes = std::array::from_fn(|f| &planes[f][..]);
-                    for ty in 0..h.div_ceil(4) {
-                        for tx in 0..w.div_ceil(4) {
-                            let span = WindowSpan::new(h, w, ty, tx);
-                            for run in 1..=RUN_WINDOWS {
-                                let whole = (0..run).all(|t| {
-                                    4 * (tx + t) < w && WindowSpan::new(h, w, ty, tx + t).is_full()
-                                });
-                                // By definition: the last window row's loads,
-                                // from column 4 tx - 1 of row 4 ty + 4, end in
-                                // the plane.
-                                let loads = (4 * run + 2).div_ceil(l) * l;
-                                let fit =
-                                    span.is_full() && (4 * ty + 4) * w + 4 * tx - 1 + loads <= hw;
-                                assert_eq!(
-                                    span.channels4_fit(run, l, hw),
-                                    fit,
-                                    "{h}x{w} ({ty}, {tx}) run {run}"
-                                );
-                                unfit += usize::from(whole && !fit && span.is_full());
-                                if !whole || !fit {
-                                    continue;
-                                }
-                                for m in [None, Some(&mask[..])] {
-                                    for lane in (0..nr).filter(|lane| lane + 4 <= nr) {
-                                        let mut d = vec![f32::NAN; RUN_WINDOWS * POS * nr];
-                                        let (p, d_) = (planes, &mut d[..]);
-                                        match run {
-                                            1 => span.gather_channels4::<f32, S, 1>(
-                                                s, &records, p, m, d_, lane,
-                                            ),
-                                            2 => span.gather_channels4::<f32, S, 2>(
-                                                s, &records, p, m, d_, lane,
-                                            ),
-                                            _ => span.gather_channels4::<f32, S, 3>(
-                                                s, &records, p, m, d_, lane,
-                                            ),
-                                        }
-                                        for t in 0..RUN_WINDOWS {
-                                            for f in 0..4 {
-                                                let want = (t < run).then(|| {
-                                                    window_by_definition(
-                                                        planes[f],
-                                                        m,
-                                                        h,
-                                                        w,
-                                                        ty,
-                                                        tx + t,
-                                                    )
-                                                });
-                                                for i in 0..POS {
-                                                    let got = d[t * POS * nr + i * nr + lane + f];
-                                                    let want = want.map(|v| v[i].unwrap());
-                                                    assert!(
-                                                        want.map_or(got.is_nan(), |x| got == x),
-                                                        "{h}x{w} ({ty}, {tx}) run {run} window {t} lane {lane}+{f} entry {i}: {got} vs {want:?}"
-                                                    );
-                                                }
-                                            }
-                                            let others = (0..POS * nr)
-                                                .filter(|j| !(lane..lane + 4).contains(&(j % nr)));
-                                            for j in others {
-                                                assert!(d[t * POS * nr + j].is_nan());
-                                            }
-                                        }
-                                        runs += 1;
-                                    }
-                                }
-                            }
+            // Every tile of every plane size.
+            let tiles = (6usize..=10)
+                .flat_map(|h| [9usize, 13, 14, 17, 21, 30, 33].map(|w| (h, w)))
+                .flat_map(|(h, w)| {
+                    (0..h.div_ceil(4))
+                        .flat_map(move |ty| (0..w.div_ceil(4)).map(move |tx| (h, w, ty, tx)))
+                });
+            for (h, w, ty, tx) in tiles {
+                let hw = h * w;
+                let planes: Vec<Vec<f32>> = (0..4)
+                    .map(|f| {
+                        (0..hw)
+                            .map(|i| 1.0 + i as f32 + 1000.0 * f as f32)
+                            .collect()
+                    })
+                    .collect();
+                let planes = std::array::from_fn(|f| &planes[f][..]);
+                // Period 5, so a factor read 4 columns off shows.
+                let mask: Vec<f32> = (0..hw).map(|i| [0.5, 0.0, 2.0, 0.75, 1.5][i % 5]).collect();
+                let span = WindowSpan::new(h, w, ty, tx);
+                for run in 1..=RUN_WINDOWS {
+                    let whole = (0..run)
+                        .all(|t| 4 * (tx + t) < w && WindowSpan::new(h, w, ty, tx + t).is_full());
+                    // By definition: the last window row's loads, from column
+                    // 4 tx - 1 of row 4 ty + 4, end in the plane.
+                    let loads = (4 * run + 2).div_ceil(l) * l;
+                    let fit = span.is_full() && (4 * ty + 4) * w + 4 * tx - 1 + loads <= hw;
+                    let at = format!("{h}x{w} ({ty}, {tx}) run {run}");
+                    assert_eq!(span.channels4_fit(run, l, hw), fit, "{at}");
+                    unfit += usize::from(whole && !fit && span.is_full());
+                    if !whole || !fit {
+                        continue;
+                    }
+                    let lanes = (0..nr).filter(|lane| lane + 4 <= nr);
+                    for (m, lane) in [None, Some(&mask[..])]
+                        .into_iter()
+                        .flat_map(|m| lanes.clone().map(move |lane| (m, lane)))
+                    {
+                        let mut d = vec![f32::NAN; RUN_WINDOWS * POS * nr];
+                        let (p, d_) = (planes, &mut d[..]);
+                        match run {
+                            1 => span.gather_channels4::<f32, S, 1>(s, &records, p, m, d_, lane),
+                            2 => span.gather_channels4::<f32, S, 2>(s, &records, p, m, d_, lane),
+                            _ => span.gather_channels4::<f32, S, 3>(s, &records, p, m, d_, lane),
                         }
+                        let want = |t: usize, f: usize| {
+                            (t < run).then(|| window_by_definition(planes[f], m, h, w, ty, tx + t))
+                        };
+                        check_lanes(&d, nr, lane, want, &format!("{at} lane {lane}"));
+                        runs += 1;
                     }
                 }
             }
             // Both answers of `channels4_fit` for whole windows were seen.
             assert!(unfit > 0 || nr < 4, "{l} lanes: every run fit");
             (runs, nr)
+        }
+    }
+
+    /// `d` (windows of `[POS][nr]`) holds in lane `lane + f` of window `t`
+    /// exactly `want(t, f)` (NaN where `None`: a window past the run), and
+    /// NaN in every other lane.
+    fn check_lanes(
+        d: &[f32],
+        nr: usize,
+        lane: usize,
+        want: impl Fn(usize, usize) -> Option<[Option<f32>; POS]>,
+        at: &str,
+    ) {
+        for (t, window) in d.chunks_exact(POS * nr).enumerate() {
+            for (i, row) in window.chunks_exact(nr).enumerate() {
+                for (j, &got) in row.iter().enumerate() {
+                    let want = (lane..lane + 4)
+                        .contains(&j)
+                        .then(|| want(t, j - lane))
+                        .flatten()
+                        .map(|v| v[i].unwrap());
+                    assert!(
+                        want.map_or(got.is_nan(), |x| got == x),
+                        "{at} window {t} lane {j} entry {i}: {got} vs {want:?}"
+                    );
+                }
+            }
         }
     }
 
