@@ -42,7 +42,7 @@ use super::conv_fwd::{
     ASource, Epilogue, ImplicitConv, Skip, TASKS_PER_THREAD, forward_pad, kc_for, kept_channels,
     pack_weights, sparse_channels,
 };
-use super::kernel::{AWalk, ColBlock, MR, NR_MAX, nr, run_tile};
+use super::kernel::{AWalk, ColBlock, MR, NR_MAX, nr, pairs_panels, run_tile, run_tile_pair};
 use super::pack::{PadSpec, align_offset, image_batches, pack_dy_t, pad_images, pad_planes};
 use super::simd::Elem;
 use crate::Tensor;
@@ -577,53 +577,75 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                 }
                 continue;
             }
-            for p in 0..panels {
-                // The columns this panel's taps read unmasked input in:
-                // the union of their ranges (all columns without a mask).
-                let cols = match hulls {
-                    Some(h) => {
-                        let h = &h[kb * taps..][..taps];
-                        let j_first = j0 + p * MR;
-                        let j_last = (j_first + MR - 1).min(j_len - 1);
-                        let mut u = r.ncols..0;
-                        for j in j_first..=j_last {
-                            let t = &h[j % taps];
-                            if !t.is_empty() {
-                                u = u.start.min(t.start)..u.end.max(t.end);
-                            }
+            // The columns panel `p`'s taps read unmasked input in: the union
+            // of their ranges (all columns without a mask).
+            let cols_of = |p: usize| match hulls {
+                Some(h) => {
+                    let h = &h[kb * taps..][..taps];
+                    let j_first = j0 + p * MR;
+                    let j_last = (j_first + MR - 1).min(j_len - 1);
+                    let mut u = r.ncols..0;
+                    for j in j_first..=j_last {
+                        let t = &h[j % taps];
+                        if !t.is_empty() {
+                            u = u.start.min(t.start)..u.end.max(t.end);
                         }
-                        u
                     }
-                    None => 0..kc,
+                    u
+                }
+                None => 0..kc,
+            };
+            // Rows past the end repeat the last valid one (dropped).
+            let rows = |p: usize| -> [&[E]; MR] {
+                std::array::from_fn(|i| row((j0 + p * MR + i).min(j_len - 1)))
+            };
+            let mut p = 0;
+            while p < panels {
+                let cols = cols_of(p);
+                // Two panels per call where the ISA has the registers and
+                // both panels run over the same columns.
+                let n = if pairs_panels::<E, S>() && p + 1 < panels && cols_of(p + 1) == cols {
+                    2
+                } else {
+                    1
                 };
                 if cols.is_empty() {
+                    p += n;
                     continue;
                 }
-                macs += MR.min(j_len - (j0 + p * MR)) * m * cols.len();
+                macs += (p..p + n)
+                    .map(|q| MR.min(j_len - (j0 + q * MR)))
+                    .sum::<usize>()
+                    * m
+                    * cols.len();
                 // (A block under a spatial mask is one row: its k is its
                 // columns.)
                 let walk = match hulls {
                     Some(_) => AWalk::run(walk.off + cols.start * sw, sw, cols.len()),
                     None => walk,
                 };
-                // Rows past the end repeat the last valid one (dropped).
-                let a: [&[E]; MR] = std::array::from_fn(|i| row((j0 + p * MR + i).min(j_len - 1)));
-                for t in 0..tiles {
-                    let at = (p * tiles + t) * tile_len;
-                    let next = c.as_ptr().wrapping_add(at + tile_len);
-                    let mut tile = ColBlock::whole(&mut c[at..at + tile_len], MR, nr);
-                    run_tile(
-                        simd,
-                        a,
-                        walk,
-                        &bt[(t * kc + cols.start) * nr..][..cols.len() * nr],
-                        &mut tile,
-                        0,
-                        0,
-                        kb > 0 || !first,
-                        next,
-                    );
+                let b = |t: usize| &bt[(t * kc + cols.start) * nr..][..cols.len() * nr];
+                let resume = kb > 0 || !first;
+                if n == 2 {
+                    let (r0, r1) = (rows(p), rows(p + 1));
+                    let a = std::array::from_fn(|i| if i < MR { r0[i] } else { r1[i - MR] });
+                    for t in 0..tiles {
+                        let at = [p, p + 1].map(|q| (q * tiles + t) * tile_len);
+                        let next = at.map(|q| c.as_ptr().wrapping_add(q + tile_len));
+                        let (lo, hi) = c.split_at_mut(at[1]);
+                        let tiles_c = [&mut lo[at[0]..at[0] + tile_len], &mut hi[..tile_len]];
+                        run_tile_pair(simd, a, walk, b(t), tiles_c, resume, next);
+                    }
+                } else {
+                    let a = rows(p);
+                    for t in 0..tiles {
+                        let at = (p * tiles + t) * tile_len;
+                        let next = c.as_ptr().wrapping_add(at + tile_len);
+                        let mut tile = ColBlock::whole(&mut c[at..at + tile_len], MR, nr);
+                        run_tile(simd, a, walk, b(t), &mut tile, 0, 0, resume, next);
+                    }
                 }
+                p += n;
             }
         }
         job.cx.tally.macs(macs);

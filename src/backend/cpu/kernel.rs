@@ -104,6 +104,42 @@ unsafe fn kernel_raw<E: Elem, S: Simd, const STEP: usize>(
     accumulate: bool,
     prefetch: *const E,
 ) {
+    // SAFETY: row r of C is `c + r * ldc`, as `kernel_rows` asks; the rest
+    // is the caller's contract, passed on.
+    unsafe {
+        kernel_rows::<E, S, STEP, MR>(
+            simd,
+            a,
+            w,
+            b,
+            std::array::from_fn(|r| c.add(r * ldc)),
+            accumulate,
+            std::array::from_fn(|r| prefetch.wrapping_add(r * ldc)),
+        )
+    }
+}
+
+/// The kernel on `R` rows (`MR`, or `2 * MR`: two panels at once, see
+/// [`pairs_panels`]): `c[r][j] (+)= sum_k a[r][k] * b[k][j]`.
+///
+/// # Safety
+/// - `a[r] + w.off + s * w.seg_jump + i * w.step` readable for every row
+///   `r < R`, segment `s` and `i < w.seg_len`;
+/// - `b .. b + w.k() * NR` readable;
+/// - `c[r] .. c[r] + NR` readable and writable for `r < R`, not aliased.
+///
+/// `prefetch` (the rows of the C tile read next) is only a hint and may
+/// point anywhere.
+#[inline(always)]
+unsafe fn kernel_rows<E: Elem, S: Simd, const STEP: usize, const R: usize>(
+    simd: S,
+    a: [*const E; R],
+    w: AWalk,
+    b: *const E,
+    c: [*mut E; R],
+    accumulate: bool,
+    prefetch: [*const E; R],
+) {
     let l = E::lanes::<S>();
     // A compile-time step (STEP > 0) lets the six A rows share one index
     // register (or one pointer, for a packed panel whose rows are
@@ -111,7 +147,7 @@ unsafe fn kernel_raw<E: Elem, S: Simd, const STEP: usize>(
     // step, 3% of peak.
     let step = if STEP > 0 { STEP } else { w.step };
     let zero = E::splat(simd, E::zero());
-    let mut acc = [[zero; 2]; MR];
+    let mut acc = [[zero; 2]; R];
     // SAFETY: all pointer arithmetic below stays in the ranges the caller
     // guarantees (see the function's contract).
     unsafe {
@@ -120,15 +156,14 @@ unsafe fn kernel_raw<E: Elem, S: Simd, const STEP: usize>(
         // GFLOP/s on one core in the experiment of `docs/engineering.md`). A row
         // of the tile may straddle two cache lines: fetch both ends.
         let last = 2 * l - 1;
-        for r in 0..MR {
-            let p = prefetch.wrapping_add(r * ldc);
+        for p in prefetch {
             simd::prefetch(p, Level::L1);
             simd::prefetch(p.wrapping_add(last), Level::L1);
         }
         if accumulate {
             for (r, row) in acc.iter_mut().enumerate() {
-                row[0] = E::load_ptr::<S>(c.add(r * ldc));
-                row[1] = E::load_ptr::<S>(c.add(r * ldc + l));
+                row[0] = E::load_ptr::<S>(c[r]);
+                row[1] = E::load_ptr::<S>(c[r].add(l));
             }
         }
         let mut bp = b;
@@ -137,11 +172,13 @@ unsafe fn kernel_raw<E: Elem, S: Simd, const STEP: usize>(
             let mut i = base;
             for _ in 0..w.seg_len {
                 if PF_A > 0 {
-                    simd::prefetch(a[0].wrapping_add(i + PF_A * step), Level::L1);
+                    for h in (0..R).step_by(MR) {
+                        simd::prefetch(a[h].wrapping_add(i + PF_A * step), Level::L1);
+                    }
                 }
                 let b0 = E::load_ptr::<S>(bp);
                 let b1 = E::load_ptr::<S>(bp.add(l));
-                for r in 0..MR {
+                for r in 0..R {
                     let ar = E::splat(simd, *a[r].add(i));
                     acc[r][0] = E::fma(simd, ar, b0, acc[r][0]);
                     acc[r][1] = E::fma(simd, ar, b1, acc[r][1]);
@@ -152,10 +189,25 @@ unsafe fn kernel_raw<E: Elem, S: Simd, const STEP: usize>(
             base += w.seg_jump;
         }
         for (r, row) in acc.iter().enumerate() {
-            E::store_ptr::<S>(c.add(r * ldc), row[0]);
-            E::store_ptr::<S>(c.add(r * ldc + l), row[1]);
+            E::store_ptr::<S>(c[r], row[0]);
+            E::store_ptr::<S>(c[r].add(l), row[1]);
         }
     }
+}
+
+/// Whether `S` runs two row panels per kernel call ([`run_packed_pair`]):
+/// with 512-bit vectors there are 32 registers, so a 12 x NR tile's 24
+/// accumulators, 2 registers of B and 1 broadcast of A fit (with 16
+/// registers only the 6-row tile does).
+///
+/// Why (Intel Xeon family 6 model 167, AVX-512, one thread, L1-resident
+/// operands, a stand-alone copy of the kernel, 2026-12-05): 6 x 32 ran at
+/// 168-172 GFLOP/s against a 197-210 probe (81%), 12 x 32 at 183-190
+/// (88-90%): each k step's 6 broadcasts and 2 loads of B then serve 24
+/// FMAs instead of 12.
+#[inline(always)]
+pub(crate) fn pairs_panels<E: Elem, S: Simd>() -> bool {
+    E::lanes::<S>() * std::mem::size_of::<E>() == 64
 }
 
 /// A mutable block of columns `[col0, col0 + cols)` of a row-major matrix
@@ -325,6 +377,97 @@ pub(crate) fn run_packed_tile<E: Elem, S: Simd>(
             accumulate,
             prefetch,
         );
+    }
+}
+
+/// [`run_packed_tile`] on two A panels at once (a 12 x NR tile, where
+/// [`pairs_panels`]): `c[h] (+)= panels[h] * b` for `h` = 0, 1, each
+/// output the same fused chain as one panel's call gives it.
+#[inline(always)]
+pub(crate) fn run_packed_pair<E: Elem, S: Simd>(
+    simd: S,
+    panels: [&[E]; 2],
+    k: usize,
+    b: &[E],
+    c: [&mut [E]; 2],
+    accumulate: bool,
+    prefetch: [*const E; 2],
+) {
+    let nr = nr::<E, S>();
+    assert!(
+        pairs_panels::<E, S>(),
+        "two panels need 32 vector registers"
+    );
+    for p in panels {
+        assert!(p.len() >= k * MR, "A panel too short");
+    }
+    assert!(b.len() >= k * nr, "B panel too short");
+    for t in &c {
+        assert!(t.len() >= MR * nr, "C tile too short");
+    }
+    let ap: [*const E; 2 * MR] =
+        std::array::from_fn(|r| panels[r / MR].as_ptr().wrapping_add(r % MR));
+    let [c0, c1] = c;
+    let cp = [c0.as_mut_ptr(), c1.as_mut_ptr()];
+    // SAFETY: row r reads panels[r / MR][r % MR + i * MR] for i < k, inside
+    // its panel (checked); B and both C tiles checked above, and the two
+    // `&mut` tiles cannot alias.
+    unsafe {
+        kernel_rows::<E, S, MR, { 2 * MR }>(
+            simd,
+            ap,
+            AWalk::run(0, MR, k),
+            b.as_ptr(),
+            std::array::from_fn(|r| cp[r / MR].add((r % MR) * nr)),
+            accumulate,
+            std::array::from_fn(|r| prefetch[r / MR].wrapping_add((r % MR) * nr)),
+        );
+    }
+}
+
+/// [`run_tile`] on two full MR x NR tiles at once (a 12 x NR tile, where
+/// [`pairs_panels`]): `c[h] (+)= a[h * MR .. (h + 1) * MR] * b` for `h` =
+/// 0, 1 along the walk `w`; each output the same fused chain as a
+/// one-tile call gives it.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_tile_pair<E: Elem, S: Simd>(
+    simd: S,
+    a: [&[E]; 2 * MR],
+    w: AWalk,
+    b: &[E],
+    c: [&mut [E]; 2],
+    accumulate: bool,
+    prefetch: [*const E; 2],
+) {
+    let nr = nr::<E, S>();
+    assert!(
+        pairs_panels::<E, S>(),
+        "two panels need 32 vector registers"
+    );
+    if let Some(last) = w.last() {
+        for row in &a {
+            assert!(last < row.len(), "A row too short for the walk");
+        }
+    }
+    assert!(b.len() >= w.k() * nr, "B panel too short");
+    for t in &c {
+        assert!(t.len() >= MR * nr, "C tile too short");
+    }
+    let ap = a.map(|s| s.as_ptr());
+    let [c0, c1] = c;
+    let cp = [c0.as_mut_ptr(), c1.as_mut_ptr()];
+    let rows: [*mut E; 2 * MR] = std::array::from_fn(|r| cp[r / MR].wrapping_add((r % MR) * nr));
+    let pf = std::array::from_fn(|r| prefetch[r / MR].wrapping_add((r % MR) * nr));
+    // SAFETY: every A row is long enough for the walk and B for its k
+    // (checked above); the two `&mut` C tiles hold MR x nr each and cannot
+    // alias.
+    unsafe {
+        if w.step == 1 {
+            kernel_rows::<E, S, 1, { 2 * MR }>(simd, ap, w, b.as_ptr(), rows, accumulate, pf);
+        } else {
+            kernel_rows::<E, S, 0, { 2 * MR }>(simd, ap, w, b.as_ptr(), rows, accumulate, pf);
+        }
     }
 }
 
@@ -532,6 +675,156 @@ mod tests {
         }
     }
 
+    /// Values that make every product and sum inexact (so a changed order
+    /// or a dropped term changes bits): `i`-th of a sequence.
+    fn val<E: Elem>(i: usize, salt: usize) -> E {
+        E::from_f64(((i * 7 + salt * 13) % 23) as f64 / 7.0 - 1.4)
+    }
+
+    fn bits<E: Elem>(tiles: &[Vec<E>; 2]) -> Vec<Vec<u64>> {
+        tiles
+            .iter()
+            .map(|t| t.iter().map(|v| v.as_f64().to_bits()).collect())
+            .collect()
+    }
+
+    /// Two panels in one call give what two one-panel calls give, bit for
+    /// bit, and write nothing past either C tile; on every instruction set
+    /// this CPU has, f32 and f64, packed panels and walked rows.
+    struct Pairs<E>(PhantomData<E>);
+
+    impl<E: Elem> WithSimd for Pairs<E> {
+        type Output = bool;
+        fn with_simd<S: Simd>(self, simd: S) -> bool {
+            if !pairs_panels::<E, S>() {
+                return false;
+            }
+            let nr = nr::<E, S>();
+            let tile = MR * nr;
+            let guard = E::from_f64(99.0);
+            let init = |h: usize| -> Vec<E> {
+                (0..tile + 3)
+                    .map(|i| if i < tile { val(i, h + 5) } else { guard })
+                    .collect()
+            };
+            for (k, accumulate) in [(1, false), (9, true), (256, false), (37, true)] {
+                let panels: Vec<Vec<E>> = (0..2)
+                    .map(|h| (0..k * MR).map(|i| val(i, h)).collect())
+                    .collect();
+                let b: Vec<E> = (0..k * nr).map(|i| val(i, 3)).collect();
+                let (mut got, mut want) = ([init(0), init(1)], [init(0), init(1)]);
+                let [g0, g1] = &mut got;
+                run_packed_pair::<E, S>(
+                    simd,
+                    [&panels[0], &panels[1]],
+                    k,
+                    &b,
+                    [&mut g0[..], &mut g1[..]],
+                    accumulate,
+                    [std::ptr::null(); 2],
+                );
+                for (h, w) in want.iter_mut().enumerate() {
+                    run_packed_tile::<E, S>(
+                        simd,
+                        &panels[h],
+                        k,
+                        &b,
+                        w,
+                        accumulate,
+                        std::ptr::null(),
+                    );
+                }
+                assert_eq!(bits(&got), bits(&want), "packed pair, k {k}");
+                assert!(got.iter().all(|t| t[tile..].iter().all(|&v| v == guard)));
+            }
+            // Walked rows: 12 rows of an "image", a step of 1 or 2, several
+            // segments.
+            let image: Vec<E> = (0..600).map(|i| val(i, 4)).collect();
+            for (step, seg_len, nseg) in [(1, 5, 3), (2, 4, 2), (1, 40, 1)] {
+                let walk = AWalk {
+                    off: 3,
+                    step,
+                    seg_len,
+                    nseg,
+                    seg_jump: 41,
+                };
+                let a: [&[E]; 2 * MR] = std::array::from_fn(|r| &image[r * 17 + (r % 3)..]);
+                let b: Vec<E> = (0..walk.k() * nr).map(|i| val(i, 6)).collect();
+                for accumulate in [false, true] {
+                    let (mut got, mut want) = ([init(0), init(1)], [init(0), init(1)]);
+                    let [g0, g1] = &mut got;
+                    run_tile_pair::<E, S>(
+                        simd,
+                        a,
+                        walk,
+                        &b,
+                        [&mut g0[..], &mut g1[..]],
+                        accumulate,
+                        [std::ptr::null(); 2],
+                    );
+                    for (h, w) in want.iter_mut().enumerate() {
+                        let rows: [&[E]; MR] = std::array::from_fn(|r| a[h * MR + r]);
+                        let mut blk = ColBlock::whole(&mut w[..tile], MR, nr);
+                        run_tile(
+                            simd,
+                            rows,
+                            walk,
+                            &b,
+                            &mut blk,
+                            0,
+                            0,
+                            accumulate,
+                            std::ptr::null(),
+                        );
+                    }
+                    let at = format!("row pair, step {step}, {nseg} x {seg_len}");
+                    assert_eq!(bits(&got), bits(&want), "{at}");
+                    assert!(got.iter().all(|t| t[tile..].iter().all(|&v| v == guard)));
+                }
+            }
+            true
+        }
+    }
+
+    #[test]
+    fn two_panels_per_call_give_the_bits_of_one_at_a_time() {
+        for isa in crate::backend::cpu::Isa::available() {
+            let arch = isa.arch().unwrap();
+            let paired = arch.dispatch(Pairs::<f32>(PhantomData));
+            assert_eq!(arch.dispatch(Pairs::<f64>(PhantomData)), paired);
+            // Exactly the 512-bit instruction set pairs (32 registers).
+            assert_eq!(paired, isa == crate::backend::cpu::Isa::Avx512, "{isa:?}");
+        }
+    }
+
+    /// Where the ISA has 16 registers or fewer, the pair wrappers refuse.
+    #[test]
+    #[should_panic(expected = "two panels need 32 vector registers")]
+    fn a_pair_without_the_registers_is_refused() {
+        struct Scalar;
+        impl WithSimd for Scalar {
+            type Output = ();
+            fn with_simd<S: Simd>(self, simd: S) {
+                let nr = nr::<f32, S>();
+                let (p, b) = (vec![0.5f32; MR], vec![1.0f32; nr]);
+                let (mut c0, mut c1) = (vec![0.0f32; MR * nr], vec![0.0f32; MR * nr]);
+                run_packed_pair::<f32, S>(
+                    simd,
+                    [&p, &p],
+                    1,
+                    &b,
+                    [&mut c0, &mut c1],
+                    false,
+                    [std::ptr::null(); 2],
+                );
+            }
+        }
+        crate::backend::cpu::Isa::Scalar
+            .arch()
+            .unwrap()
+            .dispatch(Scalar);
+    }
+
     /// The safe wrapper refuses an A row one element shorter than the walk
     /// reads (the raw kernel would read past it).
     #[test]
@@ -569,6 +862,9 @@ mod speed {
     struct Bench {
         k: usize,
         reps: usize,
+        /// Two packed panels per call ([`run_packed_pair`]) instead of one
+        /// panel's rows.
+        pair: bool,
     }
     impl WithSimd for Bench {
         type Output = f64;
@@ -587,24 +883,33 @@ mod speed {
                     * 1e-9
             };
             let t = cpu();
+            if self.pair {
+                let (panels, mut c2) = ([&a[..], &a[..]], vec![0.0f32; 2 * MR * nr * 4]);
+                for i in 0..self.reps {
+                    let (c0, c1) = c2[(i % 4) * 2 * MR * nr..].split_at_mut(MR * nr);
+                    let (p, b) = (std::ptr::null(), &b);
+                    run_packed_pair(simd, panels, self.k, b, [c0, c1], true, [p; 2]);
+                }
+                let s = cpu() - t;
+                std::hint::black_box(&c2);
+                return (4 * MR * nr * self.k * self.reps) as f64 / s / 1e9;
+            }
             for i in 0..self.reps {
-                let mut blk = ColBlock::whole(&mut c[(i % 4) * MR * nr..], MR, nr);
-                let rows: [&[f32]; MR] = std::array::from_fn(|r| &a[r..]);
-                run_tile(
-                    simd,
-                    rows,
-                    AWalk::run(0, MR, self.k),
-                    &b,
-                    &mut blk,
-                    0,
-                    0,
-                    true,
-                    std::ptr::null(),
-                );
+                let c = &mut c[(i % 4) * MR * nr..][..MR * nr];
+                run_packed_tile(simd, &a, self.k, &b, c, true, std::ptr::null());
             }
             let s = cpu() - t;
             std::hint::black_box(&c);
             (2 * MR * nr * self.k * self.reps) as f64 / s / 1e9
+        }
+    }
+
+    /// Whether the widest ISA runs two panels per call.
+    struct Pairs;
+    impl WithSimd for Pairs {
+        type Output = bool;
+        fn with_simd<S: Simd>(self, _: S) -> bool {
+            pairs_panels::<f32, S>()
         }
     }
 
@@ -614,15 +919,18 @@ mod speed {
     #[ignore]
     fn kernel_speed() {
         let peak = crate::backend::cpu::fma_peak_gflops(1);
+        let arch = Arch::new();
+        let pairs = arch.dispatch(Pairs);
         for k in [64, 128, 256, 512] {
-            let g = Arch::new().dispatch(Bench {
-                k,
-                reps: 2_000_000 / k * 16,
-            });
-            println!(
-                "k {k}: {g:.1} GFLOP/s, {:.1}% of {peak:.1}",
-                100.0 * g / peak
-            );
+            for pair in [false, pairs].into_iter().take(1 + pairs as usize) {
+                let reps = 2_000_000 / k * 16 / (1 + pair as usize);
+                let g = arch.dispatch(Bench { k, reps, pair });
+                let what = if pair { "two panels" } else { "one panel" };
+                println!(
+                    "k {k}, {what}: {g:.1} GFLOP/s, {:.1}% of {peak:.1}",
+                    100.0 * g / peak
+                );
+            }
         }
     }
 }

@@ -10,7 +10,7 @@ use super::transform::{
 use super::{Lanes, Scratch, Tile, run_order};
 use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::{act_of_bias, nr_for, relu_of};
-use crate::backend::cpu::kernel::{MR, nr, run_packed_tile};
+use crate::backend::cpu::kernel::{MR, nr, pairs_panels, run_packed_pair, run_packed_tile};
 use crate::backend::cpu::simd::{Elem, Level, lane_order_for, prefetch_share};
 use crate::pool;
 
@@ -630,15 +630,42 @@ impl<E: Elem> WithSimd for Products<'_, '_, E> {
                 // one burst, GEMM phase 35.9-37.4 -> 37.0-38.9 ms; spread over
                 // the groups, P3 forward 57.1-57.5 -> 57.8-58.2 (three rounds).
                 let next = next_b_tile(g, pos, groups).map(|(g, pos)| b_tile(g, pos));
-                for (pi, p) in panels.clone().enumerate() {
-                    if let Some(next) = next {
-                        prefetch_share(next, pi, panels.len(), Level::L2);
-                    }
-                    let a = &u[(p * POS + pos) * kk * MR..][..kk * MR];
+                let a = |pi: usize| &u[((panels.start + pi) * POS + pos) * kk * MR..][..kk * MR];
+                // One panel's products: the same tile of the next panel.
+                let stride = POS * GROUPS * tile_len;
+                let np = panels.len();
+                let mut pi = 0;
+                while pi < np {
                     let at = ((pi * POS + pos) * GROUPS + g) * tile_len;
-                    // The next C tile this loop writes.
-                    let next = out.as_ptr().wrapping_add(at + POS * GROUPS * tile_len);
-                    run_packed_tile(simd, a, kk, b, &mut out[at..at + tile_len], false, next);
+                    // Two panels per call where the ISA has the registers.
+                    let n = if pairs_panels::<E, S>() && pi + 1 < np {
+                        2
+                    } else {
+                        1
+                    };
+                    if let Some(next) = next {
+                        for q in pi..pi + n {
+                            prefetch_share(next, q, np, Level::L2);
+                        }
+                    }
+                    // The next C tiles this loop writes.
+                    let next = out.as_ptr().wrapping_add(at + n * stride);
+                    if n == 2 {
+                        let (lo, hi) = out.split_at_mut(at + stride);
+                        run_packed_pair(
+                            simd,
+                            [a(pi), a(pi + 1)],
+                            kk,
+                            b,
+                            [&mut lo[at..at + tile_len], &mut hi[..tile_len]],
+                            false,
+                            [next, next.wrapping_add(stride)],
+                        );
+                    } else {
+                        let c = &mut out[at..at + tile_len];
+                        run_packed_tile(simd, a(pi), kk, b, c, false, next);
+                    }
+                    pi += n;
                 }
             }
         }
