@@ -42,7 +42,7 @@ use super::conv_fwd::{
     ASource, Epilogue, ImplicitConv, Skip, TASKS_PER_THREAD, forward_pad, kc_for, kept_channels,
     pack_weights, sparse_channels,
 };
-use super::kernel::{AWalk, ColBlock, MR, NR_MAX, nr, pairs_panels, run_tile, run_tile_pair};
+use super::kernel::{AWalk, ColBlock, MR, NR_MAX, nr, panel_steps, run_tile, run_tile_pair};
 use super::pack::{PadSpec, align_offset, image_batches, pack_dy_t, pad_images, pad_planes};
 use super::simd::Elem;
 use crate::Tensor;
@@ -599,21 +599,15 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
             let rows = |p: usize| -> [&[E]; MR] {
                 std::array::from_fn(|i| row((j0 + p * MR + i).min(j_len - 1)))
             };
-            let mut p = 0;
-            while p < panels {
-                let cols = cols_of(p);
-                // Two panels per call where the ISA has the registers and
-                // both panels run over the same columns.
-                let n = if pairs_panels::<E, S>() && p + 1 < panels && cols_of(p + 1) == cols {
-                    2
-                } else {
-                    1
-                };
+            // Two panels per call where the ISA has the registers and both
+            // panels run over the same columns.
+            for ps in panel_steps::<E, S>(panels, |p| cols_of(p + 1) == cols_of(p)) {
+                let (p, cols) = (ps.start, cols_of(ps.start));
                 if cols.is_empty() {
-                    p += n;
                     continue;
                 }
-                macs += (p..p + n)
+                macs += ps
+                    .clone()
                     .map(|q| MR.min(j_len - (j0 + q * MR)))
                     .sum::<usize>()
                     * m
@@ -626,7 +620,7 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                 };
                 let b = |t: usize| &bt[(t * kc + cols.start) * nr..][..cols.len() * nr];
                 let resume = kb > 0 || !first;
-                if n == 2 {
+                if ps.len() == 2 {
                     let (r0, r1) = (rows(p), rows(p + 1));
                     let a = std::array::from_fn(|i| if i < MR { r0[i] } else { r1[i - MR] });
                     for t in 0..tiles {
@@ -645,7 +639,6 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                         run_tile(simd, a, walk, b(t), &mut tile, 0, 0, resume, next);
                     }
                 }
-                p += n;
             }
         }
         job.cx.tally.macs(macs);

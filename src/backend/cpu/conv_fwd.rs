@@ -34,8 +34,7 @@ use rayon::prelude::*;
 
 use super::Ctx;
 use super::kernel::{
-    AWalk, ColBlock, MR, nr, pairs_panels, run_packed_pair, run_packed_tile, run_tile,
-    split_columns,
+    AWalk, ColBlock, MR, nr, panel_steps, run_packed_pair, run_packed_tile, run_tile, split_columns,
 };
 use super::pack::{
     Aligned, PackedA, PadSpec, even_blocks, image_batches, pack_b_tile, pad_images, pad_planes,
@@ -574,40 +573,28 @@ impl<E: Elem> WithSimd for FwdTask<'_, '_, E> {
                     nr,
                     bt,
                 );
-                let mut p = 0;
-                while p < panels {
-                    let at = (t * panels + p) * tile_len;
+                // Two packed panels per call where the ISA has the registers.
+                let packed = matches!(conv.a, ASource::Packed(_));
+                for ps in panel_steps::<E, S>(panels, |_| packed) {
+                    let (p, at) = (ps.start, (t * panels + ps.start) * tile_len);
+                    let next = cp.as_ptr().wrapping_add(at + ps.len() * tile_len);
+                    let c = &mut cp[at..at + ps.len() * tile_len];
                     match conv.a {
-                        // Two panels per call where the ISA has the registers.
-                        ASource::Packed(pa) if pairs_panels::<E, S>() && p + 1 < panels => {
-                            let next = cp.as_ptr().wrapping_add(at + 2 * tile_len);
-                            let (c0, c1) = cp[at..at + 2 * tile_len].split_at_mut(tile_len);
-                            run_packed_pair(
-                                simd,
-                                [pa.panel(kb, p), pa.panel(kb, p + 1)],
-                                klen,
-                                bt,
-                                [c0, c1],
-                                kb > 0,
-                                [next, next.wrapping_add(tile_len)],
-                            );
-                            p += 2;
-                            continue;
+                        ASource::Packed(pa) if ps.len() == 2 => {
+                            let (c0, c1) = c.split_at_mut(tile_len);
+                            let a = [pa.panel(kb, p), pa.panel(kb, p + 1)];
+                            let next = [next, next.wrapping_add(tile_len)];
+                            run_packed_pair(simd, a, klen, bt, [c0, c1], kb > 0, next);
                         }
                         ASource::Packed(pa) => {
-                            let next = cp.as_ptr().wrapping_add(at + tile_len);
-                            let c = &mut cp[at..at + tile_len];
                             run_packed_tile(simd, pa.panel(kb, p), klen, bt, c, kb > 0, next)
                         }
                         ASource::Rows { .. } => {
-                            let next = cp.as_ptr().wrapping_add(at + tile_len);
-                            let c = &mut cp[at..at + tile_len];
                             let (rows, walk) = conv.a.rows(kb, p);
                             let mut tile = ColBlock::whole(c, MR, nr);
                             run_tile(simd, rows, walk, bt, &mut tile, 0, 0, kb > 0, next);
                         }
                     }
-                    p += 1;
                 }
             }
         }

@@ -11,7 +11,11 @@
 //! shape, 6 x 32 (12 of the 32 zmm registers). 6 x 48, 6 x 64, 8 x 32 and 12 x 32 (up to
 //! 24 accumulators) and k-blocks of 128 or 512 all timed within the noise of 6 x 32 on the
 //! P3/P4 convs, alternated call by call; this kernel reaches 90-100% of the one-thread peak
-//! on L1-resident operands there, so the tile is not what limits the convs.
+//! on L1-resident operands there, so the tile is not what limits the convs. On an Intel
+//! Xeon (family 6 model 167) it does: 6 x 32 reached 70-74% of that peak and 12 x 32 86-87%
+//! (`kernel_speed`), so with 512-bit vectors the callers run two row panels per call
+//! ([`run_packed_pair`], [`run_tile_pair`]: a 12 x NR tile over the same MR-row panels, so
+//! no packing changes). [`kernel_rows`] is the one kernel, over 6 or 12 rows.
 //!
 //! B is always packed (`[k][NR]`, contiguous). A is read through MR row
 //! pointers and one shared index, `a[r][off + seg * seg_jump + i * step]`
@@ -378,6 +382,28 @@ pub(crate) fn run_packed_tile<E: Elem, S: Simd>(
             prefetch,
         );
     }
+}
+
+/// The row panels `0 .. panels` as the kernel calls take them, in order:
+/// two at a time (`p .. p + 2`) where the ISA [`pairs_panels`] and
+/// `pairable(p)` says panels `p` and `p + 1` may share a call, else one.
+pub(crate) fn panel_steps<E: Elem, S: Simd>(
+    panels: usize,
+    pairable: impl Fn(usize) -> bool,
+) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let pairs = pairs_panels::<E, S>();
+    let mut p = 0;
+    std::iter::from_fn(move || {
+        (p < panels).then(|| {
+            let n = if pairs && p + 1 < panels && pairable(p) {
+                2
+            } else {
+                1
+            };
+            p += n;
+            p - n..p
+        })
+    })
 }
 
 /// [`run_packed_tile`] on two A panels at once (a 12 x NR tile, where
@@ -794,6 +820,36 @@ mod tests {
             assert_eq!(arch.dispatch(Pairs::<f64>(PhantomData)), paired);
             // Exactly the 512-bit instruction set pairs (32 registers).
             assert_eq!(paired, isa == crate::backend::cpu::Isa::Avx512, "{isa:?}");
+        }
+    }
+
+    /// `panel_steps` covers every panel once, in order, and takes two
+    /// exactly where the ISA pairs and `pairable` allows (greedily from the
+    /// left).
+    struct Steps;
+    impl WithSimd for Steps {
+        type Output = ();
+        fn with_simd<S: Simd>(self, _: S) {
+            let pairs = pairs_panels::<f32, S>();
+            for panels in 0..9 {
+                for allowed in 0u32..256 {
+                    let pairable = |p: usize| allowed >> p & 1 == 1;
+                    let steps: Vec<_> = panel_steps::<f32, S>(panels, pairable).collect();
+                    let flat: Vec<usize> = steps.iter().cloned().flatten().collect();
+                    assert_eq!(flat, (0..panels).collect::<Vec<_>>());
+                    for st in &steps {
+                        let can = pairs && st.start + 1 < panels && pairable(st.start);
+                        assert_eq!(st.len(), 1 + can as usize, "{panels} panels, {allowed:b}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn panel_steps_pair_where_allowed_and_cover_every_panel() {
+        for arch in crate::backend::cpu::Isa::every_arch() {
+            arch.dispatch(Steps);
         }
     }
 

@@ -10,7 +10,7 @@ use super::transform::{
 use super::{Lanes, Scratch, Tile, run_order};
 use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::{act_of_bias, nr_for, relu_of};
-use crate::backend::cpu::kernel::{MR, nr, pairs_panels, run_packed_pair, run_packed_tile};
+use crate::backend::cpu::kernel::{MR, nr, panel_steps, run_packed_pair, run_packed_tile};
 use crate::backend::cpu::simd::{Elem, Level, lane_order_for, prefetch_share};
 use crate::pool;
 
@@ -634,38 +634,27 @@ impl<E: Elem> WithSimd for Products<'_, '_, E> {
                 // One panel's products: the same tile of the next panel.
                 let stride = POS * GROUPS * tile_len;
                 let np = panels.len();
-                let mut pi = 0;
-                while pi < np {
-                    let at = ((pi * POS + pos) * GROUPS + g) * tile_len;
-                    // Two panels per call where the ISA has the registers.
-                    let n = if pairs_panels::<E, S>() && pi + 1 < np {
-                        2
-                    } else {
-                        1
-                    };
+                // Two panels per call where the ISA has the registers.
+                for ps in panel_steps::<E, S>(np, |_| true) {
+                    let (pi, n) = (ps.start, ps.len());
                     if let Some(next) = next {
-                        for q in pi..pi + n {
+                        for q in ps.clone() {
                             prefetch_share(next, q, np, Level::L2);
                         }
                     }
+                    let at = ((pi * POS + pos) * GROUPS + g) * tile_len;
                     // The next C tiles this loop writes.
                     let next = out.as_ptr().wrapping_add(at + n * stride);
                     if n == 2 {
                         let (lo, hi) = out.split_at_mut(at + stride);
-                        run_packed_pair(
-                            simd,
-                            [a(pi), a(pi + 1)],
-                            kk,
-                            b,
-                            [&mut lo[at..at + tile_len], &mut hi[..tile_len]],
-                            false,
-                            [next, next.wrapping_add(stride)],
-                        );
+                        let c = [&mut lo[at..at + tile_len], &mut hi[..tile_len]];
+                        let a = [a(pi), a(pi + 1)];
+                        let next = [next, next.wrapping_add(stride)];
+                        run_packed_pair(simd, a, kk, b, c, false, next);
                     } else {
                         let c = &mut out[at..at + tile_len];
                         run_packed_tile(simd, a(pi), kk, b, c, false, next);
                     }
-                    pi += n;
                 }
             }
         }
