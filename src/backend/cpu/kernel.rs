@@ -433,22 +433,28 @@ pub(crate) fn run_packed_pair<E: Elem, S: Simd>(
     }
     let ap: [*const E; 2 * MR] =
         std::array::from_fn(|r| panels[r / MR].as_ptr().wrapping_add(r % MR));
-    let [c0, c1] = c;
-    let cp = [c0.as_mut_ptr(), c1.as_mut_ptr()];
+    let (rows, pf) = pair_rows(c, prefetch, nr);
+    let w = AWalk::run(0, MR, k);
     // SAFETY: row r reads panels[r / MR][r % MR + i * MR] for i < k, inside
     // its panel (checked); B and both C tiles checked above, and the two
     // `&mut` tiles cannot alias.
-    unsafe {
-        kernel_rows::<E, S, MR, { 2 * MR }>(
-            simd,
-            ap,
-            AWalk::run(0, MR, k),
-            b.as_ptr(),
-            std::array::from_fn(|r| cp[r / MR].add((r % MR) * nr)),
-            accumulate,
-            std::array::from_fn(|r| prefetch[r / MR].wrapping_add((r % MR) * nr)),
-        );
-    }
+    unsafe { kernel_rows::<E, S, MR, { 2 * MR }>(simd, ap, w, b.as_ptr(), rows, accumulate, pf) }
+}
+
+/// The 12 C rows of a pair of MR x `nr` tiles, and the rows of the pair
+/// read next (a hint), as [`kernel_rows`] takes them.
+#[inline(always)]
+fn pair_rows<E>(
+    c: [&mut [E]; 2],
+    prefetch: [*const E; 2],
+    nr: usize,
+) -> ([*mut E; 2 * MR], [*const E; 2 * MR]) {
+    let [c0, c1] = c;
+    let cp = [c0.as_mut_ptr(), c1.as_mut_ptr()];
+    (
+        std::array::from_fn(|r| cp[r / MR].wrapping_add((r % MR) * nr)),
+        std::array::from_fn(|r| prefetch[r / MR].wrapping_add((r % MR) * nr)),
+    )
 }
 
 /// [`run_tile`] on two full MR x NR tiles at once (a 12 x NR tile, where
@@ -481,10 +487,7 @@ pub(crate) fn run_tile_pair<E: Elem, S: Simd>(
         assert!(t.len() >= MR * nr, "C tile too short");
     }
     let ap = a.map(|s| s.as_ptr());
-    let [c0, c1] = c;
-    let cp = [c0.as_mut_ptr(), c1.as_mut_ptr()];
-    let rows: [*mut E; 2 * MR] = std::array::from_fn(|r| cp[r / MR].wrapping_add((r % MR) * nr));
-    let pf = std::array::from_fn(|r| prefetch[r / MR].wrapping_add((r % MR) * nr));
+    let (rows, pf) = pair_rows(c, prefetch, nr);
     // SAFETY: every A row is long enough for the walk and B for its k
     // (checked above); the two `&mut` C tiles hold MR x nr each and cannot
     // alias.
