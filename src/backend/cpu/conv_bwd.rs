@@ -705,8 +705,10 @@ mod tests {
     /// of rows per image, which read the input 2 rows and columns apart);
     /// output rows of 140 positions, columns 2 apart (in f64 the weight
     /// gradient cuts each row into two blocks, the second starting at
-    /// column 70).
-    const GEOMS: [Geom; 10] = [
+    /// column 70); 40 output channels (two and three NR-wide column tiles
+    /// of the weight gradient in f32 and f64 on AVX-512, where two row
+    /// panels share each kernel call).
+    const GEOMS: [Geom; 11] = [
         geom([2, 5, 9, 13], [7, 3, 3], [1, 1], [1, 1]),
         geom([2, 3, 11, 10], [8, 3, 3], [2, 2], [1, 1]),
         geom([1, 4, 7, 17], [6, 1, 1], [1, 1], [0, 0]),
@@ -717,6 +719,7 @@ mod tests {
         geom([1, 2, 20, 30], [3, 3, 3], [1, 1], [1, 1]),
         geom([2, 3, 40, 36], [4, 3, 3], [2, 2], [1, 1]),
         geom([1, 2, 5, 280], [3, 3, 3], [1, 2], [1, 1]),
+        geom([2, 3, 9, 11], [40, 3, 3], [1, 1], [1, 1]),
     ];
 
     const fn geom(x: [usize; 4], w: [usize; 3], stride: [usize; 2], padding: [usize; 2]) -> Geom {

@@ -419,21 +419,12 @@ pub(crate) fn run_packed_pair<E: Elem, S: Simd>(
     accumulate: bool,
     prefetch: [*const E; 2],
 ) {
-    let nr = nr::<E, S>();
-    assert!(
-        pairs_panels::<E, S>(),
-        "two panels need 32 vector registers"
-    );
     for p in panels {
         assert!(p.len() >= k * MR, "A panel too short");
     }
-    assert!(b.len() >= k * nr, "B panel too short");
-    for t in &c {
-        assert!(t.len() >= MR * nr, "C tile too short");
-    }
+    let (rows, pf) = pair_rows::<E, S>(c, prefetch, b, k);
     let ap: [*const E; 2 * MR] =
         std::array::from_fn(|r| panels[r / MR].as_ptr().wrapping_add(r % MR));
-    let (rows, pf) = pair_rows(c, prefetch, nr);
     let w = AWalk::run(0, MR, k);
     // SAFETY: row r reads panels[r / MR][r % MR + i * MR] for i < k, inside
     // its panel (checked); B and both C tiles checked above, and the two
@@ -441,14 +432,25 @@ pub(crate) fn run_packed_pair<E: Elem, S: Simd>(
     unsafe { kernel_rows::<E, S, MR, { 2 * MR }>(simd, ap, w, b.as_ptr(), rows, accumulate, pf) }
 }
 
-/// The 12 C rows of a pair of MR x `nr` tiles, and the rows of the pair
-/// read next (a hint), as [`kernel_rows`] takes them.
+/// The checks both pair wrappers make (the ISA pairs, `b` holds `k` rows
+/// of NR, each C tile MR x NR), then the 12 C rows of the pair and the
+/// rows of the pair read next (a hint), as [`kernel_rows`] takes them.
 #[inline(always)]
-fn pair_rows<E>(
+fn pair_rows<E: Elem, S: Simd>(
     c: [&mut [E]; 2],
     prefetch: [*const E; 2],
-    nr: usize,
+    b: &[E],
+    k: usize,
 ) -> ([*mut E; 2 * MR], [*const E; 2 * MR]) {
+    let nr = nr::<E, S>();
+    assert!(
+        pairs_panels::<E, S>(),
+        "two panels need 32 vector registers"
+    );
+    assert!(b.len() >= k * nr, "B panel too short");
+    for t in &c {
+        assert!(t.len() >= MR * nr, "C tile too short");
+    }
     let [c0, c1] = c;
     let cp = [c0.as_mut_ptr(), c1.as_mut_ptr()];
     (
@@ -472,22 +474,13 @@ pub(crate) fn run_tile_pair<E: Elem, S: Simd>(
     accumulate: bool,
     prefetch: [*const E; 2],
 ) {
-    let nr = nr::<E, S>();
-    assert!(
-        pairs_panels::<E, S>(),
-        "two panels need 32 vector registers"
-    );
     if let Some(last) = w.last() {
         for row in &a {
             assert!(last < row.len(), "A row too short for the walk");
         }
     }
-    assert!(b.len() >= w.k() * nr, "B panel too short");
-    for t in &c {
-        assert!(t.len() >= MR * nr, "C tile too short");
-    }
+    let (rows, pf) = pair_rows::<E, S>(c, prefetch, b, w.k());
     let ap = a.map(|s| s.as_ptr());
-    let (rows, pf) = pair_rows(c, prefetch, nr);
     // SAFETY: every A row is long enough for the walk and B for its k
     // (checked above); the two `&mut` C tiles hold MR x nr each and cannot
     // alias.
