@@ -42,7 +42,9 @@ use super::conv_fwd::{
     ASource, Epilogue, ImplicitConv, Skip, TASKS_PER_THREAD, forward_pad, kc_for, kept_channels,
     pack_weights, sparse_channels,
 };
-use super::kernel::{AWalk, ColBlock, MR, NR_MAX, nr, panel_steps, run_tile, run_tile_pair};
+use super::kernel::{
+    AWalk, ColBlock, MR, NR_MAX, nr, panel_steps, run_tile, run_tile_pair, tile_pair,
+};
 use super::pack::{PadSpec, align_offset, image_batches, pack_dy_t, pad_images, pad_planes};
 use super::simd::Elem;
 use crate::Tensor;
@@ -626,8 +628,7 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                     for t in 0..tiles {
                         let at = [p, p + 1].map(|q| (q * tiles + t) * tile_len);
                         let next = at.map(|q| c.as_ptr().wrapping_add(q + tile_len));
-                        let (lo, hi) = c.split_at_mut(at[1]);
-                        let tiles_c = [&mut lo[at[0]..at[0] + tile_len], &mut hi[..tile_len]];
+                        let tiles_c = tile_pair(c, at, tile_len);
                         run_tile_pair(simd, a, walk, b(t), tiles_c, resume, next);
                     }
                 } else {

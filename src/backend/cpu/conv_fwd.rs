@@ -34,7 +34,8 @@ use rayon::prelude::*;
 
 use super::Ctx;
 use super::kernel::{
-    AWalk, ColBlock, MR, nr, panel_steps, run_packed_pair, run_packed_tile, run_tile, split_columns,
+    AWalk, ColBlock, MR, nr, panel_steps, run_packed_pair, run_packed_tile, run_tile,
+    split_columns, tile_pair,
 };
 use super::pack::{
     Aligned, PackedA, PadSpec, even_blocks, image_batches, pack_b_tile, pad_images, pad_planes,
@@ -581,10 +582,10 @@ impl<E: Elem> WithSimd for FwdTask<'_, '_, E> {
                     let c = &mut cp[at..at + ps.len() * tile_len];
                     match conv.a {
                         ASource::Packed(pa) if ps.len() == 2 => {
-                            let (c0, c1) = c.split_at_mut(tile_len);
+                            let c = tile_pair(c, [0, tile_len], tile_len);
                             let a = [pa.panel(kb, p), pa.panel(kb, p + 1)];
                             let next = [next, next.wrapping_add(tile_len)];
-                            run_packed_pair(simd, a, klen, bt, [c0, c1], kb > 0, next);
+                            run_packed_pair(simd, a, klen, bt, c, kb > 0, next);
                         }
                         ASource::Packed(pa) => {
                             run_packed_tile(simd, pa.panel(kb, p), klen, bt, c, kb > 0, next)

@@ -406,6 +406,14 @@ pub(crate) fn panel_steps<E: Elem, S: Simd>(
     })
 }
 
+/// The two C tiles of `len` values at `at[0]` and `at[1]` (`at[0] + len
+/// <= at[1]`) of `c`, borrowed together for a pair call.
+pub(crate) fn tile_pair<E>(c: &mut [E], at: [usize; 2], len: usize) -> [&mut [E]; 2] {
+    assert!(at[0] + len <= at[1], "the tiles overlap");
+    let (lo, hi) = c.split_at_mut(at[1]);
+    [&mut lo[at[0]..at[0] + len], &mut hi[..len]]
+}
+
 /// [`run_packed_tile`] on two A panels at once (a 12 x NR tile, where
 /// [`pairs_panels`]): `c[h] (+)= panels[h] * b` for `h` = 0, 1, each
 /// output the same fused chain as one panel's call gives it.
@@ -847,6 +855,28 @@ mod tests {
         for arch in crate::backend::cpu::Isa::every_arch() {
             arch.dispatch(Steps);
         }
+    }
+
+    /// `tile_pair` lends exactly the two tiles asked for, adjacent or apart,
+    /// and refuses overlapping ones.
+    #[test]
+    fn tile_pair_lends_the_two_tiles() {
+        for (at, len) in [([0, 3], 3), ([2, 9], 4), ([5, 5], 0)] {
+            let mut c = vec![0u32; 14];
+            let [t0, t1] = tile_pair(&mut c, at, len);
+            t0.fill(1);
+            t1.fill(2);
+            let want: Vec<u32> = (0..14)
+                .map(|i| match i {
+                    i if (at[0]..at[0] + len).contains(&i) => 1,
+                    i if (at[1]..at[1] + len).contains(&i) => 2,
+                    _ => 0,
+                })
+                .collect();
+            assert_eq!(c, want, "{at:?} x {len}");
+        }
+        let overlap = std::panic::catch_unwind(|| tile_pair(&mut [0u8; 8], [0, 2], 3).len());
+        assert!(overlap.is_err());
     }
 
     /// Where the ISA has 16 registers or fewer, the pair wrappers refuse.

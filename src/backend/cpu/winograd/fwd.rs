@@ -10,7 +10,9 @@ use super::transform::{
 use super::{Lanes, Scratch, Tile, run_order};
 use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::{act_of_bias, nr_for, relu_of};
-use crate::backend::cpu::kernel::{MR, nr, panel_steps, run_packed_pair, run_packed_tile};
+use crate::backend::cpu::kernel::{
+    MR, nr, panel_steps, run_packed_pair, run_packed_tile, tile_pair,
+};
 use crate::backend::cpu::simd::{Elem, Level, lane_order_for, prefetch_share};
 use crate::pool;
 
@@ -646,8 +648,7 @@ impl<E: Elem> WithSimd for Products<'_, '_, E> {
                     // The next C tiles this loop writes.
                     let next = out.as_ptr().wrapping_add(at + n * stride);
                     if n == 2 {
-                        let (lo, hi) = out.split_at_mut(at + stride);
-                        let c = [&mut lo[at..at + tile_len], &mut hi[..tile_len]];
+                        let c = tile_pair(out, [at, at + stride], tile_len);
                         let a = [a(pi), a(pi + 1)];
                         let next = [next, next.wrapping_add(stride)];
                         run_packed_pair(simd, a, kk, b, c, false, next);
