@@ -95,9 +95,9 @@ const PF_A: usize = 16;
 /// in each): direct P3 forward 131.8-133.0 -> 130.6-131.2 ms, input
 /// gradient 132.5-133.1 -> 130.6-131.5, P4 forward 33.3-33.4 -> 32.8-33.0;
 /// the weight gradient (A walked along image rows, 4 bytes a step) and the
-/// Winograd forward within noise. No hints at all was slower than one a
-/// step. A packed f64 panel advances 48 bytes a step, so it keeps one hint
-/// a step.
+/// Winograd forward within noise. No hints at all timed within noise of
+/// one a step, if anything slower. A packed f64 panel advances 48 bytes a
+/// step, so it keeps one hint a step.
 #[inline(always)]
 const fn pf_a_every<E>() -> usize {
     if std::mem::size_of::<E>() <= 4 { 2 } else { 1 }
