@@ -565,16 +565,21 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                             let at = c_row(j, t);
                             local[i * nr..(i + 1) * nr].copy_from_slice(&c[at..at + nr]);
                         }
-                        let next = c.as_ptr().wrapping_add(c_row(rows_in[0], (t + 1) % tiles));
+                        // (A hint: the C rows that follow group h's first
+                        // kept row in the next column tile.)
+                        let next = |h: usize| {
+                            c.as_ptr()
+                                .wrapping_add(c_row(rows_in[h * MR], (t + 1) % tiles))
+                        };
                         let b = &bt[t * kc * nr..][..kc * nr];
                         if ps.len() == 2 {
                             let pair = tile_pair(local, [0, tile_len], tile_len);
                             let a = std::array::from_fn(a);
-                            run_tile_pair(simd, a, walk, b, pair, true, [next; 2]);
+                            run_tile_pair(simd, a, walk, b, pair, true, [next(0), next(1)]);
                         } else {
                             let mut tile = ColBlock::whole(local, MR, nr);
                             let a = std::array::from_fn(a);
-                            run_tile(simd, a, walk, b, &mut tile, 0, 0, true, next);
+                            run_tile(simd, a, walk, b, &mut tile, 0, 0, true, next(0));
                         }
                         for (i, &j) in rows_in.iter().enumerate() {
                             let at = c_row(j, t);
