@@ -349,12 +349,18 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
 /// first window is whole, and the loads fit, is
 /// [`WindowSpan::channels4_fit`]'s to say.)
 fn window_run(tiles: &[Tile], t: usize, h: usize, w: usize) -> usize {
+    tile_run(tiles, t, RUN_WINDOWS, |ty, tx| {
+        WindowSpan::new(h, w, ty, tx).is_full()
+    })
+}
+
+/// The length of the run of tiles from `tiles[t]` on (at most `max`): the
+/// tiles that follow it in its tile row without a gap while `fits(ty, tx)`
+/// (the first is the caller's to check).
+fn tile_run(tiles: &[Tile], t: usize, max: usize, fits: impl Fn(usize, usize) -> bool) -> usize {
     let (img, ty, tx) = tiles[t];
     let mut run = 1;
-    while run < RUN_WINDOWS
-        && tiles.get(t + run) == Some(&(img, ty, tx + run))
-        && WindowSpan::new(h, w, ty, tx + run).is_full()
-    {
+    while run < max && tiles.get(t + run) == Some(&(img, ty, tx + run)) && fits(ty, tx + run) {
         run += 1;
     }
     run
@@ -419,13 +425,7 @@ impl<E: Elem> WithSimd for DyTransform<'_, '_, E> {
                 // 15.5-16.4 -> 15.2-15.9; under the loss's channel mask (two
                 // rounds) P3 31.2-31.4 -> 28.8-29.1, spatial 25.9-27.5 ->
                 // 25.1-25.6.
-                let mut run = 1;
-                while j + run < gt.len()
-                    && gt[j + run] == (img, ty, tx + run)
-                    && whole(ty, tx + run)
-                {
-                    run += 1;
-                }
+                let run = tile_run(gt, j, gt.len(), whole);
                 for i in 0..4 {
                     let src = &plane[(4 * ty + i) * w + 4 * tx..][..4 * run];
                     let [d0, d1, d2, d3] =
