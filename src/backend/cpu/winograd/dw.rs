@@ -430,12 +430,10 @@ impl<E: Elem> WithSimd for DyTransform<'_, '_, E> {
                     let src = &plane[(4 * ty + i) * w + 4 * tx..][..4 * run];
                     let [d0, d1, d2, d3] =
                         tile_row_lanes(&mut d[i * 4 * nr..][..4 * nr], nr, j, run);
-                    for ((((s, a), b), c), e) in src.chunks_exact(4).zip(d0).zip(d1).zip(d2).zip(d3)
+                    for ((((s, x0), x1), x2), x3) in
+                        src.chunks_exact(4).zip(d0).zip(d1).zip(d2).zip(d3)
                     {
-                        *a = s[0];
-                        *b = s[1];
-                        *c = s[2];
-                        *e = s[3];
+                        (*x0, *x1, *x2, *x3) = (s[0], s[1], s[2], s[3]);
                     }
                 }
                 j += run;
@@ -457,8 +455,8 @@ impl<E: Elem> WithSimd for DyTransform<'_, '_, E> {
     }
 }
 
-/// Lanes `j .. j + run` of the 4 rows of `d` (`4 x nr`, one tile row's
-/// columns 0..4), as 4 disjoint slices.
+/// Lanes `j .. j + run` of each of the 4 rows of `d` (`4 x nr`: the rows
+/// of one tile row's 4 columns), as 4 disjoint slices.
 fn tile_row_lanes<E>(d: &mut [E], nr: usize, j: usize, run: usize) -> [&mut [E]; 4] {
     let (r0, rest) = d.split_at_mut(nr);
     let (r1, rest) = rest.split_at_mut(nr);
