@@ -42,9 +42,7 @@ use super::conv_fwd::{
     ASource, Epilogue, ImplicitConv, Skip, TASKS_PER_THREAD, forward_pad, kc_for, kept_channels,
     pack_weights, sparse_channels,
 };
-use super::kernel::{
-    AWalk, ColBlock, MR, NR_MAX, nr, panel_steps, run_tile, run_tile_pair, tile_pair,
-};
+use super::kernel::{AWalk, MR, NR_MAX, nr, panel_steps, run_walked_step};
 use super::pack::{PadSpec, align_offset, image_batches, pack_dy_t, pad_images, pad_planes};
 use super::simd::Elem;
 use crate::Tensor;
@@ -558,7 +556,7 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                     let rows_in = &kept[ps.start * MR..(ps.end * MR).min(kept.len())];
                     macs += rows_in.len() * m * kc;
                     // Rows past the groups' end repeat the last (dropped).
-                    let a = |i: usize| row(rows_in[i.min(rows_in.len() - 1)]);
+                    let a = std::array::from_fn(|i| row(rows_in[i.min(rows_in.len() - 1)]));
                     let local = &mut local[..ps.len() * tile_len];
                     for t in 0..tiles {
                         for (i, &j) in rows_in.iter().enumerate() {
@@ -567,20 +565,13 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                         }
                         // (A hint: the C rows that follow group h's first
                         // kept row in the next column tile.)
-                        let next = |h: usize| {
-                            c.as_ptr()
-                                .wrapping_add(c_row(rows_in[h * MR], (t + 1) % tiles))
-                        };
+                        let next = [0, 1].map(|h| {
+                            let first = rows_in[(h * MR).min(rows_in.len() - 1)];
+                            c.as_ptr().wrapping_add(c_row(first, (t + 1) % tiles))
+                        });
                         let b = &bt[t * kc * nr..][..kc * nr];
-                        if ps.len() == 2 {
-                            let pair = tile_pair(local, [0, tile_len], tile_len);
-                            let a = std::array::from_fn(a);
-                            run_tile_pair(simd, a, walk, b, pair, true, [next(0), next(1)]);
-                        } else {
-                            let mut tile = ColBlock::whole(local, MR, nr);
-                            let a = std::array::from_fn(a);
-                            run_tile(simd, a, walk, b, &mut tile, 0, 0, true, next(0));
-                        }
+                        let at = [0, tile_len];
+                        run_walked_step(simd, ps.len(), a, walk, b, local, at, true, next);
                         for (i, &j) in rows_in.iter().enumerate() {
                             let at = c_row(j, t);
                             c[at..at + nr].copy_from_slice(&local[i * nr..(i + 1) * nr]);
@@ -607,10 +598,6 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                 }
                 None => 0..kc,
             };
-            // Rows past the end repeat the last valid one (dropped).
-            let rows = |p: usize| -> [&[E]; MR] {
-                std::array::from_fn(|i| row((j0 + p * MR + i).min(j_len - 1)))
-            };
             // Two panels per call where the ISA has the registers and both
             // panels run over the same columns.
             for ps in panel_steps::<E, S>(panels, |p| cols_of(p + 1) == cols_of(p)) {
@@ -632,23 +619,13 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                 };
                 let b = |t: usize| &bt[(t * kc + cols.start) * nr..][..cols.len() * nr];
                 let resume = kb > 0 || !first;
-                if ps.len() == 2 {
-                    let (r0, r1) = (rows(p), rows(p + 1));
-                    let a = std::array::from_fn(|i| if i < MR { r0[i] } else { r1[i - MR] });
-                    for t in 0..tiles {
-                        let at = [p, p + 1].map(|q| (q * tiles + t) * tile_len);
-                        let next = at.map(|q| c.as_ptr().wrapping_add(q + tile_len));
-                        let tiles_c = tile_pair(c, at, tile_len);
-                        run_tile_pair(simd, a, walk, b(t), tiles_c, resume, next);
-                    }
-                } else {
-                    let a = rows(p);
-                    for t in 0..tiles {
-                        let at = (p * tiles + t) * tile_len;
-                        let next = c.as_ptr().wrapping_add(at + tile_len);
-                        let mut tile = ColBlock::whole(&mut c[at..at + tile_len], MR, nr);
-                        run_tile(simd, a, walk, b(t), &mut tile, 0, 0, resume, next);
-                    }
+                // Row i of the call is the panels' row i; rows past the end
+                // repeat the last valid one (dropped).
+                let a = std::array::from_fn(|i| row((j0 + p * MR + i).min(j_len - 1)));
+                for t in 0..tiles {
+                    let at = [p, p + 1].map(|q| (q * tiles + t) * tile_len);
+                    let next = at.map(|q| c.as_ptr().wrapping_add(q + tile_len));
+                    run_walked_step(simd, ps.len(), a, walk, b(t), c, at, resume, next);
                 }
             }
         }

@@ -529,6 +529,35 @@ pub(crate) fn run_tile_pair<E: Elem, S: Simd>(
     }
 }
 
+/// One kernel call of a [`panel_steps`] step of `n` (1 or 2) MR-row groups
+/// along `w`: call row `i` reads `a[i]` (the first `n * MR` are used),
+/// group `h`'s C tile is the `MR x NR` tile at `at[h]` of `c` (`at[1]` is
+/// read only for two), and `prefetch[h]` is its hint. [`run_tile`] for one
+/// group, [`run_tile_pair`] for two.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_walked_step<E: Elem, S: Simd>(
+    simd: S,
+    n: usize,
+    a: [&[E]; 2 * MR],
+    w: AWalk,
+    b: &[E],
+    c: &mut [E],
+    at: [usize; 2],
+    accumulate: bool,
+    prefetch: [*const E; 2],
+) {
+    let (nr, tile_len) = (nr::<E, S>(), MR * nr::<E, S>());
+    if n == 2 {
+        let tiles = tile_pair(c, at, tile_len);
+        run_tile_pair(simd, a, w, b, tiles, accumulate, prefetch);
+    } else {
+        let mut tile = ColBlock::whole(&mut c[at[0]..at[0] + tile_len], MR, nr);
+        let a = std::array::from_fn(|i| a[i]);
+        run_tile(simd, a, w, b, &mut tile, 0, 0, accumulate, prefetch[0]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
