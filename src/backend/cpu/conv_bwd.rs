@@ -44,7 +44,7 @@ use super::conv_fwd::{
 };
 use super::kernel::{AWalk, MR, NR_MAX, nr, panel_steps, run_walked_step};
 use super::pack::{PadSpec, align_offset, image_batches, pack_dy_t, pad_images, pad_planes};
-use super::simd::Elem;
+use super::simd::{Ahead, Elem};
 use crate::Tensor;
 use crate::backend::{ConvArgs, ConvGeometry, InputMask};
 use crate::pool;
@@ -571,7 +571,18 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                         });
                         let b = &bt[t * kc * nr..][..kc * nr];
                         let at = [0, tile_len];
-                        run_walked_step(simd, ps.len(), a, walk, b, local, at, true, next);
+                        run_walked_step(
+                            simd,
+                            ps.len(),
+                            a,
+                            walk,
+                            b,
+                            local,
+                            at,
+                            true,
+                            next,
+                            Ahead::NONE,
+                        );
                         for (i, &j) in rows_in.iter().enumerate() {
                             let at = c_row(j, t);
                             c[at..at + nr].copy_from_slice(&local[i * nr..(i + 1) * nr]);
@@ -625,7 +636,18 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                 for t in 0..tiles {
                     let at = [p, p + 1].map(|q| (q * tiles + t) * tile_len);
                     let next = at.map(|q| c.as_ptr().wrapping_add(q + tile_len));
-                    run_walked_step(simd, ps.len(), a, walk, b(t), c, at, resume, next);
+                    run_walked_step(
+                        simd,
+                        ps.len(),
+                        a,
+                        walk,
+                        b(t),
+                        c,
+                        at,
+                        resume,
+                        next,
+                        Ahead::NONE,
+                    );
                 }
             }
         }

@@ -40,7 +40,7 @@ use super::kernel::{
 use super::pack::{
     Aligned, PackedA, PadSpec, even_blocks, image_batches, pack_b_tile, pad_images, pad_planes,
 };
-use super::simd::Elem;
+use super::simd::{Ahead, Elem};
 use crate::backend::{ConvArgs, ConvGeometry, InputMask};
 use crate::pool;
 
@@ -585,15 +585,33 @@ impl<E: Elem> WithSimd for FwdTask<'_, '_, E> {
                             let c = tile_pair(c, [0, tile_len], tile_len);
                             let a = [pa.panel(kb, p), pa.panel(kb, p + 1)];
                             let next = [next, next.wrapping_add(tile_len)];
-                            run_packed_pair(simd, a, klen, bt, c, kb > 0, next);
+                            run_packed_pair(simd, a, klen, bt, c, kb > 0, next, Ahead::NONE);
                         }
-                        ASource::Packed(pa) => {
-                            run_packed_tile(simd, pa.panel(kb, p), klen, bt, c, kb > 0, next)
-                        }
+                        ASource::Packed(pa) => run_packed_tile(
+                            simd,
+                            pa.panel(kb, p),
+                            klen,
+                            bt,
+                            c,
+                            kb > 0,
+                            next,
+                            Ahead::NONE,
+                        ),
                         ASource::Rows { .. } => {
                             let (rows, walk) = conv.a.rows(kb, p);
                             let mut tile = ColBlock::whole(c, MR, nr);
-                            run_tile(simd, rows, walk, bt, &mut tile, 0, 0, kb > 0, next);
+                            run_tile(
+                                simd,
+                                rows,
+                                walk,
+                                bt,
+                                &mut tile,
+                                0,
+                                0,
+                                kb > 0,
+                                next,
+                                Ahead::NONE,
+                            );
                         }
                     }
                 }

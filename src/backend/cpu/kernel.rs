@@ -34,7 +34,7 @@ use std::marker::PhantomData;
 
 use pulp::Simd;
 
-use super::simd::{self, Elem, Level};
+use super::simd::{self, Ahead, Elem, Level};
 
 /// Rows of the register tile.
 pub(crate) const MR: usize = 6;
@@ -123,6 +123,7 @@ unsafe fn kernel_raw<E: Elem, S: Simd, const STEP: usize>(
     ldc: usize,
     accumulate: bool,
     prefetch: *const E,
+    ahead: Ahead,
 ) {
     // SAFETY: row r of C is `c + r * ldc`, as `kernel_rows` asks; the rest
     // is the caller's contract, passed on.
@@ -135,6 +136,7 @@ unsafe fn kernel_raw<E: Elem, S: Simd, const STEP: usize>(
             std::array::from_fn(|r| c.add(r * ldc)),
             accumulate,
             std::array::from_fn(|r| prefetch.wrapping_add(r * ldc)),
+            ahead,
         )
     }
 }
@@ -148,7 +150,8 @@ unsafe fn kernel_raw<E: Elem, S: Simd, const STEP: usize>(
 /// - `b .. b + w.k() * NR` readable;
 /// - `c[r] .. c[r] + NR` readable and writable for `r < R`, not aliased.
 ///
-/// `prefetch` (the rows of the C tile read next) is only a hint and may
+/// `prefetch` (the rows of the C tile read next) and `ahead` (lines into
+/// L2, one per A hint, the rest after the k loop) are only hints and may
 /// point anywhere.
 #[inline(always)]
 unsafe fn kernel_rows<E: Elem, S: Simd, const STEP: usize, const R: usize>(
@@ -159,6 +162,7 @@ unsafe fn kernel_rows<E: Elem, S: Simd, const STEP: usize, const R: usize>(
     c: [*mut E; R],
     accumulate: bool,
     prefetch: [*const E; R],
+    mut ahead: Ahead,
 ) {
     let l = E::lanes::<S>();
     // A compile-time step (STEP > 0) lets the six A rows share one index
@@ -206,6 +210,9 @@ unsafe fn kernel_rows<E: Elem, S: Simd, const STEP: usize, const R: usize>(
                 for h in (0..R).step_by(MR) {
                     simd::prefetch(a[h].wrapping_add(i + PF_A * step), Level::L1);
                 }
+                if let Some(line) = ahead.next_line() {
+                    simd::prefetch(line, Level::L2);
+                }
                 for u in 0..every {
                     k_step(&mut acc, i + u * step, bp.add(u * 2 * l));
                 }
@@ -219,6 +226,10 @@ unsafe fn kernel_rows<E: Elem, S: Simd, const STEP: usize, const R: usize>(
                 i += step;
             }
             base += w.seg_jump;
+        }
+        // What the k loop had no turn left for (a short k).
+        while let Some(line) = ahead.next_line() {
+            simd::prefetch(line, Level::L2);
         }
         for (r, row) in acc.iter().enumerate() {
             E::store_ptr::<S>(c[r], row[0]);
@@ -326,6 +337,7 @@ pub(crate) fn run_tile<E: Elem, S: Simd>(
     c0: usize,
     accumulate: bool,
     prefetch: *const E,
+    ahead: Ahead,
 ) {
     let nr = nr::<E, S>();
     assert!(nr <= NR_MAX && r0 < c.rows && c0 < c.cols);
@@ -344,9 +356,29 @@ pub(crate) fn run_tile<E: Elem, S: Simd>(
         unsafe {
             let cp = c.ptr.add(r0 * c.ld + c0);
             if w.step == 1 {
-                kernel_raw::<E, S, 1>(simd, ap, w, b.as_ptr(), cp, c.ld, accumulate, prefetch);
+                kernel_raw::<E, S, 1>(
+                    simd,
+                    ap,
+                    w,
+                    b.as_ptr(),
+                    cp,
+                    c.ld,
+                    accumulate,
+                    prefetch,
+                    ahead,
+                );
             } else {
-                kernel_raw::<E, S, 0>(simd, ap, w, b.as_ptr(), cp, c.ld, accumulate, prefetch);
+                kernel_raw::<E, S, 0>(
+                    simd,
+                    ap,
+                    w,
+                    b.as_ptr(),
+                    cp,
+                    c.ld,
+                    accumulate,
+                    prefetch,
+                    ahead,
+                );
             }
         }
     } else {
@@ -368,6 +400,7 @@ pub(crate) fn run_tile<E: Elem, S: Simd>(
                 nr,
                 accumulate,
                 prefetch,
+                ahead,
             );
         }
         for r in 0..rows {
@@ -389,6 +422,7 @@ pub(crate) fn run_packed_tile<E: Elem, S: Simd>(
     c: &mut [E],
     accumulate: bool,
     prefetch: *const E,
+    ahead: Ahead,
 ) {
     let nr = nr::<E, S>();
     assert!(panel.len() >= k * MR, "A panel too short");
@@ -408,6 +442,7 @@ pub(crate) fn run_packed_tile<E: Elem, S: Simd>(
             nr,
             accumulate,
             prefetch,
+            ahead,
         );
     }
 }
@@ -454,6 +489,7 @@ pub(crate) fn run_packed_pair<E: Elem, S: Simd>(
     c: [&mut [E]; 2],
     accumulate: bool,
     prefetch: [*const E; 2],
+    ahead: Ahead,
 ) {
     for p in panels {
         assert!(p.len() >= k * MR, "A panel too short");
@@ -465,7 +501,9 @@ pub(crate) fn run_packed_pair<E: Elem, S: Simd>(
     // SAFETY: row r reads panels[r / MR][r % MR + i * MR] for i < k, inside
     // its panel (checked); B and both C tiles checked above, and the two
     // `&mut` tiles cannot alias.
-    unsafe { kernel_rows::<E, S, MR, { 2 * MR }>(simd, ap, w, b.as_ptr(), rows, accumulate, pf) }
+    unsafe {
+        kernel_rows::<E, S, MR, { 2 * MR }>(simd, ap, w, b.as_ptr(), rows, accumulate, pf, ahead)
+    }
 }
 
 /// The checks both pair wrappers make (the ISA pairs, `b` holds `k` rows
@@ -509,6 +547,7 @@ pub(crate) fn run_tile_pair<E: Elem, S: Simd>(
     c: [&mut [E]; 2],
     accumulate: bool,
     prefetch: [*const E; 2],
+    ahead: Ahead,
 ) {
     if let Some(last) = w.last() {
         for row in &a {
@@ -522,9 +561,27 @@ pub(crate) fn run_tile_pair<E: Elem, S: Simd>(
     // alias.
     unsafe {
         if w.step == 1 {
-            kernel_rows::<E, S, 1, { 2 * MR }>(simd, ap, w, b.as_ptr(), rows, accumulate, pf);
+            kernel_rows::<E, S, 1, { 2 * MR }>(
+                simd,
+                ap,
+                w,
+                b.as_ptr(),
+                rows,
+                accumulate,
+                pf,
+                ahead,
+            );
         } else {
-            kernel_rows::<E, S, 0, { 2 * MR }>(simd, ap, w, b.as_ptr(), rows, accumulate, pf);
+            kernel_rows::<E, S, 0, { 2 * MR }>(
+                simd,
+                ap,
+                w,
+                b.as_ptr(),
+                rows,
+                accumulate,
+                pf,
+                ahead,
+            );
         }
     }
 }
@@ -532,8 +589,9 @@ pub(crate) fn run_tile_pair<E: Elem, S: Simd>(
 /// One kernel call of a [`panel_steps`] step of `n` (1 or 2) MR-row groups
 /// along `w`: call row `i` reads `a[i]` (the first `n * MR` are used),
 /// group `h`'s C tile is the `MR x NR` tile at `at[h]` of `c` (`at[1]` is
-/// read only for two), and `prefetch[h]` is its hint. [`run_tile`] for one
-/// group, [`run_tile_pair`] for two.
+/// read only for two), `prefetch[h]` is its hint and `ahead` the lines to
+/// fetch during the call. [`run_tile`] for one group, [`run_tile_pair`]
+/// for two.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_walked_step<E: Elem, S: Simd>(
@@ -546,15 +604,27 @@ pub(crate) fn run_walked_step<E: Elem, S: Simd>(
     at: [usize; 2],
     accumulate: bool,
     prefetch: [*const E; 2],
+    ahead: Ahead,
 ) {
     let (nr, tile_len) = (nr::<E, S>(), MR * nr::<E, S>());
     if n == 2 {
         let tiles = tile_pair(c, at, tile_len);
-        run_tile_pair(simd, a, w, b, tiles, accumulate, prefetch);
+        run_tile_pair(simd, a, w, b, tiles, accumulate, prefetch, ahead);
     } else {
         let mut tile = ColBlock::whole(&mut c[at[0]..at[0] + tile_len], MR, nr);
         let a = std::array::from_fn(|i| a[i]);
-        run_tile(simd, a, w, b, &mut tile, 0, 0, accumulate, prefetch[0]);
+        run_tile(
+            simd,
+            a,
+            w,
+            b,
+            &mut tile,
+            0,
+            0,
+            accumulate,
+            prefetch[0],
+            ahead,
+        );
     }
 }
 
@@ -641,6 +711,7 @@ mod tests {
                     c0,
                     self.accumulate,
                     std::ptr::null(),
+                    Ahead::shares(&b, 0..1, 1),
                 );
             }
             // The tile's part of the block: rows r0.., matrix columns start + c0..
@@ -695,6 +766,7 @@ mod tests {
                 &mut got,
                 self.accumulate,
                 std::ptr::null(),
+                Ahead::shares(&b, 0..1, 1),
             );
             // Row r of a packed panel is panel[r + i * MR].
             let rows: Vec<Vec<f32>> = (0..MR).map(|r| panel[r..].to_vec()).collect();
@@ -809,6 +881,7 @@ mod tests {
                     [&mut g0[..], &mut g1[..]],
                     accumulate,
                     [std::ptr::null(); 2],
+                    Ahead::shares(&b, 0..1, 1),
                 );
                 for (h, w) in want.iter_mut().enumerate() {
                     run_packed_tile::<E, S>(
@@ -819,6 +892,7 @@ mod tests {
                         w,
                         accumulate,
                         std::ptr::null(),
+                        Ahead::shares(&b, 0..1, 1),
                     );
                 }
                 assert_eq!(bits(&got), bits(&want), "packed pair, k {k}");
@@ -848,6 +922,7 @@ mod tests {
                         [&mut g0[..], &mut g1[..]],
                         accumulate,
                         [std::ptr::null(); 2],
+                        Ahead::shares(&b, 0..1, 1),
                     );
                     for (h, w) in want.iter_mut().enumerate() {
                         let rows: [&[E]; MR] = std::array::from_fn(|r| a[h * MR + r]);
@@ -862,6 +937,7 @@ mod tests {
                             0,
                             accumulate,
                             std::ptr::null(),
+                            Ahead::shares(&b, 0..1, 1),
                         );
                     }
                     let at = format!("row pair, step {step}, {nseg} x {seg_len}");
@@ -955,6 +1031,7 @@ mod tests {
                     [&mut c0, &mut c1],
                     false,
                     [std::ptr::null(); 2],
+                    Ahead::NONE,
                 );
             }
         }
@@ -986,7 +1063,19 @@ mod tests {
                 let mut c = vec![0.0f32; MR * nr];
                 let mut blk = ColBlock::whole(&mut c, MR, nr);
                 let rows: [&[f32]; MR] = [&a; MR];
-                run_tile::<f32, S>(simd, rows, w, &b, &mut blk, 0, 0, false, std::ptr::null());
+                let none = Ahead::NONE;
+                run_tile::<f32, S>(
+                    simd,
+                    rows,
+                    w,
+                    &b,
+                    &mut blk,
+                    0,
+                    0,
+                    false,
+                    std::ptr::null(),
+                    none,
+                );
             }
         }
         pulp::Arch::new().dispatch(Short);
@@ -1027,7 +1116,7 @@ mod speed {
                 for i in 0..self.reps {
                     let (c0, c1) = c2[(i % 4) * 2 * MR * nr..].split_at_mut(MR * nr);
                     let (p, b) = (std::ptr::null(), &b);
-                    run_packed_pair(simd, panels, self.k, b, [c0, c1], true, [p; 2]);
+                    run_packed_pair(simd, panels, self.k, b, [c0, c1], true, [p; 2], Ahead::NONE);
                 }
                 let s = cpu() - t;
                 std::hint::black_box(&c2);
@@ -1035,7 +1124,7 @@ mod speed {
             }
             for i in 0..self.reps {
                 let c = &mut c[(i % 4) * MR * nr..][..MR * nr];
-                run_packed_tile(simd, &a, self.k, &b, c, true, std::ptr::null());
+                run_packed_tile(simd, &a, self.k, &b, c, true, std::ptr::null(), Ahead::NONE);
             }
             let s = cpu() - t;
             std::hint::black_box(&c);

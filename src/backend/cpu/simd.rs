@@ -187,21 +187,55 @@ pub(crate) fn prefetch<T>(p: *const T, level: Level) {
     let _ = (p, level);
 }
 
-/// Ask for share `part` of `parts` of the cache lines of `region` (see
-/// [`share_lines`]) to be fetched into `level`: spread over the `parts`
-/// kernel calls that run before `region` is read, so the fetches overlap
-/// their work instead of arriving in one burst.
-#[inline(always)]
-pub(crate) fn prefetch_share<T>(region: &[T], part: usize, parts: usize, level: Level) {
-    let base = region.as_ptr().cast::<u8>();
-    for line in share_lines(std::mem::size_of_val(region), part, parts) {
-        prefetch(base.wrapping_add(line * 64), level);
+/// Cache lines that a kernel call fetches into L2 while it runs, one at a
+/// time between its k steps ([`Ahead::next_line`]), so that the fetches
+/// overlap its FMAs instead of arriving in one burst at the call's start:
+/// the B tile its caller reads after the current one, cut into shares over
+/// the calls that run before it ([`Ahead::shares`]). A hint: the lines may
+/// lie anywhere.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ahead {
+    next: *const u8,
+    left: usize,
+}
+
+impl Ahead {
+    /// Nothing to fetch.
+    pub(crate) const NONE: Ahead = Ahead {
+        next: std::ptr::null(),
+        left: 0,
+    };
+
+    /// The lines of shares `parts` (consecutive, see [`share_lines`]) of
+    /// `of` of `region`.
+    pub(crate) fn shares<T>(region: &[T], parts: std::ops::Range<usize>, of: usize) -> Self {
+        if parts.is_empty() {
+            return Self::NONE;
+        }
+        let bytes = std::mem::size_of_val(region);
+        let first = share_lines(bytes, parts.start, of).start;
+        let end = share_lines(bytes, parts.end - 1, of).end;
+        Ahead {
+            next: region.as_ptr().cast::<u8>().wrapping_add(first * 64),
+            left: end.saturating_sub(first),
+        }
+    }
+
+    /// The next line to fetch, if any is left.
+    #[inline(always)]
+    pub(crate) fn next_line(&mut self) -> Option<*const u8> {
+        (self.left > 0).then(|| {
+            let p = self.next;
+            self.next = p.wrapping_add(64);
+            self.left -= 1;
+            p
+        })
     }
 }
 
 /// The 64-byte lines of share `part` of a `bytes`-long region cut into
 /// `parts` equal runs of whole lines (the last ones shorter or empty).
-fn share_lines(bytes: usize, part: usize, parts: usize) -> std::ops::Range<usize> {
+pub(crate) fn share_lines(bytes: usize, part: usize, parts: usize) -> std::ops::Range<usize> {
     let lines = bytes.div_ceil(64);
     let per = lines.div_ceil(parts.max(1));
     (part * per).min(lines)..((part + 1) * per).min(lines)
@@ -222,7 +256,7 @@ pub(crate) fn lane_order_for<E: Elem>(arch: pulp::Arch) -> Vec<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::share_lines;
+    use super::{Ahead, share_lines};
 
     /// The shares of a region cut its lines into consecutive runs, in
     /// order, none longer than an equal split rounded up, the longer ones
@@ -254,6 +288,48 @@ mod tests {
                 }
                 assert_eq!(next, lines, "{bytes} bytes in {parts} shares");
             }
+        }
+    }
+
+    /// A call's lines are those of its shares, in order, one each; worked
+    /// by hand: a 32 KiB B tile over 21 panels, a call of panels 3 and 4
+    /// fetches lines 75 .. 125; the last panel's share alone, 500 .. 512;
+    /// no panels, nothing.
+    #[test]
+    fn ahead_gives_the_lines_of_its_shares_once_each() {
+        let region = vec![0f32; 8192];
+        let base = region.as_ptr().cast::<u8>() as usize;
+        let lines = |mut a: Ahead| {
+            let mut v = Vec::new();
+            while let Some(p) = a.next_line() {
+                v.push((p as usize - base) / 64);
+            }
+            v
+        };
+        assert_eq!(
+            lines(Ahead::shares(&region, 3..5, 21)),
+            (75..125).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            lines(Ahead::shares(&region, 20..21, 21)),
+            (500..512).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            lines(Ahead::shares(&region, 0..21, 21)),
+            (0..512).collect::<Vec<_>>()
+        );
+        assert!(lines(Ahead::shares(&region, 4..4, 21)).is_empty());
+        assert!(lines(Ahead::NONE).is_empty());
+        for (parts, of) in [(0..1, 1), (2..3, 7), (5..7, 7), (0..3, 40)] {
+            let want: Vec<usize> = parts
+                .clone()
+                .flat_map(|q| share_lines(32768, q, of))
+                .collect();
+            assert_eq!(
+                lines(Ahead::shares(&region, parts.clone(), of)),
+                want,
+                "{parts:?} of {of}"
+            );
         }
     }
 }

@@ -13,7 +13,7 @@ use super::{Scratch, Tile};
 use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::nr_for;
 use crate::backend::cpu::kernel::{AWalk, MR, NR_MAX, nr, panel_steps, run_walked_step};
-use crate::backend::cpu::simd::{Elem, lane_order};
+use crate::backend::cpu::simd::{Ahead, Elem, lane_order};
 use crate::backend::{ConvArgs, InputMask};
 use crate::pool;
 
@@ -534,6 +534,10 @@ impl<E: Elem> WithSimd for DwGemm<'_, '_, E> {
                     tiles,
                     !first,
                     next,
+                    // (Fetching the next column tile's B during the calls,
+                    // as the forward's products do, timed within noise
+                    // here: docs/engineering.md.)
+                    Ahead::NONE,
                 );
             }
         }

@@ -13,7 +13,7 @@ use crate::backend::cpu::conv_fwd::{act_of_bias, nr_for, relu_of};
 use crate::backend::cpu::kernel::{
     MR, nr, panel_steps, run_packed_pair, run_packed_tile, tile_pair,
 };
-use crate::backend::cpu::simd::{Elem, Level, lane_order_for, prefetch, prefetch_share};
+use crate::backend::cpu::simd::{Ahead, Elem, Level, lane_order_for, prefetch};
 use crate::pool;
 
 /// Register groups (NR tiles each) per block. Each GEMM reads its B tile
@@ -618,19 +618,28 @@ impl<E: Elem> WithSimd for Products<'_, '_, E> {
             for g in 0..groups {
                 let b = b_tile(g, pos);
                 // The B tile read after this one, fetched into L2 a share per
-                // panel call. Each B tile is a new stream (32 KB, 8 pages, at K
-                // = 256 in f32 on AVX-512) from beyond L2 (the block's V is 9.4
-                // MB), which the hardware prefetchers take up only after its
-                // first misses. Intel Xeon family 6 model 207, AVX-512, 2
-                // threads, P3, alternating runs: the GEMM phase (temporary
+                // panel call, one line per A hint of the call's k loop
+                // ([`Ahead`]). Each B tile is a new stream (32 KB, 8 pages,
+                // at K = 256 in f32 on AVX-512) from beyond L2 (the block's
+                // V is 9.4 MB), which the hardware prefetchers take up only
+                // after its first misses. Intel Xeon family 6 model 207,
+                // AVX-512, 2 threads, P3, alternating runs, each call's
+                // share in one burst at its start: the GEMM phase (temporary
                 // timers, medians of 7, four rounds) forward 36.4-36.8 ->
                 // 34.8-35.1 ms, input gradient 36.4-36.7 -> 34.5-35.1; the
-                // whole pass (`examples/conv_speed`, medians of 9, five rounds)
-                // forward 58.0-59.3 -> 56.0-61.1 ms (faster in four), input
-                // gradient 56.7-59.1 -> 56.1-57.9 (in all five). Also fetching
-                // the next position's weights (a panel's 6 KB) was slower: in
-                // one burst, GEMM phase 35.9-37.4 -> 37.0-38.9 ms; spread over
-                // the groups, P3 forward 57.1-57.5 -> 57.8-58.2 (three rounds).
+                // whole pass (`examples/conv_speed`, medians of 9, five
+                // rounds) forward 58.0-59.3 -> 56.0-61.1 ms (faster in
+                // four), input gradient 56.7-59.1 -> 56.1-57.9 (in all
+                // five). Spread over the k loop instead of the burst, which
+                // left the kernel's loads waiting on the fetches (Intel Xeon
+                // family 6 model 167, AVX-512, 2 threads, three alternating
+                // rounds): GEMM phase 36.2-36.4 -> 32.3-32.6 ms (medians of
+                // 9), whole pass P3 forward 61.8-62.1 -> 57.1-58.1 ms, input
+                // gradient 62.2-64.5 -> 56.4-58.5, P4 forward 16.5-17.6 ->
+                // 15.3-15.7. Also fetching the next position's weights (a
+                // panel's 6 KB) was slower: in one burst, GEMM phase
+                // 35.9-37.4 -> 37.0-38.9 ms; spread over the groups, P3
+                // forward 57.1-57.5 -> 57.8-58.2 (three rounds, model 207).
                 let next = next_b_tile(g, pos, groups).map(|(g, pos)| b_tile(g, pos));
                 let a = |pi: usize| &u[((panels.start + pi) * POS + pos) * kk * MR..][..kk * MR];
                 // One panel's products: the same tile of the next panel.
@@ -639,11 +648,7 @@ impl<E: Elem> WithSimd for Products<'_, '_, E> {
                 // Two panels per call where the ISA has the registers.
                 for ps in panel_steps::<E, S>(np, |_| true) {
                     let (pi, n) = (ps.start, ps.len());
-                    if let Some(next) = next {
-                        for q in ps.clone() {
-                            prefetch_share(next, q, np, Level::L2);
-                        }
-                    }
+                    let ahead = next.map_or(Ahead::NONE, |next| Ahead::shares(next, ps, np));
                     let at = ((pi * POS + pos) * GROUPS + g) * tile_len;
                     // The next C tiles this loop writes.
                     let next = out.as_ptr().wrapping_add(at + n * stride);
@@ -651,10 +656,10 @@ impl<E: Elem> WithSimd for Products<'_, '_, E> {
                         let c = tile_pair(out, [at, at + stride], tile_len);
                         let a = [a(pi), a(pi + 1)];
                         let next = [next, next.wrapping_add(stride)];
-                        run_packed_pair(simd, a, kk, b, c, false, next);
+                        run_packed_pair(simd, a, kk, b, c, false, next, ahead);
                     } else {
                         let c = &mut out[at..at + tile_len];
-                        run_packed_tile(simd, a(pi), kk, b, c, false, next);
+                        run_packed_tile(simd, a(pi), kk, b, c, false, next, ahead);
                     }
                 }
             }
