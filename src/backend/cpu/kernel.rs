@@ -154,6 +154,7 @@ unsafe fn kernel_raw<E: Elem, S: Simd, const STEP: usize>(
 /// L2, one per A hint, the rest after the k loop) are only hints and may
 /// point anywhere.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn kernel_rows<E: Elem, S: Simd, const STEP: usize, const R: usize>(
     simd: S,
     a: [*const E; R],
@@ -481,6 +482,7 @@ pub(crate) fn tile_pair<E>(c: &mut [E], at: [usize; 2], len: usize) -> [&mut [E]
 /// [`pairs_panels`]): `c[h] (+)= panels[h] * b` for `h` = 0, 1, each
 /// output the same fused chain as one panel's call gives it.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn run_packed_pair<E: Elem, S: Simd>(
     simd: S,
     panels: [&[E]; 2],
