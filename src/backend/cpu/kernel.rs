@@ -355,31 +355,11 @@ pub(crate) fn run_tile<E: Elem, S: Simd>(
         // SAFETY: A and B ranges checked above; the MR x NR tile lies inside
         // the block (rows and cols checked), which this `&mut` owns.
         unsafe {
-            let cp = c.ptr.add(r0 * c.ld + c0);
+            let (bp, cp, ld) = (b.as_ptr(), c.ptr.add(r0 * c.ld + c0), c.ld);
             if w.step == 1 {
-                kernel_raw::<E, S, 1>(
-                    simd,
-                    ap,
-                    w,
-                    b.as_ptr(),
-                    cp,
-                    c.ld,
-                    accumulate,
-                    prefetch,
-                    ahead,
-                );
+                kernel_raw::<E, S, 1>(simd, ap, w, bp, cp, ld, accumulate, prefetch, ahead);
             } else {
-                kernel_raw::<E, S, 0>(
-                    simd,
-                    ap,
-                    w,
-                    b.as_ptr(),
-                    cp,
-                    c.ld,
-                    accumulate,
-                    prefetch,
-                    ahead,
-                );
+                kernel_raw::<E, S, 0>(simd, ap, w, bp, cp, ld, accumulate, prefetch, ahead);
             }
         }
     } else {
@@ -557,33 +537,15 @@ pub(crate) fn run_tile_pair<E: Elem, S: Simd>(
         }
     }
     let (rows, pf) = pair_rows::<E, S>(c, prefetch, b, w.k());
-    let ap = a.map(|s| s.as_ptr());
+    let (ap, bp) = (a.map(|s| s.as_ptr()), b.as_ptr());
     // SAFETY: every A row is long enough for the walk and B for its k
     // (checked above); the two `&mut` C tiles hold MR x nr each and cannot
     // alias.
     unsafe {
         if w.step == 1 {
-            kernel_rows::<E, S, 1, { 2 * MR }>(
-                simd,
-                ap,
-                w,
-                b.as_ptr(),
-                rows,
-                accumulate,
-                pf,
-                ahead,
-            );
+            kernel_rows::<E, S, 1, { 2 * MR }>(simd, ap, w, bp, rows, accumulate, pf, ahead);
         } else {
-            kernel_rows::<E, S, 0, { 2 * MR }>(
-                simd,
-                ap,
-                w,
-                b.as_ptr(),
-                rows,
-                accumulate,
-                pf,
-                ahead,
-            );
+            kernel_rows::<E, S, 0, { 2 * MR }>(simd, ap, w, bp, rows, accumulate, pf, ahead);
         }
     }
 }
