@@ -34,8 +34,7 @@ use rayon::prelude::*;
 
 use super::Ctx;
 use super::kernel::{
-    AWalk, ColBlock, MR, nr, panel_steps, run_packed_pair, run_packed_tile, run_tile,
-    split_columns, tile_pair,
+    AWalk, ColBlock, MR, nr, panel_steps, run_packed_step, run_tile, split_columns,
 };
 use super::pack::{
     Aligned, PackedA, PadSpec, even_blocks, image_batches, pack_b_tile, pad_images, pad_planes,
@@ -287,7 +286,7 @@ impl<'a, E: Elem> ASource<'a, E> {
         }
     }
     /// Row slices and walk of panel `p` in k-block `kb` of in-place
-    /// weights (packed panels go through `run_packed_tile`).
+    /// weights (packed panels go through `run_packed_step`).
     #[inline(always)]
     fn rows(&self, kb: usize, p: usize) -> ([&[E]; MR], AWalk) {
         match self {
@@ -581,22 +580,12 @@ impl<E: Elem> WithSimd for FwdTask<'_, '_, E> {
                     let next = cp.as_ptr().wrapping_add(at + ps.len() * tile_len);
                     let c = &mut cp[at..at + ps.len() * tile_len];
                     match conv.a {
-                        ASource::Packed(pa) if ps.len() == 2 => {
-                            let c = tile_pair(c, [0, tile_len], tile_len);
-                            let a = [pa.panel(kb, p), pa.panel(kb, p + 1)];
+                        ASource::Packed(pa) => {
+                            let a = [pa.panel(kb, p), pa.panel(kb, ps.end - 1)];
                             let next = [next, next.wrapping_add(tile_len)];
-                            run_packed_pair(simd, a, klen, bt, c, kb > 0, next, Ahead::NONE);
+                            let (n, at) = (ps.len(), [0, tile_len]);
+                            run_packed_step(simd, n, a, klen, bt, c, at, kb > 0, next, Ahead::NONE);
                         }
-                        ASource::Packed(pa) => run_packed_tile(
-                            simd,
-                            pa.panel(kb, p),
-                            klen,
-                            bt,
-                            c,
-                            kb > 0,
-                            next,
-                            Ahead::NONE,
-                        ),
                         ASource::Rows { .. } => {
                             let (rows, walk) = conv.a.rows(kb, p);
                             let mut tile = ColBlock::whole(c, MR, nr);

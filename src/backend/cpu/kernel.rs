@@ -550,6 +550,35 @@ pub(crate) fn run_tile_pair<E: Elem, S: Simd>(
     }
 }
 
+/// One kernel call of a [`panel_steps`] step of `n` (1 or 2) packed A
+/// panels: group `h` reads `panels[h]` (the second only for two), its C
+/// tile is the `MR x NR` tile at `at[h]` of `c` (`at[1]` is read only for
+/// two), `prefetch[h]` is its hint and `ahead` the lines to fetch during the
+/// call. [`run_packed_tile`] for one panel, [`run_packed_pair`] for two.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_packed_step<E: Elem, S: Simd>(
+    simd: S,
+    n: usize,
+    panels: [&[E]; 2],
+    k: usize,
+    b: &[E],
+    c: &mut [E],
+    at: [usize; 2],
+    accumulate: bool,
+    prefetch: [*const E; 2],
+    ahead: Ahead,
+) {
+    let tile_len = MR * nr::<E, S>();
+    if n == 2 {
+        let tiles = tile_pair(c, at, tile_len);
+        run_packed_pair(simd, panels, k, b, tiles, accumulate, prefetch, ahead);
+    } else {
+        let tile = &mut c[at[0]..at[0] + tile_len];
+        run_packed_tile(simd, panels[0], k, b, tile, accumulate, prefetch[0], ahead);
+    }
+}
+
 /// One kernel call of a [`panel_steps`] step of `n` (1 or 2) MR-row groups
 /// along `w`: call row `i` reads `a[i]` (the first `n * MR` are used),
 /// group `h`'s C tile is the `MR x NR` tile at `at[h]` of `c` (`at[1]` is

@@ -10,9 +10,7 @@ use super::transform::{
 use super::{Lanes, Scratch, Tile, run_order};
 use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::{act_of_bias, nr_for, relu_of};
-use crate::backend::cpu::kernel::{
-    MR, nr, panel_steps, run_packed_pair, run_packed_tile, tile_pair,
-};
+use crate::backend::cpu::kernel::{MR, nr, panel_steps, run_packed_step};
 use crate::backend::cpu::simd::{Ahead, Elem, Level, lane_order_for, prefetch};
 use crate::pool;
 
@@ -652,15 +650,9 @@ impl<E: Elem> WithSimd for Products<'_, '_, E> {
                     let at = ((pi * POS + pos) * GROUPS + g) * tile_len;
                     // The next C tiles this loop writes.
                     let next = out.as_ptr().wrapping_add(at + n * stride);
-                    if n == 2 {
-                        let c = tile_pair(out, [at, at + stride], tile_len);
-                        let a = [a(pi), a(pi + 1)];
-                        let next = [next, next.wrapping_add(stride)];
-                        run_packed_pair(simd, a, kk, b, c, false, next, ahead);
-                    } else {
-                        let c = &mut out[at..at + tile_len];
-                        run_packed_tile(simd, a(pi), kk, b, c, false, next, ahead);
-                    }
+                    let next = [next, next.wrapping_add(stride)];
+                    let (a, at) = ([a(pi), a(pi + n - 1)], [at, at + stride]);
+                    run_packed_step(simd, n, a, kk, b, out, at, false, next, ahead);
                 }
             }
         }
