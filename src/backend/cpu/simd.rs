@@ -187,6 +187,21 @@ pub(crate) fn prefetch<T>(p: *const T, level: Level) {
     let _ = (p, level);
 }
 
+/// [`prefetch`] into L1 of every line that the `len` values from `p` touch.
+#[inline(always)]
+pub(crate) fn prefetch_values<T>(p: *const T, len: usize) {
+    for at in line_hints(len, std::mem::size_of::<T>()) {
+        prefetch(p.wrapping_add(at), Level::L1);
+    }
+}
+
+/// The values (offsets from the first) that [`prefetch_values`] hints for
+/// `len` values of `size` bytes: one every 64 bytes from the first, so no
+/// line lies between two hints, and the last value for the last line.
+fn line_hints(len: usize, size: usize) -> impl Iterator<Item = usize> {
+    (0..len).step_by(64 / size.max(1)).chain(len.checked_sub(1))
+}
+
 /// Cache lines that a kernel call fetches into L2 while it runs, one at a
 /// time between its k steps ([`Ahead::next_line`]), so that the fetches
 /// overlap its FMAs instead of arriving in one burst at the call's start:
@@ -256,7 +271,7 @@ pub(crate) fn lane_order_for<E: Elem>(arch: pulp::Arch) -> Vec<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Ahead, share_lines};
+    use super::{Ahead, line_hints, share_lines};
 
     /// The shares of a region cut its lines into consecutive runs, in
     /// order, none longer than an equal split rounded up, the longer ones
@@ -289,6 +304,26 @@ mod tests {
                 assert_eq!(next, lines, "{bytes} bytes in {parts} shares");
             }
         }
+    }
+
+    /// Every line that `len` values touch gets a hint, and no other, from
+    /// whichever offset in its line the first value lies at.
+    #[test]
+    fn line_hints_cover_the_lines_of_the_values() {
+        for size in [4, 8] {
+            for first in (0..64).step_by(size) {
+                for len in 0..100 {
+                    let line = |v: usize| (first + v * size) / 64;
+                    let hinted: std::collections::BTreeSet<usize> =
+                        line_hints(len, size).map(line).collect();
+                    let touched: std::collections::BTreeSet<usize> = (0..len).map(line).collect();
+                    assert_eq!(hinted, touched, "size {size}, first {first}, len {len}");
+                    assert!(line_hints(len, size).all(|v| v < len));
+                }
+            }
+        }
+        // One per line when the values start a line.
+        assert_eq!(line_hints(32, 4).collect::<Vec<_>>(), [0, 16, 31]);
     }
 
     /// A call's lines are those of its shares, in order, one each; worked

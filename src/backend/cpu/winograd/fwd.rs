@@ -11,7 +11,7 @@ use super::{Lanes, Scratch, Tile, run_order};
 use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::{act_of_bias, nr_for, relu_of};
 use crate::backend::cpu::kernel::{MR, nr, panel_steps, run_packed_step};
-use crate::backend::cpu::simd::{Ahead, Elem, Level, lane_order_for, prefetch};
+use crate::backend::cpu::simd::{Ahead, Elem, Level, lane_order_for, prefetch, prefetch_values};
 use crate::pool;
 
 /// Register groups (NR tiles each) per block. Each GEMM reads its B tile
@@ -470,12 +470,18 @@ impl<E: Elem> WinoConv<'_, E> {
     }
 }
 
-/// How many channels ahead the input transform prefetches the windows of
-/// its row-run registers. The planes are 67 KB apart at P3, so the
-/// hardware prefetchers never see the next channel coming; in a slow phase
-/// (AMD EPYC Zen 3, AVX2, 2 threads, phase timers) the P3 input phase took
-/// 23-25 ms without and 16-19 ms with it (2 and 4 channels alike, 8
-/// worse); in quiet phases it is within the noise.
+/// How many channels ahead the input transform prefetches its windows: a
+/// row-run register's rows, and every other tile's own window. The planes
+/// are 67 KB apart at P3, so the hardware prefetchers never see the next
+/// channel coming; in a slow phase (AMD EPYC Zen 3, AVX2, 2 threads, phase
+/// timers) the P3 input phase took 23-25 ms without and 16-19 ms with it
+/// (2 and 4 channels alike, 8 worse); in quiet phases it is within the
+/// noise. The other tiles' windows came later: under the retinanet loss's
+/// spatial mask only 5 of the 54 registers of a P3 call are row runs, and
+/// prefetching the rest took its input phase from 8.0-8.1 to 7.4-7.5 ms
+/// (Intel Xeon family 6 model 167, AVX-512, 2 threads, phase timers,
+/// medians of 7, two alternating rounds; with [`prefetch_outputs`], the
+/// whole passes in `docs/engineering.md`).
 const PREFETCH: usize = 4;
 
 /// Input transform of one register group (`NR` tiles, lanes are tiles in
@@ -536,8 +542,15 @@ impl<E: Elem> WithSimd for InputGroup<'_, '_, E> {
         let plane = |j: usize, ci: usize| &conv.src[(imgs[group[j].0] * k + ci) * hw..][..hw];
         for (c, &ci) in cols.iter().enumerate() {
             if let Some(&cn) = cols.get(c + PREFETCH) {
-                for hv in (0..nr).step_by(l).filter(|&hv| runs[hv / l]) {
-                    spans[hv].prefetch_rows(plane(hv, cn), 4 * l + 2);
+                for (reg, &run) in runs.iter().enumerate() {
+                    let hv = reg * l;
+                    if run {
+                        spans[hv].prefetch_rows(plane(hv, cn), 4 * l + 2);
+                        continue;
+                    }
+                    for &j in lanes.tile[hv..hv + l].iter().flatten() {
+                        spans[j].prefetch_window(plane(j, cn));
+                    }
                 }
             }
             for (reg, &run) in runs.iter().enumerate() {
@@ -718,6 +731,7 @@ impl<E: Elem> WithSimd for OutputRow<'_, '_, '_, E> {
         let groups = block.len().div_ceil(nr);
         // Row `r` of group `g`'s products at position `pos`.
         let row_at = |g: usize, pos: usize| ((p * POS + pos) * GROUPS + g) * tile_len + r * nr;
+        let all_lanes = lanes;
         for ((g, group), lanes) in block.chunks(nr).enumerate().zip(lanes) {
             // The next group's products of this row, while this group's are
             // transformed: 36 runs of NR values, 6 KB apart (f32, AVX-512)
@@ -733,6 +747,14 @@ impl<E: Elem> WithSimd for OutputRow<'_, '_, '_, E> {
                     let at = products.as_ptr().wrapping_add(row_at(g + 1, pos));
                     prefetch(at, Level::L1);
                     prefetch(at.wrapping_add(nr - 1), Level::L1);
+                }
+                // And the outputs the next group stores. Under the loss's
+                // spatial mask most registers scatter tile by tile, and this
+                // phase took 85% of the dense one's time for 40% of its
+                // tiles; with the hint, P3 forward 35.9-38.8 -> 31.4-34.3
+                // ms (see `prefetch_outputs`).
+                if let Some(next) = block.chunks(nr).nth(g + 1) {
+                    prefetch_outputs(dst, next, &all_lanes[g + 1], l, h, w);
                 }
             }
             if let Epi::Rows(sc) = conv.epi {
@@ -798,6 +820,48 @@ impl<E: Elem> WithSimd for OutputRow<'_, '_, '_, E> {
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Prefetches into L1 the outputs that the tiles of `group` (lanes
+/// `lanes`, registers of `l` lanes) write in this output row's planes
+/// `dst`. The planes of one row are 67 KB apart at P3, and under a spatial
+/// mask a group's tiles are scattered over them, so no hardware
+/// prefetcher sees these stores coming.
+fn prefetch_outputs<E>(
+    dst: &[&mut [E]],
+    group: &[Tile],
+    lanes: &Lanes,
+    l: usize,
+    h: usize,
+    w: usize,
+) {
+    output_runs(group, lanes, l, h, w, |i, at, len| {
+        prefetch_values(dst[i][at..].as_ptr(), len)
+    });
+}
+
+/// `f(image, offset, len)` for each run of outputs that the tiles of
+/// `group` write in an `h x w` plane: a scatter run's 4 rows of `4 l`
+/// values, any other tile's 4 x 4 (less at the border).
+fn output_runs(
+    group: &[Tile],
+    lanes: &Lanes,
+    l: usize,
+    h: usize,
+    w: usize,
+    mut f: impl FnMut(usize, usize, usize),
+) {
+    for (reg, tiles) in group.chunks(l).enumerate() {
+        let (tiles, len) = match lanes.scatter_run[reg] {
+            true => (&tiles[..1], 4 * l),
+            false => (tiles, 4),
+        };
+        for &(i, ty, tx) in tiles {
+            for y in 4 * ty..(4 * ty + 4).min(h) {
+                f(i, y * w + 4 * tx, len.min(w - 4 * tx));
             }
         }
     }
@@ -892,6 +956,43 @@ mod tests {
 
     /// Following `next_b_tile` from the first tile visits every B tile of
     /// a block once, in the order `Products` reads them, then stops.
+    /// The runs [`prefetch_outputs`] hints are exactly the outputs the
+    /// group's tiles write: rows of 23 tiles (the last one partial) with
+    /// every eleventh left out (as a spatial mask leaves them), so groups
+    /// mix scatter runs, other registers and border tiles, at 4 and 8 lanes.
+    #[test]
+    fn output_runs_are_the_outputs_of_the_tiles() {
+        let (h, w) = (10, 90);
+        let tiles: Vec<Tile> = (0..2)
+            .flat_map(|i| (0..3).flat_map(move |ty| (0..23).map(move |tx| (i, ty, tx))))
+            .filter(|&(i, ty, tx)| (i + ty * 23 + tx) % 11 != 5)
+            .collect();
+        for l in [4, 8] {
+            let order: Vec<usize> = (0..l).collect();
+            let tiles = run_order(&tiles, l, w);
+            let mut runs_seen = 0;
+            for group in tiles.chunks(2 * l) {
+                let lanes = Lanes::new(&order, group, w);
+                runs_seen += lanes.scatter_run.iter().filter(|&&r| r).count();
+                let mut hinted = std::collections::BTreeSet::new();
+                output_runs(group, &lanes, l, h, w, |i, at, len| {
+                    assert!(at + len <= h * w && at % w + len <= w);
+                    hinted.extend((at..at + len).map(|o| (i, o)));
+                });
+                let written: std::collections::BTreeSet<(usize, usize)> = group
+                    .iter()
+                    .flat_map(|&(i, ty, tx)| {
+                        (4 * ty..(4 * ty + 4).min(h)).flat_map(move |y| {
+                            (4 * tx..(4 * tx + 4).min(w)).map(move |x| (i, y * w + x))
+                        })
+                    })
+                    .collect();
+                assert_eq!(hinted, written, "{l} lanes, group {group:?}");
+            }
+            assert!(runs_seen > 0, "{l} lanes: no scatter run met");
+        }
+    }
+
     #[test]
     fn next_b_tile_follows_the_products_loop() {
         for groups in 1..=GROUPS {

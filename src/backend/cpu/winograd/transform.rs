@@ -18,7 +18,7 @@
 
 use pulp::Simd;
 
-use crate::backend::cpu::simd::{Elem, Level, prefetch};
+use crate::backend::cpu::simd::{Elem, prefetch_values};
 
 /// Positions of a transformed tile (6 x 6).
 pub(crate) const POS: usize = 36;
@@ -367,14 +367,16 @@ impl WindowSpan {
     /// this window's left column in `plane`.
     #[inline(always)]
     pub(crate) fn prefetch_rows<E>(&self, plane: &[E], len: usize) {
-        let line = 64 / std::mem::size_of::<E>();
         for r in 0..self.r1 - self.r0 {
-            let row = plane[self.base + r * self.w..].as_ptr();
-            for at in (0..len).step_by(line) {
-                prefetch(row.wrapping_add(at), Level::L1);
-            }
-            prefetch(row.wrapping_add(len - 1), Level::L1);
+            prefetch_values(plane[self.base + r * self.w..].as_ptr(), len);
         }
+    }
+
+    /// Prefetches into L1 this window's in-plane values in `plane` (what
+    /// [`WindowSpan::gather`] reads).
+    #[inline(always)]
+    pub(crate) fn prefetch_window<E>(&self, plane: &[E]) {
+        self.prefetch_rows(plane, self.c1 - self.c0);
     }
 
     /// [`WindowSpan::gather`] for the register of `lanes` tiles of one tile
