@@ -85,27 +85,20 @@ fn kept<E: Elem>(mask: Option<&[E]>, img: usize, c: usize) -> Vec<usize> {
     }
 }
 
-/// All transformed weights, `[row][pos][col]` (`m x 36 x k`): `G g G^T`
-/// of `g = w[row][col]` (forward) or of the flipped `w[col][row]`
-/// (transposed). Lanes run over columns, so each row's 36 outputs are
-/// contiguous vector stores (a scalar transform scattering straight into
-/// the packed panels cost ~6 ms per call at 256 x 256, most of a P5 conv).
-fn transform_weights<E: Elem>(arch: Arch, w: &[E], m: usize, k: usize, transposed: bool) -> Vec<E> {
-    let mut out = pool::take::<E>(m * POS * k);
-    out.par_chunks_mut((POS * k).max(1))
-        .enumerate()
-        .for_each(|(row, dst)| transform_row(arch, w, m, k, transposed, row, dst));
-    out
-}
-
-/// Row `row` of the transformed weights (`[pos][col]`, `36 x k`) into `dst`.
+/// Row `row` of the transformed weights at columns `cols` (`[pos][c]`,
+/// `36 x cols.len()`) into `dst`: `G g G^T` of `g = w[row][cols[c]]`
+/// (forward, `w` is `[m, k, 3, 3]`) or of the flipped `w[cols[c]][row]`
+/// (transposed, `[k, m, 3, 3]`). Lanes run over columns, so the row's 36
+/// outputs are contiguous vector stores (a scalar transform scattering
+/// straight into the packed panels cost ~6 ms per call at 256 x 256, most
+/// of a P5 conv).
 fn transform_row<E: Elem>(
     arch: Arch,
     w: &[E],
-    m: usize,
-    k: usize,
+    (m, k): (usize, usize),
     transposed: bool,
     row: usize,
+    cols: &[usize],
     dst: &mut [E],
 ) {
     arch.dispatch(WeightRow {
@@ -114,6 +107,7 @@ fn transform_row<E: Elem>(
         k,
         transposed,
         row,
+        cols,
         dst,
     })
 }
@@ -124,6 +118,7 @@ struct WeightRow<'a, 'b, E> {
     k: usize,
     transposed: bool,
     row: usize,
+    cols: &'a [usize],
     dst: &'b mut [E],
 }
 
@@ -137,9 +132,10 @@ impl<E: Elem> WithSimd for WeightRow<'_, '_, E> {
             k,
             transposed,
             row,
+            cols,
             dst,
         } = self;
-        let l = E::lanes::<S>();
+        let kk = cols.len();
         // The 9 taps of filter (row, col), flipped when transposed.
         let tap = |col: usize, t: usize| {
             if transposed {
@@ -148,102 +144,121 @@ impl<E: Elem> WithSimd for WeightRow<'_, '_, E> {
                 w[(row * k + col) * 9 + t]
             }
         };
-        let full = k / l * l;
-        let mut g = [E::zero(); 9 * 16];
-        for c0 in (0..full).step_by(l) {
-            for t in 0..9 {
-                for j in 0..l {
-                    g[t * l + j] = tap(c0 + j, t);
-                }
-            }
-            let gv: [E::V<S>; 9] = std::array::from_fn(|t| E::load(simd, &g[t * l..]));
-            let u = weight_tile_v::<E, S>(simd, &gv);
-            for (pos, &v) in u.iter().enumerate() {
-                E::store(simd, &mut dst[pos * k + c0..], v);
+        // Every column in order (the dense calls) reads its taps at fixed
+        // strides, without the column list between.
+        if kk == k && cols.iter().enumerate().all(|(i, &c)| i == c) {
+            transform_columns(simd, tap, kk, dst);
+        } else {
+            transform_columns(simd, |c, t| tap(cols[c], t), kk, dst);
+        }
+    }
+}
+
+/// `dst[pos * kk + c]` = position `pos` of the transform of the filter
+/// whose taps are `tap(c, 0..9)`, for `c < kk`.
+#[inline(always)]
+fn transform_columns<E: Elem, S: Simd>(
+    simd: S,
+    tap: impl Fn(usize, usize) -> E,
+    kk: usize,
+    dst: &mut [E],
+) {
+    let l = E::lanes::<S>();
+    let full = kk / l * l;
+    let mut g = [E::zero(); 9 * 16];
+    for c0 in (0..full).step_by(l) {
+        for t in 0..9 {
+            for j in 0..l {
+                g[t * l + j] = tap(c0 + j, t);
             }
         }
-        for col in full..k {
-            let u = weight_tile::<E>(&std::array::from_fn(|t| tap(col, t)));
-            for (pos, &v) in u.iter().enumerate() {
-                dst[pos * k + col] = v;
+        let gv: [E::V<S>; 9] = std::array::from_fn(|t| E::load(simd, &g[t * l..]));
+        let u = weight_tile_v::<E, S>(simd, &gv);
+        for (pos, &v) in u.iter().enumerate() {
+            E::store(simd, &mut dst[pos * kk + c0..], v);
+        }
+    }
+    for c in full..kk {
+        let u = weight_tile::<E>(&std::array::from_fn(|t| tap(c, t)));
+        for (pos, &v) in u.iter().enumerate() {
+            dst[pos * kk + c] = v;
+        }
+    }
+}
+
+/// One panel of [`transform_packed`]'s layout, `[pos][c][MR]`, from its
+/// first `rows` rows in `u` (`[row][pos][c]`, `kk` columns); lanes past
+/// them (rows past the end) are zeros.
+fn pack_panel<E: Elem>(panel: &mut [E], u: &[E], kk: usize, rows: usize) {
+    for (pos, dst) in panel.chunks_exact_mut((kk * MR).max(1)).enumerate() {
+        let urows: [Option<&[E]>; MR] =
+            std::array::from_fn(|r| (r < rows).then(|| &u[(r * POS + pos) * kk..][..kk]));
+        // Column-major so the writes run contiguously (the strided
+        // row-by-row order cost about 1 ms more per 256 x 256 call).
+        match urows {
+            // A whole panel: zipped rows, no index to check. (The pattern
+            // is also what keeps MR at 6.)
+            [Some(a), Some(b), Some(c), Some(d), Some(e), Some(f)] => {
+                let rows = a.iter().zip(b).zip(c).zip(d).zip(e).zip(f);
+                for (o, (((((&x0, &x1), &x2), &x3), &x4), &x5)) in
+                    dst.chunks_exact_mut(MR).zip(rows)
+                {
+                    o.copy_from_slice(&[x0, x1, x2, x3, x4, x5]);
+                }
+            }
+            _ => {
+                for (c, d) in dst.chunks_exact_mut(MR).enumerate() {
+                    for (v, urow) in d.iter_mut().zip(&urows) {
+                        *v = urow.map_or(E::zero(), |urow| urow[c]);
+                    }
+                }
             }
         }
     }
 }
 
-/// The transformed weights `u` (`[row][pos][col]`, `k` columns) for
-/// output rows `rows` and input columns `cols`, packed
-/// `[panel][pos][col][MR]` (rows past the end are zeros): the GEMM of
-/// position `pos` reads panel `p` as one `[k][MR]` stream.
-fn pack_weights<E: Elem>(u: &[E], k: usize, rows: &[usize], cols: &[usize]) -> Vec<E> {
+/// The transformed weights of output rows `rows` and input columns `cols`
+/// (of a `[m, k, 3, 3]` forward or `[k, m, 3, 3]` transposed `w`), packed
+/// `[panel][pos][c][MR]` (rows past the end are zeros): the GEMM of
+/// position `pos` reads panel `p` as one `[cols.len()][MR]` stream. Each
+/// task transforms its panel's rows at the kept columns into a buffer that
+/// stays in L2 (221 KB at k = 256, f32) and packs them from there.
+///
+/// Measured at 256 x 256 (AMD EPYC Zen 3, 2 threads, f32): a transform of
+/// every weight into one `m x 36 x k` buffer (1.1-1.6 ms), then the
+/// packing (2.0-2.3 ms), was the fixed cost of every Winograd forward and
+/// input-gradient call (a 2 x 256 x 4 x 4 forward took 6.8 ms in all).
+/// Under a channel mask the calls kept that two-step form until stop 49:
+/// one transform of every weight, then one packing per image. Per image,
+/// this function transforms and packs only the kept rows and columns
+/// (Intel Xeon family 6 model 167, AVX-512, 2 threads, the retinanet
+/// loss's channel mask: see `docs/engineering.md`).
+fn transform_packed<E: Elem>(
+    arch: Arch,
+    w: &[E],
+    mk: (usize, usize),
+    rows: &[usize],
+    cols: &[usize],
+    transposed: bool,
+) -> Vec<E> {
     let kk = cols.len();
     let panels = rows.len().div_ceil(MR);
     let mut out = pool::take::<E>(panels * POS * kk * MR);
     out.par_chunks_mut((POS * kk * MR).max(1))
         .enumerate()
-        .for_each(|(p, chunk)| {
-            let src = std::array::from_fn(|r| rows.get(p * MR + r).copied());
-            pack_panel(chunk, u, k, src, cols);
-        });
-    out
-}
-
-/// One panel of [`pack_weights`]' layout, `[pos][col][MR]`: lane `r` is row
-/// `src[r]` of `u` (`[row][pos][col]`, `k` columns) at columns `cols`, or
-/// zeros where `src[r]` is `None` (rows past the end).
-fn pack_panel<E: Elem>(
-    panel: &mut [E],
-    u: &[E],
-    k: usize,
-    src: [Option<usize>; MR],
-    cols: &[usize],
-) {
-    let kk = cols.len();
-    for (pos, dst) in panel.chunks_exact_mut((kk * MR).max(1)).enumerate() {
-        let urows = src.map(|row| row.map(|row| &u[(row * POS + pos) * k..][..k]));
-        // Column-major so the writes run contiguously (the strided
-        // row-by-row order cost about 1 ms more per 256 x 256 call).
-        for (d, &col) in dst.chunks_exact_mut(MR).zip(cols) {
-            for (v, urow) in d.iter_mut().zip(&urows) {
-                *v = urow.map_or(E::zero(), |urow| urow[col]);
-            }
-        }
-    }
-}
-
-/// Every row and column of the transformed weights, packed as
-/// [`pack_weights`] packs them, without the full `m x 36 x k` intermediate:
-/// each task transforms one panel's `MR` rows into a buffer that stays in
-/// L2 (221 KB at k = 256, f32) and packs from there. The same arithmetic
-/// per value as `transform_weights` then `pack_weights`, so the same bits;
-/// it saves a 9.4 MB round trip through memory per call. Measured at
-/// 256 x 256 (AMD EPYC Zen 3, 2 threads, f32): transform 1.1-1.6 ms plus
-/// pack 2.0-2.3 ms before, the fixed cost of every Winograd forward and
-/// input-gradient call (a 2 x 256 x 4 x 4 forward took 6.8 ms in all).
-fn transform_packed<E: Elem>(
-    arch: Arch,
-    w: &[E],
-    m: usize,
-    cols: &[usize],
-    transposed: bool,
-) -> Vec<E> {
-    let k = cols.len();
-    let panels = m.div_ceil(MR);
-    let mut out = pool::take::<E>(panels * POS * k * MR);
-    out.par_chunks_mut((POS * k * MR).max(1))
-        .enumerate()
         // One panel buffer per rayon job, reused across its panels (a fresh
         // zeroed one per panel cost ~10 MB of memset per call).
         .for_each_init(
-            || vec![E::zero(); MR * POS * k],
-            |rows, (p, chunk)| {
-                let src = std::array::from_fn(|r| (p * MR + r < m).then_some(r));
-                for (r, dst) in rows.chunks_exact_mut((POS * k).max(1)).enumerate() {
-                    if src[r].is_some() {
-                        transform_row(arch, w, m, k, transposed, p * MR + r, dst);
-                    }
+            || vec![E::zero(); MR * POS * kk],
+            |buf, (p, chunk)| {
+                let panel_rows = &rows[p * MR..rows.len().min(p * MR + MR)];
+                for (&row, dst) in panel_rows
+                    .iter()
+                    .zip(buf.chunks_exact_mut((POS * kk).max(1)))
+                {
+                    transform_row(arch, w, mk, transposed, row, cols, dst);
                 }
-                pack_panel(chunk, rows, k, src, cols);
+                pack_panel(chunk, buf, kk, panel_rows.len());
             },
         );
     out
@@ -266,18 +281,17 @@ impl<E: Elem> WinoConv<'_, E> {
         if matches!(self.input, InMul::Spatial(_)) || matches!(self.epi, Epi::Spatial(_)) {
             self.cx.tally.spatial_skip_call();
         }
+        let (arch, mk) = (self.cx.arch, (m, self.k));
         if sparse_k.is_none() && sparse_m.is_none() {
             let (rows, cols) = ((0..m).collect::<Vec<_>>(), (0..self.k).collect::<Vec<_>>());
             self.cx.tally.weights_packed(POS * rows.len() * cols.len());
-            let u = transform_packed(self.cx.arch, self.weights, m, &cols, self.transposed);
+            let u = transform_packed(arch, self.weights, mk, &rows, &cols, self.transposed);
             let imgs: Vec<usize> = (0..n).collect();
             self.run_images(&imgs, &mut y, &rows, &cols, &u);
             drop(pool::Buffer::new(u));
         } else {
-            // Each image packs its own kept rows and columns from one
-            // transform of every weight.
-            let ut = transform_weights(self.cx.arch, self.weights, m, self.k, self.transposed);
-            // Per image: only the kept channels enter the GEMMs.
+            // Per image: only the kept channels enter the GEMMs, and only
+            // their weights are transformed and packed.
             self.cx.tally.channel_sparse_call();
             for (img, yimg) in y.chunks_mut(m * hw).enumerate() {
                 let rows = kept(sparse_m, img, m);
@@ -286,11 +300,10 @@ impl<E: Elem> WinoConv<'_, E> {
                     .tally
                     .channels_skipped(m - rows.len() + self.k - cols.len());
                 self.cx.tally.weights_packed(POS * rows.len() * cols.len());
-                let u = pack_weights(&ut, self.k, &rows, &cols);
+                let u = transform_packed(arch, self.weights, mk, &rows, &cols, self.transposed);
                 self.run_images(&[img], yimg, &rows, &cols, &u);
                 drop(pool::Buffer::new(u));
             }
-            drop(pool::Buffer::new(ut));
         }
         y
     }
@@ -315,7 +328,7 @@ impl<E: Elem> WinoConv<'_, E> {
 
     /// Output rows `rows` of images `imgs` (`y`: their outputs, `[imgs.len(),
     /// m, h, w]`) from input channels `cols`, with `u` the transformed
-    /// weights of those rows and columns as [`pack_weights`] packs them.
+    /// weights of those rows and columns as [`transform_packed`] packs them.
     ///
     /// The threads work on one block of `GROUPS x NR` tiles at a time, in
     /// three parallel phases: input transform (split by register group),
