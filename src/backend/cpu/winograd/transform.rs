@@ -572,6 +572,52 @@ pub(crate) fn weight_tile_v<E: Elem, S: Simd>(s: S, g: &[E::V<S>; 9]) -> [E::V<S
     out
 }
 
+/// [`gt6`] on registers (the same operations in the same order, so a lane
+/// gets the bits the scalar version gives).
+#[inline(always)]
+fn gt6v<E: Elem, S: Simd>(s: S, d: [E::V<S>; 6]) -> [E::V<S>; 3] {
+    let (q, s6, s12, s24) = (
+        k::<E, S>(s, 0.25),
+        k::<E, S>(s, 1.0 / 6.0),
+        k::<E, S>(s, 1.0 / 12.0),
+        k::<E, S>(s, 1.0 / 24.0),
+    );
+    let d12 = E::vadd(s, d[1], d[2]);
+    let d34 = E::vadd(s, d[3], d[4]);
+    [
+        E::vadd(
+            s,
+            E::vsub(s, E::vmul(s, d[0], q), E::vmul(s, d12, s6)),
+            E::vmul(s, d34, s24),
+        ),
+        E::vadd(
+            s,
+            E::vmul(s, E::vsub(s, d[2], d[1]), s6),
+            E::vmul(s, E::vsub(s, d[3], d[4]), s12),
+        ),
+        E::vadd(s, E::vmul(s, E::vsub(s, d34, d12), s6), d[5]),
+    ]
+}
+
+/// [`weight_grad_tile`] on registers whose lanes are independent filters.
+#[inline(always)]
+pub(crate) fn weight_grad_tile_v<E: Elem, S: Simd>(s: S, d: &[E::V<S>; POS]) -> [E::V<S>; 9] {
+    let zero = E::splat(s, E::zero());
+    let mut t = [zero; 18]; // 3 x 6
+    for c in 0..6 {
+        let col = gt6v::<E, S>(s, std::array::from_fn(|r| d[r * 6 + c]));
+        for r in 0..3 {
+            t[r * 6 + c] = col[r];
+        }
+    }
+    let mut out = [zero; 9];
+    for r in 0..3 {
+        out[r * 3..r * 3 + 3]
+            .copy_from_slice(&gt6v::<E, S>(s, std::array::from_fn(|c| t[r * 6 + c])));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -611,7 +657,13 @@ mod tests {
                 .iter()
                 .zip(&u)
                 .all(|(&a, &b)| lane0(a).to_bits() == b.to_bits());
-            (y, dw, same)
+            // And the vector adjoint transform the scalar one's.
+            let ddv: [_; POS] = std::array::from_fn(|i| f64::splat(s, dd[i]));
+            let same_grad = weight_grad_tile_v::<f64, S>(s, &ddv)
+                .iter()
+                .zip(&dw)
+                .all(|(&a, &b)| lane0(a).to_bits() == b.to_bits());
+            (y, dw, same && same_grad)
         }
     }
 
