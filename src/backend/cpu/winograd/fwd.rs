@@ -11,7 +11,9 @@ use super::{Lanes, Scratch, Tile, run_order};
 use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::{act_of_bias, nr_for, relu_of};
 use crate::backend::cpu::kernel::{MR, nr, panel_steps, run_packed_step};
-use crate::backend::cpu::simd::{Ahead, Elem, Level, lane_order_for, prefetch, prefetch_values};
+use crate::backend::cpu::simd::{
+    Ahead, Elem, Level, MAX_LANES, lane_order_for, prefetch, prefetch_values,
+};
 use crate::pool;
 
 /// Register groups (NR tiles each) per block. Each GEMM reads its B tile
@@ -165,7 +167,7 @@ fn transform_columns<E: Elem, S: Simd>(
 ) {
     let l = E::lanes::<S>();
     let full = kk / l * l;
-    let mut g = [E::zero(); 9 * 16];
+    let mut g = [E::zero(); 9 * MAX_LANES];
     for c0 in (0..full).step_by(l) {
         for t in 0..9 {
             for j in 0..l {
@@ -281,29 +283,32 @@ impl<E: Elem> WinoConv<'_, E> {
         if matches!(self.input, InMul::Spatial(_)) || matches!(self.epi, Epi::Spatial(_)) {
             self.cx.tally.spatial_skip_call();
         }
-        let (arch, mk) = (self.cx.arch, (m, self.k));
-        if sparse_k.is_none() && sparse_m.is_none() {
-            let (rows, cols) = ((0..m).collect::<Vec<_>>(), (0..self.k).collect::<Vec<_>>());
-            self.cx.tally.weights_packed(POS * rows.len() * cols.len());
-            let u = transform_packed(arch, self.weights, mk, &rows, &cols, self.transposed);
-            let imgs: Vec<usize> = (0..n).collect();
-            self.run_images(&imgs, &mut y, &rows, &cols, &u);
-            drop(pool::Buffer::new(u));
-        } else {
-            // Per image: only the kept channels enter the GEMMs, and only
-            // their weights are transformed and packed.
+        // Dense: one run over every image. Under a channel mask with
+        // zeros, one run per image over its kept rows and columns: only
+        // those enter the GEMMs, and only their weights are transformed.
+        let sparse = sparse_k.is_some() || sparse_m.is_some();
+        if sparse {
             self.cx.tally.channel_sparse_call();
-            for (img, yimg) in y.chunks_mut(m * hw).enumerate() {
-                let rows = kept(sparse_m, img, m);
-                let cols = kept(sparse_k, img, self.k);
-                self.cx
-                    .tally
-                    .channels_skipped(m - rows.len() + self.k - cols.len());
-                self.cx.tally.weights_packed(POS * rows.len() * cols.len());
-                let u = transform_packed(arch, self.weights, mk, &rows, &cols, self.transposed);
-                self.run_images(&[img], yimg, &rows, &cols, &u);
-                drop(pool::Buffer::new(u));
-            }
+        }
+        let per_run = if sparse { 1 } else { n };
+        for imgs in (0..n).step_by(per_run.max(1)).map(|i| i..i + per_run) {
+            let rows = kept(sparse_m, imgs.start, m);
+            let cols = kept(sparse_k, imgs.start, self.k);
+            self.cx
+                .tally
+                .channels_skipped(m - rows.len() + self.k - cols.len());
+            self.cx.tally.weights_packed(POS * rows.len() * cols.len());
+            let u = transform_packed(
+                self.cx.arch,
+                self.weights,
+                (m, self.k),
+                &rows,
+                &cols,
+                self.transposed,
+            );
+            let yimgs = &mut y[imgs.start * m * hw..imgs.end * m * hw];
+            self.run_images(&imgs.collect::<Vec<_>>(), yimgs, &rows, &cols, &u);
+            drop(pool::Buffer::new(u));
         }
         y
     }
@@ -967,8 +972,6 @@ mod tests {
         y
     }
 
-    /// Following `next_b_tile` from the first tile visits every B tile of
-    /// a block once, in the order `Products` reads them, then stops.
     /// The runs [`prefetch_outputs`] hints are exactly the outputs the
     /// group's tiles write: rows of 23 tiles (the last one partial) with
     /// every eleventh left out (as a spatial mask leaves them), so groups
@@ -1006,6 +1009,8 @@ mod tests {
         }
     }
 
+    /// Following `next_b_tile` from the first tile visits every B tile of
+    /// a block once, in the order `Products` reads them, then stops.
     #[test]
     fn next_b_tile_follows_the_products_loop() {
         for groups in 1..=GROUPS {
