@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The project's tests: the Rust tests (`cargo test --profile release-checked`: the release
-# build's optimizations with debug assertions and overflow checks on) and the Python package's tests
-# (pytest python/tests) together. The Python side runs in python/.venv, made here on first use
-# with maturin, pytest, torch, numpy and safetensors at the pins of python/requirements-test.txt
-# (torch from PyPI is large: the first run downloads a few GB); the package is then built from
-# python/ by maturin and installed into it, as `pip install ./python` would.
+# The project's tests: the Rust tests (`cargo test --profile release-checked --tests`, then
+# `--doc`: the release build's optimizations with debug assertions and overflow checks on) and
+# the Python package's tests (pytest python/tests) together. The Python side runs in
+# python/.venv, made here on first use with maturin, pytest, torch, numpy and safetensors at
+# the pins of python/requirements-test.txt (torch from PyPI is large: the first run downloads
+# a few GB); the package is then built from python/ by maturin and installed into it, as
+# `pip install ./python` would.
 #
 #   ./test.sh              everything
 #   ./test.sh --python     only the Python side (venv, build, pytest)
@@ -29,7 +30,12 @@ PATH="$PWD/$venv/bin:$PATH" "$venv/bin/python" -m pip install --quiet --disable-
 
 if [ "$rust" = 1 ]; then
     echo "== Rust tests"
-    cargo test --profile release-checked
+    # Every target that has tests (the library's, the binary's, tests/), then the doctests.
+    # Not the examples: plain `cargo test` builds them too, about a quarter of the
+    # test build's CPU time (three optimized binaries), and they run no test; clippy
+    # --all-targets (.ci/run) still compiles them.
+    cargo test --profile release-checked --tests
+    cargo test --profile release-checked --doc
 fi
 
 echo "== Python tests"
