@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The project's tests: the Rust tests (`cargo test --profile release-checked --tests`, then
-# `--doc`: the release build's optimizations with debug assertions and overflow checks on) and
-# the Python package's tests (pytest python/tests) together. The Python side runs in
-# python/.venv, made here on first use with maturin, pytest, torch, numpy and safetensors at
-# the pins of python/requirements-test.txt (torch from PyPI is large: the first run downloads
-# a few GB); the package is then built from python/ by maturin and installed into it, as
+# The project's tests: the Rust tests (`cargo test --profile release-checked --features cuda
+# --tests`, then `--doc`: the release build's optimizations with debug assertions and
+# overflow checks on; the CUDA feature needs no CUDA toolkit) and the Python package's tests
+# (pytest python/tests) together. The Python side runs in python/.venv, made here on first
+# use with maturin, pytest, torch, numpy and safetensors at the pins of
+# python/requirements-test.txt (torch from PyPI is large: the first run downloads a few GB);
+# the package is then built from python/ by maturin and installed into it, as
 # `pip install ./python` would.
 #
 #   ./test.sh              everything
@@ -34,8 +35,13 @@ if [ "$rust" = 1 ]; then
     # Not the examples: plain `cargo test` builds them too, about an eighth of the
     # test build's CPU time (three optimized binaries: 217 of 1682 s on an AMD EPYC
     # Zen 1), and they run no test; clippy --all-targets (.ci/run) still compiles them.
-    cargo test --profile release-checked --tests
-    cargo test --profile release-checked --doc
+    # With the CUDA feature, which builds without a CUDA toolkit (cudarc loads the
+    # driver, NVRTC and cuBLAS at run time): one build for the CPU tests and the
+    # CUDA ones (tests/cuda_nvrtc.rs runs the kernel sources in a CPU simulator).
+    # Without a usable device, each device-only test passes with a printed reason and
+    # the backend lists leave CUDA out; with one, CUDA joins the conformance suite.
+    cargo test --profile release-checked --features cuda --tests
+    cargo test --profile release-checked --features cuda --doc
 fi
 
 echo "== Python tests"

@@ -159,7 +159,10 @@ fn isa() -> Isa {
 }
 
 /// Median seconds of (fwd, dX, dW) per level.
-fn run<T: Float>(reps: usize, levels: &[&str]) -> Vec<Row> {
+fn run<T: Float>(reps: usize, levels: &[&str]) -> Vec<Row>
+where
+    CpuBackend: Backend<T>,
+{
     // DMKD_ALGO=direct|winograd|auto (default direct).
     let algo = std::env::var("DMKD_ALGO")
         .ok()

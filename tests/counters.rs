@@ -81,7 +81,10 @@ impl Conv {
 
 /// Run the forward pass, the input gradient and the weight gradient once
 /// on a fresh backend; their counters.
-fn run<T: Float>(algo: ConvAlgo, conv: &Conv, mask: Option<InputMask<T>>) -> WorkCounters {
+fn run<T: Float>(algo: ConvAlgo, conv: &Conv, mask: Option<InputMask<T>>) -> WorkCounters
+where
+    CpuBackend: Backend<T>,
+{
     let be = CpuBackend::new(algo);
     let args = conv.args(mask);
     let x = fill::<T>(&[conv.n, conv.c_in, conv.h, conv.w], 1);

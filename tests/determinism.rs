@@ -20,7 +20,10 @@ use dmkd::backend::{Backend, Binary, ConvArgs, ConvGeometry, CpuBackend, Isa, Un
 use dmkd::{ConvAlgo, Float, InputMask, Tensor};
 
 /// The bits of every output of every kernel, in a fixed order.
-fn all_outputs<T: Float>(isa: Isa) -> Vec<Vec<u64>> {
+fn all_outputs<T: Float>(isa: Isa) -> Vec<Vec<u64>>
+where
+    CpuBackend: Backend<T>,
+{
     let be = CpuBackend::with_isa(ConvAlgo::Direct, isa).unwrap();
     let wino = CpuBackend::with_isa(ConvAlgo::Winograd, isa).unwrap();
     let bits = |t: Tensor<T>| t.as_slice().iter().map(|v| v.as_f64().to_bits()).collect();
@@ -139,7 +142,10 @@ fn runs() -> Vec<(usize, Isa)> {
     v
 }
 
-fn check<T: Float>() {
+fn check<T: Float>()
+where
+    CpuBackend: Backend<T>,
+{
     let widest = Isa::available()[0];
     let base = in_pool(1, || all_outputs::<T>(widest));
     for (threads, isa) in runs() {

@@ -469,7 +469,10 @@ pub trait BackendFloat: Float {
     fn make_backend(opts: BackendOptions) -> Result<BackendRef<Self>>;
 }
 
-fn make_host_backend<T: Float>(opts: BackendOptions) -> Option<Result<BackendRef<T>>> {
+fn make_host_backend<T: Float>(opts: BackendOptions) -> Option<Result<BackendRef<T>>>
+where
+    CpuBackend: Backend<T>,
+{
     match opts.kind {
         BackendKind::Reference => Some(Ok(Arc::new(ReferenceBackend))),
         BackendKind::Cpu => Some(

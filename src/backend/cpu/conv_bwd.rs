@@ -855,7 +855,10 @@ mod tests {
             .collect()
     }
 
-    fn every_mask<T: Elem>(case: usize, geom: &Geom, tol: f64) {
+    fn every_mask<T: Elem>(case: usize, geom: &Geom, tol: f64)
+    where
+        CpuBackend: Backend<T>,
+    {
         let x_shape = geom.x;
         let [n, c, h, w] = x_shape;
         let w_shape = [geom.w[0], c, geom.w[1], geom.w[2]];

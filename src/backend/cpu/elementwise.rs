@@ -428,7 +428,10 @@ mod tests {
 
     /// `f` on the CPU backend in pools of 1, 2 and 3 threads, each result
     /// equal to `f` on the reference backend bit for bit.
-    fn check<E: Elem>(what: &str, f: impl Fn(&dyn Backend<E>) -> Tensor<E> + Sync) {
+    fn check<E: Elem>(what: &str, f: impl Fn(&dyn Backend<E>) -> Tensor<E> + Sync)
+    where
+        CpuBackend: Backend<E>,
+    {
         let want = f(&ReferenceBackend);
         for got in in_pools(|| f(&CpuBackend::new(ConvAlgo::Auto))) {
             assert_same_bits(&got, &want, what);
@@ -448,7 +451,10 @@ mod tests {
         Unary::AddScalar(0.61),
     ];
 
-    fn unary_ops<E: Elem>() {
+    fn unary_ops<E: Elem>()
+    where
+        CpuBackend: Backend<E>,
+    {
         // Signed values with exact zeros of both signs (the ReLU and |x|
         // kinks: relu(-0) is +0); positive ones where the op needs them.
         let kinked = |v: f64| {
@@ -482,7 +488,10 @@ mod tests {
         }
     }
 
-    fn binary_ops<E: Elem>() {
+    fn binary_ops<E: Elem>()
+    where
+        CpuBackend: Backend<E>,
+    {
         // Operand shapes against SHAPE: equal; one broadcast per channel,
         // per image or as a scalar (each side); a leading dim missing;
         // both broadcast along the inner run (each output run one value);
@@ -531,7 +540,10 @@ mod tests {
         }
     }
 
-    fn masks_and_copies<E: Elem>() {
+    fn masks_and_copies<E: Elem>()
+    where
+        CpuBackend: Backend<E>,
+    {
         let x = tensor::<E>(&SHAPE, 50);
         let channel = InputMask::Channel(tensor::<E>(&[3, 7], 51));
         let spatial = InputMask::Spatial(tensor::<E>(&[3, 41, 43], 52));

@@ -15,9 +15,10 @@
 //! - [`counters`]: per-backend work counters (multiply-adds, skipped
 //!   tiles and channels, packed weights, algorithm per pass).
 //!
-//! The `Backend<T>` trait is generic over any `Float`; the kernels exist for
-//! f32 and f64 (the only `Float` types). Each method looks up which one `T`
-//! is (a `TypeId` comparison, free at run time) and downcasts its operands.
+//! [`CpuBackend`] implements `Backend<f32>` and `Backend<f64>` (the only
+//! `Float` types), so that the kernels are compiled once, in this crate (see
+//! `Kernels`). Behind them one generic impl looks up which one `T` is (a
+//! `TypeId` comparison, free at run time) and downcasts its operands.
 //!
 //! Input masks with exact zeros skip work (the `InputMask` contract allows
 //! it): masked channels leave the forward's reduction, the input
@@ -351,7 +352,164 @@ fn in_place<T: Float>(
     Ok(Tensor::from_parts(&shape, v))
 }
 
-impl<T: Float> Backend<T> for CpuBackend {
+/// The CPU backend's methods for any `Float`, on a borrowed [`CpuBackend`]
+/// (whose fields it reaches through `Deref`). [`CpuBackend`] itself
+/// implements `Backend<f32>` and `Backend<f64>` only, each method a
+/// non-generic call into this impl (`forward_to_kernels!` below). That is
+/// for the build, not the run: a generic impl is compiled again, kernels,
+/// rayon jobs and SIMD variants included, in every crate that names it (the
+/// binary, each test binary, the benches, the Python module), since rustc
+/// shares generic instances between crates only in unoptimized builds; a
+/// non-generic one is compiled once, here, and linked.
+struct Kernels<'a>(&'a CpuBackend);
+
+impl std::ops::Deref for Kernels<'_> {
+    type Target = CpuBackend;
+    fn deref(&self) -> &CpuBackend {
+        self.0
+    }
+}
+
+/// `impl Backend<$t> for CpuBackend`, every method of the trait (the
+/// provided ones included, which the generic impl overrides) forwarded to
+/// [`Kernels`].
+macro_rules! forward_to_kernels {
+    ($t:ty) => {
+        impl Backend<$t> for CpuBackend {
+            fn name(&self) -> String {
+                Backend::<$t>::name(&Kernels(self))
+            }
+            fn conv2d(
+                &self,
+                x: &Tensor<$t>,
+                w: &Tensor<$t>,
+                b: Option<&Tensor<$t>>,
+                args: &ConvArgs<$t>,
+            ) -> Result<Tensor<$t>> {
+                Kernels(self).conv2d(x, w, b, args)
+            }
+            fn conv2d_backward_input(
+                &self,
+                dy: &Tensor<$t>,
+                w: &Tensor<$t>,
+                args: &ConvArgs<$t>,
+            ) -> Result<Tensor<$t>> {
+                Kernels(self).conv2d_backward_input(dy, w, args)
+            }
+            fn conv2d_backward_weight(
+                &self,
+                dy: &Tensor<$t>,
+                x: &Tensor<$t>,
+                args: &ConvArgs<$t>,
+            ) -> Result<Tensor<$t>> {
+                Kernels(self).conv2d_backward_weight(dy, x, args)
+            }
+            fn conv2d_backward_bias(&self, dy: &Tensor<$t>) -> Result<Tensor<$t>> {
+                Kernels(self).conv2d_backward_bias(dy)
+            }
+            fn unary(&self, op: Unary, x: &Tensor<$t>) -> Result<Tensor<$t>> {
+                Kernels(self).unary(op, x)
+            }
+            fn unary_backward(
+                &self,
+                op: Unary,
+                x: &Tensor<$t>,
+                y: &Tensor<$t>,
+                dy: &Tensor<$t>,
+            ) -> Result<Tensor<$t>> {
+                Kernels(self).unary_backward(op, x, y, dy)
+            }
+            fn binary(
+                &self,
+                op: Binary,
+                a: &Tensor<$t>,
+                b: &Tensor<$t>,
+                out_shape: &[usize],
+            ) -> Result<Tensor<$t>> {
+                Kernels(self).binary(op, a, b, out_shape)
+            }
+            fn unary_owned(&self, op: Unary, x: Tensor<$t>) -> Result<Tensor<$t>> {
+                Kernels(self).unary_owned(op, x)
+            }
+            fn unary_backward_owned(
+                &self,
+                op: Unary,
+                x: &Tensor<$t>,
+                y: &Tensor<$t>,
+                dy: Tensor<$t>,
+            ) -> Result<Tensor<$t>> {
+                Kernels(self).unary_backward_owned(op, x, y, dy)
+            }
+            fn binary_owned(
+                &self,
+                op: Binary,
+                a: Tensor<$t>,
+                b: &Tensor<$t>,
+                out_shape: &[usize],
+            ) -> Result<Tensor<$t>> {
+                Kernels(self).binary_owned(op, a, b, out_shape)
+            }
+            fn mask_mul(&self, x: &Tensor<$t>, mask: &InputMask<$t>) -> Result<Tensor<$t>> {
+                Kernels(self).mask_mul(x, mask)
+            }
+            fn sum_axes(&self, x: &Tensor<$t>, axes: &[usize]) -> Result<Tensor<$t>> {
+                Kernels(self).sum_axes(x, axes)
+            }
+            fn broadcast_to(&self, x: &Tensor<$t>, shape: &[usize]) -> Result<Tensor<$t>> {
+                Kernels(self).broadcast_to(x, shape)
+            }
+            fn softmax(&self, x: &Tensor<$t>, axis: usize) -> Result<Tensor<$t>> {
+                Kernels(self).softmax(x, axis)
+            }
+            fn softmax_backward(
+                &self,
+                y: &Tensor<$t>,
+                dy: &Tensor<$t>,
+                axis: usize,
+            ) -> Result<Tensor<$t>> {
+                Kernels(self).softmax_backward(y, dy, axis)
+            }
+            fn narrow(
+                &self,
+                x: &Tensor<$t>,
+                axis: usize,
+                start: usize,
+                len: usize,
+            ) -> Result<Tensor<$t>> {
+                Kernels(self).narrow(x, axis, start, len)
+            }
+            fn narrow_backward(
+                &self,
+                dy: &Tensor<$t>,
+                shape: &[usize],
+                axis: usize,
+                start: usize,
+            ) -> Result<Tensor<$t>> {
+                Kernels(self).narrow_backward(dy, shape, axis, start)
+            }
+            fn sq_err_sum(&self, a: &Tensor<$t>, b: &Tensor<$t>) -> Result<Tensor<$t>> {
+                Kernels(self).sq_err_sum(a, b)
+            }
+            fn sq_err_backward(&self, a: &Tensor<$t>, b: &Tensor<$t>, g: $t) -> Result<Tensor<$t>> {
+                Kernels(self).sq_err_backward(a, b, g)
+            }
+            fn weighted_pair_residual(
+                &self,
+                a: &Tensor<$t>,
+                b: &Tensor<$t>,
+                wa: $t,
+                wb: $t,
+                t: &Tensor<$t>,
+            ) -> Result<PairResidual<$t>> {
+                Kernels(self).weighted_pair_residual(a, b, wa, wb, t)
+            }
+        }
+    };
+}
+forward_to_kernels!(f32);
+forward_to_kernels!(f64);
+
+impl<T: Float> Backend<T> for Kernels<'_> {
     fn name(&self) -> String {
         "cpu".into()
     }

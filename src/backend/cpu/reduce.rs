@@ -377,7 +377,10 @@ mod tests {
         }
     }
 
-    fn sums<E: Elem>() {
+    fn sums<E: Elem>()
+    where
+        CpuBackend: Backend<E>,
+    {
         // Every subset of the axes of SHAPE (including none and all: the
         // chunked whole sum), of a shape with size-1 dims, and rows longer
         // than the kept-inner path's column chunk.
@@ -402,7 +405,10 @@ mod tests {
         }
     }
 
-    fn squared_errors<E: Elem>() {
+    fn squared_errors<E: Elem>()
+    where
+        CpuBackend: Backend<E>,
+    {
         // One chunk (1005 elements) and several.
         for shape in [&[3, 5, 67][..], &SHAPE] {
             let n = shape.iter().product();
@@ -426,7 +432,10 @@ mod tests {
         Tensor::from_vec(&[3], vec![p.sq_sum, p.dot_a, p.dot_b]).unwrap()
     }
 
-    fn pair_residuals<E: Elem>() {
+    fn pair_residuals<E: Elem>()
+    where
+        CpuBackend: Backend<E>,
+    {
         let (wa, wb) = (E::from_f64(0.5), E::from_f64(-1.25));
         for shape in [&[3, 5, 67][..], &SHAPE] {
             let n = shape.iter().product();
@@ -451,7 +460,10 @@ mod tests {
         }
     }
 
-    fn softmaxes<E: Elem>() {
+    fn softmaxes<E: Elem>()
+    where
+        CpuBackend: Backend<E>,
+    {
         let x = tensor::<E>(
             &SHAPE,
             values(SHAPE.iter().product(), 9)
@@ -501,7 +513,10 @@ mod tests {
     /// for everything or no `LANES` partials, would change them): the
     /// whole-tensor sum, the squared-error sum and the fused residual's
     /// f64 sums, at one chunk, exactly one chunk and several.
-    fn documented_grouping<E: Elem>() {
+    fn documented_grouping<E: Elem>()
+    where
+        CpuBackend: Backend<E>,
+    {
         for len in [1005, SUM_CHUNK, SUM_CHUNK + 1, 37023] {
             let [a, b, t] = [11, 12, 13].map(|seed| tensor::<E>(&[len], values(len, seed)));
             let (xa, xb) = (a.as_slice(), b.as_slice());
