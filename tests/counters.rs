@@ -10,7 +10,7 @@
 //!
 //! Each test uses its own `CpuBackend`, whose counters no other test sees.
 
-mod common;
+use crate::common;
 
 use common::fill;
 use dmkd::backend::cpu::{

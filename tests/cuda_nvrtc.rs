@@ -4,7 +4,7 @@
 //! library) on the loader path, e.g. from the `nvidia-cuda-nvrtc` wheel:
 //!
 //! ```text
-//! LD_LIBRARY_PATH=/path/to/site-packages/nvidia/cu13/lib cargo test --features cuda --test cuda_nvrtc
+//! LD_LIBRARY_PATH=/path/to/site-packages/nvidia/cu13/lib cargo test --features cuda --test integration cuda_nvrtc::
 //! ```
 //!
 //! Without `libnvrtc` (CI) each test prints why and passes.

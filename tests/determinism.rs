@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-mod common;
+use crate::common;
 
 use common::fill;
 

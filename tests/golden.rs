@@ -25,7 +25,7 @@
 //!   sides; a tensor whose entries all lie below `tol` times the largest
 //!   gradient of its level is compared with that absolute floor instead.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

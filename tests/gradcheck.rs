@@ -11,7 +11,7 @@
 //! Case counts come from `PROPTEST_CASES` (default 24 per property here),
 //! sized so the suite runs in seconds in release mode on 2 cores.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

@@ -11,7 +11,7 @@
 //! `KINK_MARGIN` of a kink is skipped: the finite-difference step moves
 //! them by ~1e-5, and a difference across a kink measures the kink.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

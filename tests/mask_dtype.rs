@@ -19,7 +19,7 @@
 //! so 1e-4 leaves margin for the heavy tails and still fails on any wrong
 //! mask, which moves gradients by O(1)).
 
-mod common;
+use crate::common;
 
 use common::backends::all_backends;
 use dmkd::backend::{BackendKind, BackendOptions, make_backend};

@@ -3,7 +3,7 @@
 //! (`tests/common/backends.rs`), and the f32 loss of an FPN-sized problem
 //! stays within a stated bound of the f64 loss of the same numbers.
 
-mod common;
+use crate::common;
 
 use common::backends::{all_backends, backends};
 use dmkd::backend::BackendFloat;

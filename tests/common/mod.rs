@@ -1,8 +1,6 @@
 //! Helpers shared by the integration tests: the list of backends under test
 //! and their rules (the one place to add a backend), the conformance table's
-//! rows, and the proptest configuration. Each test binary uses part of
-//! them, hence no dead-code warnings here.
-#![allow(dead_code)]
+//! rows, and the proptest configuration.
 
 pub mod backends;
 pub mod cases;

@@ -69,6 +69,7 @@ pub enum Rule {
     /// The fast CPU backend under a conv algorithm.
     Cpu(dmkd::ConvAlgo),
     /// A device backend (CUDA): other summation orders, the device's libm.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     Device,
 }
 

@@ -5,9 +5,9 @@ use dmkd::backend::ConvGeometry;
 use dmkd::{InputMask, Tensor};
 use proptest::prelude::*;
 
+use super::{conform_all, fill, filled, t64, values};
 use crate::common::cases::{OpCase, conv_cases};
 use crate::common::proptest_config as config;
-use crate::{conform_all, fill, filled, t64, values};
 const CHANNELS: [usize; 7] = [1, 3, 7, 8, 16, 17, 33];
 
 fn conv_case() -> impl Strategy<Value = Vec<OpCase>> {

@@ -15,15 +15,13 @@
 //! - `ops.rs`: element-wise ops, reductions, softmax, layout, the losses' ops;
 //! - `loss.rs`: the whole DMKD / MGD / FGD loss.
 
-#[path = "../common/mod.rs"]
-mod common;
 mod conv;
 mod loss;
 mod ops;
 
-use common::backends::backends;
-use common::cases::OpCase;
-use common::rules::Rule;
+use crate::common::backends::backends;
+use crate::common::cases::OpCase;
+use crate::common::rules::Rule;
 use dmkd::Tensor;
 use dmkd::backend::BackendFloat;
 use proptest::prelude::*;

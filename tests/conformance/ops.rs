@@ -5,9 +5,9 @@ use dmkd::backend::{Backend, Binary, ReferenceBackend, Unary};
 use dmkd::{InputMask, Tensor};
 use proptest::prelude::*;
 
+use super::{conform_all, fill, filled, t64, values};
 use crate::common::cases::{Op, OpCase};
 use crate::common::proptest_config as config;
-use crate::{conform_all, fill, filled, t64, values};
 fn shape(max_rank: usize, max_dim: usize) -> impl Strategy<Value = Vec<usize>> {
     prop::collection::vec(1..=max_dim, 0..=max_rank)
 }
