@@ -24,13 +24,13 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 echo "== Python test environment (python/requirements-test.txt)"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r python/requirements-test.txt
-echo "== building and installing the dmkd Python package (maturin, release)"
+echo "== building and installing the dmkd Python package (maturin, release; at ${SECONDS} s)"
 # maturin's build backend runs the `maturin` program: the venv's, on PATH.
 PATH="$PWD/$venv/bin:$PATH" "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-build-isolation \
     --force-reinstall --no-deps ./python
 
 if [ "$rust" = 1 ]; then
-    echo "== Rust tests"
+    echo "== Rust tests (at ${SECONDS} s)"
     # Every target that has tests (the library's, the binary's, tests/), then the doctests.
     # Not the examples: plain `cargo test` builds them too, about an eighth of the
     # test build's CPU time (three optimized binaries: 217 of 1682 s on an AMD EPYC
@@ -44,6 +44,7 @@ if [ "$rust" = 1 ]; then
     cargo test --profile release-checked --features cuda --doc
 fi
 
-echo "== Python tests"
+echo "== Python tests (at ${SECONDS} s)"
 # From the repository root, with the installed package (not python/ itself) on the path.
 "$venv/bin/python" -m pytest -q python/tests "$@"
+echo "== test.sh passed in ${SECONDS} s"
