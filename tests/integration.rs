@@ -31,3 +31,43 @@ mod op_errors;
 mod reference_accuracy;
 mod robustness;
 mod sample_offset;
+
+/// With `autotests = false`, a new file in tests/ runs only once it is a
+/// module here (or a `[[test]]` of its own): one that is neither would
+/// never run, and nothing else would say so.
+#[test]
+fn every_test_file_is_a_module_of_this_binary_or_a_test_of_its_own() {
+    let tests = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let root = std::fs::read_to_string(tests.join("integration.rs")).unwrap();
+    let manifest = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"),
+    )
+    .unwrap();
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&tests).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        // A test is a `.rs` file, or a folder with a `main.rs` (`common/`
+        // is a folder of helpers, a module above).
+        let module = match name.strip_suffix(".rs") {
+            Some(stem) => stem.to_string(),
+            None if path.join("main.rs").is_file() => name.clone(),
+            None => continue,
+        };
+        if module == "integration" {
+            continue;
+        }
+        seen += 1;
+        let own_binary = manifest.contains(&format!("path = \"tests/{name}\""));
+        assert!(
+            root.contains(&format!("\nmod {module};")) || own_binary,
+            "tests/{name} is neither a module of tests/integration.rs nor a [[test]] in Cargo.toml: it would never run"
+        );
+    }
+    // The folder was read: the sixteen modules and allocator.rs.
+    assert!(
+        seen >= 17,
+        "only {seen} test files found in {}",
+        tests.display()
+    );
+}

@@ -247,6 +247,12 @@ pub struct ConvArgs<T: Float> {
 }
 
 /// The kernels behind the ops. One implementation per device / strategy.
+///
+/// A method added here must also be forwarded by `forward_to_kernels!` in
+/// `cpu/mod.rs` (`CpuBackend`'s impls for f32 and f64 forward each method
+/// to its generic impl): one without a default fails to compile until it
+/// is, but one with a default would quietly run the default on the CPU
+/// backend.
 pub trait Backend<T: Float>: Send + Sync {
     /// A short name: `reference`, `cpu`, `cuda`.
     fn name(&self) -> String;
