@@ -37,12 +37,10 @@ mod sample_offset;
 /// never run, and nothing else would say so.
 #[test]
 fn every_test_file_is_a_module_of_this_binary_or_a_test_of_its_own() {
-    let tests = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let crate_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tests = crate_dir.join("tests");
     let root = std::fs::read_to_string(tests.join("integration.rs")).unwrap();
-    let manifest = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"),
-    )
-    .unwrap();
+    let manifest = std::fs::read_to_string(crate_dir.join("Cargo.toml")).unwrap();
     let mut seen = 0;
     for entry in std::fs::read_dir(&tests).unwrap() {
         let path = entry.unwrap().path();

@@ -358,7 +358,7 @@ fn in_place<T: Float>(
 /// non-generic call into this impl (`forward_to_kernels!` below). That is
 /// for the build, not the run: a generic impl is compiled again, kernels,
 /// rayon jobs and SIMD variants included, in every crate that names it (the
-/// binary, each test binary, the benches, the Python module), since rustc
+/// binary, and the tests, benches and examples that build one), since rustc
 /// shares generic instances between crates only in unoptimized builds; a
 /// non-generic one is compiled once, here, and linked.
 struct Kernels<'a>(&'a CpuBackend);
