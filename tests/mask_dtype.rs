@@ -235,26 +235,42 @@ fn a_tau_beyond_f32_range_gives_f32_the_f64_masks_and_maps() {
     assert!(spatial_attention(&t64, tau).is_ok() && channel_attention(&t64, tau).is_ok());
 }
 
-/// An outlier channel: one student channel of every level scaled by 1e4 or
-/// 1e5 (massive activations), the demo preset's shapes otherwise, so that
-/// `auto` takes Winograd at its first level (2 x 32 x 48 positions). Every
-/// f32 gradient stays within 1e-4 of f64 (norm-wise), on each conv
-/// algorithm, and the masks are f64's.
+/// Outliers in the student: one channel of every level scaled by 1e4 or
+/// 1e5 (massive activations), or 0.1% of its values scaled by 1e2 to 1e5
+/// (spikes); the demo preset's shapes otherwise, so that `auto` could take
+/// Winograd at its first level (2 x 32 x 48 positions). The masks are
+/// f64's, and every f32 gradient stays within 1e-4 of f64 (norm-wise) with
+/// the direct conv and with `auto` (the default), and, for the outlier
+/// channel, with Winograd forced too.
 ///
-/// What failed before (and fails if the Winograd forward stops setting the
-/// outputs that read only masked inputs exactly): the spatial generator's
-/// first conv sees the spatially masked student, so many of its outputs
-/// read only zeros and are exactly `b`; Winograd computed them with its
-/// window's rounding noise (about 1e-7 of the outlier, times the
-/// transforms' growth), the ReLU after it flipped where `b` is small, and
-/// `grad.p0.gen_s.0.bias` was 6e-4 off f64 at 1e4 and 3e-3 at 1e5, against
-/// 1e-7 by the direct conv. The bound is the engine's f32 bound
-/// (`tests/common/rules.rs`); measured now: below 1e-6 on every algorithm.
+/// What failed before:
+/// - the outlier channel: the spatial generator's first conv sees the
+///   spatially masked student, so many of its outputs read only zeros and
+///   are exactly `b`. Winograd computed them with its window's rounding
+///   noise, the ReLU after it flipped where `b` is small, and
+///   `grad.p0.gen_s.0.bias` was 6e-4 off f64 at 1e4 (1.7e-3 at P2 with
+///   Winograd forced), 3e-3 at 1e5, against 1e-7 direct. Those outputs are
+///   now set exactly (`winograd::fwd`).
+/// - spikes: their rounding noise reaches every output of their tiles, and
+///   the ReLU after the first conv turns it into gradient error: 5.2e-3 at
+///   1e4 under `auto`. `auto` now keeps a forward pass with a ReLU direct
+///   when its input spreads beyond `WINOGRAD_MAX_SPREAD`; forced Winograd
+///   keeps the error, and the test prints it.
+///
+/// The bound is the engine's f32 bound (`tests/common/rules.rs`).
 #[test]
-fn an_outlier_student_channel_keeps_f32_gradients_near_f64_on_every_algorithm() {
+fn outliers_in_the_student_keep_f32_gradients_near_f64() {
     use dmkd::synthetic::{Preset, inputs};
     let preset = Preset::named("demo").unwrap();
-    for scale in [1e4, 1e5] {
+    let cases = [
+        ("channel", 1e4),
+        ("channel", 1e5),
+        ("spikes", 1e2),
+        ("spikes", 1e3),
+        ("spikes", 1e4),
+        ("spikes", 1e5),
+    ];
+    for (kind, scale) in cases {
         let mut tensors: TensorMap<f64> = inputs(&preset, 0).unwrap();
         for (name, t) in tensors.iter_mut() {
             if name.ends_with(".student") {
@@ -265,8 +281,11 @@ fn an_outlier_student_channel_keeps_f32_gradients_near_f64_on_every_algorithm() 
                     .iter()
                     .enumerate()
                     .map(|(i, &v)| {
-                        let v = if (i / hw) % s[1] == 3 { v * scale } else { v };
-                        v as f32 as f64
+                        let hit = match kind {
+                            "channel" => (i / hw) % s[1] == 3,
+                            _ => i % 997 == 5,
+                        };
+                        (if hit { v * scale } else { v }) as f32 as f64
                     })
                     .collect();
                 *t = Tensor::from_vec(&s, data).unwrap();
@@ -286,13 +305,11 @@ fn an_outlier_student_channel_keeps_f32_gradients_near_f64_on_every_algorithm() 
         let p64 = Problem::new(&config, &tensors, exact).unwrap();
         let t32: TensorMap<f32> = tensors.iter().map(|(k, v)| (k.clone(), v.cast())).collect();
         let p32 = Problem::new(&config, &t32, exact).unwrap();
-        let e64 = run(
-            BackendOptions {
-                conv_algo: ConvAlgo::Direct,
-                ..CPU
-            },
-            &p64,
-        );
+        let direct = BackendOptions {
+            conv_algo: ConvAlgo::Direct,
+            ..CPU
+        };
+        let e64 = run(direct, &p64);
         for algo in [ConvAlgo::Direct, ConvAlgo::Winograd, ConvAlgo::Auto] {
             let e32 = run(
                 BackendOptions {
@@ -301,7 +318,8 @@ fn an_outlier_student_channel_keeps_f32_gradients_near_f64_on_every_algorithm() 
                 },
                 &p32,
             );
-            assert_eq!(masks_of(&e32), masks_of(&e64), "{algo:?} x{scale:e}");
+            let what = format!("{kind} x{scale:e}, {algo:?}");
+            assert_eq!(masks_of(&e32), masks_of(&e64), "{what}");
             let mut worst = (0.0f64, String::new());
             for (name, g64) in e64.outputs.iter().filter(|(k, _)| k.starts_with("grad.")) {
                 let err = norm_rel(&e32.outputs[name].cast::<f64>(), g64);
@@ -309,16 +327,15 @@ fn an_outlier_student_channel_keeps_f32_gradients_near_f64_on_every_algorithm() 
                     worst = (err, name.clone());
                 }
             }
-            println!(
-                "outlier x{scale:e}, {algo:?}: worst gradient {:.2e} ({})",
-                worst.0, worst.1
-            );
-            assert!(
-                worst.0 <= 1e-4,
-                "outlier x{scale:e}, {algo:?}: {} f32 vs f64 {:.2e}",
-                worst.1,
-                worst.0
-            );
+            println!("{what}: worst gradient {:.2e} ({})", worst.0, worst.1);
+            if algo != ConvAlgo::Winograd || kind == "channel" {
+                assert!(
+                    worst.0 <= 1e-4,
+                    "{what}: {} f32 vs f64 {:.2e}",
+                    worst.1,
+                    worst.0
+                );
+            }
         }
     }
 }
