@@ -61,7 +61,11 @@
 //! (asserted). The whole DMKD loss in f32 at 64 channels against f64: loss
 //! 8.2e-8 for every algorithm, worst gradient 2.4e-6 by Winograd
 //! (`grad.p2.gen_s.0.weight`) against 7.2e-7 direct; the requirement is
-//! 1e-4. The `Auto` rule (`CpuBackend::winograd_for`) keeps f64 direct.
+//! 1e-4. The `Auto` rule (`CpuBackend::winograd_for`) keeps f64 direct,
+//! and a forward pass with a ReLU whose input has spikes (the rounding
+//! error of a tile follows the largest value of its window:
+//! `docs/engineering.md`, "Winograd and outliers"). Outputs that read only
+//! masked inputs are set exactly, as the direct conv gives them.
 
 mod dw;
 mod fwd;
