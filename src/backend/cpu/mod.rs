@@ -123,8 +123,9 @@ pub enum ConvAlgo {
     /// Winograd F(4x4, 3x3) for every 3x3 stride-1 pad-1 convolution
     /// (forward, input and weight gradients), direct for the rest.
     Winograd,
-    /// Pick per convolution and pass by a measured rule (see
-    /// `CpuBackend::winograd_for`).
+    /// Pick per convolution and pass by a measured rule: the shape, and
+    /// for a forward pass with a ReLU the spread of its input
+    /// ([`WINOGRAD_MAX_SPREAD`]; see `CpuBackend::winograd_for`).
     #[default]
     Auto,
 }
@@ -947,7 +948,7 @@ mod tests {
             };
             match ci {
                 1 => -v,
-                _ => 0.5 * base * if p % 2 == 0 { 1.0 } else { -1.0 },
+                _ => 0.5 * base * if p.is_multiple_of(2) { 1.0 } else { -1.0 },
             }
         };
         let data = |top: f32| -> Vec<f32> {
