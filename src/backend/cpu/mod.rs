@@ -1009,6 +1009,13 @@ mod tests {
             [n, c, hw],
             Some(SpreadMask::Channel(&ch))
         ));
+        // A factor that scales: 1/200 on the spike's channel brings 1e4 to 50.
+        ch[c + 1] = 1.0 / 200.0;
+        assert!(winograd_spread_ok(
+            &spike,
+            [n, c, hw],
+            Some(SpreadMask::Channel(&ch))
+        ));
         ch[c + 1] = 1.0;
         assert!(!winograd_spread_ok(
             &spike,
@@ -1028,6 +1035,24 @@ mod tests {
         assert!(winograd_spread_ok(&x, [2, 1, big], None));
         x[big + 4500] = 257.0;
         assert!(!winograd_spread_ok(&x, [2, 1, big], None));
+        // A spatial mask read at the same position in that chunk: zero
+        // there keeps the spike out, zero at the chunk's position in the
+        // first image (or at the same offset from the chunk's start) does not.
+        let mut m = vec![1.0f32; 2 * big];
+        m[big + 4500] = 0.0;
+        assert!(winograd_spread_ok(
+            &x,
+            [2, 1, big],
+            Some(SpreadMask::Spatial(&m))
+        ));
+        m[big + 4500] = 1.0;
+        m[4500] = 0.0;
+        m[big + 4500 - 4096] = 0.0;
+        assert!(!winograd_spread_ok(
+            &x,
+            [2, 1, big],
+            Some(SpreadMask::Spatial(&m))
+        ));
     }
 
     /// `auto` keeps a forward pass with a ReLU direct when its input
