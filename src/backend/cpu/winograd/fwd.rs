@@ -1112,7 +1112,8 @@ mod tests {
     /// conv gives it), even in a computed tile whose window holds values of
     /// 1e6 next to it: the transforms' rounding noise of those values would
     /// otherwise land there (about 1e-1 in f32, far above `b`'s ulp). The
-    /// mask keeps only the plane's left columns, so tiles straddle its edge.
+    /// mask keeps only the plane's left columns, so tiles straddle its edge
+    /// in both images.
     #[test]
     fn outputs_reading_only_masked_inputs_are_exactly_act_of_bias() {
         fn case<E: Elem>() {
@@ -1122,9 +1123,11 @@ mod tests {
             let weights = elems(values(m * k * 9, 2));
             // Biases of both signs and a zero: ReLU keeps some, not others.
             let bias = elems(vec![0.25, -0.5, 0.0, 1e-3]);
+            // Image 0 keeps columns 0-1, image 1 columns 0-4: each has
+            // fully masked outputs in a computed tile (columns 3 and 6-7).
             let mask = elems(
                 (0..n * h * w)
-                    .map(|i| f64::from(u8::from(i % w < 3 + 2 * (i / (h * w)))))
+                    .map(|i| f64::from(u8::from(i % w < 2 + 3 * (i / (h * w)))))
                     .collect(),
             );
             for arch in Isa::every_arch() {
