@@ -349,14 +349,8 @@ impl CpuBackend {
                     && match x {
                         Some(x) if args.relu => {
                             // E is f32 here (checked above).
+                            let mask = args.mask.as_ref().map(same::<InputMask<E>, InputMask<f32>>);
                             let x = pulp::bytemuck::cast_slice::<E, f32>(x);
-                            let mask = args.mask.as_ref().map(|m| {
-                                let v = pulp::bytemuck::cast_slice::<E, f32>(m.tensor().as_slice());
-                                match m {
-                                    InputMask::Spatial(_) => SpreadMask::Spatial(v),
-                                    InputMask::Channel(_) => SpreadMask::Channel(v),
-                                }
-                            });
                             winograd_spread_ok(x, [g.n, g.c_in, g.h * g.w], mask)
                         }
                         _ => true,
@@ -364,13 +358,6 @@ impl CpuBackend {
             }
         }
     }
-}
-
-/// A mask's multipliers for [`winograd_spread_ok`]: `[N, H*W]` or `[N, C]`.
-#[derive(Clone, Copy)]
-enum SpreadMask<'a> {
-    Spatial(&'a [f32]),
-    Channel(&'a [f32]),
 }
 
 /// Whether `x` (`[N, C, HW]`, times `mask` where given) spreads narrowly
@@ -382,7 +369,7 @@ enum SpreadMask<'a> {
 /// operand. The decision reads only the data (exact maxima and an exact
 /// median), never the thread count or the instruction set, so the bits
 /// stay reproducible.
-fn winograd_spread_ok(x: &[f32], [n, c, hw]: [usize; 3], mask: Option<SpreadMask<'_>>) -> bool {
+fn winograd_spread_ok(x: &[f32], [n, c, hw]: [usize; 3], mask: Option<&InputMask<f32>>) -> bool {
     // Chunks of positions of one image; each sweeps the channels.
     const CHUNK: usize = 4096;
     let mut a = vec![0.0f32; n * hw];
@@ -396,15 +383,15 @@ fn winograd_spread_ok(x: &[f32], [n, c, hw]: [usize; 3], mask: Option<SpreadMask
         for ci in 0..c {
             let plane = &x[(img * c + ci) * hw + p0..][..part.len()];
             let f = match mask {
-                Some(SpreadMask::Channel(m)) => m[img * c + ci].abs(),
+                Some(InputMask::Channel(m)) => m.as_slice()[img * c + ci].abs(),
                 _ => 1.0,
             };
             for (acc, &v) in part.iter_mut().zip(plane) {
                 *acc = acc.max((v * f).abs());
             }
         }
-        if let Some(SpreadMask::Spatial(m)) = mask {
-            for (acc, &mv) in part.iter_mut().zip(&m[img * hw + p0..]) {
+        if let Some(InputMask::Spatial(m)) = mask {
+            for (acc, &mv) in part.iter_mut().zip(&m.as_slice()[img * hw + p0..]) {
                 *acc *= mv.abs();
             }
         }
@@ -977,28 +964,35 @@ mod tests {
         let mut sp = vec![1.0f32; n * hw];
         sp[hw + 7] = 0.0;
         let spike = data(1e4);
-        let spike_ok = |m: Option<SpreadMask<'_>>| winograd_spread_ok(&spike, [n, c, hw], m);
-        assert!(spike_ok(Some(SpreadMask::Spatial(&sp))));
+        // Masks as the backend gets them: `[N, 1, HW]` (the scan reads the
+        // plane flat) and `[N, C]`.
+        let spatial = |v: &[f32]| {
+            InputMask::Spatial(Tensor::from_vec(&[v.len() / hw, 1, hw], v.to_vec()).unwrap())
+        };
+        let channel =
+            |v: &[f32]| InputMask::Channel(Tensor::from_vec(&[n, c], v.to_vec()).unwrap());
+        let spike_ok = |m: InputMask<f32>| winograd_spread_ok(&spike, [n, c, hw], Some(&m));
+        assert!(spike_ok(spatial(&sp)));
         // Three positions: magnitudes 0.875, 1 and 1e4, median 1.
         let mut three = vec![0.0f32; n * hw];
         three[hw + 7] = 1.0;
         three[3] = 0.5;
         three[4] = 0.5;
-        assert!(!spike_ok(Some(SpreadMask::Spatial(&three))));
+        assert!(!spike_ok(spatial(&three)));
         // The mask's factor scales the magnitude: 1/200 at the spike brings
         // 1e4 down to 50 (< 256 * 1.5).
         sp[hw + 7] = 1.0 / 200.0;
-        assert!(spike_ok(Some(SpreadMask::Spatial(&sp))));
+        assert!(spike_ok(spatial(&sp)));
         // A channel mask that zeroes channel 1 of image 1 (the spike's)
         // leaves channel 0 and 2's values, all within 2x of each other.
         let mut ch = vec![1.0f32; n * c];
         ch[c + 1] = 0.0;
-        assert!(spike_ok(Some(SpreadMask::Channel(&ch))));
+        assert!(spike_ok(channel(&ch)));
         // A factor that scales: 1/200 on the spike's channel brings 1e4 to 50.
         ch[c + 1] = 1.0 / 200.0;
-        assert!(spike_ok(Some(SpreadMask::Channel(&ch))));
+        assert!(spike_ok(channel(&ch)));
         ch[c + 1] = 1.0;
-        assert!(!spike_ok(Some(SpreadMask::Channel(&ch))));
+        assert!(!spike_ok(channel(&ch)));
         // Zeros: an all-zero operand, and one spike among zeros (the median
         // of the one live position is itself).
         assert!(winograd_spread_ok(&vec![0.0; n * c * hw], [n, c, hw], None));
@@ -1015,21 +1009,15 @@ mod tests {
         // A spatial mask read at the same position in that chunk: zero
         // there keeps the spike out, zero at the chunk's position in the
         // first image (or at the same offset from the chunk's start) does not.
+        let big_mask =
+            |m: &[f32]| InputMask::Spatial(Tensor::from_vec(&[2, 1, big], m.to_vec()).unwrap());
         let mut m = vec![1.0f32; 2 * big];
         m[big + 4500] = 0.0;
-        assert!(winograd_spread_ok(
-            &x,
-            [2, 1, big],
-            Some(SpreadMask::Spatial(&m))
-        ));
+        assert!(winograd_spread_ok(&x, [2, 1, big], Some(&big_mask(&m))));
         m[big + 4500] = 1.0;
         m[4500] = 0.0;
         m[big + 4500 - 4096] = 0.0;
-        assert!(!winograd_spread_ok(
-            &x,
-            [2, 1, big],
-            Some(SpreadMask::Spatial(&m))
-        ));
+        assert!(!winograd_spread_ok(&x, [2, 1, big], Some(&big_mask(&m))));
     }
 
     /// `auto` keeps a forward pass with a ReLU direct when its input
