@@ -86,6 +86,27 @@ def main():
         y = winograd(x.astype(np.float32), w.astype(np.float32), at, g, bt, np.float32)
         err = np.linalg.norm(y - ref) / np.linalg.norm(ref)
         print(f"C={c} {name}: f32 norm-wise {err:.2e}, max/max {abs(y - ref).max() / abs(ref).max():.2e}")
+    # Spikes: 1% of the positions (every channel) scaled by s. A tile computes its outputs
+    # from one transform, so a spike's rounding noise reaches outputs that do not read it;
+    # the worst error there, over the rms output there, is what a ReLU after the conv sees
+    # (docs/engineering.md, "Winograd and outliers").
+    for s in [1e2, 1e3, 1e4]:
+        xs = rng.standard_normal((c, 24, 36))
+        spikes = rng.random((24, 36)) < 0.01
+        xs[:, spikes] *= s
+        ref = direct(xs, w)
+        near = np.zeros_like(spikes)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                near |= np.roll(np.roll(spikes, dy, 0), dx, 1)
+        far = ~near
+        rms = np.sqrt((ref[:, far] ** 2).mean())
+        errs = []
+        for name, points, m in [("F(4x4)", [0, 1, -1, 2, -2], 4), ("F(6x6)", [0, 1, -1, 2, -2, 0.5, -0.5], 6)]:
+            at, g, bt = matrices(points, m)
+            y = winograd(xs.astype(np.float32), w.astype(np.float32), at, g, bt, np.float32)
+            errs.append(f"{name} {abs(y - ref)[:, far].max() / rms:.1e}")
+        print(f"C={c} spikes x{s:g} at 1% of positions, worst error away from them / rms: " + ", ".join(errs))
 
 
 if __name__ == "__main__":
