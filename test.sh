@@ -6,7 +6,7 @@
 # use with maturin, pytest, torch, numpy and safetensors at the pins of
 # python/requirements-test.txt (torch from PyPI is large: the first run downloads a few GB);
 # the package is then built from python/ by maturin and installed into it, as
-# `pip install ./python` would.
+# `pip install ./python` would, but in the tests' profile and with the CUDA feature.
 #
 #   ./test.sh              everything
 #   ./test.sh --python     only the Python side (venv, build, pytest)
@@ -24,9 +24,15 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 echo "== Python test environment (python/requirements-test.txt)"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r python/requirements-test.txt
-echo "== building and installing the dmkd Python package (maturin, release; at ${SECONDS} s)"
-# maturin's build backend runs the `maturin` program: the venv's, on PATH.
-PATH="$PWD/$venv/bin:$PATH" "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-build-isolation \
+echo "== building and installing the dmkd Python package (maturin, release-checked, CUDA feature; at ${SECONDS} s)"
+# maturin's build backend runs the `maturin` program: the venv's, on PATH. It builds in the
+# Rust tests' profile and features (MATURIN_PEP517_ARGS; `pip install ./python` alone gives
+# `release` without CUDA): the binding then runs with debug assertions and overflow checks
+# like the Rust tests, its `backend="cuda"` is built and tested (without a device it must
+# refuse cleanly), and the dependencies whose features match are built once for both
+# (docs/engineering.md, "CI time on a slow CPU").
+MATURIN_PEP517_ARGS="--profile release-checked --features cuda" PATH="$PWD/$venv/bin:$PATH" \
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-build-isolation \
     --force-reinstall --no-deps ./python
 
 if [ "$rust" = 1 ]; then
