@@ -267,7 +267,8 @@ fn decode(data: &[u8]) -> Decoded {
 /// H, W <= 6, 1-3 levels of any method and mask mode, values including NaN,
 /// infinities, subnormals and the float maxima, configs in and out of range,
 /// supplied or initialised parameters, FGD boxes), validated and evaluated
-/// on the reference backend in f64 and f32 and on the cpu backend in f32.
+/// on the reference backend in f64 and f32 and on the cpu backend in f32
+/// (`Auto`, and forced Winograd).
 ///
 /// Property: when every value is moderate (|x| <= 100, weights <= 1e3,
 /// tau >= 1e-3), evaluation never fails with `NonFinite` (an overflow). Why
@@ -290,14 +291,19 @@ pub fn eval_small(data: &[u8]) {
     let r64 = run::<f64>(&d, &d.tensors, Arc::new(ReferenceBackend));
     let r32 = run::<f32>(&d, &tensors32, Arc::new(ReferenceBackend));
     let c32 = run::<f32>(&d, &tensors32, Arc::new(CpuBackend::new(ConvAlgo::Auto)));
+    // `Auto` keeps convs this small direct; forced Winograd runs the tile
+    // engine on them (partial tiles, windows mostly padding, masks).
+    let w32 = run::<f32>(&d, &tensors32, Arc::new(CpuBackend::new(ConvAlgo::Winograd)));
     if d.moderate {
         // Away from overflow, the backends fail (or not) alike: the
         // validation is shared, and only rounding differs.
-        assert_eq!(
-            r32.as_ref().err().map(Error::kind),
-            c32.as_ref().err().map(Error::kind),
-            "cpu and reference disagree: {r32:?} vs {c32:?}"
-        );
+        for (what, c) in [("cpu", &c32), ("cpu winograd", &w32)] {
+            assert_eq!(
+                r32.as_ref().err().map(Error::kind),
+                c.as_ref().err().map(Error::kind),
+                "{what} and reference disagree: {r32:?} vs {c:?}"
+            );
+        }
         for (what, r) in [("f64", r64.map(|_| ())), ("f32", r32.map(|_| ()))] {
             if let Err(e @ Error::NonFinite { .. }) = r {
                 panic!("{what}: moderate inputs overflowed: {e}");
