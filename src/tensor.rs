@@ -389,23 +389,40 @@ impl<T: Float> Tensor<T> {
     }
 
     /// Row-major elements (a device tensor is downloaded once, then cached).
+    ///
+    /// # Panics
+    /// When a device tensor's download fails: the device itself failed, not
+    /// the input. Device kernels run asynchronously, so a kernel's fault
+    /// surfaces at the first copy to the host; code that reads a device
+    /// result first uses [`Tensor::try_as_slice`] (as [`Tensor::item`],
+    /// [`Tensor::check_finite`] and so `distill::evaluate`, which checks
+    /// every output it returns, do), after which this is the cached copy.
     pub fn as_slice(&self) -> &[T] {
+        match self.try_as_slice() {
+            Ok(s) => s,
+            Err(e) => panic!("device-to-host copy failed: {e}"),
+        }
+    }
+
+    /// Row-major elements, or the error of a failed download (a device
+    /// fault, `Error::Device`); nothing is cached then, so a later read
+    /// tries again rather than returning stale data.
+    pub fn try_as_slice(&self) -> Result<&[T]> {
         if self.data.host.get().is_none() {
             let d = self
                 .data
                 .device
                 .get()
                 .expect("tensor invariant: host or device storage is set");
-            // A failing device-to-host copy after a successful launch means the
-            // device itself failed (not bad input); there is no value to return.
-            let v = d.download().expect("device-to-host copy failed");
+            let v = d.download()?;
             let _ = self.data.host.set(HostData::Owned(pool::Buffer::new(v)));
         }
-        self.data
+        Ok(self
+            .data
             .host
             .get()
             .expect("tensor invariant: host storage is set")
-            .as_slice()
+            .as_slice())
     }
 
     /// A tensor whose elements live in a device backend's memory; the
@@ -463,7 +480,7 @@ impl<T: Float> Tensor<T> {
                 format!("tensor of shape {:?} is not a single value", self.shape),
             ));
         }
-        Ok(self.as_slice()[0])
+        Ok(self.try_as_slice()?[0])
     }
 
     /// The same data under another shape with the same element count (no copy).
@@ -534,6 +551,8 @@ impl<T: Float> Tensor<T> {
     /// Error unless every element is finite; the error names the tensor and
     /// the multi-index of the first bad element.
     pub fn check_finite(&self, name: &str) -> Result<()> {
+        // A device tensor's download error first, as an error.
+        self.try_as_slice()?;
         match self.first_non_finite() {
             None => Ok(()),
             Some((i, value)) => Err(Error::NonFinite {
@@ -792,6 +811,38 @@ mod tests {
         assert_eq!(uploads, 1);
         let e = h.device_or_upload(|_| Err(Error::Device("x".into())));
         assert!(e.is_ok(), "the cached copy is returned without uploading");
+    }
+
+    /// Device memory whose copy to the host fails, as after a kernel's
+    /// asynchronous fault.
+    struct FailingDevice;
+
+    impl DeviceStorage<f32> for FailingDevice {
+        fn numel(&self) -> usize {
+            1
+        }
+        fn download(&self) -> Result<Vec<f32>> {
+            Err(Error::Device("illegal address (a kernel's fault)".into()))
+        }
+    }
+
+    #[test]
+    fn a_failed_download_is_an_error_where_results_are_first_read() {
+        let t = Tensor::<f32>::from_device(&[1], Box::new(FailingDevice));
+        for e in [
+            t.try_as_slice().map(|_| ()).unwrap_err(),
+            t.item().map(|_| ()).unwrap_err(),
+            t.check_finite("loss").unwrap_err(),
+        ] {
+            assert_eq!(e.kind(), "device");
+            assert!(e.to_string().contains("illegal address"), "{e}");
+        }
+        // Nothing was cached: a later read tries the device again.
+        assert!(!t.is_on_host());
+        let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.as_slice().len()))
+            .unwrap_err();
+        let msg = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(msg.contains("device-to-host copy failed"), "{msg}");
     }
 
     #[test]
