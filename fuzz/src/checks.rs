@@ -293,7 +293,11 @@ pub fn eval_small(data: &[u8]) {
     let c32 = run::<f32>(&d, &tensors32, Arc::new(CpuBackend::new(ConvAlgo::Auto)));
     // `Auto` keeps convs this small direct; forced Winograd runs the tile
     // engine on them (partial tiles, windows mostly padding, masks).
-    let w32 = run::<f32>(&d, &tensors32, Arc::new(CpuBackend::new(ConvAlgo::Winograd)));
+    let w32 = run::<f32>(
+        &d,
+        &tensors32,
+        Arc::new(CpuBackend::new(ConvAlgo::Winograd)),
+    );
     if d.moderate {
         // Away from overflow, the backends fail (or not) alike: the
         // validation is shared, and only rounding differs.
