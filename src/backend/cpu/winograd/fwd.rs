@@ -36,7 +36,12 @@ use crate::pool;
 /// 33.2-36.7, spatial 33.9-36.8 -> 30.7-35.1. Earlier machines did not
 /// show it: on an AMD EPYC Zen 3 (AVX2), G = 4 and 8 tied with 2 on the
 /// whole loss (six rounds, medians 1622 and 1543 against 1484 ms, each
-/// spread 1394-1893); on a Zen 5 (AVX-512), 3 and 4 tied with 2.
+/// spread 1394-1893); on a Zen 5 (AVX-512), 3 and 4 tied with 2. On an AMD
+/// EPYC Zen 1 (AVX2, 8 MiB L3; 2026-12-06), G = 4, 8 and 16 (blocks of 64,
+/// 128 and 256 tiles) tied too: three alternating rounds, medians of 7,
+/// dense P3 forward 185-198 / 184-192 / 181-186 ms, input gradient 183-192
+/// / 183-191 / 176-184, P4 49-55 ms for all; the weight gradient, whose
+/// blocks this does not set, 182-190 ms throughout.
 const GROUPS: usize = 8;
 
 /// A multiplier applied to the source while it is gathered.
