@@ -577,6 +577,66 @@ fn bad_arguments_are_one_line_each() {
 
 /// `dmkd bench --preset tiny --json` with `args`: it must succeed; its
 /// report parsed.
+/// `--backend cuda` on a machine without a usable CUDA device (CI's), in a
+/// build with the CUDA feature (the tests') or without: exit status 1 and
+/// one line saying the backend is unavailable and why, from each command
+/// that takes a backend, before any work. Where a device works, the same
+/// commands succeed.
+#[test]
+fn the_cuda_backend_without_a_device_is_one_line_from_each_command() {
+    let dir = tmp("cuda");
+    let (out_dir, out) = (
+        dir.display().to_string(),
+        dir.join("out.safetensors").display().to_string(),
+    );
+    let inputs = fixture("dmkd_f64_basic.safetensors");
+    for args in [
+        &[
+            "demo",
+            "--backend",
+            "cuda",
+            "--preset",
+            "tiny",
+            "--steps",
+            "1",
+            "--out",
+            &out_dir,
+        ][..],
+        &[
+            "bench",
+            "--backend",
+            "cuda",
+            "--preset",
+            "tiny",
+            "--reps",
+            "1",
+        ],
+        &[
+            "eval",
+            "--backend",
+            "cuda",
+            "--inputs",
+            &inputs,
+            "--out",
+            &out,
+            "--allow-extra",
+        ],
+    ] {
+        let o = dmkd(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        if o.status.success() {
+            continue; // a usable device
+        }
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err:?}");
+        assert!(
+            err.starts_with("error: backend unavailable: ") && err.contains("CUDA"),
+            "{args:?}: {err}"
+        );
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
 fn bench_tiny_json(args: &[&str]) -> serde_json::Value {
     let o = dmkd(&[&["bench", "--preset", "tiny", "--json"], args].concat());
     assert!(o.status.success(), "{}", text(&o));
