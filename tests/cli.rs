@@ -38,6 +38,16 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// The CLI's failure shape: exit status `code` and exactly one `error: `
+/// line on stderr, which is returned; `what` names the case in messages.
+fn one_error_line(o: &Output, code: i32, what: &str) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(code), "{what}: {err}");
+    assert_eq!(err.lines().count(), 1, "{what}: {err:?}");
+    assert!(err.starts_with("error: "), "{what}: {err}");
+    err
+}
+
 /// `dmkd eval` of a golden file (its config from the metadata, its outputs
 /// extra tensors) into `out` with `extra` arguments, then `verify` at 1e-12:
 /// both must succeed (f64 on one backend, only the summation order differs).
@@ -539,11 +549,7 @@ fn bad_arguments_are_one_line_each() {
             "--init-seed",
         ),
     ] {
-        let o = dmkd(args);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
-        assert_eq!(err.lines().count(), 1, "{args:?}: {err:?}");
-        assert!(err.starts_with("error: "), "{args:?}: {err}");
+        let err = one_error_line(&dmkd(args), 2, &format!("{args:?}"));
         assert!(err.contains(needle), "{args:?}: `{needle}` not in {err}");
     }
     // RAYON_NUM_THREADS sizes the global pool, checked before it starts:
@@ -559,10 +565,7 @@ fn bad_arguments_are_one_line_each() {
             .env("RAYON_NUM_THREADS", value)
             .output()
             .expect("the dmkd binary runs");
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "{value}: {err}");
-        assert_eq!(err.lines().count(), 1, "{value}: {err:?}");
-        assert!(err.starts_with("error: "), "{value}: {err}");
+        let err = one_error_line(&o, 1, value);
         assert!(
             err.contains("RAYON_NUM_THREADS") && err.contains(needle),
             "{value}: {err}"
@@ -575,8 +578,6 @@ fn bad_arguments_are_one_line_each() {
     assert!(t.contains("--reps") && t.lines().count() > 5, "{t}");
 }
 
-/// `dmkd bench --preset tiny --json` with `args`: it must succeed; its
-/// report parsed.
 /// `--backend cuda` on a machine without a usable CUDA device (CI's), in a
 /// build with the CUDA feature (the tests') or without: exit status 1 and
 /// one line saying the backend is unavailable and why, from each command
@@ -623,12 +624,10 @@ fn the_cuda_backend_without_a_device_is_one_line_from_each_command() {
         ],
     ] {
         let o = dmkd(args);
-        let err = String::from_utf8_lossy(&o.stderr);
         if o.status.success() {
             continue; // a usable device
         }
-        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
-        assert_eq!(err.lines().count(), 1, "{args:?}: {err:?}");
+        let err = one_error_line(&o, 1, &format!("{args:?}"));
         assert!(
             err.starts_with("error: backend unavailable: ") && err.contains("CUDA"),
             "{args:?}: {err}"
@@ -637,6 +636,8 @@ fn the_cuda_backend_without_a_device_is_one_line_from_each_command() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// `dmkd bench --preset tiny --json` with `args`: it must succeed; its
+/// report parsed.
 fn bench_tiny_json(args: &[&str]) -> serde_json::Value {
     let o = dmkd(&[&["bench", "--preset", "tiny", "--json"], args].concat());
     assert!(o.status.success(), "{}", text(&o));
