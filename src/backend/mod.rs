@@ -569,7 +569,7 @@ mod tests {
     #[test]
     fn cpu_options_are_refused_by_the_other_backends() {
         let algos = [ConvAlgo::Auto, ConvAlgo::Direct, ConvAlgo::Winograd];
-        let isas = [Isa::Auto, Isa::Avx512, Isa::Avx2, Isa::Scalar];
+        let isas = [Isa::Auto, Isa::Avx512, Isa::Avx2, Isa::Neon, Isa::Scalar];
         for kind in [BackendKind::Cpu, BackendKind::Reference, BackendKind::Cuda] {
             for conv_algo in algos {
                 for isa in isas {

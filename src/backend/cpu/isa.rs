@@ -8,6 +8,10 @@
 //! width, so a wider register only computes more such chains at once
 //! (`tests/determinism.rs` runs every ISA this machine has against the
 //! others).
+//!
+//! On AArch64 the vector set is NEON (128-bit registers: 4 f32 or 2 f64
+//! lanes), which every AArch64 CPU has. `docs/engineering.md`, "AArch64",
+//! says how its kernels are tested here (cross-built, run under QEMU).
 
 use pulp::Arch;
 
@@ -17,13 +21,16 @@ use crate::error::{Error, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Isa {
-    /// The widest this CPU has (AVX-512, else AVX2 with FMA, else scalar).
+    /// The widest this CPU has (AVX-512, else AVX2 with FMA, else scalar
+    /// on x86-64; NEON on AArch64).
     #[default]
     Auto,
     /// AVX-512 (F, BW, CD, DQ, VL: pulp's x86-64-v4).
     Avx512,
     /// AVX2 with FMA (pulp's x86-64-v3).
     Avx2,
+    /// NEON (AArch64's Advanced SIMD, pulp's `aarch64::Neon`).
+    Neon,
     /// No vector instructions: one lane per "register", the same kernels.
     Scalar,
 }
@@ -32,9 +39,9 @@ impl Isa {
     /// The concrete instruction sets this CPU can run, widest first
     /// (`Scalar` always).
     pub fn available() -> Vec<Isa> {
-        [Isa::Avx512, Isa::Avx2, Isa::Scalar]
+        Isa::CONCRETE
             .into_iter()
-            .filter(|isa| isa.arch().is_ok())
+            .filter(|isa| isa.detect().is_some())
             .collect()
     }
 
@@ -63,36 +70,51 @@ impl Isa {
             Isa::Auto => "auto",
             Isa::Avx512 => "avx512",
             Isa::Avx2 => "avx2",
+            Isa::Neon => "neon",
             Isa::Scalar => "scalar",
         }
     }
 
+    /// Every instruction set dmkd names, widest first on each
+    /// architecture (`Auto` aside).
+    pub const CONCRETE: [Isa; 4] = [Isa::Avx512, Isa::Avx2, Isa::Neon, Isa::Scalar];
+
     /// pulp's dispatcher for this instruction set, or why this CPU cannot
-    /// run it.
+    /// run it (naming the ones it can).
     pub(crate) fn arch(self) -> Result<Arch> {
-        let lacks = |what: &str| {
-            Err(Error::arg(
+        self.detect().ok_or_else(|| {
+            let lacks = match self {
+                Isa::Avx512 => "AVX-512 (F, BW, CD, DQ, VL)",
+                Isa::Avx2 => "AVX2 with FMA",
+                Isa::Neon => "NEON",
+                // Both always run (`detect`).
+                Isa::Auto | Isa::Scalar => "such instruction set",
+            };
+            let runs: Vec<&str> = Isa::available().iter().map(|i| i.name()).collect();
+            Error::arg(
                 "isa",
-                format!("this CPU has no {what}; --isa avx2, scalar or auto will run"),
-            ))
-        };
+                format!(
+                    "this CPU has no {lacks}; --isa {} or auto will run",
+                    runs.join(", ")
+                ),
+            )
+        })
+    }
+
+    /// pulp's dispatcher for this instruction set, if this CPU has it.
+    fn detect(self) -> Option<Arch> {
         match self {
-            Isa::Auto => Ok(Arch::new()),
-            Isa::Scalar => Ok(Arch::Scalar),
+            Isa::Auto => Some(Arch::new()),
+            Isa::Scalar => Some(Arch::Scalar),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => match pulp::x86::V3::try_new() {
-                Some(v3) => Ok(Arch::V3(v3)),
-                None => lacks("AVX2 with FMA"),
-            },
+            Isa::Avx2 => pulp::x86::V3::try_new().map(Arch::V3),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => match pulp::x86::V4::try_new() {
-                Some(v4) => Ok(Arch::V4(v4)),
-                None => lacks("AVX-512 (F, BW, CD, DQ, VL)"),
-            },
-            #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 => lacks("AVX2 (not an x86-64 CPU)"),
-            #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx512 => lacks("AVX-512 (not an x86-64 CPU)"),
+            Isa::Avx512 => pulp::x86::V4::try_new().map(Arch::V4),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => pulp::aarch64::Neon::try_new().map(Arch::Neon),
+            // Not this architecture's instruction sets.
+            #[allow(unreachable_patterns)]
+            _ => None,
         }
     }
 }
@@ -110,10 +132,11 @@ impl std::str::FromStr for Isa {
             "auto" => Ok(Isa::Auto),
             "avx512" => Ok(Isa::Avx512),
             "avx2" => Ok(Isa::Avx2),
+            "neon" => Ok(Isa::Neon),
             "scalar" => Ok(Isa::Scalar),
             other => Err(Error::arg(
                 "isa",
-                format!("unknown instruction set `{other}` (auto, avx512, avx2 or scalar)"),
+                format!("unknown instruction set `{other}` (auto, avx512, avx2, neon or scalar)"),
             )),
         }
     }
@@ -125,7 +148,7 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for isa in [Isa::Auto, Isa::Avx512, Isa::Avx2, Isa::Scalar] {
+        for isa in [Isa::Auto, Isa::Avx512, Isa::Avx2, Isa::Neon, Isa::Scalar] {
             assert_eq!(isa.name().parse::<Isa>().unwrap(), isa);
             assert_eq!(isa.to_string(), isa.name());
         }
@@ -139,7 +162,7 @@ mod tests {
         assert_eq!(*avail.last().unwrap(), Isa::Scalar);
         assert_eq!(Isa::Auto.resolve().unwrap(), avail[0]);
         assert!(!avail.contains(&Isa::Auto));
-        for isa in [Isa::Avx512, Isa::Avx2, Isa::Scalar] {
+        for isa in Isa::CONCRETE {
             // Either it runs and resolves to itself, or it is a readable
             // error naming what the CPU lacks.
             match isa.resolve() {
@@ -149,7 +172,12 @@ mod tests {
                 }
                 Err(e) => {
                     assert!(!avail.contains(&isa));
-                    assert!(e.to_string().contains("this CPU has no"), "{e}");
+                    // It names what the CPU lacks and what would run.
+                    let e = e.to_string();
+                    assert!(e.contains("this CPU has no"), "{e}");
+                    let runs: Vec<&str> = avail.iter().map(|i| i.name()).collect();
+                    let suggestion = format!("--isa {} or auto will run", runs.join(", "));
+                    assert!(e.ends_with(&suggestion), "{e}");
                 }
             }
         }
@@ -160,6 +188,8 @@ mod tests {
             Arch::V3(_) => Isa::Avx2,
             #[cfg(target_arch = "x86_64")]
             Arch::V4(_) => Isa::Avx512,
+            #[cfg(target_arch = "aarch64")]
+            Arch::Neon(_) => Isa::Neon,
             #[allow(unreachable_patterns)]
             other => panic!("an instruction set dmkd does not name: {other:?}"),
         };
@@ -185,6 +215,7 @@ mod tests {
         let lanes = |isa: Isa| match isa {
             Isa::Avx512 => 16,
             Isa::Avx2 => 8,
+            Isa::Neon => 4,
             Isa::Scalar => 1,
             Isa::Auto => unreachable!("resolved"),
         };

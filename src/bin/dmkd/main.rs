@@ -42,8 +42,8 @@ struct BackendArgs {
     #[arg(long, default_value = "auto")]
     conv_algo: ConvAlgo,
     /// Instruction set of the cpu backend: auto (the widest this CPU has),
-    /// avx512, avx2 or scalar; every choice gives the same bits (another
-    /// backend refuses anything but auto).
+    /// avx512, avx2 (x86-64), neon (AArch64) or scalar; every choice gives
+    /// the same bits (another backend refuses anything but auto).
     #[arg(long, default_value = "auto")]
     isa: Isa,
 }
@@ -196,7 +196,7 @@ enum Command {
         /// Golden files come from the reference backend unless told otherwise.
         #[arg(long, default_value = "reference")]
         backend: BackendKind,
-        /// Instruction set with --backend cpu (auto, avx512, avx2, scalar;
+        /// Instruction set with --backend cpu (auto, avx512, avx2, neon, scalar;
         /// the other backends refuse anything but auto).
         #[arg(long, default_value = "auto")]
         isa: Isa,
