@@ -10,9 +10,48 @@
 #
 #   ./test.sh              everything
 #   ./test.sh --python     only the Python side (venv, build, pytest)
+#   ./test.sh --aarch64    only the Rust tests, cross-built for AArch64 (NEON kernels) and run
+#                          under QEMU user emulation (Debian/Ubuntu, as root: installs qemu-user
+#                          and the cross toolchain; docs/engineering.md, "AArch64")
 #   PYTHON=python3.12 ./test.sh    the interpreter that makes the venv (default python3)
 set -euo pipefail
 cd "$(dirname "$0")"
+
+if [ "${1:-}" = "--aarch64" ]; then
+    shift
+    target=aarch64-unknown-linux-gnu
+    sysroot=/usr/aarch64-linux-gnu
+    if ! command -v qemu-aarch64 >/dev/null || ! command -v aarch64-linux-gnu-gcc >/dev/null \
+        || [ ! -d "$sysroot/lib" ]; then
+        echo "== installing qemu-user and the AArch64 cross toolchain (apt-get)"
+        apt-get update -qq
+        apt-get install -y -qq qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross >/dev/null
+    fi
+    rustup target add "$target"
+    # The CLI tests start the dmkd binary itself, an AArch64 program: the kernel runs it
+    # through QEMU once binfmt_misc knows the format (qemu-user ships the entry).
+    skip=()
+    if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
+        { [ -e /proc/sys/fs/binfmt_misc/register ] \
+            || mount binfmt_misc -t binfmt_misc /proc/sys/fs/binfmt_misc; } 2>/dev/null || true
+        conf=/usr/lib/binfmt.d/qemu-aarch64.conf
+        { [ -w /proc/sys/fs/binfmt_misc/register ] && [ -f "$conf" ] \
+            && cat "$conf" > /proc/sys/fs/binfmt_misc/register; } 2>/dev/null || true
+    fi
+    if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
+        echo "== binfmt_misc has no qemu-aarch64 entry: the tests that start the binary are skipped"
+        skip=(--skip cli:: --skip bad_inputs::cli:: --skip counters::bench_counters_need_the_cpu_backend)
+    fi
+    echo "== Rust tests for $target under QEMU (at ${SECONDS} s)"
+    export QEMU_LD_PREFIX="$sysroot"
+    # QEMU computes a vector's lanes one by one: no test may expect NEON to be faster.
+    export DMKD_TEST_EMULATED=1
+    export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
+    export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER=qemu-aarch64
+    cargo test --profile release-checked --features cuda --target "$target" --tests -- "${skip[@]}" "$@"
+    echo "== test.sh --aarch64 passed in ${SECONDS} s"
+    exit 0
+fi
 
 rust=1
 if [ "${1:-}" = "--python" ]; then rust=0; shift; fi

@@ -11,7 +11,7 @@
 //! (GFLOP/s then count the dense work); `DMKD_SPMASK=loss` and
 //! `DMKD_CHMASK=loss` use the masks the preset's loss draws at that level
 //! (from the synthetic teacher). `DMKD_ALGO=winograd` (or `auto`)
-//! picks the conv algorithm (default `direct`); `DMKD_ISA=avx2` (or `avx512`,
+//! picks the conv algorithm (default `direct`); `DMKD_ISA=avx2` (or `avx512`, `neon`,
 //! `scalar`, default `auto`) the instruction set of the kernels and the probe.
 
 use std::time::Instant;
@@ -150,11 +150,12 @@ fn env_mask<T: Float>(
 /// Level, flops, median seconds of (fwd, dX, dW) and whether each was quiet.
 type Row = (String, f64, [(f64, bool); 3]);
 
-/// `DMKD_ISA=auto|avx512|avx2|scalar` (default auto): the instruction set
+/// `DMKD_ISA=auto|avx512|avx2|neon|scalar` (default auto): the instruction set
 /// the kernels run on and the peak probe uses.
 fn isa() -> Isa {
     std::env::var("DMKD_ISA").map_or(Isa::Auto, |s| {
-        s.parse().expect("DMKD_ISA: auto, avx512, avx2 or scalar")
+        s.parse()
+            .expect("DMKD_ISA: auto, avx512, avx2, neon or scalar")
     })
 }
 

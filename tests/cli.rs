@@ -812,6 +812,9 @@ fn bench_rows_follow_the_flop_model_and_name_the_isa_probed() {
         assert!((got - want).abs() <= 1e-9 * want, "{r}: {got} vs {want}");
     }
     // A narrower ISA than the widest: both probes, the widest faster.
+    // Except under an emulator (`./test.sh --aarch64` runs QEMU, which
+    // computes a vector's lanes one by one, so its NEON probe reads the
+    // same as scalar): there only both probes are checked.
     if j["isa"] != "scalar" {
         let s = bench(&["--only", "conv", "--isa", "scalar"]);
         assert_eq!(s["isa"], "scalar");
@@ -819,7 +822,12 @@ fn bench_rows_follow_the_flop_model_and_name_the_isa_probed() {
             s["fma_peak_gflops"].as_f64().unwrap(),
             s["widest_fma_peak_gflops"].as_f64().unwrap(),
         );
-        assert!(widest > narrow && narrow > 0.0, "{s}");
+        assert!(narrow > 0.0 && widest > 0.0, "{s}");
+        if std::env::var_os("DMKD_TEST_EMULATED").is_none() {
+            assert!(widest > narrow, "{s}");
+        } else {
+            println!("emulated: probe order not checked ({widest} vs {narrow} GFLOP/s)");
+        }
     }
     // The reference backend: no ISA or conv algorithm of its own.
     let r = bench(&["--only", "conv", "--backend", "reference"]);
