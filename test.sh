@@ -23,6 +23,11 @@ if [ "${1:-}" = "--aarch64" ]; then
     sysroot=/usr/aarch64-linux-gnu
     if ! command -v qemu-aarch64 >/dev/null || ! command -v aarch64-linux-gnu-gcc >/dev/null \
         || [ ! -d "$sysroot/lib" ]; then
+        if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+            echo "test.sh --aarch64 needs qemu-aarch64, aarch64-linux-gnu-gcc and $sysroot" \
+                "(Debian: apt-get install qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross)" >&2
+            exit 1
+        fi
         echo "== installing qemu-user and the AArch64 cross toolchain (apt-get)"
         apt-get update -qq
         apt-get install -y -qq qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross >/dev/null
