@@ -77,7 +77,7 @@ impl Isa {
 
     /// Every instruction set dmkd names, widest first on each
     /// architecture (`Auto` aside).
-    pub const CONCRETE: [Isa; 4] = [Isa::Avx512, Isa::Avx2, Isa::Neon, Isa::Scalar];
+    const CONCRETE: [Isa; 4] = [Isa::Avx512, Isa::Avx2, Isa::Neon, Isa::Scalar];
 
     /// pulp's dispatcher for this instruction set, or why this CPU cannot
     /// run it (naming the ones it can).
