@@ -42,7 +42,7 @@ use super::conv_fwd::{
     ASource, Epilogue, ImplicitConv, Skip, TASKS_PER_THREAD, forward_pad, kc_for, kept_channels,
     pack_weights, sparse_channels,
 };
-use super::kernel::{AWalk, MR, NR_MAX, nr, panel_steps, run_walked_step};
+use super::kernel::{AWalk, MR, nr, panel_steps, run_walked_step};
 use super::pack::{PadSpec, align_offset, image_batches, pack_dy_t, pad_images, pad_planes};
 use super::simd::{Ahead, Elem};
 use crate::Tensor;
@@ -501,14 +501,36 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
         let mut macs = 0;
         let mut at = 0;
         // Under a channel mask with exact zeros: this task's rows whose
-        // channel the block's image keeps (rebuilt when the image changes).
+        // channel the current image keeps, and their C rows gathered into
+        // whole tiles (`kept_c`, laid out as `c`'s panels, a group of MR
+        // kept rows per panel), summed on over all of the image's k-blocks
+        // and scattered back when the image changes and at the end. (A
+        // short last group's rows past its end are summed on like rows past
+        // the end of a panel, and never copied back.)
         let mut kept: Vec<usize> = Vec::new();
         let mut kept_img = None;
-        // Their C rows, gathered into one tile per group of MR (two for a
-        // pair call). (A short last group leaves the rows past its end
-        // stale; they are summed on like rows past the end of a panel, and
-        // never copied back.)
-        let mut local = [E::zero(); 2 * MR * NR_MAX];
+        // Value offset of row `q` (of the task's rows, or of the kept ones)
+        // in column tile `t`.
+        let slot = |q: usize, t: usize| ((q / MR) * tiles + t) * tile_len + (q % MR) * nr;
+        let mut kept_buf = match job.skip {
+            Some(_) => pool::take::<E>(c.len() + 64 / std::mem::size_of::<E>()),
+            None => Vec::new(),
+        };
+        let kept_c: &mut [E] = match job.skip {
+            Some(_) => {
+                let off = align_offset(&kept_buf);
+                &mut kept_buf[off..]
+            }
+            None => &mut [],
+        };
+        let scatter = |kept: &[usize], kept_c: &[E], c: &mut [E]| {
+            for (q, &j) in kept.iter().enumerate() {
+                for t in 0..tiles {
+                    let (from, to) = (slot(q, t), slot(j - j0, t));
+                    c[to..to + nr].copy_from_slice(&kept_c[from..from + nr]);
+                }
+            }
+        };
         for (kb, r) in blocks.iter().enumerate() {
             let kc = r.nrows * r.ncols;
             let bt = &packed[at..at + kc * tiles * nr];
@@ -528,19 +550,33 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
             };
             if let Some(ms) = job.skip {
                 // The kept rows, MR at a time, whatever panels they lie
-                // in: each group's C rows are copied into one tile, summed
-                // on and copied back. The masked rows' terms are exact
-                // zeros (the input is masked), which leave a sum started
-                // from +0 unchanged bit for bit, so this gives what the
-                // whole panels gave, with 35% of the rows at lambda_c =
-                // 0.65 where whole panels kept 42%.
+                // in. The masked rows' terms are exact zeros (the input is
+                // masked), which leave a sum started from +0 unchanged bit
+                // for bit, so this gives what the whole panels gave, with
+                // 35% of the rows at lambda_c = 0.65 where whole panels kept
+                // 42%. The rows are gathered once per image and group of
+                // k-blocks, not copied in and out around each kernel call
+                // (24 short copies per 12 x 16 tile of 168 k steps). AMD
+                // EPYC Zen 1, AVX2, 2 threads, `examples/conv_speed`, P3,
+                // medians of 5-7, three alternating rounds: with every row
+                // sent through this path (masked or not), per call copies
+                // 643-644 ms against the whole panels' 563-575, gathered
+                // 571-578 against 569-572; under the retinanet loss's
+                // channel mask P3 255-265 -> 233-235 ms, P4 65-67 -> 60-63.
                 // (The sums start from zeroed tiles here: always resume.)
                 debug_assert!(!first);
                 if kept_img != Some(r.img) {
+                    scatter(&kept, kept_c, c);
                     kept.clear();
                     kept.extend(
                         (j0..j_end).filter(|&j| ms[r.img * g.c_in + j / taps] != E::zero()),
                     );
+                    for (q, &j) in kept.iter().enumerate() {
+                        for t in 0..tiles {
+                            let (from, to) = (slot(j - j0, t), slot(q, t));
+                            kept_c[to..to + nr].copy_from_slice(&c[from..from + nr]);
+                        }
+                    }
                     kept_img = Some(r.img);
                 }
                 // Groups of MR kept rows, two groups per call where the
@@ -548,45 +584,27 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                 // Xeon family 6 model 167, AVX-512, 2 threads, under the
                 // retinanet loss's channel mask, three alternating rounds:
                 // P3 66.4-67.4 -> 64.7-65.6 ms, P4 17.5-18.0 -> 16.5-16.8).
-                let c_row = |j: usize, t: usize| {
-                    let q = j - j0;
-                    ((q / MR) * tiles + t) * tile_len + (q % MR) * nr
-                };
                 for ps in panel_steps::<E, S>(kept.len().div_ceil(MR), |_| true) {
                     let rows_in = &kept[ps.start * MR..(ps.end * MR).min(kept.len())];
                     macs += rows_in.len() * m * kc;
                     // Rows past the groups' end repeat the last (dropped).
                     let a = std::array::from_fn(|i| row(rows_in[i.min(rows_in.len() - 1)]));
-                    let local = &mut local[..ps.len() * tile_len];
                     for t in 0..tiles {
-                        for (i, &j) in rows_in.iter().enumerate() {
-                            let at = c_row(j, t);
-                            local[i * nr..(i + 1) * nr].copy_from_slice(&c[at..at + nr]);
-                        }
-                        // (A hint: the C rows that follow group h's first
-                        // kept row in the next column tile.)
-                        let next = [0, 1].map(|h| {
-                            let first = rows_in[(h * MR).min(rows_in.len() - 1)];
-                            c.as_ptr().wrapping_add(c_row(first, (t + 1) % tiles))
-                        });
+                        let at = [ps.start, ps.start + 1].map(|q| (q * tiles + t) * tile_len);
+                        let next = at.map(|q| kept_c.as_ptr().wrapping_add(q + tile_len));
                         let b = &bt[t * kc * nr..][..kc * nr];
-                        let at = [0, tile_len];
                         run_walked_step(
                             simd,
                             ps.len(),
                             a,
                             walk,
                             b,
-                            local,
+                            kept_c,
                             at,
                             true,
                             next,
                             Ahead::NONE,
                         );
-                        for (i, &j) in rows_in.iter().enumerate() {
-                            let at = c_row(j, t);
-                            c[at..at + nr].copy_from_slice(&local[i * nr..(i + 1) * nr]);
-                        }
                     }
                 }
                 continue;
@@ -651,6 +669,8 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                 }
             }
         }
+        scatter(&kept, kept_c, c);
+        drop(pool::Buffer::new(kept_buf));
         job.cx.tally.macs(macs);
     }
 }
@@ -760,6 +780,82 @@ mod tests {
             // with sqrt(terms); a wrong window, tile or lane is off by O(1).
             every_mask::<f32>(case, geom, 1e-5);
         }
+    }
+
+    /// The weight gradient under a channel mask with exact zeros gathers
+    /// each image's kept rows once per group of k-blocks and sums on there,
+    /// scattering them back when the image changes and at the end: three
+    /// images keeping different channels (image 1 none), with their
+    /// k-blocks in several groups each (130 x 130 outputs by 64 output
+    /// channels: 130 one-row blocks of about 33 KB packed per image in f32,
+    /// 260 half-row ones in f64, about 126 to a 4 MiB group), and rows of
+    /// one task that leave a short last group. A sum dropped or resumed
+    /// from another image's rows shows against the reference; every
+    /// instruction set, thread count and padding split gives the first
+    /// run's bits.
+    #[test]
+    fn sparse_channel_weight_gradient_sums_over_groups_and_images() {
+        fn check<T: Elem>(tol: f64)
+        where
+            CpuBackend: Backend<T>,
+        {
+            let x_shape = [3, 4, 130, 130];
+            let w_shape = [64, 4, 3, 3];
+            let g = ConvGeometry::new(&x_shape, &w_shape, [1, 1], [1, 1]).unwrap();
+            let y_shape = g.output_shape();
+            let len = |s: &[usize]| s.iter().product::<usize>();
+            let (xv, dyv) = (values(len(&x_shape), 21), values(len(&y_shape), 22));
+            // Image 0 keeps channels 0 and 2, image 1 none, image 2 1 to 3.
+            let keep = [0.75, 0.0, 1.25, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.5, 0.5, 2.0];
+            let mask = InputMask::Channel(tensor(&[3, 4], &keep));
+            let a64 = ConvArgs {
+                geom: g,
+                mask: Some(mask.clone()),
+                relu: false,
+            };
+            let want = ReferenceBackend
+                .conv2d_backward_weight(&tensor(&y_shape, &dyv), &tensor(&x_shape, &xv), &a64)
+                .unwrap()
+                .to_vec();
+            let at: ConvArgs<T> = ConvArgs {
+                geom: g,
+                mask: Some(mask.cast()),
+                relu: false,
+            };
+            let (x, dy) = (tensor::<T>(&x_shape, &xv), tensor::<T>(&y_shape, &dyv));
+            let mut first = None;
+            for isa in Isa::available() {
+                let be = CpuBackend::with_isa(ConvAlgo::Direct, isa).unwrap();
+                for be in [be.clone(), be.with_pad_per_image_above(0)] {
+                    for threads in [1, 2, 3] {
+                        let pool = rayon::ThreadPoolBuilder::new()
+                            .num_threads(threads)
+                            .build()
+                            .unwrap();
+                        be.reset_counters();
+                        let got = pool.install(|| be.conv2d_backward_weight(&dy, &x, &at).unwrap());
+                        let dw = be.counters().weight_grad;
+                        assert_eq!(dw.channel_sparse_calls, 1, "the sparse path ran");
+                        // Per image its kept rows (9 per channel) times
+                        // 64 outputs times 130 x 130 positions.
+                        assert_eq!(dw.macs, (2 + 3) * 9 * 64 * 130 * 130);
+                        first_near_then_same_bits(
+                            &mut first,
+                            got.to_vec(),
+                            || want.clone(),
+                            tol,
+                            &format!("{isa:?}, {threads} threads"),
+                        );
+                    }
+                }
+            }
+        }
+        // Each output sums 2 x 16900 products (two images keep its
+        // channel at most) in one chain: f64 rounding grows to a few 1e-15
+        // norm-wise, f32 to a few 1e-6; an image's sums lost or misplaced
+        // are O(1) off.
+        check::<f64>(1e-12);
+        check::<f32>(1e-4);
     }
 
     /// Where the batch's padded copy reaches the threshold, the direct
