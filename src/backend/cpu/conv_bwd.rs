@@ -505,8 +505,8 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
         // whole tiles (`kept_c`, laid out as `c`'s panels, a group of MR
         // kept rows per panel), summed on over all of the image's k-blocks
         // and scattered back when the image changes and at the end. (A
-        // short last group's rows past its end are summed on like rows past
-        // the end of a panel, and never copied back.)
+        // short last group's rows past its end are summed on from zeros
+        // like rows past the end of a panel, and never copied back.)
         let mut kept: Vec<usize> = Vec::new();
         let mut kept_img = None;
         // Value offset of row `q` (of the task's rows, or of the kept ones)
@@ -523,9 +523,22 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
             }
             None => &mut [],
         };
+        // `kept`'s C rows from `c` into `kept_c`, the short last group's
+        // rows past its end zeroed (no stale values summed on); and back.
+        let gather = |kept: &[usize], c: &[E], kept_c: &mut [E]| {
+            for t in 0..tiles {
+                for (q, &j) in kept.iter().enumerate() {
+                    let (from, to) = (slot(j - j0, t), slot(q, t));
+                    kept_c[to..to + nr].copy_from_slice(&c[from..from + nr]);
+                }
+                for q in kept.len()..kept.len().next_multiple_of(MR) {
+                    kept_c[slot(q, t)..][..nr].fill(E::zero());
+                }
+            }
+        };
         let scatter = |kept: &[usize], kept_c: &[E], c: &mut [E]| {
-            for (q, &j) in kept.iter().enumerate() {
-                for t in 0..tiles {
+            for t in 0..tiles {
+                for (q, &j) in kept.iter().enumerate() {
                     let (from, to) = (slot(q, t), slot(j - j0, t));
                     c[to..to + nr].copy_from_slice(&kept_c[from..from + nr]);
                 }
@@ -571,12 +584,7 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                     kept.extend(
                         (j0..j_end).filter(|&j| ms[r.img * g.c_in + j / taps] != E::zero()),
                     );
-                    for (q, &j) in kept.iter().enumerate() {
-                        for t in 0..tiles {
-                            let (from, to) = (slot(j - j0, t), slot(q, t));
-                            kept_c[to..to + nr].copy_from_slice(&c[from..from + nr]);
-                        }
-                    }
+                    gather(&kept, c, kept_c);
                     kept_img = Some(r.img);
                 }
                 // Groups of MR kept rows, two groups per call where the
