@@ -711,11 +711,24 @@ mod tests {
     use crate::backend::cpu::isa::Isa;
     use crate::backend::cpu::kernel::MR;
     use crate::backend::cpu::simd::Elem;
-    use crate::backend::cpu::testing::{assert_same_bits, first_near_then_same_bits, values};
+    use crate::backend::cpu::testing::{
+        assert_same_bits, first_near_then_same_bits, in_pools, values,
+    };
     use crate::backend::{
         Backend, ConvArgs, ConvGeometry, CpuBackend, InputMask, ReferenceBackend,
     };
     use crate::{ConvAlgo, Float, Tensor};
+
+    /// The direct backend on each instruction set this CPU runs, with the
+    /// gradients' padded copies batch-wide (the default at the tests'
+    /// sizes) and one image at a time (any size: see
+    /// `PAD_PER_IMAGE_ABOVE`).
+    fn direct_backends() -> impl Iterator<Item = CpuBackend> {
+        Isa::available().into_iter().flat_map(|isa| {
+            let be = CpuBackend::with_isa(ConvAlgo::Direct, isa).unwrap();
+            [be.clone(), be.with_pad_per_image_above(0)]
+        })
+    }
 
     fn tensor<T: Float>(shape: &[usize], v: &[f64]) -> Tensor<T> {
         Tensor::from_vec(shape, v.iter().map(|&x| T::from_f64(x)).collect()).unwrap()
@@ -832,29 +845,25 @@ mod tests {
             };
             let (x, dy) = (tensor::<T>(&x_shape, &xv), tensor::<T>(&y_shape, &dyv));
             let mut first = None;
-            for isa in Isa::available() {
-                let be = CpuBackend::with_isa(ConvAlgo::Direct, isa).unwrap();
-                for be in [be.clone(), be.with_pad_per_image_above(0)] {
-                    for threads in [1, 2, 3] {
-                        let pool = rayon::ThreadPoolBuilder::new()
-                            .num_threads(threads)
-                            .build()
-                            .unwrap();
-                        be.reset_counters();
-                        let got = pool.install(|| be.conv2d_backward_weight(&dy, &x, &at).unwrap());
-                        let dw = be.counters().weight_grad;
-                        assert_eq!(dw.channel_sparse_calls, 1, "the sparse path ran");
-                        // Per image its kept rows (9 per channel) times
-                        // 64 outputs times 130 x 130 positions.
-                        assert_eq!(dw.macs, (2 + 3) * 9 * 64 * 130 * 130);
-                        first_near_then_same_bits(
-                            &mut first,
-                            got.to_vec(),
-                            || want.clone(),
-                            tol,
-                            &format!("{isa:?}, {threads} threads"),
-                        );
-                    }
+            for be in direct_backends() {
+                let isa = be.isa();
+                let runs = in_pools(|| {
+                    be.reset_counters();
+                    let got = be.conv2d_backward_weight(&dy, &x, &at).unwrap();
+                    (got, be.counters().weight_grad)
+                });
+                for (threads, (got, dw)) in (1..).zip(runs) {
+                    assert_eq!(dw.channel_sparse_calls, 1, "the sparse path ran");
+                    // Per image its kept rows (9 per channel) times 64
+                    // outputs times 130 x 130 positions.
+                    assert_eq!(dw.macs, (2 + 3) * 9 * 64 * 130 * 130);
+                    first_near_then_same_bits(
+                        &mut first,
+                        got.to_vec(),
+                        || want.clone(),
+                        tol,
+                        &format!("{isa:?}, {threads} threads"),
+                    );
                 }
             }
         }
@@ -1176,14 +1185,7 @@ mod tests {
                     r.conv2d_backward_bias(&dy64).unwrap(),
                 ];
                 let mut first: [Option<Vec<T>>; 4] = Default::default();
-                // Each instruction set, with the gradients' padded copies
-                // batch-wide (the default at these sizes) and one image at
-                // a time (any size: see `PAD_PER_IMAGE_ABOVE`).
-                let backends = Isa::available().into_iter().flat_map(|isa| {
-                    let be = CpuBackend::with_isa(ConvAlgo::Direct, isa).unwrap();
-                    [be.clone(), be.with_pad_per_image_above(0)]
-                });
-                for be in backends {
+                for be in direct_backends() {
                     let isa = be.isa();
                     for threads in [1, 2, 3] {
                         let pool = rayon::ThreadPoolBuilder::new()
