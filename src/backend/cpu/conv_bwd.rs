@@ -43,7 +43,7 @@ use super::conv_fwd::{
     pack_weights, sparse_channels,
 };
 use super::kernel::{AWalk, MR, nr, panel_steps, run_walked_step};
-use super::pack::{PadSpec, align_offset, image_batches, pack_dy_t, pad_images, pad_planes};
+use super::pack::{PadSpec, Scratch, image_batches, pack_dy_t, pad_images, pad_planes};
 use super::simd::{Ahead, Elem};
 use crate::Tensor;
 use crate::backend::{ConvArgs, ConvGeometry, InputMask};
@@ -324,9 +324,8 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
     // sweep per k-block, as in the forward pass).
     let panels = j_len.div_ceil(MR);
     let tile_len = MR * nr;
-    let mut cbuf = pool::take::<E>(panels * tiles * tile_len + 64 / std::mem::size_of::<E>());
-    let coff = align_offset(&cbuf);
-    let ct = &mut cbuf[coff..coff + panels * tiles * tile_len];
+    let mut cbuf = Scratch::<E>::new(panels * tiles * tile_len);
+    let ct = cbuf.as_mut_slice();
     // Row tasks: runs of panels, a few per thread for balance (the split
     // never changes a bit).
     let tasks = (TASKS_PER_THREAD * rayon::current_num_threads())
@@ -376,9 +375,8 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
             let first_block = lo + gi * per_group;
             // 64-byte aligned, like the forward's B tiles (no split loads).
             let total: usize = group.iter().map(packed_len).sum();
-            let mut buf = pool::take::<E>(total + 64 / std::mem::size_of::<E>());
-            let off = align_offset(&buf);
-            let packed = &mut buf[off..off + total];
+            let mut buf = Scratch::<E>::new(total);
+            let packed = buf.as_mut_slice();
             let mut parts = Vec::with_capacity(group.len());
             let mut rest = &mut *packed;
             for r in group {
@@ -404,7 +402,6 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
                     })
                 });
             first = false;
-            drop(pool::Buffer::new(buf));
         }
     }
     // dW[co][j] = C'[j][co].
@@ -417,7 +414,6 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
                 *v = ct[((j / MR) * tiles + t) * tile_len + (j % MR) * nr + i];
             }
         });
-    drop(pool::Buffer::new(cbuf));
     dw
 }
 
@@ -512,17 +508,8 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
         // Value offset of row `q` (of the task's rows, or of the kept ones)
         // in column tile `t`.
         let slot = |q: usize, t: usize| ((q / MR) * tiles + t) * tile_len + (q % MR) * nr;
-        let mut kept_buf = match job.skip {
-            Some(_) => pool::take::<E>(c.len() + 64 / std::mem::size_of::<E>()),
-            None => Vec::new(),
-        };
-        let kept_c: &mut [E] = match job.skip {
-            Some(_) => {
-                let off = align_offset(&kept_buf);
-                &mut kept_buf[off..]
-            }
-            None => &mut [],
-        };
+        let mut kept_buf = job.skip.map(|_| Scratch::<E>::new(c.len()));
+        let kept_c = kept_buf.as_mut().map_or(&mut [][..], Scratch::as_mut_slice);
         // `kept`'s C rows from `c` into `kept_c`, the short last group's
         // rows past its end zeroed (no stale values summed on); and back.
         let gather = |kept: &[usize], c: &[E], kept_c: &mut [E]| {
@@ -678,7 +665,6 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
             }
         }
         scatter(&kept, kept_c, c);
-        drop(pool::Buffer::new(kept_buf));
         job.cx.tally.macs(macs);
     }
 }

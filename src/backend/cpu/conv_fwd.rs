@@ -549,9 +549,8 @@ impl<E: Elem> WithSimd for FwdTask<'_, '_, E> {
         // write anyway for the bias and ReLU.
         let tile_len = MR * nr;
         let len = tiles * panels * tile_len;
-        let mut cbuf = pool::take::<E>(len + 64 / std::mem::size_of::<E>());
-        let off = super::pack::align_offset(&cbuf);
-        let cp = &mut cbuf[off..off + len];
+        let mut cbuf = super::pack::Scratch::<E>::new(len);
+        let cp = cbuf.as_mut_slice();
         let plane = conv.oh * conv.ow;
         if live.is_none() {
             let k_len: usize = kbase.len();
@@ -643,7 +642,6 @@ impl<E: Elem> WithSimd for FwdTask<'_, '_, E> {
                 );
             }
         }
-        drop(pool::Buffer::new(cbuf));
     }
 }
 

@@ -6,14 +6,15 @@
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
+use super::Tile;
 use super::transform::{
     POS, RUN_WINDOWS, WindowSpan, channel_records, grad_tile, input_tiles, weight_grad_tile,
     weight_grad_tile_v,
 };
-use super::{Scratch, Tile};
 use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::nr_for;
 use crate::backend::cpu::kernel::{AWalk, MR, nr, panel_steps, run_walked_step};
+use crate::backend::cpu::pack::Scratch;
 use crate::backend::cpu::simd::{Ahead, Elem, MAX_LANES, lane_order, prefetch_values};
 use crate::backend::{ConvArgs, InputMask};
 use crate::pool;

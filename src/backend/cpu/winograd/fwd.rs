@@ -7,10 +7,11 @@ use rayon::prelude::*;
 use super::transform::{
     POS, WindowSpan, input_tiles, output_tile, tile_is_zero, weight_tile, weight_tile_v,
 };
-use super::{Lanes, Scratch, Tile, run_order};
+use super::{Lanes, Tile, run_order};
 use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::{act_of_bias, nr_for, relu_of};
 use crate::backend::cpu::kernel::{MR, nr, panel_steps, run_packed_step};
+use crate::backend::cpu::pack::Scratch;
 use crate::backend::cpu::simd::{
     Ahead, Elem, Level, MAX_LANES, lane_order_for, prefetch, prefetch_values,
 };

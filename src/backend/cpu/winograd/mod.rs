@@ -254,39 +254,6 @@ pub(crate) fn conv2d_backward_input<E: Elem>(
     .run()
 }
 
-/// A scratch buffer from the pool whose slice starts on a 64-byte
-/// boundary (packed B rows are whole cache lines). Its contents are
-/// unspecified: callers write before they read. Why not `Aligned`: that
-/// one allocates zeroed memory, and a fresh multi-MB block per task was
-/// page-faulted and zeroed on every call (5% of the forward time).
-pub(super) struct Scratch<E: crate::tensor::Float> {
-    buf: Vec<E>,
-    off: usize,
-    len: usize,
-}
-
-impl<E: crate::tensor::Float> Scratch<E> {
-    pub fn new(len: usize) -> Self {
-        let buf = crate::pool::take::<E>(len + 64 / std::mem::size_of::<E>());
-        let off = crate::backend::cpu::pack::align_offset(&buf);
-        Scratch { buf, off, len }
-    }
-
-    pub fn as_mut_slice(&mut self) -> &mut [E] {
-        &mut self.buf[self.off..self.off + self.len]
-    }
-
-    pub fn as_slice(&self) -> &[E] {
-        &self.buf[self.off..self.off + self.len]
-    }
-}
-
-impl<E: crate::tensor::Float> Drop for Scratch<E> {
-    fn drop(&mut self) {
-        drop(crate::pool::Buffer::new(std::mem::take(&mut self.buf)));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::{Lanes, Tile, run_order, windows_inside};
