@@ -58,8 +58,10 @@ pub enum Error {
     #[error("missing tensor `{0}`")]
     MissingTensor(String),
 
-    /// A tensor is present but not expected (a misspelt name, usually).
-    #[error("unexpected tensor `{0}`")]
+    /// A tensor is present but not expected: a misspelt name, usually, or an
+    /// output (`loss`, `grad.*`) of a golden or evaluated file read back as
+    /// an input, which the message then says how to allow.
+    #[error("unexpected tensor `{0}`{hint}", hint = unexpected_hint(.0))]
     UnexpectedTensor(String),
 
     /// A tensor has the wrong element type.
@@ -185,9 +187,42 @@ impl Error {
     }
 }
 
+/// The advice an unexpected tensor's message ends with: none for a
+/// misspelt or stray name (allowing extra tensors would hide the mistake);
+/// for an output of an evaluation, how to read such a file's inputs and
+/// parameters and leave its outputs aside.
+fn unexpected_hint(name: &str) -> &'static str {
+    if crate::verify::is_required_output(name) {
+        " (an output, as a golden or evaluated file holds: to take that file's \
+         inputs and parameters, allow extra tensors: `dmkd eval --allow-extra`, \
+         `allow_extra` in Rust and Python)"
+    } else {
+        ""
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Outputs read back as inputs get the advice to allow extra tensors;
+    /// a misspelt input, parameter or stray box tensor does not.
+    #[test]
+    fn an_unexpected_output_says_how_to_read_a_golden_file() {
+        for name in ["grad.p0.student", "loss", "p3.loss"] {
+            let msg = Error::UnexpectedTensor(name.into()).to_string();
+            assert!(
+                msg.starts_with(&format!("unexpected tensor `{name}` (an output"))
+                    && msg.contains("--allow-extra")
+                    && msg.ends_with(')'),
+                "{msg}"
+            );
+        }
+        for name in ["p0.studnet", "p0.fusoin", "gt_boxes.1", "p0.loss.x"] {
+            let msg = Error::UnexpectedTensor(name.into()).to_string();
+            assert_eq!(msg, format!("unexpected tensor `{name}`"));
+        }
+    }
 
     #[test]
     fn one_line_escapes_control_characters() {

@@ -113,6 +113,17 @@ fn eval_on_a_fixture_reproduces_its_outputs() {
         assert!(o.status.success(), "{t}");
         assert!(t.contains("PASS") && t.contains("grad.p0.student"), "{t}");
     }
+    // Without --allow-extra the fixture's outputs are refused, and the one
+    // line says how to read such a file. No output file is written.
+    let out = dir.join("refused.safetensors");
+    let fx = fixture("dmkd_f64_align_multilevel.safetensors");
+    let o = dmkd(&["eval", "--inputs", &fx, "--out", &out.display().to_string()]);
+    let err = one_error_line(&o, 1, "a golden file as plain inputs");
+    assert!(
+        err.contains("unexpected tensor `grad.") && err.contains("--allow-extra"),
+        "{err}"
+    );
+    assert!(!out.exists());
     std::fs::remove_dir_all(dir).ok();
 }
 
