@@ -21,6 +21,8 @@
 //!   (an f32 accumulator gives up to `(n - 1) u32`, 0.12 at that size, and
 //!   1.4e-3 was seen on a full-size loss).
 
+use std::borrow::Cow;
+
 use crate::backend::{Backend, Binary, ConvArgs, InputMask, Unary};
 use crate::error::Result;
 use crate::shape::{broadcast_strides, strides};
@@ -44,6 +46,15 @@ pub(crate) fn apply_mask<T: Float>(x: &Tensor<T>, mask: &InputMask<T>) -> Tensor
         }
     }
     Tensor::from_parts(x.shape(), out)
+}
+
+/// The conv input as the convs read it: `x * mask` under a mask (a new
+/// tensor), else `x` itself.
+fn masked_input<'a, T: Float>(x: &'a Tensor<T>, mask: Option<&InputMask<T>>) -> Cow<'a, Tensor<T>> {
+    match mask {
+        Some(m) => Cow::Owned(apply_mask(x, m)),
+        None => Cow::Borrowed(x),
+    }
 }
 
 pub(crate) fn unary_fn<T: Float>(op: Unary, x: T) -> T {
@@ -129,14 +140,7 @@ impl<T: Float> Backend<T> for ReferenceBackend {
         args: &ConvArgs<T>,
     ) -> Result<Tensor<T>> {
         let g = &args.geom;
-        let masked;
-        let x = match &args.mask {
-            Some(m) => {
-                masked = apply_mask(x, m);
-                &masked
-            }
-            None => x,
-        };
+        let x = masked_input(x, args.mask.as_ref());
         let (xs, ws) = (x.as_slice(), w.as_slice());
         let [sh, sw] = g.stride;
         let [ph, pw] = g.padding;
@@ -241,14 +245,7 @@ impl<T: Float> Backend<T> for ReferenceBackend {
         args: &ConvArgs<T>,
     ) -> Result<Tensor<T>> {
         let g = &args.geom;
-        let masked;
-        let x = match &args.mask {
-            Some(m) => {
-                masked = apply_mask(x, m);
-                &masked
-            }
-            None => x,
-        };
+        let x = masked_input(x, args.mask.as_ref());
         let (dys, xs) = (dy.as_slice(), x.as_slice());
         let [sh, sw] = g.stride;
         let [ph, pw] = g.padding;
