@@ -13,7 +13,7 @@ use dmkd::verify::{Tolerance, compare, table};
 use dmkd::{DType, Error, Result};
 
 use crate::bench::{BenchOptions, BenchRow, run_bench};
-use crate::demo::{DemoOptions, run_demo};
+use crate::demo::{DemoOptions, fell, run_demo};
 use crate::{EvalArgs, GoldenFormat, with_dtype};
 
 fn json_string<S: serde::Serialize>(v: &S) -> Result<String> {
@@ -71,21 +71,21 @@ pub(crate) fn demo(opts: DemoOptions, dtype: DType) -> Result<bool> {
         let (a, b) = (report.initial_level_losses[l], report.final_level_losses[l]);
         let (ws, wc) = report.fusion_weights[l];
         println!(
-            "{:<6} {:>12.4e} {:>12.4e} {:>8.1}x {:>8.4} {:>8.4}",
+            "{:<6} {:>12.4e} {:>12.4e} {:>9} {:>8.4} {:>8.4}",
             name,
             a,
             b,
-            a / b,
+            fell(a, b),
             ws,
             wc
         );
     }
     println!(
-        "{:<6} {:>12.4e} {:>12.4e} {:>8.1}x",
+        "{:<6} {:>12.4e} {:>12.4e} {:>9}",
         "total",
         report.initial_loss,
         report.final_loss,
-        report.initial_loss / report.final_loss
+        fell(report.initial_loss, report.final_loss)
     );
     println!(
         "loss curve: {} and {}",

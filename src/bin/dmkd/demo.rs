@@ -68,6 +68,18 @@ fn fusion_weights(a: f64, b: f64) -> (f64, f64) {
     (ea / (ea + eb), eb / (ea + eb))
 }
 
+/// How many times a loss fell from `before` to `after`, for the demo's
+/// table: one decimal up to 99999.9x, then in exponent form (the small
+/// levels fall by 1e9 and more), so the column keeps its width.
+pub fn fell(before: f64, after: f64) -> String {
+    let r = before / after;
+    if r.abs() < 1e5 {
+        format!("{r:.1}x")
+    } else {
+        format!("{r:.2e}x")
+    }
+}
+
 /// Run the demo; `progress(step, loss)` is called after every step.
 pub fn run_demo<T: BackendFloat>(
     opts: &DemoOptions,
@@ -171,6 +183,21 @@ pub fn run_demo<T: BackendFloat>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fell_keeps_to_the_column_width() {
+        assert_eq!(fell(1.1072, 8.5715e-3), "129.2x");
+        assert_eq!(fell(1.0, 1.0 / 99999.94), "99999.9x");
+        assert_eq!(fell(1e5, 1.0), "1.00e5x");
+        assert_eq!(fell(1.7608e-2, 1.3052e-11), "1.35e9x");
+        assert_eq!(fell(1.0, 2.0), "0.5x");
+        assert_eq!(fell(1.0, 0.0), "infx");
+        assert_eq!(fell(0.0, 0.0), "NaNx");
+        // Just under 1e5 rounds up to 100000.0x, still 9 characters.
+        for (a, b) in [(1.0, 1e-300), (1e300, 1e-300), (1.0, 0.5), (1.0, 1e-5)] {
+            assert!(fell(a, b).len() <= 9, "{}", fell(a, b));
+        }
+    }
 
     #[test]
     fn fusion_weights_are_the_softmax_of_the_two_logits() {
