@@ -226,9 +226,11 @@ struct Rect {
 /// Narrow blocks let each row panel skip the columns where it reads only
 /// masked zeros (see [`tap_hulls`]), but each kernel call then loads and
 /// stores its C tile for fewer FMAs. Widths from 24 to 96 timed alike at
-/// P3 and P4 (whole rows were 1.6x slower at P3); 32 also splits P5's 42
-/// columns in two. Measured in `docs/engineering.md`, "What the masks make
-/// cheap: the direct conv under a spatial mask".
+/// P3 and P4 on an AVX-512 Xeon (whole rows were 1.6x slower at P3); on the
+/// AVX2 Zen 1, 48 and 96 gained 4-5% at P3 but 96 lost 30% at P4 and both
+/// 20% at P5. 32 also splits P5's 42 columns in two. Measured in
+/// `docs/engineering.md`, "What the masks make cheap: the direct conv under
+/// a spatial mask".
 const SPARSE_DW_COLS: usize = 32;
 
 /// The fixed k-blocks of an `n x oh x ow` position space, in (n, oy, ox)
