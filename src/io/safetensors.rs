@@ -117,28 +117,27 @@ fn safetensors_header<T: Float>(
 }
 
 /// Write tensors (and string metadata) to a `.safetensors` file, byte for
-/// byte the same for the same tensors and metadata.
+/// byte the same for the same tensors and metadata, whole or not at all
+/// (`write_atomically`: a failed write leaves the file that was there).
 pub fn write_safetensors<T: Float>(
     path: &Path,
     tensors: &TensorMap<T>,
     metadata: &HashMap<String, String>,
 ) -> Result<()> {
-    use std::io::Write;
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
     {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
     }
     let header = safetensors_header(tensors, metadata);
-    let file = std::fs::File::create(path).map_err(|e| io_err(path, e))?;
-    let mut out = std::io::BufWriter::new(file);
-    let mut write = |bytes: &[u8]| out.write_all(bytes).map_err(|e| io_err(path, e));
-    write(&(header.len() as u64).to_le_bytes())?;
-    write(&header)?;
-    for t in tensors.values() {
-        write(&T::to_le_bytes_vec(t.as_slice()))?;
-    }
-    out.flush().map_err(|e| io_err(path, e))
+    super::write_atomically(path, |out| {
+        out.write_all(&(header.len() as u64).to_le_bytes())?;
+        out.write_all(&header)?;
+        for t in tensors.values() {
+            out.write_all(&T::to_le_bytes_vec(t.as_slice()))?;
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -438,7 +438,10 @@ fn check_file_name(name: &str, dir: &str) -> Result<()> {
 /// before anything is written: [`read_npy_dir`] reads every `.npy` of a
 /// directory, so a stale tensor left beside the new ones (a golden set of
 /// five levels overwritten by one of three) would be read back as part of
-/// the set. Files of the same names are overwritten.
+/// the set. Files of the same names are overwritten, each whole or not at
+/// all (`write_atomically`); the metadata is written last. A set whose
+/// writing fails part-way (an error is returned) may leave some of its files
+/// beside the earlier set's others: write it again.
 pub fn write_npy_dir<T: Float>(
     dir: &Path,
     tensors: &TensorMap<T>,
@@ -484,8 +487,10 @@ pub fn write_npy_dir<T: Float>(
     }
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     for (name, t) in tensors {
-        let p = dir.join(format!("{name}.npy"));
-        std::fs::write(&p, npy_bytes(t)?).map_err(|e| io(&p, e))?;
+        let bytes = npy_bytes(t)?;
+        crate::io::write_atomically(&dir.join(format!("{name}.npy")), |out| {
+            out.write_all(&bytes)
+        })?;
     }
     // Sorted keys, so the file is reproducible.
     let sorted: BTreeMap<_, _> = metadata.iter().collect();
@@ -493,8 +498,9 @@ pub fn write_npy_dir<T: Float>(
         path: shown.clone(),
         detail: format!("cannot encode metadata: {e}"),
     })?;
-    let p = dir.join("metadata.json");
-    std::fs::write(&p, text).map_err(|e| io(&p, e))
+    crate::io::write_atomically(&dir.join("metadata.json"), |out| {
+        out.write_all(text.as_bytes())
+    })
 }
 
 #[cfg(test)]
