@@ -107,17 +107,25 @@ impl<T: Float> Var<T> {
         let y = self
             .backend()
             .binary(op, self.value(), other.value(), &out_shape)?;
-        let (a, b) = (self.value().clone(), other.value().clone());
+        // Keep only what the derivative reads: a sum or difference needs its
+        // operands' shapes, a product or quotient the other operand (and a
+        // quotient its output), so a sum of two activations holds neither.
+        let (a_shape, b_shape) = (self.shape().to_vec(), other.shape().to_vec());
+        let a = (op == Binary::Mul).then(|| self.value().clone());
+        let b = matches!(op, Binary::Mul | Binary::Div).then(|| other.value().clone());
         let y_val = (op == Binary::Div).then(|| y.clone());
         self.tape().record(&[self, other], y, move |be, g, needs| {
             let g = &g;
             // Each operand's gradient at the output's shape, computed only
             // when that operand needs one.
+            fn kept<T: Float>(t: &Option<Tensor<T>>) -> &Tensor<T> {
+                t.as_ref().expect("the op kept this operand")
+            }
             let ga = if needs[0] {
                 Some(match op {
                     Binary::Add | Binary::Sub => g.clone(),
-                    Binary::Mul => be.binary(Binary::Mul, g, &b, g.shape())?,
-                    Binary::Div => be.binary(Binary::Div, g, &b, g.shape())?,
+                    Binary::Mul => be.binary(Binary::Mul, g, kept(&b), g.shape())?,
+                    Binary::Div => be.binary(Binary::Div, g, kept(&b), g.shape())?,
                 })
             } else {
                 None
@@ -126,10 +134,10 @@ impl<T: Float> Var<T> {
                 Some(match op {
                     Binary::Add => g.clone(),
                     Binary::Sub => be.unary(Unary::Neg, g)?,
-                    Binary::Mul => be.binary(Binary::Mul, g, &a, g.shape())?,
+                    Binary::Mul => be.binary(Binary::Mul, g, kept(&a), g.shape())?,
                     Binary::Div => {
                         // -(g / b) * y with y = a / b.
-                        let g_over_b = be.binary(Binary::Div, g, &b, g.shape())?;
+                        let g_over_b = be.binary(Binary::Div, g, kept(&b), g.shape())?;
                         let y = y_val.as_ref().expect("div keeps its output");
                         let t = be.binary(Binary::Mul, &g_over_b, y, g.shape())?;
                         be.unary(Unary::Neg, &t)?
@@ -139,8 +147,8 @@ impl<T: Float> Var<T> {
                 None
             };
             // Sum back over the broadcast dims to each operand's shape.
-            let ga = ga.map(|t| sum_to_shape(be, &t, a.shape())).transpose()?;
-            let gb = gb.map(|t| sum_to_shape(be, &t, b.shape())).transpose()?;
+            let ga = ga.map(|t| sum_to_shape(be, &t, &a_shape)).transpose()?;
+            let gb = gb.map(|t| sum_to_shape(be, &t, &b_shape)).transpose()?;
             Ok(vec![ga, gb])
         })
     }
