@@ -116,6 +116,18 @@ CASES = {
         ((4, 4, 5, 7), dict(method="dmkd", tau=1e-39, lambda_s=0.65, lambda_c=0.5, alpha=2e-5, mask_mode="topk", seed=0)),
         ((5, 6, 3, 4), dict(method="dmkd", tau=0.5, lambda_s=0.5, lambda_c=0.5, alpha=1e-3, mask_mode="sampled", seed=S2)),
     ], outlier=(1, 2, 1e4)),
+    # Patchy spatial masks, as real attention gives them: the teacher is 8x brighter over one
+    # rectangle per image (an "object") holding k_s positions or one more, so top-k masks it
+    # and the masked patch has an inside that no kept input reaches (40-43% of the positions):
+    # there the first conv reads only zeros, and an implementation may split the second conv
+    # around it (dmkd's does, from a quarter of the positions).
+    "dmkd_f64_patches": dict(dtype="f64", n=2, seed=116, levels=[
+        ((4, 4, 12, 14), {}),
+        ((3, 5, 9, 10), dict(method="dmkd", tau=0.5, lambda_s=0.6, lambda_c=0.4, alpha=1e-3, mask_mode="topk", seed=0)),
+    ], patch={0: (0, 11, 1, 11), 1: (0, 6, 1, 10)}),
+    "dmkd_f32_patches": dict(dtype="f32", n=2, seed=118, levels=[
+        ((4, 4, 12, 14), {}),
+    ], patch={0: (0, 11, 1, 11)}),
 }
 
 # FGD boxes (x1, y1, x2, y2) in pixels of the image (h, w) = img_shape[n]; the padded image
@@ -152,6 +164,9 @@ def make_tensors(case):
         # Teacher: N(0,1) with a random per-position and per-channel scale, so that both the
         # spatial and the channel attention are clearly non-flat.
         t[f"p{l}.teacher"] = normal(n, c, h, w) * (0.5 + 1.5 * uniform(n, 1, h, w)) * (0.5 + uniform(n, c, 1, 1))
+        if l in case.get("patch", {}):
+            r0, r1, c0, c1 = case["patch"][l]
+            t[f"p{l}.teacher"][:, :, r0:r1, c0:c1] *= 8.0
         if case.get("outlier", (None,))[0] == l:
             _, ch, factor = case["outlier"]
             t[f"p{l}.teacher"][:, ch] *= factor

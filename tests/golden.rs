@@ -175,7 +175,7 @@ fn check_fixture<T: BackendFloat>(
 fn every_fixture_matches_on_every_backend() {
     let paths = fixtures();
     assert!(
-        paths.len() >= 13,
+        paths.len() >= 15,
         "expected the committed fixtures, found {}",
         paths.len()
     );

@@ -160,12 +160,95 @@ pub fn random_mask<T: Float>(
     )
 }
 
+/// Where a 3x3 convolution (padding 1) of `x * mask` can read a nonzero
+/// input: 1 at each position whose 3x3 neighbourhood inside the image holds a
+/// nonzero multiplier, 0 elsewhere. `mask` is `[N, H, W]`, and so is the
+/// result. Where it is 0 the convolution reads only zeros and its padding,
+/// so its output there is its bias, exactly, whatever `x` and the weights.
+pub fn mask_reach<T: Float>(mask: &Tensor<T>) -> Result<Tensor<T>> {
+    let &[n, h, w] = mask.shape() else {
+        return Err(Error::shape(
+            "mask_reach",
+            format!("a spatial mask is [N, H, W], got {:?}", mask.shape()),
+        ));
+    };
+    let m = mask.as_slice();
+    // Two passes of a 3-wide window: along each row, then down each column.
+    let mut rows = vec![false; m.len()];
+    for (r, row) in rows.chunks_mut(w.max(1)).enumerate() {
+        let src = &m[r * w..][..w];
+        for (j, out) in row.iter_mut().enumerate() {
+            *out = src[j.saturating_sub(1)..(j + 2).min(w)]
+                .iter()
+                .any(|&v| v != T::zero());
+        }
+    }
+    let mut reach = vec![T::zero(); m.len()];
+    for s in 0..n {
+        let plane = &rows[s * h * w..][..h * w];
+        for i in 0..h {
+            for j in 0..w {
+                if (i.saturating_sub(1)..(i + 2).min(h)).any(|k| plane[k * w + j]) {
+                    reach[(s * h + i) * w + j] = T::one();
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_parts(mask.shape(), reach))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn t(shape: &[usize], v: Vec<f64>) -> Tensor<f64> {
         Tensor::from_vec(shape, v).unwrap()
+    }
+
+    /// `mask_reach` against its definition, position by position: any
+    /// nonzero multiplier (not only 1) within the 3x3 neighbourhood inside
+    /// the image, on shapes with one row or one column and at every border.
+    #[test]
+    fn mask_reach_marks_every_position_a_3x3_conv_reads_a_kept_input_from() {
+        for (n, h, w) in [(2, 5, 7), (1, 1, 6), (1, 6, 1), (1, 1, 1), (3, 2, 2)] {
+            for seed in 0..6u64 {
+                let m = Tensor::<f64>::from_fn(&[n, h, w], |i| {
+                    let r = (i as u64 * 2_654_435_761 + seed * 97) % 7;
+                    match r {
+                        0 => 0.5,
+                        1 => 1.0,
+                        _ => 0.0,
+                    }
+                })
+                .unwrap();
+                let got = mask_reach(&m).unwrap();
+                assert_eq!(got.shape(), &[n, h, w]);
+                let ms = m.as_slice();
+                for s in 0..n {
+                    for i in 0..h {
+                        for j in 0..w {
+                            let mut any = false;
+                            for di in -1i64..=1 {
+                                for dj in -1i64..=1 {
+                                    let (a, b) = (i as i64 + di, j as i64 + dj);
+                                    if (0..h as i64).contains(&a) && (0..w as i64).contains(&b) {
+                                        any |= ms[(s * h + a as usize) * w + b as usize] != 0.0;
+                                    }
+                                }
+                            }
+                            let want = if any { 1.0 } else { 0.0 };
+                            assert_eq!(
+                                got.as_slice()[(s * h + i) * w + j],
+                                want,
+                                "{n}x{h}x{w} seed {seed} at {s},{i},{j}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        let e = mask_reach(&Tensor::<f64>::zeros(&[2, 3]).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("[N, H, W]"), "{e}");
     }
 
     #[test]
