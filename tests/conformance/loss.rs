@@ -219,9 +219,11 @@ fn whole_loss_f32_accuracy_on_every_backend() {
                 (worst, worst_name) = (r, name.clone());
             }
         }
+        let loss: Tensor<f64> = got["loss"].cast();
         println!(
-            "{}: f32 vs f64 worst norm-wise error {worst_name} {worst:.2e}",
-            s.name
+            "{}: f32 vs f64 loss {:.2e}, worst norm-wise error {worst_name} {worst:.2e}",
+            s.name,
+            norm_rel(loss.as_slice(), want["loss"].as_slice())
         );
         assert!(worst <= 1e-4, "{}: {worst_name} {worst:e}", s.name);
     }
