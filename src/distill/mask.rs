@@ -210,10 +210,20 @@ mod tests {
     /// the image, on shapes with one row or one column and at every border.
     #[test]
     fn mask_reach_marks_every_position_a_3x3_conv_reads_a_kept_input_from() {
-        for (n, h, w) in [(2, 5, 7), (1, 1, 6), (1, 6, 1), (1, 1, 1), (3, 2, 2)] {
+        let mut zeros_and_ones = [0usize; 3];
+        for (n, h, w) in [
+            (2, 5, 7),
+            (1, 1, 6),
+            (1, 6, 1),
+            (1, 1, 1),
+            (3, 2, 2),
+            (3, 6, 9),
+        ] {
             for seed in 0..6u64 {
+                // Sparse multipliers (2 in 17 nonzero), so that a reach has
+                // zeros as well as ones.
                 let m = Tensor::<f64>::from_fn(&[n, h, w], |i| {
-                    let r = (i as u64 * 2_654_435_761 + seed * 97) % 7;
+                    let r = (i as u64 * 2_654_435_761 + seed * 97) % 17;
                     match r {
                         0 => 0.5,
                         1 => 1.0,
@@ -222,6 +232,8 @@ mod tests {
                 })
                 .unwrap();
                 let got = mask_reach(&m).unwrap();
+                zeros_and_ones[usize::from(got.as_slice().contains(&1.0))] += 1;
+                zeros_and_ones[2] += usize::from(got.as_slice().contains(&0.0));
                 assert_eq!(got.shape(), &[n, h, w]);
                 let ms = m.as_slice();
                 for s in 0..n {
@@ -247,6 +259,11 @@ mod tests {
                 }
             }
         }
+        // Most draws reach somewhere and leave somewhere unreached.
+        assert!(
+            zeros_and_ones[1] >= 24 && zeros_and_ones[2] >= 24,
+            "{zeros_and_ones:?}"
+        );
         let e = mask_reach(&Tensor::<f64>::zeros(&[2, 3]).unwrap()).unwrap_err();
         assert!(e.to_string().contains("[N, H, W]"), "{e}");
     }
