@@ -685,7 +685,10 @@ fn bench_reports_each_rows_spread_and_probes_before_and_after() {
     let o = dmkd(&["bench", "--preset", "tiny", "--reps", "1", "--only", "loss"]);
     assert!(o.status.success(), "{}", text(&o));
     let t = String::from_utf8_lossy(&o.stdout);
-    assert!(t.contains("before the rows") && t.contains("after"), "{t}");
+    assert!(
+        t.contains("before the rows") && t.contains("after") && t.contains("of the higher"),
+        "{t}"
+    );
     assert!(
         t.contains("ms median") && t.contains("dmkd.forward_backward"),
         "{t}"

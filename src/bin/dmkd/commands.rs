@@ -260,7 +260,7 @@ pub(crate) fn bench(opts: BenchOptions, json: bool) -> Result<bool> {
         );
         return Ok(true);
     }
-    let peak = report.fma_peak_gflops;
+    let peak = report.peak_for_percent();
     println!(
         "bench: preset {}, {} threads, backend {}, conv algo {}, f32",
         report.preset, report.threads, report.backend, report.conv_algo
@@ -268,7 +268,10 @@ pub(crate) fn bench(opts: BenchOptions, json: bool) -> Result<bool> {
     println!("cpu: {}, instruction set: {}", report.cpu, report.isa);
     match (peak, report.fma_peak_gflops_after) {
         (Some(p), Some(a)) => {
-            println!("FMA peak probe: {p:.1} GFLOP/s before the rows, {a:.1} after (same process)")
+            println!(
+                "FMA peak probe: {p:.1} GFLOP/s before the rows, {a:.1} after (same process); \
+                 % peak is of the higher"
+            )
         }
         _ => println!("FMA peak probe: n/a on this backend"),
     }
