@@ -100,6 +100,17 @@ impl BenchReport {
             (b, a) => b.or(a),
         }
     }
+
+    /// The text table's line naming the two probes, in the order taken.
+    pub fn probe_line(&self) -> String {
+        match (self.fma_peak_gflops, self.fma_peak_gflops_after) {
+            (Some(b), Some(a)) => format!(
+                "FMA peak probe: {b:.1} GFLOP/s before the rows, {a:.1} after (same process); \
+                 % peak is of the higher"
+            ),
+            _ => "FMA peak probe: n/a on this backend".into(),
+        }
+    }
 }
 
 /// The CPU's model name, from `/proc/cpuinfo` (`unknown` elsewhere).
@@ -485,7 +496,7 @@ mod tests {
     }
 
     #[test]
-    fn percent_of_peak_divides_by_the_higher_probe() {
+    fn percent_of_peak_divides_by_the_higher_probe_and_the_text_names_both() {
         let report = |before, after| BenchReport {
             preset: "tiny".into(),
             threads: 2,
@@ -510,5 +521,15 @@ mod tests {
         assert_eq!(report(Some(80.0), None).peak_for_percent(), Some(80.0));
         assert_eq!(report(None, Some(90.0)).peak_for_percent(), Some(90.0));
         assert_eq!(report(None, None).peak_for_percent(), None);
+        // The text names each probe where it was taken, whichever is higher.
+        assert_eq!(
+            report(Some(117.0), Some(235.0)).probe_line(),
+            "FMA peak probe: 117.0 GFLOP/s before the rows, 235.0 after (same process); \
+             % peak is of the higher"
+        );
+        assert_eq!(
+            report(None, None).probe_line(),
+            "FMA peak probe: n/a on this backend"
+        );
     }
 }

@@ -266,15 +266,7 @@ pub(crate) fn bench(opts: BenchOptions, json: bool) -> Result<bool> {
         report.preset, report.threads, report.backend, report.conv_algo
     );
     println!("cpu: {}, instruction set: {}", report.cpu, report.isa);
-    match (peak, report.fma_peak_gflops_after) {
-        (Some(p), Some(a)) => {
-            println!(
-                "FMA peak probe: {p:.1} GFLOP/s before the rows, {a:.1} after (same process); \
-                 % peak is of the higher"
-            )
-        }
-        _ => println!("FMA peak probe: n/a on this backend"),
-    }
+    println!("{}", report.probe_line());
     if let Some(w) = report.widest_fma_peak_gflops {
         println!("FMA peak of the widest instruction set: {w:.1} GFLOP/s");
     }
