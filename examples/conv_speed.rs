@@ -12,7 +12,8 @@
 //! `DMKD_CHMASK=loss` use the masks the preset's loss draws at that level
 //! (from the synthetic teacher). `DMKD_ALGO=winograd` (or `auto`)
 //! picks the conv algorithm (default `direct`); `DMKD_ISA=avx2` (or `avx512`, `neon`,
-//! `scalar`, default `auto`) the instruction set of the kernels and the probe.
+//! `scalar`, default `auto`) the instruction set of the kernels and the probe;
+//! `DMKD_CIN=1` gives the convs one input channel instead of 256.
 
 use std::time::Instant;
 
@@ -174,13 +175,18 @@ where
         .unwrap_or(ConvAlgo::Direct);
     let be = CpuBackend::with_isa(algo, isa()).expect("DMKD_ISA: this CPU runs it");
     let (n, c) = (2, 256);
+    // DMKD_CIN=1: input channels (default 256), e.g. the one-channel conv
+    // of the generator's split second conv (`distill::generator`).
+    let c_in: usize = std::env::var("DMKD_CIN")
+        .ok()
+        .map_or(c, |v| v.parse().expect("DMKD_CIN: a channel count"));
     let mut out = Vec::new();
     let preset = preset();
     for (name, &(h, w)) in preset.level_names.iter().zip(&preset.levels) {
         if !levels.contains(&name.as_str()) {
             continue;
         }
-        let geom = ConvGeometry::new(&[n, c, h, w], &[c, c, 3, 3], [1, 1], [1, 1]).unwrap();
+        let geom = ConvGeometry::new(&[n, c_in, h, w], &[c, c_in, 3, 3], [1, 1], [1, 1]).unwrap();
         let values = |len: usize, seed: usize| -> Vec<T> {
             (0..len)
                 .map(|i| {
@@ -188,8 +194,8 @@ where
                 })
                 .collect()
         };
-        let x = Tensor::from_vec(&geom.input_shape(), values(n * c * h * w, 1)).unwrap();
-        let wt = Tensor::from_vec(&geom.weight_shape(), values(c * c * 9, 2)).unwrap();
+        let x = Tensor::from_vec(&geom.input_shape(), values(n * c_in * h * w, 1)).unwrap();
+        let wt = Tensor::from_vec(&geom.weight_shape(), values(c * c_in * 9, 2)).unwrap();
         let b = Tensor::from_vec(&[c], values(c, 3)).unwrap();
         let dy = Tensor::from_vec(&geom.output_shape(), values(n * c * h * w, 4)).unwrap();
         // DMKD_CHMASK=0.65: a channel mask zeroing that fraction of each
@@ -207,8 +213,11 @@ where
             dmkd::InputMask::Spatial(m.unwrap())
         });
         let mask = env_mask::<T>("DMKD_CHMASK", &preset, level, Branch::Channel, |ratio| {
-            let m = Tensor::from_fn(&[n, c], |i| {
-                zero_below((((i % c) * 7919 + i / c * 31) % c) as f64, ratio * c as f64)
+            let m = Tensor::from_fn(&[n, c_in], |i| {
+                zero_below(
+                    (((i % c_in) * 7919 + i / c_in * 31) % c_in) as f64,
+                    ratio * c_in as f64,
+                )
             });
             dmkd::InputMask::Channel(m.unwrap())
         })
