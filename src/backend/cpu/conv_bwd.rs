@@ -18,7 +18,11 @@
 //! orientation (rows = output channels) would need im2col transposed, a
 //! gather of 9 taps per value. C' accumulates in MR x NR tiles stored in
 //! visiting order, transposed into OIHW at the end. Measured 86-90% of peak
-//! at P3/P4.
+//! at P3/P4. With few taps (`c_in * kh * kw <= FEW_ROWS`, e.g. a
+//! one-channel conv) there are only one or two row panels to share the
+//! transpose of dY, which then is the pass; there the other orientation
+//! runs, its im2col transposed being the small copy
+//! ([`backward_weight_few_rows`], same bits).
 //!
 //! Under a spatial mask with zeros the k-blocks are pieces of one output row
 //! (`SPARSE_DW_COLS`), and each row panel runs only over the columns where
@@ -274,17 +278,34 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
     cx: Ctx<'_>,
 ) -> Vec<E> {
     let g = &args.geom;
+    let j_len = g.c_in * g.kh * g.kw;
+    if j_len <= FEW_ROWS && !spatial_zeros(args) && sparse_channels(args.mask.as_ref()).is_none() {
+        backward_weight_few_rows(dy, x, args, cx)
+    } else {
+        backward_weight_by_taps(dy, x, args, cx)
+    }
+}
+
+/// A spatial mask with exact zeros, whose positions the passes skip.
+fn spatial_zeros<E: Elem>(args: &ConvArgs<E>) -> bool {
+    matches!(&args.mask, Some(InputMask::Spatial(m)) if m.as_slice().contains(&E::zero()))
+}
+
+/// The general weight gradient: `dW^T`, rows the taps `j` (see the module
+/// docs).
+fn backward_weight_by_taps<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs<E>, cx: Ctx<'_>) -> Vec<E> {
+    let g = &args.geom;
+    let j_len = g.c_in * g.kh * g.kw;
     let spec = forward_pad(g);
     let batches = image_batches::<E>(g.input_shape(), spec, args.mask.is_some(), cx);
     let arch = cx.arch;
     let nr = super::conv_fwd::nr_for::<E>(arch);
-    let j_len = g.c_in * g.kh * g.kw;
     let m = g.c_out;
     let tiles = m.div_ceil(nr);
     let p_img = g.oh * g.ow;
     let taps = g.kh * g.kw;
     let spatial = match &args.mask {
-        Some(InputMask::Spatial(m)) if m.as_slice().contains(&E::zero()) => Some(m.as_slice()),
+        Some(InputMask::Spatial(m)) if spatial_zeros(args) => Some(m.as_slice()),
         _ => None,
     };
     let mut blocks = match spatial {
@@ -417,6 +438,219 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
             }
         });
     dw
+}
+
+/// Most rows `j = (ci, ky, kx)` for which the weight gradient takes
+/// [`backward_weight_few_rows`]: up to three input channels at 3 x 3. A
+/// constant, not the ISA's NR, so that the path (and the bits) does not
+/// depend on the instruction set.
+const FEW_ROWS: usize = 32;
+
+/// The weight gradient of a conv with few rows `j` (`c_in * kh * kw <=
+/// FEW_ROWS`, e.g. the generator's one-channel conv, `distill::generator`):
+/// `dW = dY X^T` as it stands, output channels down the rows (dY's rows
+/// read in place as A, MR channels a panel, with the same position walk as
+/// [`DwTask`]'s) and `j` across the lanes (each k-block's input windows
+/// packed as B, `[column tile][k][NR]`, lanes past `j_len` zero: the
+/// im2col transposed, which for so few rows is a small copy). The general
+/// path's orientation, rows `j`, packs dY transposed for its B: with one or
+/// two row panels that transpose was the pass (81% of the samples of the
+/// one-channel pass at two-stage P2, 36 ms; AMD EPYC Zen 4, AVX-512, 2
+/// threads).
+///
+/// Taken where the general path runs every k-block whole (no spatial mask
+/// with zeros, no channel mask with zeros; under those it skips what the
+/// mask zeroes, which this path would compute).
+///
+/// Determinism: the k-blocks are the general path's (`dw_blocks`, in
+/// order) and every output is one fused chain over them, from the first
+/// block's products, whatever the thread count (threads split the row
+/// panels). `fma(dy, x, acc)` is `fma(x, dy, acc)`, so the two paths give
+/// the same bits.
+fn backward_weight_few_rows<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs<E>, cx: Ctx<'_>) -> Vec<E> {
+    let g = &args.geom;
+    let spec = forward_pad(g);
+    let arch = cx.arch;
+    let nr = super::conv_fwd::nr_for::<E>(arch);
+    let j_len = g.c_in * g.kh * g.kw;
+    let m = g.c_out;
+    let col_tiles = j_len.div_ceil(nr);
+    let panels = m.div_ceil(MR);
+    // C, `[row panel][column tile][MR][NR]`.
+    let panel_len = col_tiles * MR * nr;
+    let blocks = dw_blocks(g.n, g.oh, g.ow, kc_dw::<E>(), false);
+    cx.tally.tiles(blocks.len(), 0);
+    let mut cbuf = Scratch::<E>::new(panels * panel_len);
+    let ct = cbuf.as_mut_slice();
+    let tasks = (TASKS_PER_THREAD * rayon::current_num_threads())
+        .min(panels)
+        .max(1);
+    let panels_per = panels.div_ceil(tasks);
+    let packed_len = |r: &Rect| r.nrows * r.ncols * col_tiles * nr;
+    let kb_bytes = blocks.first().map_or(1, packed_len) * std::mem::size_of::<E>();
+    let per_group = ((4 << 20) / kb_bytes.max(1)).max(1);
+    let (hp, wp) = (spec.hp, spec.wp);
+    let img_len = g.c_in * hp * wp;
+    let mut first = true;
+    for imgs in image_batches::<E>(g.input_shape(), spec, args.mask.is_some(), cx) {
+        let lo = blocks.partition_point(|r| r.img < imgs.start);
+        let hi = blocks.partition_point(|r| r.img < imgs.end);
+        let src = pad_images(x, g.input_shape(), spec, args.mask.as_ref(), imgs.clone());
+        let src = src.as_slice();
+        for group in blocks[lo..hi].chunks(per_group) {
+            let total: usize = group.iter().map(packed_len).sum();
+            let mut buf = Scratch::<E>::new(total);
+            let packed = buf.as_mut_slice();
+            let mut parts = Vec::with_capacity(group.len());
+            let mut rest = &mut *packed;
+            for r in group {
+                let (head, tail) = rest.split_at_mut(packed_len(r));
+                parts.push((r, head));
+                rest = tail;
+            }
+            parts.into_par_iter().for_each(|(r, out)| {
+                let img = &src[(r.img - imgs.start) * img_len..][..img_len];
+                pack_windows_t(img, g, wp, hp * wp, r, nr, out);
+            });
+            ct.par_chunks_mut(panels_per * panel_len)
+                .enumerate()
+                .for_each(|(t, c)| {
+                    arch.dispatch(FewRowsTask {
+                        dy,
+                        g: *g,
+                        blocks: group,
+                        packed,
+                        first,
+                        co0: t * panels_per * MR,
+                        c,
+                        cx,
+                    })
+                });
+            first = false;
+        }
+    }
+    // dW[co][j] = C[co][j].
+    let mut dw = pool::take::<E>(m * j_len);
+    for (co, row) in dw.chunks_exact_mut(j_len.max(1)).enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = ct[(co / MR) * panel_len + ((j / nr) * MR + co % MR) * nr + j % nr];
+        }
+    }
+    dw
+}
+
+/// The input windows of k-block `r` of one padded image (`plane` values a
+/// channel, rows `wp` wide), transposed for [`backward_weight_few_rows`]:
+/// `out[t][kk][i] = img[window j = t * nr + i of position kk]`, zeros for
+/// `j` past `c_in * kh * kw`. Position `kk` walks the block's rows and
+/// columns in order; row `j = (ci, ky, kx)` of position `(oy, ox)` is
+/// `img[ci][oy * sh + ky][ox * sw + kx]`, as [`DwTask`] reads it.
+fn pack_windows_t<E: Elem>(
+    img: &[E],
+    g: &ConvGeometry,
+    wp: usize,
+    plane: usize,
+    r: &Rect,
+    nr: usize,
+    out: &mut [E],
+) {
+    let taps = g.kh * g.kw;
+    let j_len = g.c_in * taps;
+    let kc = r.nrows * r.ncols;
+    let [sh, sw] = g.stride;
+    let offs: Vec<usize> = (0..j_len)
+        .map(|j| (j / taps) * plane + (j % taps / g.kw) * wp + j % g.kw)
+        .collect();
+    for (t, tile) in out.chunks_exact_mut(kc * nr).enumerate() {
+        let offs = &offs[(t * nr).min(j_len)..((t + 1) * nr).min(j_len)];
+        let mut rows = tile.chunks_exact_mut(nr);
+        for oy in r.oy0..r.oy0 + r.nrows {
+            for ox in r.ox0..r.ox0 + r.ncols {
+                let row = rows.next().expect("kc rows");
+                let base = oy * sh * wp + ox * sw;
+                for (v, &o) in row.iter_mut().zip(offs) {
+                    *v = img[base + o];
+                }
+                row[offs.len()..].fill(E::zero());
+            }
+        }
+    }
+}
+
+/// Row panels `co0 / MR ..` of [`backward_weight_few_rows`] over one group
+/// of k-blocks.
+struct FewRowsTask<'a, 'b, E: Elem> {
+    dy: &'a [E],
+    g: ConvGeometry,
+    blocks: &'a [Rect],
+    /// The group's packed windows, k-block after k-block,
+    /// `[column tile][k][NR]` each.
+    packed: &'a [E],
+    /// True for the first group: its first k-block starts the sums.
+    first: bool,
+    /// First output channel of this task.
+    co0: usize,
+    /// The task's C tiles, `[panel][column tile][MR][NR]`.
+    c: &'b mut [E],
+    cx: Ctx<'a>,
+}
+
+impl<E: Elem> WithSimd for FewRowsTask<'_, '_, E> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let FewRowsTask {
+            dy,
+            g,
+            blocks,
+            packed,
+            first,
+            co0,
+            c,
+            cx,
+        } = self;
+        let nr = nr::<E, S>();
+        let m = g.c_out;
+        let j_len = g.c_in * g.kh * g.kw;
+        let col_tiles = j_len.div_ceil(nr);
+        let tile_len = MR * nr;
+        let panels = c.len() / (col_tiles * tile_len);
+        let co_end = (co0 + panels * MR).min(m);
+        let p_img = g.oh * g.ow;
+        let mut at = 0;
+        for (kb, r) in blocks.iter().enumerate() {
+            let kc = r.nrows * r.ncols;
+            let bt = &packed[at..at + kc * col_tiles * nr];
+            at += kc * col_tiles * nr;
+            let dy_img = &dy[r.img * m * p_img..][..m * p_img];
+            let walk = AWalk {
+                off: r.oy0 * g.ow + r.ox0,
+                step: 1,
+                seg_len: r.ncols,
+                nseg: r.nrows,
+                seg_jump: g.ow,
+            };
+            let resume = kb > 0 || !first;
+            for ps in panel_steps::<E, S>(panels, |_| true) {
+                // Call row i is output channel co0 + ps.start * MR + i; rows
+                // past the last channel repeat it (dropped).
+                let a = std::array::from_fn(|i| {
+                    let co = (co0 + ps.start * MR + i).min(co_end - 1);
+                    &dy_img[co * p_img..]
+                });
+                for t in 0..col_tiles {
+                    let at = [ps.start, ps.start + 1].map(|q| (q * col_tiles + t) * tile_len);
+                    let next = at.map(|q| c.as_ptr().wrapping_add(q + tile_len));
+                    let b = &bt[t * kc * nr..][..kc * nr];
+                    run_walked_step(simd, ps.len(), a, walk, b, c, at, resume, next, Ahead::NONE);
+                }
+            }
+        }
+        let rows = co_end.saturating_sub(co0);
+        cx.tally
+            .macs(blocks.iter().map(|r| r.nrows * r.ncols).sum::<usize>() * rows * j_len);
+    }
 }
 
 struct DwJob<'a, E> {
@@ -694,14 +928,15 @@ pub(crate) fn conv2d_backward_bias<E: Elem>(dy: &[E], dims: [usize; 4]) -> Vec<E
 /// them).
 #[cfg(test)]
 mod tests {
-    use crate::backend::cpu::PassCounters;
+    use super::{FEW_ROWS, backward_weight_by_taps, backward_weight_few_rows};
     use crate::backend::cpu::conv_fwd::{PACK_WEIGHTS_ABOVE, nr_for};
     use crate::backend::cpu::isa::Isa;
     use crate::backend::cpu::kernel::MR;
     use crate::backend::cpu::simd::Elem;
     use crate::backend::cpu::testing::{
-        assert_same_bits, first_near_then_same_bits, in_pools, values,
+        assert_same_bits, assert_slices_same_bits, first_near_then_same_bits, in_pools, values,
     };
+    use crate::backend::cpu::{Pass, PassCounters};
     use crate::backend::{
         Backend, ConvArgs, ConvGeometry, CpuBackend, InputMask, ReferenceBackend,
     };
@@ -859,6 +1094,78 @@ mod tests {
         // channel at most) in one chain: f64 rounding grows to a few 1e-15
         // norm-wise, f32 to a few 1e-6; an image's sums lost or misplaced
         // are O(1) off.
+        check::<f64>(1e-12);
+        check::<f32>(1e-4);
+    }
+
+    /// The few-rows weight gradient (`c_in * kh * kw <= FEW_ROWS`: one and
+    /// three input channels at 3 x 3) over k-blocks in more than one 4 MiB
+    /// group (130 x 130 outputs per image, three images: about 390 blocks
+    /// of one row, 16.6 KB packed each in f32 with NR = 32, 252 to a group;
+    /// more groups on the narrower ISAs), with 13 output channels (a short
+    /// last panel), with and without a spatial mask that has no zeros:
+    /// against the reference, and the same bits as the general path (by
+    /// taps) on every instruction set, thread count and padding split (the
+    /// general path starts from the first block's products there too).
+    #[test]
+    fn few_rows_weight_gradient_has_the_general_paths_bits() {
+        fn check<T: Elem>(tol: f64)
+        where
+            CpuBackend: Backend<T>,
+        {
+            let len = |s: &[usize]| s.iter().product::<usize>();
+            for c_in in [1, 3] {
+                let x_shape = [3, c_in, 130, 130];
+                let w_shape = [13, c_in, 3, 3];
+                let g = ConvGeometry::new(&x_shape, &w_shape, [1, 1], [1, 1]).unwrap();
+                assert!(c_in * 9 <= FEW_ROWS);
+                let y_shape = g.output_shape();
+                let (xv, dyv) = (values(len(&x_shape), 31), values(len(&y_shape), 32));
+                let positive: Vec<f64> = values(3 * 130 * 130, 33)
+                    .into_iter()
+                    .map(|v| 1.5 + v)
+                    .collect();
+                let spatial = InputMask::Spatial(tensor(&[3, 130, 130], &positive));
+                for mask in [None, Some(spatial)] {
+                    let a64 = ConvArgs {
+                        geom: g,
+                        mask: mask.clone(),
+                        relu: false,
+                    };
+                    let want = || {
+                        let (dy, x) = (tensor(&y_shape, &dyv), tensor(&x_shape, &xv));
+                        ReferenceBackend
+                            .conv2d_backward_weight(&dy, &x, &a64)
+                            .unwrap()
+                            .to_vec()
+                    };
+                    let at: ConvArgs<T> = ConvArgs {
+                        geom: g,
+                        mask: mask.as_ref().map(InputMask::cast),
+                        relu: false,
+                    };
+                    let (x, dy) = (tensor::<T>(&x_shape, &xv), tensor::<T>(&y_shape, &dyv));
+                    let (x, dy) = (x.as_slice(), dy.as_slice());
+                    let mut first = None;
+                    for be in direct_backends() {
+                        let runs = in_pools(|| {
+                            let cx = be.ctx(Pass::Weight);
+                            let few = backward_weight_few_rows(dy, x, &at, cx);
+                            let by_taps = backward_weight_by_taps(dy, x, &at, cx);
+                            assert_slices_same_bits(&few, &by_taps, "few rows against by taps");
+                            few
+                        });
+                        for got in runs {
+                            let what =
+                                format!("c_in {c_in}, {:?}, mask {}", be.isa(), mask.is_some());
+                            first_near_then_same_bits(&mut first, got, want, tol, &what);
+                        }
+                    }
+                }
+            }
+        }
+        // Sums of 3 x 128 x 128 products per output (f64: a few ulps per
+        // term; f32: about 6e-8 per term grown with sqrt(terms)).
         check::<f64>(1e-12);
         check::<f32>(1e-4);
     }
