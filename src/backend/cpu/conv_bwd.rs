@@ -277,13 +277,20 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
     args: &ConvArgs<E>,
     cx: Ctx<'_>,
 ) -> Vec<E> {
-    let g = &args.geom;
-    let j_len = g.c_in * g.kh * g.kw;
-    if j_len <= FEW_ROWS && !spatial_zeros(args) && sparse_channels(args.mask.as_ref()).is_none() {
+    if takes_few_rows(args) {
         backward_weight_few_rows(dy, x, args, cx)
     } else {
         backward_weight_by_taps(dy, x, args, cx)
     }
+}
+
+/// Whether the weight gradient runs [`backward_weight_few_rows`]: at most
+/// `FEW_ROWS` taps, and no mask whose zeros the general path would skip.
+fn takes_few_rows<E: Elem>(args: &ConvArgs<E>) -> bool {
+    let g = &args.geom;
+    g.c_in * g.kh * g.kw <= FEW_ROWS
+        && !spatial_zeros(args)
+        && sparse_channels(args.mask.as_ref()).is_none()
 }
 
 /// A spatial mask with exact zeros, whose positions the passes skip.
@@ -928,7 +935,7 @@ pub(crate) fn conv2d_backward_bias<E: Elem>(dy: &[E], dims: [usize; 4]) -> Vec<E
 /// them).
 #[cfg(test)]
 mod tests {
-    use super::{FEW_ROWS, backward_weight_by_taps, backward_weight_few_rows};
+    use super::{FEW_ROWS, backward_weight_by_taps, backward_weight_few_rows, takes_few_rows};
     use crate::backend::cpu::conv_fwd::{PACK_WEIGHTS_ABOVE, nr_for};
     use crate::backend::cpu::isa::Isa;
     use crate::backend::cpu::kernel::MR;
@@ -1168,6 +1175,38 @@ mod tests {
         // term; f32: about 6e-8 per term grown with sqrt(terms)).
         check::<f64>(1e-12);
         check::<f32>(1e-4);
+    }
+
+    /// The weight gradient's choice of path: few rows up to `FEW_ROWS` taps
+    /// (3 x 3 x 3 and 32 x 1 x 1 in, 3 x 3 x 4 and 33 x 1 x 1 out), and
+    /// only where no mask has zeros for the general path to skip.
+    #[test]
+    fn few_rows_up_to_32_taps_where_no_mask_has_zeros() {
+        let args = |c_in: usize, k: usize, mask: Option<InputMask<f32>>| ConvArgs {
+            geom: ConvGeometry::new(&[2, c_in, 5, 6], &[4, c_in, k, k], [1, 1], [0, 0]).unwrap(),
+            mask,
+            relu: false,
+        };
+        let spatial =
+            |v: f64| InputMask::Spatial(tensor(&[2, 5, 6], &[[0.5; 59].as_slice(), &[v]].concat()));
+        let channel = |c: usize, v: f64| {
+            let mut m = vec![0.5; 2 * c];
+            m[2 * c - 1] = v;
+            InputMask::Channel(tensor(&[2, c], &m))
+        };
+        for (c_in, k, mask, want) in [
+            (3, 3, None, true),
+            (4, 3, None, false),
+            (32, 1, None, true),
+            (33, 1, None, false),
+            (3, 3, Some(spatial(0.25)), true),
+            (3, 3, Some(spatial(0.0)), false),
+            (3, 3, Some(channel(3, 0.25)), true),
+            (3, 3, Some(channel(3, 0.0)), false),
+        ] {
+            let what = format!("{c_in} x {k} x {k}, mask {mask:?}");
+            assert_eq!(takes_few_rows(&args(c_in, k, mask)), want, "{what}");
+        }
     }
 
     /// Where the batch's padded copy reaches the threshold, the direct
