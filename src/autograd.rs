@@ -165,6 +165,12 @@ impl<T: Float> Var<T> {
     pub fn value(&self) -> &Tensor<T> {
         &self.value
     }
+    /// The value, taken out (a scalar zero left in its place), for an op
+    /// that may write its output into the value's buffer: the Var keeps the
+    /// node and tape that op records, and is dropped after it.
+    pub(crate) fn take_value(&mut self) -> Tensor<T> {
+        std::mem::replace(&mut self.value, Tensor::scalar(T::zero()))
+    }
     /// The value's shape.
     pub fn shape(&self) -> &[usize] {
         self.value.shape()

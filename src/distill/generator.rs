@@ -72,7 +72,7 @@ pub fn generation_block<T: Float>(
         .tape()
         .constant(unreached)
         .conv2d(&filters, None, &Conv2dOptions::same(1))?;
-    reached.add(&rest)
+    reached.add_owned(&rest)
 }
 
 /// Whether splitting the second conv pays: when at least a quarter of the

@@ -107,11 +107,43 @@ impl<T: Float> Var<T> {
         let y = self
             .backend()
             .binary(op, self.value(), other.value(), &out_shape)?;
+        let a = (op == Binary::Mul).then(|| self.value().clone());
+        self.record_binary(op, other, y, self.shape().to_vec(), a)
+    }
+
+    /// `self + other`, broadcasting, taking `self`: the sum is written into
+    /// `self`'s buffer where nothing else holds it (a sum's derivative
+    /// reads neither operand) and both operands have the output's shape
+    /// (on a backend that writes in place: `Backend::binary_owned`), else
+    /// into a new one.
+    /// The same values and gradients as [`Var::add`]; what it saves is a
+    /// fresh activation-sized buffer (the generator's split second conv
+    /// adds two P2 activations: `distill::generator`).
+    pub fn add_owned(self, other: &Var<T>) -> Result<Var<T>> {
+        let out_shape = broadcast_shapes("add", self.shape(), other.shape())?;
+        let a_shape = self.shape().to_vec();
+        let mut this = self;
+        let a = this.take_value();
+        let y = this
+            .backend()
+            .binary_owned(Binary::Add, a, other.value(), &out_shape)?;
+        this.record_binary(Binary::Add, other, y, a_shape, None)
+    }
+
+    /// Record `y = self op other` (`a_shape` is `self`'s shape; `a` its
+    /// value, which only a product keeps).
+    fn record_binary(
+        &self,
+        op: Binary,
+        other: &Var<T>,
+        y: Tensor<T>,
+        a_shape: Vec<usize>,
+        a: Option<Tensor<T>>,
+    ) -> Result<Var<T>> {
         // Keep only what the derivative reads: a sum or difference needs its
         // operands' shapes, a product or quotient the other operand (and a
         // quotient its output), so a sum of two activations holds neither.
-        let (a_shape, b_shape) = (self.shape().to_vec(), other.shape().to_vec());
-        let a = (op == Binary::Mul).then(|| self.value().clone());
+        let b_shape = other.shape().to_vec();
         let b = matches!(op, Binary::Mul | Binary::Div).then(|| other.value().clone());
         let y_val = (op == Binary::Div).then(|| y.clone());
         self.tape().record(&[self, other], y, move |be, g, needs| {
@@ -181,5 +213,84 @@ impl<T: Float> Var<T> {
             let g = &g;
             Ok(vec![Some(be.mask_mul(g, &m)?)])
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::autograd::{Tape, Var};
+    use crate::backend::CpuBackend;
+    use crate::backend::cpu::testing::values;
+    use crate::{ConvAlgo, Tensor};
+
+    fn tensor(shape: &[usize], seed: u64) -> Tensor<f64> {
+        let len = shape.iter().product();
+        Tensor::from_vec(shape, values(len, seed)).unwrap()
+    }
+
+    /// `sum((2 x + w)^2)` by `add` or `add_owned`, with `keep` holding a
+    /// second handle on `2 x` through the sum when set: the value of `2 x
+    /// + w`, whether it took `2 x`'s buffer, what `keep` then reads, and
+    /// the gradients of `x` and `w`.
+    #[allow(clippy::type_complexity)]
+    fn run(
+        owned: bool,
+        keep: bool,
+        x_shape: &[usize],
+        w_shape: &[usize],
+    ) -> (Vec<f64>, bool, Option<Vec<f64>>, Vec<f64>, Vec<f64>) {
+        let tape = Tape::new(Arc::new(CpuBackend::new(ConvAlgo::Direct)));
+        let (x, w) = (tape.leaf(tensor(x_shape, 1)), tape.leaf(tensor(w_shape, 2)));
+        // `x + x`: a sum keeps no handle on its output (a unary op keeps
+        // one for its derivative).
+        let s = x.add(&x).unwrap();
+        let kept: Option<Var<f64>> = keep.then(|| s.clone());
+        let at = s.value().as_slice().as_ptr();
+        let y = if owned {
+            s.add_owned(&w).unwrap()
+        } else {
+            s.add(&w).unwrap()
+        };
+        let in_place = y.value().as_slice().as_ptr() == at;
+        let value = y.value().as_slice().to_vec();
+        let grads = y.mul(&y).unwrap().sum_all().unwrap().backward().unwrap();
+        let grad = |v: &Var<f64>| grads.get(v).unwrap().as_slice().to_vec();
+        let kept = kept.map(|k| k.value().as_slice().to_vec());
+        (value, in_place, kept, grad(&x), grad(&w))
+    }
+
+    /// `add_owned` gives `add`'s values and gradients bit for bit; on the
+    /// CPU backend it writes into its operand's buffer only where that is
+    /// the operand's sole handle and both operands have the output's shape:
+    /// a second handle still reads `2 x`, and a broadcast gets a new buffer.
+    #[test]
+    fn add_owned_is_add_written_in_place_where_nothing_else_reads() {
+        let (full, bias) = ([2, 3, 4, 5], [1, 3, 1, 1]);
+        for (x_shape, w_shape) in [(full, full), (full, bias), (bias, full)] {
+            for keep in [false, true] {
+                let (v, by_add, k, gx, gw) = run(false, keep, &x_shape, &w_shape);
+                let (vo, in_place, ko, gxo, gwo) = run(true, keep, &x_shape, &w_shape);
+                let what = format!("{x_shape:?} + {w_shape:?}, second handle {keep}");
+                assert!(!by_add, "{what}: add writes a new buffer");
+                let same_shapes = x_shape == w_shape;
+                assert_eq!(in_place, !keep && same_shapes, "{what}: in place");
+                assert_eq!(
+                    (&v, &gx, &gw),
+                    (&vo, &gxo, &gwo),
+                    "{what}: value or gradients"
+                );
+                assert_eq!(k, ko, "{what}: the second handle's value");
+                if let Some(k) = k {
+                    let twice: Vec<f64> = tensor(&x_shape, 1)
+                        .as_slice()
+                        .iter()
+                        .map(|a| 2.0 * a)
+                        .collect();
+                    assert_eq!(k, twice, "{what}: the second handle still reads 2 x");
+                }
+            }
+        }
     }
 }
