@@ -403,6 +403,20 @@ pub trait Backend<T: Float>: Send + Sync {
             dot_b,
         })
     }
+    /// [`Backend::weighted_pair_residual`] of an `a` the caller gives up:
+    /// the residual may be written into `a`'s buffer (the CPU backend does
+    /// where `a` is the only handle on it: one activation-sized buffer less
+    /// to allocate). The default borrows.
+    fn weighted_pair_residual_owned(
+        &self,
+        a: Tensor<T>,
+        b: &Tensor<T>,
+        wa: T,
+        wb: T,
+        t: &Tensor<T>,
+    ) -> Result<PairResidual<T>> {
+        self.weighted_pair_residual(&a, b, wa, wb, t)
+    }
 }
 
 /// What [`Backend::weighted_pair_residual`] returns.

@@ -297,6 +297,21 @@ impl<T: Float> Backend<T> for Profiled<T> {
             || self.inner.weighted_pair_residual(a, b, wa, wb, t),
         )
     }
+
+    fn weighted_pair_residual_owned(
+        &self,
+        a: Tensor<T>,
+        b: &Tensor<T>,
+        wa: T,
+        wb: T,
+        t: &Tensor<T>,
+    ) -> Result<PairResidual<T>> {
+        let label = format!("weighted_pair_residual {}", shape(a.shape()));
+        self.time(
+            || label,
+            || self.inner.weighted_pair_residual_owned(a, b, wa, wb, t),
+        )
+    }
 }
 
 #[cfg(test)]

@@ -82,7 +82,7 @@ pub fn level_loss<T: Float>(
     let w = vars.get("fusion")?.softmax(0)?;
     // F = w_s F_s + w_c F_c and sum((F - T)^2) in one op: F is never stored.
     let loss = f_s
-        .weighted_pair_sq_err(&f_c, &w.index1(0)?, &w.index1(1)?, teacher)?
+        .weighted_pair_sq_err_owned(&f_c, &w.index1(0)?, &w.index1(1)?, teacher)?
         .scale(cfg.alpha / n as f64)?;
     Ok(LevelOutput {
         loss,

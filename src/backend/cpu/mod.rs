@@ -585,6 +585,16 @@ macro_rules! forward_to_kernels {
             ) -> Result<PairResidual<$t>> {
                 Kernels(self).weighted_pair_residual(a, b, wa, wb, t)
             }
+            fn weighted_pair_residual_owned(
+                &self,
+                a: Tensor<$t>,
+                b: &Tensor<$t>,
+                wa: $t,
+                wb: $t,
+                t: &Tensor<$t>,
+            ) -> Result<PairResidual<$t>> {
+                Kernels(self).weighted_pair_residual_owned(a, b, wa, wb, t)
+            }
         }
     };
 }
@@ -855,6 +865,33 @@ impl<T: Float> Backend<T> for Kernels<'_> {
             dot_a,
             dot_b,
         })
+    }
+
+    fn weighted_pair_residual_owned(
+        &self,
+        a: Tensor<T>,
+        b: &Tensor<T>,
+        wa: T,
+        wb: T,
+        t: &Tensor<T>,
+    ) -> Result<PairResidual<T>> {
+        if b.shape() != a.shape() || t.shape() != a.shape() {
+            return self.weighted_pair_residual(&a, b, wa, wb, t);
+        }
+        let shape = a.shape().to_vec();
+        match a.try_into_vec() {
+            Ok(mut v) => {
+                let [sq_sum, dot_a, dot_b] =
+                    reduce::weighted_pair_residual_into(&mut v, b.as_slice(), t.as_slice(), wa, wb);
+                Ok(PairResidual {
+                    residual: Tensor::from_parts(&shape, v),
+                    sq_sum,
+                    dot_a,
+                    dot_b,
+                })
+            }
+            Err(a) => self.weighted_pair_residual(&a, b, wa, wb, t),
+        }
     }
 }
 

@@ -101,16 +101,44 @@ pub(crate) fn weighted_pair_residual<T: Float>(
     wa: T,
     wb: T,
 ) -> (Vec<T>, [T; 3]) {
-    let len = a.len();
-    let mut r = pool::take::<T>(len);
+    let mut r = pool::take::<T>(a.len());
+    let sums = pair_residual_chunks(&mut r, Some(a), b, t, wa, wb);
+    (r, sums)
+}
+
+/// [`weighted_pair_residual`] with `a` given up: `r` is written over `a`
+/// (each element read before it is written), the same bits.
+pub(crate) fn weighted_pair_residual_into<T: Float>(
+    a: &mut [T],
+    b: &[T],
+    t: &[T],
+    wa: T,
+    wb: T,
+) -> [T; 3] {
+    pair_residual_chunks(a, None, b, t, wa, wb)
+}
+
+/// `out = wa a + wb b - t` and `[sum(r^2), <r, a>, <r, b>]` in fixed
+/// chunks; `a` is `out`'s own values where None.
+fn pair_residual_chunks<T: Float>(
+    out: &mut [T],
+    a: Option<&[T]>,
+    b: &[T],
+    t: &[T],
+    wa: T,
+    wb: T,
+) -> [T; 3] {
+    let len = out.len();
     let chunk = |out: &mut [T], s: usize| -> [f64; 3] {
         let n = out.len();
-        let (xa, xb, xt) = (&a[s..s + n], &b[s..s + n], &t[s..s + n]);
+        let xa = a.map(|a| &a[s..s + n]);
+        let (xb, xt) = (&b[s..s + n], &t[s..s + n]);
+        let a_at = |out: &[T], j: usize| xa.map_or(out[j], |xa| xa[j]);
         let mut acc = [[0.0f64; LANES]; 3];
         let mut k = 0;
         while k + LANES <= n {
             for i in 0..LANES {
-                let (av, bv) = (xa[k + i], xb[k + i]);
+                let (av, bv) = (a_at(out, k + i), xb[k + i]);
                 let ri = wa * av + wb * bv - xt[k + i];
                 out[k + i] = ri;
                 let rf = ri.as_f64();
@@ -127,19 +155,20 @@ pub(crate) fn weighted_pair_residual<T: Float>(
             }
         }
         for j in k..n {
-            let ri = wa * xa[j] + wb * xb[j] - xt[j];
+            let (av, bv) = (a_at(out, j), xb[j]);
+            let ri = wa * av + wb * bv - xt[j];
             out[j] = ri;
             let rf = ri.as_f64();
             sums[0] += rf * rf;
-            sums[1] += rf * xa[j].as_f64();
-            sums[2] += rf * xb[j].as_f64();
+            sums[1] += rf * av.as_f64();
+            sums[2] += rf * bv.as_f64();
         }
         sums
     };
     let parts: Vec<[f64; 3]> = if len <= SUM_CHUNK {
-        vec![chunk(&mut r, 0)]
+        vec![chunk(out, 0)]
     } else {
-        r.par_chunks_mut(SUM_CHUNK)
+        out.par_chunks_mut(SUM_CHUNK)
             .enumerate()
             .map(|(c, out)| chunk(out, c * SUM_CHUNK))
             .collect()
@@ -150,7 +179,7 @@ pub(crate) fn weighted_pair_residual<T: Float>(
             *t += v;
         }
     }
-    (r, total.map(T::from_f64))
+    total.map(T::from_f64)
 }
 
 /// Mixed-radix offset of index `idx` in dims `(len, stride)`.
@@ -456,6 +485,28 @@ mod tests {
                     };
                     assert_same_bits(&residual_sums(got), &first, "residual sums");
                 }
+                // Given up, `a`'s buffer takes the residual: the same bits,
+                // in place where `a` is the only handle, and `a` untouched
+                // where another handle reads it.
+                for shared in [false, true] {
+                    let mine = tensor::<E>(shape, data(n, seed));
+                    let at = mine.as_slice().as_ptr();
+                    let other = shared.then(|| mine.clone());
+                    let got = cpu()
+                        .weighted_pair_residual_owned(mine, &b, wa, wb, &t)
+                        .unwrap();
+                    let what = format!("owned residual, shared {shared}");
+                    assert_same_bits(&got.residual, &runs[0].residual, &what);
+                    assert_same_bits(&residual_sums(&got), &residual_sums(&runs[0]), &what);
+                    assert_eq!(
+                        got.residual.as_slice().as_ptr() == at,
+                        !shared,
+                        "{what}: in place"
+                    );
+                    if let Some(other) = other {
+                        assert_same_bits(&other, &a, &what);
+                    }
+                }
             }
         }
     }
@@ -541,6 +592,20 @@ mod tests {
             let want = Tensor::from_vec(&[3], want.to_vec()).unwrap();
             let what = format!("residual sums of {len}");
             assert_same_bits(&residual_sums(&got), &want, &what);
+            let mine = tensor::<E>(&[len], values(len, 11));
+            let owned = cpu()
+                .weighted_pair_residual_owned(mine, &b, wa, wb, &t)
+                .unwrap();
+            assert_same_bits(
+                &owned.residual,
+                &got.residual,
+                &format!("owned residual of {len}"),
+            );
+            assert_same_bits(
+                &residual_sums(&owned),
+                &want,
+                &format!("owned sums of {len}"),
+            );
         }
     }
 
