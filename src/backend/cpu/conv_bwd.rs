@@ -381,8 +381,7 @@ fn backward_weight_by_taps<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs<E>, cx: C
     // by all row tasks (packing it per task repeated the transpose for each
     // task and cost 2-4% at 2 threads); a group is ~4 MiB of packed data.
     let packed_len = |r: &Rect| r.nrows * r.ncols * tiles * nr;
-    let kb_bytes = blocks.first().map_or(1, packed_len) * std::mem::size_of::<E>();
-    let per_group = ((4 << 20) / kb_bytes.max(1)).max(1);
+    let per_group = blocks_per_group::<E>(blocks.first().map_or(1, packed_len));
     let mut first = !zero_start;
     for imgs in batches {
         // The k-blocks of these images (blocks are in image order).
@@ -403,21 +402,11 @@ fn backward_weight_by_taps<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs<E>, cx: C
         };
         for (gi, group) in blocks[lo..hi].chunks(per_group).enumerate() {
             let first_block = lo + gi * per_group;
-            // 64-byte aligned, like the forward's B tiles (no split loads).
-            let total: usize = group.iter().map(packed_len).sum();
-            let mut buf = Scratch::<E>::new(total);
-            let packed = buf.as_mut_slice();
-            let mut parts = Vec::with_capacity(group.len());
-            let mut rest = &mut *packed;
-            for r in group {
-                let (head, tail) = rest.split_at_mut(packed_len(r));
-                parts.push((r, head));
-                rest = tail;
-            }
-            parts.into_par_iter().for_each(|(r, out)| {
+            let buf = pack_group(group, packed_len, |r, out| {
                 let dy_img = &dy[r.img * m * p_img..][..m * p_img];
                 pack_dy_t(dy_img, m, g.ow, (r.oy0, r.nrows, r.ox0, r.ncols), nr, out);
             });
+            let packed = buf.as_slice();
             ct.par_chunks_mut(panels_per * tiles * tile_len)
                 .enumerate()
                 .for_each(|(t, tiles_out)| {
@@ -445,6 +434,32 @@ fn backward_weight_by_taps<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs<E>, cx: C
             }
         });
     dw
+}
+
+/// K-blocks per group of a weight gradient's packed B: about 4 MiB of
+/// packed data, for blocks of `block_len` values.
+fn blocks_per_group<E>(block_len: usize) -> usize {
+    ((4 << 20) / (block_len * std::mem::size_of::<E>()).max(1)).max(1)
+}
+
+/// The k-blocks of `group` packed in parallel into one buffer, block after
+/// block, `len(r)` values each, written by `pack(r, out)`. 64-byte aligned,
+/// like the forward's B tiles (no split loads).
+fn pack_group<E: Elem>(
+    group: &[Rect],
+    len: impl Fn(&Rect) -> usize,
+    pack: impl Fn(&Rect, &mut [E]) + Sync,
+) -> Scratch<E> {
+    let mut buf = Scratch::<E>::new(group.iter().map(&len).sum());
+    let mut parts = Vec::with_capacity(group.len());
+    let mut rest = buf.as_mut_slice();
+    for r in group {
+        let (head, tail) = rest.split_at_mut(len(r));
+        parts.push((r, head));
+        rest = tail;
+    }
+    parts.into_par_iter().for_each(|(r, out)| pack(r, out));
+    buf
 }
 
 /// Most rows `j = (ci, ky, kx)` for which the weight gradient takes
@@ -494,8 +509,7 @@ fn backward_weight_few_rows<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs<E>, cx: 
         .max(1);
     let panels_per = panels.div_ceil(tasks);
     let packed_len = |r: &Rect| r.nrows * r.ncols * col_tiles * nr;
-    let kb_bytes = blocks.first().map_or(1, packed_len) * std::mem::size_of::<E>();
-    let per_group = ((4 << 20) / kb_bytes.max(1)).max(1);
+    let per_group = blocks_per_group::<E>(blocks.first().map_or(1, packed_len));
     let (hp, wp) = (spec.hp, spec.wp);
     let img_len = g.c_in * hp * wp;
     let mut first = true;
@@ -505,20 +519,11 @@ fn backward_weight_few_rows<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs<E>, cx: 
         let src = pad_images(x, g.input_shape(), spec, args.mask.as_ref(), imgs.clone());
         let src = src.as_slice();
         for group in blocks[lo..hi].chunks(per_group) {
-            let total: usize = group.iter().map(packed_len).sum();
-            let mut buf = Scratch::<E>::new(total);
-            let packed = buf.as_mut_slice();
-            let mut parts = Vec::with_capacity(group.len());
-            let mut rest = &mut *packed;
-            for r in group {
-                let (head, tail) = rest.split_at_mut(packed_len(r));
-                parts.push((r, head));
-                rest = tail;
-            }
-            parts.into_par_iter().for_each(|(r, out)| {
+            let buf = pack_group(group, packed_len, |r, out| {
                 let img = &src[(r.img - imgs.start) * img_len..][..img_len];
                 pack_windows_t(img, g, wp, hp * wp, r, nr, out);
             });
+            let packed = buf.as_slice();
             ct.par_chunks_mut(panels_per * panel_len)
                 .enumerate()
                 .for_each(|(t, c)| {
