@@ -940,7 +940,10 @@ pub(crate) fn conv2d_backward_bias<E: Elem>(dy: &[E], dims: [usize; 4]) -> Vec<E
 /// them).
 #[cfg(test)]
 mod tests {
-    use super::{FEW_ROWS, backward_weight_by_taps, backward_weight_few_rows, takes_few_rows};
+    use super::{
+        FEW_ROWS, backward_weight_by_taps, backward_weight_few_rows, blocks_per_group,
+        takes_few_rows,
+    };
     use crate::backend::cpu::conv_fwd::{PACK_WEIGHTS_ABOVE, nr_for};
     use crate::backend::cpu::isa::Isa;
     use crate::backend::cpu::kernel::MR;
@@ -1180,6 +1183,18 @@ mod tests {
         // term; f32: about 6e-8 per term grown with sqrt(terms)).
         check::<f64>(1e-12);
         check::<f32>(1e-4);
+    }
+
+    /// A group of weight-gradient k-blocks holds about 4 MiB of packed data
+    /// and at least one block (no result depends on it, so only this test
+    /// sees a wrong size).
+    #[test]
+    fn weight_gradient_groups_hold_about_4_mib() {
+        assert_eq!(blocks_per_group::<f32>(1024), 1024);
+        assert_eq!(blocks_per_group::<f64>(1024), 512);
+        assert_eq!(blocks_per_group::<f32>(1000), 1048);
+        assert_eq!(blocks_per_group::<f32>(2 << 20), 1);
+        assert_eq!(blocks_per_group::<f32>(0), 4 << 20);
     }
 
     /// The weight gradient's choice of path: few rows up to `FEW_ROWS` taps
