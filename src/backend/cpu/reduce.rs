@@ -633,6 +633,25 @@ mod tests {
         pair_residuals::<f64>();
     }
 
+    /// The owned residual refuses what the borrowing one refuses: `b` or
+    /// `t` of another shape than `a` is a shape error, not a kernel run
+    /// over the wrong lengths in `a`'s buffer.
+    #[test]
+    fn the_owned_pair_residual_checks_every_shape() {
+        let ok = || tensor::<f32>(&[2, 3], values(6, 1));
+        let short = tensor::<f32>(&[2, 2], values(4, 2));
+        let (w1, w2) = (0.5, -1.25);
+        for (b, t) in [(&short, &ok()), (&ok(), &short)] {
+            let got = cpu().weighted_pair_residual_owned(ok(), b, w1, w2, t);
+            assert!(
+                matches!(got, Err(crate::Error::ShapeMismatch { .. })),
+                "b {:?}, t {:?}: {got:?}",
+                b.shape(),
+                t.shape()
+            );
+        }
+    }
+
     #[test]
     fn softmax_and_its_backward_equal_the_reference_bit_for_bit() {
         softmaxes::<f32>();
