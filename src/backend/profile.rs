@@ -375,11 +375,19 @@ mod tests {
             (y.as_slice().as_ptr(), y.as_slice()),
             (at, &[0.0, -2.0, 0.0, -4.0][..])
         );
+        // r = 0.5 y + 1 x - x.
+        let pair = p.weighted_pair_residual_owned(y, &x, 0.5, 1.0, &x).unwrap();
+        let r = &pair.residual;
+        assert_eq!(
+            (r.as_slice().as_ptr(), r.as_slice()),
+            (at, &[0.0, -1.0, 0.0, -2.0][..])
+        );
         let rows = p.rows();
         let find = |k: &str| rows.iter().find(|r| r.kernel == k).map(|r| r.calls);
         assert_eq!(find("unary.Neg 2x2"), Some(1));
         assert_eq!(find("unary_backward.Relu 2x2"), Some(1));
         assert_eq!(find("binary.Add 2x2 2x2 -> 2x2"), Some(1));
+        assert_eq!(find("weighted_pair_residual 2x2"), Some(1));
     }
 
     #[test]
