@@ -116,6 +116,7 @@ impl<T: Float> Var<T> {
     /// reads neither operand) and both operands have the output's shape
     /// (on a backend that writes in place: `Backend::binary_owned`), else
     /// into a new one.
+    ///
     /// The same values and gradients as [`Var::add`]; what it saves is a
     /// fresh activation-sized buffer (the generator's split second conv
     /// adds two P2 activations: `distill::generator`).
