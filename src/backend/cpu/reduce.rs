@@ -128,12 +128,28 @@ fn pair_residual_chunks<T: Float>(
     wa: T,
     wb: T,
 ) -> [T; 3] {
+    // One instance per source of `a`, so neither loop tests which.
+    match a {
+        Some(a) => pair_residual_by(out, b, t, wa, wb, |_, i, _| a[i]),
+        None => pair_residual_by(out, b, t, wa, wb, |out, _, j| out[j]),
+    }
+}
+
+/// [`pair_residual_chunks`] with `a`'s element read by `a_at(chunk of out,
+/// index, index in the chunk)`.
+fn pair_residual_by<T: Float>(
+    out: &mut [T],
+    b: &[T],
+    t: &[T],
+    wa: T,
+    wb: T,
+    a_at: impl Fn(&[T], usize, usize) -> T + Sync,
+) -> [T; 3] {
     let len = out.len();
     let chunk = |out: &mut [T], s: usize| -> [f64; 3] {
         let n = out.len();
-        let xa = a.map(|a| &a[s..s + n]);
         let (xb, xt) = (&b[s..s + n], &t[s..s + n]);
-        let a_at = |out: &[T], j: usize| xa.map_or(out[j], |xa| xa[j]);
+        let a_at = |out: &[T], j: usize| a_at(out, s + j, j);
         let mut acc = [[0.0f64; LANES]; 3];
         let mut k = 0;
         while k + LANES <= n {
