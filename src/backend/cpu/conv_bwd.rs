@@ -356,12 +356,7 @@ fn backward_weight_by_taps<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs<E>, cx: C
     let tile_len = MR * nr;
     let mut cbuf = Scratch::<E>::new(panels * tiles * tile_len);
     let ct = cbuf.as_mut_slice();
-    // Row tasks: runs of panels, a few per thread for balance (the split
-    // never changes a bit).
-    let tasks = (TASKS_PER_THREAD * rayon::current_num_threads())
-        .min(panels)
-        .max(1);
-    let panels_per = panels.div_ceil(tasks);
+    let panels_per = panels_per_task(panels);
     // Under a channel mask with exact zeros, the rows of a channel masked in
     // an image add only zeros over that image's k-blocks and are left out
     // there (`DwTask` runs the kept rows MR at a time); the sums then start
@@ -436,6 +431,24 @@ fn backward_weight_by_taps<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs<E>, cx: C
     dw
 }
 
+/// Row panels per task of a weight gradient: runs of panels, a few tasks
+/// per thread for balance (the split never changes a bit).
+fn panels_per_task(panels: usize) -> usize {
+    let tasks = (TASKS_PER_THREAD * rayon::current_num_threads())
+        .min(panels)
+        .max(1);
+    panels.div_ceil(tasks)
+}
+
+/// Where row `j = (ci, ky, kx)` of the weight gradient starts in a padded
+/// image (`plane` values a channel, rows `wp` wide): the image shifted by
+/// `(ky, kx)`, in channel `ci`. Both orientations read the taps through it.
+fn tap_offset(g: &ConvGeometry, wp: usize, plane: usize, j: usize) -> usize {
+    let taps = g.kh * g.kw;
+    let (ci, t) = (j / taps, j % taps);
+    ci * plane + (t / g.kw) * wp + t % g.kw
+}
+
 /// K-blocks per group of a weight gradient's packed B: about 4 MiB of
 /// packed data, for blocks of `block_len` values.
 fn blocks_per_group<E>(block_len: usize) -> usize {
@@ -504,10 +517,7 @@ fn backward_weight_few_rows<E: Elem>(dy: &[E], x: &[E], args: &ConvArgs<E>, cx: 
     cx.tally.tiles(blocks.len(), 0);
     let mut cbuf = Scratch::<E>::new(panels * panel_len);
     let ct = cbuf.as_mut_slice();
-    let tasks = (TASKS_PER_THREAD * rayon::current_num_threads())
-        .min(panels)
-        .max(1);
-    let panels_per = panels.div_ceil(tasks);
+    let panels_per = panels_per_task(panels);
     let packed_len = |r: &Rect| r.nrows * r.ncols * col_tiles * nr;
     let per_group = blocks_per_group::<E>(blocks.first().map_or(1, packed_len));
     let (hp, wp) = (spec.hp, spec.wp);
@@ -570,9 +580,7 @@ fn pack_windows_t<E: Elem>(
     let j_len = g.c_in * taps;
     let kc = r.nrows * r.ncols;
     let [sh, sw] = g.stride;
-    let offs: Vec<usize> = (0..j_len)
-        .map(|j| (j / taps) * plane + (j % taps / g.kw) * wp + j % g.kw)
-        .collect();
+    let offs: Vec<usize> = (0..j_len).map(|j| tap_offset(g, wp, plane, j)).collect();
     for (t, tile) in out.chunks_exact_mut(kc * nr).enumerate() {
         let offs = &offs[(t * nr).min(j_len)..((t + 1) * nr).min(j_len)];
         let mut rows = tile.chunks_exact_mut(nr);
@@ -791,11 +799,7 @@ impl<E: Elem> WithSimd for DwTask<'_, '_, E> {
                 nseg: r.nrows,
                 seg_jump: sh * wp,
             };
-            // Row j = (ci, ky, kx) reads the image shifted by (ky, kx).
-            let row = |j: usize| {
-                let (ci, t) = (j / taps, j % taps);
-                &src[ci * plane + (t / g.kw) * wp + t % g.kw..]
-            };
+            let row = |j: usize| &src[tap_offset(g, wp, plane, j)..];
             if let Some(ms) = job.skip {
                 // The kept rows, MR at a time, whatever panels they lie
                 // in. The masked rows' terms are exact zeros (the input is
