@@ -434,6 +434,19 @@ fn in_place<T: Float>(
     Ok(Tensor::from_parts(&shape, v))
 }
 
+/// The fused pair residual's operands: `b` and `t` of `a`'s shape.
+fn check_pair_shapes<T: Float>(a: &Tensor<T>, b: &Tensor<T>, t: &Tensor<T>) -> Result<()> {
+    for (what, x) in [("b", b), ("t", t)] {
+        if x.shape() != a.shape() {
+            return Err(Error::shape(
+                "weighted_pair_residual",
+                format!("{what} of shape {:?} for a of {:?}", x.shape(), a.shape()),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The CPU backend's methods for any `Float`, on a borrowed [`CpuBackend`]
 /// (whose fields it reaches through `Deref`). [`CpuBackend`] itself
 /// implements `Backend<f32>` and `Backend<f64>` only, each method a
@@ -849,14 +862,7 @@ impl<T: Float> Backend<T> for Kernels<'_> {
         wb: T,
         t: &Tensor<T>,
     ) -> Result<PairResidual<T>> {
-        for (what, x) in [("b", b), ("t", t)] {
-            if x.shape() != a.shape() {
-                return Err(Error::shape(
-                    "weighted_pair_residual",
-                    format!("{what} of shape {:?} for a of {:?}", x.shape(), a.shape()),
-                ));
-            }
-        }
+        check_pair_shapes(a, b, t)?;
         let (r, [sq_sum, dot_a, dot_b]) =
             reduce::weighted_pair_residual(a.as_slice(), b.as_slice(), t.as_slice(), wa, wb);
         Ok(PairResidual {
@@ -875,9 +881,7 @@ impl<T: Float> Backend<T> for Kernels<'_> {
         wb: T,
         t: &Tensor<T>,
     ) -> Result<PairResidual<T>> {
-        if b.shape() != a.shape() || t.shape() != a.shape() {
-            return self.weighted_pair_residual(&a, b, wa, wb, t);
-        }
+        check_pair_shapes(&a, b, t)?;
         let shape = a.shape().to_vec();
         match a.try_into_vec() {
             Ok(mut v) => {
