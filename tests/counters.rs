@@ -15,7 +15,7 @@ use crate::common;
 use common::fill;
 use dmkd::backend::cpu::{
     PACK_WEIGHTS_ABOVE, PassCounters, WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_POSITIONS, WINOGRAD_TILE,
-    WorkCounters,
+    WINOGRAD6_TILE, WorkCounters,
 };
 use dmkd::backend::{Backend, ConvArgs, ConvGeometry, CpuBackend};
 use dmkd::{ConvAlgo, Float, InputMask, Tensor};
@@ -23,6 +23,8 @@ use dmkd::{ConvAlgo, Float, InputMask, Tensor};
 /// Multiply-adds per output of Winograd F(4x4, 3x3): one 36-position
 /// elementwise product per tile and channel pair.
 const POS: u64 = 36;
+/// Positions of an F(6x6) tile (8 x 8).
+const POS6: u64 = 64;
 
 /// One convolution problem: `x [n, c_in, h, w]`, `c_out x c_in x k x k`
 /// weights.
@@ -158,6 +160,23 @@ fn dense_counts_are_the_textbook_work() {
     assert_eq!(wg.forward.weights_packed, POS * co * ci);
     assert_eq!(wg.input_grad.weights_packed, POS * co * ci);
     assert_eq!(wg.weight_grad.weights_packed, 0);
+    assert_eq!(wg.total().winograd6_calls, 0);
+    // F(6x6): 64 products per 6x6 tile and channel pair (2 x 2 tiles of a
+    // 9 x 11 plane), for the forward pass and the input gradient; its
+    // weight gradient is F(4x4)'s.
+    let t6 = (conv.h.div_ceil(WINOGRAD6_TILE) * conv.w.div_ceil(WINOGRAD6_TILE)) as u64;
+    assert_eq!(t6, 4);
+    let w6 = run::<f32>(ConvAlgo::Winograd6, &conv, None);
+    for p in [&w6.forward, &w6.input_grad] {
+        assert_eq!(p.macs, POS6 * co * ci * t6 * n, "{p:?}");
+        assert_eq!(
+            (p.direct_calls, p.winograd_calls, p.winograd6_calls),
+            (0, 1, 1)
+        );
+        assert_eq!(p.tiles, n * t6);
+        assert_eq!(p.weights_packed, POS6 * co * ci);
+    }
+    assert_eq!(w6.weight_grad, wg.weight_grad);
     // f64 has its own kernels and tile width.
     let d64 = run::<f64>(ConvAlgo::Direct, &conv, None);
     assert_eq!(d64.forward.macs, d.forward.macs);
@@ -562,7 +581,12 @@ fn auto_picks_winograd_exactly_where_its_rule_says() {
     ];
     for (conv, f64, want) in cases {
         let is_same3 = conv.k == 3 && conv.stride == 1 && conv.pad == 1;
-        for algo in [ConvAlgo::Auto, ConvAlgo::Winograd, ConvAlgo::Direct] {
+        for algo in [
+            ConvAlgo::Auto,
+            ConvAlgo::Winograd,
+            ConvAlgo::Winograd6,
+            ConvAlgo::Direct,
+        ] {
             let c = if f64 {
                 run::<f64>(algo, &conv, None)
             } else {
@@ -570,16 +594,26 @@ fn auto_picks_winograd_exactly_where_its_rule_says() {
             };
             let want = match algo {
                 ConvAlgo::Auto => want,
-                ConvAlgo::Winograd => [is_same3; 3],
+                ConvAlgo::Winograd | ConvAlgo::Winograd6 => [is_same3; 3],
                 ConvAlgo::Direct => [false; 3],
             };
-            for (p, wino) in [&c.forward, &c.input_grad, &c.weight_grad].iter().zip(want) {
+            // Explicit F(6x6) runs the forward and input passes only.
+            let f6 = [
+                algo == ConvAlgo::Winograd6 && is_same3,
+                algo == ConvAlgo::Winograd6 && is_same3,
+                false,
+            ];
+            let passes = [&c.forward, &c.input_grad, &c.weight_grad];
+            for ((p, wino), f6) in passes.iter().zip(want).zip(f6) {
                 let got = (p.winograd_calls, p.direct_calls);
                 assert_eq!(
                     got,
                     (wino as u64, !wino as u64),
                     "{algo:?} f64 {f64} {conv:?}"
                 );
+                if algo != ConvAlgo::Auto {
+                    assert_eq!(p.winograd6_calls, f6 as u64, "{algo:?} f64 {f64} {conv:?}");
+                }
             }
         }
     }
@@ -716,6 +750,7 @@ fn totals_add_the_passes_field_by_field() {
     let pass = |base: u64| PassCounters {
         direct_calls: base + 1,
         winograd_calls: base + 2,
+        winograd6_calls: base + 10,
         channel_sparse_calls: base + 3,
         spatial_skip_calls: base + 4,
         macs: base + 5,
@@ -734,6 +769,7 @@ fn totals_add_the_passes_field_by_field() {
         PassCounters {
             direct_calls: 3213,
             winograd_calls: 3216,
+            winograd6_calls: 3240,
             channel_sparse_calls: 3219,
             spatial_skip_calls: 3222,
             macs: 3225,

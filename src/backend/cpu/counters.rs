@@ -25,14 +25,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
+use super::winograd::Tiling;
+
 /// The counts of one pass (forward, input gradient or weight gradient),
 /// summed over every call since the last reset.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PassCounters {
     /// Calls run by the direct (implicit-GEMM) convolution.
     pub direct_calls: u64,
-    /// Calls run by Winograd F(4x4, 3x3).
+    /// Calls run by Winograd, F(4x4, 3x3) or F(6x6, 3x3).
     pub winograd_calls: u64,
+    /// Of those, the calls run by F(6x6, 3x3).
+    pub winograd6_calls: u64,
     /// Calls that took the channel-sparse path (a channel mask with exact
     /// zeros: per image, only the kept channels enter the GEMMs).
     pub channel_sparse_calls: u64,
@@ -40,13 +44,14 @@ pub struct PassCounters {
     pub spatial_skip_calls: u64,
     /// Multiply-adds of the products computed: `rows x k x columns` of
     /// every GEMM tile run (direct: output channels x taps x positions;
-    /// Winograd: 36 x rows x channels x tiles).
+    /// Winograd: 36 (F(6x6): 64) x rows x channels x tiles).
     pub macs: u64,
     /// Tiles computed. Forward and input gradient: output tiles (direct:
     /// [`direct_tile_positions`] positions of one image, all channels; under
     /// a spatial mask with zeros only the live positions are computed,
     /// packed side by side, so an image with `l` of them counts
-    /// `ceil(l / w)`; Winograd: 4x4 outputs). Weight gradient: blocks of
+    /// `ceil(l / w)`; Winograd: 4x4 outputs, 6x6 by F(6x6)). Weight
+    /// gradient: blocks of
     /// the reduction over positions (direct: an image's output rows of one
     /// k-block, or under a spatial mask with zeros a piece of one row;
     /// Winograd: 4x4 tiles). An image a channel mask leaves with nothing to
@@ -85,6 +90,7 @@ impl PassCounters {
         PassCounters {
             direct_calls: self.direct_calls + o.direct_calls,
             winograd_calls: self.winograd_calls + o.winograd_calls,
+            winograd6_calls: self.winograd6_calls + o.winograd6_calls,
             channel_sparse_calls: self.channel_sparse_calls + o.channel_sparse_calls,
             spatial_skip_calls: self.spatial_skip_calls + o.spatial_skip_calls,
             macs: self.macs + o.macs,
@@ -108,6 +114,7 @@ impl WorkCounters {
 pub(crate) struct Tally {
     direct_calls: AtomicU64,
     winograd_calls: AtomicU64,
+    winograd6_calls: AtomicU64,
     channel_sparse_calls: AtomicU64,
     spatial_skip_calls: AtomicU64,
     macs: AtomicU64,
@@ -127,8 +134,12 @@ impl Tally {
     pub fn direct_call(&self) {
         add(&self.direct_calls, 1);
     }
-    pub fn winograd_call(&self) {
+    /// A call run by Winograd with the transform `tiling`.
+    pub fn winograd_call(&self, tiling: Tiling) {
         add(&self.winograd_calls, 1);
+        if tiling == Tiling::F6 {
+            add(&self.winograd6_calls, 1);
+        }
     }
     pub fn channel_sparse_call(&self) {
         add(&self.channel_sparse_calls, 1);
@@ -156,6 +167,7 @@ impl Tally {
         PassCounters {
             direct_calls: get(&self.direct_calls),
             winograd_calls: get(&self.winograd_calls),
+            winograd6_calls: get(&self.winograd6_calls),
             channel_sparse_calls: get(&self.channel_sparse_calls),
             spatial_skip_calls: get(&self.spatial_skip_calls),
             macs: get(&self.macs),
@@ -170,6 +182,7 @@ impl Tally {
         for c in [
             &self.direct_calls,
             &self.winograd_calls,
+            &self.winograd6_calls,
             &self.channel_sparse_calls,
             &self.spatial_skip_calls,
             &self.macs,
@@ -217,7 +230,9 @@ mod tests {
         c.forward.direct_call();
         c.forward.macs(10);
         c.forward.tiles(3, 2);
-        c.input_grad.winograd_call();
+        c.input_grad.winograd_call(Tiling::F4);
+        c.input_grad.winograd_call(Tiling::F6);
+        c.forward.winograd_call(Tiling::F6);
         c.input_grad.channels_skipped(4);
         c.weight_grad.weights_packed(7);
         c.weight_grad.channel_sparse_call();
@@ -225,19 +240,23 @@ mod tests {
         let s = c.snapshot();
         let want_fwd = PassCounters {
             direct_calls: 1,
+            winograd_calls: 1,
+            winograd6_calls: 1,
             macs: 10,
             tiles: 3,
             tiles_skipped: 2,
             ..Default::default()
         };
         assert_eq!(s.forward, want_fwd);
-        assert_eq!(s.input_grad.winograd_calls, 1);
+        assert_eq!(s.input_grad.winograd_calls, 2);
+        assert_eq!(s.input_grad.winograd6_calls, 1);
         assert_eq!(s.input_grad.channels_skipped, 4);
         assert_eq!(s.weight_grad.weights_packed, 7);
         assert_eq!(s.weight_grad.channel_sparse_calls, 1);
         assert_eq!(s.weight_grad.spatial_skip_calls, 1);
         let t = s.total();
-        assert_eq!((t.direct_calls, t.winograd_calls, t.macs), (1, 1, 10));
+        assert_eq!((t.direct_calls, t.winograd_calls, t.macs), (1, 3, 10));
+        assert_eq!(t.winograd6_calls, 2);
         assert_eq!((t.channels_skipped, t.weights_packed), (4, 7));
         assert_eq!((t.channel_sparse_calls, t.spatial_skip_calls), (1, 1));
         assert_eq!((t.tiles, t.tiles_skipped), (3, 2));

@@ -38,6 +38,7 @@ use crate::backend::reference::ReferenceBackend;
 use crate::backend::{Backend, Binary, ConvArgs, InputMask, PairResidual, Unary};
 use crate::error::{Error, Result};
 use crate::tensor::{Float, Tensor};
+use winograd::Tiling;
 
 mod conv_bwd;
 mod conv_fwd;
@@ -69,6 +70,16 @@ pub const PANEL_ROWS: usize = kernel::MR;
 /// reads inputs `4ty - 1 .. 4ty + 5` x `4tx - 1 .. 4tx + 5`.
 pub const WINOGRAD_TILE: usize = 4;
 
+/// Output tile side of Winograd F(6x6, 3x3) (`ConvAlgo::Winograd6`, and
+/// `Auto` on large levels): tile `(ty, tx)` holds outputs `6ty .. 6ty + 6`
+/// x `6tx .. 6tx + 6` and reads inputs `6ty - 1 .. 6ty + 7` x `6tx - 1 ..
+/// 6tx + 7`.
+pub const WINOGRAD6_TILE: usize = 6;
+const _: () = assert!(
+    Tiling::F4.side() == WINOGRAD_TILE && Tiling::F6.side() == WINOGRAD6_TILE,
+    "the public tile sides are the engine's"
+);
+
 /// `Auto` runs Winograd for the forward pass and the input gradient from
 /// this many output positions (N*H*W) on, for the weight gradient from
 /// half of it (the rule and its measurements: `CpuBackend::winograd_for`).
@@ -95,6 +106,21 @@ pub const WINOGRAD_MIN_CHANNELS: usize = 16;
 /// failure (`docs/engineering.md`, "Winograd and outliers"). The loss's
 /// own features spread about 2.
 pub const WINOGRAD_MAX_SPREAD: f32 = 256.0;
+
+/// `Auto` runs the forward pass and the input gradient by Winograd F(6x6,
+/// 3x3) instead of F(4x4) from this many output positions (N*H*W) on. (The
+/// rule and its measurements: `CpuBackend::winograd_for`.)
+pub const WINOGRAD6_MIN_POSITIONS: usize = 8192;
+
+/// [`WINOGRAD_MAX_SPREAD`] for F(6x6): `Auto` runs a forward pass with a
+/// ReLU by F(6x6) only while its input spreads at most this far (else by
+/// F(4x4) up to [`WINOGRAD_MAX_SPREAD`], else direct). Under spikes F(6x6)'s
+/// rounding noise at the outputs that do not read one is 1.5-2x F(4x4)'s
+/// at 256 channels and 5-7x at 64 (`reference/winograd_accuracy.py`;
+/// `docs/engineering.md`, "Winograd and outliers"), so this keeps F(4x4)'s
+/// margin with a factor of 8 to spare. The loss's own ReLU operands spread
+/// 1.6-4.4.
+pub const WINOGRAD6_MAX_SPREAD: f32 = 32.0;
 
 /// Run `$body` with the type alias `$e` set to `$t` when `$t` is f32 or
 /// f64; `None` for any other `Float`.
@@ -123,6 +149,10 @@ pub enum ConvAlgo {
     /// Winograd F(4x4, 3x3) for every 3x3 stride-1 pad-1 convolution
     /// (forward, input and weight gradients), direct for the rest.
     Winograd,
+    /// Winograd F(6x6, 3x3) for the forward pass and the input gradient
+    /// of every 3x3 stride-1 pad-1 convolution, F(4x4, 3x3) for its
+    /// weight gradient, direct for the rest.
+    Winograd6,
     /// Pick per convolution and pass by a measured rule: the shape, and
     /// for a forward pass with a ReLU the spread of its input
     /// ([`WINOGRAD_MAX_SPREAD`]; see `CpuBackend::winograd_for`).
@@ -144,6 +174,7 @@ impl std::fmt::Display for ConvAlgo {
         f.write_str(match self {
             ConvAlgo::Direct => "direct",
             ConvAlgo::Winograd => "winograd",
+            ConvAlgo::Winograd6 => "winograd6",
             ConvAlgo::Auto => "auto",
         })
     }
@@ -155,10 +186,11 @@ impl std::str::FromStr for ConvAlgo {
         match s {
             "direct" => Ok(ConvAlgo::Direct),
             "winograd" => Ok(ConvAlgo::Winograd),
+            "winograd6" => Ok(ConvAlgo::Winograd6),
             "auto" => Ok(ConvAlgo::Auto),
             other => Err(Error::arg(
                 "conv-algo",
-                format!("unknown conv algorithm `{other}` (direct, winograd or auto)"),
+                format!("unknown conv algorithm `{other}` (direct, winograd, winograd6 or auto)"),
             )),
         }
     }
@@ -326,84 +358,125 @@ impl CpuBackend {
     /// (times the mask) spreads too far ([`WINOGRAD_MAX_SPREAD`]) stays
     /// direct. `x` is the forward pass's input; the other passes, linear in
     /// their data, give `None`.
-    fn winograd_for<E: simd::Elem>(&self, args: &ConvArgs<E>, pass: Pass, x: Option<&[E]>) -> bool {
+    ///
+    /// F(6x6) (`winograd::Tiling::F6`) takes the forward pass and the
+    /// input gradient from [`WINOGRAD6_MIN_POSITIONS`] on, and a forward
+    /// pass with a ReLU only while its input spreads at most
+    /// [`WINOGRAD6_MAX_SPREAD`]; the weight gradient stays F(4x4).
+    ///
+    /// The transform to run, or `None` for the direct conv.
+    fn winograd_for<E: simd::Elem>(
+        &self,
+        args: &ConvArgs<E>,
+        pass: Pass,
+        x: Option<&[E]>,
+    ) -> Option<Tiling> {
         let g = &args.geom;
         if !g.is_3x3_same() {
-            return false;
+            return None;
         }
-        match self.algo {
-            ConvAlgo::Direct => false,
-            ConvAlgo::Winograd => true,
-            ConvAlgo::Auto => {
+        match (self.algo, pass) {
+            (ConvAlgo::Direct, _) => None,
+            (ConvAlgo::Winograd, _) | (ConvAlgo::Winograd6, Pass::Weight) => Some(Tiling::F4),
+            (ConvAlgo::Winograd6, _) => Some(Tiling::F6),
+            (ConvAlgo::Auto, _) => {
                 if TypeId::of::<E>() != TypeId::of::<f32>()
                     || g.c_in.min(g.c_out) < WINOGRAD_MIN_CHANNELS
                 {
-                    return false;
+                    return None;
                 }
                 let positions = g.n * g.h * g.w;
-                let big_enough = match pass {
-                    Pass::Forward | Pass::Input => positions >= WINOGRAD_MIN_POSITIONS,
-                    Pass::Weight => positions >= WINOGRAD_MIN_POSITIONS / 2,
+                let (big_enough, f6) = match pass {
+                    Pass::Forward | Pass::Input => (
+                        positions >= WINOGRAD_MIN_POSITIONS,
+                        positions >= WINOGRAD6_MIN_POSITIONS,
+                    ),
+                    Pass::Weight => (positions >= WINOGRAD_MIN_POSITIONS / 2, false),
                 };
-                big_enough
-                    && match x {
-                        Some(x) if args.relu => {
-                            // E is f32 here (checked above).
-                            let mask = args.mask.as_ref().map(same::<InputMask<E>, InputMask<f32>>);
-                            let x = pulp::bytemuck::cast_slice::<E, f32>(x);
-                            winograd_spread_ok(x, [g.n, g.c_in, g.h * g.w], mask)
+                if !big_enough {
+                    return None;
+                }
+                let tiling = if f6 { Tiling::F6 } else { Tiling::F4 };
+                match x {
+                    Some(x) if args.relu => {
+                        // E is f32 here (checked above).
+                        let mask = args.mask.as_ref().map(same::<InputMask<E>, InputMask<f32>>);
+                        let x = pulp::bytemuck::cast_slice::<E, f32>(x);
+                        let spread = Spread::of(x, [g.n, g.c_in, g.h * g.w], mask);
+                        if tiling == Tiling::F6 && spread.within(WINOGRAD6_MAX_SPREAD) {
+                            Some(Tiling::F6)
+                        } else {
+                            spread.within(WINOGRAD_MAX_SPREAD).then_some(Tiling::F4)
                         }
-                        _ => true,
                     }
+                    _ => Some(tiling),
+                }
             }
         }
     }
 }
 
-/// Whether `x` (`[N, C, HW]`, times `mask` where given) spreads narrowly
-/// enough for Winograd before a ReLU: with `a(p) = max_c |x[n][c][p] *
-/// mask|` the magnitude at each position, `max a <= WINOGRAD_MAX_SPREAD *
-/// median a`, the median over the positions where `a` is not 0 (a position
-/// of exact zeros sends no rounding noise, and an output reading only such
-/// positions is set exactly: `winograd::fwd`). True for an all-zero
-/// operand. The decision reads only the data (exact maxima and an exact
-/// median), never the thread count or the instruction set, so the bits
-/// stay reproducible.
-fn winograd_spread_ok(x: &[f32], [n, c, hw]: [usize; 3], mask: Option<&InputMask<f32>>) -> bool {
-    // Chunks of positions of one image; each sweeps the channels.
-    const CHUNK: usize = 4096;
-    let mut a = vec![0.0f32; n * hw];
-    let mut chunks: Vec<(usize, usize, &mut [f32])> = Vec::new();
-    for (img, plane) in a.chunks_mut(hw.max(1)).enumerate() {
-        for (j, part) in plane.chunks_mut(CHUNK).enumerate() {
-            chunks.push((img, j * CHUNK, part));
-        }
+/// How far the per-position magnitudes of a forward pass's input spread:
+/// with `a(p) = max_c |x[n][c][p] * mask|` the magnitude at each position,
+/// the largest `a` and the median `a` over the positions where `a` is not 0
+/// (a position of exact zeros sends no rounding noise, and an output
+/// reading only such positions is set exactly: `winograd::fwd`). Both are
+/// exact (maxima and an order statistic), read from the data only, never
+/// from the thread count or the instruction set, so the choice they make
+/// keeps the bits reproducible.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Spread {
+    /// `(max a, median a)`; `None` for an all-zero operand.
+    top_median: Option<(f32, f32)>,
+}
+
+impl Spread {
+    /// True when `max a <= limit * median a` (always for an all-zero
+    /// operand): narrow enough for a Winograd tile before a ReLU.
+    fn within(self, limit: f32) -> bool {
+        self.top_median
+            .is_none_or(|(top, median)| top <= limit * median)
     }
-    chunks.into_par_iter().for_each(|(img, p0, part)| {
-        for ci in 0..c {
-            let plane = &x[(img * c + ci) * hw + p0..][..part.len()];
-            let f = match mask {
-                Some(InputMask::Channel(m)) => m.as_slice()[img * c + ci].abs(),
-                _ => 1.0,
-            };
-            for (acc, &v) in part.iter_mut().zip(plane) {
-                *acc = acc.max((v * f).abs());
+
+    /// The spread of `x` (`[N, C, HW]`, times `mask` where given).
+    fn of(x: &[f32], [n, c, hw]: [usize; 3], mask: Option<&InputMask<f32>>) -> Spread {
+        // Chunks of positions of one image; each sweeps the channels.
+        const CHUNK: usize = 4096;
+        let mut a = vec![0.0f32; n * hw];
+        let mut chunks: Vec<(usize, usize, &mut [f32])> = Vec::new();
+        for (img, plane) in a.chunks_mut(hw.max(1)).enumerate() {
+            for (j, part) in plane.chunks_mut(CHUNK).enumerate() {
+                chunks.push((img, j * CHUNK, part));
             }
         }
-        if let Some(InputMask::Spatial(m)) = mask {
-            for (acc, &mv) in part.iter_mut().zip(&m.as_slice()[img * hw + p0..]) {
-                *acc *= mv.abs();
+        chunks.into_par_iter().for_each(|(img, p0, part)| {
+            for ci in 0..c {
+                let plane = &x[(img * c + ci) * hw + p0..][..part.len()];
+                let f = match mask {
+                    Some(InputMask::Channel(m)) => m.as_slice()[img * c + ci].abs(),
+                    _ => 1.0,
+                };
+                for (acc, &v) in part.iter_mut().zip(plane) {
+                    *acc = acc.max((v * f).abs());
+                }
             }
+            if let Some(InputMask::Spatial(m)) = mask {
+                for (acc, &mv) in part.iter_mut().zip(&m.as_slice()[img * hw + p0..]) {
+                    *acc *= mv.abs();
+                }
+            }
+        });
+        let mut live: Vec<f32> = a.into_iter().filter(|&v| v != 0.0).collect();
+        if live.is_empty() {
+            return Spread { top_median: None };
         }
-    });
-    let mut live: Vec<f32> = a.into_iter().filter(|&v| v != 0.0).collect();
-    if live.is_empty() {
-        return true;
+        let top = live.iter().copied().fold(0.0f32, f32::max);
+        let mid = live.len() / 2;
+        let (_, &mut median, _) = live.select_nth_unstable_by(mid, f32::total_cmp);
+        Spread {
+            top_median: Some((top, median)),
+        }
     }
-    let top = live.iter().copied().fold(0.0f32, f32::max);
-    let mid = live.len() / 2;
-    let (_, &mut median, _) = live.select_nth_unstable_by(mid, f32::total_cmp);
-    top <= WINOGRAD_MAX_SPREAD * median
 }
 
 /// `a` as its concrete type `B` (the caller checked `TypeId`s).
@@ -633,9 +706,9 @@ impl<T: Float> Backend<T> for Kernels<'_> {
             let b: Option<&Tensor<E>> = b.map(same);
             let (x, w, b) = (x.as_slice(), w.as_slice(), b.map(Tensor::as_slice));
             let cx = self.ctx(Pass::Forward);
-            let y = if self.winograd_for(a, Pass::Forward, Some(x)) {
-                cx.tally.winograd_call();
-                winograd::conv2d(x, w, b, a, cx)
+            let y = if let Some(tiling) = self.winograd_for(a, Pass::Forward, Some(x)) {
+                cx.tally.winograd_call(tiling);
+                winograd::conv2d(x, w, b, a, tiling, cx)
             } else {
                 cx.tally.direct_call();
                 conv_fwd::conv2d(x, w, b, a, cx)
@@ -660,9 +733,9 @@ impl<T: Float> Backend<T> for Kernels<'_> {
             let w: &Tensor<E> = same(w);
             let (dy, w) = (dy.as_slice(), w.as_slice());
             let cx = self.ctx(Pass::Input);
-            let dx = if self.winograd_for(a, Pass::Input, None) {
-                cx.tally.winograd_call();
-                winograd::conv2d_backward_input(dy, w, a, cx)
+            let dx = if let Some(tiling) = self.winograd_for(a, Pass::Input, None) {
+                cx.tally.winograd_call(tiling);
+                winograd::conv2d_backward_input(dy, w, a, tiling, cx)
             } else {
                 cx.tally.direct_call();
                 conv_bwd::conv2d_backward_input(dy, w, a, cx)
@@ -687,8 +760,9 @@ impl<T: Float> Backend<T> for Kernels<'_> {
             let x: &Tensor<E> = same(x);
             let (dy, x) = (dy.as_slice(), x.as_slice());
             let cx = self.ctx(Pass::Weight);
-            let dw = if self.winograd_for(a, Pass::Weight, None) {
-                cx.tally.winograd_call();
+            let dw = if let Some(tiling) = self.winograd_for(a, Pass::Weight, None) {
+                debug_assert_eq!(tiling, Tiling::F4, "the weight gradient runs F(4x4) only");
+                cx.tally.winograd_call(tiling);
                 winograd::conv2d_backward_weight(dy, x, a, cx)
             } else {
                 cx.tally.direct_call();
@@ -914,49 +988,83 @@ mod tests {
 
     #[test]
     fn conv_algo_picks_winograd_where_the_rule_says() {
-        let (direct, wino, auto) = (
+        let (direct, wino, wino6, auto) = (
             CpuBackend::new(ConvAlgo::Direct),
             CpuBackend::new(ConvAlgo::Winograd),
+            CpuBackend::new(ConvAlgo::Winograd6),
             CpuBackend::new(ConvAlgo::Auto),
         );
         let p3 = args::<f32>(2, 256, 100, 168, 3, 1);
-        let p7 = args::<f32>(2, 256, 7, 11, 3, 1);
+        let p4 = args::<f32>(2, 256, 50, 84, 3, 1);
+        let p5 = args::<f32>(2, 256, 25, 42, 3, 1);
         let p6 = args::<f32>(2, 256, 13, 21, 3, 1);
+        let p7 = args::<f32>(2, 256, 7, 11, 3, 1);
         let f64_p3 = args::<f64>(2, 256, 100, 168, 3, 1);
         let one = args::<f32>(2, 256, 100, 168, 1, 1);
         let strided = args::<f32>(2, 256, 100, 168, 3, 2);
         let thin = args::<f32>(2, 8, 100, 168, 3, 1);
+        let (f4, f6) = (Some(Tiling::F4), Some(Tiling::F6));
         for pass in [Pass::Forward, Pass::Input, Pass::Weight] {
-            assert!(!direct.winograd_for(&p3, pass, None));
-            assert!(wino.winograd_for(&p3, pass, None) && wino.winograd_for(&p7, pass, None));
-            assert!(wino.winograd_for(&f64_p3, pass, None));
-            assert!(
-                !wino.winograd_for(&one, pass, None) && !wino.winograd_for(&strided, pass, None)
-            );
-            assert!(auto.winograd_for(&p3, pass, None));
-            assert!(!auto.winograd_for(&p7, pass, None) && !auto.winograd_for(&p6, pass, None));
-            assert!(
-                !auto.winograd_for(&f64_p3, pass, None) && !auto.winograd_for(&thin, pass, None)
-            );
+            // F(6x6) runs the forward engine's passes, never the weight
+            // gradient.
+            let f6_if_not_weight = if pass == Pass::Weight { f4 } else { f6 };
+            assert_eq!(direct.winograd_for(&p3, pass, None), None);
+            for a in [&p3, &p7] {
+                assert_eq!(wino.winograd_for(a, pass, None), f4);
+                assert_eq!(wino6.winograd_for(a, pass, None), f6_if_not_weight);
+            }
+            assert_eq!(wino.winograd_for(&f64_p3, pass, None), f4);
+            assert_eq!(wino6.winograd_for(&f64_p3, pass, None), f6_if_not_weight);
+            for be in [&wino, &wino6, &auto] {
+                assert_eq!(be.winograd_for(&one, pass, None), None);
+                assert_eq!(be.winograd_for(&strided, pass, None), None);
+            }
+            assert_eq!(auto.winograd_for(&p3, pass, None), f6_if_not_weight);
+            assert_eq!(auto.winograd_for(&p4, pass, None), f6_if_not_weight);
+            // P5 (N*H*W = 2100): F(4x4) for all three passes.
+            assert_eq!(auto.winograd_for(&p5, pass, None), f4);
+            assert_eq!(auto.winograd_for(&p6, pass, None), None);
+            assert_eq!(auto.winograd_for(&p7, pass, None), None);
+            assert_eq!(auto.winograd_for(&f64_p3, pass, None), None);
+            assert_eq!(auto.winograd_for(&thin, pass, None), None);
         }
-        // P5 (N*H*W = 2100): Winograd for all three passes.
-        let p5 = args::<f32>(2, 256, 25, 42, 3, 1);
-        assert!(
-            auto.winograd_for(&p5, Pass::Forward, None)
-                && auto.winograd_for(&p5, Pass::Weight, None)
-        );
         // The thresholds themselves: N*H*W = 2048 / 2047 for the forward
-        // and input passes, 1024 / 1023 for the weight gradient, and 16 / 15
-        // channels.
+        // and input passes, 1024 / 1023 for the weight gradient, 8192 /
+        // 8191 for F(6x6), and 16 / 15 channels.
         let at = |n: usize, c: usize, h: usize, w: usize| args::<f32>(n, c, h, w, 3, 1);
         for pass in [Pass::Forward, Pass::Input] {
-            assert!(auto.winograd_for(&at(2, 64, 32, 32), pass, None));
-            assert!(!auto.winograd_for(&at(1, 64, 23, 89), pass, None));
+            assert_eq!(auto.winograd_for(&at(2, 64, 32, 32), pass, None), f4);
+            assert_eq!(auto.winograd_for(&at(1, 64, 23, 89), pass, None), None);
+            assert_eq!(auto.winograd_for(&at(2, 64, 64, 64), pass, None), f6);
+            assert_eq!(auto.winograd_for(&at(1, 64, 1, 8191), pass, None), f4);
         }
-        assert!(auto.winograd_for(&at(1, 64, 32, 32), Pass::Weight, None));
-        assert!(!auto.winograd_for(&at(1, 64, 31, 33), Pass::Weight, None));
-        assert!(auto.winograd_for(&at(2, 16, 32, 32), Pass::Forward, None));
-        assert!(!auto.winograd_for(&at(2, 15, 32, 32), Pass::Forward, None));
+        assert_eq!(WINOGRAD6_MIN_POSITIONS, 8192);
+        assert_eq!(
+            auto.winograd_for(&at(1, 64, 32, 32), Pass::Weight, None),
+            f4
+        );
+        assert_eq!(
+            auto.winograd_for(&at(1, 64, 31, 33), Pass::Weight, None),
+            None
+        );
+        assert_eq!(
+            auto.winograd_for(&at(2, 64, 64, 64), Pass::Weight, None),
+            f4
+        );
+        assert_eq!(
+            auto.winograd_for(&at(2, 16, 32, 32), Pass::Forward, None),
+            f4
+        );
+        assert_eq!(
+            auto.winograd_for(&at(2, 15, 32, 32), Pass::Forward, None),
+            None
+        );
+    }
+
+    /// [`Spread::within`] at the `auto` rule's F(4x4) limit, as the spread
+    /// test below checks it.
+    fn winograd_spread_ok(x: &[f32], dims: [usize; 3], mask: Option<&InputMask<f32>>) -> bool {
+        Spread::of(x, dims, mask).within(WINOGRAD_MAX_SPREAD)
     }
 
     /// The spread test against its definition: `a(p) = max_c |x * mask|`,
@@ -1000,6 +1108,12 @@ mod tests {
             [n, c, hw],
             None
         ));
+        // And at F(6x6)'s limit (32).
+        let (b6, dims) = (WINOGRAD6_MAX_SPREAD, [n, c, hw]);
+        assert_eq!(b6, 32.0);
+        assert!(Spread::of(&data(b6 * median), dims, None).within(b6));
+        assert!(!Spread::of(&data(b6 * median * 1.001), dims, None).within(b6));
+        assert!(Spread::of(&data(b6 * median * 1.001), dims, None).within(bound));
         // A spatial mask that zeroes the spike's position keeps it out; one
         // that keeps only three positions measures only them.
         let mut sp = vec![1.0f32; n * hw];
@@ -1078,14 +1192,23 @@ mod tests {
         let mut spiky = smooth.clone();
         *spiky.last_mut().unwrap() = 1e4;
         a.relu = true;
-        assert!(auto.winograd_for(&a, Pass::Forward, Some(&smooth)));
-        assert!(!auto.winograd_for(&a, Pass::Forward, Some(&spiky)));
-        assert!(wino.winograd_for(&a, Pass::Forward, Some(&spiky)));
+        assert_eq!(
+            auto.winograd_for(&a, Pass::Forward, Some(&smooth)),
+            Some(Tiling::F4)
+        );
+        assert_eq!(auto.winograd_for(&a, Pass::Forward, Some(&spiky)), None);
+        assert_eq!(
+            wino.winograd_for(&a, Pass::Forward, Some(&spiky)),
+            Some(Tiling::F4)
+        );
         a.relu = false;
-        assert!(auto.winograd_for(&a, Pass::Forward, Some(&spiky)));
+        assert_eq!(
+            auto.winograd_for(&a, Pass::Forward, Some(&spiky)),
+            Some(Tiling::F4)
+        );
         a.relu = true;
-        assert!(auto.winograd_for(&a, Pass::Input, None));
-        assert!(auto.winograd_for(&a, Pass::Weight, None));
+        assert_eq!(auto.winograd_for(&a, Pass::Input, None), Some(Tiling::F4));
+        assert_eq!(auto.winograd_for(&a, Pass::Weight, None), Some(Tiling::F4));
         // Through the backend: the spiky forward with a ReLU counts a
         // direct call, the smooth one a Winograd call.
         let x = |v: &Vec<f32>| Tensor::from_vec(&[1, 16, 32, 64], v.clone()).unwrap();
@@ -1097,6 +1220,48 @@ mod tests {
         auto.conv2d(&x(&smooth), &w, None, &a).unwrap();
         let c = auto.take_counters();
         assert_eq!((c.forward.direct_calls, c.forward.winograd_calls), (0, 1));
+        assert_eq!(c.forward.winograd6_calls, 0);
+    }
+
+    /// From [`WINOGRAD6_MIN_POSITIONS`] on, `auto` runs a forward pass with
+    /// a ReLU by F(6x6) while its input spreads at most
+    /// [`WINOGRAD6_MAX_SPREAD`], by F(4x4) up to [`WINOGRAD_MAX_SPREAD`],
+    /// direct beyond; without the ReLU, and for the input gradient, by
+    /// F(6x6) whatever the data.
+    #[test]
+    fn auto_steps_down_from_f6_to_f4_to_direct_as_the_input_spreads() {
+        let (auto, (c, h, w)) = (CpuBackend::new(ConvAlgo::Auto), (16, 64, 128));
+        let mut a = args::<f32>(1, c, h, w, 3, 1);
+        a.relu = true;
+        // Magnitudes 1..7 per position (median 4 or so); one spike at the
+        // last position of the last channel.
+        let smooth: Vec<f32> = (0..c * h * w).map(|i| 1.0 + (i % 7) as f32).collect();
+        let spiked = |v: f32| {
+            let mut x = smooth.clone();
+            *x.last_mut().unwrap() = v;
+            x
+        };
+        let (f4, f6) = (Some(Tiling::F4), Some(Tiling::F6));
+        assert_eq!(auto.winograd_for(&a, Pass::Forward, Some(&smooth)), f6);
+        assert_eq!(
+            auto.winograd_for(&a, Pass::Forward, Some(&spiked(500.0))),
+            f4
+        );
+        assert_eq!(
+            auto.winograd_for(&a, Pass::Forward, Some(&spiked(1e4))),
+            None
+        );
+        a.relu = false;
+        assert_eq!(auto.winograd_for(&a, Pass::Forward, Some(&spiked(1e4))), f6);
+        assert_eq!(auto.winograd_for(&a, Pass::Input, None), f6);
+        // Through the backend: the counters see the F(6x6) call.
+        a.relu = true;
+        let x = Tensor::from_vec(&[1, c, h, w], smooth.clone()).unwrap();
+        let wt = Tensor::from_vec(&[c, c, 3, 3], vec![0.01f32; c * c * 9]).unwrap();
+        auto.take_counters();
+        auto.conv2d(&x, &wt, None, &a).unwrap();
+        let got = auto.take_counters().forward;
+        assert_eq!((got.winograd_calls, got.winograd6_calls), (1, 1));
     }
 
     /// `--conv-algo` names parse to their algorithms (a parser that
@@ -1108,6 +1273,7 @@ mod tests {
         for (name, algo) in [
             ("direct", ConvAlgo::Direct),
             ("winograd", ConvAlgo::Winograd),
+            ("winograd6", ConvAlgo::Winograd6),
             ("auto", ConvAlgo::Auto),
         ] {
             assert_eq!(name.parse::<ConvAlgo>().unwrap(), algo);

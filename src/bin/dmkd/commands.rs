@@ -292,16 +292,18 @@ pub(crate) fn bench(opts: BenchOptions, json: bool) -> Result<bool> {
 fn print_counters(rows: &[BenchRow]) {
     println!();
     println!(
-        "work of one call per row: calls by algorithm (direct, Winograd) and by mask path \
+        "work of one call per row: calls by algorithm (direct, Winograd, of \
+         which F(6x6)) and by mask path \
          (channel-sparse, spatial skip); multiply-adds; tiles computed and skipped by \
          masks; (image, channel) pairs skipped; weight values packed"
     );
     println!(
-        "{:<28} {:<11} {:>6} {:>6} {:>6} {:>7} {:>10} {:>9} {:>9} {:>8} {:>10}",
+        "{:<28} {:<11} {:>6} {:>6} {:>6} {:>6} {:>7} {:>10} {:>9} {:>9} {:>8} {:>10}",
         "row",
         "pass",
         "direct",
         "wino",
+        "wino6",
         "sparse",
         "spatial",
         "GMAC",
@@ -321,11 +323,12 @@ fn print_counters(rows: &[BenchRow]) {
                 continue;
             }
             println!(
-                "{:<28} {:<11} {:>6} {:>6} {:>6} {:>7} {:>10.3} {:>9} {:>9} {:>8} {:>10}",
+                "{:<28} {:<11} {:>6} {:>6} {:>6} {:>6} {:>7} {:>10.3} {:>9} {:>9} {:>8} {:>10}",
                 r.name,
                 pass,
                 p.direct_calls,
                 p.winograd_calls,
+                p.winograd6_calls,
                 p.channel_sparse_calls,
                 p.spatial_skip_calls,
                 p.macs as f64 / 1e9,

@@ -6,11 +6,11 @@
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
-use super::Tile;
 use super::transform::{
     POS, RUN_WINDOWS, WindowSpan, channel_records, grad_tile, input_tiles, weight_grad_tile,
     weight_grad_tile_v,
 };
+use super::{Tile, Tiling};
 use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::nr_for;
 use crate::backend::cpu::kernel::{AWalk, MR, nr, panel_steps, run_walked_step};
@@ -140,7 +140,7 @@ impl<E: Elem> Sums<E> {
         for img in imgs.clone() {
             for ty in 0..th {
                 for tx in 0..tw {
-                    let span = WindowSpan::new(h, w, ty, tx);
+                    let span = WindowSpan::new(Tiling::F4, h, w, ty, tx);
                     if !smask.is_some_and(|ms| span.reads_only_zeros(&ms[img * hw..][..hw])) {
                         tiles.push((img, ty, tx));
                     }
@@ -331,7 +331,7 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
                 Some(InputMask::Spatial(m)) => Some(&m.as_slice()[img * hw..][..hw]),
                 _ => None,
             };
-            let span = WindowSpan::new(h, w, ty, tx);
+            let span = WindowSpan::new(Tiling::F4, h, w, ty, tx);
             // A run of whole windows of one tile row takes the 4-channel
             // vector gather (its loads shared by the run's windows).
             let run = window_run(tiles, t, h, w);
@@ -351,7 +351,7 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
             // together, Intel Xeon AVX-512, 2 threads, dense P3, medians of
             // 9, five alternating rounds: 56.4-58.1 -> 54.2-56.7 ms.
             if let Some(&(ni, nty, ntx)) = tiles.get(t + run) {
-                let next = WindowSpan::new(h, w, nty, ntx);
+                let next = WindowSpan::new(Tiling::F4, h, w, nty, ntx);
                 for j in 0..lanes {
                     next.prefetch_rows(plane(ni, j), 4 * RUN_WINDOWS + 2);
                 }
@@ -373,7 +373,7 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
                 }
             }
             for (i, d) in d.chunks_exact_mut(POS * nr).take(run).enumerate() {
-                let span = WindowSpan::new(h, w, ty, tx + i);
+                let span = WindowSpan::new(Tiling::F4, h, w, ty, tx + i);
                 // Under a spatial mask, the window's factors are read once
                 // for all the lanes (channels) the vector gather left.
                 let factors = ms.filter(|_| by4 < lanes).map(|m| span.factors(m));
@@ -383,9 +383,14 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
                         None => span.gather(plane(img, j), d, nr, j),
                     }
                 }
-                input_tiles::<E, S>(simd, d, nr, cmask.map(|_| &scale[..]), |pos, hv, v| {
-                    E::store(simd, &mut out[(pos * tb + t + i) * nr + hv..], v)
-                });
+                input_tiles::<E, S>(
+                    simd,
+                    Tiling::F4,
+                    d,
+                    nr,
+                    cmask.map(|_| &scale[..]),
+                    |pos, hv, v| E::store(simd, &mut out[(pos * tb + t + i) * nr + hv..], v),
+                );
             }
             t += run;
         }
@@ -399,7 +404,7 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
 /// [`WindowSpan::channels4_fit`]'s to say.)
 fn window_run(tiles: &[Tile], t: usize, h: usize, w: usize) -> usize {
     tile_run(tiles, t, RUN_WINDOWS, |ty, tx| {
-        WindowSpan::new(h, w, ty, tx).is_full()
+        WindowSpan::new(Tiling::F4, h, w, ty, tx).is_full()
     })
 }
 

@@ -7,7 +7,8 @@ use rayon::prelude::*;
 use super::transform::{
     POS, WindowSpan, input_tiles, output_tile, tile_is_zero, weight_tile, weight_tile_v,
 };
-use super::{Lanes, Tile, run_order};
+use super::transform6::{POS6, output_tile6, weight_tile6_v};
+use super::{Lanes, MAX_POS, Tile, Tiling, run_order};
 use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::{act_of_bias, nr_for, relu_of};
 use crate::backend::cpu::kernel::{MR, nr, panel_steps, run_packed_step};
@@ -81,6 +82,8 @@ pub(crate) struct WinoConv<'a, E: Elem> {
     pub transposed: bool,
     pub input: InMul<'a, E>,
     pub epi: Epi<'a, E>,
+    /// F(4x4) or F(6x6).
+    pub tiling: Tiling,
     /// Where the work is counted.
     pub cx: Ctx<'a>,
 }
@@ -100,8 +103,10 @@ fn kept<E: Elem>(mask: Option<&[E]>, img: usize, c: usize) -> Vec<usize> {
 /// outputs are contiguous vector stores (a scalar transform scattering
 /// straight into the packed panels cost ~6 ms per call at 256 x 256, most
 /// of a P5 conv).
+#[allow(clippy::too_many_arguments)]
 fn transform_row<E: Elem>(
     arch: Arch,
+    tiling: Tiling,
     w: &[E],
     (m, k): (usize, usize),
     transposed: bool,
@@ -110,6 +115,7 @@ fn transform_row<E: Elem>(
     dst: &mut [E],
 ) {
     arch.dispatch(WeightRow {
+        tiling,
         w,
         m,
         k,
@@ -121,6 +127,7 @@ fn transform_row<E: Elem>(
 }
 
 struct WeightRow<'a, 'b, E> {
+    tiling: Tiling,
     w: &'a [E],
     m: usize,
     k: usize,
@@ -135,6 +142,7 @@ impl<E: Elem> WithSimd for WeightRow<'_, '_, E> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
         let WeightRow {
+            tiling,
             w,
             m,
             k,
@@ -154,10 +162,12 @@ impl<E: Elem> WithSimd for WeightRow<'_, '_, E> {
         };
         // Every column in order (the dense calls) reads its taps at fixed
         // strides, without the column list between.
-        if kk == k && cols.iter().enumerate().all(|(i, &c)| i == c) {
-            transform_columns(simd, tap, kk, dst);
-        } else {
-            transform_columns(simd, |c, t| tap(cols[c], t), kk, dst);
+        let in_order = kk == k && cols.iter().enumerate().all(|(i, &c)| i == c);
+        match (tiling, in_order) {
+            (Tiling::F4, true) => transform_columns(simd, tap, kk, dst),
+            (Tiling::F4, false) => transform_columns(simd, |c, t| tap(cols[c], t), kk, dst),
+            (Tiling::F6, true) => transform_columns6(simd, tap, kk, dst),
+            (Tiling::F6, false) => transform_columns6(simd, |c, t| tap(cols[c], t), kk, dst),
         }
     }
 }
@@ -194,13 +204,47 @@ fn transform_columns<E: Elem, S: Simd>(
     }
 }
 
+/// [`transform_columns`] for F(6x6) (64 positions): the columns past the
+/// last whole register go through [`weight_tile6_v`] in one more register,
+/// its unused lanes zero, so a filter's bits do not depend on the register
+/// width.
+#[inline(always)]
+fn transform_columns6<E: Elem, S: Simd>(
+    simd: S,
+    tap: impl Fn(usize, usize) -> E,
+    kk: usize,
+    dst: &mut [E],
+) {
+    let l = E::lanes::<S>();
+    let mut g = [E::zero(); 9 * MAX_LANES];
+    let mut tail = [E::zero(); MAX_LANES];
+    for c0 in (0..kk).step_by(l) {
+        let lanes = l.min(kk - c0);
+        for t in 0..9 {
+            for j in 0..l {
+                g[t * l + j] = if j < lanes { tap(c0 + j, t) } else { E::zero() };
+            }
+        }
+        let gv: [E::V<S>; 9] = std::array::from_fn(|t| E::load(simd, &g[t * l..]));
+        let u = weight_tile6_v::<E, S>(simd, &gv);
+        for (pos, &v) in u.iter().enumerate() {
+            if lanes == l {
+                E::store(simd, &mut dst[pos * kk + c0..], v);
+            } else {
+                E::store(simd, &mut tail[..l], v);
+                dst[pos * kk + c0..][..lanes].copy_from_slice(&tail[..lanes]);
+            }
+        }
+    }
+}
+
 /// One panel of [`transform_packed`]'s layout, `[pos][c][MR]`, from its
-/// first `rows` rows in `u` (`[row][pos][c]`, `kk` columns); lanes past
-/// them (rows past the end) are zeros.
-fn pack_panel<E: Elem>(panel: &mut [E], u: &[E], kk: usize, rows: usize) {
+/// first `rows` rows in `u` (`[row][pos][c]`, `npos` positions, `kk`
+/// columns); lanes past them (rows past the end) are zeros.
+fn pack_panel<E: Elem>(panel: &mut [E], u: &[E], (npos, kk): (usize, usize), rows: usize) {
     for (pos, dst) in panel.chunks_exact_mut((kk * MR).max(1)).enumerate() {
         let urows: [Option<&[E]>; MR] =
-            std::array::from_fn(|r| (r < rows).then(|| &u[(r * POS + pos) * kk..][..kk]));
+            std::array::from_fn(|r| (r < rows).then(|| &u[(r * npos + pos) * kk..][..kk]));
         // Column-major so the writes run contiguously (the strided
         // row-by-row order cost about 1 ms more per 256 x 256 call).
         match urows {
@@ -243,6 +287,7 @@ fn pack_panel<E: Elem>(panel: &mut [E], u: &[E], kk: usize, rows: usize) {
 /// loss's channel mask: see `docs/engineering.md`).
 fn transform_packed<E: Elem>(
     arch: Arch,
+    tiling: Tiling,
     w: &[E],
     mk: (usize, usize),
     rows: &[usize],
@@ -250,23 +295,24 @@ fn transform_packed<E: Elem>(
     transposed: bool,
 ) -> Vec<E> {
     let kk = cols.len();
+    let npos = tiling.positions();
     let panels = rows.len().div_ceil(MR);
-    let mut out = pool::take::<E>(panels * POS * kk * MR);
-    out.par_chunks_mut((POS * kk * MR).max(1))
+    let mut out = pool::take::<E>(panels * npos * kk * MR);
+    out.par_chunks_mut((npos * kk * MR).max(1))
         .enumerate()
         // One panel buffer per rayon job, reused across its panels (a fresh
         // zeroed one per panel cost ~10 MB of memset per call).
         .for_each_init(
-            || vec![E::zero(); MR * POS * kk],
+            || vec![E::zero(); MR * npos * kk],
             |buf, (p, chunk)| {
                 let panel_rows = &rows[p * MR..rows.len().min(p * MR + MR)];
                 for (&row, dst) in panel_rows
                     .iter()
-                    .zip(buf.chunks_exact_mut((POS * kk).max(1)))
+                    .zip(buf.chunks_exact_mut((npos * kk).max(1)))
                 {
-                    transform_row(arch, w, mk, transposed, row, cols, dst);
+                    transform_row(arch, tiling, w, mk, transposed, row, cols, dst);
                 }
-                pack_panel(chunk, buf, kk, panel_rows.len());
+                pack_panel(chunk, buf, (npos, kk), panel_rows.len());
             },
         );
     out
@@ -303,9 +349,12 @@ impl<E: Elem> WinoConv<'_, E> {
             self.cx
                 .tally
                 .channels_skipped(m - rows.len() + self.k - cols.len());
-            self.cx.tally.weights_packed(POS * rows.len() * cols.len());
+            self.cx
+                .tally
+                .weights_packed(self.tiling.positions() * rows.len() * cols.len());
             let u = transform_packed(
                 self.cx.arch,
+                self.tiling,
                 self.weights,
                 (m, self.k),
                 &rows,
@@ -363,7 +412,9 @@ impl<E: Elem> WinoConv<'_, E> {
     fn run_images(&self, imgs: &[usize], y: &mut [E], rows: &[usize], cols: &[usize], u: &[E]) {
         let (h, w, m) = (self.h, self.w, self.m);
         let hw = h * w;
-        let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
+        let tiling = self.tiling;
+        let (t, npos) = (tiling.side(), tiling.positions());
+        let (th, tw) = (h.div_ceil(t), w.div_ceil(t));
         let kk = cols.len();
         // The tiles to compute: under a spatial mask with zeros, a tile
         // that reads only zeros (forward) or whose outputs are all masked
@@ -383,22 +434,23 @@ impl<E: Elem> WinoConv<'_, E> {
             let before = tiles.len();
             for ty in 0..th {
                 for tx in 0..tw {
-                    let skip = in_mask
-                        .is_some_and(|ms| WindowSpan::new(h, w, ty, tx).reads_only_zeros(ms))
-                        || out_mask.is_some_and(|ms| tile_is_zero(ms, h, w, ty, tx));
+                    let skip = in_mask.is_some_and(|ms| {
+                        WindowSpan::new(tiling, h, w, ty, tx).reads_only_zeros(ms)
+                    }) || out_mask
+                        .is_some_and(|ms| tile_is_zero(ms, (h, w), t, (ty, tx)));
                     if !skip {
                         tiles.push((i, ty, tx));
                     }
                 }
             }
             if let Some(ms) = in_mask {
-                dead[i] = masked_outputs(ms, h, w, &tiles[before..]);
+                dead[i] = masked_outputs(ms, (h, w), t, &tiles[before..]);
             }
             let computed = tiles.len() - before;
             let skipped = th * tw - computed;
             fill[i] |= computed < th * tw;
             self.cx.tally.tiles(computed, skipped);
-            self.cx.tally.macs(POS * rows.len() * kk * computed);
+            self.cx.tally.macs(npos * rows.len() * kk * computed);
         }
         // Outputs no computed tile writes: what the dense sum of zeros
         // would give (act(b) forward; 0 for a gradient, masked or not).
@@ -425,13 +477,17 @@ impl<E: Elem> WinoConv<'_, E> {
         // rounds), dense P4 forward: input transform 3.2-3.4 -> 2.7 ms,
         // output transform 2.7-2.8 -> 1.9 ms, call 15.8-16.5 -> 14.7-15.5
         // ms; P3 about 1 ms off each of the two phases (of 64 ms).
-        let tiles = run_order(&tiles, order.len(), w);
+        // (F(6x6) registers never take them: no reordering.)
+        let tiles = match tiling {
+            Tiling::F4 => run_order(&tiles, order.len(), w),
+            Tiling::F6 => tiles,
+        };
         let panels = rows.len().div_ceil(MR);
         let tile_len = MR * nr;
         // V: `[group][pos][col][NR]`; products: `[panel][pos][group][MR x NR]`,
         // so each phase's share is one contiguous run.
-        let mut vbuf = Scratch::<E>::new(GROUPS * POS * kk * nr);
-        let mut mbuf = Scratch::<E>::new(panels * POS * GROUPS * tile_len);
+        let mut vbuf = Scratch::<E>::new(GROUPS * npos * kk * nr);
+        let mut mbuf = Scratch::<E>::new(panels * npos * GROUPS * tile_len);
         // The output rows by kept row: `dst[ri][i]` is row `rows[ri]` of image `i`.
         let mut kept_row = vec![None; m];
         for (ri, &co) in rows.iter().enumerate() {
@@ -449,9 +505,12 @@ impl<E: Elem> WinoConv<'_, E> {
         let jobs = rayon::current_num_threads().clamp(1, panels);
         let bounds: Vec<usize> = (0..=jobs).map(|j| j * panels / jobs).collect();
         for block in tiles.chunks(GROUPS * nr) {
-            let lanes: Vec<Lanes> = block.chunks(nr).map(|g| Lanes::new(&order, g, w)).collect();
+            let lanes: Vec<Lanes> = block
+                .chunks(nr)
+                .map(|g| Lanes::new(&order, g, w, tiling))
+                .collect();
             vbuf.as_mut_slice()
-                .par_chunks_mut(POS * kk * nr)
+                .par_chunks_mut(npos * kk * nr)
                 .zip(block.par_chunks(nr))
                 .zip(&lanes)
                 .for_each(|((v, group), lanes)| {
@@ -469,12 +528,13 @@ impl<E: Elem> WinoConv<'_, E> {
             let mut runs = Vec::with_capacity(jobs);
             let mut rest = mbuf.as_mut_slice();
             for p in bounds.windows(2) {
-                let (run, tail) = rest.split_at_mut((p[1] - p[0]) * POS * GROUPS * tile_len);
+                let (run, tail) = rest.split_at_mut((p[1] - p[0]) * npos * GROUPS * tile_len);
                 runs.push((p[0]..p[1], run));
                 rest = tail;
             }
             runs.into_par_iter().for_each(|(panels, out)| {
                 arch.dispatch(Products {
+                    npos,
                     u,
                     v,
                     kk,
@@ -525,18 +585,23 @@ impl<E: Elem> WinoConv<'_, E> {
     }
 }
 
-/// The outputs (`y * w + x`) of `tiles` (one image's, `(i, ty, tx)`) whose
-/// 3x3 receptive field (pad 1) reads only exact zeros of the `h x w` mask
-/// plane `ms`, in tile order.
-fn masked_outputs<E: Elem>(ms: &[E], h: usize, w: usize, tiles: &[Tile]) -> Vec<usize> {
+/// The outputs (`y * w + x`) of `tiles` (one image's, `(i, ty, tx)`, of
+/// side `t`) whose 3x3 receptive field (pad 1) reads only exact zeros of
+/// the `h x w` mask plane `ms`, in tile order.
+fn masked_outputs<E: Elem>(
+    ms: &[E],
+    (h, w): (usize, usize),
+    t: usize,
+    tiles: &[Tile],
+) -> Vec<usize> {
     let reads_kept = |y: usize, x: usize| {
         (y.saturating_sub(1)..(y + 2).min(h))
             .any(|yy| (x.saturating_sub(1)..(x + 2).min(w)).any(|xx| ms[yy * w + xx] != E::zero()))
     };
     let mut out = Vec::new();
     for &(_, ty, tx) in tiles {
-        for y in 4 * ty..(4 * ty + 4).min(h) {
-            for x in 4 * tx..(4 * tx + 4).min(w) {
+        for y in t * ty..(t * ty + t).min(h) {
+            for x in t * tx..(t * tx + t).min(w) {
                 if !reads_kept(y, x) {
                     out.push(y * w + x);
                 }
@@ -588,8 +653,9 @@ impl<E: Elem> WithSimd for InputGroup<'_, '_, E> {
         let hw = h * w;
         let nr = nr::<E, S>();
         let kk = cols.len();
+        let tiling = conv.tiling;
         // Each tile's window span and mask plane, found once for all channels.
-        let mut spans = [WindowSpan::new(h, w, 0, 0); 32];
+        let mut spans = [WindowSpan::new(tiling, h, w, 0, 0); 32];
         let mut masks = [None; 32];
         // Under a spatial mask, each window's factors, the same for every
         // channel: read once here, not once per channel (registers of row
@@ -598,9 +664,9 @@ impl<E: Elem> WithSimd for InputGroup<'_, '_, E> {
         // loss's spatial mask, medians of 7, three alternating rounds): P3
         // forward input transform 9.9-11.0 -> 7.1-8.4 ms, call 31.5-35.8 ->
         // 28.2-33.3 ms.
-        let mut factors = [[E::zero(); POS]; 32];
+        let mut factors = [[E::zero(); MAX_POS]; 32];
         for (j, &(i, ty, tx)) in group.iter().enumerate() {
-            spans[j] = WindowSpan::new(h, w, ty, tx);
+            spans[j] = WindowSpan::new(tiling, h, w, ty, tx);
             masks[j] = conv.in_mask(imgs[i]);
             if let Some(m) = masks[j] {
                 factors[j] = spans[j].factors(m);
@@ -609,7 +675,7 @@ impl<E: Elem> WithSimd for InputGroup<'_, '_, E> {
         let spans = &spans[..group.len()];
         // Entries no gather writes (outside the plane, lanes past the
         // group's tiles) are zero for every channel: clear them once.
-        let mut d = [E::zero(); POS * 32];
+        let mut d = [E::zero(); MAX_POS * 32];
         let mut scale = [E::zero(); 32];
         let channel_mask = matches!(conv.input, InMul::Channel(_));
         let l = E::lanes::<S>();
@@ -662,6 +728,7 @@ impl<E: Elem> WithSimd for InputGroup<'_, '_, E> {
             }
             input_tiles::<E, S>(
                 simd,
+                tiling,
                 &d,
                 nr,
                 channel_mask.then_some(&scale[..]),
@@ -677,6 +744,8 @@ impl<E: Elem> WithSimd for InputGroup<'_, '_, E> {
 /// (one group's `kk x NR` at one position) stays in L1 across the panels;
 /// the panels' weights at one position stay in L2 across the groups.
 struct Products<'a, 'b, E: Elem> {
+    /// Positions (GEMMs) per block: the tiling's.
+    npos: usize,
     u: &'a [E],
     v: &'a [E],
     kk: usize,
@@ -691,6 +760,7 @@ impl<E: Elem> WithSimd for Products<'_, '_, E> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
         let Products {
+            npos,
             u,
             v,
             kk,
@@ -700,8 +770,8 @@ impl<E: Elem> WithSimd for Products<'_, '_, E> {
         } = self;
         let nr = nr::<E, S>();
         let tile_len = MR * nr;
-        let b_tile = |g: usize, pos: usize| &v[(g * POS + pos) * kk * nr..][..kk * nr];
-        for pos in 0..POS {
+        let b_tile = |g: usize, pos: usize| &v[(g * npos + pos) * kk * nr..][..kk * nr];
+        for pos in 0..npos {
             for g in 0..groups {
                 let b = b_tile(g, pos);
                 // The B tile read after this one, fetched into L2 a share per
@@ -727,16 +797,16 @@ impl<E: Elem> WithSimd for Products<'_, '_, E> {
                 // panel's 6 KB) was slower: in one burst, GEMM phase
                 // 35.9-37.4 -> 37.0-38.9 ms; spread over the groups, P3
                 // forward 57.1-57.5 -> 57.8-58.2 (three rounds, model 207).
-                let next = next_b_tile(g, pos, groups).map(|(g, pos)| b_tile(g, pos));
-                let a = |pi: usize| &u[((panels.start + pi) * POS + pos) * kk * MR..][..kk * MR];
+                let next = next_b_tile(g, pos, groups, npos).map(|(g, pos)| b_tile(g, pos));
+                let a = |pi: usize| &u[((panels.start + pi) * npos + pos) * kk * MR..][..kk * MR];
                 // One panel's products: the same tile of the next panel.
-                let stride = POS * GROUPS * tile_len;
+                let stride = npos * GROUPS * tile_len;
                 let np = panels.len();
                 // Two panels per call where the ISA has the registers.
                 for ps in panel_steps::<E, S>(np, |_| true) {
                     let (pi, n) = (ps.start, ps.len());
                     let ahead = next.map_or(Ahead::NONE, |next| Ahead::shares(next, ps, np));
-                    let at = ((pi * POS + pos) * GROUPS + g) * tile_len;
+                    let at = ((pi * npos + pos) * GROUPS + g) * tile_len;
                     // The next C tiles this loop writes.
                     let next = out.as_ptr().wrapping_add(at + n * stride);
                     let next = [next, next.wrapping_add(stride)];
@@ -749,13 +819,13 @@ impl<E: Elem> WithSimd for Products<'_, '_, E> {
 }
 
 /// The B tile, `(group, position)`, that [`Products`] reads after `(g,
-/// pos)`: the next group at the same position, else the first group at the
-/// next position; none after the last.
-fn next_b_tile(g: usize, pos: usize, groups: usize) -> Option<(usize, usize)> {
+/// pos)` of `npos` positions: the next group at the same position, else
+/// the first group at the next position; none after the last.
+fn next_b_tile(g: usize, pos: usize, groups: usize, npos: usize) -> Option<(usize, usize)> {
     if g + 1 < groups {
         Some((g + 1, pos))
     } else {
-        (pos + 1 < POS).then_some((0, pos + 1))
+        (pos + 1 < npos).then_some((0, pos + 1))
     }
 }
 
@@ -793,8 +863,8 @@ impl<E: Elem> WithSimd for OutputRow<'_, '_, '_, E> {
         let nr = nr::<E, S>();
         let l = E::lanes::<S>();
         let tile_len = MR * nr;
+        let (t, npos) = (conv.tiling.side(), conv.tiling.positions());
         let (p, r) = (ri / MR, ri % MR);
-        let zero = E::splat(simd, E::zero());
         // Bias and row scale act on whole registers (the same roundings as
         // per element); ReLU and the spatial mask per element below.
         let add = match conv.epi {
@@ -803,10 +873,11 @@ impl<E: Elem> WithSimd for OutputRow<'_, '_, '_, E> {
         };
         let relu = matches!(conv.epi, Epi::Bias { relu: true, .. });
         let mut scale = [E::zero(); 32];
-        let mut out = [E::zero(); 16 * 32];
+        // A tile's outputs, `[t * t][nr]` (at most F(6x6)'s 36).
+        let mut out = [E::zero(); 36 * 32];
         let groups = block.len().div_ceil(nr);
         // Row `r` of group `g`'s products at position `pos`.
-        let row_at = |g: usize, pos: usize| ((p * POS + pos) * GROUPS + g) * tile_len + r * nr;
+        let row_at = |g: usize, pos: usize| ((p * npos + pos) * GROUPS + g) * tile_len + r * nr;
         let all_lanes = lanes;
         for ((g, group), lanes) in block.chunks(nr).enumerate().zip(lanes) {
             // The next group's products of this row, while this group's are
@@ -819,7 +890,7 @@ impl<E: Elem> WithSimd for OutputRow<'_, '_, '_, E> {
             // (same bits, a hint): dense P3 forward 61.1-62.7 -> 58.3-60.9
             // ms, input gradient 59.8-61.7 -> 57.8-60.1, faster in each.
             if g + 1 < groups {
-                for pos in 0..POS {
+                for pos in 0..npos {
                     let at = products.as_ptr().wrapping_add(row_at(g + 1, pos));
                     prefetch(at, Level::L1);
                     prefetch(at.wrapping_add(nr - 1), Level::L1);
@@ -830,7 +901,7 @@ impl<E: Elem> WithSimd for OutputRow<'_, '_, '_, E> {
                 // tiles; with the hint, P3 forward 35.9-38.8 -> 31.4-34.3
                 // ms (see `prefetch_outputs`).
                 if let Some(next) = block.chunks(nr).nth(g + 1) {
-                    prefetch_outputs(dst, next, &all_lanes[g + 1], l, h, w);
+                    prefetch_outputs(dst, next, &all_lanes[g + 1], l, (h, w), t);
                 }
             }
             if let Epi::Rows(sc) = conv.epi {
@@ -839,23 +910,33 @@ impl<E: Elem> WithSimd for OutputRow<'_, '_, '_, E> {
                 }
             }
             for hv in (0..nr).step_by(l) {
-                let mut mv = [zero; POS];
-                for (pos, x) in mv.iter_mut().enumerate() {
-                    *x = E::load(simd, &products[row_at(g, pos) + hv..]);
-                }
-                let y = output_tile::<E, S>(simd, &mv);
                 let mul = matches!(conv.epi, Epi::Rows(_)).then(|| E::load(simd, &scale[hv..]));
-                for (i, &yv) in y.iter().enumerate() {
+                let mut put = |i: usize, yv: E::V<S>| {
                     let yv = match (add, mul) {
                         (Some(b), _) => E::vadd(simd, yv, b),
                         (_, Some(sc)) => E::vmul(simd, yv, sc),
                         _ => yv,
                     };
                     E::store(simd, &mut out[i * nr + hv..], yv);
+                };
+                let load = |pos: usize| E::load(simd, &products[row_at(g, pos) + hv..]);
+                match conv.tiling {
+                    Tiling::F4 => {
+                        let mv: [E::V<S>; POS] = std::array::from_fn(load);
+                        for (i, &yv) in output_tile::<E, S>(simd, &mv).iter().enumerate() {
+                            put(i, yv);
+                        }
+                    }
+                    Tiling::F6 => {
+                        let mv: [E::V<S>; POS6] = std::array::from_fn(load);
+                        for (i, &yv) in output_tile6::<E, S>(simd, &mv).iter().enumerate() {
+                            put(i, yv);
+                        }
+                    }
                 }
             }
             if relu {
-                for o in out[..16 * nr].iter_mut() {
+                for o in out[..t * t * nr].iter_mut() {
                     *o = relu_of(*o);
                 }
             }
@@ -884,11 +965,11 @@ impl<E: Elem> WithSimd for OutputRow<'_, '_, '_, E> {
                 for (j, &(i, ty, tx)) in group.iter().enumerate().skip(hv).take(l) {
                     let lane = lanes.lane[j];
                     let row = &mut *dst[i];
-                    let (y0, x0) = (4 * ty, 4 * tx);
+                    let (y0, x0) = (t * ty, t * tx);
                     let out_mask = conv.out_mask(imgs[i]);
-                    for yy in y0..(y0 + 4).min(h) {
-                        for x in x0..(x0 + 4).min(w) {
-                            let val = out[((yy - y0) * 4 + x - x0) * nr + lane];
+                    for yy in y0..(y0 + t).min(h) {
+                        for x in x0..(x0 + t).min(w) {
+                            let val = out[((yy - y0) * t + x - x0) * nr + lane];
                             row[yy * w + x] = match out_mask {
                                 Some(ms) => val * ms[yy * w + x],
                                 None => val,
@@ -911,33 +992,34 @@ fn prefetch_outputs<E>(
     group: &[Tile],
     lanes: &Lanes,
     l: usize,
-    h: usize,
-    w: usize,
+    hw: (usize, usize),
+    t: usize,
 ) {
-    output_runs(group, lanes, l, h, w, |i, at, len| {
+    output_runs(group, lanes, l, hw, t, |i, at, len| {
         prefetch_values(dst[i][at..].as_ptr(), len)
     });
 }
 
 /// `f(image, offset, len)` for each run of outputs that the tiles of
-/// `group` write in an `h x w` plane: a scatter run's 4 rows of `4 l`
-/// values, any other tile's 4 x 4 (less at the border).
+/// `group` (of side `t`) write in an `h x w` plane: a scatter run's 4 rows
+/// of `4 l` values (F(4x4) only), any other tile's `t x t` (less at the
+/// border).
 fn output_runs(
     group: &[Tile],
     lanes: &Lanes,
     l: usize,
-    h: usize,
-    w: usize,
+    (h, w): (usize, usize),
+    t: usize,
     mut f: impl FnMut(usize, usize, usize),
 ) {
     for (reg, tiles) in group.chunks(l).enumerate() {
         let (tiles, len) = match lanes.scatter_run[reg] {
-            true => (&tiles[..1], 4 * l),
-            false => (tiles, 4),
+            true => (&tiles[..1], t * l),
+            false => (tiles, t),
         };
         for &(i, ty, tx) in tiles {
-            for y in 4 * ty..(4 * ty + 4).min(h) {
-                f(i, y * w + 4 * tx, len.min(w - 4 * tx));
+            for y in t * ty..(t * ty + t).min(h) {
+                f(i, y * w + t * tx, len.min(w - t * tx));
             }
         }
     }
@@ -1034,9 +1116,17 @@ mod tests {
     /// group's tiles write: rows of 23 tiles (the last one partial) with
     /// every eleventh left out (as a spatial mask leaves them), so groups
     /// mix scatter runs, other registers and border tiles, at 4 and 8 lanes.
+    /// F(6x6) tiles of side 6 likewise, with no scatter runs.
     #[test]
     fn output_runs_are_the_outputs_of_the_tiles() {
-        let (h, w) = (10, 90);
+        for tiling in [Tiling::F4, Tiling::F6] {
+            output_runs_case(tiling);
+        }
+    }
+
+    fn output_runs_case(tiling: Tiling) {
+        let t = tiling.side();
+        let (h, w) = (3 * t - 2, 23 * t - 2);
         let tiles: Vec<Tile> = (0..2)
             .flat_map(|i| (0..3).flat_map(move |ty| (0..23).map(move |tx| (i, ty, tx))))
             .filter(|&(i, ty, tx)| (i + ty * 23 + tx) % 11 != 5)
@@ -1046,24 +1136,28 @@ mod tests {
             let tiles = run_order(&tiles, l, w);
             let mut runs_seen = 0;
             for group in tiles.chunks(2 * l) {
-                let lanes = Lanes::new(&order, group, w);
+                let lanes = Lanes::new(&order, group, w, tiling);
                 runs_seen += lanes.scatter_run.iter().filter(|&&r| r).count();
                 let mut hinted = std::collections::BTreeSet::new();
-                output_runs(group, &lanes, l, h, w, |i, at, len| {
+                output_runs(group, &lanes, l, (h, w), t, |i, at, len| {
                     assert!(at + len <= h * w && at % w + len <= w);
                     hinted.extend((at..at + len).map(|o| (i, o)));
                 });
                 let written: std::collections::BTreeSet<(usize, usize)> = group
                     .iter()
                     .flat_map(|&(i, ty, tx)| {
-                        (4 * ty..(4 * ty + 4).min(h)).flat_map(move |y| {
-                            (4 * tx..(4 * tx + 4).min(w)).map(move |x| (i, y * w + x))
+                        (t * ty..(t * ty + t).min(h)).flat_map(move |y| {
+                            (t * tx..(t * tx + t).min(w)).map(move |x| (i, y * w + x))
                         })
                     })
                     .collect();
                 assert_eq!(hinted, written, "{l} lanes, group {group:?}");
             }
-            assert!(runs_seen > 0, "{l} lanes: no scatter run met");
+            assert_eq!(
+                runs_seen > 0,
+                tiling == Tiling::F4,
+                "{tiling:?}, {l} lanes: {runs_seen} scatter runs"
+            );
         }
     }
 
@@ -1073,42 +1167,48 @@ mod tests {
     /// borders and scattered, a tile list with tiles left out.
     #[test]
     fn masked_outputs_are_the_outputs_reading_only_zeros() {
-        for (h, w) in [(9usize, 13usize), (6, 49), (3, 9), (9, 3), (13, 14)] {
-            let masks: [Vec<f64>; 3] = [
-                (0..h * w)
-                    .map(|i| f64::from(u8::from(i / w < 3 && i % w < 5)))
-                    .collect(),
-                (0..h * w)
-                    .map(|i| f64::from(u8::from(i % 7 == 0)))
-                    .collect(),
-                (0..h * w)
-                    .map(|i| if i % w == w - 1 { 0.5 } else { 0.0 })
-                    .collect(),
-            ];
-            let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
-            let tiles: Vec<Tile> = (0..th)
-                .flat_map(|ty| (0..tw).map(move |tx| (0, ty, tx)))
-                .filter(|&(_, ty, tx)| (ty + 2 * tx) % 5 != 3)
-                .collect();
-            for ms in &masks {
-                let mut want = Vec::new();
-                for &(_, ty, tx) in &tiles {
-                    for y in 4 * ty..(4 * ty + 4).min(h) {
-                        for x in 4 * tx..(4 * tx + 4).min(w) {
-                            let mut kept = false;
-                            for t in 0..9 {
-                                let (yy, xx) = (y as isize + t / 3 - 1, x as isize + t % 3 - 1);
-                                if yy >= 0 && xx >= 0 && yy < h as isize && xx < w as isize {
-                                    kept |= ms[yy as usize * w + xx as usize] != 0.0;
+        for t in [4, 6] {
+            for (h, w) in [(9usize, 13usize), (6, 49), (3, 9), (9, 3), (13, 14)] {
+                let masks: [Vec<f64>; 3] = [
+                    (0..h * w)
+                        .map(|i| f64::from(u8::from(i / w < 3 && i % w < 5)))
+                        .collect(),
+                    (0..h * w)
+                        .map(|i| f64::from(u8::from(i % 7 == 0)))
+                        .collect(),
+                    (0..h * w)
+                        .map(|i| if i % w == w - 1 { 0.5 } else { 0.0 })
+                        .collect(),
+                ];
+                let (th, tw) = (h.div_ceil(t), w.div_ceil(t));
+                let tiles: Vec<Tile> = (0..th)
+                    .flat_map(|ty| (0..tw).map(move |tx| (0, ty, tx)))
+                    .filter(|&(_, ty, tx)| (ty + 2 * tx) % 5 != 3)
+                    .collect();
+                for ms in &masks {
+                    let mut want = Vec::new();
+                    for &(_, ty, tx) in &tiles {
+                        for y in t * ty..(t * ty + t).min(h) {
+                            for x in t * tx..(t * tx + t).min(w) {
+                                let mut kept = false;
+                                for t in 0..9 {
+                                    let (yy, xx) = (y as isize + t / 3 - 1, x as isize + t % 3 - 1);
+                                    if yy >= 0 && xx >= 0 && yy < h as isize && xx < w as isize {
+                                        kept |= ms[yy as usize * w + xx as usize] != 0.0;
+                                    }
                                 }
-                            }
-                            if !kept {
-                                want.push(y * w + x);
+                                if !kept {
+                                    want.push(y * w + x);
+                                }
                             }
                         }
                     }
+                    assert_eq!(
+                        masked_outputs(ms, (h, w), t, &tiles),
+                        want,
+                        "{h}x{w} tile {t}"
+                    );
                 }
-                assert_eq!(masked_outputs(ms, h, w, &tiles), want, "{h}x{w}");
             }
         }
     }
@@ -1136,7 +1236,10 @@ mod tests {
                     .map(|i| f64::from(u8::from(i % w < 2 + 3 * (i / (h * w)))))
                     .collect(),
             );
-            for arch in Isa::every_arch() {
+            for (arch, tiling) in Isa::every_arch()
+                .into_iter()
+                .flat_map(|a| [(a, Tiling::F4), (a, Tiling::F6)])
+            {
                 for relu in [false, true] {
                     let tally = Tally::default();
                     let conv = WinoConv {
@@ -1153,6 +1256,7 @@ mod tests {
                             bias: Some(&bias[..]),
                             relu,
                         },
+                        tiling,
                         cx: Ctx {
                             arch,
                             tally: &tally,
@@ -1178,7 +1282,7 @@ mod tests {
                                 let want = act_of_bias(Some(&bias[..]), co, relu);
                                 assert!(
                                     got.as_f64().to_bits() == want.as_f64().to_bits(),
-                                    "image {img} output {co} at ({py}, {px}): {}, want {}",
+                                    "{tiling:?} image {img} output {co} at ({py}, {px}): {}, want {}",
                                     got.as_f64(),
                                     want.as_f64()
                                 );
@@ -1200,16 +1304,16 @@ mod tests {
     /// a block once, in the order `Products` reads them, then stops.
     #[test]
     fn next_b_tile_follows_the_products_loop() {
-        for groups in 1..=GROUPS {
+        for (groups, npos) in (1..=GROUPS).flat_map(|g| [(g, POS), (g, POS6)]) {
             let mut order = Vec::new();
-            for pos in 0..POS {
+            for pos in 0..npos {
                 for g in 0..groups {
                     order.push((g, pos));
                 }
             }
             let mut walk = vec![(0, 0)];
             while let Some(&(g, pos)) = walk.last() {
-                match next_b_tile(g, pos, groups) {
+                match next_b_tile(g, pos, groups, npos) {
                     Some(next) => walk.push(next),
                     None => break,
                 }
@@ -1218,7 +1322,7 @@ mod tests {
                     "{groups} groups: past the last tile"
                 );
             }
-            assert_eq!(walk, order, "{groups} groups");
+            assert_eq!(walk, order, "{groups} groups, {npos} positions");
         }
     }
 
@@ -1229,19 +1333,27 @@ mod tests {
     /// differ: identity for f64 on AVX2, shuffled for f32).
     #[test]
     fn every_mask_and_epilogue_matches_the_definition_with_the_same_bits() {
-        for (h, w) in PLANES {
-            // f64 Winograd against plain sums: the transforms' small
-            // integer coefficients lose a few ulps per term (norm-wise
-            // about 1e-15).
-            every_case::<f64>(h, w, 1e-12);
-            // f32: the same few ulps of 6e-8 each, grown by the transforms'
-            // coefficients (up to 8 x 5 per side); measured up to 9.6e-7
-            // here, and a wrong tile, lane or window is off by O(1).
-            every_case::<f32>(h, w, 1e-5);
+        for tiling in [Tiling::F4, Tiling::F6] {
+            // 13 x 200: 3 x 34 F(6x6) tiles per image, so they too span
+            // several blocks (306 tiles against 256 per f32 block on
+            // AVX-512).
+            for (h, w) in PLANES.into_iter().chain([(13, 200)]) {
+                // f64 Winograd against plain sums: the transforms'
+                // coefficients lose a few ulps per term (norm-wise about
+                // 1e-15; F(6x6)'s constants, 2/9, 1/90, ..., round too).
+                every_case::<f64>(tiling, h, w, 1e-12);
+                // f32: the same few ulps of 6e-8 each, grown by the
+                // transforms' coefficients (F(4x4): up to 8 x 5 per side,
+                // measured up to 9.6e-7 here; F(6x6) about twice that at
+                // the loss's channel counts); a wrong tile, lane or window
+                // is off by O(1).
+                every_case::<f32>(tiling, h, w, 1e-5);
+            }
         }
     }
 
-    fn every_case<E: Elem>(h: usize, w: usize, tol: f64) {
+    fn every_case<E: Elem>(tiling: Tiling, h: usize, w: usize, tol: f64) {
+        let (t, npos) = (tiling.side(), tiling.positions());
         let elems = |v: Vec<f64>| -> Vec<E> { v.into_iter().map(E::from_f64).collect() };
         let x = elems(values(N * K * h * w, 1));
         let dy = elems(values(N * M * h * w, 2));
@@ -1283,14 +1395,14 @@ mod tests {
         // filled), elsewhere values in [0.25, 2.25] that differ from
         // position to position (with a constant mask value, a mask read
         // from the wrong register of a row run passed).
-        let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
+        let (th, tw) = (h.div_ceil(t), w.div_ceil(t));
         let corner = elems(
             values(N * h * w, 7)
                 .into_iter()
                 .enumerate()
                 .map(|(i, v)| {
                     let (y, x) = ((i % (h * w)) / w, i % w);
-                    let kept = y + 1 < 4 * (th - 1) || x + 1 < 4 * (tw - 1);
+                    let kept = y + 1 < t * (th - 1) || x + 1 < t * (tw - 1);
                     if kept { 1.25 + v } else { 0.0 }
                 })
                 .collect(),
@@ -1365,6 +1477,7 @@ mod tests {
                         transposed,
                         input,
                         epi,
+                        tiling,
                         cx: Ctx {
                             arch,
                             tally: &tally,
@@ -1401,9 +1514,9 @@ mod tests {
                     );
                     // Packed once for the call, or per image from its kept channels.
                     let packed: usize = if sparse {
-                        kept.iter().map(|&(r, c)| POS * r * c).sum()
+                        kept.iter().map(|&(r, c)| npos * r * c).sum()
                     } else {
-                        POS * m * k
+                        npos * m * k
                     };
                     assert_eq!(
                         t.weights_packed, packed as u64,
@@ -1413,7 +1526,7 @@ mod tests {
                     assert_eq!(t.channels_skipped, skipped as u64, "{h}x{w} case {case}");
                     if !spatial {
                         let per_tile: usize = kept.iter().map(|&(r, c)| r * c).sum();
-                        let macs = POS * per_tile * th * tw;
+                        let macs = npos * per_tile * th * tw;
                         assert_eq!(t.macs, macs as u64, "{h}x{w} case {case}: multiply-adds");
                     }
                     first_near_then_same_bits(
@@ -1421,7 +1534,7 @@ mod tests {
                         y,
                         || by_definition(&conv),
                         tol,
-                        &format!("{h}x{w} case {case} ({arch:?}, {threads} threads)"),
+                        &format!("{h}x{w} {tiling:?} case {case} ({arch:?}, {threads} threads)"),
                     );
                 }
             }

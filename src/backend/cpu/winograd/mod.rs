@@ -70,6 +70,7 @@
 mod dw;
 mod fwd;
 mod transform;
+mod transform6;
 
 pub(crate) use dw::conv2d_backward_weight;
 
@@ -77,6 +78,40 @@ use crate::backend::cpu::Ctx;
 use crate::backend::cpu::simd::Elem;
 use crate::backend::{ConvArgs, InputMask};
 use fwd::{Epi, InMul, WinoConv};
+
+/// The transform of a forward-engine call (the weight gradient always
+/// runs F(4x4)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tiling {
+    /// F(4x4, 3x3): 4 x 4 output tiles, 6 x 6 windows, 36 positions.
+    F4,
+    /// F(6x6, 3x3): 6 x 6 output tiles, 8 x 8 windows, 64 positions
+    /// ([`transform6`]).
+    F6,
+}
+
+impl Tiling {
+    /// The output tile's side.
+    pub(crate) const fn side(self) -> usize {
+        match self {
+            Tiling::F4 => 4,
+            Tiling::F6 => 6,
+        }
+    }
+
+    /// The input window's side (the tile's plus the 3x3 filter's 2).
+    pub(crate) const fn window(self) -> usize {
+        self.side() + 2
+    }
+
+    /// Positions of the transformed domain: GEMMs per block.
+    pub(crate) const fn positions(self) -> usize {
+        self.window() * self.window()
+    }
+}
+
+/// The most positions of any tiling (F(6x6)'s 64).
+pub(crate) const MAX_POS: usize = Tiling::F6.positions();
 
 /// A tile of one call: (image, tile row, tile column); in the forward
 /// engine the image is an index into the call's list of images.
@@ -105,9 +140,11 @@ pub(super) struct Lanes {
 }
 
 impl Lanes {
-    /// The lanes of `group` (tiles of `w`-wide planes) for registers of
-    /// `order.len()` lanes in the order `order`.
-    pub fn new(order: &[usize], group: &[Tile], w: usize) -> Self {
+    /// The lanes of `group` (tiles of `tiling` in `w`-wide planes) for
+    /// registers of `order.len()` lanes in the order `order`. Only F(4x4)
+    /// registers take the vector gather and scatter, which read and write
+    /// 4 columns per lane.
+    pub fn new(order: &[usize], group: &[Tile], w: usize, tiling: Tiling) -> Self {
         let l = order.len();
         let mut lanes = Lanes {
             tile: [None; 32],
@@ -124,7 +161,7 @@ impl Lanes {
             }
             let reg = &group[hv..];
             let (i, ty, tx) = reg[0];
-            if reg.len() >= l && (1..l).all(|t| reg[t] == (i, ty, tx + t)) {
+            if tiling == Tiling::F4 && reg.len() >= l && (1..l).all(|t| reg[t] == (i, ty, tx + t)) {
                 // Output columns 4 tx .. 4 (tx + l).
                 lanes.gather_run[hv / l] = windows_inside(tx, l, w);
                 lanes.scatter_run[hv / l] = 4 * (tx + l) <= w;
@@ -188,12 +225,14 @@ pub(super) fn run_order(tiles: &[Tile], l: usize, w: usize) -> Vec<Tile> {
     out
 }
 
-/// `y = act(conv3x3(x * mask, w) + b)` for a 3x3 / stride 1 / pad 1 conv.
+/// `y = act(conv3x3(x * mask, w) + b)` for a 3x3 / stride 1 / pad 1 conv,
+/// by the transform `tiling`.
 pub(crate) fn conv2d<E: Elem>(
     x: &[E],
     w: &[E],
     b: Option<&[E]>,
     args: &ConvArgs<E>,
+    tiling: Tiling,
     cx: Ctx<'_>,
 ) -> Vec<E> {
     let g = &args.geom;
@@ -216,17 +255,20 @@ pub(crate) fn conv2d<E: Elem>(
             bias: b,
             relu: args.relu,
         },
+        tiling,
         cx,
     }
     .run()
 }
 
 /// `dx = mask * conv_transpose(dy, w)` for a 3x3 / stride 1 / pad 1 conv:
-/// the correlation of `dy` (pad 1) with the flipped, transposed weights.
+/// the correlation of `dy` (pad 1) with the flipped, transposed weights,
+/// by the transform `tiling`.
 pub(crate) fn conv2d_backward_input<E: Elem>(
     dy: &[E],
     w: &[E],
     args: &ConvArgs<E>,
+    tiling: Tiling,
     cx: Ctx<'_>,
 ) -> Vec<E> {
     let g = &args.geom;
@@ -249,6 +291,7 @@ pub(crate) fn conv2d_backward_input<E: Elem>(
             Some(InputMask::Spatial(m)) => Epi::Spatial(m.as_slice()),
             Some(InputMask::Channel(m)) => Epi::Rows(m.as_slice()),
         },
+        tiling,
         cx,
     }
     .run()
@@ -281,7 +324,7 @@ mod tests {
         tiles
             .chunks(2 * l)
             .map(|g| {
-                let lanes = Lanes::new(&order, g, w);
+                let lanes = Lanes::new(&order, g, w, super::Tiling::F4);
                 (0..g.len().div_ceil(l))
                     .filter(|&r| lanes.gather_run[r])
                     .count()

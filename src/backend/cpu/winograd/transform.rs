@@ -18,6 +18,8 @@
 
 use pulp::Simd;
 
+use super::transform6::{POS6, input_tile6};
+use super::{MAX_POS, Tiling};
 use crate::backend::cpu::simd::{Elem, prefetch_values};
 
 /// Positions of a transformed tile (6 x 6).
@@ -69,29 +71,48 @@ pub(crate) fn input_tile<E: Elem, S: Simd>(s: S, d: &[E::V<S>; POS]) -> [E::V<S>
     out
 }
 
-/// [`input_tile`] of every lane group of `d` (`[36][nr]`, lanes are
-/// tiles or channels), each lane first multiplied by `scale[lane]` when
-/// given (`x * m` as the reference rounds it); `store(pos, hv, value)`
-/// receives position `pos` of lanes `hv..hv + lanes`.
+/// The input transform of `tiling` ([`input_tile`], or
+/// [`input_tile6`](super::transform6::input_tile6)) of every lane group of
+/// `d` (`[positions][nr]`, lanes are tiles or channels), each lane first
+/// multiplied by `scale[lane]` when given (`x * m` as the reference rounds
+/// it); `store(pos, hv, value)` receives position `pos` of lanes `hv..hv +
+/// lanes`.
 #[inline(always)]
 pub(crate) fn input_tiles<E: Elem, S: Simd>(
+    s: S,
+    tiling: Tiling,
+    d: &[E],
+    nr: usize,
+    scale: Option<&[E]>,
+    store: impl FnMut(usize, usize, E::V<S>),
+) {
+    match tiling {
+        Tiling::F4 => transform_lanes::<E, S, POS>(s, d, nr, scale, input_tile::<E, S>, store),
+        Tiling::F6 => transform_lanes::<E, S, POS6>(s, d, nr, scale, input_tile6::<E, S>, store),
+    }
+}
+
+/// [`input_tiles`] for one transform of `P` positions.
+#[inline(always)]
+fn transform_lanes<E: Elem, S: Simd, const P: usize>(
     s: S,
     d: &[E],
     nr: usize,
     scale: Option<&[E]>,
+    transform: impl Fn(S, &[E::V<S>; P]) -> [E::V<S>; P],
     mut store: impl FnMut(usize, usize, E::V<S>),
 ) {
     let zero = E::splat(s, E::zero());
     for hv in (0..nr).step_by(E::lanes::<S>()) {
         let sc = scale.map(|sc| E::load(s, &sc[hv..]));
-        let mut dv = [zero; POS];
+        let mut dv = [zero; P];
         for (i, r) in dv.iter_mut().enumerate() {
             *r = E::load(s, &d[i * nr + hv..]);
             if let Some(sc) = sc {
                 *r = E::vmul(s, *r, sc);
             }
         }
-        for (pos, &tv) in input_tile::<E, S>(s, &dv).iter().enumerate() {
+        for (pos, &tv) in transform(s, &dv).iter().enumerate() {
             store(pos, hv, tv);
         }
     }
@@ -234,8 +255,9 @@ pub(crate) fn weight_grad_tile<E: Elem>(d: &[E; POS]) -> [E; 9] {
     out
 }
 
-/// Where the 6 x 6 input window of output tile `(ty, tx)` meets an
-/// `h x w` plane (pad 1: window row `r` is plane row `4 ty + r - 1`):
+/// Where the input window of output tile `(ty, tx)` (6 x 6 for F(4x4), 8
+/// x 8 for F(6x6): side `n = t + 2` for tiles of side `t`) meets an `h x
+/// w` plane (pad 1: window row `r` is plane row `t ty + r - 1`):
 /// window rows `r0..r1` and columns `c0..c1` lie inside, the rest reads
 /// as zeros. Computed once per tile and reused for every channel, so the
 /// gather does no per-element bounds tests. (With 16 tiles per register
@@ -250,6 +272,8 @@ pub(crate) struct WindowSpan {
     base: usize,
     /// The plane's width (its row stride).
     w: usize,
+    /// The window's side.
+    n: usize,
     r0: usize,
     r1: usize,
     c0: usize,
@@ -257,19 +281,21 @@ pub(crate) struct WindowSpan {
 }
 
 impl WindowSpan {
-    /// The span of tile `(ty, tx)`; the tile must start inside the plane
-    /// (`4 ty < h`, `4 tx < w`).
+    /// The span of tile `(ty, tx)` of `tiling`; the tile must start inside
+    /// the plane (`t ty < h`, `t tx < w`).
     #[inline(always)]
-    pub(crate) fn new(h: usize, w: usize, ty: usize, tx: usize) -> Self {
-        debug_assert!(4 * ty < h && 4 * tx < w);
-        // Row r is inside when 0 <= 4 ty + r - 1 < h.
+    pub(crate) fn new(tiling: Tiling, h: usize, w: usize, ty: usize, tx: usize) -> Self {
+        let (t, n) = (tiling.side(), tiling.window());
+        debug_assert!(t * ty < h && t * tx < w);
+        // Row r is inside when 0 <= t ty + r - 1 < h.
         let r0 = usize::from(ty == 0);
-        let r1 = (h + 1 - 4 * ty).min(6);
+        let r1 = (h + 1 - t * ty).min(n);
         let c0 = usize::from(tx == 0);
-        let c1 = (w + 1 - 4 * tx).min(6);
+        let c1 = (w + 1 - t * tx).min(n);
         Self {
-            base: (4 * ty + r0 - 1) * w + (4 * tx + c0 - 1),
+            base: (t * ty + r0 - 1) * w + (t * tx + c0 - 1),
             w,
+            n,
             r0,
             r1,
             c0,
@@ -280,7 +306,7 @@ impl WindowSpan {
     /// True when the whole window lies inside the plane.
     #[inline(always)]
     pub(crate) fn is_full(&self) -> bool {
-        self.r0 == 0 && self.r1 == 6 && self.c0 == 0 && self.c1 == 6
+        self.r0 == 0 && self.r1 == self.n && self.c0 == 0 && self.c1 == self.n
     }
 
     /// The in-plane rows of the window in `plane` (an `h x w` plane like
@@ -298,20 +324,21 @@ impl WindowSpan {
         self.rows(m).all(|row| row.iter().all(|&v| v == E::zero()))
     }
 
-    /// Writes the window's in-plane values into `d[(r * 6 + c) * stride +
-    /// lane]`. Entries outside the plane are not written: the caller keeps
+    /// Writes the window's in-plane values into `d[(r * n + c) * stride +
+    /// lane]` (`n` the window's side). Entries outside the plane are not written: the caller keeps
     /// them zero.
     #[inline(always)]
     pub(crate) fn gather<E: Elem>(&self, plane: &[E], d: &mut [E], stride: usize, lane: usize) {
         self.gather_with(plane, d, stride, lane, |x, _| x);
     }
 
-    /// The window's 36 values of the multiplier plane `m`, row-major
-    /// (zeros outside the plane), for [`WindowSpan::gather_scaled`].
-    pub(crate) fn factors<E: Elem>(&self, m: &[E]) -> [E; POS] {
-        let mut f = [E::zero(); POS];
+    /// The window's values of the multiplier plane `m`, row-major (zeros
+    /// outside the plane, and past the window's `n x n`), for
+    /// [`WindowSpan::gather_scaled`].
+    pub(crate) fn factors<E: Elem>(&self, m: &[E]) -> [E; MAX_POS] {
+        let mut f = [E::zero(); MAX_POS];
         for (r, row) in self.rows(m).enumerate() {
-            let at = (self.r0 + r) * 6 + self.c0;
+            let at = (self.r0 + r) * self.n + self.c0;
             f[at..at + row.len()].copy_from_slice(row);
         }
         f
@@ -325,7 +352,7 @@ impl WindowSpan {
     pub(crate) fn gather_scaled<E: Elem>(
         &self,
         plane: &[E],
-        f: &[E; POS],
+        f: &[E; MAX_POS],
         d: &mut [E],
         stride: usize,
         lane: usize,
@@ -334,7 +361,7 @@ impl WindowSpan {
     }
 
     /// `d[i * stride + lane] = map(x, i)` for the window's in-plane values
-    /// `x` at window entry `i = r * 6 + c`.
+    /// `x` at window entry `i = r * n + c`.
     #[inline(always)]
     fn gather_with<E: Elem>(
         &self,
@@ -345,20 +372,38 @@ impl WindowSpan {
         map: impl Fn(E, usize) -> E,
     ) {
         if self.is_full() {
-            // The common case, unrolled: 36 loads and stores.
-            let src = &plane[self.base..][..5 * self.w + 6];
-            for r in 0..6 {
-                let row = &src[r * self.w..][..6];
-                for c in 0..6 {
-                    d[(r * 6 + c) * stride + lane] = map(row[c], r * 6 + c);
-                }
+            // The common case, unrolled: n x n loads and stores.
+            match self.n {
+                6 => self.gather_full::<E, 6>(plane, d, stride, lane, map),
+                _ => self.gather_full::<E, 8>(plane, d, stride, lane, map),
             }
         } else {
             for (r, row) in self.rows(plane).enumerate() {
-                let at = (self.r0 + r) * 6 + self.c0;
+                let at = (self.r0 + r) * self.n + self.c0;
                 for (c, &x) in row.iter().enumerate() {
                     d[(at + c) * stride + lane] = map(x, at + c);
                 }
+            }
+        }
+    }
+
+    /// [`WindowSpan::gather_with`] of a whole window of side `N` (the
+    /// span's `n`).
+    #[inline(always)]
+    fn gather_full<E: Elem, const N: usize>(
+        &self,
+        plane: &[E],
+        d: &mut [E],
+        stride: usize,
+        lane: usize,
+        map: impl Fn(E, usize) -> E,
+    ) {
+        debug_assert_eq!(N, self.n);
+        let src = &plane[self.base..][..(N - 1) * self.w + N];
+        for r in 0..N {
+            let row = &src[r * self.w..][..N];
+            for c in 0..N {
+                d[(r * N + c) * stride + lane] = map(row[c], r * N + c);
             }
         }
     }
@@ -400,7 +445,7 @@ impl WindowSpan {
         stride: usize,
         lane: usize,
     ) {
-        debug_assert!(self.c0 == 0);
+        debug_assert!(self.c0 == 0 && self.n == 6, "F(4x4) windows only");
         let l = E::lanes::<S>();
         let fields = |src: &[E], at: usize| {
             E::deinterleave4(s, std::array::from_fn(|q| E::load(s, &src[at + q * l..])))
@@ -435,6 +480,7 @@ impl WindowSpan {
     /// other windows must be whole too: the caller checks.)
     #[inline(always)]
     pub(crate) fn channels4_fit(&self, run: usize, lanes: usize, plane_len: usize) -> bool {
+        debug_assert_eq!(self.n, 6, "F(4x4) windows only");
         self.is_full()
             && self.base + 5 * self.w + (4 * run + 2).div_ceil(lanes) * lanes <= plane_len
     }
@@ -464,7 +510,7 @@ impl WindowSpan {
         d: &mut [E],
         lane: usize,
     ) {
-        debug_assert!(self.is_full() && (1..=RUN_WINDOWS).contains(&RUN));
+        debug_assert!(self.is_full() && self.n == 6 && (1..=RUN_WINDOWS).contains(&RUN));
         let l = E::lanes::<S>();
         let nr = crate::backend::cpu::kernel::nr::<E, S>();
         assert!(lane + 4 <= nr);
@@ -512,12 +558,17 @@ pub(crate) fn channel_records(order: &[usize]) -> [usize; 4 * RUN_WINDOWS + 2] {
     std::array::from_fn(|col| (col / l) * l + order[col % l])
 }
 
-/// True when the 4 x 4 outputs of tile `(ty, tx)` of the mask plane `m` are
-/// all exact zeros.
-pub(crate) fn tile_is_zero<E: Elem>(m: &[E], h: usize, w: usize, ty: usize, tx: usize) -> bool {
-    let (y1, x1) = ((4 * ty + 4).min(h), (4 * tx + 4).min(w));
-    (4 * ty..y1).all(|y| {
-        m[y * w + 4 * tx..y * w + x1]
+/// True when the `t x t` outputs of tile `(ty, tx)` (tiles of side `t`)
+/// of the mask plane `m` are all exact zeros.
+pub(crate) fn tile_is_zero<E: Elem>(
+    m: &[E],
+    (h, w): (usize, usize),
+    t: usize,
+    (ty, tx): (usize, usize),
+) -> bool {
+    let (y1, x1) = ((t * ty + t).min(h), (t * tx + t).min(w));
+    (t * ty..y1).all(|y| {
+        m[y * w + t * tx..y * w + x1]
             .iter()
             .all(|&v| v == E::zero())
     })
@@ -667,9 +718,8 @@ mod tests {
         }
     }
 
-    /// Window element `(r, c)` of tile `(ty, tx)` by definition: the plane
-    /// value (times the mask's) at row `4 ty + r - 1`, column `4 tx + c -
-    /// 1`, or `None` outside the plane (read as zero).
+    /// Window element `(r, c)` of F(4x4) tile `(ty, tx)` by definition:
+    /// [`window_of`] for the 6 x 6 windows.
     fn window_by_definition(
         plane: &[f32],
         m: Option<&[f32]>,
@@ -678,93 +728,125 @@ mod tests {
         ty: usize,
         tx: usize,
     ) -> [Option<f32>; POS] {
-        std::array::from_fn(|i| {
-            let (y, x) = ((4 * ty + i / 6) as isize - 1, (4 * tx + i % 6) as isize - 1);
-            if y < 0 || x < 0 || y >= h as isize || x >= w as isize {
-                return None;
-            }
-            let at = y as usize * w + x as usize;
-            Some(plane[at] * m.map_or(1.0, |m| m[at]))
-        })
+        let win = window_of(Tiling::F4, plane, m, (h, w), (ty, tx));
+        std::array::from_fn(|i| win[i])
+    }
+
+    /// Window element `(r, c)` of tile `(ty, tx)` of `tiling` (side `t`,
+    /// window side `n`) by definition, at entry `r * n + c`: the plane
+    /// value (times the mask's) at row `t ty + r - 1`, column `t tx + c -
+    /// 1`, or `None` outside the plane (read as zero).
+    fn window_of(
+        tiling: Tiling,
+        plane: &[f32],
+        m: Option<&[f32]>,
+        (h, w): (usize, usize),
+        (ty, tx): (usize, usize),
+    ) -> Vec<Option<f32>> {
+        let (t, n) = (tiling.side(), tiling.window());
+        (0..n * n)
+            .map(|i| {
+                let (y, x) = ((t * ty + i / n) as isize - 1, (t * tx + i % n) as isize - 1);
+                if y < 0 || x < 0 || y >= h as isize || x >= w as isize {
+                    return None;
+                }
+                let at = y as usize * w + x as usize;
+                Some(plane[at] * m.map_or(1.0, |m| m[at]))
+            })
+            .collect()
     }
 
     /// [`tile_is_zero`] against its definition on every tile of planes up
     /// to 13 x 13 (three and more tile rows and columns, partial last
-    /// tiles), under masks zero except for one nonzero value, placed at
-    /// every position in turn: exactly the tile holding it is not zero.
+    /// tiles), tiles of side 4 and 6, under masks zero except for one
+    /// nonzero value, placed at every position in turn: exactly the tile
+    /// holding it is not zero.
     #[test]
     fn tile_is_zero_sees_exactly_its_own_outputs() {
-        for h in 1..=13 {
-            for w in 1..=13 {
-                for hot in 0..h * w {
-                    let mut m = vec![0.0f32; h * w];
-                    m[hot] = 0.5;
-                    let (hy, hx) = (hot / w, hot % w);
-                    for ty in 0..h.div_ceil(4) {
-                        for tx in 0..w.div_ceil(4) {
-                            let holds = hy / 4 == ty && hx / 4 == tx;
-                            assert_eq!(
-                                tile_is_zero(&m, h, w, ty, tx),
-                                !holds,
-                                "{h}x{w} tile ({ty}, {tx}), nonzero at ({hy}, {hx})"
-                            );
+        for t in [4, 6] {
+            for h in 1..=13 {
+                for w in 1..=13 {
+                    for hot in 0..h * w {
+                        let mut m = vec![0.0f32; h * w];
+                        m[hot] = 0.5;
+                        let (hy, hx) = (hot / w, hot % w);
+                        for ty in 0..h.div_ceil(t) {
+                            for tx in 0..w.div_ceil(t) {
+                                let holds = hy / t == ty && hx / t == tx;
+                                assert_eq!(
+                                    tile_is_zero(&m, (h, w), t, (ty, tx)),
+                                    !holds,
+                                    "{h}x{w} tile {t} ({ty}, {tx}), nonzero at ({hy}, {hx})"
+                                );
+                            }
                         }
                     }
+                    let zeros = vec![0.0f32; h * w];
+                    assert!(tile_is_zero(&zeros, (h, w), t, (0, 0)));
                 }
-                let zeros = vec![0.0f32; h * w];
-                assert!(tile_is_zero(&zeros, h, w, 0, 0));
             }
         }
     }
 
+    /// Every tile of planes from 1 x 1 up, including sides that leave a
+    /// partial last tile and tiles touching two borders, for both tilings
+    /// (whole F(6x6) windows from 14 x 14 on): each gather against the
+    /// window by definition, with and without a multiplier plane.
     #[test]
     fn window_spans_gather_the_padded_window() {
         let mut zero_windows = 0;
-        // Every tile of planes from 1 x 1 up, including widths that leave a
-        // partial last tile (w % 4 != 0) and tiles touching two borders.
-        for h in 1..=11 {
-            for w in 1..=11 {
-                let plane: Vec<f32> = (0..h * w).map(|i| 1.0 + i as f32).collect();
-                let mask: Vec<f32> = (0..h * w).map(|i| [0.5, 0.0, 2.0][i % 3]).collect();
-                // Mostly zeros, so some windows read only zeros.
-                let sparse: Vec<f32> = (0..h * w).map(|i| f32::from(i % 13 == 5)).collect();
-                for ty in 0..h.div_ceil(4) {
-                    for tx in 0..w.div_ceil(4) {
-                        let span = WindowSpan::new(h, w, ty, tx);
-                        let full = ty > 0 && tx > 0 && 4 * ty + 5 <= h && 4 * tx + 5 <= w;
-                        assert_eq!(span.is_full(), full, "{h}x{w} tile ({ty}, {tx})");
-                        for m in [None, Some(&mask[..]), Some(&sparse[..])] {
-                            // Lane 1 of 3, so a stride or lane slip shows;
-                            // NaN marks entries the gather must not write.
-                            let mut d = vec![f32::NAN; POS * 3];
-                            let want = window_by_definition(&plane, m, h, w, ty, tx);
-                            match m {
-                                None => span.gather(&plane, &mut d, 3, 1),
-                                Some(m) => {
-                                    // The mask's own window, by definition:
-                                    // the factors, zeros outside the plane.
-                                    let mw = window_by_definition(m, None, h, w, ty, tx);
-                                    let f = span.factors(m);
-                                    for (i, v) in mw.iter().enumerate() {
-                                        assert_eq!(f[i], v.unwrap_or(0.0), "factor {i}");
+        for tiling in [Tiling::F4, Tiling::F6] {
+            let (t, n, npos) = (tiling.side(), tiling.window(), tiling.positions());
+            for h in 1..=15 {
+                for w in 1..=15 {
+                    let plane: Vec<f32> = (0..h * w).map(|i| 1.0 + i as f32).collect();
+                    let mask: Vec<f32> = (0..h * w).map(|i| [0.5, 0.0, 2.0][i % 3]).collect();
+                    // Mostly zeros, so some windows read only zeros.
+                    let sparse: Vec<f32> = (0..h * w).map(|i| f32::from(i % 13 == 5)).collect();
+                    for ty in 0..h.div_ceil(t) {
+                        for tx in 0..w.div_ceil(t) {
+                            let span = WindowSpan::new(tiling, h, w, ty, tx);
+                            let full =
+                                ty > 0 && tx > 0 && t * ty + n - 1 <= h && t * tx + n - 1 <= w;
+                            assert_eq!(
+                                span.is_full(),
+                                full,
+                                "{h}x{w} {tiling:?} tile ({ty}, {tx})"
+                            );
+                            for m in [None, Some(&mask[..]), Some(&sparse[..])] {
+                                // Lane 1 of 3, so a stride or lane slip shows;
+                                // NaN marks entries the gather must not write.
+                                let mut d = vec![f32::NAN; npos * 3];
+                                let want = window_of(tiling, &plane, m, (h, w), (ty, tx));
+                                match m {
+                                    None => span.gather(&plane, &mut d, 3, 1),
+                                    Some(m) => {
+                                        // The mask's own window, by definition:
+                                        // the factors, zeros outside the plane.
+                                        let mw = window_of(tiling, m, None, (h, w), (ty, tx));
+                                        let f = span.factors(m);
+                                        for (i, v) in mw.iter().enumerate() {
+                                            assert_eq!(f[i], v.unwrap_or(0.0), "factor {i}");
+                                        }
+                                        assert!(f[npos..].iter().all(|&v| v == 0.0));
+                                        span.gather_scaled(&plane, &f, &mut d, 3, 1);
+                                        let zeros = mw.iter().all(|v| v.is_none_or(|v| v == 0.0));
+                                        assert_eq!(span.reads_only_zeros(m), zeros);
+                                        zero_windows += usize::from(zeros);
                                     }
-                                    span.gather_scaled(&plane, &f, &mut d, 3, 1);
-                                    let zeros = mw.iter().all(|v| v.is_none_or(|v| v == 0.0));
-                                    assert_eq!(span.reads_only_zeros(m), zeros);
-                                    zero_windows += usize::from(zeros);
                                 }
-                            }
-                            for (i, &x) in want.iter().enumerate() {
-                                let got = d[i * 3 + 1];
-                                assert!(
-                                    match x {
-                                        Some(x) => got == x,
-                                        None => got.is_nan(),
-                                    },
-                                    "{h}x{w} tile ({ty}, {tx}) mask {} entry {i}: {got} vs {x:?}",
-                                    m.is_some()
-                                );
-                                assert!(d[i * 3].is_nan() && d[i * 3 + 2].is_nan());
+                                for (i, &x) in want.iter().enumerate() {
+                                    let got = d[i * 3 + 1];
+                                    assert!(
+                                        match x {
+                                            Some(x) => got == x,
+                                            None => got.is_nan(),
+                                        },
+                                        "{h}x{w} tile ({ty}, {tx}) mask {} entry {i}: {got} vs {x:?}",
+                                        m.is_some()
+                                    );
+                                    assert!(d[i * 3].is_nan() && d[i * 3 + 2].is_nan());
+                                }
                             }
                         }
                     }
@@ -811,7 +893,7 @@ mod tests {
                     let mask: Vec<f32> = (0..h * w).map(|i| [0.5, 0.0, 2.0][i % 3]).collect();
                     for ty in 0..h.div_ceil(4) {
                         for tx in (1..w.div_ceil(4)).filter(|tx| 4 * (tx + l) < w) {
-                            let span = WindowSpan::new(h, w, ty, tx);
+                            let span = WindowSpan::new(Tiling::F4, h, w, ty, tx);
                             for m in [None, Some(&mask[..])] {
                                 let mut d = vec![f32::NAN; POS * stride];
                                 span.gather_row_run::<f32, S>(s, &plane, m, &mut d, stride, 1);
@@ -883,10 +965,11 @@ mod tests {
                 let planes = std::array::from_fn(|f| &planes[f][..]);
                 // Period 5, so a factor read 4 columns off shows.
                 let mask: Vec<f32> = (0..hw).map(|i| [0.5, 0.0, 2.0, 0.75, 1.5][i % 5]).collect();
-                let span = WindowSpan::new(h, w, ty, tx);
+                let span = WindowSpan::new(Tiling::F4, h, w, ty, tx);
                 for run in 1..=RUN_WINDOWS {
-                    let whole = (0..run)
-                        .all(|t| 4 * (tx + t) < w && WindowSpan::new(h, w, ty, tx + t).is_full());
+                    let whole = (0..run).all(|t| {
+                        4 * (tx + t) < w && WindowSpan::new(Tiling::F4, h, w, ty, tx + t).is_full()
+                    });
                     // By definition: the last window row's loads, from column
                     // 4 tx - 1 of row 4 ty + 4, end in the plane.
                     let loads = (4 * run + 2).div_ceil(l) * l;
