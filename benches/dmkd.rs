@@ -33,7 +33,12 @@ fn bench(c: &mut Criterion) {
     for name in ["retinanet", "two-stage"] {
         let preset = Preset::named(name).unwrap();
         let p = problem(&preset);
-        for algo in [ConvAlgo::Direct, ConvAlgo::Winograd, ConvAlgo::Auto] {
+        for algo in [
+            ConvAlgo::Direct,
+            ConvAlgo::Winograd,
+            ConvAlgo::Winograd6,
+            ConvAlgo::Auto,
+        ] {
             let be: Arc<dyn Backend<f32>> = Arc::new(CpuBackend::new(algo));
             let id = format!("cpu/{}", format!("{algo:?}").to_lowercase());
             g.measurement_time(Duration::from_secs(if name == "retinanet" {

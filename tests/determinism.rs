@@ -26,6 +26,7 @@ where
 {
     let be = CpuBackend::with_isa(ConvAlgo::Direct, isa).unwrap();
     let wino = CpuBackend::with_isa(ConvAlgo::Winograd, isa).unwrap();
+    let wino6 = CpuBackend::with_isa(ConvAlgo::Winograd6, isa).unwrap();
     let bits = |t: Tensor<T>| t.as_slice().iter().map(|v| v.as_f64().to_bits()).collect();
     let mut out: Vec<Vec<u64>> = Vec::new();
 
@@ -71,6 +72,9 @@ where
         out.push(bits(wino.conv2d(&xin, &wt, Some(&b), &args).unwrap()));
         out.push(bits(wino.conv2d_backward_input(&dy, &wt, &args).unwrap()));
         out.push(bits(wino.conv2d_backward_weight(&dy, &xin, &args).unwrap()));
+        // And F(6x6) (its weight gradient is F(4x4)'s, above).
+        out.push(bits(wino6.conv2d(&xin, &wt, Some(&b), &args).unwrap()));
+        out.push(bits(wino6.conv2d_backward_input(&dy, &wt, &args).unwrap()));
     }
     // Winograd's weight gradient over several 256-tile blocks (2 x 10 x 18
     // tiles), with a spatial mask that drops some tiles.
@@ -212,7 +216,12 @@ fn whole_loss_same_bits_for_every_thread_count_and_isa() {
         .map(|(k, v)| (k.clone(), v.cast()))
         .collect();
     for dtype_f64 in [false, true] {
-        for algo in [ConvAlgo::Auto, ConvAlgo::Direct, ConvAlgo::Winograd] {
+        for algo in [
+            ConvAlgo::Auto,
+            ConvAlgo::Direct,
+            ConvAlgo::Winograd,
+            ConvAlgo::Winograd6,
+        ] {
             let run = |threads: usize, isa: Isa| -> Vec<(String, Vec<u64>)> {
                 in_pool(threads, || {
                     let opts = EvalOptions {

@@ -298,10 +298,19 @@ pub fn eval_small(data: &[u8]) {
         &tensors32,
         Arc::new(CpuBackend::new(ConvAlgo::Winograd)),
     );
+    let w6 = run::<f32>(
+        &d,
+        &tensors32,
+        Arc::new(CpuBackend::new(ConvAlgo::Winograd6)),
+    );
     if d.moderate {
         // Away from overflow, the backends fail (or not) alike: the
         // validation is shared, and only rounding differs.
-        for (what, c) in [("cpu", &c32), ("cpu winograd", &w32)] {
+        for (what, c) in [
+            ("cpu", &c32),
+            ("cpu winograd", &w32),
+            ("cpu winograd6", &w6),
+        ] {
             assert_eq!(
                 r32.as_ref().err().map(Error::kind),
                 c.as_ref().err().map(Error::kind),

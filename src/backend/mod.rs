@@ -582,7 +582,12 @@ mod tests {
     /// accept only `auto` for each, and name the option they refuse.
     #[test]
     fn cpu_options_are_refused_by_the_other_backends() {
-        let algos = [ConvAlgo::Auto, ConvAlgo::Direct, ConvAlgo::Winograd];
+        let algos = [
+            ConvAlgo::Auto,
+            ConvAlgo::Direct,
+            ConvAlgo::Winograd,
+            ConvAlgo::Winograd6,
+        ];
         let isas = [Isa::Auto, Isa::Avx512, Isa::Avx2, Isa::Neon, Isa::Scalar];
         for kind in [BackendKind::Cpu, BackendKind::Reference, BackendKind::Cuda] {
             for conv_algo in algos {

@@ -192,10 +192,11 @@ mod tests {
         let unreached = reach.as_slice().iter().filter(|&&v| v == 0.0).count();
         assert_eq!(unreached, 100);
         assert!(worth_splitting(&reach));
-        let backends: [BackendRef<f64>; 3] = [
+        let backends: [BackendRef<f64>; 4] = [
             Arc::new(ReferenceBackend),
             Arc::new(CpuBackend::new(ConvAlgo::Direct)),
             Arc::new(CpuBackend::new(ConvAlgo::Winograd)),
+            Arc::new(CpuBackend::new(ConvAlgo::Winograd6)),
         ];
         for be in backends {
             let split = value_and_grads(be.clone(), |v| {

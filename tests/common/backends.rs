@@ -32,9 +32,16 @@ pub struct Subject<T: dmkd::Float> {
 pub fn backends<T: BackendFloat>() -> Vec<Subject<T>> {
     let mut v = Vec::new();
     // The fast CPU backend under each conv algorithm on the widest
-    // instruction set this CPU has, and direct and Winograd on each
-    // narrower one (AVX2 on an AVX-512 machine, scalar everywhere).
-    for algo in [ConvAlgo::Direct, ConvAlgo::Winograd, ConvAlgo::Auto] {
+    // instruction set this CPU has, and direct and Winograd F(4x4) on each
+    // narrower one (AVX2 on an AVX-512 machine, scalar everywhere; F(6x6)'s
+    // kernels are held to the same bits on every ISA by the lib tests and
+    // tests/determinism.rs).
+    for algo in [
+        ConvAlgo::Direct,
+        ConvAlgo::Winograd,
+        ConvAlgo::Winograd6,
+        ConvAlgo::Auto,
+    ] {
         let opts = BackendOptions {
             kind: BackendKind::Cpu,
             conv_algo: algo,

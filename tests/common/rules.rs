@@ -25,14 +25,18 @@
 //!   `floor / K`, above the bound while `K^2 u < 1`, i.e. for K up to ~4000
 //!   in f32. Typical errors are ~sqrt(K) u (random-walk rounding); nothing
 //!   is asserted about them, since a test must not fail by bad luck.
-//! - Winograd F(4x4, 3x3) passes (3x3, stride 1, pad 1, under
-//!   `ConvAlgo::Winograd`, and under `Auto` in f32, which may pick it) are
+//! - Winograd passes (3x3, stride 1, pad 1, under `ConvAlgo::Winograd`
+//!   (F(4x4, 3x3)) and `ConvAlgo::Winograd6` (F(6x6, 3x3) for the forward
+//!   pass and the input gradient), and under `Auto` in f32, which may pick
+//!   either) are
 //!   compared norm-wise (`||a - e|| / ||e||`) with the f64 reference, the
 //!   measure under which Winograd's error is meaningful: f64 within 1e-12
 //!   (the transforms add a few roundings per value with coefficients up to
 //!   8, and 1/6, 1/24 inexact in binary; measured ~1e-15, so three orders of
-//!   margin while any wrong index or coefficient is O(1) off); f32 within
-//!   1e-4, the accuracy requirement of the loss (measured ~1e-6). `Auto` is
+//!   margin while any wrong index or coefficient is O(1) off; F(6x6)'s
+//!   2/9, 1/90, ... round too, at the same scale); f32 within 1e-4, the
+//!   accuracy requirement of the loss (measured ~1e-6 for F(4x4), about
+//!   twice that for F(6x6)). `Auto` is
 //!   always direct in f64 (its documented rule), so f64 `Auto` keeps the
 //!   per-element bound.
 //!
@@ -163,6 +167,7 @@ impl Rule {
                     winograd_shape: true,
                     ..
                 } if algo == dmkd::ConvAlgo::Winograd
+                    || algo == dmkd::ConvAlgo::Winograd6
                     || (algo == dmkd::ConvAlgo::Auto && dtype == DType::F32) =>
                 {
                     Check::Norm64(winograd_tol(dtype))
