@@ -890,7 +890,7 @@ fn bench_counters_report_each_rows_work() {
     let lines: Vec<Vec<&str>> = t
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .filter(|f| f.len() == 11 && passes.contains(&f[1]))
+        .filter(|f| f.len() == 12 && passes.contains(&f[1]))
         .collect();
     // 9 conv rows with one pass each, the forward row one, the forward and
     // backward row three.

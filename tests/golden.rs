@@ -17,6 +17,13 @@
 //!   per conv, compounded through ~4 chained convs and the loss sum: ~1e-6
 //!   norm-wise, with single elements near zero worse relative to themselves
 //!   but not relative to the tensor's largest (hence the max-norm bound).
+//!   Forced F(6x6) Winograd (`ConvAlgo::Winograd6`) is held to `1e-4`
+//!   norm-wise instead, the loss's accuracy requirement, which also bounds
+//!   the Winograd convs themselves (`tests/common/rules.rs`): its transforms
+//!   round about twice as much as F(4x4)'s, and on these tiny levels (4-6
+//!   channels, so little averaging) one f32 gradient of the extreme fixture
+//!   (`grad.p0.fusion`, the one-hot level) read 2.3e-5 (2026-12-07). `Auto`
+//!   never runs F(6x6) at these sizes.
 //! - masks: exactly equal (the fixtures keep every decision away from ties).
 //!   FGD's `mask_fg` / `mask_bg` hold values (`1 / area`, `1 / count`), not
 //!   decisions, and are compared as values.
@@ -31,6 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::backends::all_backends;
+use common::rules::Rule;
 use dmkd::backend::{BackendFloat, ReferenceBackend};
 use dmkd::distill::{Config, EvalOptions, Problem, evaluate};
 use dmkd::io::{TensorFile, read_safetensors};
@@ -67,6 +75,7 @@ fn check_fixture<T: BackendFloat>(
     path: &Path,
     file: &TensorFile,
     backend: BackendRef<T>,
+    f6: bool,
 ) -> Vec<String> {
     let config = Config::from_json(&file.metadata["config"]).unwrap();
     let tensors = file.to_map::<T>().unwrap();
@@ -85,6 +94,7 @@ fn check_fixture<T: BackendFloat>(
     let eval = evaluate(backend, &problem).unwrap();
     let (norm_tol, max_tol) = match T::DTYPE {
         DType::F64 => (1e-10, 1e-10),
+        DType::F32 if f6 => (1e-4, 1e-4),
         DType::F32 => (2e-5, 1e-4),
     };
     // The gradient scale of each level: the largest |grad| of that level.
@@ -171,6 +181,11 @@ fn check_fixture<T: BackendFloat>(
     failures
 }
 
+/// Whether a subject runs forced F(6x6) Winograd (module docs).
+fn forced_f6(rule: &Rule) -> bool {
+    *rule == Rule::Cpu(dmkd::ConvAlgo::Winograd6)
+}
+
 #[test]
 fn every_fixture_matches_on_every_backend() {
     let paths = fixtures();
@@ -188,12 +203,14 @@ fn every_fixture_matches_on_every_backend() {
         match file.metadata["dtype"].as_str() {
             "f64" => {
                 for s in all_backends::<f64>() {
-                    failures.extend(check_fixture::<f64>(path, &file, s.backend));
+                    let f6 = forced_f6(&s.rule);
+                    failures.extend(check_fixture::<f64>(path, &file, s.backend, f6));
                 }
             }
             "f32" => {
                 for s in all_backends::<f32>() {
-                    failures.extend(check_fixture::<f32>(path, &file, s.backend));
+                    let f6 = forced_f6(&s.rule);
+                    failures.extend(check_fixture::<f32>(path, &file, s.backend, f6));
                 }
             }
             other => panic!("{}: unknown dtype {other}", path.display()),
@@ -223,7 +240,7 @@ fn a_perturbed_fixture_is_rejected() {
         key.clone(),
         dmkd::io::AnyTensor::F64(Tensor::from_vec(t.shape(), nudged).unwrap()),
     );
-    let failures = check_fixture::<f64>(&path, &file, Arc::new(ReferenceBackend));
+    let failures = check_fixture::<f64>(&path, &file, Arc::new(ReferenceBackend), false);
     assert_eq!(failures.len(), 1, "{failures:?}");
     assert!(failures[0].contains(&key));
 }
