@@ -46,6 +46,33 @@ use crate::pool;
 /// blocks this does not set, 182-190 ms throughout.
 const GROUPS: usize = 8;
 
+/// Register groups per block of `tiling`: [`GROUPS`] for F(4x4), half of
+/// it for F(6x6), whose 64 positions then take 256 x 8 x 8 register-group
+/// positions against F(4x4)'s 288, so its block scratch fits in buffers
+/// of F(4x4)'s length ([`scratch_len`]).
+fn groups_per_block(tiling: Tiling) -> usize {
+    match tiling {
+        Tiling::F4 => GROUPS,
+        Tiling::F6 => GROUPS / 2,
+    }
+}
+
+/// The length of a block buffer holding `need` values for `tiling`, whose
+/// F(4x4) counterpart holds `f4`: F(6x6) takes F(4x4)'s length where its
+/// own need is smaller. Why: the pool matches freed buffers by exact
+/// length, so block scratch of its own length doubled the scratch the pool
+/// had to keep, and in the two-stage loss (where P2 activations evict
+/// what the pool holds) page faults went from 1.71M to 2.06M over three
+/// steps, which ate the F(6x6) passes' gain at P2 (AMD EPYC Zen 4,
+/// AVX-512, 2 threads, 2026-12-07: P2 forward in the loss 304 -> 301 ms
+/// against 282-304 -> 243-247 ms alone).
+fn scratch_len(tiling: Tiling, need: usize, f4: usize) -> usize {
+    match tiling {
+        Tiling::F4 => need,
+        Tiling::F6 => need.max(f4),
+    }
+}
+
 /// A multiplier applied to the source while it is gathered.
 #[derive(Clone, Copy)]
 pub(crate) enum InMul<'a, E> {
@@ -486,8 +513,18 @@ impl<E: Elem> WinoConv<'_, E> {
         let tile_len = MR * nr;
         // V: `[group][pos][col][NR]`; products: `[panel][pos][group][MR x NR]`,
         // so each phase's share is one contiguous run.
-        let mut vbuf = Scratch::<E>::new(GROUPS * npos * kk * nr);
-        let mut mbuf = Scratch::<E>::new(panels * npos * GROUPS * tile_len);
+        // Register groups per block: the layout stride of the products.
+        let gpb = groups_per_block(tiling);
+        let mut vbuf = Scratch::<E>::new(scratch_len(
+            tiling,
+            gpb * npos * kk * nr,
+            GROUPS * POS * kk * nr,
+        ));
+        let mut mbuf = Scratch::<E>::new(scratch_len(
+            tiling,
+            panels * npos * gpb * tile_len,
+            panels * POS * GROUPS * tile_len,
+        ));
         // The output rows by kept row: `dst[ri][i]` is row `rows[ri]` of image `i`.
         let mut kept_row = vec![None; m];
         for (ri, &co) in rows.iter().enumerate() {
@@ -504,7 +541,7 @@ impl<E: Elem> WinoConv<'_, E> {
         // Row panels per GEMM job: one contiguous run per thread.
         let jobs = rayon::current_num_threads().clamp(1, panels);
         let bounds: Vec<usize> = (0..=jobs).map(|j| j * panels / jobs).collect();
-        for block in tiles.chunks(GROUPS * nr) {
+        for block in tiles.chunks(gpb * nr) {
             let lanes: Vec<Lanes> = block
                 .chunks(nr)
                 .map(|g| Lanes::new(&order, g, w, tiling))
@@ -528,13 +565,14 @@ impl<E: Elem> WinoConv<'_, E> {
             let mut runs = Vec::with_capacity(jobs);
             let mut rest = mbuf.as_mut_slice();
             for p in bounds.windows(2) {
-                let (run, tail) = rest.split_at_mut((p[1] - p[0]) * npos * GROUPS * tile_len);
+                let (run, tail) = rest.split_at_mut((p[1] - p[0]) * npos * gpb * tile_len);
                 runs.push((p[0]..p[1], run));
                 rest = tail;
             }
             runs.into_par_iter().for_each(|(panels, out)| {
                 arch.dispatch(Products {
                     npos,
+                    gpb,
                     u,
                     v,
                     kk,
@@ -746,6 +784,9 @@ impl<E: Elem> WithSimd for InputGroup<'_, '_, E> {
 struct Products<'a, 'b, E: Elem> {
     /// Positions (GEMMs) per block: the tiling's.
     npos: usize,
+    /// Register groups per block ([`groups_per_block`]): the stride of
+    /// `out`'s layout.
+    gpb: usize,
     u: &'a [E],
     v: &'a [E],
     kk: usize,
@@ -761,6 +802,7 @@ impl<E: Elem> WithSimd for Products<'_, '_, E> {
     fn with_simd<S: Simd>(self, simd: S) {
         let Products {
             npos,
+            gpb,
             u,
             v,
             kk,
@@ -800,13 +842,13 @@ impl<E: Elem> WithSimd for Products<'_, '_, E> {
                 let next = next_b_tile(g, pos, groups, npos).map(|(g, pos)| b_tile(g, pos));
                 let a = |pi: usize| &u[((panels.start + pi) * npos + pos) * kk * MR..][..kk * MR];
                 // One panel's products: the same tile of the next panel.
-                let stride = npos * GROUPS * tile_len;
+                let stride = npos * gpb * tile_len;
                 let np = panels.len();
                 // Two panels per call where the ISA has the registers.
                 for ps in panel_steps::<E, S>(np, |_| true) {
                     let (pi, n) = (ps.start, ps.len());
                     let ahead = next.map_or(Ahead::NONE, |next| Ahead::shares(next, ps, np));
-                    let at = ((pi * npos + pos) * GROUPS + g) * tile_len;
+                    let at = ((pi * npos + pos) * gpb + g) * tile_len;
                     // The next C tiles this loop writes.
                     let next = out.as_ptr().wrapping_add(at + n * stride);
                     let next = [next, next.wrapping_add(stride)];
@@ -877,7 +919,8 @@ impl<E: Elem> WithSimd for OutputRow<'_, '_, '_, E> {
         let mut out = [E::zero(); 36 * 32];
         let groups = block.len().div_ceil(nr);
         // Row `r` of group `g`'s products at position `pos`.
-        let row_at = |g: usize, pos: usize| ((p * npos + pos) * GROUPS + g) * tile_len + r * nr;
+        let gpb = groups_per_block(conv.tiling);
+        let row_at = |g: usize, pos: usize| ((p * npos + pos) * gpb + g) * tile_len + r * nr;
         let all_lanes = lanes;
         for ((g, group), lanes) in block.chunks(nr).enumerate().zip(lanes) {
             // The next group's products of this row, while this group's are
@@ -1335,8 +1378,8 @@ mod tests {
     fn every_mask_and_epilogue_matches_the_definition_with_the_same_bits() {
         for tiling in [Tiling::F4, Tiling::F6] {
             // 13 x 200: 3 x 34 F(6x6) tiles per image, so they too span
-            // several blocks (306 tiles against 256 per f32 block on
-            // AVX-512).
+            // several blocks (306 tiles against 128 per f32 F(6x6) block on
+            // AVX-512), the last one short.
             for (h, w) in PLANES.into_iter().chain([(13, 200)]) {
                 // f64 Winograd against plain sums: the transforms'
                 // coefficients lose a few ulps per term (norm-wise about
