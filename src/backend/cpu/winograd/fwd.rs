@@ -47,9 +47,9 @@ use crate::pool;
 const GROUPS: usize = 8;
 
 /// Register groups per block of `tiling`: [`GROUPS`] for F(4x4), half of
-/// it for F(6x6), whose 64 positions then take 256 x 8 x 8 register-group
-/// positions against F(4x4)'s 288, so its block scratch fits in buffers
-/// of F(4x4)'s length ([`scratch_len`]).
+/// it for F(6x6), so that an F(6x6) block's (group, position) pairs, 4 x
+/// 64 = 256, fit in F(4x4)'s 8 x 36 = 288 and its scratch in buffers of
+/// F(4x4)'s length ([`BLOCK_PAIRS`]).
 fn groups_per_block(tiling: Tiling) -> usize {
     match tiling {
         Tiling::F4 => GROUPS,
@@ -57,21 +57,16 @@ fn groups_per_block(tiling: Tiling) -> usize {
     }
 }
 
-/// The length of a block buffer holding `need` values for `tiling`, whose
-/// F(4x4) counterpart holds `f4`: F(6x6) takes F(4x4)'s length where its
-/// own need is smaller. Why: the pool matches freed buffers by exact
-/// length, so block scratch of its own length doubled the scratch the pool
-/// had to keep, and in the two-stage loss (where P2 activations evict
-/// what the pool holds) page faults went from 1.71M to 2.06M over three
-/// steps, which ate the F(6x6) passes' gain at P2 (AMD EPYC Zen 4,
-/// AVX-512, 2 threads, 2026-12-07: P2 forward in the loss 304 -> 301 ms
-/// against 282-304 -> 243-247 ms alone).
-fn scratch_len(tiling: Tiling, need: usize, f4: usize) -> usize {
-    match tiling {
-        Tiling::F4 => need,
-        Tiling::F6 => need.max(f4),
-    }
-}
+/// The (register group, position) pairs a block's scratch is sized for,
+/// whatever the tiling: F(4x4)'s. Why one size: the pool matches freed
+/// buffers by exact length, and with scratch of F(6x6)'s own length it
+/// had to keep two sets; in the two-stage loss, where P2 activations
+/// evict what it holds, page faults over three steps went from 1.71M to
+/// 2.06M and the P2 forward in the loss kept none of F(6x6)'s gain (304
+/// -> 301 ms, against 282-304 -> 243-247 ms alone; AMD EPYC Zen 4,
+/// AVX-512, 2 threads, 2026-12-07). With one size: 1.85M.
+const BLOCK_PAIRS: usize = GROUPS * POS;
+const _: () = assert!(GROUPS / 2 * POS6 <= BLOCK_PAIRS, "an F(6x6) block fits");
 
 /// A multiplier applied to the source while it is gathered.
 #[derive(Clone, Copy)]
@@ -515,16 +510,8 @@ impl<E: Elem> WinoConv<'_, E> {
         // so each phase's share is one contiguous run.
         // Register groups per block: the layout stride of the products.
         let gpb = groups_per_block(tiling);
-        let mut vbuf = Scratch::<E>::new(scratch_len(
-            tiling,
-            gpb * npos * kk * nr,
-            GROUPS * POS * kk * nr,
-        ));
-        let mut mbuf = Scratch::<E>::new(scratch_len(
-            tiling,
-            panels * npos * gpb * tile_len,
-            panels * POS * GROUPS * tile_len,
-        ));
+        let mut vbuf = Scratch::<E>::new(BLOCK_PAIRS * kk * nr);
+        let mut mbuf = Scratch::<E>::new(panels * BLOCK_PAIRS * tile_len);
         // The output rows by kept row: `dst[ri][i]` is row `rows[ri]` of image `i`.
         let mut kept_row = vec![None; m];
         for (ri, &co) in rows.iter().enumerate() {
