@@ -117,7 +117,7 @@ pub const WINOGRAD6_MIN_POSITIONS: usize = 8192;
 /// F(4x4) up to [`WINOGRAD_MAX_SPREAD`], else direct). Under spikes F(6x6)'s
 /// rounding noise at the outputs that do not read one is 1.5-2x F(4x4)'s
 /// at 256 channels and 5-7x at 64 (`reference/winograd_accuracy.py`;
-/// `docs/engineering.md`, "Winograd and outliers"), so this keeps F(4x4)'s
+/// `docs/engineering.md`, "Winograd F(6x6, 3x3)"), so this keeps F(4x4)'s
 /// margin with a factor of 8 to spare. The loss's own ReLU operands spread
 /// 1.6-4.4.
 pub const WINOGRAD6_MAX_SPREAD: f32 = 32.0;
@@ -155,7 +155,8 @@ pub enum ConvAlgo {
     Winograd6,
     /// Pick per convolution and pass by a measured rule: the shape, and
     /// for a forward pass with a ReLU the spread of its input
-    /// ([`WINOGRAD_MAX_SPREAD`]; see `CpuBackend::winograd_for`).
+    /// ([`WINOGRAD6_MAX_SPREAD`], [`WINOGRAD_MAX_SPREAD`]; see
+    /// `CpuBackend::winograd_for`).
     #[default]
     Auto,
 }
