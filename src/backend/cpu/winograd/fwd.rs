@@ -1301,6 +1301,24 @@ mod tests {
         case::<f64>();
     }
 
+    /// The block sizes: F(4x4)'s [`GROUPS`], half of it for F(6x6), and
+    /// each tiling's (group, position) pairs within the scratch sized for
+    /// [`BLOCK_PAIRS`]. No result depends on them (any block size gives the
+    /// same bits), so only this test sees a wrong one; one past the scratch
+    /// would leave groups untransformed.
+    #[test]
+    fn blocks_fit_the_scratch_and_f6_takes_half_the_groups() {
+        assert_eq!(groups_per_block(Tiling::F4), GROUPS);
+        assert_eq!(groups_per_block(Tiling::F6), GROUPS / 2);
+        assert_eq!(BLOCK_PAIRS, GROUPS * POS);
+        for tiling in [Tiling::F4, Tiling::F6] {
+            let pairs = groups_per_block(tiling) * tiling.positions();
+            assert!(pairs <= BLOCK_PAIRS, "{tiling:?}: {pairs} pairs");
+            // And no smaller than it need be: one more group would not fit.
+            assert!(pairs + tiling.positions() > BLOCK_PAIRS, "{tiling:?}");
+        }
+    }
+
     /// Following `next_b_tile` from the first tile visits every B tile of
     /// a block once, in the order `Products` reads them, then stops.
     #[test]
