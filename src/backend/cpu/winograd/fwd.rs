@@ -4,7 +4,9 @@
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
-use super::transform::{POS, WindowSpan, input_tiles, output_tile, tile_is_zero, weight_tile_v};
+use super::transform::{
+    POS, WindowSpan, input_tiles, output_tile, tile_is_zero, weight_tile, weight_tile_v,
+};
 use super::transform6::{POS6, output_tile6, weight_tile6_v};
 use super::{Lanes, MAX_POS, Tile, Tiling, run_order};
 use crate::backend::cpu::Ctx;
@@ -183,31 +185,57 @@ impl<E: Elem> WithSimd for WeightRow<'_, '_, E> {
         // Every column in order (the dense calls) reads its taps at fixed
         // strides, without the column list between.
         let in_order = kk == k && cols.iter().enumerate().all(|(i, &c)| i == c);
-        let (f4, f6) = (weight_tile_v::<E, S>, weight_tile6_v::<E, S>);
         match (tiling, in_order) {
-            (Tiling::F4, true) => transform_columns(simd, tap, kk, dst, f4),
-            (Tiling::F4, false) => transform_columns(simd, |c, t| tap(cols[c], t), kk, dst, f4),
-            (Tiling::F6, true) => transform_columns(simd, tap, kk, dst, f6),
-            (Tiling::F6, false) => transform_columns(simd, |c, t| tap(cols[c], t), kk, dst, f6),
+            (Tiling::F4, true) => transform_columns(simd, tap, kk, dst),
+            (Tiling::F4, false) => transform_columns(simd, |c, t| tap(cols[c], t), kk, dst),
+            (Tiling::F6, true) => transform_columns6(simd, tap, kk, dst),
+            (Tiling::F6, false) => transform_columns6(simd, |c, t| tap(cols[c], t), kk, dst),
         }
     }
 }
 
-/// `dst[pos * kk + c]` = position `pos` of `transform` (the weight
-/// transform of a tiling, on registers whose lanes are filters) of the
-/// filter whose taps are `tap(c, 0..9)`, for `c < kk`. The columns past
-/// the last whole register go through `transform` in one more register,
-/// its unused lanes zero: each lane's bits are its own filter's, so a
-/// filter's bits do not depend on the register width. (F(4x4) once took
-/// those columns through the scalar `weight_tile`, the same operations in
-/// the same order: the same bits, which its tests check.)
+/// `dst[pos * kk + c]` = position `pos` of the transform of the filter
+/// whose taps are `tap(c, 0..9)`, for `c < kk`.
 #[inline(always)]
-fn transform_columns<E: Elem, S: Simd, const P: usize>(
+fn transform_columns<E: Elem, S: Simd>(
     simd: S,
     tap: impl Fn(usize, usize) -> E,
     kk: usize,
     dst: &mut [E],
-    transform: impl Fn(S, &[E::V<S>; 9]) -> [E::V<S>; P],
+) {
+    let l = E::lanes::<S>();
+    let full = kk / l * l;
+    let mut g = [E::zero(); 9 * MAX_LANES];
+    for c0 in (0..full).step_by(l) {
+        for t in 0..9 {
+            for j in 0..l {
+                g[t * l + j] = tap(c0 + j, t);
+            }
+        }
+        let gv: [E::V<S>; 9] = std::array::from_fn(|t| E::load(simd, &g[t * l..]));
+        let u = weight_tile_v::<E, S>(simd, &gv);
+        for (pos, &v) in u.iter().enumerate() {
+            E::store(simd, &mut dst[pos * kk + c0..], v);
+        }
+    }
+    for c in full..kk {
+        let u = weight_tile::<E>(&std::array::from_fn(|t| tap(c, t)));
+        for (pos, &v) in u.iter().enumerate() {
+            dst[pos * kk + c] = v;
+        }
+    }
+}
+
+/// [`transform_columns`] for F(6x6) (64 positions): the columns past the
+/// last whole register go through [`weight_tile6_v`] in one more register,
+/// its unused lanes zero, so a filter's bits do not depend on the register
+/// width.
+#[inline(always)]
+fn transform_columns6<E: Elem, S: Simd>(
+    simd: S,
+    tap: impl Fn(usize, usize) -> E,
+    kk: usize,
+    dst: &mut [E],
 ) {
     let l = E::lanes::<S>();
     let mut g = [E::zero(); 9 * MAX_LANES];
@@ -220,7 +248,8 @@ fn transform_columns<E: Elem, S: Simd, const P: usize>(
             }
         }
         let gv: [E::V<S>; 9] = std::array::from_fn(|t| E::load(simd, &g[t * l..]));
-        for (pos, &v) in transform(simd, &gv).iter().enumerate() {
+        let u = weight_tile6_v::<E, S>(simd, &gv);
+        for (pos, &v) in u.iter().enumerate() {
             if lanes == l {
                 E::store(simd, &mut dst[pos * kk + c0..], v);
             } else {
@@ -1378,8 +1407,8 @@ mod tests {
         let dy = elems(values(N * M * h * w, 2));
         // Output channel 3 and input channel 2 have only zero filters (a
         // dead channel): their sums are exact zeros, whose sign must not
-        // depend on the ISA (which decides which filters share a register
-        // of the weight transform, and which meet a partly empty one).
+        // depend on the ISA (which decides the weight transform's split
+        // between registers and the scalar tail).
         let weights = elems(
             values(M * K * 9, 3)
                 .into_iter()

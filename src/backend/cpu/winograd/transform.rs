@@ -190,10 +190,7 @@ pub(crate) fn grad_tile<E: Elem, S: Simd>(s: S, g: &[E::V<S>; 16]) -> [E::V<S>; 
     out
 }
 
-/// `G g` along one line: 3 taps to 6. (This and [`weight_tile`] are the
-/// scalar statement of the weight transform, which the kernels run on
-/// registers, [`weight_tile_v`]; the tests hold the two to the same bits.)
-#[cfg(test)]
+/// `G g` along one line: 3 taps to 6.
 #[inline(always)]
 fn g3<E: Elem>(a: E, b: E, c: E) -> [E; 6] {
     let f = E::from_f64;
@@ -211,7 +208,6 @@ fn g3<E: Elem>(a: E, b: E, c: E) -> [E; 6] {
 }
 
 /// `G g G^T` of a 3 x 3 filter (row-major) to the 36 positions.
-#[cfg(test)]
 #[inline(always)]
 pub(crate) fn weight_tile<E: Elem>(g: &[E; 9]) -> [E; POS] {
     let mut t = [E::zero(); 18]; // 6 x 3
@@ -1055,10 +1051,11 @@ mod tests {
         }
     }
 
-    /// The vector weight transform gives the scalar statement's bits for
-    /// filters whose transformed rows are exact zeros (a dead filter;
-    /// columns with `a + c + b` or `a + c - b` zero): a zero's sign
-    /// included, whatever lane and register width a filter meets.
+    /// The vector weight transform gives the scalar one's bits for filters
+    /// whose transformed rows are exact zeros (a dead filter; columns with
+    /// `a + c + b` or `a + c - b` zero): a zero's sign included, since the
+    /// ISA decides which columns take which (`k / lanes` registers, then
+    /// the scalar tail).
     #[test]
     fn vector_weight_transform_keeps_a_zero_s_sign() {
         let filters: [[f64; 9]; 3] = [
