@@ -378,7 +378,7 @@ impl CpuBackend {
         }
         match (self.algo, pass) {
             (ConvAlgo::Direct, _) => None,
-            (ConvAlgo::Winograd, _) | (ConvAlgo::Winograd6, Pass::Weight) => Some(Tiling::F4),
+            (ConvAlgo::Winograd, _) => Some(Tiling::F4),
             (ConvAlgo::Winograd6, _) => Some(Tiling::F6),
             (ConvAlgo::Auto, _) => {
                 if TypeId::of::<E>() != TypeId::of::<f32>()
@@ -392,7 +392,10 @@ impl CpuBackend {
                         positions >= WINOGRAD_MIN_POSITIONS,
                         positions >= WINOGRAD6_MIN_POSITIONS,
                     ),
-                    Pass::Weight => (positions >= WINOGRAD_MIN_POSITIONS / 2, false),
+                    Pass::Weight => (
+                        positions >= WINOGRAD_MIN_POSITIONS / 2,
+                        positions >= WINOGRAD6_MIN_POSITIONS,
+                    ),
                 };
                 if !big_enough {
                     return None;
@@ -762,9 +765,8 @@ impl<T: Float> Backend<T> for Kernels<'_> {
             let (dy, x) = (dy.as_slice(), x.as_slice());
             let cx = self.ctx(Pass::Weight);
             let dw = if let Some(tiling) = self.winograd_for(a, Pass::Weight, None) {
-                debug_assert_eq!(tiling, Tiling::F4, "the weight gradient runs F(4x4) only");
                 cx.tally.winograd_call(tiling);
-                winograd::conv2d_backward_weight(dy, x, a, cx)
+                winograd::conv2d_backward_weight(dy, x, a, tiling, cx)
             } else {
                 cx.tally.direct_call();
                 conv_bwd::conv2d_backward_weight(dy, x, a, cx)

@@ -1,7 +1,7 @@
 //! The Winograd weight gradient:
 //! `dW[co][ci] = G^T ( sum_tiles (A dY_t A^T)[co] (.) (B^T x_t B)[ci] ) G`,
-//! i.e. 36 GEMMs `(Cout x tiles) (tiles x Cin)` with the long reduction
-//! over tiles, then the adjoint weight transform.
+//! i.e. 36 (F(4x4)) or 64 (F(6x6)) GEMMs `(Cout x tiles) (tiles x Cin)`
+//! with the long reduction over tiles, then the adjoint weight transform.
 
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
@@ -10,7 +10,8 @@ use super::transform::{
     POS, RUN_WINDOWS, WindowSpan, channel_records, grad_tile, input_tiles, weight_grad_tile,
     weight_grad_tile_v,
 };
-use super::{Tile, Tiling};
+use super::transform6::{POS6, grad_tile6, weight_grad_tile6_v};
+use super::{MAX_POS, Tile, Tiling};
 use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::nr_for;
 use crate::backend::cpu::kernel::{AWalk, MR, nr, panel_steps, run_walked_step};
@@ -19,10 +20,18 @@ use crate::backend::cpu::simd::{Ahead, Elem, MAX_LANES, lane_order, prefetch_val
 use crate::backend::{ConvArgs, InputMask};
 use crate::pool;
 
-/// Tiles per k-block: 1 KiB of each A row (as the direct weight gradient),
-/// a multiple of NR.
-fn tiles_per_block<E>() -> usize {
+/// F(4x4)'s tiles per k-block: 1 KiB of each A row (as the direct weight
+/// gradient), a multiple of every NR.
+fn f4_tiles_per_block<E>() -> usize {
     1024 / std::mem::size_of::<E>()
+}
+
+/// Tiles per k-block for `tiling`, a multiple of `nr`: F(6x6) takes as
+/// many as fit F(4x4)'s (positions x tiles), so that both tilings' block
+/// buffers have one length, and the pool, which matches buffers by
+/// length, keeps one set of them (as the forward engine's blocks).
+fn tiles_per_block<E>(tiling: Tiling, nr: usize) -> usize {
+    POS * f4_tiles_per_block::<E>() / tiling.positions() / nr * nr
 }
 
 /// `dw[co][ci][ky][kx]` of a 3x3 / stride 1 / pad 1 convolution.
@@ -35,6 +44,7 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
     dy: &[E],
     x: &[E],
     args: &ConvArgs<E>,
+    tiling: Tiling,
     cx: Ctx<'_>,
 ) -> Vec<E> {
     let g = &args.geom;
@@ -52,7 +62,7 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
                 if cols.is_empty() {
                     continue;
                 }
-                let part = Sums::new(dy, x, args, img..img + 1, &cols, cx);
+                let part = Sums::new(dy, x, args, tiling, img..img + 1, &cols, cx);
                 // One buffer per rayon job, reused across its output
                 // channels (`weight_grad_row` writes all of it each time).
                 dw.par_chunks_mut(c * 9).enumerate().for_each_init(
@@ -70,7 +80,7 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
         }
         _ => {
             let cols: Vec<usize> = (0..c).collect();
-            let all = Sums::new(dy, x, args, 0..n, &cols, cx);
+            let all = Sums::new(dy, x, args, tiling, 0..n, &cols, cx);
             dw.par_chunks_mut(c * 9)
                 .enumerate()
                 .for_each(|(co, row)| all.weight_grad_row(cx.arch, co, row));
@@ -79,9 +89,10 @@ pub(crate) fn conv2d_backward_weight<E: Elem>(
     dw
 }
 
-/// The 36 transformed-domain sums `sum_tiles (A dY A^T)[co] (.) (B^T x
-/// B)[cols[k]]` over the tiles of some images.
+/// The 36 or 64 transformed-domain sums `sum_tiles (A dY A^T)[co] (.)
+/// (B^T x B)[cols[k]]` over the tiles of some images.
 struct Sums<E: Elem> {
+    tiling: Tiling,
     /// `[pos][panel (pstride)][ctile][MR][NR]`
     c: Scratch<E>,
     pstride: usize,
@@ -108,10 +119,12 @@ impl<E: Elem> Sums<E> {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn new(
         dy: &[E],
         x: &[E],
         args: &ConvArgs<E>,
+        tiling: Tiling,
         imgs: std::ops::Range<usize>,
         cols: &[usize],
         cx: Ctx<'_>,
@@ -119,7 +132,8 @@ impl<E: Elem> Sums<E> {
         let g = &args.geom;
         let (m, h, w) = (g.c_out, g.h, g.w);
         let hw = h * w;
-        let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
+        let (side, npos) = (tiling.side(), tiling.positions());
+        let (th, tw) = (h.div_ceil(side), w.div_ceil(side));
         let nr = nr_for::<E>(cx.arch);
         let ctiles = cols.len().div_ceil(nr);
         let panels = m.div_ceil(MR);
@@ -140,7 +154,7 @@ impl<E: Elem> Sums<E> {
         for img in imgs.clone() {
             for ty in 0..th {
                 for tx in 0..tw {
-                    let span = WindowSpan::new(Tiling::F4, h, w, ty, tx);
+                    let span = WindowSpan::new(tiling, h, w, ty, tx);
                     if !smask.is_some_and(|ms| span.reads_only_zeros(&ms[img * hw..][..hw])) {
                         tiles.push((img, ty, tx));
                     }
@@ -149,48 +163,53 @@ impl<E: Elem> Sums<E> {
         }
         cx.tally
             .tiles(tiles.len(), imgs.len() * th * tw - tiles.len());
-        cx.tally.macs(POS * m * cols.len() * tiles.len());
-        let tb = tiles_per_block::<E>();
+        cx.tally.macs(npos * m * cols.len() * tiles.len());
+        let tb = tiles_per_block::<E>(tiling, nr);
         let threads = rayon::current_num_threads();
         // GEMM tasks: (position, run of panels), at least 4 per thread; the
         // split never changes a bit (threads split outputs, not the reduction).
-        let splits = (4 * threads).div_ceil(POS).clamp(1, panels.max(1));
+        let splits = (4 * threads).div_ceil(npos).clamp(1, panels.max(1));
         let per = panels.div_ceil(splits).max(1);
         // Panels per position as laid out (a few unused ones at the end).
         let pstride = per * splits;
         // The accumulated products, `[pos][panel][ctile][MR][NR]`; zeros for
         // an empty tile list.
-        let mut cbuf = Scratch::<E>::new(POS * pstride * ctiles * tile_len);
+        let mut cbuf = Scratch::<E>::new(npos * pstride * ctiles * tile_len);
         let ct = cbuf.as_mut_slice();
         if tiles.is_empty() {
             ct.fill(E::zero());
         }
         // B: transformed inputs `[ctile][pos][tile][NR]` (lanes are channels);
         // A: transformed output gradients `[co][pos][tile]` (lanes are tiles).
-        let mut vbuf = Scratch::<E>::new(ctiles * POS * tb * nr);
-        let mut wbuf = Scratch::<E>::new(m * POS * tb);
+        // Both of F(4x4)'s lengths, whatever the tiling (`tiles_per_block`).
+        let block = POS * f4_tiles_per_block::<E>();
+        debug_assert!(npos * tb <= block);
+        let mut vbuf = Scratch::<E>::new(ctiles * block * nr);
+        let mut wbuf = Scratch::<E>::new(m * block);
         let arch = cx.arch;
         for (bi, bt) in tiles.chunks(tb).enumerate() {
             let vt = vbuf.as_mut_slice();
             let wt = wbuf.as_mut_slice();
-            vt.par_chunks_mut(POS * tb * nr)
+            vt.par_chunks_mut(block * nr)
                 .enumerate()
                 .for_each(|(cti, out)| {
                     arch.dispatch(XTransform {
                         x,
                         args,
+                        tiling,
                         tiles: bt,
                         tb,
                         cols: &cols[(cti * nr).min(cols.len())..],
                         out,
                     })
                 });
-            wt.par_chunks_mut(POS * tb)
+            wt.par_chunks_mut(block)
                 .enumerate()
                 .for_each(|(co, out)| {
                     arch.dispatch(DyTransform {
                         dy,
                         args,
+                        tiling,
                         tiles: bt,
                         tb,
                         co,
@@ -207,6 +226,7 @@ impl<E: Elem> Sums<E> {
                         wt,
                         k: bt.len(),
                         tb,
+                        block,
                         m,
                         ctiles,
                         pos,
@@ -219,6 +239,7 @@ impl<E: Elem> Sums<E> {
         drop(vbuf);
         drop(wbuf);
         Sums {
+            tiling,
             c: cbuf,
             pstride,
             ctiles,
@@ -248,6 +269,7 @@ impl<E: Elem> WithSimd for GradRow<'_, '_, E> {
     fn with_simd<S: Simd>(self, simd: S) {
         let GradRow { sums, co, out } = self;
         let (nr, ctiles, pstride) = (sums.nr, sums.ctiles, sums.pstride);
+        let npos = sums.tiling.positions();
         let l = E::lanes::<S>();
         let c = sums.c.as_slice();
         let cols = out.len() / 9;
@@ -260,9 +282,34 @@ impl<E: Elem> WithSimd for GradRow<'_, '_, E> {
             let lanes = nr.min(cols - ct * nr);
             let full = lanes / l * l;
             if ct + 1 < ctiles {
-                for pos in 0..POS {
+                for pos in 0..npos {
                     prefetch_values(c[at(ct + 1, pos)..].as_ptr(), nr);
                 }
+            }
+            if sums.tiling == Tiling::F6 {
+                // Every run of a register's columns, the last one too: its
+                // lanes past the last column read the sums of zero inputs
+                // (`XTransform` leaves them 0), and their results are
+                // dropped, so each column gets the same bits whatever the
+                // register width.
+                for hv in (0..lanes).step_by(l) {
+                    let d = std::array::from_fn::<_, POS6, _>(|pos| {
+                        E::load(simd, &c[at(ct, pos) + hv..])
+                    });
+                    for (q, &v) in weight_grad_tile6_v::<E, S>(simd, &d).iter().enumerate() {
+                        E::store(simd, &mut regs[q * l..], v);
+                    }
+                    let cols = l.min(lanes - hv);
+                    for (j, dst) in out[(ct * nr + hv) * 9..][..9 * cols]
+                        .chunks_exact_mut(9)
+                        .enumerate()
+                    {
+                        for (q, o) in dst.iter_mut().enumerate() {
+                            *o = regs[q * l + j];
+                        }
+                    }
+                }
+                continue;
             }
             for hv in (0..full).step_by(l) {
                 let d = std::array::from_fn(|pos| E::load(simd, &c[at(ct, pos) + hv..]));
@@ -290,6 +337,7 @@ impl<E: Elem> WithSimd for GradRow<'_, '_, E> {
 struct XTransform<'a, 'b, E: Elem> {
     x: &'a [E],
     args: &'a ConvArgs<E>,
+    tiling: Tiling,
     tiles: &'a [Tile],
     tb: usize,
     /// The channels from this task's first lane on (the first NR are its lanes).
@@ -304,6 +352,7 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
         let XTransform {
             x,
             args,
+            tiling,
             tiles,
             tb,
             cols,
@@ -315,8 +364,9 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
         let nr = nr::<E, S>();
         let l = E::lanes::<S>();
         let records = channel_records(&lane_order::<E, S>(simd)[..l]);
-        // `[POS][nr]` values per window of a run.
-        let mut d = [E::zero(); RUN_WINDOWS * POS * 32];
+        let npos = tiling.positions();
+        // `[npos][nr]` values per window of a run.
+        let mut d = [E::zero(); RUN_WINDOWS * MAX_POS * 32];
         let cmask = match &args.mask {
             Some(InputMask::Channel(m)) => Some(m.as_slice()),
             _ => None,
@@ -331,16 +381,26 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
                 Some(InputMask::Spatial(m)) => Some(&m.as_slice()[img * hw..][..hw]),
                 _ => None,
             };
-            let span = WindowSpan::new(Tiling::F4, h, w, ty, tx);
+            let span = WindowSpan::new(tiling, h, w, ty, tx);
             // A run of whole windows of one tile row takes the 4-channel
-            // vector gather (its loads shared by the run's windows).
-            let run = window_run(tiles, t, h, w);
-            let vector = span.channels4_fit(run, l, hw);
-            let (run, by4) = if vector { (run, lanes / 4 * 4) } else { (1, 0) };
+            // vector gather (its loads shared by the run's windows). It
+            // reads F(4x4)'s windows, 4 columns apart; F(6x6)'s go value
+            // by value.
+            let (run, by4) = match tiling {
+                Tiling::F4 => {
+                    let run = window_run(tiles, t, h, w);
+                    if span.channels4_fit(run, l, hw) {
+                        (run, lanes / 4 * 4)
+                    } else {
+                        (1, 0)
+                    }
+                }
+                Tiling::F6 => (1, 0),
+            };
             if !span.is_full() {
                 // Entries outside the plane read as zeros; the previous
                 // tile may have written them.
-                d[..POS * nr].fill(E::zero());
+                d[..npos * nr].fill(E::zero());
             }
             // Lane `j`'s plane (its channel) of image `img`.
             let plane = |img: usize, j: usize| &x[(img * c + cols[j]) * hw..][..hw];
@@ -351,9 +411,13 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
             // together, Intel Xeon AVX-512, 2 threads, dense P3, medians of
             // 9, five alternating rounds: 56.4-58.1 -> 54.2-56.7 ms.
             if let Some(&(ni, nty, ntx)) = tiles.get(t + run) {
-                let next = WindowSpan::new(Tiling::F4, h, w, nty, ntx);
+                let next = WindowSpan::new(tiling, h, w, nty, ntx);
+                let len = match tiling {
+                    Tiling::F4 => 4 * RUN_WINDOWS + 2,
+                    Tiling::F6 => tiling.window(),
+                };
                 for j in 0..lanes {
-                    next.prefetch_rows(plane(ni, j), 4 * RUN_WINDOWS + 2);
+                    next.prefetch_rows(plane(ni, j), len);
                 }
             }
             for j in (0..by4).step_by(4) {
@@ -372,8 +436,8 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
                     *s = cm[img * c + cols[j]];
                 }
             }
-            for (i, d) in d.chunks_exact_mut(POS * nr).take(run).enumerate() {
-                let span = WindowSpan::new(Tiling::F4, h, w, ty, tx + i);
+            for (i, d) in d.chunks_exact_mut(npos * nr).take(run).enumerate() {
+                let span = WindowSpan::new(tiling, h, w, ty, tx + i);
                 // Under a spatial mask, the window's factors are read once
                 // for all the lanes (channels) the vector gather left.
                 let factors = ms.filter(|_| by4 < lanes).map(|m| span.factors(m));
@@ -385,7 +449,7 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
                 }
                 input_tiles::<E, S>(
                     simd,
-                    Tiling::F4,
+                    tiling,
                     d,
                     nr,
                     cmask.map(|_| &scale[..]),
@@ -424,6 +488,7 @@ fn tile_run(tiles: &[Tile], t: usize, max: usize, fits: impl Fn(usize, usize) ->
 struct DyTransform<'a, 'b, E: Elem> {
     dy: &'a [E],
     args: &'a ConvArgs<E>,
+    tiling: Tiling,
     tiles: &'a [Tile],
     tb: usize,
     co: usize,
@@ -437,6 +502,7 @@ impl<E: Elem> WithSimd for DyTransform<'_, '_, E> {
         let DyTransform {
             dy,
             args,
+            tiling,
             tiles,
             tb,
             co,
@@ -447,29 +513,30 @@ impl<E: Elem> WithSimd for DyTransform<'_, '_, E> {
         let hw = h * w;
         let nr = nr::<E, S>();
         let l = E::lanes::<S>();
-        let zero = E::splat(simd, E::zero());
-        let mut d = [E::zero(); 16 * 32];
-        let whole = |ty: usize, tx: usize| 4 * ty + 4 <= h && 4 * tx + 4 <= w;
+        // `[side * side][nr]`: lane `j` is tile `j` of the group.
+        let mut d = [E::zero(); 36 * 32];
+        let t = tiling.side();
+        let whole = |ty: usize, tx: usize| t * ty + t <= h && t * tx + t <= w;
         for (gi, gt) in tiles.chunks(nr).enumerate() {
             let mut j = 0;
             while j < gt.len() {
                 let (img, ty, tx) = gt[j];
                 let plane = &dy[(img * m + co) * hw..][..hw];
                 if !whole(ty, tx) {
-                    for i in 0..16 {
+                    for i in 0..t * t {
                         d[i * nr + j] = E::zero();
                     }
-                    for i in 0..4.min(h - 4 * ty) {
-                        for jj in 0..4.min(w - 4 * tx) {
-                            d[(i * 4 + jj) * nr + j] = plane[(4 * ty + i) * w + 4 * tx + jj];
+                    for i in 0..t.min(h - t * ty) {
+                        for jj in 0..t.min(w - t * tx) {
+                            d[(i * t + jj) * nr + j] = plane[(t * ty + i) * w + t * tx + jj];
                         }
                     }
                     j += 1;
                     continue;
                 }
                 // A run of whole tiles side by side in one tile row: each
-                // of their 4 rows is one stretch of the plane, dealt out to
-                // the 4 columns' rows of `d`, tile t to lane j + t (a copy
+                // of their rows is one stretch of the plane, dealt out to
+                // the columns' rows of `d`, tile q to lane j + q (a copy
                 // the compiler vectorizes; the lanes stay in tile order,
                 // which is the sums' k order). One value at a time, tile by
                 // tile, this gather held 40% of the transform's samples, on
@@ -480,42 +547,54 @@ impl<E: Elem> WithSimd for DyTransform<'_, '_, E> {
                 // rounds) P3 31.2-31.4 -> 28.8-29.1, spatial 25.9-27.5 ->
                 // 25.1-25.6.
                 let run = tile_run(gt, j, gt.len(), whole);
-                for i in 0..4 {
-                    let src = &plane[(4 * ty + i) * w + 4 * tx..][..4 * run];
-                    let [d0, d1, d2, d3] =
-                        tile_row_lanes(&mut d[i * 4 * nr..][..4 * nr], nr, j, run);
-                    for ((((s, x0), x1), x2), x3) in
-                        src.chunks_exact(4).zip(d0).zip(d1).zip(d2).zip(d3)
-                    {
-                        (*x0, *x1, *x2, *x3) = (s[0], s[1], s[2], s[3]);
+                for i in 0..t {
+                    let src = &plane[(t * ty + i) * w + t * tx..][..t * run];
+                    let rows = &mut d[i * t * nr..][..t * nr];
+                    match tiling {
+                        Tiling::F4 => deal_row::<E, 4>(src, rows, nr, j, run),
+                        Tiling::F6 => deal_row::<E, 6>(src, rows, nr, j, run),
                     }
                 }
                 j += run;
             }
-            for i in 0..16 {
+            for i in 0..t * t {
                 d[i * nr + gt.len()..(i + 1) * nr].fill(E::zero());
             }
+            let mut put = |pos: usize, hv: usize, v: E::V<S>| {
+                E::store(simd, &mut out[pos * tb + gi * nr + hv..], v)
+            };
             for hv in (0..nr).step_by(l) {
-                let mut gv = [zero; 16];
-                for (i, r) in gv.iter_mut().enumerate() {
-                    *r = E::load(simd, &d[i * nr + hv..]);
-                }
-                let tv = grad_tile::<E, S>(simd, &gv);
-                for (pos, &v) in tv.iter().enumerate() {
-                    E::store(simd, &mut out[pos * tb + gi * nr + hv..], v);
+                match tiling {
+                    Tiling::F4 => {
+                        let gv = std::array::from_fn(|i| E::load(simd, &d[i * nr + hv..]));
+                        for (pos, &v) in grad_tile::<E, S>(simd, &gv).iter().enumerate() {
+                            put(pos, hv, v);
+                        }
+                    }
+                    Tiling::F6 => {
+                        let gv = std::array::from_fn(|i| E::load(simd, &d[i * nr + hv..]));
+                        for (pos, &v) in grad_tile6::<E, S>(simd, &gv).iter().enumerate() {
+                            put(pos, hv, v);
+                        }
+                    }
                 }
             }
         }
     }
 }
 
-/// Lanes `j .. j + run` of each of the 4 rows of `d` (`4 x nr`: the rows
-/// of one tile row's 4 columns), as 4 disjoint slices.
-fn tile_row_lanes<E>(d: &mut [E], nr: usize, j: usize, run: usize) -> [&mut [E]; 4] {
-    let (r0, rest) = d.split_at_mut(nr);
-    let (r1, rest) = rest.split_at_mut(nr);
-    let (r2, r3) = rest.split_at_mut(nr);
-    [r0, r1, r2, r3].map(|r| &mut r[j..j + run])
+/// Deals one row of a run of `run` whole tiles of side `T` (`src`, `T *
+/// run` values) out to the `T` rows of `d` (`T x nr`: the rows of the
+/// tile row's `T` columns), tile `q` to lane `j + q`.
+#[inline(always)]
+fn deal_row<E: Copy, const T: usize>(src: &[E], d: &mut [E], nr: usize, j: usize, run: usize) {
+    let mut rows = d.chunks_exact_mut(nr).map(|r| &mut r[j..j + run]);
+    let mut rows: [&mut [E]; T] = std::array::from_fn(|_| rows.next().unwrap_or_default());
+    for (q, s) in src.chunks_exact(T).enumerate() {
+        for (r, &v) in rows.iter_mut().zip(s) {
+            r[q] = v;
+        }
+    }
 }
 
 /// Panels `p0 .. p0 + per` of position `pos`: `C += A (rows x k) B (k x NR)`.
@@ -524,6 +603,8 @@ struct DwGemm<'a, 'b, E: Elem> {
     wt: &'a [E],
     k: usize,
     tb: usize,
+    /// The length of a column tile's B and of an output channel's A.
+    block: usize,
     m: usize,
     ctiles: usize,
     pos: usize,
@@ -542,6 +623,7 @@ impl<E: Elem> WithSimd for DwGemm<'_, '_, E> {
             wt,
             k,
             tb,
+            block,
             m,
             ctiles,
             pos,
@@ -556,7 +638,7 @@ impl<E: Elem> WithSimd for DwGemm<'_, '_, E> {
         let live = (0..np).take_while(|&pl| (p0 + pl) * MR < m).count();
         let at = |pl: usize, cti: usize| (pl * ctiles + cti) * tile_len;
         for cti in 0..ctiles {
-            let b = &vt[(cti * POS + pos) * tb * nr..][..k * nr];
+            let b = &vt[(cti * block + pos * tb) * nr..][..k * nr];
             // Two panels per call where the ISA has the registers, as the
             // direct weight gradient: each k step's 12 broadcasts and 2
             // loads of B then serve 24 FMAs instead of 12 (Intel Xeon
@@ -567,7 +649,7 @@ impl<E: Elem> WithSimd for DwGemm<'_, '_, E> {
                 // Rows past m repeat the last one (their results are dropped).
                 let a: [&[E]; 2 * MR] = std::array::from_fn(|r| {
                     let co = ((p0 + ps.start) * MR + r).min(m - 1);
-                    &wt[(co * POS + pos) * tb..][..k]
+                    &wt[co * block + pos * tb..][..k]
                 });
                 // (A hint: the tiles the next call reads, the next panels
                 // of this column tile or the first of the next.)
@@ -677,22 +759,25 @@ mod tests {
     /// Every input mask (none; spatial, with all-zero windows and
     /// fractional values; channel, real-valued and 0/1 with an image whose
     /// channels are all masked): the reference's values, the work
-    /// counters, and the same bits for 1, 2, 3 and 10 threads on every
-    /// instruction set this CPU has; f64 and f32.
+    /// counters, and the same bits for 1, 2, 3, 10 and 17 threads on every
+    /// instruction set this CPU has; f64 and f32; both tilings.
     #[test]
     fn every_mask_matches_the_reference_with_the_same_bits() {
-        for (h, w) in PLANES {
-            // f64: the transforms' small integer coefficients lose a few
-            // ulps per term (norm-wise about 1e-15).
-            every_case::<f64>(h, w, 1e-12);
-            // f32: the same few ulps of 6e-8 each, grown by the transforms'
-            // coefficients and the long sums over tiles; a wrong tile,
-            // lane, block or window is off by O(1).
-            every_case::<f32>(h, w, 1e-5);
+        for tiling in [Tiling::F4, Tiling::F6] {
+            for (h, w) in PLANES {
+                // f64: the transforms' coefficients lose a few ulps per
+                // term (norm-wise about 1e-15).
+                every_case::<f64>(h, w, tiling, 1e-12);
+                // f32: the same few ulps of 6e-8 each, grown by the
+                // transforms' coefficients (F(6x6)'s up to 32 x 21/4 x
+                // 32/45) and the long sums over tiles; a wrong tile, lane,
+                // block or window is off by O(1).
+                every_case::<f32>(h, w, tiling, 1e-5);
+            }
         }
     }
 
-    fn every_case<E: Elem>(h: usize, w: usize, tol: f64) {
+    fn every_case<E: Elem>(h: usize, w: usize, tiling: Tiling, tol: f64) {
         let hw = h * w;
         let elems = |v: Vec<f64>| -> Vec<E> { v.into_iter().map(E::from_f64).collect() };
         let x = elems(values(N * C * hw, 1));
@@ -716,7 +801,8 @@ mod tests {
             )),
         ];
         let geom = ConvGeometry::new(&[N, C, h, w], &[M, C, 3, 3], [1, 1], [1, 1]).unwrap();
-        let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
+        let (side, npos) = (tiling.side(), tiling.positions());
+        let (th, tw) = (h.div_ceil(side), w.div_ceil(side));
         for (case, mask) in masks.into_iter().enumerate() {
             let args = ConvArgs {
                 geom,
@@ -737,11 +823,12 @@ mod tests {
                 .collect();
             let mut first: Option<Vec<E>> = None;
             for arch in Isa::every_arch() {
-                // 10 threads split each position's panels over two GEMM
-                // tasks (at least 4 tasks per thread over 36 positions), so
-                // each panel runs alone; fewer threads run the two panels
-                // in one kernel call where the ISA pairs them.
-                for threads in [1, 2, 3, 10] {
+                // 10 threads (F(4x4)) and 17 (F(6x6)) split each
+                // position's panels over two GEMM tasks (at least 4 tasks
+                // per thread over 36 or 64 positions), so each panel runs
+                // alone; fewer threads run the two panels in one kernel
+                // call where the ISA pairs them.
+                for threads in [1, 2, 3, 10, 17] {
                     let tally = Tally::default();
                     let cx = Ctx {
                         arch,
@@ -752,43 +839,44 @@ mod tests {
                         .num_threads(threads)
                         .build()
                         .unwrap();
-                    let dw = pool.install(|| conv2d_backward_weight(&dy, &x, &args, cx));
-                    assert_eq!(dw.len(), M * C * 9, "{h}x{w} case {case}: output size");
+                    let dw = pool.install(|| conv2d_backward_weight(&dy, &x, &args, tiling, cx));
+                    let case = format!("{tiling:?} case {case}");
+                    assert_eq!(dw.len(), M * C * 9, "{h}x{w} {case}: output size");
                     let t = tally.snapshot();
                     // Images with no kept channel add nothing and are not visited.
                     let visited = kept.iter().filter(|&&k| k > 0).count();
                     assert_eq!(
                         t.tiles + t.tiles_skipped,
                         (visited * th * tw) as u64,
-                        "{h}x{w} case {case}: tiles"
+                        "{h}x{w} {case}: tiles"
                     );
                     assert_eq!(
                         t.tiles_skipped > 0,
                         spatial,
-                        "{h}x{w} case {case}: tiles skipped"
+                        "{h}x{w} {case}: tiles skipped"
                     );
                     assert_eq!(
                         t.spatial_skip_calls,
                         u64::from(spatial),
-                        "{h}x{w} case {case}"
+                        "{h}x{w} {case}"
                     );
                     assert_eq!(
                         t.channel_sparse_calls,
                         u64::from(sparse),
-                        "{h}x{w} case {case}"
+                        "{h}x{w} {case}"
                     );
                     let skipped: usize = kept.iter().map(|&k| C - k).sum();
-                    assert_eq!(t.channels_skipped, skipped as u64, "{h}x{w} case {case}");
+                    assert_eq!(t.channels_skipped, skipped as u64, "{h}x{w} {case}");
                     if !spatial {
-                        let macs: usize = kept.iter().map(|&k| POS * M * k * th * tw).sum();
-                        assert_eq!(t.macs, macs as u64, "{h}x{w} case {case}: multiply-adds");
+                        let macs: usize = kept.iter().map(|&k| npos * M * k * th * tw).sum();
+                        assert_eq!(t.macs, macs as u64, "{h}x{w} {case}: multiply-adds");
                     }
                     first_near_then_same_bits(
                         &mut first,
                         dw,
                         || reference(&dy, &x, &args),
                         tol,
-                        &format!("{h}x{w} case {case} ({arch:?}, {threads} threads)"),
+                        &format!("{h}x{w} {case} ({arch:?}, {threads} threads)"),
                     );
                 }
             }

@@ -27,8 +27,9 @@
 //!       [ 0  1  -1  32  -32   1/32 -1/32   1 ]
 //! ```
 //!
-//! Only the forward engine runs this tile size (the forward pass and the
-//! input gradient); the weight gradient stays F(4x4).
+//! The weight gradient runs the adjoints: `A g A^T` takes a 6 x 6
+//! output-gradient tile to the 8 x 8 domain, `G^T D G` takes the 64 summed
+//! products back to the 3 x 3 filter.
 
 use pulp::Simd;
 
@@ -183,22 +184,126 @@ pub(crate) fn weight_tile6_v<E: Elem, S: Simd>(s: S, g: &[E::V<S>; 9]) -> [E::V<
     out
 }
 
+/// `A g` along one line: 6 values to 8 (the adjoint of [`at8`]; every
+/// coefficient a power of two, so only the additions round).
+#[inline(always)]
+fn a6<E: Elem, S: Simd>(s: S, g: [E::V<S>; 6]) -> [E::V<S>; 8] {
+    let kk = |c: f64| k::<E, S>(s, c);
+    let p1 = E::vadd(s, E::vadd(s, g[0], g[2]), g[4]);
+    let q1 = E::vadd(s, E::vadd(s, g[1], g[3]), g[5]);
+    let p2 = E::fma(s, kk(16.0), g[4], E::fma(s, kk(4.0), g[2], g[0]));
+    let q2 = E::fma(s, kk(32.0), g[5], E::fma(s, kk(8.0), g[3], E::vadd(s, g[1], g[1])));
+    let p3 = E::fma(s, kk(0.0625), g[4], E::fma(s, kk(0.25), g[2], g[0]));
+    let q3 = E::fma(
+        s,
+        kk(0.03125),
+        g[5],
+        E::fma(s, kk(0.125), g[3], E::vmul(s, kk(0.5), g[1])),
+    );
+    [
+        g[0],
+        E::vadd(s, p1, q1),
+        E::vsub(s, p1, q1),
+        E::vadd(s, p2, q2),
+        E::vsub(s, p2, q2),
+        E::vadd(s, p3, q3),
+        E::vsub(s, p3, q3),
+        g[5],
+    ]
+}
+
+/// `A g A^T`: a 6 x 6 output-gradient tile to the 8 x 8 domain.
+#[inline(always)]
+pub(crate) fn grad_tile6<E: Elem, S: Simd>(s: S, g: &[E::V<S>; 36]) -> [E::V<S>; POS6] {
+    let zero = E::splat(s, E::zero());
+    let mut t = [zero; 48]; // 8 x 6
+    for c in 0..6 {
+        let col = a6::<E, S>(s, std::array::from_fn(|r| g[r * 6 + c]));
+        for r in 0..8 {
+            t[r * 6 + c] = col[r];
+        }
+    }
+    let mut out = [zero; POS6];
+    for r in 0..8 {
+        let row = a6::<E, S>(s, std::array::from_fn(|c| t[r * 6 + c]));
+        out[r * 8..r * 8 + 8].copy_from_slice(&row);
+    }
+    out
+}
+
+/// `G^T d` along one line: 8 values to 3 (the adjoint of [`g8`]).
+#[inline(always)]
+fn gt8<E: Elem, S: Simd>(s: S, d: [E::V<S>; 8]) -> [E::V<S>; 3] {
+    let kk = |x: f64| k::<E, S>(s, x);
+    let s12 = E::vadd(s, d[1], d[2]);
+    let s34 = E::vadd(s, d[3], d[4]);
+    let s56 = E::vadd(s, d[5], d[6]);
+    let m12 = E::vsub(s, d[2], d[1]);
+    let m34 = E::vsub(s, d[3], d[4]);
+    let m56 = E::vsub(s, d[5], d[6]);
+    [
+        E::fma(
+            s,
+            kk(32.0 / 45.0),
+            s56,
+            E::fma(s, kk(1.0 / 90.0), s34, E::fma(s, kk(-2.0 / 9.0), s12, d[0])),
+        ),
+        E::fma(
+            s,
+            kk(16.0 / 45.0),
+            m56,
+            E::fma(s, kk(1.0 / 45.0), m34, E::vmul(s, kk(2.0 / 9.0), m12)),
+        ),
+        E::fma(
+            s,
+            kk(8.0 / 45.0),
+            s56,
+            E::fma(s, kk(2.0 / 45.0), s34, E::fma(s, kk(-2.0 / 9.0), s12, d[7])),
+        ),
+    ]
+}
+
+/// `G^T D G`: the gradient of the 64 transformed weights back to the 3 x 3
+/// filters (the adjoint of [`weight_tile6_v`]; lanes are independent
+/// filters). No scalar twin, as for [`weight_tile6_v`]: a filter past the
+/// last whole register goes through this function in a register of its
+/// own.
+#[inline(always)]
+pub(crate) fn weight_grad_tile6_v<E: Elem, S: Simd>(s: S, d: &[E::V<S>; POS6]) -> [E::V<S>; 9] {
+    let zero = E::splat(s, E::zero());
+    let mut t = [zero; 24]; // 3 x 8
+    for c in 0..8 {
+        let col = gt8::<E, S>(s, std::array::from_fn(|r| d[r * 8 + c]));
+        for r in 0..3 {
+            t[r * 8 + c] = col[r];
+        }
+    }
+    let mut out = [zero; 9];
+    for r in 0..3 {
+        out[r * 3..r * 3 + 3]
+            .copy_from_slice(&gt8::<E, S>(s, std::array::from_fn(|c| t[r * 8 + c])));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use pulp::WithSimd;
 
-    /// One window through the three transforms in f64 on every ISA, lane
-    /// 0 of each register.
+    /// One window through the transforms in f64 on every ISA, lane 0 of
+    /// each register: the outputs `A^T ((G g G^T) (.) (B^T d B)) A`, and
+    /// the window's weight gradient `G^T ((A dy A^T) (.) (B^T d B)) G`.
     struct OneTile {
         d: [f64; POS6],
         g: [f64; 9],
+        dy: [f64; 36],
     }
 
     impl WithSimd for OneTile {
-        type Output = [f64; 36];
+        type Output = ([f64; 36], [f64; 9]);
         #[inline(always)]
-        fn with_simd<S: Simd>(self, s: S) -> [f64; 36] {
+        fn with_simd<S: Simd>(self, s: S) -> Self::Output {
             let l = f64::lanes::<S>();
             let lane0 = |v: <f64 as Elem>::V<S>| {
                 let mut out = [0.0f64; 16];
@@ -210,8 +315,22 @@ mod tests {
             let u = weight_tile6_v::<f64, S>(s, &gv);
             let v = input_tile6::<f64, S>(s, &dv);
             let m: [_; POS6] = std::array::from_fn(|i| f64::vmul(s, v[i], u[i]));
-            output_tile6::<f64, S>(s, &m).map(lane0)
+            let y = output_tile6::<f64, S>(s, &m).map(lane0);
+            let dyv: [_; 36] = std::array::from_fn(|i| f64::splat(s, self.dy[i]));
+            let a = grad_tile6::<f64, S>(s, &dyv);
+            let p: [_; POS6] = std::array::from_fn(|i| f64::vmul(s, a[i], v[i]));
+            (y, weight_grad_tile6_v::<f64, S>(s, &p).map(lane0))
         }
+    }
+
+    /// `dw[ky][kx] = sum dy[oy][ox] d[oy + ky][ox + kx]`, by definition.
+    fn weight_grad_by_definition(d: &[f64; POS6], dy: &[f64; 36]) -> [f64; 9] {
+        std::array::from_fn(|tap| {
+            let (ky, kx) = (tap / 3, tap % 3);
+            (0..36)
+                .map(|o| dy[o] * d[(o / 6 + ky) * 8 + o % 6 + kx])
+                .sum()
+        })
     }
 
     /// The 6 x 6 outputs equal the 3x3 correlation of the window. The
@@ -225,7 +344,19 @@ mod tests {
         let d: [f64; POS6] = std::array::from_fn(|i| ((i * 37 % 13) as f64 - 6.0) / 4.0);
         let g: [f64; 9] = std::array::from_fn(|i| ((i * 5 % 7) as f64 - 3.0) / 8.0);
         for arch in crate::backend::cpu::Isa::every_arch() {
-            let y = arch.dispatch(OneTile { d, g });
+            let dy: [f64; 36] = std::array::from_fn(|i| ((i * 11 % 9) as f64 - 4.0) / 2.0);
+            let (y, dw) = arch.dispatch(OneTile { d, g, dy });
+            let want_dw = weight_grad_by_definition(&d, &dy);
+            for (tap, (&got, &want)) in dw.iter().zip(&want_dw).enumerate() {
+                // The same bound as the outputs': the sums run over 36
+                // products of values <= 2 (scale ~1e2), and the adjoint
+                // transforms' largest coefficient products are the
+                // forward ones'.
+                assert!(
+                    (got - want).abs() <= 1e-12 * want.abs().max(1.0) * 36.0,
+                    "{arch:?}: dw[{tap}] {got} vs {want}"
+                );
+            }
             for oy in 0..6 {
                 for ox in 0..6 {
                     let mut want = 0.0;
@@ -256,7 +387,7 @@ mod tests {
                 d[at] = 1.0;
                 let mut g = [0.0; 9];
                 g[tap] = 1.0;
-                let y = arch.dispatch(OneTile { d, g });
+                let (y, _) = arch.dispatch(OneTile { d, g, dy: [0.0; 36] });
                 let (r, c, ky, kx) = (at / 8, at % 8, tap / 3, tap % 3);
                 for oy in 0..6 {
                     for ox in 0..6 {
@@ -267,6 +398,33 @@ mod tests {
                             "window {at}, tap {tap}: y[{oy}][{ox}] {got} vs {want}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// The weight gradient of unit impulses, each window position against
+    /// each output-gradient position: 1 exactly at the tap that joins
+    /// them (if any), 0 elsewhere, so no position of A, B^T or G^T can be
+    /// swapped or dropped without failing.
+    #[test]
+    fn every_window_and_gradient_position_meet_at_their_tap() {
+        let arch = crate::backend::cpu::Isa::every_arch()[0];
+        for at in 0..POS6 {
+            for o in 0..36 {
+                let mut d = [0.0; POS6];
+                d[at] = 1.0;
+                let mut dy = [0.0; 36];
+                dy[o] = 1.0;
+                let (_, dw) = arch.dispatch(OneTile { d, g: [0.0; 9], dy });
+                let want = weight_grad_by_definition(&d, &dy);
+                for tap in 0..9 {
+                    assert!(
+                        (dw[tap] - want[tap]).abs() <= 1e-12,
+                        "window {at}, gradient {o}: dw[{tap}] {} vs {}",
+                        dw[tap],
+                        want[tap]
+                    );
                 }
             }
         }
