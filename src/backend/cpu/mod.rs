@@ -107,10 +107,15 @@ pub const WINOGRAD_MIN_CHANNELS: usize = 16;
 /// own features spread about 2.
 pub const WINOGRAD_MAX_SPREAD: f32 = 256.0;
 
-/// `Auto` runs the forward pass and the input gradient by Winograd F(6x6,
-/// 3x3) instead of F(4x4) from this many output positions (N*H*W) on. (The
-/// rule and its measurements: `CpuBackend::winograd_for`.)
+/// `Auto` runs a convolution (all three passes) by Winograd F(6x6, 3x3)
+/// instead of F(4x4) from this many output positions (N*H*W) on. (The rule
+/// and its measurements: `CpuBackend::winograd_for`.)
 pub const WINOGRAD6_MIN_POSITIONS: usize = 8192;
+
+/// [`WINOGRAD6_MIN_POSITIONS`] under a spatial mask: F(6x6) skips a tile
+/// only where its whole 8 x 8 window is masked, and on smaller planes the
+/// loss's masked blobs cover fewer whole windows (`CpuBackend::winograd_for`).
+pub const WINOGRAD6_MIN_POSITIONS_SPATIAL: usize = 16384;
 
 /// [`WINOGRAD_MAX_SPREAD`] for F(6x6): `Auto` runs a forward pass with a
 /// ReLU by F(6x6) only while its input spreads at most this far (else by
@@ -387,19 +392,18 @@ impl CpuBackend {
                     return None;
                 }
                 let positions = g.n * g.h * g.w;
-                let (big_enough, f6) = match pass {
-                    Pass::Forward | Pass::Input => (
-                        positions >= WINOGRAD_MIN_POSITIONS,
-                        positions >= WINOGRAD6_MIN_POSITIONS,
-                    ),
-                    Pass::Weight => (
-                        positions >= WINOGRAD_MIN_POSITIONS / 2,
-                        positions >= WINOGRAD6_MIN_POSITIONS,
-                    ),
+                let big_enough = match pass {
+                    Pass::Forward | Pass::Input => positions >= WINOGRAD_MIN_POSITIONS,
+                    Pass::Weight => positions >= WINOGRAD_MIN_POSITIONS / 2,
                 };
                 if !big_enough {
                     return None;
                 }
+                let f6 = positions
+                    >= match args.mask {
+                        Some(InputMask::Spatial(_)) => WINOGRAD6_MIN_POSITIONS_SPATIAL,
+                        _ => WINOGRAD6_MIN_POSITIONS,
+                    };
                 let tiling = if f6 { Tiling::F6 } else { Tiling::F4 };
                 match x {
                     Some(x) if args.relu => {
@@ -1007,23 +1011,37 @@ mod tests {
         let strided = args::<f32>(2, 256, 100, 168, 3, 2);
         let thin = args::<f32>(2, 8, 100, 168, 3, 1);
         let (f4, f6) = (Some(Tiling::F4), Some(Tiling::F6));
+        // The same convolution under a spatial mask (of ones: the rule
+        // reads the mask's kind, not its values).
+        let spatial = |a: &ConvArgs<f32>| {
+            let g = a.geom;
+            let ones = vec![1.0f32; g.n * g.h * g.w];
+            ConvArgs {
+                mask: Some(InputMask::Spatial(
+                    Tensor::from_vec(&[g.n, g.h, g.w], ones).unwrap(),
+                )),
+                ..a.clone()
+            }
+        };
         for pass in [Pass::Forward, Pass::Input, Pass::Weight] {
-            // F(6x6) runs the forward engine's passes, never the weight
-            // gradient.
-            let f6_if_not_weight = if pass == Pass::Weight { f4 } else { f6 };
             assert_eq!(direct.winograd_for(&p3, pass, None), None);
             for a in [&p3, &p7] {
                 assert_eq!(wino.winograd_for(a, pass, None), f4);
-                assert_eq!(wino6.winograd_for(a, pass, None), f6_if_not_weight);
+                assert_eq!(wino6.winograd_for(a, pass, None), f6);
             }
             assert_eq!(wino.winograd_for(&f64_p3, pass, None), f4);
-            assert_eq!(wino6.winograd_for(&f64_p3, pass, None), f6_if_not_weight);
+            assert_eq!(wino6.winograd_for(&f64_p3, pass, None), f6);
             for be in [&wino, &wino6, &auto] {
                 assert_eq!(be.winograd_for(&one, pass, None), None);
                 assert_eq!(be.winograd_for(&strided, pass, None), None);
             }
-            assert_eq!(auto.winograd_for(&p3, pass, None), f6_if_not_weight);
-            assert_eq!(auto.winograd_for(&p4, pass, None), f6_if_not_weight);
+            assert_eq!(auto.winograd_for(&p3, pass, None), f6);
+            assert_eq!(auto.winograd_for(&p4, pass, None), f6);
+            // Under a spatial mask, F(6x6) from P3 (33600) on, not at P4
+            // (8400).
+            assert_eq!(auto.winograd_for(&spatial(&p3), pass, None), f6);
+            assert_eq!(auto.winograd_for(&spatial(&p4), pass, None), f4);
+            assert_eq!(wino6.winograd_for(&spatial(&p4), pass, None), f6);
             // P5 (N*H*W = 2100): F(4x4) for all three passes.
             assert_eq!(auto.winograd_for(&p5, pass, None), f4);
             assert_eq!(auto.winograd_for(&p6, pass, None), None);
@@ -1033,15 +1051,22 @@ mod tests {
         }
         // The thresholds themselves: N*H*W = 2048 / 2047 for the forward
         // and input passes, 1024 / 1023 for the weight gradient, 8192 /
-        // 8191 for F(6x6), and 16 / 15 channels.
+        // 8191 for F(6x6) (16384 / 16383 under a spatial mask), and 16 /
+        // 15 channels.
         let at = |n: usize, c: usize, h: usize, w: usize| args::<f32>(n, c, h, w, 3, 1);
         for pass in [Pass::Forward, Pass::Input] {
             assert_eq!(auto.winograd_for(&at(2, 64, 32, 32), pass, None), f4);
             assert_eq!(auto.winograd_for(&at(1, 64, 23, 89), pass, None), None);
+        }
+        for pass in [Pass::Forward, Pass::Input, Pass::Weight] {
             assert_eq!(auto.winograd_for(&at(2, 64, 64, 64), pass, None), f6);
             assert_eq!(auto.winograd_for(&at(1, 64, 1, 8191), pass, None), f4);
+            let (on, below) = (at(4, 64, 64, 64), at(1, 64, 1, 16383));
+            assert_eq!(auto.winograd_for(&spatial(&on), pass, None), f6);
+            assert_eq!(auto.winograd_for(&spatial(&below), pass, None), f4);
         }
         assert_eq!(WINOGRAD6_MIN_POSITIONS, 8192);
+        assert_eq!(WINOGRAD6_MIN_POSITIONS_SPATIAL, 16384);
         assert_eq!(
             auto.winograd_for(&at(1, 64, 32, 32), Pass::Weight, None),
             f4
@@ -1049,10 +1074,6 @@ mod tests {
         assert_eq!(
             auto.winograd_for(&at(1, 64, 31, 33), Pass::Weight, None),
             None
-        );
-        assert_eq!(
-            auto.winograd_for(&at(2, 64, 64, 64), Pass::Weight, None),
-            f4
         );
         assert_eq!(
             auto.winograd_for(&at(2, 16, 32, 32), Pass::Forward, None),

@@ -203,19 +203,17 @@ impl<E: Elem> Sums<E> {
                         out,
                     })
                 });
-            wt.par_chunks_mut(block)
-                .enumerate()
-                .for_each(|(co, out)| {
-                    arch.dispatch(DyTransform {
-                        dy,
-                        args,
-                        tiling,
-                        tiles: bt,
-                        tb,
-                        co,
-                        out,
-                    })
-                });
+            wt.par_chunks_mut(block).enumerate().for_each(|(co, out)| {
+                arch.dispatch(DyTransform {
+                    dy,
+                    args,
+                    tiling,
+                    tiles: bt,
+                    tb,
+                    co,
+                    out,
+                })
+            });
             let (vt, wt) = (&*vt, &*wt);
             ct.par_chunks_mut(per * ctiles * tile_len)
                 .enumerate()
@@ -855,16 +853,8 @@ mod tests {
                         spatial,
                         "{h}x{w} {case}: tiles skipped"
                     );
-                    assert_eq!(
-                        t.spatial_skip_calls,
-                        u64::from(spatial),
-                        "{h}x{w} {case}"
-                    );
-                    assert_eq!(
-                        t.channel_sparse_calls,
-                        u64::from(sparse),
-                        "{h}x{w} {case}"
-                    );
+                    assert_eq!(t.spatial_skip_calls, u64::from(spatial), "{h}x{w} {case}");
+                    assert_eq!(t.channel_sparse_calls, u64::from(sparse), "{h}x{w} {case}");
                     let skipped: usize = kept.iter().map(|&k| C - k).sum();
                     assert_eq!(t.channels_skipped, skipped as u64, "{h}x{w} {case}");
                     if !spatial {

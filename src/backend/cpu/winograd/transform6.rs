@@ -192,7 +192,12 @@ fn a6<E: Elem, S: Simd>(s: S, g: [E::V<S>; 6]) -> [E::V<S>; 8] {
     let p1 = E::vadd(s, E::vadd(s, g[0], g[2]), g[4]);
     let q1 = E::vadd(s, E::vadd(s, g[1], g[3]), g[5]);
     let p2 = E::fma(s, kk(16.0), g[4], E::fma(s, kk(4.0), g[2], g[0]));
-    let q2 = E::fma(s, kk(32.0), g[5], E::fma(s, kk(8.0), g[3], E::vadd(s, g[1], g[1])));
+    let q2 = E::fma(
+        s,
+        kk(32.0),
+        g[5],
+        E::fma(s, kk(8.0), g[3], E::vadd(s, g[1], g[1])),
+    );
     let p3 = E::fma(s, kk(0.0625), g[4], E::fma(s, kk(0.25), g[2], g[0]));
     let q3 = E::fma(
         s,
@@ -387,7 +392,11 @@ mod tests {
                 d[at] = 1.0;
                 let mut g = [0.0; 9];
                 g[tap] = 1.0;
-                let (y, _) = arch.dispatch(OneTile { d, g, dy: [0.0; 36] });
+                let (y, _) = arch.dispatch(OneTile {
+                    d,
+                    g,
+                    dy: [0.0; 36],
+                });
                 let (r, c, ky, kx) = (at / 8, at % 8, tap / 3, tap % 3);
                 for oy in 0..6 {
                     for ox in 0..6 {
