@@ -15,7 +15,7 @@ use crate::common;
 use common::fill;
 use dmkd::backend::cpu::{
     PACK_WEIGHTS_ABOVE, PassCounters, WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_POSITIONS, WINOGRAD_TILE,
-    WINOGRAD6_TILE, WorkCounters,
+    WINOGRAD6_MIN_POSITIONS, WINOGRAD6_TILE, WorkCounters,
 };
 use dmkd::backend::{Backend, ConvArgs, ConvGeometry, CpuBackend};
 use dmkd::{ConvAlgo, Float, InputMask, Tensor};
@@ -162,21 +162,21 @@ fn dense_counts_are_the_textbook_work() {
     assert_eq!(wg.weight_grad.weights_packed, 0);
     assert_eq!(wg.total().winograd6_calls, 0);
     // F(6x6): 64 products per 6x6 tile and channel pair (2 x 2 tiles of a
-    // 9 x 11 plane), for the forward pass and the input gradient; its
-    // weight gradient is F(4x4)'s.
+    // 9 x 11 plane), each pass; the weight gradient packs no weights.
     let t6 = (conv.h.div_ceil(WINOGRAD6_TILE) * conv.w.div_ceil(WINOGRAD6_TILE)) as u64;
     assert_eq!(t6, 4);
     let w6 = run::<f32>(ConvAlgo::Winograd6, &conv, None);
-    for p in [&w6.forward, &w6.input_grad] {
+    for p in [&w6.forward, &w6.input_grad, &w6.weight_grad] {
         assert_eq!(p.macs, POS6 * co * ci * t6 * n, "{p:?}");
         assert_eq!(
             (p.direct_calls, p.winograd_calls, p.winograd6_calls),
             (0, 1, 1)
         );
         assert_eq!(p.tiles, n * t6);
-        assert_eq!(p.weights_packed, POS6 * co * ci);
     }
-    assert_eq!(w6.weight_grad, wg.weight_grad);
+    assert_eq!(w6.forward.weights_packed, POS6 * co * ci);
+    assert_eq!(w6.input_grad.weights_packed, POS6 * co * ci);
+    assert_eq!(w6.weight_grad.weights_packed, 0);
     // f64 has its own kernels and tile width.
     let d64 = run::<f64>(ConvAlgo::Direct, &conv, None);
     assert_eq!(d64.forward.macs, d.forward.macs);
@@ -597,12 +597,11 @@ fn auto_picks_winograd_exactly_where_its_rule_says() {
                 ConvAlgo::Winograd | ConvAlgo::Winograd6 => [is_same3; 3],
                 ConvAlgo::Direct => [false; 3],
             };
-            // Explicit F(6x6) runs the forward and input passes only.
-            let f6 = [
-                algo == ConvAlgo::Winograd6 && is_same3,
-                algo == ConvAlgo::Winograd6 && is_same3,
-                false,
-            ];
+            // Explicit F(6x6) runs all three passes; `Auto` runs none of
+            // these by F(6x6), all smaller than its threshold (the rule's
+            // F(6x6) side: the library's tests).
+            assert!(conv.n * conv.h * conv.w < WINOGRAD6_MIN_POSITIONS);
+            let f6 = [algo == ConvAlgo::Winograd6 && is_same3; 3];
             let passes = [&c.forward, &c.input_grad, &c.weight_grad];
             for ((p, wino), f6) in passes.iter().zip(want).zip(f6) {
                 let got = (p.winograd_calls, p.direct_calls);
@@ -611,9 +610,7 @@ fn auto_picks_winograd_exactly_where_its_rule_says() {
                     (wino as u64, !wino as u64),
                     "{algo:?} f64 {f64} {conv:?}"
                 );
-                if algo != ConvAlgo::Auto {
-                    assert_eq!(p.winograd6_calls, f6 as u64, "{algo:?} f64 {f64} {conv:?}");
-                }
+                assert_eq!(p.winograd6_calls, f6 as u64, "{algo:?} f64 {f64} {conv:?}");
             }
         }
     }
