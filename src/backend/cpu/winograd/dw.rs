@@ -381,20 +381,10 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
             };
             let span = WindowSpan::new(tiling, h, w, ty, tx);
             // A run of whole windows of one tile row takes the 4-channel
-            // vector gather (its loads shared by the run's windows). It
-            // reads F(4x4)'s windows, 4 columns apart; F(6x6)'s go value
-            // by value.
-            let (run, by4) = match tiling {
-                Tiling::F4 => {
-                    let run = window_run(tiles, t, h, w);
-                    if span.channels4_fit(run, l, hw) {
-                        (run, lanes / 4 * 4)
-                    } else {
-                        (1, 0)
-                    }
-                }
-                Tiling::F6 => (1, 0),
-            };
+            // vector gather (its loads shared by the run's windows).
+            let run = window_run(tiles, t, h, w, tiling);
+            let vector = span.channels4_fit(run, l, hw);
+            let (run, by4) = if vector { (run, lanes / 4 * 4) } else { (1, 0) };
             if !span.is_full() {
                 // Entries outside the plane read as zeros; the previous
                 // tile may have written them.
@@ -410,20 +400,30 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
             // 9, five alternating rounds: 56.4-58.1 -> 54.2-56.7 ms.
             if let Some(&(ni, nty, ntx)) = tiles.get(t + run) {
                 let next = WindowSpan::new(tiling, h, w, nty, ntx);
-                let len = match tiling {
-                    Tiling::F4 => 4 * RUN_WINDOWS + 2,
-                    Tiling::F6 => tiling.window(),
-                };
+                let len = tiling.side() * tiling.run_windows() + 2;
                 for j in 0..lanes {
                     next.prefetch_rows(plane(ni, j), len);
                 }
             }
             for j in (0..by4).step_by(4) {
                 let planes = std::array::from_fn(|f| plane(img, j + f));
-                match run {
-                    3 => span.gather_channels4::<E, S, 3>(simd, &records, planes, ms, &mut d, j),
-                    2 => span.gather_channels4::<E, S, 2>(simd, &records, planes, ms, &mut d, j),
-                    _ => span.gather_channels4::<E, S, 1>(simd, &records, planes, ms, &mut d, j),
+                let d = &mut d[..];
+                match (tiling, run) {
+                    (Tiling::F4, 3) => {
+                        span.gather_channels4::<E, S, 6, 3>(simd, &records, planes, ms, d, j)
+                    }
+                    (Tiling::F4, 2) => {
+                        span.gather_channels4::<E, S, 6, 2>(simd, &records, planes, ms, d, j)
+                    }
+                    (Tiling::F4, _) => {
+                        span.gather_channels4::<E, S, 6, 1>(simd, &records, planes, ms, d, j)
+                    }
+                    (Tiling::F6, 2) => {
+                        span.gather_channels4::<E, S, 8, 2>(simd, &records, planes, ms, d, j)
+                    }
+                    (Tiling::F6, _) => {
+                        span.gather_channels4::<E, S, 8, 1>(simd, &records, planes, ms, d, j)
+                    }
                 }
             }
             // The channel mask's factors, per lane (`x * m` as the
@@ -461,12 +461,12 @@ impl<E: Elem> WithSimd for XTransform<'_, '_, E> {
 
 /// How many windows from `tiles[t]` on [`XTransform`] gathers together:
 /// the tiles that follow it in its tile row without a gap (at most
-/// [`RUN_WINDOWS`] in all) while their windows are whole. (Whether the
-/// first window is whole, and the loads fit, is
+/// [`Tiling::run_windows`] in all) while their windows are whole. (Whether
+/// the first window is whole, and the loads fit, is
 /// [`WindowSpan::channels4_fit`]'s to say.)
-fn window_run(tiles: &[Tile], t: usize, h: usize, w: usize) -> usize {
-    tile_run(tiles, t, RUN_WINDOWS, |ty, tx| {
-        WindowSpan::new(Tiling::F4, h, w, ty, tx).is_full()
+fn window_run(tiles: &[Tile], t: usize, h: usize, w: usize, tiling: Tiling) -> usize {
+    tile_run(tiles, t, tiling.run_windows(), |ty, tx| {
+        WindowSpan::new(tiling, h, w, ty, tx).is_full()
     })
 }
 
@@ -705,35 +705,46 @@ mod tests {
     const PLANES: [(usize, usize); 6] = [(9, 13), (5, 47), (37, 45), (13, 25), (3, 9), (9, 3)];
 
     /// `window_run` on every tile of two images' grids with gaps (tiles a
-    /// spatial mask left out) against its definition: the longest run of
-    /// at most 3 tiles `(img, ty, tx + q)` in a row of the list whose
-    /// windows after the first lie inside the plane (rows `4 ty - 1 ..= 4
-    /// ty + 4`, columns likewise); runs of each length were seen.
+    /// spatial mask left out) against its definition, for both tilings
+    /// (tiles of side `t`): the longest run of at most 3 (F(4x4)) or 2
+    /// (F(6x6)) tiles `(img, ty, tx + q)` in a row of the list whose
+    /// windows after the first lie inside the plane (rows `t ty - 1 ..= t
+    /// ty + t`, columns likewise); runs of each length were seen.
     #[test]
     fn window_runs_are_the_whole_windows_that_follow_in_the_row() {
-        let mut seen = [0; RUN_WINDOWS + 1];
-        for (h, w) in [(9usize, 13usize), (13, 33), (21, 30), (10, 45)] {
-            let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
-            let tiles: Vec<Tile> = (0..2)
-                .flat_map(|img| (0..th).flat_map(move |ty| (0..tw).map(move |tx| (img, ty, tx))))
-                .filter(|&(img, ty, tx)| (img + 2 * ty + 3 * tx) % 7 != 3)
-                .collect();
-            let whole =
-                |ty: usize, tx: usize| ty >= 1 && 4 * ty + 5 <= h && tx >= 1 && 4 * tx + 5 <= w;
-            for t in 0..tiles.len() {
-                let (img, ty, tx) = tiles[t];
-                let want = (1..RUN_WINDOWS)
-                    .take_while(|&q| {
-                        tiles.get(t + q) == Some(&(img, ty, tx + q)) && whole(ty, tx + q)
+        for (tiling, max) in [(Tiling::F4, 3), (Tiling::F6, 2)] {
+            let t = tiling.side();
+            let mut seen = [0; RUN_WINDOWS + 1];
+            for (h, w) in [(9usize, 13usize), (13, 33), (21, 30), (10, 45), (20, 61)] {
+                let (th, tw) = (h.div_ceil(t), w.div_ceil(t));
+                let tiles: Vec<Tile> = (0..2)
+                    .flat_map(|img| {
+                        (0..th).flat_map(move |ty| (0..tw).map(move |tx| (img, ty, tx)))
                     })
-                    .count()
-                    + 1;
-                let got = window_run(&tiles, t, h, w);
-                assert_eq!(got, want, "{h}x{w} tile {:?}", tiles[t]);
-                seen[got] += 1;
+                    .filter(|&(img, ty, tx)| (img + 2 * ty + 3 * tx) % 7 != 3)
+                    .collect();
+                let whole =
+                    |ty: usize, tx: usize| ty >= 1 && t * ty + t < h && tx >= 1 && t * tx + t < w;
+                for i in 0..tiles.len() {
+                    let (img, ty, tx) = tiles[i];
+                    let want = (1..max)
+                        .take_while(|&q| {
+                            tiles.get(i + q) == Some(&(img, ty, tx + q)) && whole(ty, tx + q)
+                        })
+                        .count()
+                        + 1;
+                    let got = window_run(&tiles, i, h, w, tiling);
+                    assert_eq!(got, want, "{tiling:?} {h}x{w} tile {:?}", tiles[i]);
+                    seen[got] += 1;
+                }
             }
+            assert!(seen[1..=max].iter().all(|&n| n > 0), "{tiling:?} {seen:?}");
+            assert_eq!(
+                seen[max + 1..].iter().sum::<usize>(),
+                0,
+                "{tiling:?} {seen:?}"
+            );
         }
-        assert!(seen[1..].iter().all(|&n| n > 0), "{seen:?}");
     }
 
     /// The reference backend's weight gradient (plain loops, in f64) of the

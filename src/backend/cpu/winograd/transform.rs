@@ -468,40 +468,55 @@ impl WindowSpan {
 }
 
 /// The most windows [`WindowSpan::gather_channels4`] gathers per call:
-/// three windows of one tile row span 14 columns, one register of f32 on
-/// AVX-512 (two on AVX2).
+/// three F(4x4) windows of one tile row span 14 columns, one register of
+/// f32 on AVX-512 (two on AVX2); two F(6x6) windows span 14 too
+/// ([`Tiling::run_windows`]).
 pub(crate) const RUN_WINDOWS: usize = 3;
+
+impl Tiling {
+    /// The most windows of this tiling that [`WindowSpan::gather_channels4`]
+    /// gathers per call: as many as span at most [`MAX_RUN_COLS`] - 2
+    /// columns (`side run + 2` columns for `run` windows).
+    pub(crate) const fn run_windows(self) -> usize {
+        (MAX_RUN_COLS - 2) / self.side()
+    }
+}
+
+const _: () = assert!(Tiling::F4.run_windows() == RUN_WINDOWS && Tiling::F6.run_windows() == 2);
 
 impl WindowSpan {
     /// True when [`WindowSpan::gather_channels4`] may gather `run` windows
     /// from this one rightwards with `lanes`-wide loads from `plane_len`-long
-    /// planes: this window is whole, and its last row's loads (`4 run + 2`
-    /// columns rounded up to whole registers) end inside the plane. (The
-    /// other windows must be whole too: the caller checks.)
+    /// planes: this window is whole, and its last row's loads (`t run + 2`
+    /// columns for tiles of side `t`, rounded up to whole registers) end
+    /// inside the plane. (The other windows must be whole too: the caller
+    /// checks.)
     #[inline(always)]
     pub(crate) fn channels4_fit(&self, run: usize, lanes: usize, plane_len: usize) -> bool {
-        debug_assert_eq!(self.n, 6, "F(4x4) windows only");
+        let n = self.n;
         self.is_full()
-            && self.base + 5 * self.w + (4 * run + 2).div_ceil(lanes) * lanes <= plane_len
+            && self.base + (n - 1) * self.w + ((n - 2) * run + 2).div_ceil(lanes) * lanes
+                <= plane_len
     }
 
     /// [`WindowSpan::gather`] of four channels at once into lanes `lane ..
-    /// lane + 4` of registers of `nr` lanes, for the `RUN` whole windows of
-    /// one tile row from this one rightwards (window `t`'s entries go to
-    /// `d[t * POS * nr..]`). Why: the weight gradient's transformed inputs
+    /// lane + 4` of registers of `nr` lanes, for the `RUN` whole windows
+    /// (of side `N`: 6 for F(4x4), 8 for F(6x6)) of one tile row from this
+    /// one rightwards (window `t`'s entries go to `d[t * N * N * nr..]`).
+    /// Why: the weight gradient's transformed inputs
     /// have channels in their lanes, so the scalar gather moves every value
     /// on its own (36 loads and 36 stores per window and channel). Here each
     /// window row of the four planes is loaded a register at a time,
     /// [`Elem::interleave4`] turns the four registers into records of the
     /// four channels' values at one column, and each record is one 4-value
     /// copy per window holding its column. `records` says where: column
-    /// `col` of the run's `4 RUN + 2` is record `records[col]` of the
+    /// `col` of the run's `(N - 2) RUN + 2` is record `records[col]` of the
     /// row's loads ([`channel_records`]). A row's loads serve every window
     /// of the run (they overlap by two columns). The products `x * m` are
     /// the scalar path's. The caller checks [`WindowSpan::channels4_fit`]
     /// and that the run's windows are whole.
     #[inline(always)]
-    pub(crate) fn gather_channels4<E: Elem, S: Simd, const RUN: usize>(
+    pub(crate) fn gather_channels4<E: Elem, S: Simd, const N: usize, const RUN: usize>(
         &self,
         s: S,
         records: &[usize; 4 * RUN_WINDOWS + 2],
@@ -510,17 +525,19 @@ impl WindowSpan {
         d: &mut [E],
         lane: usize,
     ) {
-        debug_assert!(self.is_full() && self.n == 6 && (1..=RUN_WINDOWS).contains(&RUN));
+        let (t, npos) = (N - 2, N * N);
+        debug_assert!(self.is_full() && self.n == N && (1..=RUN_WINDOWS).contains(&RUN));
+        debug_assert!(t * RUN + 2 <= MAX_RUN_COLS);
         let l = E::lanes::<S>();
         let nr = crate::backend::cpu::kernel::nr::<E, S>();
         assert!(lane + 4 <= nr);
         // One bounds check for every copy below (their offsets are
         // constants once `nr` is).
-        let d = &mut d[lane..][..(RUN - 1) * POS * nr + (POS - 1) * nr + 4];
+        let d = &mut d[lane..][..(RUN - 1) * npos * nr + (npos - 1) * nr + 4];
         let mut rec = [E::zero(); 4 * MAX_RUN_COLS];
-        for r in 0..6 {
+        for r in 0..N {
             let row = self.base + r * self.w;
-            for k in 0..(4 * RUN + 2).div_ceil(l) {
+            for k in 0..(t * RUN + 2).div_ceil(l) {
                 let at = row + k * l;
                 let mut v: [E::V<S>; 4] = std::array::from_fn(|f| E::load(s, &planes[f][at..]));
                 if let Some(m) = m {
@@ -533,10 +550,10 @@ impl WindowSpan {
                     E::store(s, &mut rec[(4 * k + q) * l..], x);
                 }
             }
-            for t in 0..RUN {
-                for c in 0..6 {
-                    let src = 4 * records[4 * t + c];
-                    let at = t * POS * nr + (r * 6 + c) * nr;
+            for q in 0..RUN {
+                for c in 0..N {
+                    let src = 4 * records[t * q + c];
+                    let at = q * npos * nr + (r * N + c) * nr;
                     d[at..at + 4].copy_from_slice(&rec[src..src + 4]);
                 }
             }
@@ -930,28 +947,32 @@ mod tests {
         }
     }
 
-    /// [`WindowSpan::gather_channels4`] on every run of 1 to 3 whole
-    /// windows whose loads fit, into lanes `lane .. lane + 4` for every
-    /// lane: window `t` of the run, lane `lane + f` must hold channel `f`'s
-    /// window of tile `tx + t` by definition (with and without a mask), and
-    /// nothing else is written. Also: [`channel_records`] on hand-worked lane
-    /// orders.
-    struct Channels4;
+    /// [`WindowSpan::gather_channels4`] on every run of 1 to 3 (F(4x4)) or
+    /// 1 to 2 (F(6x6)) whole windows whose loads fit, into lanes `lane ..
+    /// lane + 4` for every lane: window `t` of the run, lane `lane + f`
+    /// must hold channel `f`'s window of tile `tx + t` by definition (with
+    /// and without a mask), and nothing else is written. Also:
+    /// [`channel_records`] on hand-worked lane orders.
+    struct Channels4(Tiling);
 
     impl WithSimd for Channels4 {
         type Output = (usize, usize);
         #[inline(always)]
         fn with_simd<S: Simd>(self, s: S) -> (usize, usize) {
+            let tiling = self.0;
+            let (ts, npos) = (tiling.side(), tiling.positions());
             let l = f32::lanes::<S>();
             let nr = crate::backend::cpu::kernel::nr::<f32, S>();
             let records = channel_records(&crate::backend::cpu::simd::lane_order::<f32, S>(s)[..l]);
             let (mut runs, mut unfit) = (0, 0);
-            // Every tile of every plane size.
-            let tiles = (6usize..=10)
-                .flat_map(|h| [9usize, 13, 14, 17, 21, 30, 33].map(|w| (h, w)))
+            // Every tile of every plane size (widths 20 and 26 end F(6x6)
+            // runs of two whole windows where their last loads, 16
+            // columns, would pass the end of an AVX2 plane).
+            let tiles = (6usize..=14)
+                .flat_map(|h| [9usize, 13, 14, 17, 20, 21, 26, 30, 33].map(|w| (h, w)))
                 .flat_map(|(h, w)| {
-                    (0..h.div_ceil(4))
-                        .flat_map(move |ty| (0..w.div_ceil(4)).map(move |tx| (h, w, ty, tx)))
+                    (0..h.div_ceil(ts))
+                        .flat_map(move |ty| (0..w.div_ceil(ts)).map(move |tx| (h, w, ty, tx)))
                 });
             for (h, w, ty, tx) in tiles {
                 let hw = h * w;
@@ -965,15 +986,15 @@ mod tests {
                 let planes = std::array::from_fn(|f| &planes[f][..]);
                 // Period 5, so a factor read 4 columns off shows.
                 let mask: Vec<f32> = (0..hw).map(|i| [0.5, 0.0, 2.0, 0.75, 1.5][i % 5]).collect();
-                let span = WindowSpan::new(Tiling::F4, h, w, ty, tx);
-                for run in 1..=RUN_WINDOWS {
+                let span = WindowSpan::new(tiling, h, w, ty, tx);
+                for run in 1..=tiling.run_windows() {
                     let whole = (0..run).all(|t| {
-                        4 * (tx + t) < w && WindowSpan::new(Tiling::F4, h, w, ty, tx + t).is_full()
+                        ts * (tx + t) < w && WindowSpan::new(tiling, h, w, ty, tx + t).is_full()
                     });
                     // By definition: the last window row's loads, from column
-                    // 4 tx - 1 of row 4 ty + 4, end in the plane.
-                    let loads = (4 * run + 2).div_ceil(l) * l;
-                    let fit = span.is_full() && (4 * ty + 4) * w + 4 * tx - 1 + loads <= hw;
+                    // t tx - 1 of row t ty + t, end in the plane.
+                    let loads = (ts * run + 2).div_ceil(l) * l;
+                    let fit = span.is_full() && (ts * ty + ts) * w + ts * tx - 1 + loads <= hw;
                     let at = format!("{h}x{w} ({ty}, {tx}) run {run}");
                     assert_eq!(span.channels4_fit(run, l, hw), fit, "{at}");
                     unfit += usize::from(whole && !fit && span.is_full());
@@ -985,17 +1006,30 @@ mod tests {
                         .into_iter()
                         .flat_map(|m| lanes.clone().map(move |lane| (m, lane)))
                     {
-                        let mut d = vec![f32::NAN; RUN_WINDOWS * POS * nr];
+                        let mut d = vec![f32::NAN; RUN_WINDOWS * npos * nr];
                         let (p, d_) = (planes, &mut d[..]);
-                        match run {
-                            1 => span.gather_channels4::<f32, S, 1>(s, &records, p, m, d_, lane),
-                            2 => span.gather_channels4::<f32, S, 2>(s, &records, p, m, d_, lane),
-                            _ => span.gather_channels4::<f32, S, 3>(s, &records, p, m, d_, lane),
+                        let (r, c) = (&records, lane);
+                        match (tiling, run) {
+                            (Tiling::F4, 1) => {
+                                span.gather_channels4::<f32, S, 6, 1>(s, r, p, m, d_, c)
+                            }
+                            (Tiling::F4, 2) => {
+                                span.gather_channels4::<f32, S, 6, 2>(s, r, p, m, d_, c)
+                            }
+                            (Tiling::F4, _) => {
+                                span.gather_channels4::<f32, S, 6, 3>(s, r, p, m, d_, c)
+                            }
+                            (Tiling::F6, 1) => {
+                                span.gather_channels4::<f32, S, 8, 1>(s, r, p, m, d_, c)
+                            }
+                            (Tiling::F6, _) => {
+                                span.gather_channels4::<f32, S, 8, 2>(s, r, p, m, d_, c)
+                            }
                         }
                         let want = |t: usize, f: usize| {
-                            (t < run).then(|| window_by_definition(planes[f], m, h, w, ty, tx + t))
+                            (t < run).then(|| window_of(tiling, planes[f], m, (h, w), (ty, tx + t)))
                         };
-                        check_lanes(&d, nr, lane, want, &format!("{at} lane {lane}"));
+                        check_lanes(&d, nr, npos, lane, want, &format!("{at} lane {lane}"));
                         runs += 1;
                     }
                 }
@@ -1006,24 +1040,25 @@ mod tests {
         }
     }
 
-    /// `d` (windows of `[POS][nr]`) holds in lane `lane + f` of window `t`
+    /// `d` (windows of `[npos][nr]`) holds in lane `lane + f` of window `t`
     /// exactly `want(t, f)` (NaN where `None`: a window past the run), and
     /// NaN in every other lane.
     fn check_lanes(
         d: &[f32],
         nr: usize,
+        npos: usize,
         lane: usize,
-        want: impl Fn(usize, usize) -> Option<[Option<f32>; POS]>,
+        want: impl Fn(usize, usize) -> Option<Vec<Option<f32>>>,
         at: &str,
     ) {
-        for (t, window) in d.chunks_exact(POS * nr).enumerate() {
+        for (t, window) in d.chunks_exact(npos * nr).enumerate() {
             // The window's four lanes by definition, once per window.
             let wants: [_; 4] = std::array::from_fn(|f| want(t, f));
             for (i, row) in window.chunks_exact(nr).enumerate() {
                 for (j, &got) in row.iter().enumerate() {
                     let want = (lane..lane + 4)
                         .contains(&j)
-                        .then(|| wants[j - lane])
+                        .then(|| wants[j - lane].as_ref())
                         .flatten()
                         .map(|v| v[i].unwrap());
                     assert!(
@@ -1046,8 +1081,10 @@ mod tests {
         for arch in crate::backend::cpu::Isa::every_arch() {
             // Registers of 2 lanes (scalar) have no 4 lanes to fill: the
             // weight gradient gathers them value by value.
-            let (runs, nr) = arch.dispatch(Channels4);
-            assert!(runs > 0 || nr < 4, "{arch:?}: no run checked");
+            for tiling in [Tiling::F4, Tiling::F6] {
+                let (runs, nr) = arch.dispatch(Channels4(tiling));
+                assert!(runs > 0 || nr < 4, "{arch:?} {tiling:?}: no run checked");
+            }
         }
     }
 
