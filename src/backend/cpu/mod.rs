@@ -365,10 +365,31 @@ impl CpuBackend {
     /// direct. `x` is the forward pass's input; the other passes, linear in
     /// their data, give `None`.
     ///
-    /// F(6x6) (`winograd::Tiling::F6`) takes the forward pass and the
-    /// input gradient from [`WINOGRAD6_MIN_POSITIONS`] on, and a forward
-    /// pass with a ReLU only while its input spreads at most
-    /// [`WINOGRAD6_MAX_SPREAD`]; the weight gradient stays F(4x4).
+    /// F(6x6) (`winograd::Tiling::F6`) takes all three passes from
+    /// [`WINOGRAD6_MIN_POSITIONS`] on (from
+    /// [`WINOGRAD6_MIN_POSITIONS_SPATIAL`] under a spatial mask), and a
+    /// forward pass with a ReLU only while its input spreads at most
+    /// [`WINOGRAD6_MAX_SPREAD`]. Measured with `examples/conv_speed.rs` as
+    /// above, but on Zen 4 (AVX-512), ms F(4x4) / F(6x6), two alternating
+    /// rounds (the loss's own masks; the dense forward and input-gradient
+    /// rows are from the rounds that introduced F(6x6), the others from the
+    /// rounds that brought it to the weight gradient, both 2026-12-07):
+    ///
+    /// | level | fwd | dX | dW |
+    /// |---|---|---|---|
+    /// | P3 | 83.6, 87.4 / 65.1, 69.6 | 83.1, 76.3 / 67.2, 72.4 | 71.0, 77.1 / 66.8, 68.0 |
+    /// | P4 | 21.2, 24.3 / 20.4, 19.8 | 21.0, 23.4 / 20.7, 20.0 | 20.0, 21.5 / 17.5, 17.5 |
+    /// | P5 | 7.2, 7.7 / 8.6, 8.9 | 7.6, 8.1 / 8.8, 8.7 | 6.4, 7.4 / 5.9, 6.3 |
+    /// | P3, spatial mask | 34.6, 35.1 / 32.3, 33.6 | 33.0, 34.1 / 30.2, 30.5 | 34.0, 35.6 / 32.5, 33.3 |
+    /// | P4, spatial mask | 11.3, 11.5 / 12.8, 13.0 | 10.4, 10.6 / 10.9, 10.7 | 11.6, 11.9 / 13.0, 13.0 |
+    /// | P4, channel mask | 9.7, 9.9 / 9.7, 11.0 | 10.0, 10.8 / 10.0, 9.7 | 11.1, 12.9 / 9.8, 9.5 |
+    ///
+    /// P5 stays F(4x4) in all passes: the forward engine loses there, and
+    /// the weight gradient is even at best (two more rounds, medians of 9:
+    /// dense 8.8, 7.5 / 7.3, 8.3 ms; under the loss's spatial mask 5.0, 4.9
+    /// / 5.6, 5.9; channel mask 5.6, 6.1 / 4.3, 6.2). Under the spatial
+    /// mask at P4 the loss's masked blobs leave fewer whole 8 x 8 windows
+    /// to skip than 6 x 6 ones.
     ///
     /// The transform to run, or `None` for the direct conv.
     fn winograd_for<E: simd::Elem>(

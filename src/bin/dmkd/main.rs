@@ -38,8 +38,8 @@ struct BackendArgs {
     #[arg(long, default_value = "cpu")]
     backend: BackendKind,
     /// Convolution algorithm of the cpu backend: direct, winograd (F(4x4,
-    /// 3x3)), winograd6 (F(6x6, 3x3) for the forward pass and the input
-    /// gradient) or auto (another backend refuses anything but auto).
+    /// 3x3)), winograd6 (F(6x6, 3x3)) or auto (another backend refuses
+    /// anything but auto).
     #[arg(long, default_value = "auto")]
     conv_algo: ConvAlgo,
     /// Instruction set of the cpu backend: auto (the widest this CPU has),

@@ -1,7 +1,6 @@
-//! Winograd F(4x4, 3x3) convolution for the 3x3 / stride 1 / pad 1 convs
-//! of the loss: forward, input gradient and weight gradient; and F(6x6,
-//! 3x3) for the forward and the input gradient ([`Tiling`],
-//! [`transform6`]).
+//! Winograd F(4x4, 3x3) and F(6x6, 3x3) convolution ([`Tiling`],
+//! [`transform6`]) for the 3x3 / stride 1 / pad 1 convs of the loss:
+//! forward, input gradient and weight gradient.
 //!
 //! F(6x6): 64 products per 36 outputs (1.78 per output, 5.06x fewer than
 //! direct) against F(4x4)'s 36 per 16 (2.25). The forward engine runs it
@@ -10,8 +9,11 @@
 //! cannot serve, so its registers take the per-tile gather and scatter.
 //! Its blocks hold half as many tiles ([`fwd`]'s `groups_per_block`),
 //! and its f32 rounding under spikes is larger, which the `Auto` rule
-//! accounts for (`CpuBackend::winograd_for`). The measurements:
-//! `docs/engineering.md`, "Winograd F(6x6, 3x3)".
+//! accounts for (`CpuBackend::winograd_for`). The weight gradient ([`dw`])
+//! runs either tiling with the adjoint transforms; its lanes are channels,
+//! so the 4-channel gather serves both window sides. The measurements:
+//! `docs/engineering.md`, "Winograd F(6x6, 3x3)" and "F(6x6) for the
+//! weight gradient".
 //!
 //! Transform choice: F(4x4, 3x3) over 6 x 6 input tiles cuts the
 //! multiplies per output from 9 to 36/16 = 2.25 (4x); F(2x2, 3x3) only to
