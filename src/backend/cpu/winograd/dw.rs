@@ -7,10 +7,9 @@ use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
 use super::transform::{
-    POS, RUN_WINDOWS, WindowSpan, channel_records, grad_tile, input_tiles, weight_grad_tile,
-    weight_grad_tile_v,
+    POS, RUN_WINDOWS, WindowSpan, channel_records, grad_tile, input_tiles, weight_grad_tile_v,
 };
-use super::transform6::{POS6, grad_tile6, weight_grad_tile6_v};
+use super::transform6::{grad_tile6, weight_grad_tile6_v};
 use super::{MAX_POS, Tile, Tiling};
 use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::nr_for;
@@ -247,10 +246,8 @@ impl<E: Elem> Sums<E> {
 }
 
 /// [`Sums::weight_grad_row`]: each run of a register's columns through
-/// [`weight_grad_tile_v`] (lanes are columns, as the sums lay them out),
-/// the rest one column at a time with the scalar [`weight_grad_tile`]
-/// (the same operations, so the same bits), the next column tile's runs
-/// prefetched (36 runs 264 KB apart at 256 x 256, f32). One column at a
+/// [`weight_grad_tile_v`] or [`weight_grad_tile6_v`] (lanes are columns,
+/// as the sums lay them out), the next column tile's runs prefetched (36 runs 264 KB apart at 256 x 256, f32). One column at a
 /// time, this phase took 1.5-1.7 ms of a dense 256 x 256 weight gradient
 /// in a slow stretch, now 0.87-0.98 (Intel Xeon family 6 model 167,
 /// AVX-512, 2 threads, temporary timers, three alternating rounds; P5
@@ -278,43 +275,27 @@ impl<E: Elem> WithSimd for GradRow<'_, '_, E> {
         let mut regs = [E::zero(); 9 * MAX_LANES];
         for ct in 0..ctiles {
             let lanes = nr.min(cols - ct * nr);
-            let full = lanes / l * l;
             if ct + 1 < ctiles {
                 for pos in 0..npos {
                     prefetch_values(c[at(ct + 1, pos)..].as_ptr(), nr);
                 }
             }
-            if sums.tiling == Tiling::F6 {
-                // Every run of a register's columns, the last one too: its
-                // lanes past the last column read the sums of zero inputs
-                // (`XTransform` leaves them 0), and their results are
-                // dropped, so each column gets the same bits whatever the
-                // register width.
-                for hv in (0..lanes).step_by(l) {
-                    let d = std::array::from_fn::<_, POS6, _>(|pos| {
-                        E::load(simd, &c[at(ct, pos) + hv..])
-                    });
-                    for (q, &v) in weight_grad_tile6_v::<E, S>(simd, &d).iter().enumerate() {
-                        E::store(simd, &mut regs[q * l..], v);
-                    }
-                    let cols = l.min(lanes - hv);
-                    for (j, dst) in out[(ct * nr + hv) * 9..][..9 * cols]
-                        .chunks_exact_mut(9)
-                        .enumerate()
-                    {
-                        for (q, o) in dst.iter_mut().enumerate() {
-                            *o = regs[q * l + j];
-                        }
-                    }
-                }
-                continue;
-            }
-            for hv in (0..full).step_by(l) {
-                let d = std::array::from_fn(|pos| E::load(simd, &c[at(ct, pos) + hv..]));
-                for (q, &v) in weight_grad_tile_v::<E, S>(simd, &d).iter().enumerate() {
+            // Every run of a register's columns, the last one too: its
+            // lanes past the last column read the sums of zero inputs
+            // (`XTransform` leaves them 0), and their results are dropped,
+            // so each column gets the same bits whatever the register
+            // width.
+            for hv in (0..lanes).step_by(l) {
+                let load = |pos: usize| E::load(simd, &c[at(ct, pos) + hv..]);
+                let dw = match sums.tiling {
+                    Tiling::F4 => weight_grad_tile_v::<E, S>(simd, &std::array::from_fn(load)),
+                    Tiling::F6 => weight_grad_tile6_v::<E, S>(simd, &std::array::from_fn(load)),
+                };
+                for (q, &v) in dw.iter().enumerate() {
                     E::store(simd, &mut regs[q * l..], v);
                 }
-                for (j, dst) in out[(ct * nr + hv) * 9..][..9 * l]
+                let cols = l.min(lanes - hv);
+                for (j, dst) in out[(ct * nr + hv) * 9..][..9 * cols]
                     .chunks_exact_mut(9)
                     .enumerate()
                 {
@@ -322,10 +303,6 @@ impl<E: Elem> WithSimd for GradRow<'_, '_, E> {
                         *o = regs[q * l + j];
                     }
                 }
-            }
-            for j in full..lanes {
-                let d = std::array::from_fn(|pos| c[at(ct, pos) + j]);
-                out[(ct * nr + j) * 9..][..9].copy_from_slice(&weight_grad_tile(&d));
             }
         }
     }
@@ -558,23 +535,21 @@ impl<E: Elem> WithSimd for DyTransform<'_, '_, E> {
             for i in 0..t * t {
                 d[i * nr + gt.len()..(i + 1) * nr].fill(E::zero());
             }
-            let mut put = |pos: usize, hv: usize, v: E::V<S>| {
-                E::store(simd, &mut out[pos * tb + gi * nr + hv..], v)
-            };
             for hv in (0..nr).step_by(l) {
-                match tiling {
+                let load = |i: usize| E::load(simd, &d[i * nr + hv..]);
+                let (t4, t6);
+                let tv: &[E::V<S>] = match tiling {
                     Tiling::F4 => {
-                        let gv = std::array::from_fn(|i| E::load(simd, &d[i * nr + hv..]));
-                        for (pos, &v) in grad_tile::<E, S>(simd, &gv).iter().enumerate() {
-                            put(pos, hv, v);
-                        }
+                        t4 = grad_tile::<E, S>(simd, &std::array::from_fn(load));
+                        &t4
                     }
                     Tiling::F6 => {
-                        let gv = std::array::from_fn(|i| E::load(simd, &d[i * nr + hv..]));
-                        for (pos, &v) in grad_tile6::<E, S>(simd, &gv).iter().enumerate() {
-                            put(pos, hv, v);
-                        }
+                        t6 = grad_tile6::<E, S>(simd, &std::array::from_fn(load));
+                        &t6
                     }
+                };
+                for (pos, &v) in tv.iter().enumerate() {
+                    E::store(simd, &mut out[pos * tb + gi * nr + hv..], v);
                 }
             }
         }

@@ -225,7 +225,7 @@ pub(crate) fn weight_tile<E: Elem>(g: &[E; 9]) -> [E; POS] {
 }
 
 /// `G^T d` along one line: 6 values to 3 (the adjoint of [`g3`]).
-#[inline(always)]
+#[cfg(test)]
 fn gt6<E: Elem>(d: [E; 6]) -> [E; 3] {
     let f = E::from_f64;
     let s12 = d[1] + d[2];
@@ -238,8 +238,10 @@ fn gt6<E: Elem>(d: [E; 6]) -> [E; 3] {
 }
 
 /// `G^T D G`: the gradient of the 36 transformed weights back to the 3 x 3
-/// filter (the adjoint of [`weight_tile`]).
-#[inline(always)]
+/// filter (the adjoint of [`weight_tile`]). Scalar, the statement that
+/// [`weight_grad_tile_v`] is tested against (the weight gradient runs the
+/// vector one for every column, the last partial register too).
+#[cfg(test)]
 pub(crate) fn weight_grad_tile<E: Elem>(d: &[E; POS]) -> [E; 9] {
     let mut t = [E::zero(); 18]; // 3 x 6
     for c in 0..6 {
@@ -640,8 +642,8 @@ pub(crate) fn weight_tile_v<E: Elem, S: Simd>(s: S, g: &[E::V<S>; 9]) -> [E::V<S
     out
 }
 
-/// [`gt6`] on registers (the same operations in the same order, so a lane
-/// gets the bits the scalar version gives).
+/// `gt6` (compiled for the tests) on registers (the same operations in
+/// the same order, so a lane gets the bits the scalar version gives).
 #[inline(always)]
 fn gt6v<E: Elem, S: Simd>(s: S, d: [E::V<S>; 6]) -> [E::V<S>; 3] {
     let (q, s6, s12, s24) = (
@@ -667,7 +669,8 @@ fn gt6v<E: Elem, S: Simd>(s: S, d: [E::V<S>; 6]) -> [E::V<S>; 3] {
     ]
 }
 
-/// [`weight_grad_tile`] on registers whose lanes are independent filters.
+/// `weight_grad_tile` (the scalar statement, compiled for the tests) on
+/// registers whose lanes are independent filters.
 #[inline(always)]
 pub(crate) fn weight_grad_tile_v<E: Elem, S: Simd>(s: S, d: &[E::V<S>; POS]) -> [E::V<S>; 9] {
     let zero = E::splat(s, E::zero());
