@@ -333,11 +333,15 @@ fn live_tiles(
     (tiles, spared, positions)
 }
 
-/// Winograd tiles of an image, and which of them have all of a region
-/// (outputs `4ty..4ty+4` grown by `grow` on each side, clipped to the
-/// plane) masked: (tiles, skipped tiles).
-fn wino_tiles(conv: &Conv, m: &dyn Fn(usize, usize, usize) -> f64, grow: usize) -> (u64, u64) {
-    let tsz = WINOGRAD_TILE;
+/// Winograd tiles (of side `tsz`) of an image, and which of them have all
+/// of a region (outputs `tsz ty .. tsz ty + tsz` grown by `grow` on each
+/// side, clipped to the plane) masked: (tiles, skipped tiles).
+fn wino_tiles(
+    conv: &Conv,
+    tsz: usize,
+    m: &dyn Fn(usize, usize, usize) -> f64,
+    grow: usize,
+) -> (u64, u64) {
     let (mut tiles, mut skipped) = (0, 0);
     for img in 0..conv.n {
         for ty in 0..conv.h.div_ceil(tsz) {
@@ -486,31 +490,44 @@ fn a_spatial_mask_drops_the_masked_reduction_blocks_of_the_weight_gradient() {
     );
 }
 
-/// Winograd: forward and weight gradient skip the tiles whose 6 x 6 input
-/// window is all masked, the input gradient those whose 4 x 4 outputs are.
+/// Winograd: forward and weight gradient skip the tiles whose input window
+/// (6 x 6 for F(4x4), 8 x 8 for F(6x6)) is all masked, the input gradient
+/// those whose outputs are.
 #[test]
 fn a_spatial_mask_skips_exactly_the_fully_masked_winograd_tiles() {
     let conv = Conv::same3(2, 5, 7, 18, 23);
     let m = blob(conv.h);
-    let c = run::<f32>(ConvAlgo::Winograd, &conv, Some(spatial_mask(&conv, &m)));
     let (ci, co) = (conv.c_in as u64, conv.c_out as u64);
-    let (tiles, by_window) = wino_tiles(&conv, &m, 1);
-    let (_, by_outputs) = wino_tiles(&conv, &m, 0);
-    assert!(0 < by_window && by_window < by_outputs && by_outputs < tiles);
-    for (pass, p, skipped) in [
-        ("forward", &c.forward, by_window),
-        ("input_grad", &c.input_grad, by_outputs),
-        ("weight_grad", &c.weight_grad, by_window),
+    for (algo, tsz, npos) in [
+        (ConvAlgo::Winograd, WINOGRAD_TILE, POS),
+        (ConvAlgo::Winograd6, WINOGRAD6_TILE, POS6),
     ] {
-        assert_eq!(
-            (p.tiles, p.tiles_skipped),
-            (tiles - skipped, skipped),
-            "{pass}"
-        );
-        assert_eq!(p.macs, POS * co * ci * (tiles - skipped), "{pass}");
-        assert_eq!(p.spatial_skip_calls, 1, "{pass}");
-        assert_eq!(p.winograd_calls, 1, "{pass}");
+        let c = run::<f32>(algo, &conv, Some(spatial_mask(&conv, &m)));
+        let (tiles, by_window) = wino_tiles(&conv, tsz, &m, 1);
+        let (_, by_outputs) = wino_tiles(&conv, tsz, &m, 0);
+        assert!(0 < by_window && by_window <= by_outputs && by_outputs < tiles);
+        // F(4x4)'s tiles also tell the two rules apart.
+        assert!(algo == ConvAlgo::Winograd6 || by_window < by_outputs);
+        for (pass, p, skipped) in [
+            ("forward", &c.forward, by_window),
+            ("input_grad", &c.input_grad, by_outputs),
+            ("weight_grad", &c.weight_grad, by_window),
+        ] {
+            assert_eq!(
+                (p.tiles, p.tiles_skipped),
+                (tiles - skipped, skipped),
+                "{algo:?} {pass}"
+            );
+            assert_eq!(
+                p.macs,
+                npos * co * ci * (tiles - skipped),
+                "{algo:?} {pass}"
+            );
+            assert_eq!(p.spatial_skip_calls, 1, "{algo:?} {pass}");
+            assert_eq!(p.winograd_calls, 1, "{algo:?} {pass}");
+        }
     }
+    let (tiles, _) = wino_tiles(&conv, WINOGRAD_TILE, &m, 1);
     // A mask without zeros skips nothing; the weight gradient does not
     // even test its tiles.
     let c = run::<f32>(
