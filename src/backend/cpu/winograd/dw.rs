@@ -660,6 +660,7 @@ mod tests {
     use crate::backend::cpu::counters::Tally;
     use crate::backend::cpu::isa::Isa;
     use crate::backend::cpu::testing::{first_near_then_same_bits, three_image_mask, values};
+    use crate::backend::cpu::winograd::transform6::POS6;
     use crate::backend::{Backend, ConvGeometry, ReferenceBackend};
 
     /// Images: the three of `three_image_mask`.
@@ -678,6 +679,31 @@ mod tests {
     /// The input's 4-channel gather takes runs of 3 whole windows and a
     /// last one alone in 37 x 45's rows, runs of 3 and 2 in 13 x 25's.
     const PLANES: [(usize, usize); 6] = [(9, 13), (5, 47), (37, 45), (13, 25), (3, 9), (9, 3)];
+
+    /// Blocks of tiles: F(4x4) takes 1 KiB of each A row (256 tiles in
+    /// f32, 128 in f64); F(6x6) the most whole registers of tiles whose 64
+    /// positions fit F(4x4)'s (positions x tiles), for every NR the ISAs
+    /// have (2 x lanes: scalar 2, AVX2 16 / 8, AVX-512 32 / 16). No result
+    /// depends on it, so it is tested by value.
+    #[test]
+    fn blocks_of_tiles_are_the_most_that_fit_f4_s_buffers() {
+        fn check<E: Elem>(f4: usize) {
+            for nr in [2, 4, 8, 16, 32] {
+                assert_eq!(tiles_per_block::<E>(Tiling::F4, nr), f4, "nr {nr}");
+                let f6 = tiles_per_block::<E>(Tiling::F6, nr);
+                let pairs = POS * f4;
+                assert!(f6 % nr == 0 && f6 > 0, "nr {nr}: {f6}");
+                assert!(
+                    POS6 * f6 <= pairs && POS6 * (f6 + nr) > pairs,
+                    "nr {nr}: {f6}"
+                );
+            }
+        }
+        check::<f32>(256);
+        check::<f64>(128);
+        assert_eq!(tiles_per_block::<f32>(Tiling::F6, 32), 128);
+        assert_eq!(tiles_per_block::<f32>(Tiling::F6, 16), 144);
+    }
 
     /// `window_run` on every tile of two images' grids with gaps (tiles a
     /// spatial mask left out) against its definition, for both tilings
