@@ -692,7 +692,7 @@ mod tests {
                 assert_eq!(tiles_per_block::<E>(Tiling::F4, nr), f4, "nr {nr}");
                 let f6 = tiles_per_block::<E>(Tiling::F6, nr);
                 let pairs = POS * f4;
-                assert!(f6 % nr == 0 && f6 > 0, "nr {nr}: {f6}");
+                assert!(f6.is_multiple_of(nr) && f6 > 0, "nr {nr}: {f6}");
                 assert!(
                     POS6 * f6 <= pairs && POS6 * (f6 + nr) > pairs,
                     "nr {nr}: {f6}"
