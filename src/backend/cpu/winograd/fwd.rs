@@ -4,9 +4,7 @@
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
-use super::transform::{
-    POS, WindowSpan, input_tiles, output_tile, tile_is_zero, weight_tile, weight_tile_v,
-};
+use super::transform::{POS, WindowSpan, input_tiles, output_tile, tile_is_zero, weight_tile_v};
 use super::transform6::{POS6, output_tile6, weight_tile6_v};
 use super::{Lanes, MAX_POS, Tile, Tiling, run_order};
 use crate::backend::cpu::Ctx;
@@ -185,54 +183,28 @@ impl<E: Elem> WithSimd for WeightRow<'_, '_, E> {
         // Every column in order (the dense calls) reads its taps at fixed
         // strides, without the column list between.
         let in_order = kk == k && cols.iter().enumerate().all(|(i, &c)| i == c);
-        match (tiling, in_order) {
-            (Tiling::F4, true) => transform_columns(simd, tap, kk, dst),
-            (Tiling::F4, false) => transform_columns(simd, |c, t| tap(cols[c], t), kk, dst),
-            (Tiling::F6, true) => transform_columns6(simd, tap, kk, dst),
-            (Tiling::F6, false) => transform_columns6(simd, |c, t| tap(cols[c], t), kk, dst),
+        if in_order {
+            transform_columns(simd, tiling, tap, kk, dst)
+        } else {
+            transform_columns(simd, tiling, |c, t| tap(cols[c], t), kk, dst)
         }
     }
 }
 
-/// `dst[pos * kk + c]` = position `pos` of the transform of the filter
-/// whose taps are `tap(c, 0..9)`, for `c < kk`.
+/// `dst[pos * kk + c]` = position `pos` of `tiling`'s weight transform of
+/// the filter whose taps are `tap(c, 0..9)`, for `c < kk`. The columns past
+/// the last whole register go through the vector transform in one more
+/// register, its unused lanes zero: each lane's bits are its own filter's,
+/// so a filter's bits do not depend on the register width. (F(4x4) once
+/// took those columns through the scalar `weight_tile`, the same
+/// operations in the same order: the same bits, which its tests check.)
+/// The transforms are called directly, not passed in: passed as a closure
+/// parameter they were not inlined, and the loss ran 3-17% slower
+/// (`docs/engineering.md`, "Winograd F(6x6, 3x3)").
 #[inline(always)]
 fn transform_columns<E: Elem, S: Simd>(
     simd: S,
-    tap: impl Fn(usize, usize) -> E,
-    kk: usize,
-    dst: &mut [E],
-) {
-    let l = E::lanes::<S>();
-    let full = kk / l * l;
-    let mut g = [E::zero(); 9 * MAX_LANES];
-    for c0 in (0..full).step_by(l) {
-        for t in 0..9 {
-            for j in 0..l {
-                g[t * l + j] = tap(c0 + j, t);
-            }
-        }
-        let gv: [E::V<S>; 9] = std::array::from_fn(|t| E::load(simd, &g[t * l..]));
-        let u = weight_tile_v::<E, S>(simd, &gv);
-        for (pos, &v) in u.iter().enumerate() {
-            E::store(simd, &mut dst[pos * kk + c0..], v);
-        }
-    }
-    for c in full..kk {
-        let u = weight_tile::<E>(&std::array::from_fn(|t| tap(c, t)));
-        for (pos, &v) in u.iter().enumerate() {
-            dst[pos * kk + c] = v;
-        }
-    }
-}
-
-/// [`transform_columns`] for F(6x6) (64 positions): the columns past the
-/// last whole register go through [`weight_tile6_v`] in one more register,
-/// its unused lanes zero, so a filter's bits do not depend on the register
-/// width.
-#[inline(always)]
-fn transform_columns6<E: Elem, S: Simd>(
-    simd: S,
+    tiling: Tiling,
     tap: impl Fn(usize, usize) -> E,
     kk: usize,
     dst: &mut [E],
@@ -248,7 +220,17 @@ fn transform_columns6<E: Elem, S: Simd>(
             }
         }
         let gv: [E::V<S>; 9] = std::array::from_fn(|t| E::load(simd, &g[t * l..]));
-        let u = weight_tile6_v::<E, S>(simd, &gv);
+        let (u4, u6);
+        let u: &[E::V<S>] = match tiling {
+            Tiling::F4 => {
+                u4 = weight_tile_v::<E, S>(simd, &gv);
+                &u4
+            }
+            Tiling::F6 => {
+                u6 = weight_tile6_v::<E, S>(simd, &gv);
+                &u6
+            }
+        };
         for (pos, &v) in u.iter().enumerate() {
             if lanes == l {
                 E::store(simd, &mut dst[pos * kk + c0..], v);

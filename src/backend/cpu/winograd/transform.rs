@@ -4,8 +4,9 @@
 //! are independent problems (tiles, or channels): the callers gather the
 //! values of one register's lanes first, so every transform below is
 //! straight-line vector code with small integer coefficients. The weight
-//! transforms (`G g G^T` and its adjoint `G^T D G`) are scalar: they run
-//! once per (output, input) channel pair per call.
+//! transforms (`G g G^T` and its adjoint `G^T D G`) run once per (output,
+//! input) channel pair per call, with filters in the lanes; their scalar
+//! twins are the tests' statement of them.
 //!
 //! ```text
 //! B^T = [4  0 -5  0 1 0]   G = [ 1/4     0    0 ]   A^T = [1 1  1 1  1 0]
@@ -191,7 +192,7 @@ pub(crate) fn grad_tile<E: Elem, S: Simd>(s: S, g: &[E::V<S>; 16]) -> [E::V<S>; 
 }
 
 /// `G g` along one line: 3 taps to 6.
-#[inline(always)]
+#[cfg(test)]
 fn g3<E: Elem>(a: E, b: E, c: E) -> [E; 6] {
     let f = E::from_f64;
     let ac = a + c;
@@ -207,8 +208,10 @@ fn g3<E: Elem>(a: E, b: E, c: E) -> [E; 6] {
     ]
 }
 
-/// `G g G^T` of a 3 x 3 filter (row-major) to the 36 positions.
-#[inline(always)]
+/// `G g G^T` of a 3 x 3 filter (row-major) to the 36 positions. Scalar,
+/// the statement that [`weight_tile_v`] is tested against (the engine runs
+/// the vector one for every filter, the last partial register too).
+#[cfg(test)]
 pub(crate) fn weight_tile<E: Elem>(g: &[E; 9]) -> [E; POS] {
     let mut t = [E::zero(); 18]; // 6 x 3
     for c in 0..3 {
@@ -593,8 +596,8 @@ pub(crate) fn tile_is_zero<E: Elem>(
     })
 }
 
-/// [`g3`] on registers (the same operations in the same order, so a lane
-/// gets the bits the scalar version gives, a zero's sign included: the
+/// `g3` (compiled for the tests) on registers (the same operations in the
+/// same order, so a lane gets the bits the scalar version gives, a zero's sign included: the
 /// negated rows multiply by -1/6 in both, where `0 - x` here against `-x`
 /// there gave +0 against -0 for a zero sum).
 #[inline(always)]
@@ -619,7 +622,8 @@ fn g3v<E: Elem, S: Simd>(s: S, a: E::V<S>, b: E::V<S>, c: E::V<S>) -> [E::V<S>; 
     ]
 }
 
-/// [`weight_tile`] on registers whose lanes are independent filters.
+/// `weight_tile` (the scalar statement, compiled for the tests) on
+/// registers whose lanes are independent filters.
 #[inline(always)]
 pub(crate) fn weight_tile_v<E: Elem, S: Simd>(s: S, g: &[E::V<S>; 9]) -> [E::V<S>; POS] {
     let zero = E::splat(s, E::zero());
