@@ -13,7 +13,7 @@ use crate::tensor::Float;
 /// A float type with pulp lanes.
 pub(crate) trait Elem: Float + pulp::bytemuck::Pod {
     /// One SIMD register of `Self` under instruction set `S`.
-    type V<S: Simd>: Copy;
+    type V<S: Simd>: Copy + pulp::bytemuck::Pod;
 
     /// Lanes per register under `S`.
     fn lanes<S: Simd>() -> usize;

@@ -4,9 +4,10 @@
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
+use super::runs6::{RUN6, has_runs6_for, scatter6};
 use super::transform::{POS, WindowSpan, input_tiles, output_tile, tile_is_zero, weight_tile_v};
 use super::transform6::{POS6, output_tile6, weight_tile6_v};
-use super::{Lanes, MAX_POS, Tile, Tiling, run_order};
+use super::{Lanes, MAX_POS, RunShape, Tile, Tiling, run_order};
 use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::{act_of_bias, nr_for, relu_of};
 use crate::backend::cpu::kernel::{MR, nr, panel_steps, run_packed_step};
@@ -474,17 +475,24 @@ impl<E: Elem> WinoConv<'_, E> {
         }
         let arch = self.cx.arch;
         let nr = nr_for::<E>(arch);
-        let order = lane_order_for::<E>(arch);
-        // As many registers as can be of row runs (the vector gather and
-        // scatter); measured (Intel Xeon family 6 model 207, AVX-512, 2
+        // Registers of row runs (the vector gather and scatter), as many as
+        // can be; measured (Intel Xeon family 6 model 207, AVX-512, 2
         // threads, phase timers, medians of 7 calls, three alternating
-        // rounds), dense P4 forward: input transform 3.2-3.4 -> 2.7 ms,
-        // output transform 2.7-2.8 -> 1.9 ms, call 15.8-16.5 -> 14.7-15.5
-        // ms; P3 about 1 ms off each of the two phases (of 64 ms).
-        // (F(6x6) registers never take them: no reordering.)
-        let tiles = match tiling {
-            Tiling::F4 => run_order(&tiles, order.len(), w),
-            Tiling::F6 => tiles,
+        // rounds), F(4x4) dense P4 forward: input transform 3.2-3.4 -> 2.7
+        // ms, output transform 2.7-2.8 -> 1.9 ms, call 15.8-16.5 -> 14.7-15.5
+        // ms; P3 about 1 ms off each of the two phases (of 64 ms). F(6x6):
+        // see `runs6`. F(4x4) lanes follow the 4-way shuffles' order, F(6x6)
+        // lanes are in tile order.
+        let shuffled = lane_order_for::<E>(arch);
+        let l = shuffled.len();
+        let shape = RunShape::new(tiling, l, has_runs6_for::<E>(arch));
+        let order = match tiling {
+            Tiling::F4 => shuffled,
+            Tiling::F6 => (0..l).collect(),
+        };
+        let tiles = match shape {
+            Some(shape) => run_order(&tiles, l, shape, w),
+            None => tiles,
         };
         let panels = rows.len().div_ceil(MR);
         let tile_len = MR * nr;
@@ -513,7 +521,7 @@ impl<E: Elem> WinoConv<'_, E> {
         for block in tiles.chunks(gpb * nr) {
             let lanes: Vec<Lanes> = block
                 .chunks(nr)
-                .map(|g| Lanes::new(&order, g, w, tiling))
+                .map(|g| Lanes::new(&order, g, w, shape))
                 .collect();
             vbuf.as_mut_slice()
                 .par_chunks_mut(npos * kk * nr)
@@ -953,26 +961,71 @@ impl<E: Elem> WithSimd for OutputRow<'_, '_, '_, E> {
                 }
             }
             for (reg, hv) in (0..group.len()).step_by(l).enumerate() {
-                // A register of whole tiles of one tile row: interleave its
-                // lanes back into output rows, `4 lanes` values per store run.
                 if lanes.scatter_run[reg] {
-                    let (i, ty, tx) = group[hv];
-                    let row = &mut *dst[i];
-                    let out_mask = conv.out_mask(imgs[i]);
-                    for yy in 0..4.min(h - 4 * ty) {
-                        let at = (4 * ty + yy) * w + 4 * tx;
-                        let fields = std::array::from_fn(|xx| {
-                            E::load(simd, &out[(yy * 4 + xx) * nr + hv..])
-                        });
-                        for (q, &yv) in E::interleave4(simd, fields).iter().enumerate() {
-                            let yv = match out_mask {
-                                Some(ms) => E::vmul(simd, yv, E::load(simd, &ms[at + q * l..])),
-                                None => yv,
-                            };
-                            E::store(simd, &mut row[at + q * l..], yv);
+                    match conv.tiling {
+                        // A register of whole tiles of one tile row:
+                        // interleave its lanes back into output rows, `4
+                        // lanes` values per store run.
+                        Tiling::F4 => {
+                            let (i, ty, tx) = group[hv];
+                            let row = &mut *dst[i];
+                            let out_mask = conv.out_mask(imgs[i]);
+                            for yy in 0..4.min(h - 4 * ty) {
+                                let at = (4 * ty + yy) * w + 4 * tx;
+                                let fields = std::array::from_fn(|xx| {
+                                    E::load(simd, &out[(yy * 4 + xx) * nr + hv..])
+                                });
+                                let rows = E::interleave4(simd, fields);
+                                for (q, &yv) in rows.iter().enumerate() {
+                                    let yv = match out_mask {
+                                        Some(ms) => {
+                                            E::vmul(simd, yv, E::load(simd, &ms[at + q * l..]))
+                                        }
+                                        None => yv,
+                                    };
+                                    E::store(simd, &mut row[at + q * l..], yv);
+                                }
+                            }
+                            continue;
+                        }
+                        // Two runs of `RUN6` tiles (lanes `hv ..` and `hv +
+                        // RUN6 ..`), each output row's `6 RUN6` values in
+                        // three stores per run. (The moves exist wherever
+                        // runs were formed; the lane-by-lane path below
+                        // stands in otherwise, before any store.)
+                        Tiling::F6 => {
+                            let moved = (0..t).all(|yy| {
+                                let fields = std::array::from_fn(|xx| {
+                                    E::load(simd, &out[(yy * 6 + xx) * nr + hv..])
+                                });
+                                let Some(runs) = scatter6::<E, S>(simd, fields) else {
+                                    return false;
+                                };
+                                for (q, regs) in runs.iter().enumerate() {
+                                    let (i, ty, tx) = group[hv + RUN6 * q];
+                                    if 6 * ty + yy >= h {
+                                        continue;
+                                    }
+                                    let at = (6 * ty + yy) * w + 6 * tx;
+                                    let out_mask = conv.out_mask(imgs[i]);
+                                    let row = &mut *dst[i];
+                                    for (k, &yv) in regs.iter().enumerate() {
+                                        let yv = match out_mask {
+                                            Some(ms) => {
+                                                E::vmul(simd, yv, E::load(simd, &ms[at + k * l..]))
+                                            }
+                                            None => yv,
+                                        };
+                                        E::store(simd, &mut row[at + k * l..], yv);
+                                    }
+                                }
+                                true
+                            });
+                            if moved {
+                                continue;
+                            }
                         }
                     }
-                    continue;
                 }
                 for (j, &(i, ty, tx)) in group.iter().enumerate().skip(hv).take(l) {
                     let lane = lanes.lane[j];
@@ -1013,9 +1066,9 @@ fn prefetch_outputs<E>(
 }
 
 /// `f(image, offset, len)` for each run of outputs that the tiles of
-/// `group` (of side `t`) write in an `h x w` plane: a scatter run's 4 rows
-/// of `4 l` values (F(4x4) only), any other tile's `t x t` (less at the
-/// border).
+/// `group` (of side `t`) write in an `h x w` plane: each run of a scatter
+/// register, its `t` rows of `t` values per tile of the run, any other
+/// tile's `t x t` (less at the border).
 fn output_runs(
     group: &[Tile],
     lanes: &Lanes,
@@ -1025,11 +1078,13 @@ fn output_runs(
     mut f: impl FnMut(usize, usize, usize),
 ) {
     for (reg, tiles) in group.chunks(l).enumerate() {
-        let (tiles, len) = match lanes.scatter_run[reg] {
-            true => (&tiles[..1], t * l),
-            false => (tiles, t),
+        // A scatter register's runs from their first tiles, or every tile.
+        let step = match lanes.scatter_run[reg] {
+            true => lanes.run,
+            false => 1,
         };
-        for &(i, ty, tx) in tiles {
+        let len = t * step;
+        for &(i, ty, tx) in tiles.iter().step_by(step) {
             for y in t * ty..(t * ty + t).min(h) {
                 f(i, y * w + t * tx, len.min(w - t * tx));
             }
@@ -1127,50 +1182,58 @@ mod tests {
     /// The runs [`prefetch_outputs`] hints are exactly the outputs the
     /// group's tiles write: rows of 23 tiles (the last one partial) with
     /// every eleventh left out (as a spatial mask leaves them), so groups
-    /// mix scatter runs, other registers and border tiles, at 4 and 8 lanes.
-    /// F(6x6) tiles of side 6 likewise, with no scatter runs.
+    /// mix scatter runs, other registers and border tiles: F(4x4) at 4 and
+    /// 8 lanes; F(6x6) at 16 lanes with two runs per register, and at 8
+    /// with none.
     #[test]
     fn output_runs_are_the_outputs_of_the_tiles() {
-        for tiling in [Tiling::F4, Tiling::F6] {
-            output_runs_case(tiling);
+        for (tiling, l) in [
+            (Tiling::F4, 4),
+            (Tiling::F4, 8),
+            (Tiling::F6, 16),
+            (Tiling::F6, 8),
+        ] {
+            output_runs_case(tiling, l);
         }
     }
 
-    fn output_runs_case(tiling: Tiling) {
+    fn output_runs_case(tiling: Tiling, l: usize) {
         let t = tiling.side();
         let (h, w) = (3 * t - 2, 23 * t - 2);
         let tiles: Vec<Tile> = (0..2)
             .flat_map(|i| (0..3).flat_map(move |ty| (0..23).map(move |tx| (i, ty, tx))))
             .filter(|&(i, ty, tx)| (i + ty * 23 + tx) % 11 != 5)
             .collect();
-        for l in [4, 8] {
-            let order: Vec<usize> = (0..l).collect();
-            let tiles = run_order(&tiles, l, w);
-            let mut runs_seen = 0;
-            for group in tiles.chunks(2 * l) {
-                let lanes = Lanes::new(&order, group, w, tiling);
-                runs_seen += lanes.scatter_run.iter().filter(|&&r| r).count();
-                let mut hinted = std::collections::BTreeSet::new();
-                output_runs(group, &lanes, l, (h, w), t, |i, at, len| {
-                    assert!(at + len <= h * w && at % w + len <= w);
-                    hinted.extend((at..at + len).map(|o| (i, o)));
-                });
-                let written: std::collections::BTreeSet<(usize, usize)> = group
-                    .iter()
-                    .flat_map(|&(i, ty, tx)| {
-                        (t * ty..(t * ty + t).min(h)).flat_map(move |y| {
-                            (t * tx..(t * tx + t).min(w)).map(move |x| (i, y * w + x))
-                        })
+        let order: Vec<usize> = (0..l).collect();
+        let shape = RunShape::new(tiling, l, true);
+        let tiles = match shape {
+            Some(shape) => run_order(&tiles, l, shape, w),
+            None => tiles,
+        };
+        let mut runs_seen = 0;
+        for group in tiles.chunks(2 * l) {
+            let lanes = Lanes::new(&order, group, w, shape);
+            runs_seen += lanes.scatter_run.iter().filter(|&&r| r).count();
+            let mut hinted = std::collections::BTreeSet::new();
+            output_runs(group, &lanes, l, (h, w), t, |i, at, len| {
+                assert!(at + len <= h * w && at % w + len <= w);
+                hinted.extend((at..at + len).map(|o| (i, o)));
+            });
+            let written: std::collections::BTreeSet<(usize, usize)> = group
+                .iter()
+                .flat_map(|&(i, ty, tx)| {
+                    (t * ty..(t * ty + t).min(h)).flat_map(move |y| {
+                        (t * tx..(t * tx + t).min(w)).map(move |x| (i, y * w + x))
                     })
-                    .collect();
-                assert_eq!(hinted, written, "{l} lanes, group {group:?}");
-            }
-            assert_eq!(
-                runs_seen > 0,
-                tiling == Tiling::F4,
-                "{tiling:?}, {l} lanes: {runs_seen} scatter runs"
-            );
+                })
+                .collect();
+            assert_eq!(hinted, written, "{tiling:?}, {l} lanes, group {group:?}");
         }
+        assert_eq!(
+            runs_seen > 0,
+            shape.is_some(),
+            "{tiling:?}, {l} lanes: {runs_seen} scatter runs"
+        );
     }
 
     /// `masked_outputs` lists exactly the outputs of the given tiles whose

@@ -83,6 +83,7 @@
 
 mod dw;
 mod fwd;
+mod runs6;
 mod transform;
 mod transform6;
 
@@ -131,40 +132,96 @@ pub(crate) const MAX_POS: usize = Tiling::F6.positions();
 /// engine the image is an index into the call's list of images.
 pub(super) type Tile = (usize, usize, usize);
 
+/// How the registers of a tiling are made of row runs, where they are:
+/// `len` consecutive tiles of one tile row per run, `lanes / len` runs per
+/// register. F(4x4): one run per register, moved by
+/// [`Elem::deinterleave4`](crate::backend::cpu::simd::Elem::deinterleave4)
+/// shuffles on any ISA; F(6x6): two runs of [`runs6::RUN6`] per register,
+/// on the ISAs that have [`runs6`]'s moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct RunShape {
+    pub tiling: Tiling,
+    /// Tiles per run.
+    pub len: usize,
+}
+
+impl RunShape {
+    /// The runs of `tiling` in registers of `lanes` lanes (`runs6`: the ISA
+    /// and dtype have [`runs6`]'s moves), if any.
+    pub fn new(tiling: Tiling, lanes: usize, runs6: bool) -> Option<RunShape> {
+        match tiling {
+            Tiling::F4 => Some(RunShape { tiling, len: lanes }),
+            Tiling::F6 if runs6 && lanes == 2 * runs6::RUN6 => Some(RunShape {
+                tiling,
+                len: runs6::RUN6,
+            }),
+            Tiling::F6 => None,
+        }
+    }
+
+    /// True when a run from tile column `tx` of a `w`-wide plane is
+    /// gathered by vector: F(4x4) where its windows lie inside the plane
+    /// horizontally ([`windows_inside`]); F(6x6) never (see [`runs6`]).
+    pub fn gathers(&self, tx: usize, w: usize) -> bool {
+        match self.tiling {
+            Tiling::F4 => windows_inside(tx, self.len, w),
+            Tiling::F6 => false,
+        }
+    }
+
+    /// True when the outputs of a run from tile column `tx` lie inside a
+    /// `w`-wide plane horizontally (the vector scatter).
+    pub fn scatters(&self, tx: usize, w: usize) -> bool {
+        self.tiling.side() * (tx + self.len) <= w
+    }
+
+    /// True when [`run_order`] forms a run from tile column `tx`: where the
+    /// vector moves take it (F(4x4): the gather, whose runs the scatter
+    /// takes too; F(6x6): the scatter).
+    pub fn forms(&self, tx: usize, w: usize) -> bool {
+        match self.tiling {
+            Tiling::F4 => self.gathers(tx, w),
+            Tiling::F6 => self.scatters(tx, w),
+        }
+    }
+}
+
 /// Which lane of a register group (at most 32 lanes) holds which of its
 /// tiles, and which registers take the vector gather and scatter. Within
-/// each register the lanes follow
-/// [`lane_order`](crate::backend::cpu::simd::lane_order), the order the
-/// vector gather's shuffles produce, whichever path gathers the register,
-/// so the input transform, the GEMMs (which never mix lanes) and the
-/// output transform agree on it; a tile's bits do not depend on its lane.
+/// each register the lanes follow the order given to [`Lanes::new`]: for
+/// F(4x4) [`lane_order`](crate::backend::cpu::simd::lane_order), the
+/// order the vector gather's shuffles produce, whichever path gathers the
+/// register, so the input transform, the GEMMs (which never mix lanes) and
+/// the output transform agree on it; for F(6x6) the identity, which
+/// [`runs6`]'s permutes produce. A tile's bits do not depend on its lane.
 pub(super) struct Lanes {
     /// The tile (index into the group) in each lane, if any.
     pub tile: [Option<usize>; 32],
     /// The lane of each tile of the group.
     pub lane: [usize; 32],
-    /// Per register: its lanes hold consecutive tiles of one tile row
-    /// (same image and tile row, tile columns `tx, tx + 1, ...`) whose
-    /// input windows lie inside the plane horizontally, as
-    /// [`transform::WindowSpan::gather_row_run`] needs.
+    /// Per register: its lanes hold row runs (consecutive tiles of one tile
+    /// row: same image and tile row, tile columns `tx, tx + 1, ...`) whose
+    /// input windows the vector gather may read ([`RunShape::gathers`]).
     pub gather_run: [bool; 32],
-    /// Per register: consecutive tiles of one tile row whose 4 x 4 outputs
-    /// lie inside the plane horizontally (the vector scatter).
+    /// Per register: its lanes hold row runs whose outputs lie inside the
+    /// plane horizontally (the vector scatter).
     pub scatter_run: [bool; 32],
+    /// Tiles per run of those registers.
+    pub run: usize,
 }
 
 impl Lanes {
-    /// The lanes of `group` (tiles of `tiling` in `w`-wide planes) for
-    /// registers of `order.len()` lanes in the order `order`. Only F(4x4)
-    /// registers take the vector gather and scatter, which read and write
-    /// 4 columns per lane.
-    pub fn new(order: &[usize], group: &[Tile], w: usize, tiling: Tiling) -> Self {
+    /// The lanes of `group` (tiles in `w`-wide planes) for registers of
+    /// `order.len()` lanes in the order `order`, with registers of row runs
+    /// of `shape` (none: every register moves lane by lane).
+    pub fn new(order: &[usize], group: &[Tile], w: usize, shape: Option<RunShape>) -> Self {
         let l = order.len();
         let mut lanes = Lanes {
             tile: [None; 32],
             lane: [0; 32],
             gather_run: [false; 32],
             scatter_run: [false; 32],
+            run: shape.map_or(l, |s| s.len),
         };
         for hv in (0..group.len()).step_by(l) {
             for (q, &o) in order.iter().enumerate() {
@@ -173,12 +230,24 @@ impl Lanes {
                     lanes.lane[hv + o] = hv + q;
                 }
             }
+            let Some(shape) = shape else { continue };
             let reg = &group[hv..];
-            let (i, ty, tx) = reg[0];
-            if tiling == Tiling::F4 && reg.len() >= l && (1..l).all(|t| reg[t] == (i, ty, tx + t)) {
-                // Output columns 4 tx .. 4 (tx + l).
-                lanes.gather_run[hv / l] = windows_inside(tx, l, w);
-                lanes.scatter_run[hv / l] = 4 * (tx + l) <= w;
+            if reg.len() < l {
+                continue;
+            }
+            // The first tile column of each run, if the register is runs.
+            let starts: Option<Vec<usize>> = reg[..l]
+                .chunks(shape.len)
+                .map(|run| {
+                    let (i, ty, tx) = run[0];
+                    (1..run.len())
+                        .all(|t| run[t] == (i, ty, tx + t))
+                        .then_some(tx)
+                })
+                .collect();
+            if let Some(starts) = starts {
+                lanes.gather_run[hv / l] = starts.iter().all(|&tx| shape.gathers(tx, w));
+                lanes.scatter_run[hv / l] = starts.iter().all(|&tx| shape.scatters(tx, w));
             }
         }
         lanes
@@ -193,24 +262,26 @@ fn windows_inside(tx: usize, l: usize, w: usize) -> bool {
 }
 
 /// `tiles` (in (image, tile row, tile column) order, as a call lists them)
-/// reordered so that as many registers of `l` lanes as possible hold
-/// [`Lanes::gather_run`]s: `l` consecutive tiles of one tile row whose
-/// windows lie inside a `w`-wide plane horizontally ([`windows_inside`]).
-/// Row by row, each maximal run of consecutive tiles
-/// gives its runs of `l` greedily from the left (from its second tile in
-/// the plane's first tile column) at the next register boundary; the
-/// other tiles wait and go out `l` at a time between them, and the last
-/// few at the end. The order stays close to row-major, so a block's
+/// reordered so that as many registers of `l` lanes as possible hold row
+/// runs of `shape` that the vector moves take ([`RunShape::forms`]).
+/// Row by row, each maximal run of consecutive tiles gives its runs of
+/// `shape.len` greedily from the left (from its second tile in the plane's
+/// first tile column); they go out a register's worth at a time, at the
+/// next register boundary; the other tiles wait and go out `l` at a time
+/// between them, and the last few (a register's runs left short among
+/// them) at the end. The order stays close to row-major, so a block's
 /// windows still share their rows.
 ///
 /// In row-major order a register starts wherever the previous row's tile
-/// count left it (a P3 tile row holds 42 tiles): with 16 lanes (AVX-512
-/// f32) and two images, 75 of 132 registers were runs at P3 and 7 of 35 at
-/// P4; reordered, 100 and 26. Which block and lane a tile lands in never
-/// changes its bits.
-pub(super) fn run_order(tiles: &[Tile], l: usize, w: usize) -> Vec<Tile> {
+/// count left it (a P3 tile row holds 42 F(4x4) tiles): with 16 lanes
+/// (AVX-512 f32) and two images, 75 of 132 registers were runs at P3 and 7
+/// of 35 at P4; reordered, 100 and 26. Which block and lane a tile lands in
+/// never changes its bits.
+pub(super) fn run_order(tiles: &[Tile], l: usize, shape: RunShape, w: usize) -> Vec<Tile> {
     let mut out = Vec::with_capacity(tiles.len());
+    let mut runs: Vec<Tile> = Vec::with_capacity(l);
     let mut waiting: Vec<Tile> = Vec::new();
+    let len = shape.len;
     let mut i = 0;
     while i < tiles.len() {
         // The maximal run of consecutive tiles from i.
@@ -222,9 +293,12 @@ pub(super) fn run_order(tiles: &[Tile], l: usize, w: usize) -> Vec<Tile> {
         let mut j = i;
         while j < end {
             let (_, _, t) = tiles[j];
-            if j + l <= end && windows_inside(t, l, w) {
-                out.extend_from_slice(&tiles[j..j + l]);
-                j += l;
+            if j + len <= end && shape.forms(t, w) {
+                runs.extend_from_slice(&tiles[j..j + len]);
+                j += len;
+                if runs.len() == l {
+                    out.append(&mut runs);
+                }
             } else {
                 waiting.push(tiles[j]);
                 j += 1;
@@ -235,6 +309,7 @@ pub(super) fn run_order(tiles: &[Tile], l: usize, w: usize) -> Vec<Tile> {
         }
         i = end;
     }
+    out.append(&mut runs);
     out.append(&mut waiting);
     out
 }
@@ -313,7 +388,7 @@ pub(crate) fn conv2d_backward_input<E: Elem>(
 
 #[cfg(test)]
 mod tests {
-    use super::{Lanes, Tile, run_order, windows_inside};
+    use super::{Lanes, RunShape, Tile, Tiling, run_order, windows_inside};
 
     /// The windows of tile columns `tx .. tx + l` (columns `4 tx - 1` to
     /// `4 (tx + l - 1) + 4`) inside `0 .. w`, by definition.
@@ -331,26 +406,39 @@ mod tests {
         }
     }
 
-    /// The registers of `tiles` whose lanes take the vector gather, for an
-    /// identity lane order of `l` lanes and groups of two registers.
-    fn gather_runs(tiles: &[Tile], l: usize, w: usize) -> usize {
+    /// The registers of `tiles` whose lanes take the vector gather (F(4x4))
+    /// or scatter (F(6x6)), for an identity lane order of `l` lanes, groups
+    /// of two registers and runs of `shape`.
+    fn gather_runs(tiles: &[Tile], l: usize, w: usize, shape: RunShape) -> usize {
         let order: Vec<usize> = (0..l).collect();
         tiles
             .chunks(2 * l)
             .map(|g| {
-                let lanes = Lanes::new(&order, g, w, super::Tiling::F4);
-                (0..g.len().div_ceil(l))
-                    .filter(|&r| lanes.gather_run[r])
-                    .count()
+                let lanes = Lanes::new(&order, g, w, Some(shape));
+                let runs = match shape.tiling {
+                    Tiling::F4 => lanes.gather_run,
+                    Tiling::F6 => {
+                        assert_eq!(lanes.gather_run, [false; 32]);
+                        lanes.scatter_run
+                    }
+                };
+                (0..g.len().div_ceil(l)).filter(|&r| runs[r]).count()
             })
             .sum()
     }
 
     /// The most registers of row runs a list allows: per maximal run of
-    /// consecutive tiles `t0..t1` in one tile row, runs of `l` from column
-    /// `max(t0, 1)` that end at or before `t1` and inside the plane
-    /// (`4 (tx + l) < w`, so the last end is `(w - 1) / 4`).
-    fn most_runs(tiles: &[Tile], l: usize, w: usize) -> usize {
+    /// consecutive tiles `t0..t1` in one tile row, runs of `shape.len` that
+    /// end at or before `t1` and inside the plane, `l / shape.len` of them
+    /// per register. F(4x4) runs start from column `max(t0, 1)` and end
+    /// before the plane's last column (the gather's windows: `4 (tx + l) <
+    /// w`), F(6x6) runs from `t0` with their outputs inside (`6 (tx + 8) <=
+    /// w`).
+    fn most_runs(tiles: &[Tile], l: usize, w: usize, shape: RunShape) -> usize {
+        let (first, fits): (usize, &dyn Fn(usize) -> bool) = match shape.tiling {
+            Tiling::F4 => (1, &|tx| 4 * (tx + l) < w),
+            Tiling::F6 => (0, &|tx| 6 * (tx + 8) <= w),
+        };
         let mut total = 0;
         let mut i = 0;
         while i < tiles.len() {
@@ -359,22 +447,26 @@ mod tests {
             while i + (t1 - t0) < tiles.len() && tiles[i + (t1 - t0)] == (img, ty, t1) {
                 t1 += 1;
             }
-            let (lo, hi) = (t0.max(1), t1.min((w - 1) / 4));
-            total += hi.saturating_sub(lo) / l;
+            let mut tx = t0.max(first);
+            while tx + shape.len <= t1 && fits(tx) {
+                total += 1;
+                tx += shape.len;
+            }
             i += t1 - t0;
         }
-        total
+        total / (l / shape.len)
     }
 
     /// Every tile once; as many registers of row runs as the tiles allow,
     /// each aligned to a register; the P3 and P4 counts of the docs.
     #[test]
     fn run_order_fills_registers_with_row_runs() {
-        let grid = |n: usize, h: usize, w: usize, keep: &dyn Fn(usize, usize, usize) -> bool| {
+        // The tiles of `n` images of `th x tw` tiles that `keep` keeps.
+        let grid = |n: usize, th: usize, tw: usize, keep: &dyn Fn(usize, usize, usize) -> bool| {
             let mut v = Vec::new();
             for img in 0..n {
-                for ty in 0..h.div_ceil(4) {
-                    for tx in 0..w.div_ceil(4) {
+                for ty in 0..th {
+                    for tx in 0..tw {
                         if keep(img, ty, tx) {
                             v.push((img, ty, tx));
                         }
@@ -384,32 +476,55 @@ mod tests {
             v
         };
         // Row-major, then reordered: P3 and P4 (two images) at 16 lanes
-        // (AVX-512 f32).
-        for (h, w, before, after) in [(100, 168, 75, 100), (50, 84, 7, 26)] {
-            let tiles = grid(2, h, w, &|_, _, _| true);
-            assert_eq!(gather_runs(&tiles, 16, w), before, "{h}x{w}");
-            assert_eq!(gather_runs(&run_order(&tiles, 16, w), 16, w), after);
+        // (AVX-512 f32). F(6x6): 28 tiles per P3 row give runs of 8 from
+        // columns 0, 8 and 16, 14 per P4 row one from column 0: 102 and 18
+        // runs, two per register.
+        let f4 = RunShape::new(Tiling::F4, 16, false).unwrap();
+        let f6 = RunShape::new(Tiling::F6, 16, true).unwrap();
+        for (shape, h, w, before, after) in [
+            (f4, 100usize, 168usize, 75, 100),
+            (f4, 50, 84, 7, 26),
+            (f6, 100, 168, 42, 51),
+            (f6, 50, 84, 2, 9),
+        ] {
+            let side = shape.tiling.side();
+            let tiles = grid(2, h.div_ceil(side), w.div_ceil(side), &|_, _, _| true);
+            assert_eq!(gather_runs(&tiles, 16, w, shape), before, "{h}x{w}");
+            let ordered = run_order(&tiles, 16, shape, w);
+            assert_eq!(gather_runs(&ordered, 16, w, shape), after, "{h}x{w}");
         }
         let dense = |_: usize, _: usize, _: usize| true;
         let holes =
             |img: usize, ty: usize, tx: usize| !(img * 7 + ty * 3 + tx / 5).is_multiple_of(4);
         let sparse = |img: usize, ty: usize, tx: usize| (img + ty * tx).is_multiple_of(3);
-        for l in [1, 2, 4, 8, 16] {
-            for (h, w) in [(1, 1), (9, 13), (25, 42), (50, 84), (21, 257)] {
+        let shapes = [1, 2, 4, 8, 16]
+            .map(|l| (l, RunShape::new(Tiling::F4, l, false).unwrap()))
+            .into_iter()
+            .chain([(16, f6)]);
+        for (l, shape) in shapes {
+            let side = shape.tiling.side();
+            for (h, w) in [
+                (1usize, 1usize),
+                (9, 13),
+                (25, 42),
+                (50, 84),
+                (21, 257),
+                (13, 110),
+            ] {
                 for keep in [
                     &dense as &dyn Fn(usize, usize, usize) -> bool,
                     &holes,
                     &sparse,
                 ] {
-                    let tiles = grid(2, h, w, keep);
-                    let got = run_order(&tiles, l, w);
+                    let tiles = grid(2, h.div_ceil(side), w.div_ceil(side), keep);
+                    let got = run_order(&tiles, l, shape, w);
                     let mut sorted = got.clone();
                     sorted.sort();
-                    assert_eq!(sorted, tiles, "l {l}, {h}x{w}: not a permutation");
+                    assert_eq!(sorted, tiles, "{shape:?} l {l}, {h}x{w}: not a permutation");
                     assert_eq!(
-                        gather_runs(&got, l, w),
-                        most_runs(&tiles, l, w),
-                        "l {l}, {h}x{w}"
+                        gather_runs(&got, l, w, shape),
+                        most_runs(&tiles, l, w, shape),
+                        "{shape:?} l {l}, {h}x{w}"
                     );
                 }
             }

@@ -1,0 +1,181 @@
+//! The vector scatter of F(6x6) registers made of row runs: what the
+//! F(4x4) scatter does with [`Elem::interleave4`] for tiles every 4
+//! columns, for tiles every 6 columns, where no 4-way shuffle serves.
+//!
+//! Why: in the forward engine a register's lanes are tiles, so the outputs
+//! of 16 F(6x6) tiles at one place in their tiles lie every 6 columns, and
+//! the scalar scatter moved each of a tile's 36 outputs on its own. Here a
+//! register of two runs writes each output row with 6 vector stores. A
+//! dense P3 forward pass's output phase went from 11.8-12.3 to 9.0-9.5 ms,
+//! P4's from 3.0-3.1 to 2.5-2.6 (AMD EPYC Zen 4, AVX-512, 2 threads, phase
+//! timers, medians of 7, alternating rounds; the whole-pass figures are in
+//! `docs/engineering.md`).
+//!
+//! The gather did not pay: the same permutes building each window column
+//! of 16 windows from six loads per run (6 loads, 3 permutes and 2 blends
+//! per column, against 16 scalar moves) took the P3 input phase from
+//! 11.0-15.4 to 16.1-20.9 ms in the same rounds, so F(6x6) windows are still
+//! gathered lane by lane.
+//!
+//! A register of 16 f32 lanes holds two runs of [`RUN6`] consecutive tiles
+//! of one tile row each (lanes 0-7 and 8-15; any two rows, any two
+//! images), not one run of 16: a P4 tile row has 14 tiles (84 columns), a
+//! P3 row 28, so runs of 16 would leave P4 none and P3 one per row; runs of
+//! 8 give P4 one and P3 three.
+//!
+//! The moves are `vpermt2ps` (two-source permutes) and blends, on AVX-512
+//! for f32 only ([`has_runs6`]): on AVX2 the 8-lane permutes take a
+//! register per source, and f64 is the checking dtype. Only data moves, so
+//! a tile gets the scalar path's bits, whichever path moves it.
+
+use std::any::{Any, TypeId};
+
+use pulp::Simd;
+
+use crate::backend::cpu::simd::Elem;
+
+/// Tiles per run: half a register of 16 lanes.
+pub(crate) const RUN6: usize = 8;
+
+/// True when `E` under `S` has the vector moves: f32 on AVX-512.
+#[inline(always)]
+pub(crate) fn has_runs6<E: Elem, S: Simd>() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        TypeId::of::<E>() == TypeId::of::<f32>()
+            && TypeId::of::<S>() == TypeId::of::<pulp::x86::V4>()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The outputs of one output row of a run: `6 RUN6`, three registers of
+/// 16.
+#[cfg(test)]
+const RUN6_SPAN: usize = 6 * RUN6;
+
+/// Indices and masks of [`scatter6`]: output register `o` (run `q = o /
+/// 3`, values `16 k .. 16 k + 16` of its 48, `k = o % 3`) wants at lane
+/// `e` the value at `pos = 16 k + e`: column `x = pos % 6` of tile `t = pos
+/// / 6`, which is lane `8 q + t` of field `x`; permute `p` reads fields `2p`
+/// and `2p + 1`.
+const fn scatter_tables() -> ([[[i32; 16]; 3]; 6], [[u16; 3]; 6]) {
+    let mut idx = [[[0i32; 16]; 3]; 6];
+    let mut mask = [[0u16; 3]; 6];
+    let mut o = 0;
+    while o < 6 {
+        let mut e = 0;
+        while e < 16 {
+            let pos = 16 * (o % 3) + e;
+            let (x, t) = (pos % 6, pos / 6);
+            let p = x / 2;
+            idx[o][p][e] = ((x % 2) * 16 + 8 * (o / 3) + t) as i32;
+            mask[o][p] |= 1 << e;
+            e += 1;
+        }
+        o += 1;
+    }
+    (idx, mask)
+}
+
+const SCATTER: ([[[i32; 16]; 3]; 6], [[u16; 3]; 6]) = scatter_tables();
+
+/// One output row of a register of two runs: `fields[x]` holds column `x`
+/// of each tile's row (lane `8 q + t`: run `q`, tile `t`); returns each
+/// run's [`RUN6_SPAN`] outputs in tile order (value `6 t + x` of run `q` is
+/// `fields[x]`'s lane `8 q + t`), three registers per run (`[q][k]`:
+/// values `16 k .. 16 k + 16` of run `q`).
+/// `None` where the moves do not exist ([`has_runs6`]).
+#[inline(always)]
+pub(crate) fn scatter6<E: Elem, S: Simd>(s: S, fields: [E::V<S>; 6]) -> Option<[[E::V<S>; 3]; 2]> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(&v4) = (&s as &dyn Any).downcast_ref::<pulp::x86::V4>()
+        && has_runs6::<E, S>()
+    {
+        use core::arch::x86_64::{__m512, __m512i};
+        use pulp::bytemuck::cast;
+        let avx = v4.avx512f;
+        let f: [__m512; 6] = std::array::from_fn(|x| cast(fields[x]));
+        let (idx, mask) = SCATTER;
+        let out = |o: usize| {
+            let perm = |p: usize| {
+                let i: __m512i = cast(idx[o][p]);
+                avx._mm512_permutex2var_ps(f[2 * p], i, f[2 * p + 1])
+            };
+            let v = avx._mm512_mask_blend_ps(mask[o][1], perm(0), perm(1));
+            cast(avx._mm512_mask_blend_ps(mask[o][2], v, perm(2)))
+        };
+        return Some([[out(0), out(1), out(2)], [out(3), out(4), out(5)]]);
+    }
+    let _ = (s, fields);
+    None
+}
+
+/// [`has_runs6`] for f32 or f64 under `arch`'s instruction set.
+pub(crate) fn has_runs6_for<E: Elem>(arch: pulp::Arch) -> bool {
+    struct Probe<E>(std::marker::PhantomData<E>);
+    impl<E: Elem> pulp::WithSimd for Probe<E> {
+        type Output = bool;
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, _: S) -> bool {
+            has_runs6::<E, S>()
+        }
+    }
+    arch.dispatch(Probe::<E>(std::marker::PhantomData))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::isa::Isa;
+
+    struct Check;
+
+    impl pulp::WithSimd for Check {
+        type Output = bool;
+
+        /// True when the moves ran (and moved every value to its place).
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, s: S) -> bool {
+            let l = <f32 as Elem>::lanes::<S>();
+            // Fields whose lanes name their value: 100 x + lane.
+            let fields: [_; 6] = std::array::from_fn(|x| {
+                let v: Vec<f32> = (0..l).map(|j| (100 * x + j) as f32).collect();
+                f32::load(s, &v)
+            });
+            let Some(rows) = scatter6::<f32, S>(s, fields) else {
+                return false;
+            };
+            assert_eq!(l, 16);
+            for (q, regs) in rows.iter().enumerate() {
+                let mut run = [0f32; RUN6_SPAN];
+                for (k, &r) in regs.iter().enumerate() {
+                    f32::store(s, &mut run[16 * k..], r);
+                }
+                for t in 0..RUN6 {
+                    for x in 0..6 {
+                        let want = (100 * x + RUN6 * q + t) as f32;
+                        assert_eq!(run[6 * t + x], want, "scatter6 run {q} tile {t} column {x}");
+                    }
+                }
+            }
+            true
+        }
+    }
+
+    /// The scatter against its definition where it exists (f32 on
+    /// AVX-512, and there it must), `None` on every other ISA this machine
+    /// has.
+    #[test]
+    fn scatter6_moves_every_value_to_its_place() {
+        for isa in Isa::available() {
+            let arch = isa.arch().unwrap();
+            let moved = arch.dispatch(Check);
+            assert_eq!(moved, isa == Isa::Avx512, "{isa:?}");
+            assert_eq!(has_runs6_for::<f32>(arch), moved, "{isa:?}");
+            assert!(!has_runs6_for::<f64>(arch), "{isa:?}");
+        }
+    }
+}
