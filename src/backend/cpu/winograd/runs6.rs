@@ -6,16 +6,22 @@
 //! of 16 F(6x6) tiles at one place in their tiles lie every 6 columns, and
 //! the scalar scatter moved each of a tile's 36 outputs on its own. Here a
 //! register of two runs writes each output row with 6 vector stores. A
-//! dense P3 forward pass's output phase went from 11.8-12.3 to 9.0-9.5 ms,
-//! P4's from 3.0-3.1 to 2.5-2.6 (AMD EPYC Zen 4, AVX-512, 2 threads, phase
-//! timers, medians of 7, alternating rounds; the whole-pass figures are in
-//! `docs/engineering.md`).
+//! dense P3 forward pass's output phase went from 11.6-11.9 to 8.8-9.3 ms
+//! and the pass from 62.6-64.2 to 59.8-61.6 ms, P4's output phase from
+//! 3.1-3.2 to 2.6-2.7 ms (AMD EPYC Zen 4, AVX-512, 2 threads, temporary
+//! phase timers, medians of 7, three and two alternating rounds); the
+//! whole loss in `docs/engineering.md`.
 //!
-//! The gather did not pay: the same permutes building each window column
-//! of 16 windows from six loads per run (6 loads, 3 permutes and 2 blends
-//! per column, against 16 scalar moves) took the P3 input phase from
-//! 11.0-15.4 to 16.1-20.9 ms in the same rounds, so F(6x6) windows are still
-//! gathered lane by lane.
+//! The inverse moves did not pay where they were tried. The forward's
+//! window gather, building each window column of 16 windows from six
+//! loads per run (6 loads, 3 permutes and 2 blends per column, against 16
+//! scalar moves), took the P3 input phase from 11.0-15.4 to 16.1-20.9 ms
+//! in the same rounds; the weight gradient's output-gradient deal (six
+//! loads per tile row of a register, then 3 permutes and 2 blends per
+//! column, against the compiler's vectorized copy in `dw.rs`) took the
+//! dense P3 weight gradient from 66.0-67.5 to 71.9-74.1 ms
+//! (`examples/conv_speed`, three alternating rounds). So F(6x6) windows
+//! and output-gradient tiles are still gathered lane by lane.
 //!
 //! A register of 16 f32 lanes holds two runs of [`RUN6`] consecutive tiles
 //! of one tile row each (lanes 0-7 and 8-15; any two rows, any two
