@@ -172,28 +172,57 @@ impl<E: Elem> WithSimd for WeightRow<'_, '_, E> {
             cols,
             dst,
         } = self;
-        let kk = cols.len();
-        // The 9 taps of filter (row, col), flipped when transposed.
-        let tap = |col: usize, t: usize| {
-            if transposed {
-                w[(col * m + row) * 9 + 8 - t]
-            } else {
-                w[(row * k + col) * 9 + t]
-            }
+        // Every column in order (the dense calls) reads its filters at
+        // fixed strides, without the column list between.
+        let in_order = cols.len() == k && cols.iter().enumerate().all(|(i, &c)| i == c);
+        let filters = Filters {
+            w,
+            m,
+            k,
+            transposed,
+            row,
+            cols: (!in_order).then_some(cols),
         };
-        // Every column in order (the dense calls) reads its taps at fixed
-        // strides, without the column list between.
-        let in_order = kk == k && cols.iter().enumerate().all(|(i, &c)| i == c);
-        if in_order {
-            transform_columns(simd, tiling, tap, kk, dst)
+        transform_columns(simd, tiling, &filters, cols.len(), dst)
+    }
+}
+
+/// The filters of one output row `row` of a weight transform: column `c`'s
+/// 9 taps, flipped when `transposed` (the input gradient's filters), its
+/// input channel `cols[c]` (all in order where `cols` is `None`).
+struct Filters<'a, E> {
+    w: &'a [E],
+    m: usize,
+    k: usize,
+    transposed: bool,
+    row: usize,
+    cols: Option<&'a [usize]>,
+}
+
+impl<E: Copy> Filters<'_, E> {
+    /// Column `c`'s 9 taps into `g[t * stride]` (tap `t`). Plain indexing,
+    /// not a closure per tap: passed as one (`tap(c, t)`) into the
+    /// transform's loop, `perf` found it called out of line in the loss's
+    /// channel-masked calls.
+    #[inline(always)]
+    fn taps(&self, c: usize, g: &mut [E], stride: usize) {
+        let col = self.cols.map_or(c, |cols| cols[c]);
+        if self.transposed {
+            let f = &self.w[(col * self.m + self.row) * 9..][..9];
+            for t in 0..9 {
+                g[t * stride] = f[8 - t];
+            }
         } else {
-            transform_columns(simd, tiling, |c, t| tap(cols[c], t), kk, dst)
+            let f = &self.w[(self.row * self.k + col) * 9..][..9];
+            for t in 0..9 {
+                g[t * stride] = f[t];
+            }
         }
     }
 }
 
 /// `dst[pos * kk + c]` = position `pos` of `tiling`'s weight transform of
-/// the filter whose taps are `tap(c, 0..9)`, for `c < kk`. The columns past
+/// column `c`'s filter of `filters`, for `c < kk`. The columns past
 /// the last whole register go through the vector transform in one more
 /// register, its unused lanes zero: each lane's bits are its own filter's,
 /// so a filter's bits do not depend on the register width. (F(4x4) once
@@ -206,19 +235,20 @@ impl<E: Elem> WithSimd for WeightRow<'_, '_, E> {
 fn transform_columns<E: Elem, S: Simd>(
     simd: S,
     tiling: Tiling,
-    tap: impl Fn(usize, usize) -> E,
+    filters: &Filters<'_, E>,
     kk: usize,
     dst: &mut [E],
 ) {
     let l = E::lanes::<S>();
+    // In the last register, lanes past the last column keep an earlier
+    // register's taps: their results are dropped, and no lane's arithmetic
+    // reads another's.
     let mut g = [E::zero(); 9 * MAX_LANES];
     let mut tail = [E::zero(); MAX_LANES];
     for c0 in (0..kk).step_by(l) {
         let lanes = l.min(kk - c0);
-        for t in 0..9 {
-            for j in 0..l {
-                g[t * l + j] = if j < lanes { tap(c0 + j, t) } else { E::zero() };
-            }
+        for j in 0..lanes {
+            filters.taps(c0 + j, &mut g[j..], l);
         }
         let gv: [E::V<S>; 9] = std::array::from_fn(|t| E::load(simd, &g[t * l..]));
         let (u4, u6);
