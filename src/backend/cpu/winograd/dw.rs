@@ -532,9 +532,9 @@ impl<E: Elem> WithSimd for DyTransform<'_, '_, E> {
                 }
                 j += run;
             }
-            for i in 0..t * t {
-                d[i * nr + gt.len()..(i + 1) * nr].fill(E::zero());
-            }
+            // In a block's last, short group the lanes past its tiles keep
+            // the previous group's values: the GEMMs run k = the block's
+            // tiles and never read them.
             for hv in (0..nr).step_by(l) {
                 let load = |i: usize| E::load(simd, &d[i * nr + hv..]);
                 let (t4, t6);
