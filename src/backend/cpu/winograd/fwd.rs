@@ -1006,15 +1006,12 @@ impl<E: Elem> WithSimd for OutputRow<'_, '_, '_, E> {
                                     E::load(simd, &out[(yy * 4 + xx) * nr + hv..])
                                 });
                                 let rows = E::interleave4(simd, fields);
-                                for (q, &yv) in rows.iter().enumerate() {
-                                    let yv = match out_mask {
-                                        Some(ms) => {
-                                            E::vmul(simd, yv, E::load(simd, &ms[at + q * l..]))
-                                        }
-                                        None => yv,
-                                    };
-                                    E::store(simd, &mut row[at + q * l..], yv);
-                                }
+                                store_run(
+                                    simd,
+                                    &rows,
+                                    &mut row[at..],
+                                    out_mask.map(|ms| &ms[at..]),
+                                );
                             }
                             continue;
                         }
@@ -1038,16 +1035,8 @@ impl<E: Elem> WithSimd for OutputRow<'_, '_, '_, E> {
                                     }
                                     let at = (6 * ty + yy) * w + 6 * tx;
                                     let out_mask = conv.out_mask(imgs[i]);
-                                    let row = &mut *dst[i];
-                                    for (k, &yv) in regs.iter().enumerate() {
-                                        let yv = match out_mask {
-                                            Some(ms) => {
-                                                E::vmul(simd, yv, E::load(simd, &ms[at + k * l..]))
-                                            }
-                                            None => yv,
-                                        };
-                                        E::store(simd, &mut row[at + k * l..], yv);
-                                    }
+                                    let row = &mut dst[i][at..];
+                                    store_run(simd, regs, row, out_mask.map(|ms| &ms[at..]));
                                 }
                                 true
                             });
@@ -1074,6 +1063,22 @@ impl<E: Elem> WithSimd for OutputRow<'_, '_, '_, E> {
                 }
             }
         }
+    }
+}
+
+/// Stores `regs` as consecutive registers at the start of `row`, each
+/// times the output mask's values at the same place (`mask`, from the same
+/// output on), as the scalar path multiplies each output: the vector
+/// scatters' stores, F(4x4)'s and F(6x6)'s.
+#[inline(always)]
+fn store_run<E: Elem, S: Simd>(simd: S, regs: &[E::V<S>], row: &mut [E], mask: Option<&[E]>) {
+    let l = E::lanes::<S>();
+    for (q, &yv) in regs.iter().enumerate() {
+        let yv = match mask {
+            Some(ms) => E::vmul(simd, yv, E::load(simd, &ms[q * l..])),
+            None => yv,
+        };
+        E::store(simd, &mut row[q * l..], yv);
     }
 }
 
