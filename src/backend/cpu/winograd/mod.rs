@@ -32,7 +32,10 @@
 //! (`B^T d B`, vector code), then 36 GEMMs `U[pos] (M x K) V[pos] (K x
 //! tiles)` with the packed 6 x 16 microkernel, then `A^T m A` and the
 //! epilogue (bias + ReLU, or the mask for the input gradient) with lanes
-//! over tiles again. The input gradient is the same engine over `dy` with
+//! over tiles again (registers of row runs stored by vector: F(4x4)'s by
+//! the same shuffles, F(6x6)'s on AVX-512 by [`runs6`]'s permutes, where
+//! its windows, 6 columns apart, are still gathered tile by tile). The
+//! input gradient is the same engine over `dy` with
 //! the weights flipped and transposed. Masks: masked channels leave K
 //! (forward) or M (input gradient); under a spatial mask, tiles that read
 //! only zeros (forward) or whose outputs are all masked (input gradient)
