@@ -172,16 +172,13 @@ impl<E: Elem> WithSimd for WeightRow<'_, '_, E> {
             cols,
             dst,
         } = self;
-        // Every column in order (the dense calls) reads its filters at
-        // fixed strides, without the column list between.
-        let in_order = cols.len() == k && cols.iter().enumerate().all(|(i, &c)| i == c);
         let filters = Filters {
             w,
             m,
             k,
             transposed,
             row,
-            cols: (!in_order).then_some(cols),
+            cols,
         };
         transform_columns(simd, tiling, &filters, cols.len(), dst)
     }
@@ -189,24 +186,26 @@ impl<E: Elem> WithSimd for WeightRow<'_, '_, E> {
 
 /// The filters of one output row `row` of a weight transform: column `c`'s
 /// 9 taps, flipped when `transposed` (the input gradient's filters), its
-/// input channel `cols[c]` (all in order where `cols` is `None`).
+/// input channel `cols[c]`.
 struct Filters<'a, E> {
     w: &'a [E],
     m: usize,
     k: usize,
     transposed: bool,
     row: usize,
-    cols: Option<&'a [usize]>,
+    cols: &'a [usize],
 }
 
 impl<E: Copy> Filters<'_, E> {
     /// Column `c`'s 9 taps into `g[t * stride]` (tap `t`). Plain indexing,
     /// not a closure per tap: passed as one (`tap(c, t)`) into the
     /// transform's loop, `perf` found it called out of line in the loss's
-    /// channel-masked calls.
+    /// channel-masked calls. (The column list is read once per filter, so
+    /// the dense calls need no path of their own without it, as the
+    /// closure's did.)
     #[inline(always)]
     fn taps(&self, c: usize, g: &mut [E], stride: usize) {
-        let col = self.cols.map_or(c, |cols| cols[c]);
+        let col = self.cols[c];
         if self.transposed {
             let f = &self.w[(col * self.m + self.row) * 9..][..9];
             for t in 0..9 {
