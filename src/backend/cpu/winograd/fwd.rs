@@ -135,26 +135,24 @@ fn transform_row<E: Elem>(
     cols: &[usize],
     dst: &mut [E],
 ) {
-    arch.dispatch(WeightRow {
-        tiling,
+    let filters = Filters {
         w,
         m,
         k,
         transposed,
         row,
         cols,
+    };
+    arch.dispatch(WeightRow {
+        tiling,
+        filters,
         dst,
     })
 }
 
 struct WeightRow<'a, 'b, E> {
     tiling: Tiling,
-    w: &'a [E],
-    m: usize,
-    k: usize,
-    transposed: bool,
-    row: usize,
-    cols: &'a [usize],
+    filters: Filters<'a, E>,
     dst: &'b mut [E],
 }
 
@@ -164,23 +162,10 @@ impl<E: Elem> WithSimd for WeightRow<'_, '_, E> {
     fn with_simd<S: Simd>(self, simd: S) {
         let WeightRow {
             tiling,
-            w,
-            m,
-            k,
-            transposed,
-            row,
-            cols,
+            filters,
             dst,
         } = self;
-        let filters = Filters {
-            w,
-            m,
-            k,
-            transposed,
-            row,
-            cols,
-        };
-        transform_columns(simd, tiling, &filters, cols.len(), dst)
+        transform_columns(simd, tiling, &filters, filters.cols.len(), dst)
     }
 }
 
