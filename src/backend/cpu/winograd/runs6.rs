@@ -34,6 +34,7 @@
 //! register per source, and f64 is the checking dtype. Only data moves, so
 //! a tile gets the scalar path's bits, whichever path moves it.
 
+#[cfg(target_arch = "x86_64")]
 use std::any::{Any, TypeId};
 
 use pulp::Simd;
