@@ -165,7 +165,7 @@ impl<E: Elem> WithSimd for WeightRow<'_, '_, E> {
             filters,
             dst,
         } = self;
-        transform_columns(simd, tiling, &filters, filters.cols.len(), dst)
+        transform_columns(simd, tiling, &filters, dst)
     }
 }
 
@@ -206,10 +206,11 @@ impl<E: Copy> Filters<'_, E> {
 }
 
 /// `dst[pos * kk + c]` = position `pos` of `tiling`'s weight transform of
-/// column `c`'s filter of `filters`, for `c < kk`. The columns past
-/// the last whole register go through the vector transform in one more
-/// register, its unused lanes zero: each lane's bits are its own filter's,
-/// so a filter's bits do not depend on the register width. (F(4x4) once
+/// column `c`'s filter of `filters`, for each of its `kk` columns. The
+/// columns past the last whole register go through the vector transform
+/// in one more register, whose unused lanes are dropped: each lane's bits
+/// are its own filter's, so a filter's bits do not depend on the register
+/// width. (F(4x4) once
 /// took those columns through the scalar `weight_tile`, the same
 /// operations in the same order: the same bits, which its tests check.)
 /// The transforms are called directly, not passed in: passed as a closure
@@ -220,10 +221,10 @@ fn transform_columns<E: Elem, S: Simd>(
     simd: S,
     tiling: Tiling,
     filters: &Filters<'_, E>,
-    kk: usize,
     dst: &mut [E],
 ) {
     let l = E::lanes::<S>();
+    let kk = filters.cols.len();
     // In the last register, lanes past the last column keep an earlier
     // register's taps: their results are dropped, and no lane's arithmetic
     // reads another's.

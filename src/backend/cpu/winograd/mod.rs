@@ -268,8 +268,9 @@ fn windows_inside(tx: usize, l: usize, w: usize) -> bool {
 /// reordered so that as many registers of `l` lanes as possible hold row
 /// runs of `shape` that the vector moves take ([`RunShape::forms`]).
 /// Row by row, each maximal run of consecutive tiles gives its runs of
-/// `shape.len` greedily from the left (from its second tile in the plane's
-/// first tile column); they go out a register's worth at a time, at the
+/// `shape.len` greedily from the left (from its first tile where a run
+/// forms: for F(4x4) not the plane's first tile column, whose window reads
+/// the padding); they go out a register's worth at a time, at the
 /// next register boundary; the other tiles wait and go out `l` at a time
 /// between them, and the last few (a register's runs left short among
 /// them) at the end. The order stays close to row-major, so a block's

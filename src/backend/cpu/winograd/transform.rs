@@ -597,9 +597,9 @@ pub(crate) fn tile_is_zero<E: Elem>(
 }
 
 /// `g3` (compiled for the tests) on registers (the same operations in the
-/// same order, so a lane gets the bits the scalar version gives, a zero's sign included: the
-/// negated rows multiply by -1/6 in both, where `0 - x` here against `-x`
-/// there gave +0 against -0 for a zero sum).
+/// same order, so a lane gets the bits the scalar version gives, a zero's
+/// sign included: the negated rows multiply by -1/6 in both, where `0 - x`
+/// here against `-x` there gave +0 against -0 for a zero sum).
 #[inline(always)]
 fn g3v<E: Elem, S: Simd>(s: S, a: E::V<S>, b: E::V<S>, c: E::V<S>) -> [E::V<S>; 6] {
     let (q, s6, m6, s12, s24) = (
