@@ -130,14 +130,38 @@ impl<T> Pool<T> {
     }
 }
 
+/// How much free memory at the top of a glibc heap stays mapped
+/// ([`tune_allocator`]'s `M_TRIM_THRESHOLD`).
+///
+/// Why: fixing the mmap threshold stops glibc adapting both thresholds,
+/// and the trim threshold, which otherwise follows the mmap threshold
+/// (twice it), stays at its default of 128 KiB. Every block left to the heaps is then under 1 MiB, yet each free
+/// that left more than 128 KiB at a heap's top gave those pages back
+/// (`madvise(MADV_DONTNEED)` on the rayon threads' heaps, `brk` on the
+/// main one), and the next allocation faulted them in again: about 22k
+/// page faults (86 MiB) per retinanet step, 40% of the step's faults.
+/// Measured (AMD EPYC Zen 4, AVX-512, 2 threads, 2026-12-07,
+/// `examples/profile_loss retinanet auto`, minor faults per step): 56k
+/// at 128 KiB, 39k at 512 KiB, 36k at 1 MiB, 33k at 4 MiB, 32.5k from 8
+/// MiB up (what is left are the pool's misses). `dmkd bench --preset
+/// retinanet --only loss --reps 5`, three alternating rounds, medians: 919
+/// / 844 / 867 ms at 128 KiB, 812 / 808 / 817 at 256 MiB, 888 / 787 / 837
+/// at 32 MiB; peak RSS 524-525 MiB in every run (two-stage: 1190-1194 MiB
+/// both ways). The heaps hold only blocks under 1 MiB, so what stays
+/// mapped is bounded by this per heap (three with two rayon threads).
+pub const TRIM_BYTES: usize = 16 << 20;
+
 /// Make glibc serve every allocation of at least `MIN_POOLED_BYTES` with
-/// its own `mmap`, so a freed tensor goes back to the system at once.
-/// Without it glibc's threshold adapts upward (to 32 MiB) as large blocks
-/// are freed, and later blocks below it come from arenas whose freed
-/// chunks stay resident: on two-stage that kept about 130 MiB above the
-/// live peak (peak RSS 1331 against 1191 MiB with it, same speed; AMD EPYC
-/// Zen 3, f32). Recurring sizes are recycled by this pool, so the extra
-/// `mmap` calls cost nothing measurable.
+/// its own `mmap`, so a freed tensor goes back to the system at once, and
+/// keep up to [`TRIM_BYTES`] free at the top of each heap, so that the
+/// small blocks freed and allocated again within a step are not faulted
+/// in again each time.
+/// Without the mmap threshold glibc's adapts upward (to 32 MiB) as large
+/// blocks are freed, and later blocks below it come from arenas whose
+/// freed chunks stay resident: on two-stage that kept about 130 MiB above
+/// the live peak (peak RSS 1331 against 1191 MiB with it, same speed; AMD
+/// EPYC Zen 3, f32). Recurring sizes are recycled by this pool, so the
+/// extra `mmap` calls cost nothing measurable.
 ///
 /// A process-wide setting: the `dmkd` CLI calls it first thing; a program
 /// embedding the library decides for itself (the Python module leaves the
@@ -148,7 +172,10 @@ pub fn tune_allocator() -> bool {
     {
         // SAFETY: mallopt only sets a tunable of glibc's allocator; it
         // takes the allocator's own locks and may run at any time.
-        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MIN_POOLED_BYTES as libc::c_int) == 1 }
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MIN_POOLED_BYTES as libc::c_int) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_BYTES as libc::c_int) == 1
+        }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
