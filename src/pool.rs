@@ -135,33 +135,34 @@ impl<T> Pool<T> {
 ///
 /// Why: fixing the mmap threshold stops glibc adapting both thresholds,
 /// and the trim threshold, which otherwise follows the mmap threshold
-/// (twice it), stays at its default of 128 KiB. Every block left to the heaps is then under 1 MiB, yet each free
-/// that left more than 128 KiB at a heap's top gave those pages back
-/// (`madvise(MADV_DONTNEED)` on the rayon threads' heaps, `brk` on the
-/// main one), and the next allocation faulted them in again: about 22k
-/// page faults (86 MiB) per retinanet step, 40% of the step's faults.
-/// Measured (AMD EPYC Zen 4, AVX-512, 2 threads, 2026-12-07,
-/// `examples/profile_loss retinanet auto`, minor faults per step): 56k
-/// at 128 KiB, 39k at 512 KiB, 36k at 1 MiB, 33k at 4 MiB, 32.5k from 8
-/// MiB up (what is left are the pool's misses). `dmkd bench --preset
-/// retinanet --only loss --reps 5`, three alternating rounds, medians: 919
-/// / 844 / 867 ms at 128 KiB, 812 / 808 / 817 at 256 MiB, 888 / 787 / 837
-/// at 32 MiB; peak RSS 524-525 MiB in every run (two-stage: 1190-1194 MiB
-/// both ways). The heaps hold only blocks under 1 MiB, so what stays
-/// mapped is bounded by this per heap (three with two rayon threads).
+/// (twice it), stays at its default of 128 KiB. Every block left to the
+/// heaps is then under 1 MiB, yet each free that left more than 128 KiB at
+/// a heap's top gave those pages back (`madvise(MADV_DONTNEED)` on the
+/// rayon threads' heaps, `brk` on the main one), and the next allocation
+/// faulted them in again: about 22k page faults (86 MiB) per retinanet
+/// step, 40% of the step's faults. Measured (AMD EPYC Zen 4, AVX-512, 2
+/// threads, 2026-12-07, `examples/profile_loss retinanet auto`, minor
+/// faults per step by `MALLOC_TRIM_THRESHOLD_`): 56k at 128 KiB, 39k at
+/// 512 KiB, 36k at 1 MiB, 33k at 4 MiB, 32.5k from 8 MiB up (what is left
+/// are the pool's misses). With 16 MiB set here, `dmkd bench --preset
+/// retinanet --only loss --reps 5` against the build before, three
+/// alternating rounds: 900 / 851 / 815 -> 810 / 822 / 786 ms; peak RSS
+/// 524-525 MiB both ways (two-stage 1190-1194 MiB). The heaps hold only
+/// blocks under 1 MiB, so what stays mapped is bounded by this per heap
+/// (three with two rayon threads).
 pub const TRIM_BYTES: usize = 16 << 20;
 
 /// Make glibc serve every allocation of at least `MIN_POOLED_BYTES` with
 /// its own `mmap`, so a freed tensor goes back to the system at once, and
-/// keep up to [`TRIM_BYTES`] free at the top of each heap, so that the
-/// small blocks freed and allocated again within a step are not faulted
-/// in again each time.
-/// Without the mmap threshold glibc's adapts upward (to 32 MiB) as large
-/// blocks are freed, and later blocks below it come from arenas whose
-/// freed chunks stay resident: on two-stage that kept about 130 MiB above
-/// the live peak (peak RSS 1331 against 1191 MiB with it, same speed; AMD
-/// EPYC Zen 3, f32). Recurring sizes are recycled by this pool, so the
-/// extra `mmap` calls cost nothing measurable.
+/// keep up to 16 MiB (`TRIM_BYTES`) free at the top of each heap, so that
+/// the small blocks freed and allocated again within a step are not
+/// faulted in again each time. With glibc's own adaptive mmap threshold,
+/// which rises (to 32 MiB) as large blocks are freed, later blocks below
+/// it come from arenas whose freed chunks stay resident: on two-stage that
+/// kept about 130 MiB above the live peak (peak RSS 1331 against 1191 MiB
+/// with the fixed threshold, same speed; AMD EPYC Zen 3, f32). Recurring
+/// sizes are recycled by this pool, so the extra `mmap` calls cost nothing
+/// measurable.
 ///
 /// A process-wide setting: the `dmkd` CLI calls it first thing; a program
 /// embedding the library decides for itself (the Python module leaves the
