@@ -38,7 +38,7 @@ fn heap_keeps_a_freed_block(kib: usize) -> bool {
 }
 
 #[test]
-fn after_tuning_a_large_block_gets_its_own_mapping() {
+fn after_tuning_a_large_block_gets_its_own_mapping_and_a_small_one_stays_in_the_heap() {
     // Freeing a mapped 16 MiB block raises glibc's adaptive threshold to
     // 16 MiB: a 2 MiB block then comes from the heap, where its pages stay
     // resident after it is freed.
