@@ -225,6 +225,10 @@ fn for_each_run(
     end: usize,
     mut f: impl FnMut(usize, usize, usize, usize),
 ) {
+    if start >= end {
+        // Nothing to walk (an empty output, whose dims may hold a 0).
+        return;
+    }
     let last = dims.len() - 1;
     // The multi-index of `start` over `dims`, innermost last.
     let mut idx = vec![0; dims.len()];
@@ -564,6 +568,12 @@ mod tests {
                 be.binary(Binary::Sub, a, b, &[2, 3, 3]).unwrap()
             });
         }
+        // A broadcast into an empty output with a 0 among its dims: no run
+        // to walk, and no offset to divide out of a 0-long dim.
+        let (empty, row) = (tensor::<E>(&[3, 0, 4], 46), tensor::<E>(&[1, 1, 4], 47));
+        check("binary, zero-sized broadcast", |be| {
+            be.binary(Binary::Add, &empty, &row, &[3, 0, 4]).unwrap()
+        });
     }
 
     fn masks_and_copies<E: Elem>()
@@ -607,6 +617,10 @@ mod tests {
         let dy = tensor::<E>(&[3, 2, 0], 57);
         check("narrow_backward, zero-sized", |be| {
             be.narrow_backward(&dy, &[3, 4, 0], 1, 1).unwrap()
+        });
+        let row = tensor::<E>(&[1, 1, 4], 58);
+        check("broadcast_to, zero-sized", |be| {
+            be.broadcast_to(&row, &[3, 0, 4]).unwrap()
         });
         for from in [&[7, 1, 1][..], &[3, 1, 41, 1], &[], &SHAPE, &[1, 1, 1, 43]] {
             let small = tensor::<E>(from, 55);
