@@ -8,11 +8,15 @@
 //! buffers freed by one op are handed to the next op that asks for the same
 //! length.
 //!
-//! Only buffers of at least `MIN_POOLED_BYTES` are kept, matched by exact
-//! length, and the pool holds at most `LIMIT_BYTES` in total (oldest evicted
-//! first). A huge request the pool cannot serve first frees at least as
-//! many held bytes as it will allocate (`HUGE_BYTES`), so held buffers never
-//! stack on top of the huge live ones that make the peak of a step.
+//! Only buffers of at least `MIN_POOLED_BYTES` are kept, at most
+//! `LIMIT_BYTES` in total (oldest evicted first). A request takes the
+//! smallest held buffer that fits it with at most an eighth to spare
+//! (`SLACK_DIV`). A request the pool cannot serve is a fresh allocation
+//! that grows the process's footprint, so it first frees held buffers:
+//! every huge one (`HUGE_BYTES`), then the oldest, as many bytes as it
+//! allocates, as long as more than `KEEP_BYTES` stay held (all the way
+//! down for a huge request). Held buffers then never stack on top of the
+//! huge live ones that make the peak of a high-resolution step.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,20 +25,52 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub const MIN_POOLED_BYTES: usize = 1 << 20;
 
 /// Bound on the bytes the pool holds (a P3 activation is 34 MB).
-pub const LIMIT_BYTES: usize = 256 << 20;
+pub const LIMIT_BYTES: usize = 512 << 20;
 
-/// A request at least this large that the pool cannot serve first frees
-/// held buffers, at least as many bytes as it allocates. Such buffers are a
-/// high-resolution level's activations (a two-stage P2 tensor is 131 MiB):
-/// the peak of a step is built of them, so held buffers stacked on top of
-/// them are what the peak would grow by. Smaller misses (packed weights,
-/// scratch, the sizes of the small levels) evict nothing: on retinanet,
-/// where every activation is smaller, evicting on every miss made about
-/// 1 GiB per step fresh instead of 75 MiB and the loss ~8% slower, for
-/// 30 MiB less peak. Measured on two-stage (AMD EPYC Zen 3, f32): peak
-/// RSS 1516 MiB without eviction, about 1200 MiB with it (with
-/// `tune_allocator`).
-pub const HUGE_BYTES: usize = LIMIT_BYTES / 4;
+/// A held buffer serves a request for as few as `cap - cap / 9` of its
+/// `cap` elements (the request plus an eighth at most).
+///
+/// Why: with exact lengths the pool held dozens of buffers that no
+/// request matched while requests a few percent smaller missed: the
+/// aligned scratch buffers are 64 bytes longer than the tensors of their
+/// size, weight-sized gradients (2359296 bytes at 256 x 256 x 3 x 3)
+/// piled up next to misses of 2150400 and 1948480, P4 requests of 8601600
+/// missed next to held 9437248. A temporary log of one retinanet step
+/// (AMD EPYC Zen 4, family 25 model 17, 2026-12-07): 21 misses, 125 MiB,
+/// with 160-225 MiB held. Best fit within an eighth, `dmkd bench --preset
+/// retinanet --only loss --reps 5` against exact lengths, three alternating
+/// rounds: 805 / 862 / 824 -> 789 / 783 / 794 ms, page faults of the run
+/// 288k -> 214k, peak RSS 525 -> 492 MiB.
+pub const SLACK_DIV: usize = 8;
+
+/// A request at least this large (a two-stage P2 tensor is 131 MiB; the
+/// largest at retinanet, P3, is 33 MiB) is huge: such buffers make the
+/// peak of a step, so a miss frees every held huge buffer, and a huge miss
+/// frees at least as many held bytes as it allocates, whatever is left.
+pub const HUGE_BYTES: usize = 64 << 20;
+
+/// A miss frees held buffers, as many bytes as it allocates, only while
+/// the pool holds more than this.
+///
+/// Why: each fresh buffer grows the footprint, and the pool's buffers
+/// held at the peak are what the peak grows by; but evicting on every
+/// miss down to nothing made about 1 GiB per retinanet step fresh instead
+/// of 75 MiB and the loss ~8% slower (AMD EPYC Zen 3), since the buffers
+/// evicted are asked for again later in the step. Measured (Zen 4 as
+/// above, `dmkd bench --only loss`, with best fit; pool limit / keep):
+///
+/// | rule | retinanet `auto` peak RSS, run faults (3 steps) | two-stage `auto` | two-stage direct (2 steps) |
+/// |---|---|---|---|
+/// | exact lengths, 256 MiB, small misses free nothing (before) | 525 MiB, 288k | 1191 MiB | 1215 MiB, 2.22M |
+/// | best fit, 256 MiB, small misses free nothing | 492 MiB, 214k | 1209 MiB, 2.28M | 1217 MiB, 2.06M |
+/// | 512 MiB, keep 128 | 483 MiB, 199k | 1185 MiB, 2.07M | 1215 MiB, 1.95M |
+/// | 512 MiB, keep 192 | 494 MiB, 125k | 1206 MiB, 1.76M | 1253 MiB |
+/// | 512 MiB, keep 192, a miss frees held huge buffers (this) | 494 MiB, 125k | 1183 MiB, 1.61M (2 steps) | 1216 MiB, 2.09M |
+///
+/// At 125k a retinanet run makes no page fault in its steps: nothing of
+/// the step misses. Without freeing held huge buffers, two-stage direct
+/// held a 131 MiB P2 buffer at its peak.
+pub const KEEP_BYTES: usize = 192 << 20;
 
 /// Element types with a process-wide pool: f32 and f64. (The pool looks
 /// only at lengths and bytes; `tensor::Float` requires this trait, so the
@@ -70,7 +106,7 @@ pub struct Pool<T> {
     held_bytes: AtomicUsize,
 }
 
-impl<T> Pool<T> {
+impl<T: Copy + Default> Pool<T> {
     const fn new() -> Self {
         Pool {
             free: Mutex::new(Vec::new()),
@@ -78,26 +114,55 @@ impl<T> Pool<T> {
         }
     }
 
-    /// A held buffer of exactly `len` elements, newest first. On a miss of
-    /// a huge buffer (at least `HUGE_BYTES`) the oldest held buffers, at
-    /// least as many bytes as the request, are freed first: see
-    /// `HUGE_BYTES` for why only then.
+    /// A held buffer for `len` elements: the smallest that holds them
+    /// with at most an eighth to spare ([`SLACK_DIV`]), newest of equals,
+    /// its length set to `len`. On a miss, held buffers are freed first
+    /// (see [`KEEP_BYTES`] and [`HUGE_BYTES`]).
     fn take(&self, len: usize) -> Option<Vec<T>> {
-        let bytes = len * std::mem::size_of::<T>();
+        let size = std::mem::size_of::<T>();
+        let most = len + len / SLACK_DIV;
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(pos) = free.iter().rposition(|v| v.len() == len) {
-            let v = free.swap_remove(pos);
-            self.held_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        let mut best: Option<(usize, usize)> = None;
+        for (pos, v) in free.iter().enumerate() {
+            let cap = v.capacity();
+            if (len..=most).contains(&cap) && best.is_none_or(|(_, b)| cap <= b) {
+                best = Some((pos, cap));
+            }
+        }
+        if let Some((pos, cap)) = best {
+            let mut v = free.swap_remove(pos);
+            self.held_bytes.fetch_sub(cap * size, Ordering::Relaxed);
+            drop(free);
+            // Within the capacity: no allocation. The values are stale
+            // either way; the caller overwrites every element.
+            v.resize(len, T::default());
             return Some(v);
         }
-        let evicted = if bytes >= HUGE_BYTES {
-            self.evict_oldest(&mut free, bytes)
+        let bytes = len * size;
+        let (mut evicted, freed) = self.evict_huge(&mut free);
+        let want = if bytes >= HUGE_BYTES {
+            bytes.saturating_sub(freed)
         } else {
-            Vec::new()
+            let held = self.held_bytes.load(Ordering::Relaxed);
+            bytes.min(held.saturating_sub(KEEP_BYTES))
         };
+        evicted.extend(self.evict_oldest(&mut free, want));
         drop(free);
         drop(evicted); // returned to the allocator outside the lock
         None
+    }
+
+    /// Remove every held buffer of at least `HUGE_BYTES`; return them and
+    /// their bytes.
+    fn evict_huge(&self, free: &mut Vec<Vec<T>>) -> (Vec<Vec<T>>, usize) {
+        let size = std::mem::size_of::<T>();
+        let (huge, kept) = std::mem::take(free)
+            .into_iter()
+            .partition::<Vec<_>, _>(|v| v.capacity() * size >= HUGE_BYTES);
+        *free = kept;
+        let freed = huge.iter().map(|v| v.capacity() * size).sum();
+        self.held_bytes.fetch_sub(freed, Ordering::Relaxed);
+        (huge, freed)
     }
 
     /// Remove the oldest held buffers until at least `bytes` are freed (or
@@ -107,7 +172,7 @@ impl<T> Pool<T> {
         let mut freed = 0;
         while freed < bytes && !free.is_empty() {
             let old = free.remove(0);
-            freed += old.len() * std::mem::size_of::<T>();
+            freed += old.capacity() * std::mem::size_of::<T>();
             evicted.push(old);
         }
         self.held_bytes.fetch_sub(freed, Ordering::Relaxed);
@@ -115,7 +180,7 @@ impl<T> Pool<T> {
     }
 
     fn give(&self, v: Vec<T>) {
-        let bytes = v.len() * std::mem::size_of::<T>();
+        let bytes = v.capacity() * std::mem::size_of::<T>();
         let limit = LIMIT_BYTES;
         if bytes < MIN_POOLED_BYTES || bytes > limit {
             return;
@@ -260,38 +325,121 @@ mod tests {
         p.free.lock().unwrap().iter().map(Vec::len).collect()
     }
 
+    fn held_bytes(p: &Pool<f32>) -> usize {
+        p.held_bytes.load(Ordering::Relaxed)
+    }
+
+    /// `len` f32 zeros with room for `cap` (calloc'd: the pages of a large
+    /// one are not touched).
+    fn buffer(len: usize, cap: usize) -> Vec<f32> {
+        let mut v = vec![0.0f32; cap];
+        v.truncate(len);
+        v
+    }
+
     #[test]
-    fn a_huge_miss_frees_the_oldest_buffers_first_a_small_miss_frees_none() {
+    fn a_request_takes_the_smallest_held_buffer_within_an_eighth() {
         let p = Pool::<f32>::new();
-        let mb = MIN_POOLED_BYTES / 4; // one MiB of f32
-        let huge = HUGE_BYTES / 4; // in f32
-        for len in [mb, 2 * mb, 3 * mb] {
-            p.give(vec![0.0; len]);
+        let len = MIN_POOLED_BYTES / 4 * 8; // 8 MiB of f32
+        let most = len + len / 8;
+        p.give(vec![0.0; most + 1]);
+        p.give(vec![0.0; most]);
+        p.give(vec![0.0; len + 5]);
+        let newest = vec![0.0; len + 5];
+        let newest_at = newest.as_ptr();
+        p.give(newest);
+        assert_eq!(held_bytes(&p), (most + 1 + most + 2 * (len + 5)) * 4);
+        // The smallest that fits, the newest of two equals, cut to `len`.
+        let v = p.take(len).expect("a held buffer fits");
+        assert_eq!((v.len(), v.capacity(), v.as_ptr()), (len, len + 5, newest_at));
+        assert_eq!(p.take(len).map(|v| v.capacity()), Some(len + 5));
+        // An eighth to spare is still a fit; one element more is not.
+        assert_eq!(p.take(len).map(|v| v.capacity()), Some(most));
+        assert!(p.take(len).is_none());
+        assert_eq!(held(&p), [most + 1]);
+        // A request longer than every held buffer misses, one that fits
+        // exactly hits.
+        assert!(p.take(most + 2).is_none());
+        assert_eq!(p.take(most + 1).map(|v| v.len()), Some(most + 1));
+        assert_eq!(held_bytes(&p), 0);
+    }
+
+    #[test]
+    fn a_buffer_given_back_short_is_counted_and_grown_by_its_capacity() {
+        let p = Pool::<f32>::new();
+        let cap = MIN_POOLED_BYTES / 4 * 3;
+        // Its length alone is below the pooled size: its capacity counts.
+        let v = buffer(10, cap);
+        let at = v.as_ptr();
+        p.give(v);
+        assert_eq!(held_bytes(&p), cap * 4);
+        // Served at full length from the same allocation.
+        let v = p.take(cap).expect("held by capacity");
+        assert_eq!((v.len(), v.capacity(), v.as_ptr()), (cap, cap, at));
+        assert_eq!(held_bytes(&p), 0);
+    }
+
+    #[test]
+    fn a_small_miss_frees_the_oldest_as_many_bytes_while_more_than_keep_is_held() {
+        let p = Pool::<f32>::new();
+        let mib = MIN_POOLED_BYTES / 4; // one MiB of f32
+        let block = 50 * mib; // below HUGE_BYTES
+        for _ in 0..5 {
+            p.give(vec![0.0; block]);
         }
-        assert_eq!(p.held_bytes.load(Ordering::Relaxed), 6 * MIN_POOLED_BYTES);
-        // A hit takes the buffer of that length and frees nothing else.
-        assert_eq!(p.take(2 * mb).map(|v| v.len()), Some(2 * mb));
-        assert_eq!(held(&p), [mb, 3 * mb]);
-        p.give(vec![0.0; 2 * mb]);
-        // A small miss frees nothing.
-        assert!(p.take(5 * mb).is_none());
-        assert_eq!(held(&p), [mb, 3 * mb, 2 * mb]);
-        // A huge miss frees the oldest until it has freed as many bytes as it
-        // asks for (here everything: 6 MiB < the request).
-        assert!(p.take(huge).is_none());
-        assert!(held(&p).is_empty());
-        assert_eq!(p.held_bytes.load(Ordering::Relaxed), 0);
-        // ... and no more than that: one huge buffer held, a huge miss of a
-        // smaller length frees it and keeps the newer small one.
+        p.give(vec![0.0; mib]); // the newest
+        let held0 = held_bytes(&p);
+        assert_eq!(held0, 251 * MIN_POOLED_BYTES);
+        assert!(held0 > KEEP_BYTES && held0 - KEEP_BYTES > 10 * MIN_POOLED_BYTES);
+        // 10 MiB fresh: the oldest 50 MiB go (at least 10 MiB, whole buffers).
+        assert!(p.take(10 * mib).is_none());
+        assert_eq!(held(&p), [block, block, block, block, mib]);
+        // 201 MiB held: only the 9 MiB above KEEP_BYTES are wanted, one block.
+        assert_eq!(held_bytes(&p), KEEP_BYTES + 9 * MIN_POOLED_BYTES);
+        assert!(p.take(10 * mib).is_none());
+        assert_eq!(held(&p), [block, block, block, mib]);
+        // At or below KEEP_BYTES a small miss frees nothing.
+        assert!(p.take(10 * mib).is_none());
+        assert_eq!(held(&p), [block, block, block, mib]);
+    }
+
+    #[test]
+    fn a_miss_frees_every_held_huge_buffer() {
+        let p = Pool::<f32>::new();
+        let mib = MIN_POOLED_BYTES / 4;
+        let huge = HUGE_BYTES / 4;
+        p.give(vec![0.0; mib]);
+        p.give(vec![0.0; huge]);
+        p.give(vec![0.0; 2 * mib]);
         p.give(vec![0.0; huge + 1]);
-        p.give(vec![0.0; mb]);
-        assert!(p.take(huge).is_none());
-        assert_eq!(held(&p), [mb]);
-        assert_eq!(p.held_bytes.load(Ordering::Relaxed), MIN_POOLED_BYTES);
+        // A small miss, far below KEEP_BYTES: the huge ones go all the same.
+        assert!(p.take(3 * mib).is_none());
+        assert_eq!(held(&p), [mib, 2 * mib]);
+        assert_eq!(held_bytes(&p), 3 * MIN_POOLED_BYTES);
+        // A hit frees nothing.
+        assert_eq!(p.take(2 * mib).map(|v| v.len()), Some(2 * mib));
+        assert_eq!(held(&p), [mib]);
+    }
+
+    #[test]
+    fn a_huge_miss_frees_at_least_its_bytes_huge_buffers_first_then_the_oldest() {
+        let p = Pool::<f32>::new();
+        let mib = MIN_POOLED_BYTES / 4;
+        let huge = HUGE_BYTES / 4;
+        p.give(vec![0.0; 20 * mib]);
+        p.give(vec![0.0; 30 * mib]);
+        p.give(vec![0.0; huge + 16 * mib]); // 80 MiB
+        p.give(vec![0.0; 40 * mib]);
+        // 100 MiB fresh: the 80 MiB huge buffer, then 20 MiB of the oldest.
+        assert!(p.take(huge + 36 * mib).is_none());
+        assert_eq!(held(&p), [30 * mib, 40 * mib]);
+        // 100 MiB fresh again: 70 MiB held, all of it goes.
+        assert!(p.take(huge + 36 * mib).is_none());
+        assert!(held(&p).is_empty());
+        assert_eq!(held_bytes(&p), 0);
         // A huge hit is still a hit.
         p.give(vec![0.0; huge]);
         assert_eq!(p.take(huge).map(|v| v.len()), Some(huge));
-        assert_eq!(held(&p), [mb]);
     }
 
     #[test]

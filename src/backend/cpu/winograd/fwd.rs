@@ -57,9 +57,10 @@ fn groups_per_block(tiling: Tiling) -> usize {
 }
 
 /// The (register group, position) pairs a block's scratch is sized for,
-/// whatever the tiling: F(4x4)'s. Why one size: the pool matches freed
-/// buffers by exact length, and with scratch of F(6x6)'s own length it
-/// had to keep two sets; in the two-stage loss, where P2 activations
+/// whatever the tiling: F(4x4)'s. Why one size: the pool matched freed
+/// buffers by exact length then (it now serves a request from a buffer
+/// up to an eighth longer, which F(6x6)'s 256 pairs against 288 are not),
+/// and with scratch of F(6x6)'s own length it had to keep two sets; in the two-stage loss, where P2 activations
 /// evict what it holds, page faults over three steps went from 1.71M to
 /// 2.06M and the P2 forward in the loss kept none of F(6x6)'s gain (304
 /// -> 301 ms, against 282-304 -> 243-247 ms alone; AMD EPYC Zen 4,
