@@ -351,7 +351,10 @@ mod tests {
         assert_eq!(held_bytes(&p), (most + 1 + most + 2 * (len + 5)) * 4);
         // The smallest that fits, the newest of two equals, cut to `len`.
         let v = p.take(len).expect("a held buffer fits");
-        assert_eq!((v.len(), v.capacity(), v.as_ptr()), (len, len + 5, newest_at));
+        assert_eq!(
+            (v.len(), v.capacity(), v.as_ptr()),
+            (len, len + 5, newest_at)
+        );
         assert_eq!(p.take(len).map(|v| v.capacity()), Some(len + 5));
         // An eighth to spare is still a fit; one element more is not.
         assert_eq!(p.take(len).map(|v| v.capacity()), Some(most));
