@@ -57,19 +57,21 @@ pub const HUGE_BYTES: usize = 64 << 20;
 /// miss down to nothing made about 1 GiB per retinanet step fresh instead
 /// of 75 MiB and the loss ~8% slower (AMD EPYC Zen 3), since the buffers
 /// evicted are asked for again later in the step. Measured (Zen 4 as
-/// above, `dmkd bench --only loss`, with best fit; pool limit / keep):
+/// above, `dmkd bench --only loss`: peak RSS, and the page faults of the
+/// whole run, `--reps` 5 or 3 for retinanet, 3 for two-stage `auto`, 2
+/// for two-stage direct):
 ///
-/// | rule | retinanet `auto` peak RSS, run faults (3 steps) | two-stage `auto` | two-stage direct (2 steps) |
+/// | rule | retinanet `auto` | two-stage `auto` | two-stage direct |
 /// |---|---|---|---|
-/// | exact lengths, 256 MiB, small misses free nothing (before) | 525 MiB, 288k | 1191 MiB | 1215 MiB, 2.22M |
+/// | exact lengths, 256 MiB, small misses free nothing (before) | 525 MiB, 288k | 1192 MiB, 2.36M | 1215 MiB, 2.22M |
 /// | best fit, 256 MiB, small misses free nothing | 492 MiB, 214k | 1209 MiB, 2.28M | 1217 MiB, 2.06M |
-/// | 512 MiB, keep 128 | 483 MiB, 199k | 1185 MiB, 2.07M | 1215 MiB, 1.95M |
-/// | 512 MiB, keep 192 | 494 MiB, 125k | 1206 MiB, 1.76M | 1253 MiB |
-/// | 512 MiB, keep 192, a miss frees held huge buffers (this) | 494 MiB, 125k | 1183 MiB, 1.61M (2 steps) | 1216 MiB, 2.09M |
+/// | best fit, 512 MiB, keep 128 MiB | 483 MiB, 199k | 1185 MiB, 2.07M | 1215 MiB, 1.95M |
+/// | best fit, 512 MiB, keep 192 MiB | 494 MiB, 125k | 1206 MiB, 1.76M | 1253 MiB |
+/// | the same, and a miss frees held huge buffers first (this) | 494 MiB, 125k | 1184 MiB, 2.07M | 1216 MiB, 2.09M |
 ///
-/// At 125k a retinanet run makes no page fault in its steps: nothing of
-/// the step misses. Without freeing held huge buffers, two-stage direct
-/// held a 131 MiB P2 buffer at its peak.
+/// At 125k a retinanet run makes no page fault inside its steps. Without
+/// freeing held huge buffers, two-stage direct held a 131 MiB P2 buffer
+/// at its peak.
 pub const KEEP_BYTES: usize = 192 << 20;
 
 /// Element types with a process-wide pool: f32 and f64. (The pool looks
