@@ -49,6 +49,15 @@ const GROUPS: usize = 8;
 /// it for F(6x6), so that an F(6x6) block's (group, position) pairs, 4 x
 /// 64 = 256, fit in F(4x4)'s 8 x 36 = 288 and its scratch in buffers of
 /// F(4x4)'s length ([`BLOCK_PAIRS`]).
+///
+/// F(6x6) at 8 groups (blocks of 256 tiles, scratch of 8 x 64 pairs for
+/// both tilings; AMD EPYC Zen 4, family 25 model 17, AVX-512, 2 threads,
+/// 2026-12-07, `examples/conv_speed` medians of 7, three alternating
+/// rounds): P4 forward 19.4-19.7 -> 16.7-18.2 ms, input gradient 19.6-19.8
+/// -> 16.8-17.1 ms (one block instead of two), P3 within the noise; but
+/// the whole retinanet loss (`dmkd bench --only loss --reps 5`, three
+/// alternating rounds) 766 / 760 / 766 -> 771 / 760 / 804 ms, and peak
+/// RSS 494 -> 503-507 MiB. Not kept.
 fn groups_per_block(tiling: Tiling) -> usize {
     match tiling {
         Tiling::F4 => GROUPS,
@@ -58,9 +67,8 @@ fn groups_per_block(tiling: Tiling) -> usize {
 
 /// The (register group, position) pairs a block's scratch is sized for,
 /// whatever the tiling: F(4x4)'s. Why one size: the pool matched freed
-/// buffers by exact length then (it now serves a request from a buffer
-/// up to an eighth longer, which F(6x6)'s 256 pairs against 288 are not),
-/// and with scratch of F(6x6)'s own length it had to keep two sets; in the two-stage loss, where P2 activations
+/// buffers by exact length then (it now also serves a request from a
+/// held buffer up to an eighth longer), and with scratch of F(6x6)'s own length it had to keep two sets; in the two-stage loss, where P2 activations
 /// evict what it holds, page faults over three steps went from 1.71M to
 /// 2.06M and the P2 forward in the loss kept none of F(6x6)'s gain (304
 /// -> 301 ms, against 282-304 -> 243-247 ms alone; AMD EPYC Zen 4,
