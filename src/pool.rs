@@ -6,7 +6,7 @@
 //! into a reused buffer (`docs/engineering.md`, "Fresh allocations are
 //! slow"). A training step allocates the same sizes step after step, so
 //! buffers freed by one op are handed to the next op that asks for the same
-//! length.
+//! length (or up to an eighth less).
 //!
 //! Only buffers of at least `MIN_POOLED_BYTES` are kept, at most
 //! `LIMIT_BYTES` in total (oldest evicted first). A request takes the
