@@ -102,7 +102,8 @@ impl PoolElem for f64 {
     }
 }
 
-/// Freed buffers by length, oldest first, at most `LIMIT_BYTES` in all.
+/// Freed buffers, at most `LIMIT_BYTES` in all, in the order given (a hit
+/// moves the newest into its place, so "oldest" is nearly so).
 pub struct Pool<T> {
     free: Mutex<Vec<Vec<T>>>,
     held_bytes: AtomicUsize,
@@ -116,12 +117,17 @@ impl<T: Copy + Default> Pool<T> {
         }
     }
 
+    /// The bytes a buffer holds: its capacity, which may exceed its length
+    /// (a buffer handed out for a shorter request keeps its allocation).
+    fn bytes_of(v: &Vec<T>) -> usize {
+        v.capacity() * std::mem::size_of::<T>()
+    }
+
     /// A held buffer for `len` elements: the smallest that holds them
     /// with at most an eighth to spare ([`SLACK_DIV`]), newest of equals,
     /// its length set to `len`. On a miss, held buffers are freed first
     /// (see [`KEEP_BYTES`] and [`HUGE_BYTES`]).
     fn take(&self, len: usize) -> Option<Vec<T>> {
-        let size = std::mem::size_of::<T>();
         let most = len + len / SLACK_DIV;
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         let mut best: Option<(usize, usize)> = None;
@@ -131,16 +137,17 @@ impl<T: Copy + Default> Pool<T> {
                 best = Some((pos, cap));
             }
         }
-        if let Some((pos, cap)) = best {
+        if let Some((pos, _)) = best {
             let mut v = free.swap_remove(pos);
-            self.held_bytes.fetch_sub(cap * size, Ordering::Relaxed);
+            self.held_bytes
+                .fetch_sub(Self::bytes_of(&v), Ordering::Relaxed);
             drop(free);
             // Within the capacity: no allocation. The values are stale
             // either way; the caller overwrites every element.
             v.resize(len, T::default());
             return Some(v);
         }
-        let bytes = len * size;
+        let bytes = len * std::mem::size_of::<T>();
         let (mut evicted, freed) = self.evict_huge(&mut free);
         let want = if bytes >= HUGE_BYTES {
             bytes.saturating_sub(freed)
@@ -157,12 +164,10 @@ impl<T: Copy + Default> Pool<T> {
     /// Remove every held buffer of at least `HUGE_BYTES`; return them and
     /// their bytes.
     fn evict_huge(&self, free: &mut Vec<Vec<T>>) -> (Vec<Vec<T>>, usize) {
-        let size = std::mem::size_of::<T>();
-        let (huge, kept) = std::mem::take(free)
-            .into_iter()
-            .partition::<Vec<_>, _>(|v| v.capacity() * size >= HUGE_BYTES);
-        *free = kept;
-        let freed = huge.iter().map(|v| v.capacity() * size).sum();
+        let huge: Vec<Vec<T>> = free
+            .extract_if(.., |v| Self::bytes_of(v) >= HUGE_BYTES)
+            .collect();
+        let freed = huge.iter().map(Self::bytes_of).sum();
         self.held_bytes.fetch_sub(freed, Ordering::Relaxed);
         (huge, freed)
     }
@@ -174,7 +179,7 @@ impl<T: Copy + Default> Pool<T> {
         let mut freed = 0;
         while freed < bytes && !free.is_empty() {
             let old = free.remove(0);
-            freed += old.capacity() * std::mem::size_of::<T>();
+            freed += Self::bytes_of(&old);
             evicted.push(old);
         }
         self.held_bytes.fetch_sub(freed, Ordering::Relaxed);
@@ -182,7 +187,7 @@ impl<T: Copy + Default> Pool<T> {
     }
 
     fn give(&self, v: Vec<T>) {
-        let bytes = v.capacity() * std::mem::size_of::<T>();
+        let bytes = Self::bytes_of(&v);
         let limit = LIMIT_BYTES;
         if bytes < MIN_POOLED_BYTES || bytes > limit {
             return;
