@@ -222,17 +222,19 @@ impl<E: Elem> Sums<E> {
                         out,
                     })
                 });
-            wt.par_chunks_mut(astride).enumerate().for_each(|(co, out)| {
-                arch.dispatch(DyTransform {
-                    dy,
-                    args,
-                    tiling,
-                    tiles: bt,
-                    tb,
-                    co,
-                    out,
-                })
-            });
+            wt.par_chunks_mut(astride)
+                .enumerate()
+                .for_each(|(co, out)| {
+                    arch.dispatch(DyTransform {
+                        dy,
+                        args,
+                        tiling,
+                        tiles: bt,
+                        tb,
+                        co,
+                        out,
+                    })
+                });
             let (vt, wt) = (&*vt, &*wt);
             ct.par_chunks_mut(per * ctiles * tile_len)
                 .enumerate()
