@@ -37,12 +37,20 @@ pub fn mask_count(lambda: f64, count: usize) -> usize {
     (k.max(0.0) as usize).min(count)
 }
 
-/// Indices of the `k` largest keys, ties broken by the lower index.
+/// Indices of the `k` largest keys, ties broken by the lower index, in no
+/// particular order.
+///
+/// The order (key descending by `total_cmp`, a total order on f64, then
+/// index ascending) ranks every index differently, so its first `k` are
+/// one set however they are found: selected in linear time here, not
+/// sorted. Sorting all the keys took 5.9 ms for a two-stage P2 spatial mask
+/// (two samples of 67200 positions) and 1.1 ms for a retinanet P3 one
+/// (AMD EPYC Zen 4, family 25 model 17, medians of 9).
 fn top_k_indices(keys: &[f64], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..keys.len()).collect();
-    // total_cmp is a total order on f64 (keys are finite: logits of finite
-    // features plus finite Gumbel noise).
-    idx.sort_by(|&a, &b| keys[b].total_cmp(&keys[a]).then(a.cmp(&b)));
+    if (1..idx.len()).contains(&k) {
+        idx.select_nth_unstable_by(k - 1, |&a, &b| keys[b].total_cmp(&keys[a]).then(a.cmp(&b)));
+    }
     idx.truncate(k);
     idx
 }
@@ -296,6 +304,31 @@ mod tests {
         let a2 = t(&[1, 4], vec![1.0, 1.0, 1.0, 1.0]);
         let m2 = attention_mask::<f64>(&a2, MaskMode::Topk, 0.3, 0, 0, Branch::Spatial, 0).unwrap();
         assert_eq!(m2.as_slice(), &[0.0, 1.0, 1.0, 1.0]);
+    }
+
+    /// `top_k_indices` selects the set its definition sorts out (keys
+    /// descending by `total_cmp`, so -0 below +0, ties to the lower index),
+    /// for every `k` from 0 to all, on keys full of ties: 3 values over
+    /// 61 entries, and signed zeros.
+    #[test]
+    fn top_k_selects_the_first_k_of_the_sorted_order_for_every_k() {
+        let keys: Vec<f64> = (0..61)
+            .map(|i| match i * 7 % 5 {
+                0 => 0.0,
+                1 => -0.0,
+                2 => 2.5,
+                _ => -1.0,
+            })
+            .collect();
+        let mut sorted: Vec<usize> = (0..keys.len()).collect();
+        sorted.sort_by(|&a, &b| keys[b].total_cmp(&keys[a]).then(a.cmp(&b)));
+        for k in 0..=keys.len() {
+            let mut got = top_k_indices(&keys, k);
+            got.sort_unstable();
+            let mut want = sorted[..k].to_vec();
+            want.sort_unstable();
+            assert_eq!(got, want, "k = {k}");
+        }
     }
 
     #[test]
