@@ -48,8 +48,10 @@ pub fn mask_count(lambda: f64, count: usize) -> usize {
 /// (AMD EPYC Zen 4, family 25 model 17, medians of 9).
 fn top_k_indices(keys: &[f64], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..keys.len()).collect();
-    if (1..idx.len()).contains(&k) {
-        idx.select_nth_unstable_by(k - 1, |&a, &b| keys[b].total_cmp(&keys[a]).then(a.cmp(&b)));
+    if k < idx.len() {
+        // Index k gets the entry of rank k (from 0), and 0..k the k that
+        // precede it in the order.
+        idx.select_nth_unstable_by(k, |&a, &b| keys[b].total_cmp(&keys[a]).then(a.cmp(&b)));
     }
     idx.truncate(k);
     idx
