@@ -310,8 +310,8 @@ mod tests {
 
     /// `top_k_indices` selects the set its definition sorts out (keys
     /// descending by `total_cmp`, so -0 below +0, ties to the lower index),
-    /// for every `k` from 0 to all, on keys full of ties: 3 values over
-    /// 61 entries, and signed zeros.
+    /// for every `k` from 0 to all, on keys full of ties: four values over
+    /// 61 entries, two of them the signed zeros.
     #[test]
     fn top_k_selects_the_first_k_of_the_sorted_order_for_every_k() {
         let keys: Vec<f64> = (0..61)
