@@ -188,12 +188,11 @@ impl<T: Copy + Default> Pool<T> {
 
     fn give(&self, v: Vec<T>) {
         let bytes = Self::bytes_of(&v);
-        let limit = LIMIT_BYTES;
-        if bytes < MIN_POOLED_BYTES || bytes > limit {
+        if !(MIN_POOLED_BYTES..=LIMIT_BYTES).contains(&bytes) {
             return;
         }
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        let over = (self.held_bytes.load(Ordering::Relaxed) + bytes).saturating_sub(limit);
+        let over = (self.held_bytes.load(Ordering::Relaxed) + bytes).saturating_sub(LIMIT_BYTES);
         let evicted = self.evict_oldest(&mut free, over);
         free.push(v);
         self.held_bytes.fetch_add(bytes, Ordering::Relaxed);

@@ -68,11 +68,12 @@ fn groups_per_block(tiling: Tiling) -> usize {
 /// The (register group, position) pairs a block's scratch is sized for,
 /// whatever the tiling: F(4x4)'s. Why one size: the pool matched freed
 /// buffers by exact length then (it now also serves a request from a
-/// held buffer up to an eighth longer), and with scratch of F(6x6)'s own length it had to keep two sets; in the two-stage loss, where P2 activations
-/// evict what it holds, page faults over three steps went from 1.71M to
-/// 2.06M and the P2 forward in the loss kept none of F(6x6)'s gain (304
-/// -> 301 ms, against 282-304 -> 243-247 ms alone; AMD EPYC Zen 4,
-/// AVX-512, 2 threads, 2026-12-07). With one size: 1.85M.
+/// held buffer up to an eighth longer), and with scratch of F(6x6)'s own
+/// length it had to keep two sets; in the two-stage loss, where P2
+/// activations evict what it holds, page faults over three steps went
+/// from 1.71M to 2.06M and the P2 forward in the loss kept none of
+/// F(6x6)'s gain (304 -> 301 ms, against 282-304 -> 243-247 ms alone; AMD
+/// EPYC Zen 4, AVX-512, 2 threads, 2026-12-07). With one size: 1.85M.
 const BLOCK_PAIRS: usize = GROUPS * POS;
 const _: () = assert!(GROUPS / 2 * POS6 <= BLOCK_PAIRS, "an F(6x6) block fits");
 
