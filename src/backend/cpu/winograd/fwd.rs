@@ -1010,11 +1010,12 @@ impl<E: Elem> WithSimd for OutputRow<'_, '_, '_, E> {
                             }
                             continue;
                         }
-                        // Two runs of `RUN6` tiles (lanes `hv ..` and `hv +
-                        // RUN6 ..`), each output row's `6 RUN6` values in
-                        // three stores per run. (The moves exist wherever
-                        // runs were formed; the lane-by-lane path below
-                        // stands in otherwise, before any store.)
+                        // Runs of `RUN6` tiles (lanes `hv ..`, and `hv +
+                        // RUN6 ..` with 16 lanes), each output row's `6
+                        // RUN6` values in `6 RUN6 / l` stores per run. (The
+                        // moves exist wherever runs were formed; the
+                        // lane-by-lane path below stands in otherwise,
+                        // before any store.)
                         Tiling::F6 => {
                             let moved = (0..t).all(|yy| {
                                 let fields = std::array::from_fn(|xx| {
@@ -1023,7 +1024,7 @@ impl<E: Elem> WithSimd for OutputRow<'_, '_, '_, E> {
                                 let Some(runs) = scatter6::<E, S>(simd, fields) else {
                                     return false;
                                 };
-                                for (q, regs) in runs.iter().enumerate() {
+                                for (q, regs) in runs.chunks(6 * RUN6 / l).enumerate() {
                                     let (i, ty, tx) = group[hv + RUN6 * q];
                                     if 6 * ty + yy >= h {
                                         continue;

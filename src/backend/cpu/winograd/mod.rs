@@ -6,7 +6,8 @@
 //! direct) against F(4x4)'s 36 per 16 (2.25). The forward engine runs it
 //! with the same phases, masks and epilogues; its windows start every 6
 //! columns, which the vector gather and scatter (4 columns per lane)
-//! cannot serve, so its registers take the per-tile gather and scatter.
+//! cannot serve, so its registers take the per-tile gather, and its own
+//! vector scatter ([`runs6`]) where the ISA has one.
 //! Its blocks hold half as many tiles ([`fwd`]'s `groups_per_block`),
 //! and its f32 rounding under spikes is larger, which the `Auto` rule
 //! accounts for (`CpuBackend::winograd_for`). The weight gradient ([`dw`])
@@ -33,8 +34,9 @@
 //! tiles)` with the packed 6 x 16 microkernel, then `A^T m A` and the
 //! epilogue (bias + ReLU, or the mask for the input gradient) with lanes
 //! over tiles again (registers of row runs stored by vector: F(4x4)'s by
-//! the same shuffles, F(6x6)'s on AVX-512 by [`runs6`]'s permutes, where
-//! its windows, 6 columns apart, are still gathered tile by tile). The
+//! the same shuffles, F(6x6)'s in f32 by [`runs6`]'s permutes on AVX-512
+//! and transposes on AVX2, where its windows, 6 columns apart, are still
+//! gathered tile by tile). The
 //! input gradient is the same engine over `dy` with
 //! the weights flipped and transposed. Masks: masked channels leave K
 //! (forward) or M (input gradient); under a spatial mask, tiles that read
@@ -139,8 +141,9 @@ pub(super) type Tile = (usize, usize, usize);
 /// `len` consecutive tiles of one tile row per run, `lanes / len` runs per
 /// register. F(4x4): one run per register, moved by
 /// [`Elem::deinterleave4`](crate::backend::cpu::simd::Elem::deinterleave4)
-/// shuffles on any ISA; F(6x6): two runs of [`runs6::RUN6`] per register,
-/// on the ISAs that have [`runs6`]'s moves.
+/// shuffles on any ISA; F(6x6): runs of [`runs6::RUN6`], two per register
+/// of 16 lanes and one per register of 8, on the ISAs that have
+/// [`runs6`]'s moves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct RunShape {
     pub tiling: Tiling,
@@ -154,10 +157,12 @@ impl RunShape {
     pub fn new(tiling: Tiling, lanes: usize, runs6: bool) -> Option<RunShape> {
         match tiling {
             Tiling::F4 => Some(RunShape { tiling, len: lanes }),
-            Tiling::F6 if runs6 && lanes == 2 * runs6::RUN6 => Some(RunShape {
-                tiling,
-                len: runs6::RUN6,
-            }),
+            Tiling::F6 if runs6 && [runs6::RUN6, 2 * runs6::RUN6].contains(&lanes) => {
+                Some(RunShape {
+                    tiling,
+                    len: runs6::RUN6,
+                })
+            }
             Tiling::F6 => None,
         }
     }
@@ -504,7 +509,7 @@ mod tests {
         let shapes = [1, 2, 4, 8, 16]
             .map(|l| (l, RunShape::new(Tiling::F4, l, false).unwrap()))
             .into_iter()
-            .chain([(16, f6)]);
+            .chain([(16, f6), (8, RunShape::new(Tiling::F6, 8, true).unwrap())]);
         for (l, shape) in shapes {
             let side = shape.tiling.side();
             for (h, w) in [
