@@ -36,9 +36,8 @@
 //! over tiles again (registers of row runs stored by vector: F(4x4)'s by
 //! the same shuffles, F(6x6)'s in f32 by [`runs6`]'s permutes on AVX-512
 //! and transposes on AVX2, where its windows, 6 columns apart, are still
-//! gathered tile by tile). The
-//! input gradient is the same engine over `dy` with
-//! the weights flipped and transposed. Masks: masked channels leave K
+//! gathered tile by tile). The input gradient is the same engine over `dy`
+//! with the weights flipped and transposed. Masks: masked channels leave K
 //! (forward) or M (input gradient); under a spatial mask, tiles that read
 //! only zeros (forward) or whose outputs are all masked (input gradient)
 //! are not computed and get what the dense sums of zeros would give.
