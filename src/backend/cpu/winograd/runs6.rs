@@ -20,8 +20,12 @@
 //! loads per tile row of a register, then 3 permutes and 2 blends per
 //! column, against the compiler's vectorized copy in `dw.rs`) took the
 //! dense P3 weight gradient from 66.0-67.5 to 71.9-74.1 ms
-//! (`examples/conv_speed`, three alternating rounds). So F(6x6) windows
-//! and output-gradient tiles are still gathered lane by lane.
+//! (`examples/conv_speed`, three alternating rounds). On AVX2 (AMD EPYC
+//! Zen 3, family 25 model 1) the window gather by 8 x 8 transposes, the
+//! inverse of this file's AVX2 scatter, took the dense P3 input phase from
+//! 27.4 / 28.9 / 22.7 to 31.0 / 26.2 / 23.1 ms (three alternating rounds;
+//! `docs/engineering.md`, "The F(6x6) output scatter on AVX2"). So F(6x6)
+//! windows and output-gradient tiles are still gathered lane by lane.
 //!
 //! A register of 16 f32 lanes holds two runs of [`RUN6`] consecutive tiles
 //! of one tile row each (lanes 0-7 and 8-15; any two rows, any two
@@ -40,8 +44,8 @@
 //! forward's output phase 32.2 / 27.9 / 22.9 -> 19.9 / 17.3 / 14.7 ms and
 //! the pass 131.6 / 123.9 / 109.0 -> 113.3 / 106.7 / 93.8 ms; P4's output
 //! phase 8.1 / 6.7 / 5.8 -> 5.9 / 5.1 / 4.1 ms. f32 only ([`has_runs6`]):
-//! f64 is the checking dtype. Only data moves, so a tile
-//! gets the scalar path's bits, whichever path moves it.
+//! f64 is the checking dtype. Only data moves, so a tile gets the scalar
+//! path's bits, whichever path moves it.
 
 #[cfg(target_arch = "x86_64")]
 use std::any::{Any, TypeId};
@@ -50,7 +54,8 @@ use pulp::Simd;
 
 use crate::backend::cpu::simd::Elem;
 
-/// Tiles per run: half a register of 16 lanes.
+/// Tiles per run: half a register of 16 lanes (AVX-512), a whole one of 8
+/// (AVX2).
 pub(crate) const RUN6: usize = 8;
 
 /// True when `E` under `S` has the vector moves: f32 on AVX-512 and AVX2.
