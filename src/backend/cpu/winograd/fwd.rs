@@ -10,7 +10,7 @@ use super::transform6::{POS6, output_tile6, weight_tile6_v};
 use super::{Lanes, MAX_POS, RunShape, Tile, Tiling, run_order};
 use crate::backend::cpu::Ctx;
 use crate::backend::cpu::conv_fwd::{act_of_bias, nr_for, relu_of};
-use crate::backend::cpu::kernel::{MR, nr, panel_steps, run_packed_step};
+use crate::backend::cpu::kernel::{MR, NR_MAX, nr, panel_steps, run_packed_step};
 use crate::backend::cpu::pack::Scratch;
 use crate::backend::cpu::simd::{
     Ahead, Elem, Level, MAX_LANES, lane_order_for, prefetch, prefetch_values,
@@ -45,37 +45,54 @@ use crate::pool;
 /// blocks this does not set, 182-190 ms throughout.
 const GROUPS: usize = 8;
 
-/// Register groups per block of `tiling`: [`GROUPS`] for F(4x4), half of
-/// it for F(6x6), so that an F(6x6) block's (group, position) pairs, 4 x
-/// 64 = 256, fit in F(4x4)'s 8 x 36 = 288 and its scratch in buffers of
-/// F(4x4)'s length ([`BLOCK_PAIRS`]).
+/// Tiles per F(6x6) block, whatever the register width: [`GROUPS`] / 2
+/// groups of AVX-512's 32 f32 lanes, 8 groups of AVX2's 16.
 ///
-/// F(6x6) at 8 groups (blocks of 256 tiles, scratch of 8 x 64 pairs for
-/// both tilings; AMD EPYC Zen 4, family 25 model 17, AVX-512, 2 threads,
-/// 2026-12-07, `examples/conv_speed` medians of 7, three alternating
-/// rounds): P4 forward 19.4-19.7 -> 16.7-18.2 ms, input gradient 19.6-19.8
-/// -> 16.8-17.1 ms (one block instead of two), P3 within the noise; but
-/// the whole retinanet loss (`dmkd bench --only loss --reps 5`, three
-/// alternating rounds) 766 / 760 / 766 -> 771 / 760 / 804 ms, and peak
-/// RSS 494 -> 503-507 MiB. Not kept.
-fn groups_per_block(tiling: Tiling) -> usize {
+/// Why in tiles: each position's packed weights are read from beyond L2
+/// once per block (the first group's GEMM calls; `docs/engineering.md`,
+/// "Where the F(6x6) GEMMs lose to the kernel"), so the tiles per block are
+/// how many tiles share that read. F(6x6) blocks first held `GROUPS / 2`
+/// groups on every ISA: 128 tiles on AVX-512 but 64 on AVX2. At 128 on
+/// AVX2 (AMD EPYC Zen 3, family 25 model 1, 2 threads, phase timers, 64
+/// and 128 tiles alternated call by call in one process, means of 45 calls
+/// each, two rounds), the phases' sum: dense P3 forward 92.2 -> 90.0 and
+/// 113.4 -> 111.0 ms, input gradient 113.7 -> 109.5 and 115.4 -> 113.2;
+/// P4 forward 32.5 -> 31.3 and 32.7 -> 31.7, input gradient 41.4 -> 40.0
+/// and 30.3 -> 29.0: faster in all eight pairs, each phase too (fewer
+/// blocks: fewer joins, and each block's weight read shared by twice the
+/// tiles).
+///
+/// 256 tiles on AVX-512 (8 groups; AMD EPYC Zen 4, family 25 model 17,
+/// 2 threads, 2026-12-07, `examples/conv_speed` medians of 7, three
+/// alternating rounds): P4 forward 19.4-19.7 -> 16.7-18.2 ms, input
+/// gradient 19.6-19.8 -> 16.8-17.1 ms (one block instead of two), P3
+/// within the noise; but the whole retinanet loss (`dmkd bench --only
+/// loss --reps 5`, three alternating rounds) 766 / 760 / 766 -> 771 / 760
+/// / 804 ms, and peak RSS 494 -> 503-507 MiB. Not kept.
+const F6_BLOCK_TILES: usize = GROUPS / 2 * NR_MAX;
+
+/// Register groups (of `nr` tiles) per block of `tiling`: [`GROUPS`] for
+/// F(4x4), [`F6_BLOCK_TILES`] / `nr` for F(6x6).
+fn groups_per_block(tiling: Tiling, nr: usize) -> usize {
     match tiling {
         Tiling::F4 => GROUPS,
-        Tiling::F6 => GROUPS / 2,
+        Tiling::F6 => F6_BLOCK_TILES / nr,
     }
 }
 
-/// The (register group, position) pairs a block's scratch is sized for,
-/// whatever the tiling: F(4x4)'s. Why one size: the pool matched freed
-/// buffers by exact length then (it now also serves a request from a
-/// held buffer up to an eighth longer), and with scratch of F(6x6)'s own
-/// length it had to keep two sets; in the two-stage loss, where P2
-/// activations evict what it holds, page faults over three steps went
-/// from 1.71M to 2.06M and the P2 forward in the loss kept none of
+/// The (tile, position) pairs a block's scratch is sized for at `nr`
+/// columns a group, whatever the tiling: the larger of the two tilings'
+/// blocks (F(4x4)'s on AVX-512, F(6x6)'s on AVX2). Why one size: the pool
+/// matched freed buffers by exact length then (it now also serves a
+/// request from a held buffer up to an eighth longer), and with scratch of
+/// F(6x6)'s own length it had to keep two sets; in the two-stage loss,
+/// where P2 activations evict what it holds, page faults over three steps
+/// went from 1.71M to 2.06M and the P2 forward in the loss kept none of
 /// F(6x6)'s gain (304 -> 301 ms, against 282-304 -> 243-247 ms alone; AMD
 /// EPYC Zen 4, AVX-512, 2 threads, 2026-12-07). With one size: 1.85M.
-const BLOCK_PAIRS: usize = GROUPS * POS;
-const _: () = assert!(GROUPS / 2 * POS6 <= BLOCK_PAIRS, "an F(6x6) block fits");
+fn block_tile_positions(nr: usize) -> usize {
+    (GROUPS * nr * POS).max(F6_BLOCK_TILES * POS6)
+}
 
 /// A multiplier applied to the source while it is gathered.
 #[derive(Clone, Copy)]
@@ -549,9 +566,10 @@ impl<E: Elem> WinoConv<'_, E> {
         // V: `[group][pos][col][NR]`; products: `[panel][pos][group][MR x NR]`,
         // so each phase's share is one contiguous run.
         // Register groups per block: the layout stride of the products.
-        let gpb = groups_per_block(tiling);
-        let mut vbuf = Scratch::<E>::new(BLOCK_PAIRS * kk * nr);
-        let mut mbuf = Scratch::<E>::new(panels * BLOCK_PAIRS * tile_len);
+        let gpb = groups_per_block(tiling, nr);
+        let scratch = block_tile_positions(nr);
+        let mut vbuf = Scratch::<E>::new(scratch * kk);
+        let mut mbuf = Scratch::<E>::new(panels * scratch * MR);
         // The output rows by kept row: `dst[ri][i]` is row `rows[ri]` of image `i`.
         let mut kept_row = vec![None; m];
         for (ri, &co) in rows.iter().enumerate() {
@@ -952,7 +970,7 @@ impl<E: Elem> WithSimd for OutputRow<'_, '_, '_, E> {
         let mut out = [E::zero(); 36 * 32];
         let groups = block.len().div_ceil(nr);
         // Row `r` of group `g`'s products at position `pos`.
-        let gpb = groups_per_block(conv.tiling);
+        let gpb = groups_per_block(conv.tiling, nr);
         let row_at = |g: usize, pos: usize| ((p * npos + pos) * gpb + g) * tile_len + r * nr;
         let all_lanes = lanes;
         for ((g, group), lanes) in block.chunks(nr).enumerate().zip(lanes) {
@@ -1437,22 +1455,38 @@ mod tests {
         case::<f64>();
     }
 
-    /// The block sizes: F(4x4)'s [`GROUPS`], half of it for F(6x6), and
-    /// each tiling's (group, position) pairs within the scratch sized for
-    /// [`BLOCK_PAIRS`]. No result depends on them (any block size gives the
-    /// same bits), so only this test sees a wrong one; one past the scratch
-    /// would leave groups untransformed.
+    /// The block sizes at every group width an ISA has (`nr` = 2 lanes x
+    /// 1 to 16): F(4x4)'s [`GROUPS`] groups, F(6x6)'s 128 tiles, each
+    /// block's (tile, position) pairs within the scratch, and the scratch no
+    /// larger than the larger block. No result depends on them (any block
+    /// size gives the same bits), so only this test sees a wrong one; one
+    /// past the scratch would leave groups untransformed.
     #[test]
-    fn blocks_fit_the_scratch_and_f6_takes_half_the_groups() {
-        assert_eq!(groups_per_block(Tiling::F4), GROUPS);
-        assert_eq!(groups_per_block(Tiling::F6), GROUPS / 2);
-        assert_eq!(BLOCK_PAIRS, GROUPS * POS);
-        for tiling in [Tiling::F4, Tiling::F6] {
-            let pairs = groups_per_block(tiling) * tiling.positions();
-            assert!(pairs <= BLOCK_PAIRS, "{tiling:?}: {pairs} pairs");
-            // And no smaller than it need be: one more group would not fit.
-            assert!(pairs + tiling.positions() > BLOCK_PAIRS, "{tiling:?}");
+    fn blocks_fit_the_scratch_and_f6_blocks_hold_128_tiles() {
+        assert_eq!(F6_BLOCK_TILES, 128);
+        for nr in [2, 4, 8, 16, 32] {
+            assert_eq!(groups_per_block(Tiling::F4, nr), GROUPS);
+            assert_eq!(groups_per_block(Tiling::F6, nr) * nr, 128, "nr {nr}");
+            let pairs =
+                [Tiling::F4, Tiling::F6].map(|t| groups_per_block(t, nr) * nr * t.positions());
+            let scratch = block_tile_positions(nr);
+            assert!(
+                pairs.iter().all(|&p| p <= scratch),
+                "nr {nr}: {pairs:?} > {scratch}"
+            );
+            assert_eq!(scratch, pairs[0].max(pairs[1]), "nr {nr}");
         }
+        // Worked by hand: AVX2 f32 (nr 16), 8 groups of F(6x6) (128 x 64 =
+        // 8192 pairs) over 8 of F(4x4) (128 x 36); AVX-512 f32 (nr 32), 4 of
+        // F(6x6) (8192) under 8 of F(4x4) (256 x 36 = 9216).
+        assert_eq!(
+            (groups_per_block(Tiling::F6, 16), block_tile_positions(16)),
+            (8, 8192)
+        );
+        assert_eq!(
+            (groups_per_block(Tiling::F6, 32), block_tile_positions(32)),
+            (4, 9216)
+        );
     }
 
     /// Following `next_b_tile` from the first tile visits every B tile of

@@ -8,7 +8,7 @@
 //! columns, which the vector gather and scatter (4 columns per lane)
 //! cannot serve, so its registers take the per-tile gather, and its own
 //! vector scatter ([`runs6`]) where the ISA has one.
-//! Its blocks hold half as many tiles ([`fwd`]'s `groups_per_block`),
+//! Its blocks hold 128 tiles on every ISA ([`fwd`]'s `groups_per_block`),
 //! and its f32 rounding under spikes is larger, which the `Auto` rule
 //! accounts for (`CpuBackend::winograd_for`). The weight gradient ([`dw`])
 //! runs either tiling with the adjoint transforms; its lanes are channels,
