@@ -58,9 +58,8 @@ const GROUPS: usize = 8;
 /// each, two rounds), the phases' sum: dense P3 forward 92.2 -> 90.0 and
 /// 113.4 -> 111.0 ms, input gradient 113.7 -> 109.5 and 115.4 -> 113.2;
 /// P4 forward 32.5 -> 31.3 and 32.7 -> 31.7, input gradient 41.4 -> 40.0
-/// and 30.3 -> 29.0: faster in all eight pairs, each phase too (fewer
-/// blocks: fewer joins, and each block's weight read shared by twice the
-/// tiles).
+/// and 30.3 -> 29.0: faster in all eight pairs, the input phase by
+/// 0.4-1.7 ms a call, the GEMMs by 0.3-2.1, the output phase by 0-0.4.
 ///
 /// 256 tiles on AVX-512 (8 groups; AMD EPYC Zen 4, family 25 model 17,
 /// 2 threads, 2026-12-07, `examples/conv_speed` medians of 7, three
