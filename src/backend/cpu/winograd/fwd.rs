@@ -46,7 +46,7 @@ use crate::pool;
 const GROUPS: usize = 8;
 
 /// Tiles per F(6x6) block, whatever the register width: [`GROUPS`] / 2
-/// groups of AVX-512's 32 f32 lanes, 8 groups of AVX2's 16.
+/// register groups of AVX-512's NR (32 f32 columns), 8 of AVX2's (16).
 ///
 /// Why in tiles: each position's packed weights are read from beyond L2
 /// once per block (the first group's GEMM calls; `docs/engineering.md`,
