@@ -7,7 +7,7 @@ use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
 use super::transform::{
-    POS, RUN_WINDOWS, WindowSpan, channel_records, grad_tile, input_tiles, weight_grad_tile_v,
+    RUN_WINDOWS, WindowSpan, channel_records, grad_tile, input_tiles, weight_grad_tile_v,
 };
 use super::transform6::{grad_tile6, weight_grad_tile6_v};
 use super::{MAX_POS, Tile, Tiling};
@@ -19,36 +19,72 @@ use crate::backend::cpu::simd::{Ahead, Elem, MAX_LANES, lane_order, prefetch_val
 use crate::backend::{ConvArgs, InputMask};
 use crate::pool;
 
-/// F(4x4)'s tiles per k-block: 1 KiB of each A row (as the direct weight
-/// gradient), a multiple of every NR.
-fn f4_tiles_per_block<E>() -> usize {
+/// The most tiles a k-block holds, in either tiling: 1 KiB of each A row
+/// at each position (as the direct weight gradient), 256 tiles in f32, a
+/// multiple of every NR.
+///
+/// F(6x6) held 144 before (as many as fit F(4x4)'s buffers). Each block
+/// adds its products into the sums (`[pos][co][ci]`, 16.8 MB at 256 x 256
+/// in f32), so a dense P3 pass (952 tiles) read and wrote them 7 times,
+/// now 4 (`tiles_per_block`). Measured (AMD EPYC Zen 3, family 25 model 1,
+/// AVX2, 2 threads, `examples/conv_speed` with `DMKD_ALGO=auto`, the two
+/// layouts alternated call by call in one process, means of 45 calls
+/// each, two rounds), ms: dense P3 88.5 -> 86.5 and 102.7 -> 99.9, P4 23.9
+/// -> 23.7 and 28.5 -> 28.1; under the loss's spatial mask P3 46.5 -> 45.8
+/// and 53.8 -> 52.7, P4 (F(4x4)) 16.0 -> 15.3 and 20.2 -> 19.8; under its
+/// channel mask P3 51.2 -> 49.5 and 53.2 -> 51.4, P4 16.1 -> 16.0 and 16.1
+/// -> 15.7. Faster in all twelve pairs. (Those runs capped F(6x6)'s blocks
+/// at 288 tiles, which deals every one of those passes' tiles as 256
+/// does.) The buffers grew to F(6x6)'s length: peak RSS of `dmkd bench
+/// --only loss`, retinanet 496-502 -> 504-511 MiB, two-stage 1200-1201 ->
+/// 1198 (docs/engineering.md).
+fn max_tiles_per_block<E>() -> usize {
     1024 / std::mem::size_of::<E>()
 }
 
-/// Tiles per k-block for `tiling`, a multiple of `nr`: F(6x6) takes as
-/// many as fit F(4x4)'s (positions x tiles), so that both tilings' block
-/// buffers have one length, and the pool, which matches buffers by
-/// length, keeps one set of them (as the forward engine's blocks).
-fn tiles_per_block<E>(tiling: Tiling, nr: usize) -> usize {
-    POS * f4_tiles_per_block::<E>() / tiling.positions() / nr * nr
+/// The length of the block buffers (a column tile's B, an output
+/// channel's A row): F(6x6)'s largest block, so that both tilings' buffers
+/// have one length, and the pool, which matches buffers by length, keeps
+/// one set of them (as the forward engine's blocks). A shorter block uses
+/// the front of them.
+fn block_buffer_len<E>() -> usize {
+    MAX_POS * max_tiles_per_block::<E>()
+}
+
+/// Tiles per k-block for `ntiles` tiles: as few blocks as the largest
+/// allows, the tiles dealt evenly over them (rounded up to whole
+/// registers, at least one), so that no block is a sliver and a block's
+/// rows (`positions x tiles`) are no longer than its tiles need. (Rows
+/// laid out for 288 tiles and holding 126, one image's at P4 under the
+/// channel mask, spread the GEMM's operands over twice the pages: 5%
+/// slower, Zen 3, alternated as above.)
+///
+/// The sums do not depend on it: each block's products resume from the
+/// previous block's accumulators, one chain of adds in tile order.
+fn tiles_per_block<E>(nr: usize, ntiles: usize) -> usize {
+    let most = max_tiles_per_block::<E>();
+    let blocks = ntiles.div_ceil(most).max(1);
+    ntiles.div_ceil(blocks).next_multiple_of(nr).max(nr)
 }
 
 /// The distance between two output channels' rows of the transformed
-/// output gradients (A, `[co][pos][tile]`), in elements: a block and one
-/// cache line more.
+/// output gradients (A, `[co][pos][tile]`), in elements: a block rounded up
+/// to a multiple of 4 KiB, and one cache line more.
 ///
-/// Why the line: a block is 36 KiB in f32 and in f64 (9 x 4 KiB), and a
-/// kernel call reads its 12 rows (two panels) side by side, one value of
-/// each per step. Rows a multiple of 4 KiB apart fall in one set of L1
-/// (64 sets of 64-byte lines: an address's bits 6-11), and 12 streams
-/// through a set's 8 ways (Zen 4's 32 KiB L1) evict each other's lines
-/// before their next 15 values are read. One line more puts them in 12
-/// sets. Measured (AMD EPYC Zen 4, family 25 model 17, AVX-512, 2 threads,
-/// `examples/conv_speed` with `DMKD_ALGO=auto`, dense P3 weight gradient,
-/// F(6x6), medians of 5-9, five alternating rounds, faster in all five):
-/// 74.2 / 65.6 / 71.9 / 70.2 / 73.8 -> 69.1 / 64.3 / 66.1 / 62.7 / 70.7 ms.
+/// Why the line: a kernel call reads its 12 rows (two panels) side by
+/// side, one value of each per step. Rows a multiple of 4 KiB apart fall
+/// in one set of L1 (64 sets of 64-byte lines: an address's bits 6-11),
+/// and 12 streams through a set's 8 ways (Zen 4's 32 KiB L1) evict each
+/// other's lines before their next 15 values are read. One line more than
+/// a multiple of 4 KiB puts them in 12 sets, whatever the block's length.
+/// Measured with blocks of 36 KiB (AMD EPYC Zen 4, family 25 model 17,
+/// AVX-512, 2 threads, `examples/conv_speed` with `DMKD_ALGO=auto`, dense
+/// P3 weight gradient, F(6x6), medians of 5-9, five alternating rounds,
+/// faster in all five): 74.2 / 65.6 / 71.9 / 70.2 / 73.8 -> 69.1 / 64.3 /
+/// 66.1 / 62.7 / 70.7 ms.
 fn a_stride<E>(block: usize) -> usize {
-    block + 64 / std::mem::size_of::<E>()
+    let size = std::mem::size_of::<E>();
+    block.next_multiple_of(4096 / size) + 64 / size
 }
 
 /// `dw[co][ci][ky][kx]` of a 3x3 / stride 1 / pad 1 convolution.
@@ -181,7 +217,7 @@ impl<E: Elem> Sums<E> {
         cx.tally
             .tiles(tiles.len(), imgs.len() * th * tw - tiles.len());
         cx.tally.macs(npos * m * cols.len() * tiles.len());
-        let tb = tiles_per_block::<E>(tiling, nr);
+        let tb = tiles_per_block::<E>(nr, tiles.len());
         let threads = rayon::current_num_threads();
         // GEMM tasks: (position, run of panels), at least 4 per thread; the
         // split never changes a bit (threads split outputs, not the reduction).
@@ -198,17 +234,19 @@ impl<E: Elem> Sums<E> {
         }
         // B: transformed inputs `[ctile][pos][tile][NR]` (lanes are channels);
         // A: transformed output gradients `[co][pos][tile]` (lanes are tiles),
-        // its rows `a_stride` apart. Both of F(4x4)'s lengths, whatever the
-        // tiling (`tiles_per_block`).
-        let block = POS * f4_tiles_per_block::<E>();
-        debug_assert!(npos * tb <= block);
-        let mut vbuf = Scratch::<E>::new(ctiles * block * nr);
+        // its rows `a_stride` apart. The buffers have one length whatever
+        // the tiling and the tiles (`block_buffer_len`); a block uses the
+        // front of them.
+        let block = npos * tb;
+        let buf_len = block_buffer_len::<E>();
+        debug_assert!(block <= buf_len);
+        let mut vbuf = Scratch::<E>::new(ctiles * buf_len * nr);
         let astride = a_stride::<E>(block);
-        let mut wbuf = Scratch::<E>::new(m * astride);
+        let mut wbuf = Scratch::<E>::new(m * a_stride::<E>(buf_len));
         let arch = cx.arch;
         for (bi, bt) in tiles.chunks(tb).enumerate() {
-            let vt = vbuf.as_mut_slice();
-            let wt = wbuf.as_mut_slice();
+            let vt = &mut vbuf.as_mut_slice()[..ctiles * block * nr];
+            let wt = &mut wbuf.as_mut_slice()[..m * astride];
             vt.par_chunks_mut(block * nr)
                 .enumerate()
                 .for_each(|(cti, out)| {
@@ -686,6 +724,7 @@ mod tests {
     use crate::backend::cpu::counters::Tally;
     use crate::backend::cpu::isa::Isa;
     use crate::backend::cpu::testing::{first_near_then_same_bits, three_image_mask, values};
+    use crate::backend::cpu::winograd::transform::POS;
     use crate::backend::cpu::winograd::transform6::POS6;
     use crate::backend::{Backend, ConvGeometry, ReferenceBackend};
 
@@ -706,49 +745,74 @@ mod tests {
     /// last one alone in 37 x 45's rows, runs of 3 and 2 in 13 x 25's.
     const PLANES: [(usize, usize); 6] = [(9, 13), (5, 47), (37, 45), (13, 25), (3, 9), (9, 3)];
 
-    /// Blocks of tiles: F(4x4) takes 1 KiB of each A row (256 tiles in
-    /// f32, 128 in f64); F(6x6) the most whole registers of tiles whose 64
-    /// positions fit F(4x4)'s (positions x tiles), for every NR the ISAs
-    /// have (2 x lanes: scalar 2, AVX2 16 / 8, AVX-512 32 / 16). No result
-    /// depends on it, so it is tested by value.
+    /// Blocks of tiles: at most 1 KiB of each A row (256 tiles in f32, 128
+    /// in f64), a multiple of every NR the ISAs have (2 x lanes: scalar 2,
+    /// AVX2 16 / 8, AVX-512 32 / 16), the buffers F(6x6)'s largest block.
+    /// Any number of tiles is dealt evenly: as few blocks as the largest
+    /// allows, whole registers, the last block not empty and no block a
+    /// register longer than an even share needs. No result depends on it,
+    /// so it is tested by value.
     #[test]
-    fn blocks_of_tiles_are_the_most_that_fit_f4_s_buffers() {
-        fn check<E: Elem>(f4: usize) {
+    fn blocks_deal_the_tiles_evenly_within_the_buffers() {
+        fn check<E: Elem>(most: usize) {
+            assert_eq!(max_tiles_per_block::<E>(), most);
+            assert_eq!(block_buffer_len::<E>(), POS6 * most);
             for nr in [2, 4, 8, 16, 32] {
-                assert_eq!(tiles_per_block::<E>(Tiling::F4, nr), f4, "nr {nr}");
-                let f6 = tiles_per_block::<E>(Tiling::F6, nr);
-                let pairs = POS * f4;
-                assert!(f6.is_multiple_of(nr) && f6 > 0, "nr {nr}: {f6}");
-                assert!(
-                    POS6 * f6 <= pairs && POS6 * (f6 + nr) > pairs,
-                    "nr {nr}: {f6}"
-                );
+                for ntiles in (0..=3 * most + 2 * nr).chain([952, 1900, 7000]) {
+                    let tb = tiles_per_block::<E>(nr, ntiles);
+                    let what = format!("nr {nr}, {ntiles} tiles: {tb}");
+                    assert!(tb.is_multiple_of(nr) && tb > 0 && tb <= most, "{what}");
+                    let blocks = ntiles.div_ceil(tb);
+                    assert_eq!(blocks, ntiles.div_ceil(most), "{what}");
+                    if ntiles > 0 {
+                        assert!((blocks - 1) * tb < ntiles, "{what}");
+                        assert!(blocks * (tb - nr) < ntiles, "{what}");
+                    } else {
+                        assert_eq!(tb, nr, "{what}");
+                    }
+                }
             }
         }
         check::<f32>(256);
         check::<f64>(128);
-        assert_eq!(tiles_per_block::<f32>(Tiling::F6, 32), 128);
-        assert_eq!(tiles_per_block::<f32>(Tiling::F6, 16), 144);
+        // By hand, f32: P3's 952 tiles in 4 blocks of 238, rounded up to
+        // AVX2's and AVX-512's registers; one image's 126 at P4 in one
+        // block; 360 in 2 of 180.
+        assert_eq!(tiles_per_block::<f32>(16, 952), 240);
+        assert_eq!(tiles_per_block::<f32>(32, 952), 256);
+        assert_eq!(tiles_per_block::<f32>(16, 126), 128);
+        assert_eq!(tiles_per_block::<f32>(16, 360), 192);
+        assert_eq!(block_buffer_len::<f32>(), 16384);
     }
 
     /// The A rows one kernel call reads (two panels, 2 x MR rows from any
     /// row on) lie in as many different L1 sets (64 sets of 64-byte lines)
-    /// and each starts on a line, in f32 and f64; and a row holds a block.
-    /// No result depends on the stride, so it is tested by value.
+    /// and each starts on a line, in f32 and f64, for every block length
+    /// the weight gradient lays out; a row holds its block, and the
+    /// buffer's rows hold every block's. No result depends on the stride,
+    /// so it is tested by value.
     #[test]
     fn a_rows_of_one_kernel_call_fall_in_different_l1_sets() {
         fn check<E: Elem>() {
-            let block = POS * f4_tiles_per_block::<E>();
-            let bytes = a_stride::<E>(block) * std::mem::size_of::<E>();
-            assert!(a_stride::<E>(block) >= block);
-            assert_eq!(bytes % 64, 0);
-            for first in [0, 5, 63] {
-                let mut sets: Vec<usize> = (first..first + 2 * MR)
-                    .map(|r| r * bytes / 64 % 64)
-                    .collect();
-                sets.sort_unstable();
-                sets.dedup();
-                assert_eq!(sets.len(), 2 * MR, "{sets:?}");
+            let longest = a_stride::<E>(block_buffer_len::<E>());
+            for nr in [2, 8, 16, 32] {
+                for positions in [POS, POS6] {
+                    for tb in (nr..=max_tiles_per_block::<E>()).step_by(nr) {
+                        let block = positions * tb;
+                        let stride = a_stride::<E>(block);
+                        let bytes = stride * std::mem::size_of::<E>();
+                        assert!(stride >= block && stride <= longest, "{block}");
+                        assert_eq!(bytes % 64, 0);
+                        for first in [0, 5, 63] {
+                            let mut sets: Vec<usize> = (first..first + 2 * MR)
+                                .map(|r| r * bytes / 64 % 64)
+                                .collect();
+                            sets.sort_unstable();
+                            sets.dedup();
+                            assert_eq!(sets.len(), 2 * MR, "{block}: {sets:?}");
+                        }
+                    }
+                }
             }
         }
         check::<f32>();
