@@ -788,8 +788,8 @@ mod tests {
     /// The A rows one kernel call reads (two panels, 2 x MR rows from any
     /// row on) lie in as many different L1 sets (64 sets of 64-byte lines)
     /// and each starts on a line, in f32 and f64, for every block length
-    /// the weight gradient lays out; a row holds its block, and the
-    /// buffer's rows hold every block's. No result depends on the stride,
+    /// the weight gradient lays out; a row holds its block with at most 4
+    /// KiB and a line to spare, and the buffer's rows hold every block's. No result depends on the stride,
     /// so it is tested by value.
     #[test]
     fn a_rows_of_one_kernel_call_fall_in_different_l1_sets() {
@@ -802,6 +802,9 @@ mod tests {
                         let stride = a_stride::<E>(block);
                         let bytes = stride * std::mem::size_of::<E>();
                         assert!(stride >= block && stride <= longest, "{block}");
+                        // At most 4 KiB and a line of padding.
+                        let size = std::mem::size_of::<E>();
+                        assert!(stride <= block + (4096 + 64) / size, "{block}");
                         assert_eq!(bytes % 64, 0);
                         for first in [0, 5, 63] {
                             let mut sets: Vec<usize> = (first..first + 2 * MR)
