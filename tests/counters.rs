@@ -772,6 +772,7 @@ fn totals_add_the_passes_field_by_field() {
         tiles_skipped: base + 7,
         channels_skipped: base + 8,
         weights_packed: base + 9,
+        added_in_place: base + 11,
     };
     let c = WorkCounters {
         forward: pass(10),
@@ -791,6 +792,7 @@ fn totals_add_the_passes_field_by_field() {
             tiles_skipped: 3231,
             channels_skipped: 3234,
             weights_packed: 3237,
+            added_in_place: 3243,
         }
     );
     assert_eq!(pass(10).plus(&PassCounters::default()), pass(10));

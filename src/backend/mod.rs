@@ -282,6 +282,23 @@ pub trait Backend<T: Float>: Send + Sync {
     ) -> Result<Tensor<T>>;
     /// Gradient with respect to the bias: `dy` summed over N, H, W.
     fn conv2d_backward_bias(&self, dy: &Tensor<T>) -> Result<Tensor<T>>;
+    /// `base + conv2d(x, w, b)` for a `base` of the output's shape that the
+    /// caller gives up: a backend may write the conv's outputs straight
+    /// into `base`'s buffer, each `base + y` one add as [`binary`](Self::binary)
+    /// rounds it (the same values; no conv output to allocate and page
+    /// in, no second pass). The default adds a separate conv's output.
+    fn conv2d_add(
+        &self,
+        base: Tensor<T>,
+        x: &Tensor<T>,
+        w: &Tensor<T>,
+        b: Option<&Tensor<T>>,
+        args: &ConvArgs<T>,
+    ) -> Result<Tensor<T>> {
+        let y = self.conv2d(x, w, b, args)?;
+        let shape = y.shape().to_vec();
+        self.binary_owned(Binary::Add, base, &y, &shape)
+    }
 
     // ---- element-wise ----------------------------------------------------
     /// `op` applied to every element.

@@ -110,6 +110,20 @@ impl<T: Float> Backend<T> for Profiled<T> {
         )
     }
 
+    fn conv2d_add(
+        &self,
+        base: Tensor<T>,
+        x: &Tensor<T>,
+        w: &Tensor<T>,
+        b: Option<&Tensor<T>>,
+        args: &ConvArgs<T>,
+    ) -> Result<Tensor<T>> {
+        self.time(
+            || conv_key("forward_add", args),
+            || self.inner.conv2d_add(base, x, w, b, args),
+        )
+    }
+
     fn conv2d_backward_input(
         &self,
         dy: &Tensor<T>,
@@ -382,8 +396,26 @@ mod tests {
             (r.as_slice().as_ptr(), r.as_slice()),
             (at, &[0.0, -1.0, 0.0, -2.0][..])
         );
+        // base + conv(x, 2), a 1 x 1 conv, in the base's buffer.
+        let base = Tensor::from_vec(&[1, 1, 2, 2], vec![1.0, 2.0, 3.0, 4.0]).unwrap();
+        let at = base.as_slice().as_ptr();
+        let args = ConvArgs {
+            geom: ConvGeometry::new(&[1, 1, 2, 2], &[1, 1, 1, 1], [1, 1], [0, 0]).unwrap(),
+            mask: None,
+            relu: false,
+        };
+        let (xs, two) = (
+            x.reshape(&[1, 1, 2, 2]).unwrap(),
+            Tensor::from_vec(&[1, 1, 1, 1], vec![2.0]).unwrap(),
+        );
+        let y = p.conv2d_add(base, &xs, &two, None, &args).unwrap();
+        assert_eq!(
+            (y.as_slice().as_ptr(), y.as_slice()),
+            (at, &[3.0, -2.0, 9.0, -4.0][..])
+        );
         let rows = p.rows();
         let find = |k: &str| rows.iter().find(|r| r.kernel == k).map(|r| r.calls);
+        assert_eq!(find("conv.forward_add 1x1 1->1 1x2x2"), Some(1));
         assert_eq!(find("unary.Neg 2x2"), Some(1));
         assert_eq!(find("unary_backward.Relu 2x2"), Some(1));
         assert_eq!(find("binary.Add 2x2 2x2 -> 2x2"), Some(1));
@@ -416,6 +448,18 @@ mod tests {
                     .as_slice()
             );
         }
+        // The add's own row: the wrapped backend's whole `conv2d_add`.
+        let base = Tensor::<f64>::ones(&[2, 4, 5, 6]).unwrap();
+        let args = ConvArgs {
+            geom,
+            mask: None,
+            relu: false,
+        };
+        let y = p.conv2d_add(base.clone(), &x, &w, None, &args).unwrap();
+        let r = ReferenceBackend;
+        let conv = r.conv2d(&x, &w, None, &args).unwrap();
+        let want = r.binary(Binary::Add, &base, &conv, base.shape()).unwrap();
+        assert_eq!(y.as_slice(), want.as_slice());
         let mut kernels: Vec<String> = p.rows().into_iter().map(|r| r.kernel).collect();
         kernels.sort();
         assert_eq!(
@@ -424,6 +468,7 @@ mod tests {
                 "conv.forward 3x3 3->4 2x5x6",
                 "conv.forward 3x3 3->4 2x5x6 mask=channel",
                 "conv.forward 3x3 3->4 2x5x6 mask=spatial",
+                "conv.forward_add 3x3 3->4 2x5x6",
             ]
         );
     }

@@ -68,11 +68,10 @@ pub fn generation_block<T: Float>(
     let filters = w2
         .mul(&b1.relu()?.reshape(&[1, c, 1, 1])?)?
         .sum(&[1], true)?;
-    let rest = h
-        .tape()
-        .constant(unreached)
-        .conv2d(&filters, None, &Conv2dOptions::same(1))?;
-    reached.add_owned(&rest)
+    // The one-channel conv's sums go straight into `reached`'s buffer
+    // (`Var::add_conv2d`): no activation-sized output of their own.
+    let unreached = h.tape().constant(unreached);
+    reached.add_conv2d(&unreached, &filters, None, &Conv2dOptions::same(1))
 }
 
 /// Whether splitting the second conv pays: when at least a quarter of the

@@ -203,6 +203,19 @@ fn op_suite() -> Vec<SuiteCase> {
                 )
             }),
         },
+        SuiteCase {
+            name: "add_conv2d+spatial_mask",
+            inputs: Box::new(move |rng| {
+                let (mut v, c) = conv(1)(rng);
+                let (xs, co) = (v[0].shape().to_vec(), v[1].shape()[0]);
+                v.push(rand_tensor(rng, &[xs[0], co, xs[2], xs[3]], -2.0, 2.0));
+                (v, c)
+            }),
+            graph: Box::new(|_, v, c| {
+                let opts = Conv2dOptions::same(1).with_mask(InputMask::Spatial(c[0].clone()));
+                v[3].clone().add_conv2d(&v[0], &v[1], Some(&v[2]), &opts)
+            }),
+        },
         unary(Unary::Relu, 0.0, 0.0),
         unary(Unary::Abs, 0.0, 0.0),
         unary(Unary::Exp, -2.0, 2.0),
@@ -370,6 +383,7 @@ mod tests {
                 "conv2d+spatial_mask",
                 "conv2d+channel_mask",
                 "conv2d_1x1_stride2",
+                "add_conv2d+spatial_mask",
                 "relu",
                 "abs",
                 "exp",

@@ -136,6 +136,71 @@ impl<T: Float> Var<T> {
     }
 }
 
+impl<T: Float> Var<T> {
+    /// `self + x.conv2d(w, b, opts)` for a `self` the caller gives up: the
+    /// same values and gradients as [`Var::add`] of the two, without the
+    /// conv's output as a tensor of its own (a backend may write the sums
+    /// into `self`'s buffer: `Backend::conv2d_add`). `self` must have the
+    /// conv's output shape; `opts.relu` is refused (the sum does not keep
+    /// the conv's output, which the ReLU's derivative reads).
+    pub fn add_conv2d(
+        self,
+        x: &Var<T>,
+        w: &Var<T>,
+        b: Option<&Var<T>>,
+        opts: &Conv2dOptions<T>,
+    ) -> Result<Var<T>> {
+        let args = conv_args(x.value(), w.value(), b.map(Var::value), opts)?;
+        if args.relu {
+            return Err(Error::InvalidArgument {
+                op: "add_conv2d",
+                detail: "a ReLU on the conv (its derivative needs the conv's own output)".into(),
+            });
+        }
+        let out_shape = args.geom.output_shape();
+        if self.shape() != out_shape.as_slice() {
+            return Err(Error::shape(
+                "add_conv2d",
+                format!(
+                    "base of shape {:?} for a conv output of {out_shape:?}",
+                    self.shape()
+                ),
+            ));
+        }
+        let mut this = self;
+        let base = this.take_value();
+        let y = this
+            .backend()
+            .conv2d_add(base, x.value(), w.value(), b.map(Var::value), &args)?;
+        let (x_val, w_val) = (x.value().clone(), w.value().clone());
+        let mut inputs = vec![&this, x, w];
+        inputs.extend(b);
+        this.tape().record(&inputs, y, move |be, g, needs| {
+            let dx = if needs[1] {
+                Some(be.conv2d_backward_input(&g, &w_val, &args)?)
+            } else {
+                None
+            };
+            let dw = if needs[2] {
+                Some(be.conv2d_backward_weight(&g, &x_val, &args)?)
+            } else {
+                None
+            };
+            let db = match needs.get(3) {
+                Some(true) => Some(be.conv2d_backward_bias(&g)?),
+                _ => None,
+            };
+            let mut grads = vec![None, dx, dw];
+            if needs.len() == 4 {
+                grads.push(db);
+            }
+            // The base's gradient is the output's, passed on last.
+            grads[0] = needs[0].then_some(g);
+            Ok(grads)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testing::{each_subset_of_leaves, values};
@@ -175,6 +240,43 @@ mod tests {
             });
             each_subset_of_leaves(&inputs[..2], |v| {
                 v[0].conv2d(&v[1], None, &opts)?.square()?.sum_all()
+            });
+        }
+    }
+
+    /// `base + conv2d(x, w, b)` with and without the bias, dense and under
+    /// a spatial mask, strided; the base's gradient is the output's.
+    #[test]
+    fn add_conv2d_gradients_for_every_subset_of_leaves() {
+        let inputs = [
+            values(&[2, 2, 5, 4], 0),
+            values(&[3, 2, 3, 3], 1),
+            values(&[3], 2),
+        ];
+        let spatial = InputMask::Spatial(values(&[2, 5, 4], 3));
+        for (opts, out) in [
+            (Conv2dOptions::same(1), [2, 3, 5, 4]),
+            (
+                Conv2dOptions::same(1)
+                    .with_stride([2, 1])
+                    .with_mask(spatial),
+                [2, 3, 3, 4],
+            ),
+        ] {
+            let mut with_base = inputs.to_vec();
+            with_base.push(values(&out, 4));
+            each_subset_of_leaves(&with_base, |v| {
+                v[3].clone()
+                    .add_conv2d(&v[0], &v[1], Some(&v[2]), &opts)?
+                    .square()?
+                    .sum_all()
+            });
+            let no_bias = [inputs[0].clone(), inputs[1].clone(), values(&out, 4)];
+            each_subset_of_leaves(&no_bias, |v| {
+                v[2].clone()
+                    .add_conv2d(&v[0], &v[1], None, &opts)?
+                    .square()?
+                    .sum_all()
             });
         }
     }

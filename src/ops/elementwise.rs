@@ -118,8 +118,8 @@ impl<T: Float> Var<T> {
     /// into a new one.
     ///
     /// The same values and gradients as [`Var::add`]; what it saves is a
-    /// fresh activation-sized buffer (the generator's split second conv
-    /// adds two P2 activations: `distill::generator`).
+    /// fresh activation-sized buffer. (To add a conv's output,
+    /// [`Var::add_conv2d`] also saves the conv's own output buffer.)
     pub fn add_owned(self, other: &Var<T>) -> Result<Var<T>> {
         let out_shape = broadcast_shapes("add", self.shape(), other.shape())?;
         let a_shape = self.shape().to_vec();

@@ -91,6 +91,45 @@ pub(crate) fn conv2d<E: Elem>(
         cx.tally.channel_sparse_call();
         return conv2d_channel_sparse(x, w, b, args, ms, cx);
     }
+    let mut y = pool::take::<E>(g.n * g.c_out * g.oh * g.ow);
+    let epilogue = Epilogue::Bias {
+        bias: b,
+        relu: args.relu,
+    };
+    conv2d_into(x, w, args, epilogue, &mut y, cx);
+    y
+}
+
+/// `base + conv2d(x, w, b)` written over `base` (of the output's shape),
+/// each output `base + y` as the element-wise add rounds it; the dense
+/// path only (the caller checks that no channel mask has zeros).
+pub(crate) fn conv2d_add<E: Elem>(
+    base: &mut [E],
+    x: &[E],
+    w: &[E],
+    b: Option<&[E]>,
+    args: &ConvArgs<E>,
+    cx: Ctx<'_>,
+) {
+    debug_assert!(sparse_channels(args.mask.as_ref()).is_none());
+    let epilogue = Epilogue::AddTo {
+        bias: b,
+        relu: args.relu,
+    };
+    conv2d_into(x, w, args, epilogue, base, cx);
+}
+
+/// The dense forward pass (a spatial mask's zeros skipped), each output
+/// through `epilogue` into `y`.
+fn conv2d_into<E: Elem>(
+    x: &[E],
+    w: &[E],
+    args: &ConvArgs<E>,
+    epilogue: Epilogue<'_, E>,
+    y: &mut [E],
+    cx: Ctx<'_>,
+) {
+    let g = &args.geom;
     let spec = forward_pad(g);
     // One image at a time where the padded batch is big (as the
     // gradients do): the copy is then one image's, which the pool can
@@ -122,7 +161,6 @@ pub(crate) fn conv2d<E: Elem>(
         }
     };
     let (plane, y_img) = (spec.hp * spec.wp, g.c_out * g.oh * g.ow);
-    let mut y = pool::take::<E>(g.n * y_img);
     for imgs in batches {
         let src = pad_images(x, g.input_shape(), spec, args.mask.as_ref(), imgs.clone());
         ImplicitConv {
@@ -138,10 +176,7 @@ pub(crate) fn conv2d<E: Elem>(
             ow: g.ow,
             a: &a,
             m: g.c_out,
-            epilogue: Epilogue::Bias {
-                bias: b,
-                relu: args.relu,
-            },
+            epilogue,
             skip: mpad.as_deref().map_or(Skip::None, |m| {
                 Skip::Receptive(&m[imgs.start * plane..imgs.end * plane])
             }),
@@ -152,7 +187,6 @@ pub(crate) fn conv2d<E: Elem>(
     if let Some(m) = mpad {
         drop(pool::Buffer::new(m));
     }
-    y
 }
 
 /// The forward pass under a channel mask with exact zeros: per image, the
@@ -237,9 +271,13 @@ pub(crate) const TASKS_PER_THREAD: usize = 4;
 const NC_MAX: usize = 2048;
 
 /// What to do to each output once its sum is complete.
+#[derive(Clone, Copy)]
 pub(crate) enum Epilogue<'a, E: Elem> {
     /// `act(y + b[m])`, the forward pass.
     Bias { bias: Option<&'a [E]>, relu: bool },
+    /// `out + act(y + b[m])` over the output's own values, the forward
+    /// pass added to a base ([`conv2d_add`]).
+    AddTo { bias: Option<&'a [E]>, relu: bool },
     /// `y * mask`, the input gradient (outputs are input positions).
     Mask(&'a InputMask<E>),
     /// `y * s[m]`, the input gradient of a channel-sparse conv (rows are
@@ -710,6 +748,14 @@ fn epilogue<E: Elem>(
             (None, true) => pairs.for_each(|(o, &v)| *o = relu_of(v)),
             (None, false) => pairs.for_each(|(o, &v)| *o = v),
         },
+        Epilogue::AddTo { bias, relu } => {
+            let b = bias.map(|b| b[m]);
+            // `act(v + b)` exactly as `Bias` rounds it, then the one add.
+            pairs.for_each(|(o, &v)| {
+                let z = b.map_or(v, |b| v + b);
+                *o += if *relu { relu_of(z) } else { z };
+            });
+        }
         Epilogue::Mask(InputMask::Channel(mk)) => {
             let s = mk.as_slice()[img * channels + m];
             pairs.for_each(|(o, &v)| *o = v * s);

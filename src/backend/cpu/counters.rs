@@ -42,6 +42,10 @@ pub struct PassCounters {
     pub channel_sparse_calls: u64,
     /// Calls that tested tiles against a spatial mask's zeros.
     pub spatial_skip_calls: u64,
+    /// Forward calls that added their outputs into a base's own buffer as
+    /// they were computed (`Backend::conv2d_add`), counted among the
+    /// direct calls too.
+    pub added_in_place: u64,
     /// Multiply-adds of the products computed: `rows x k x columns` of
     /// every GEMM tile run (direct: output channels x taps x positions;
     /// Winograd: 36 (F(6x6): 64) x rows x channels x tiles).
@@ -93,6 +97,7 @@ impl PassCounters {
             winograd6_calls: self.winograd6_calls + o.winograd6_calls,
             channel_sparse_calls: self.channel_sparse_calls + o.channel_sparse_calls,
             spatial_skip_calls: self.spatial_skip_calls + o.spatial_skip_calls,
+            added_in_place: self.added_in_place + o.added_in_place,
             macs: self.macs + o.macs,
             tiles: self.tiles + o.tiles,
             tiles_skipped: self.tiles_skipped + o.tiles_skipped,
@@ -117,6 +122,7 @@ pub(crate) struct Tally {
     winograd6_calls: AtomicU64,
     channel_sparse_calls: AtomicU64,
     spatial_skip_calls: AtomicU64,
+    added_in_place: AtomicU64,
     macs: AtomicU64,
     tiles: AtomicU64,
     tiles_skipped: AtomicU64,
@@ -147,6 +153,9 @@ impl Tally {
     pub fn spatial_skip_call(&self) {
         add(&self.spatial_skip_calls, 1);
     }
+    pub fn added_in_place(&self) {
+        add(&self.added_in_place, 1);
+    }
     pub fn macs(&self, v: usize) {
         add(&self.macs, v);
     }
@@ -170,6 +179,7 @@ impl Tally {
             winograd6_calls: get(&self.winograd6_calls),
             channel_sparse_calls: get(&self.channel_sparse_calls),
             spatial_skip_calls: get(&self.spatial_skip_calls),
+            added_in_place: get(&self.added_in_place),
             macs: get(&self.macs),
             tiles: get(&self.tiles),
             tiles_skipped: get(&self.tiles_skipped),
@@ -185,6 +195,7 @@ impl Tally {
             &self.winograd6_calls,
             &self.channel_sparse_calls,
             &self.spatial_skip_calls,
+            &self.added_in_place,
             &self.macs,
             &self.tiles,
             &self.tiles_skipped,
@@ -237,9 +248,11 @@ mod tests {
         c.weight_grad.weights_packed(7);
         c.weight_grad.channel_sparse_call();
         c.weight_grad.spatial_skip_call();
+        c.forward.added_in_place();
         let s = c.snapshot();
         let want_fwd = PassCounters {
             direct_calls: 1,
+            added_in_place: 1,
             winograd_calls: 1,
             winograd6_calls: 1,
             macs: 10,
@@ -260,6 +273,7 @@ mod tests {
         assert_eq!((t.channels_skipped, t.weights_packed), (4, 7));
         assert_eq!((t.channel_sparse_calls, t.spatial_skip_calls), (1, 1));
         assert_eq!((t.tiles, t.tiles_skipped), (3, 2));
+        assert_eq!(t.added_in_place, 1);
         c.reset();
         assert_eq!(c.snapshot(), WorkCounters::default());
     }

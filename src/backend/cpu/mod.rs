@@ -515,6 +515,13 @@ fn same<A: Any, B: Any>(a: &A) -> &B {
         .expect("element type checked by the caller")
 }
 
+/// Mutable version of [`same`].
+fn same_mut<A: Any, B: Any>(a: &mut A) -> &mut B {
+    (a as &mut dyn Any)
+        .downcast_mut::<B>()
+        .expect("element type checked by the caller")
+}
+
 /// Owned version of [`same`].
 fn same_owned<A: Any, B: Any>(a: A) -> B {
     match (Box::new(a) as Box<dyn Any>).downcast::<B>() {
@@ -603,6 +610,16 @@ macro_rules! forward_to_kernels {
             }
             fn conv2d_backward_bias(&self, dy: &Tensor<$t>) -> Result<Tensor<$t>> {
                 Kernels(self).conv2d_backward_bias(dy)
+            }
+            fn conv2d_add(
+                &self,
+                base: Tensor<$t>,
+                x: &Tensor<$t>,
+                w: &Tensor<$t>,
+                b: Option<&Tensor<$t>>,
+                args: &ConvArgs<$t>,
+            ) -> Result<Tensor<$t>> {
+                Kernels(self).conv2d_add(base, x, w, b, args)
             }
             fn unary(&self, op: Unary, x: &Tensor<$t>) -> Result<Tensor<$t>> {
                 Kernels(self).unary(op, x)
@@ -748,6 +765,50 @@ impl<T: Float> Backend<T> for Kernels<'_> {
             Some(y) => Ok(y),
             None => ReferenceBackend.conv2d(x, w, b, args),
         }
+    }
+
+    /// The direct dense pass writes `base + y` over `base`'s own buffer
+    /// when nothing else holds it; a Winograd pass, a channel mask with
+    /// zeros or a shared `base` adds a separate conv's output.
+    fn conv2d_add(
+        &self,
+        base: Tensor<T>,
+        x: &Tensor<T>,
+        w: &Tensor<T>,
+        b: Option<&Tensor<T>>,
+        args: &ConvArgs<T>,
+    ) -> Result<Tensor<T>> {
+        let shape = args.geom.output_shape();
+        let direct = base.shape() == shape.as_slice()
+            && per_elem!(T, E => {
+                let a: &ConvArgs<E> = same(args);
+                let x: &Tensor<E> = same(x);
+                conv_fwd::sparse_channels(a.mask.as_ref()).is_none()
+                    && self.winograd_for(a, Pass::Forward, Some(x.as_slice())).is_none()
+            }) == Some(true);
+        let base = if direct {
+            base.try_into_vec()
+        } else {
+            Err(base)
+        };
+        let mut v = match base {
+            Ok(v) => v,
+            Err(base) => {
+                let y = self.conv2d(x, w, b, args)?;
+                return self.binary_owned(Binary::Add, base, &y, &shape);
+            }
+        };
+        per_elem!(T, E => {
+            let a: &ConvArgs<E> = same(args);
+            let (x, w): (&Tensor<E>, &Tensor<E>) = (same(x), same(w));
+            let b = b.map(|b| same::<Tensor<T>, Tensor<E>>(b).as_slice());
+            let v: &mut Vec<E> = same_mut(&mut v);
+            let cx = self.ctx(Pass::Forward);
+            cx.tally.direct_call();
+            cx.tally.added_in_place();
+            conv_fwd::conv2d_add(v, x.as_slice(), w.as_slice(), b, a, cx)
+        });
+        Ok(Tensor::from_parts(&shape, v))
     }
 
     fn conv2d_backward_input(
@@ -1012,6 +1073,79 @@ mod tests {
             mask: None,
             relu: false,
         }
+    }
+
+    /// `conv2d_add` against the element-wise add of `base` and `conv2d`,
+    /// bit for bit, in f32 and f64, in pools of 1-3 threads: the direct
+    /// pass (dense or under a spatial mask; no bias, a bias, a bias and a
+    /// ReLU) adds its outputs into a sole `base`'s buffer as it computes
+    /// them; a channel mask with zeros or a Winograd pass adds a separate
+    /// output; a `base` held elsewhere gets a new buffer and is left as it
+    /// was.
+    #[test]
+    fn conv2d_add_is_the_add_of_the_conv_with_the_same_bits() {
+        use super::testing::{assert_same_bits, in_pools, three_image_mask, values};
+        fn check<E: Float + simd::Elem>()
+        where
+            CpuBackend: Backend<E>,
+        {
+            let (n, c, co, h, w) = (3, 3, 4, 7, 9);
+            let t = |shape: &[usize], v: Vec<f64>| {
+                Tensor::<E>::from_vec(shape, v.into_iter().map(E::from_f64).collect()).unwrap()
+            };
+            let x = t(&[n, c, h, w], values(n * c * h * w, 1));
+            let wt = t(&[co, c, 3, 3], values(co * c * 9, 2));
+            let bias = t(&[co], values(co, 3));
+            let base = t(&[n, co, h, w], values(n * co * h * w, 4));
+            let old = base.to_vec();
+            let spatial = InputMask::Spatial(t(&[n, h, w], three_image_mask(h, w)));
+            let kept: Vec<f64> = (0..n * c).map(|i| (i % 2) as f64 * 0.75).collect();
+            let channel = InputMask::Channel(t(&[n, c], kept));
+            let cases = [
+                (ConvAlgo::Auto, None, true),
+                (ConvAlgo::Auto, Some(spatial), true),
+                (ConvAlgo::Auto, Some(channel), false),
+                (ConvAlgo::Winograd, None, false),
+            ];
+            for (algo, mask, fused) in cases {
+                let be = CpuBackend::new(algo);
+                for (b, relu) in [(None, false), (Some(&bias), false), (Some(&bias), true)] {
+                    let what = format!(
+                        "{algo:?}, mask {:?}, bias {}, relu {relu}",
+                        mask.is_some(),
+                        b.is_some()
+                    );
+                    let args = ConvArgs {
+                        geom: ConvGeometry::new(x.shape(), wt.shape(), [1, 1], [1, 1]).unwrap(),
+                        mask: mask.clone(),
+                        relu,
+                    };
+                    let y = be.conv2d(&x, &wt, b, &args).unwrap();
+                    let want = be.binary(Binary::Add, &base, &y, base.shape()).unwrap();
+                    be.take_counters();
+                    // A sole base holds the result either way (the
+                    // separate output is added into it by `binary_owned`).
+                    for (in_place, got) in in_pools(|| {
+                        let sole = Tensor::from_vec(base.shape(), base.to_vec()).unwrap();
+                        let at = sole.as_slice().as_ptr();
+                        let got = be.conv2d_add(sole, &x, &wt, b, &args).unwrap();
+                        (got.as_slice().as_ptr() == at, got)
+                    }) {
+                        assert!(in_place, "{what}");
+                        assert_same_bits(&got, &want, &what);
+                    }
+                    let added = be.take_counters().forward.added_in_place;
+                    assert_eq!(added, if fused { 3 } else { 0 }, "{what}");
+                    let got = be.conv2d_add(base.clone(), &x, &wt, b, &args).unwrap();
+                    assert_ne!(got.as_slice().as_ptr(), base.as_slice().as_ptr(), "{what}");
+                    assert_same_bits(&got, &want, &what);
+                    assert_eq!(base.to_vec(), old, "{what}");
+                    assert_eq!(be.take_counters().forward.added_in_place, 0, "{what}");
+                }
+            }
+        }
+        check::<f32>();
+        check::<f64>();
     }
 
     #[test]
