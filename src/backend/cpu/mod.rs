@@ -1102,19 +1102,15 @@ mod tests {
             let kept: Vec<f64> = (0..n * c).map(|i| (i % 2) as f64 * 0.75).collect();
             let channel = InputMask::Channel(t(&[n, c], kept));
             let cases = [
-                (ConvAlgo::Auto, None, true),
-                (ConvAlgo::Auto, Some(spatial), true),
-                (ConvAlgo::Auto, Some(channel), false),
-                (ConvAlgo::Winograd, None, false),
+                (ConvAlgo::Auto, "none", None, true),
+                (ConvAlgo::Auto, "spatial", Some(spatial), true),
+                (ConvAlgo::Auto, "channel", Some(channel), false),
+                (ConvAlgo::Winograd, "none", None, false),
             ];
-            for (algo, mask, fused) in cases {
+            for (algo, kind, mask, fused) in cases {
                 let be = CpuBackend::new(algo);
                 for (b, relu) in [(None, false), (Some(&bias), false), (Some(&bias), true)] {
-                    let what = format!(
-                        "{algo:?}, mask {:?}, bias {}, relu {relu}",
-                        mask.is_some(),
-                        b.is_some()
-                    );
+                    let what = format!("{algo:?}, mask {kind}, bias {}, relu {relu}", b.is_some());
                     let args = ConvArgs {
                         geom: ConvGeometry::new(x.shape(), wt.shape(), [1, 1], [1, 1]).unwrap(),
                         mask: mask.clone(),
