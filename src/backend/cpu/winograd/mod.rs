@@ -43,8 +43,9 @@
 //! are not computed and get what the dense sums of zeros would give.
 //!
 //! Weight gradient ([`dw`]): `dW = G^T (sum_tiles (A dY A^T) (.) (B^T x
-//! B)) G`, 36 GEMMs `(Cout x tiles) (tiles x Cin)` over fixed blocks of
-//! 256 tiles (f32; 1 KiB of each A row), accumulated in C in block order.
+//! B)) G`, 36 (F(6x6): 64) GEMMs `(Cout x tiles) (tiles x Cin)` over
+//! blocks of at most 256 tiles (f32; 1 KiB of each A row), the tiles dealt
+//! evenly over the fewest blocks, accumulated in C in block order.
 //! There the input transform's lanes are channels (B is `[tile][NR
 //! channels]`, the kernel's packed layout; whole windows are gathered four
 //! channels at a time, [`transform::WindowSpan::gather_channels4`]) and
@@ -58,8 +59,9 @@
 //! shared by all threads (2 x 9.4 MB at C = 256, f32, AVX-512; the threads split
 //! each block's phases, not the tiles), and the transformed weights twice
 //! (36 x M x K, 9.4 MB, as transformed and as packed); the weight gradient
-//! holds one block of transformed operands (2 x 9.4 MB) and the
-//! 36 x M x K accumulator. All scratch comes from the buffer pool, so the
+//! holds one block of transformed operands (buffers of F(6x6)'s largest
+//! block, 2 x 16.8 MB at C = 256 in f32, of which a block uses what its
+//! tiles need) and the 36 (or 64) x M x K accumulator. All scratch comes from the buffer pool, so the
 //! peak RSS of the whole loss is the direct conv's plus a few of these
 //! blocks (`docs/engineering.md`, "Peak memory").
 //!
