@@ -9,7 +9,7 @@
 //! - `db[o] = sum_{n, oy, ox} dz[n, o, oy, ox]`.
 
 use crate::autograd::Var;
-use crate::backend::{ConvArgs, ConvGeometry, InputMask, Unary};
+use crate::backend::{Backend, ConvArgs, ConvGeometry, InputMask, Unary};
 use crate::error::{Error, Result};
 use crate::tensor::{Float, Tensor};
 
@@ -113,27 +113,41 @@ impl<T: Float> Var<T> {
                 Some(y) => be.unary_backward_owned(Unary::Relu, &y, &y, dy)?,
                 None => dy,
             };
-            let dx = if needs[0] {
-                Some(be.conv2d_backward_input(&dz, &w_val, &args)?)
-            } else {
-                None
-            };
-            let dw = if needs[1] {
-                Some(be.conv2d_backward_weight(&dz, &x_val, &args)?)
-            } else {
-                None
-            };
-            let mut grads = vec![dx, dw];
-            if needs.len() == 3 {
-                grads.push(if needs[2] {
-                    Some(be.conv2d_backward_bias(&dz)?)
-                } else {
-                    None
-                });
-            }
-            Ok(grads)
+            conv_grads(be, &dz, needs, &x_val, &w_val, &args)
         })
     }
+}
+
+/// The gradients of a conv's operands `[x, w]` or `[x, w, b]` from the
+/// gradient `dz` of its output before any activation, each only where
+/// `needs` asks for it.
+fn conv_grads<T: Float>(
+    be: &dyn Backend<T>,
+    dz: &Tensor<T>,
+    needs: &[bool],
+    x: &Tensor<T>,
+    w: &Tensor<T>,
+    args: &ConvArgs<T>,
+) -> Result<Vec<Option<Tensor<T>>>> {
+    let dx = if needs[0] {
+        Some(be.conv2d_backward_input(dz, w, args)?)
+    } else {
+        None
+    };
+    let dw = if needs[1] {
+        Some(be.conv2d_backward_weight(dz, x, args)?)
+    } else {
+        None
+    };
+    let mut grads = vec![dx, dw];
+    if needs.len() == 3 {
+        grads.push(if needs[2] {
+            Some(be.conv2d_backward_bias(dz)?)
+        } else {
+            None
+        });
+    }
+    Ok(grads)
 }
 
 impl<T: Float> Var<T> {
@@ -176,24 +190,8 @@ impl<T: Float> Var<T> {
         let mut inputs = vec![&this, x, w];
         inputs.extend(b);
         this.tape().record(&inputs, y, move |be, g, needs| {
-            let dx = if needs[1] {
-                Some(be.conv2d_backward_input(&g, &w_val, &args)?)
-            } else {
-                None
-            };
-            let dw = if needs[2] {
-                Some(be.conv2d_backward_weight(&g, &x_val, &args)?)
-            } else {
-                None
-            };
-            let db = match needs.get(3) {
-                Some(true) => Some(be.conv2d_backward_bias(&g)?),
-                _ => None,
-            };
-            let mut grads = vec![None, dx, dw];
-            if needs.len() == 4 {
-                grads.push(db);
-            }
+            let mut grads = vec![None];
+            grads.extend(conv_grads(be, &g, &needs[1..], &x_val, &w_val, &args)?);
             // The base's gradient is the output's, passed on last.
             grads[0] = needs[0].then_some(g);
             Ok(grads)
