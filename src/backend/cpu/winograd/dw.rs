@@ -23,9 +23,9 @@ use crate::pool;
 /// at each position (as the direct weight gradient), 256 tiles in f32, a
 /// multiple of every NR.
 ///
-/// F(6x6) held 144 before (as many as fit F(4x4)'s buffers). Each block
-/// adds its products into the sums (`[pos][co][ci]`, 16.8 MB at 256 x 256
-/// in f32), so a dense P3 pass (952 tiles) read and wrote them 7 times,
+/// F(6x6) held 144 before on AVX2, 128 on AVX-512 (as many whole
+/// registers as fit F(4x4)'s buffers). Each block adds its products into
+/// the sums (64 positions of 256 x 256 in f32, 16.8 MB), so a dense P3 pass (952 tiles) read and wrote them 7 times,
 /// now 4 (`tiles_per_block`). Measured (AMD EPYC Zen 3, family 25 model 1,
 /// AVX2, 2 threads, `examples/conv_speed` with `DMKD_ALGO=auto`, the two
 /// layouts alternated call by call in one process, means of 45 calls
