@@ -295,9 +295,7 @@ pub trait Backend<T: Float>: Send + Sync {
         b: Option<&Tensor<T>>,
         args: &ConvArgs<T>,
     ) -> Result<Tensor<T>> {
-        let y = self.conv2d(x, w, b, args)?;
-        let shape = y.shape().to_vec();
-        self.binary_owned(Binary::Add, base, &y, &shape)
+        conv2d_add_separately(self, base, x, w, b, args)
     }
 
     // ---- element-wise ----------------------------------------------------
@@ -589,6 +587,22 @@ impl BackendOptions {
             BackendKind::Cuda => "cuda".into(),
         }
     }
+}
+
+/// `base + conv2d(x, w, b)` as two ops: the conv's output of its own, then
+/// added into `base` ([`Backend::binary_owned`]). [`Backend::conv2d_add`]'s
+/// default, and a backend's way where it cannot fuse the two.
+pub(crate) fn conv2d_add_separately<T: Float, B: Backend<T> + ?Sized>(
+    be: &B,
+    base: Tensor<T>,
+    x: &Tensor<T>,
+    w: &Tensor<T>,
+    b: Option<&Tensor<T>>,
+    args: &ConvArgs<T>,
+) -> Result<Tensor<T>> {
+    let y = be.conv2d(x, w, b, args)?;
+    let shape = y.shape().to_vec();
+    be.binary_owned(Binary::Add, base, &y, &shape)
 }
 
 #[cfg(test)]

@@ -35,7 +35,9 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use crate::backend::reference::ReferenceBackend;
-use crate::backend::{Backend, Binary, ConvArgs, InputMask, PairResidual, Unary};
+use crate::backend::{
+    Backend, Binary, ConvArgs, InputMask, PairResidual, Unary, conv2d_add_separately,
+};
 use crate::error::{Error, Result};
 use crate::tensor::{Float, Tensor};
 use winograd::Tiling;
@@ -793,10 +795,7 @@ impl<T: Float> Backend<T> for Kernels<'_> {
         };
         let mut v = match base {
             Ok(v) => v,
-            Err(base) => {
-                let y = self.conv2d(x, w, b, args)?;
-                return self.binary_owned(Binary::Add, base, &y, &shape);
-            }
+            Err(base) => return conv2d_add_separately(self, base, x, w, b, args),
         };
         per_elem!(T, E => {
             let a: &ConvArgs<E> = same(args);
