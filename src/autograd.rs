@@ -201,6 +201,7 @@ impl<T: Float> Var<T> {
                 self.value.shape()
             )));
         }
+        let _pass = crate::pool::BackwardPass::begin();
         let backend = self.tape.inner.backend.clone();
         let nodes = &self.tape.inner.nodes;
         let mut grads: Vec<Option<Tensor<T>>> = vec![None; root + 1];
@@ -297,6 +298,25 @@ mod tests {
 
     fn tape() -> Tape<f64> {
         Tape::new(Arc::new(ReferenceBackend))
+    }
+
+    /// The pool frees held huge buffers on every miss while a backward
+    /// pass runs (`pool::keeps_huge_buffers`): the pass must say so.
+    #[test]
+    fn the_pool_knows_a_backward_pass_runs_while_its_closures_do() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let t = tape();
+        let x = t.leaf(Tensor::scalar(2.0));
+        let seen = Arc::new(AtomicBool::new(false));
+        let s = seen.clone();
+        let y = t
+            .record(&[&x], Tensor::scalar(2.0), move |_, g, _| {
+                s.store(crate::pool::in_backward(), Ordering::Relaxed);
+                Ok(vec![Some(g)])
+            })
+            .unwrap();
+        y.backward().unwrap();
+        assert!(seen.load(Ordering::Relaxed));
     }
 
     #[test]

@@ -16,10 +16,13 @@
 //! every huge one (`HUGE_BYTES`), then the oldest, as many bytes as it
 //! allocates, as long as more than `KEEP_BYTES` stay held (all the way
 //! down for a huge request). Held buffers then never stack on top of the
-//! huge live ones that make the peak of a high-resolution step.
+//! huge live ones that make the peak of a high-resolution step. The one
+//! exception is a forward pass that is taking back the huge buffers of the
+//! last backward pass: there a small miss spares them
+//! (`keeps_huge_buffers`).
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Buffers smaller than this are not worth pooling.
 pub const MIN_POOLED_BYTES: usize = 1 << 20;
@@ -74,6 +77,48 @@ pub const HUGE_BYTES: usize = 64 << 20;
 /// at its peak.
 pub const KEEP_BYTES: usize = 192 << 20;
 
+/// Whether a small miss leaves the held huge buffers alone: outside a
+/// backward pass, while the last huge request was served from one.
+///
+/// Why: a step starts with the P2 buffers its backward pass freed, and
+/// its forward pass asks for them again, one per P2 conv, with small
+/// requests between; freeing them at the first small miss made two of the
+/// three fresh. The forward pass only adds to what it keeps, so the
+/// step's peak comes later, in the backward pass, where a held huge buffer
+/// could sit on top of the live ones through a whole conv: there every
+/// miss frees them as before. Measured (AMD EPYC Zen 3, AVX2, 2 threads,
+/// 2026-12-08, `examples/profile_loss two-stage`, and `dmkd bench --only
+/// loss` for the peak): see `docs/engineering.md`, "Where a two-stage
+/// step's page faults are".
+fn keeps_huge_buffers(in_backward: bool, last_huge_hit: bool) -> bool {
+    !in_backward && last_huge_hit
+}
+
+/// Backward passes running now, on any tape and thread.
+static BACKWARD_PASSES: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether a backward pass is running ([`BackwardPass`]).
+pub(crate) fn in_backward() -> bool {
+    BACKWARD_PASSES.load(Ordering::Relaxed) > 0
+}
+
+/// Tells the pool a backward pass is running while it lives
+/// ([`keeps_huge_buffers`]); `Var::backward` holds one.
+pub(crate) struct BackwardPass(());
+
+impl BackwardPass {
+    pub(crate) fn begin() -> Self {
+        BACKWARD_PASSES.fetch_add(1, Ordering::Relaxed);
+        BackwardPass(())
+    }
+}
+
+impl Drop for BackwardPass {
+    fn drop(&mut self) {
+        BACKWARD_PASSES.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Element types with a process-wide pool: f32 and f64. (The pool looks
 /// only at lengths and bytes; `tensor::Float` requires this trait, so the
 /// pool knows nothing of tensors.)
@@ -107,6 +152,8 @@ impl PoolElem for f64 {
 pub struct Pool<T> {
     free: Mutex<Vec<Vec<T>>>,
     held_bytes: AtomicUsize,
+    /// Whether the last huge request was served from a held buffer.
+    last_huge_hit: AtomicBool,
 }
 
 impl<T: Copy + Default> Pool<T> {
@@ -114,6 +161,7 @@ impl<T: Copy + Default> Pool<T> {
         Pool {
             free: Mutex::new(Vec::new()),
             held_bytes: AtomicUsize::new(0),
+            last_huge_hit: AtomicBool::new(false),
         }
     }
 
@@ -126,8 +174,10 @@ impl<T: Copy + Default> Pool<T> {
     /// A held buffer for `len` elements: the smallest that holds them
     /// with at most an eighth to spare ([`SLACK_DIV`]), newest of equals,
     /// its length set to `len`. On a miss, held buffers are freed first
-    /// (see [`KEEP_BYTES`] and [`HUGE_BYTES`]).
-    fn take(&self, len: usize) -> Option<Vec<T>> {
+    /// (see [`KEEP_BYTES`], [`HUGE_BYTES`] and [`keeps_huge_buffers`]).
+    /// `in_backward`: whether a backward pass is running ([`BackwardPass`]).
+    fn take(&self, len: usize, in_backward: bool) -> Option<Vec<T>> {
+        let bytes = len * std::mem::size_of::<T>();
         let most = len + len / SLACK_DIV;
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         let mut best: Option<(usize, usize)> = None;
@@ -136,6 +186,9 @@ impl<T: Copy + Default> Pool<T> {
             if (len..=most).contains(&cap) && best.is_none_or(|(_, b)| cap <= b) {
                 best = Some((pos, cap));
             }
+        }
+        if bytes >= HUGE_BYTES {
+            self.last_huge_hit.store(best.is_some(), Ordering::Relaxed);
         }
         if let Some((pos, _)) = best {
             let mut v = free.swap_remove(pos);
@@ -147,15 +200,22 @@ impl<T: Copy + Default> Pool<T> {
             v.resize(len, T::default());
             return Some(v);
         }
-        let bytes = len * std::mem::size_of::<T>();
-        let (mut evicted, freed) = self.evict_huge(&mut free);
+        let keep_huge = bytes < HUGE_BYTES
+            && keeps_huge_buffers(in_backward, self.last_huge_hit.load(Ordering::Relaxed));
+        let (mut evicted, freed) = if keep_huge {
+            (Vec::new(), 0)
+        } else {
+            self.evict_huge(&mut free)
+        };
         let want = if bytes >= HUGE_BYTES {
             bytes.saturating_sub(freed)
         } else {
             let held = self.held_bytes.load(Ordering::Relaxed);
             bytes.min(held.saturating_sub(KEEP_BYTES))
         };
-        evicted.extend(self.evict_oldest(&mut free, want));
+        evicted.extend(self.evict_oldest_where(&mut free, want, |v| {
+            !keep_huge || Self::bytes_of(v) < HUGE_BYTES
+        }));
         drop(free);
         drop(evicted); // returned to the allocator outside the lock
         None
@@ -175,12 +235,27 @@ impl<T: Copy + Default> Pool<T> {
     /// Remove the oldest held buffers until at least `bytes` are freed (or
     /// none is left) and return them.
     fn evict_oldest(&self, free: &mut Vec<Vec<T>>, bytes: usize) -> Vec<Vec<T>> {
+        self.evict_oldest_where(free, bytes, |_| true)
+    }
+
+    /// [`Self::evict_oldest`] over the held buffers that `may_go` allows.
+    fn evict_oldest_where(
+        &self,
+        free: &mut Vec<Vec<T>>,
+        bytes: usize,
+        may_go: impl Fn(&Vec<T>) -> bool,
+    ) -> Vec<Vec<T>> {
         let mut evicted = Vec::new();
         let mut freed = 0;
-        while freed < bytes && !free.is_empty() {
-            let old = free.remove(0);
-            freed += Self::bytes_of(&old);
-            evicted.push(old);
+        let mut at = 0;
+        while freed < bytes && at < free.len() {
+            if may_go(&free[at]) {
+                let old = free.remove(at);
+                freed += Self::bytes_of(&old);
+                evicted.push(old);
+            } else {
+                at += 1;
+            }
         }
         self.held_bytes.fetch_sub(freed, Ordering::Relaxed);
         evicted
@@ -264,7 +339,7 @@ pub fn tune_allocator() -> bool {
 /// waiting for a recycled one in production.
 pub fn take<T: PoolElem>(len: usize) -> Vec<T> {
     let mut v = if len * std::mem::size_of::<T>() >= MIN_POOLED_BYTES
-        && let Some(v) = T::pool().take(len)
+        && let Some(v) = T::pool().take(len, in_backward())
     {
         v
     } else {
@@ -356,20 +431,20 @@ mod tests {
         p.give(newest);
         assert_eq!(held_bytes(&p), (most + 1 + most + 2 * (len + 5)) * 4);
         // The smallest that fits, the newest of two equals, cut to `len`.
-        let v = p.take(len).expect("a held buffer fits");
+        let v = p.take(len, false).expect("a held buffer fits");
         assert_eq!(
             (v.len(), v.capacity(), v.as_ptr()),
             (len, len + 5, newest_at)
         );
-        assert_eq!(p.take(len).map(|v| v.capacity()), Some(len + 5));
+        assert_eq!(p.take(len, false).map(|v| v.capacity()), Some(len + 5));
         // An eighth to spare is still a fit; one element more is not.
-        assert_eq!(p.take(len).map(|v| v.capacity()), Some(most));
-        assert!(p.take(len).is_none());
+        assert_eq!(p.take(len, false).map(|v| v.capacity()), Some(most));
+        assert!(p.take(len, false).is_none());
         assert_eq!(held(&p), [most + 1]);
         // A request longer than every held buffer misses, one that fits
         // exactly hits.
-        assert!(p.take(most + 2).is_none());
-        assert_eq!(p.take(most + 1).map(|v| v.len()), Some(most + 1));
+        assert!(p.take(most + 2, false).is_none());
+        assert_eq!(p.take(most + 1, false).map(|v| v.len()), Some(most + 1));
         assert_eq!(held_bytes(&p), 0);
     }
 
@@ -383,7 +458,7 @@ mod tests {
         p.give(v);
         assert_eq!(held_bytes(&p), cap * 4);
         // Served at full length from the same allocation.
-        let v = p.take(cap).expect("held by capacity");
+        let v = p.take(cap, false).expect("held by capacity");
         assert_eq!((v.len(), v.capacity(), v.as_ptr()), (cap, cap, at));
         assert_eq!(held_bytes(&p), 0);
     }
@@ -401,14 +476,14 @@ mod tests {
         assert_eq!(held0, 251 * MIN_POOLED_BYTES);
         assert!(held0 > KEEP_BYTES && held0 - KEEP_BYTES > 10 * MIN_POOLED_BYTES);
         // 10 MiB fresh: the oldest 50 MiB go (at least 10 MiB, whole buffers).
-        assert!(p.take(10 * mib).is_none());
+        assert!(p.take(10 * mib, false).is_none());
         assert_eq!(held(&p), [block, block, block, block, mib]);
         // 201 MiB held: only the 9 MiB above KEEP_BYTES are wanted, one block.
         assert_eq!(held_bytes(&p), KEEP_BYTES + 9 * MIN_POOLED_BYTES);
-        assert!(p.take(10 * mib).is_none());
+        assert!(p.take(10 * mib, false).is_none());
         assert_eq!(held(&p), [block, block, block, mib]);
         // At or below KEEP_BYTES a small miss frees nothing.
-        assert!(p.take(10 * mib).is_none());
+        assert!(p.take(10 * mib, false).is_none());
         assert_eq!(held(&p), [block, block, block, mib]);
     }
 
@@ -422,12 +497,56 @@ mod tests {
         p.give(vec![0.0; 2 * mib]);
         p.give(vec![0.0; huge + 1]);
         // A small miss, far below KEEP_BYTES: the huge ones go all the same.
-        assert!(p.take(3 * mib).is_none());
+        assert!(p.take(3 * mib, false).is_none());
         assert_eq!(held(&p), [mib, 2 * mib]);
         assert_eq!(held_bytes(&p), 3 * MIN_POOLED_BYTES);
         // A hit frees nothing.
-        assert_eq!(p.take(2 * mib).map(|v| v.len()), Some(2 * mib));
+        assert_eq!(p.take(2 * mib, false).map(|v| v.len()), Some(2 * mib));
         assert_eq!(held(&p), [mib]);
+    }
+
+    #[test]
+    fn held_huge_buffers_outlive_small_misses_after_a_huge_hit_outside_backward() {
+        let p = Pool::<f32>::new();
+        let mib = MIN_POOLED_BYTES / 4;
+        let huge = HUGE_BYTES / 4;
+        for _ in 0..4 {
+            p.give(vec![0.0; huge]);
+        }
+        p.give(vec![0.0; mib]);
+        // A forward pass: a huge hit, then small misses leave the other
+        // huge buffers for the next huge requests. The 1 MiB held above
+        // KEEP_BYTES goes from the small ones, though the huge are older.
+        assert_eq!(p.take(huge, false).map(|v| v.len()), Some(huge));
+        assert_eq!(held_bytes(&p), KEEP_BYTES + MIN_POOLED_BYTES);
+        assert!(p.take(3 * mib, false).is_none());
+        assert_eq!(held(&p), [huge, huge, huge]);
+        assert_eq!(p.take(huge, false).map(|v| v.len()), Some(huge));
+        p.give(vec![0.0; mib]);
+        assert!(p.take(3 * mib, false).is_none());
+        assert_eq!(held(&p), [huge, huge, mib]);
+        // In a backward pass a small miss frees them, hit or not.
+        assert!(p.take(3 * mib, true).is_none());
+        assert_eq!(held(&p), [mib]);
+        // After a huge miss, so does a small miss outside one.
+        p.give(vec![0.0; 2 * huge]);
+        assert!(p.take(4 * huge, false).is_none());
+        assert!(held(&p).is_empty());
+        p.give(vec![0.0; huge]);
+        assert!(p.take(3 * mib, false).is_none());
+        assert!(held(&p).is_empty());
+        assert_eq!(held_bytes(&p), 0);
+    }
+
+    #[test]
+    fn a_backward_pass_is_known_to_the_pool_while_it_runs() {
+        // Other tests' passes may run at the same time: only "at least
+        // this one" can be asserted.
+        let pass = BackwardPass::begin();
+        assert!(in_backward());
+        let more = BackwardPass::begin();
+        assert!(BACKWARD_PASSES.load(Ordering::Relaxed) >= 2);
+        drop((pass, more));
     }
 
     #[test]
@@ -440,15 +559,15 @@ mod tests {
         p.give(vec![0.0; huge + 16 * mib]); // 80 MiB
         p.give(vec![0.0; 40 * mib]);
         // 100 MiB fresh: the 80 MiB huge buffer, then 20 MiB of the oldest.
-        assert!(p.take(huge + 36 * mib).is_none());
+        assert!(p.take(huge + 36 * mib, false).is_none());
         assert_eq!(held(&p), [30 * mib, 40 * mib]);
         // 100 MiB fresh again: 70 MiB held, all of it goes.
-        assert!(p.take(huge + 36 * mib).is_none());
+        assert!(p.take(huge + 36 * mib, false).is_none());
         assert!(held(&p).is_empty());
         assert_eq!(held_bytes(&p), 0);
         // A huge hit is still a hit.
         p.give(vec![0.0; huge]);
-        assert_eq!(p.take(huge).map(|v| v.len()), Some(huge));
+        assert_eq!(p.take(huge, false).map(|v| v.len()), Some(huge));
     }
 
     #[test]
@@ -500,10 +619,10 @@ mod tests {
         let v = vec![1.5f64; len];
         let ptr = v.as_ptr();
         p.give(v);
-        let again = p.take(len).expect("the freed buffer should be kept");
+        let again = p.take(len, false).expect("the freed buffer should be kept");
         assert_eq!(again.as_ptr(), ptr, "the same buffer handed out again");
         p.give(vec![1.5f64; 10]);
-        assert!(p.take(10).is_none(), "small buffers are not kept");
+        assert!(p.take(10, false).is_none(), "small buffers are not kept");
         // The process-wide helpers: fresh or recycled (unless a test
         // running in parallel evicted it), poisoned where debug assertions
         // are on (the tests' profiles), zeroed on request.
