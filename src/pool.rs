@@ -28,7 +28,18 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 pub const MIN_POOLED_BYTES: usize = 1 << 20;
 
 /// Bound on the bytes the pool holds (a P3 activation is 34 MB).
-pub const LIMIT_BYTES: usize = 512 << 20;
+///
+/// Why 640 MiB: a two-stage step ends holding what its backward pass
+/// freed, four or more P2 buffers (131 MiB) among them, and its next
+/// forward pass asks for them again ([`keeps_huge_buffers`]). At the
+/// step's end nothing else is live but the inputs, so this is below the
+/// step's peak. Against 512 MiB (AMD EPYC Zen 3, AVX2, 2 threads,
+/// 2026-12-08, `dmkd bench --only loss`, two alternated pairs): page
+/// faults of the run two-stage direct 2.04M -> 1.68-1.69M, `auto` 1.97M
+/// -> 1.96M; peak RSS two-stage direct 1213.7-1214.1 -> 1214.4-1214.8
+/// MiB, `auto` 1198.9 -> 1198.7-1198.8, retinanet `auto` 506.9 -> 505.4,
+/// direct 484.5 both.
+pub const LIMIT_BYTES: usize = 640 << 20;
 
 /// A held buffer serves a request for as few as `cap - cap / 9` of its
 /// `cap` elements (the request plus an eighth at most).
