@@ -211,8 +211,9 @@ impl<T: Copy + Default> Pool<T> {
             v.resize(len, T::default());
             return Some(v);
         }
-        let keep_huge = bytes < HUGE_BYTES
-            && keeps_huge_buffers(in_backward, self.last_huge_hit.load(Ordering::Relaxed));
+        // A huge miss has just set `last_huge_hit` false: only a small
+        // miss can spare the held huge buffers.
+        let keep_huge = keeps_huge_buffers(in_backward, self.last_huge_hit.load(Ordering::Relaxed));
         let (mut evicted, freed) = if keep_huge {
             (Vec::new(), 0)
         } else {
@@ -547,6 +548,22 @@ mod tests {
         assert!(p.take(3 * mib, false).is_none());
         assert!(held(&p).is_empty());
         assert_eq!(held_bytes(&p), 0);
+    }
+
+    #[test]
+    fn no_backward_pass_is_known_once_every_guard_is_dropped() {
+        // Other tests' passes may be running: wait for a moment with none
+        // (each is short) instead of asserting at once. A guard that never
+        // let go, or a flag always set, waits out the minute and fails.
+        drop(BackwardPass::begin());
+        let start = std::time::Instant::now();
+        while in_backward() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(60),
+                "a backward pass is still counted after a minute"
+            );
+            std::thread::yield_now();
+        }
     }
 
     #[test]
