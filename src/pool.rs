@@ -59,7 +59,8 @@ pub const SLACK_DIV: usize = 8;
 
 /// A request at least this large (a two-stage P2 tensor is 131 MiB; the
 /// largest at retinanet, P3, is 33 MiB) is huge: such buffers make the
-/// peak of a step, so a miss frees every held huge buffer, and a huge miss
+/// peak of a step, so a miss frees every held huge buffer (but for a
+/// forward pass's small misses, [`keeps_huge_buffers`]), and a huge miss
 /// frees at least as many held bytes as it allocates, whatever is left.
 pub const HUGE_BYTES: usize = 64 << 20;
 
@@ -81,11 +82,13 @@ pub const HUGE_BYTES: usize = 64 << 20;
 /// | best fit, 256 MiB, small misses free nothing | 492 MiB, 214k | 1209 MiB, 2.28M | 1217 MiB, 2.06M |
 /// | best fit, 512 MiB, keep 128 MiB | 483 MiB, 199k | 1185 MiB, 2.07M | 1215 MiB, 1.95M |
 /// | best fit, 512 MiB, keep 192 MiB | 494 MiB, 125k | 1206 MiB, 1.76M | 1253 MiB |
-/// | the same, and a miss frees held huge buffers first (this) | 494 MiB, 125k | 1184 MiB, 2.07M | 1216 MiB, 2.09M |
+/// | the same, and a miss frees held huge buffers first (this, with the two changes below) | 494 MiB, 125k | 1184 MiB, 2.07M | 1216 MiB, 2.09M |
 ///
 /// At 125k a retinanet run makes no page fault inside its steps. Without
 /// freeing held huge buffers, two-stage direct held a 131 MiB P2 buffer
-/// at its peak.
+/// at its peak. Since then (AMD EPYC Zen 3, 2026-12-08): a forward pass's
+/// small misses spare them ([`keeps_huge_buffers`]) and the pool holds up
+/// to 640 MiB ([`LIMIT_BYTES`]).
 pub const KEEP_BYTES: usize = 192 << 20;
 
 /// Whether a small miss leaves the held huge buffers alone: outside a
